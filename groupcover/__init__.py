@@ -1,0 +1,1 @@
+"""GroupCover: obfuscated offload of linear layers from a trusted master to an untrusted worker."""

@@ -1,0 +1,248 @@
+"""Typed settings: a ClusterSpec from the CLI, and the per-VM and per-rank specs derived from it.
+
+Every enum's values are the strings the outside world uses (libvirt, the CLI), so a value can be
+written into XML or parsed from a flag without a translation table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from orchestrator.errors import UsageError
+
+
+class Tee(StrEnum):
+    none = "none"
+    tdx = "tdx"
+    sev_snp = "sev-snp"
+
+
+class Accel(StrEnum):
+    auto = "auto"
+    kvm = "kvm"
+    tcg = "tcg"
+
+
+class Role(StrEnum):
+    master = "master"
+    worker = "worker"
+
+
+# torch + MiniLM + the guest's own userspace need about this much; below it the guest OOMs.
+MIN_MEMORY_MIB = 1536
+MAX_VMS = 64
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
+DEFAULT_SUBNET = "192.168.122.0/24"
+# First host number handed to a VM; .1 is the bridge.
+FIRST_HOST = 10
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str = "gcvm"
+    tee: Tee = Tee.none
+    worker_tee: Tee | None = None  # None: the workers get `tee` too (as the seed ran them)
+    accel: Accel = Accel.auto
+    masters: int = 1
+    workers: int = 1
+    vcpus: int = 1
+    memory_mib: int = 2048
+    image: Path | None = None  # None: gcvm's own built image
+    subnet: str = DEFAULT_SUBNET
+    network: str | None = None  # an existing libvirt network (with --connect); None: gcvm's own
+    connect: str | None = None  # libvirt URI; None: a private daemon in a network namespace
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise UsageError(
+                f"invalid cluster name {self.name!r}",
+                hint="use 1-20 characters: a lowercase letter, then lowercase letters, digits or '-'",
+            )
+        if self.masters < 1:
+            raise UsageError(f"--masters must be at least 1, not {self.masters}")
+        if self.workers < 1:
+            raise UsageError(
+                f"--workers must be at least 1, not {self.workers}",
+                hint="GroupCover offloads to at least one worker; use --workers 1",
+            )
+        if self.masters + self.workers > MAX_VMS:
+            raise UsageError(f"at most {MAX_VMS} VMs per cluster, asked for "
+                             f"{self.masters + self.workers}")
+        if self.vcpus < 1:
+            raise UsageError(f"--vcpus must be at least 1, not {self.vcpus}")
+        if self.memory_mib < MIN_MEMORY_MIB:
+            raise UsageError(
+                f"--memory {self.memory_mib} MiB is too small",
+                hint=f"torch and the model need at least {MIN_MEMORY_MIB} MiB per VM (default 2048)",
+            )
+        try:
+            net = ipaddress.ip_network(self.subnet)
+        except ValueError as exc:
+            raise UsageError(f"invalid --subnet {self.subnet!r}: {exc}") from None
+        if not isinstance(net, ipaddress.IPv4Network) or net.num_addresses < (
+            FIRST_HOST + self.masters + self.workers + 2
+        ):
+            raise UsageError(f"--subnet {self.subnet} has too few IPv4 addresses for the cluster")
+
+    @property
+    def tee_of_workers(self) -> Tee:
+        return self.worker_tee if self.worker_tee is not None else self.tee
+
+    @property
+    def ipv4(self) -> ipaddress.IPv4Network:
+        net = ipaddress.ip_network(self.subnet)
+        assert isinstance(net, ipaddress.IPv4Network)
+        return net
+
+    @property
+    def gateway(self) -> str:
+        return str(self.ipv4.network_address + 1)
+
+    @property
+    def netns(self) -> str:
+        return f"gcvm-{self.name}"
+
+    @property
+    def network_name(self) -> str:
+        return self.network or f"gcvm-{self.name}"
+
+
+def mac_for(address: str) -> str:
+    """A locally administered MAC derived from the IPv4 address (QEMU's 52:54:00 prefix)."""
+    a = ipaddress.IPv4Address(address).packed
+    return "52:54:00:{:02x}:{:02x}:{:02x}".format(a[1], a[2], a[3])
+
+
+def stable_uuid(*parts: str) -> str:
+    """The same inputs give the same UUID: golden files and re-renders stay byte-identical."""
+    digest = hashlib.sha256("/".join(parts).encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    cluster: str
+    name: str
+    role: Role
+    rank: int
+    index: int  # index among VMs of the same role
+    tee: Tee
+    vcpus: int
+    memory_mib: int
+    address: str
+    prefix: int
+    gateway: str
+    mac: str
+    uuid: str
+    disk: Path  # qcow2 overlay
+    seed: Path  # seed ISO
+    serial_log: Path
+
+
+def plan_vms(spec: ClusterSpec, cluster_dir: Path) -> list[VmSpec]:
+    """Masters take ranks 0..M-1 (rank 0 hosts the rendezvous), workers M..M+N-1."""
+    vms: list[VmSpec] = []
+    roles = [(Role.master, i) for i in range(spec.masters)] + [
+        (Role.worker, i) for i in range(spec.workers)
+    ]
+    for rank, (role, index) in enumerate(roles):
+        name = f"{spec.name}-{role.value}{index}"
+        address = str(spec.ipv4.network_address + FIRST_HOST + rank)
+        vms.append(
+            VmSpec(
+                cluster=spec.name,
+                name=name,
+                role=role,
+                rank=rank,
+                index=index,
+                tee=spec.tee if role is Role.master else spec.tee_of_workers,
+                vcpus=spec.vcpus,
+                memory_mib=spec.memory_mib,
+                address=address,
+                prefix=spec.ipv4.prefixlen,
+                gateway=spec.gateway,
+                mac=mac_for(address),
+                uuid=stable_uuid("gcvm", spec.name, name),
+                disk=cluster_dir / "disks" / f"{name}.qcow2",
+                seed=cluster_dir / "disks" / f"{name}-seed.iso",
+                serial_log=cluster_dir / "logs" / f"{name}.serial.log",
+            )
+        )
+    return vms
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """One rank's settings for `python -m groupcover launch` (the framework's single entry point)."""
+
+    role: Role
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    ifname: str
+    worker: int | None = None  # the rank a master offloads to (the seed's WORKER)
+    extra: tuple[str, ...] = field(default_factory=tuple)  # model, modes, sizes, output path
+
+    def argv(self, python: str = "python3") -> list[str]:
+        argv = [
+            python, "-m", "groupcover", "launch",
+            "--role", self.role.value,
+            "--rank", str(self.rank),
+            "--world-size", str(self.world_size),
+            "--master-addr", self.master_addr,
+            "--master-port", str(self.master_port),
+            "--ifname", self.ifname,
+        ]
+        if self.worker is not None:
+            argv += ["--worker", str(self.worker)]
+        return argv + list(self.extra)
+
+    def env(self) -> dict[str, str]:
+        """The seed's environment variables, for running the seed's own scripts unchanged."""
+        env = {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+            "GLOO_SOCKET_IFNAME": self.ifname,
+            "TP_SOCKET_IFNAME": self.ifname,
+        }
+        if self.worker is not None:
+            env["WORKER"] = str(self.worker)
+        return env
+
+
+def plan_ranks(vms: list[VmSpec], master_port: int, ifnames: dict[str, str],
+               extra: tuple[str, ...] = ()) -> list[RankSpec]:
+    """Master i offloads to worker (i mod N), as the seed's WORKER variable says."""
+    masters = [vm for vm in vms if vm.role is Role.master]
+    workers = [vm for vm in vms if vm.role is Role.worker]
+    if not masters or not workers:
+        raise UsageError("a run needs at least one master and one worker")
+    rendezvous = masters[0].address
+    ranks = []
+    for vm in vms:
+        target = workers[vm.index % len(workers)].rank if vm.role is Role.master else None
+        ranks.append(
+            RankSpec(
+                role=vm.role,
+                rank=vm.rank,
+                world_size=len(vms),
+                master_addr=rendezvous,
+                master_port=master_port,
+                ifname=ifnames[vm.name],
+                worker=target,
+                extra=extra,
+            )
+        )
+    return ranks
