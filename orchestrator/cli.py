@@ -19,6 +19,72 @@ app = typer.Typer(
 
 # Commands are registered below, one module per concern.
 
+# --- gcvm run: the framework's ranks across the cluster ------------------------------------
+run_app = typer.Typer(help="Run GroupCover (or the seed's scripts) across the cluster's VMs.",
+                      no_args_is_help=True)
+app.add_typer(run_app, name="run")
+
+
+@run_app.command("bench")
+def run_bench_cmd(
+    name: str = typer.Option("gcvm", "--name", help="Cluster name."),
+    model: str = typer.Option("minilm", help="minilm, bert-base, seed-transformer or resnet18."),
+    modes: str = typer.Option("plain-offload,groupcover",
+                              help="Comma-separated: tee-only, plain-offload, mask-only, "
+                              "groupcover, groupcover-nomask."),
+    batch: int = typer.Option(8, help="Batch size (real samples per forward)."),
+    seq: int = typer.Option(128, help="Sequence length (image side for resnet18)."),
+    repeat: int = typer.Option(5, help="Timed forwards per mode."),
+    warmup: int = typer.Option(1, help="Untimed forwards per mode first."),
+    seed: int = typer.Option(0, help="Seed of the obfuscation and the masks."),
+    audit: bool = typer.Option(True, help="Inspect every payload sent to a worker for secrets."),
+    port: int = typer.Option(29500, help="Rendezvous port on master 0."),
+    timeout: float = typer.Option(1800.0, help="Seconds before the run is stopped."),
+) -> None:
+    """Benchmark the modes side by side across the VMs; print a table, write JSON and a chart."""
+    from orchestrator import bench
+
+    settings = bench.BenchSettings(
+        model=model, modes=tuple(m.strip() for m in modes.split(",") if m.strip()), batch=batch,
+        seq=seq, repeat=repeat, warmup=warmup, seed=seed, audit=audit, port=port, timeout=timeout,
+    )
+    bench.run_bench(name, settings)
+
+
+@run_app.command("exec", context_settings={"allow_extra_args": True,
+                                           "ignore_unknown_options": True})
+def run_exec_cmd(
+    ctx: typer.Context,
+    name: str = typer.Option("gcvm", "--name", help="Cluster name."),
+    role: str = typer.Option("all", help="Run on: all, master or worker VMs."),
+    port: int = typer.Option(29500, help="MASTER_PORT for the ranks."),
+    timeout: float = typer.Option(3600.0, help="Seconds before the command is stopped."),
+) -> None:
+    """Run `-- CMD ARGS...` on the VMs with each rank's seed environment (RANK, WORLD_SIZE,
+    WORKER, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME, TP_SOCKET_IFNAME, GCVM_ROLE)."""
+    from orchestrator import bench
+    from orchestrator.errors import UsageError
+    from orchestrator.spec import Role
+
+    if role not in ("all", "master", "worker"):
+        raise UsageError(f"unknown --role {role!r}", hint="use all, master or worker")
+    argv = list(ctx.args)
+    roles = [Role.master, Role.worker] if role == "all" else [Role(role)]
+    bench.run_exec(name, {r: argv for r in roles}, port=port, timeout=timeout)
+
+
+@run_app.command("seed")
+def run_seed_cmd(
+    name: str = typer.Option("gcvm", "--name", help="Cluster name."),
+    port: int = typer.Option(29500, help="MASTER_PORT for the ranks."),
+    timeout: float = typer.Option(3600.0, help="Seconds before the scripts are stopped."),
+) -> None:
+    """Run the seed's tee_test_transformer_{worker,master}.py with the seed's variables."""
+    from orchestrator import bench
+
+    bench.run_exec(name, bench.SEED_COMMANDS, port=port, timeout=timeout)
+
+
 
 def main() -> None:
     try:

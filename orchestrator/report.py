@@ -1,0 +1,118 @@
+"""Turn the masters' benchmark JSON into what people read: a table and a PNG chart.
+
+Pure functions of the collected documents, so they are tested without VMs.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+BREAKDOWN_KEYS = ("master_compute", "deobfuscation", "transfer", "worker_compute")
+BASELINE_MODE = "plain-offload"
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flatten {master_vm: document} into one row per (master, mode) with the overhead ratio."""
+    out: list[dict[str, Any]] = []
+    for master, doc in sorted(runs.items()):
+        results = doc.get("results", [])
+        base = {
+            (r["model"], r["batch"], r["seq"]): r["latency_ms"]["median"]
+            for r in results
+            if r["mode"] == BASELINE_MODE
+        }
+        for r in results:
+            ref = base.get((r["model"], r["batch"], r["seq"]))
+            overhead = r["latency_ms"]["median"] / ref if ref else None
+            out.append({"master": master, **r, "overhead": overhead})
+    return out
+
+
+def aggregate(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per mode across masters: the summed throughput (masters run concurrently) and worst error."""
+    by_mode: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows(runs):
+        by_mode[row["mode"]].append(row)
+    agg = []
+    for mode, items in by_mode.items():
+        agg.append(
+            {
+                "mode": mode,
+                "masters": len(items),
+                "throughput": sum(i["throughput"] for i in items),
+                "latency_median_ms": statistics.median(i["latency_ms"]["median"] for i in items),
+                "rel_err": max(i.get("rel_err", 0.0) for i in items),
+            }
+        )
+    return agg
+
+
+def table(runs: dict[str, dict[str, Any]], title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("master", "model", "mode", "batch", "seq"):
+        t.add_column(col)
+    for col in ("median ms", "p10 ms", "p90 ms", "samples/s", "max abs err", "rel err",
+                "vs plain-offload"):
+        t.add_column(col, justify="right")
+    for r in rows(runs):
+        lat = r["latency_ms"]
+        t.add_row(
+            r["master"], r["model"], r["mode"], str(r["batch"]), str(r["seq"]),
+            _fmt(lat["median"]), _fmt(lat["p10"]), _fmt(lat["p90"]),
+            _fmt(r["throughput"], ".2f"),
+            _fmt(r.get("max_abs_err"), ".2e"), _fmt(r.get("rel_err"), ".2e"),
+            "-" if r["overhead"] is None else f"{r['overhead']:.3f}x",
+        )
+    return t
+
+
+def aggregate_table(runs: dict[str, dict[str, Any]]) -> Table:
+    t = Table(title="All masters together", title_justify="left")
+    t.add_column("mode")
+    t.add_column("masters", justify="right")
+    t.add_column("aggregate samples/s", justify="right")
+    t.add_column("median of medians ms", justify="right")
+    t.add_column("worst rel err", justify="right")
+    for a in aggregate(runs):
+        t.add_row(a["mode"], str(a["masters"]), f"{a['throughput']:.2f}",
+                  f"{a['latency_median_ms']:.1f}", f"{a['rel_err']:.2e}")
+    return t
+
+
+def chart(runs: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+    """Stacked bars of each (master, mode)'s median breakdown, whiskers from p10 to p90."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = rows(runs)
+    labels = [f"{r['mode']}\n{r['master']}" if len(runs) > 1 else r["mode"] for r in data]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(data) + 2), 4.5))
+    bottoms = [0.0] * len(data)
+    colors = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
+    for key, color in zip(BREAKDOWN_KEYS, colors, strict=True):
+        vals = [float(r.get("breakdown_ms", {}).get(key, 0.0)) for r in data]
+        ax.bar(labels, vals, bottom=bottoms, color=color, label=key.replace("_", " "))
+        bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
+    med = [r["latency_ms"]["median"] for r in data]
+    lo = [m - r["latency_ms"]["p10"] for m, r in zip(med, data, strict=True)]
+    hi = [r["latency_ms"]["p90"] - m for m, r in zip(med, data, strict=True)]
+    ax.errorbar(labels, med, yerr=[lo, hi], fmt="k_", capsize=4, label="median (p10-p90)")
+    ax.set_ylabel("latency per forward (ms)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
