@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator import report, state
+from orchestrator import paths, report, state
 from orchestrator.errors import GcvmError, RemoteError, Timeout, UsageError
 from orchestrator.remote import Remote, RemoteProcess
 from orchestrator.spec import RankSpec, Role, VmSpec, plan_ranks
@@ -173,12 +173,17 @@ def _guest_env(st: state.ClusterState) -> dict[str, str]:
     return {"PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
 
 
-def run_bench(name: str, settings: BenchSettings) -> Path:
+def results_root(name: str) -> Path:
+    """Results outlive the cluster (`down` removes its state), so they live beside it."""
+    return paths.state_root() / "results" / name
+
+
+def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -> Path:
     """Run the benchmark across the cluster; returns the folder holding JSON, table and chart."""
     with state.locked(name):
         st = state.load(name)
         run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        results_dir = state.cluster_dir(name) / "results" / run_id
+        results_dir = (out_dir or results_root(name)) / run_id
         results_dir.mkdir(parents=True, exist_ok=True)
         guest_dir = f"/var/tmp/gcvm-results/{run_id}"
         python = st.image.get("python", "/opt/gcvm/venv/bin/python")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -40,6 +41,7 @@ def run_bench_cmd(
     audit: bool = typer.Option(True, help="Inspect every payload sent to a worker for secrets."),
     port: int = typer.Option(29500, help="Rendezvous port on master 0."),
     timeout: float = typer.Option(1800.0, help="Seconds before the run is stopped."),
+    out: Path | None = typer.Option(None, help="Folder for results (default: gcvm's state folder)."),
 ) -> None:
     """Benchmark the modes side by side across the VMs; print a table, write JSON and a chart."""
     from orchestrator import bench
@@ -48,7 +50,7 @@ def run_bench_cmd(
         model=model, modes=tuple(m.strip() for m in modes.split(",") if m.strip()), batch=batch,
         seq=seq, repeat=repeat, warmup=warmup, seed=seed, audit=audit, port=port, timeout=timeout,
     )
-    bench.run_bench(name, settings)
+    bench.run_bench(name, settings, out)
 
 
 @run_app.command("exec", context_settings={"allow_extra_args": True,
