@@ -7,15 +7,19 @@ audit, tests) see exactly what the worker sees.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from groupcover.timing import Timings
+
+if TYPE_CHECKING:
+    from groupcover.worker import WorkerState
 
 OpKind = Literal["linear", "conv1d", "conv2d"]
 
@@ -49,7 +53,7 @@ class Transport(ABC):
 
     @abstractmethod
     def publish(self, layer_id: str, weight: torch.Tensor, op: LayerOp) -> None:
-        """Send one layer's published (already obfuscated, or plain in plain-offload) weight once."""
+        """Send one layer's published weight once (obfuscated; plain in plain-offload)."""
 
     @abstractmethod
     def run_async(self, layer_id: str, x: torch.Tensor) -> Future[torch.Tensor]:
@@ -61,3 +65,52 @@ class Transport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the worker's layers for this master and the connection."""
+
+
+def payload_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class InProcessTransport(Transport):
+    """The worker's store lives in this process; tensors are still copied both ways.
+
+    Copies on send and receive mean that a protocol which mutates a tensor after handing it over,
+    or mutates a result it got back, behaves here as it would over the wire. Timing fields are
+    filled like the RPC transport's, with a zero-cost link.
+    """
+
+    def __init__(self, state: WorkerState | None = None, owner: str = "inprocess") -> None:
+        super().__init__()
+        from groupcover.worker import WorkerState  # groupcover.worker imports LayerOp from here
+
+        self.state = state if state is not None else WorkerState(torch.device("cpu"))
+        self.owner = owner
+        self.published_bytes = 0
+
+    def publish(self, layer_id: str, weight: torch.Tensor, op: LayerOp) -> None:
+        sent = weight.detach().clone()
+        self._emit("publish", layer_id, sent)
+        self.state.publish(self.owner, layer_id, sent, op)
+        self.published_bytes += payload_bytes(sent)
+
+    def run_async(self, layer_id: str, x: torch.Tensor) -> Future[torch.Tensor]:
+        sent = x.detach().clone()
+        self._emit("run", layer_id, sent)
+        future: Future[torch.Tensor] = Future()
+        start = time.perf_counter()
+        try:
+            y, worker_s = self.state.run(self.owner, layer_id, sent)
+        except Exception as exc:  # delivered through the future, as a remote failure would be
+            future.set_exception(exc)
+            return future
+        timings = self.timings
+        timings.roundtrip_s += time.perf_counter() - start
+        timings.worker_s += worker_s
+        timings.calls += 1
+        timings.bytes_sent += payload_bytes(sent)
+        timings.bytes_received += payload_bytes(y)
+        future.set_result(y)
+        return future
+
+    def close(self) -> None:
+        self.state.release(self.owner)

@@ -1,0 +1,48 @@
+"""The framework's expected failures; `groupcover.__main__` prints them (message + exit code).
+
+Every class takes `(message, hint=None)`, and a one-argument call works too: torch's RPC layer
+re-raises a worker's exception on the master as `type(message)`, so worker-side errors survive the
+wire with their class.
+"""
+
+from __future__ import annotations
+
+
+class GroupCoverError(Exception):
+    """An expected failure: printed as one line plus a hint on stderr, never as a traceback."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(GroupCoverError):
+    """Bad input: an unknown name, a value out of range, an inconsistent rank layout (exit 2)."""
+
+    exit_code = 2
+
+
+class RendezvousError(UsageError):
+    """The rendezvous settings (address, port, rank, world size) are missing or invalid."""
+
+
+class WorkerUnavailable(GroupCoverError):
+    """The worker did not answer within the timeout, or its connection broke."""
+
+    exit_code = 3
+
+
+class WorkerError(GroupCoverError):
+    """The worker answered with an error (for example a layer it never received)."""
+
+    exit_code = 3
+
+
+class UnknownLayer(WorkerError):
+    """A run call named a layer that this master never published to the worker."""

@@ -1,0 +1,123 @@
+"""The worker's side: a store of published layers per master, and the bias-free computation.
+
+The worker never sees a module or the model, only the published (obfuscated) weight tensors and a
+`LayerOp` saying which operation to apply. Weights are kept on CUDA when the worker has it, else on
+the CPU. Each master's layers live under their own key, so several masters can share one worker.
+The RPC entry points at the bottom are module-level functions, so `torch.distributed.rpc` sends
+them by reference (qualified name), never by value.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from groupcover.errors import UnknownLayer
+from groupcover.transport import LayerOp
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def apply_op(op: LayerOp, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """op(x, weight) without a bias: what the worker computes for one call."""
+    groups = op.params.get("groups", 1)
+    if op.kind == "linear":
+        return F.linear(x, weight)
+    if op.kind == "conv1d":
+        return F.conv1d(x, weight, None, op.stride, op.padding, op.dilation, groups)
+    if op.kind == "conv2d":
+        return F.conv2d(x, weight, None, op.stride, op.padding, op.dilation, groups)
+    raise ValueError(f"unknown layer op kind {op.kind!r}")
+
+
+@dataclass(frozen=True)
+class PublishedLayer:
+    weight: torch.Tensor
+    op: LayerOp
+
+
+class WorkerState:
+    """Published layers keyed by (owner, layer id); owner names one master's session."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device if device is not None else default_device()
+        self._layers: dict[tuple[str, str], PublishedLayer] = {}
+        self._lock = threading.Lock()
+
+    def publish(self, owner: str, layer_id: str, weight: torch.Tensor, op: LayerOp) -> None:
+        stored = weight.detach().to(self.device, copy=True).contiguous()
+        with self._lock:
+            self._layers[(owner, layer_id)] = PublishedLayer(stored, op)
+
+    def run(self, owner: str, layer_id: str, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Returns the result on the CPU and the seconds the computation took on the worker."""
+        layer = self._layers.get((owner, layer_id))
+        if layer is None:
+            raise UnknownLayer(f"the worker holds no layer {layer_id!r} for {owner}")
+        start = time.perf_counter()
+        with torch.no_grad():
+            y = apply_op(layer.op, x.to(self.device), layer.weight)
+            if y.device.type == "cuda":
+                torch.cuda.synchronize(y.device)
+            y = y.to("cpu", copy=True)
+        return y, time.perf_counter() - start
+
+    def release(self, owner: str) -> int:
+        """Drops every layer of one owner; returns how many there were."""
+        with self._lock:
+            keys = [key for key in self._layers if key[0] == owner]
+            for key in keys:
+                del self._layers[key]
+        return len(keys)
+
+    def owners(self) -> dict[str, int]:
+        with self._lock:
+            counts: dict[str, int] = {}
+            for owner, _ in self._layers:
+                counts[owner] = counts.get(owner, 0) + 1
+            return counts
+
+
+# ---- RPC entry points (run in the worker process) ------------------------------------------
+
+_STATE: WorkerState | None = None
+_ROLE = "master"
+
+
+def set_role(role: str) -> None:
+    """Each process records its role before joining RPC, so a master can check its target."""
+    global _ROLE
+    _ROLE = role
+
+
+def _state() -> WorkerState:
+    global _STATE
+    if _STATE is None:
+        _STATE = WorkerState()
+    return _STATE
+
+
+def remote_hello() -> dict[str, str]:
+    return {"role": _ROLE, "device": str(_state().device) if _ROLE == "worker" else "none"}
+
+
+def remote_publish(owner: str, layer_id: str, weight: torch.Tensor, op: LayerOp) -> None:
+    _state().publish(owner, layer_id, weight, op)
+
+
+def remote_run(owner: str, layer_id: str, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    return _state().run(owner, layer_id, x)
+
+
+def remote_release(owner: str) -> int:
+    return _state().release(owner)
+
+
+def remote_owners() -> dict[str, int]:
+    return _state().owners()

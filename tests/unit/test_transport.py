@@ -1,0 +1,79 @@
+"""Transport behaviour, run over both transports: in-process and real RPC to a worker process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from groupcover.errors import UnknownLayer
+from groupcover.transport import InProcessTransport, LayerOp, Transport
+from groupcover.worker import WorkerState
+
+
+def test_inprocess_copies_both_ways() -> None:
+    transport = InProcessTransport()
+    weight = torch.randn(6, 4)
+    transport.publish("l0", weight, LayerOp("linear"))
+    weight.zero_()  # the published copy must not follow the caller's tensor
+    x = torch.randn(3, 4)
+    y = transport.run("l0", x)
+    assert torch.count_nonzero(y) > 0
+    y.add_(1.0)  # mutating a result must not touch the worker's store
+    again = transport.run("l0", x)
+    assert not torch.equal(y, again)
+
+
+def test_inprocess_owners_are_separate() -> None:
+    state = WorkerState(torch.device("cpu"))
+    a = InProcessTransport(state, owner="a")
+    b = InProcessTransport(state, owner="b")
+    a.publish("l0", torch.eye(3), LayerOp("linear"))
+    b.publish("l0", 2 * torch.eye(3), LayerOp("linear"))
+    x = torch.ones(1, 3)
+    assert torch.equal(a.run("l0", x), x)
+    assert torch.equal(b.run("l0", x), 2 * x)
+    a.close()
+    assert state.owners() == {"b": 1}
+    with pytest.raises(UnknownLayer):
+        a.run("l0", x)
+
+
+def _check_ops(transport: Transport) -> None:
+    gen = torch.Generator().manual_seed(0)
+    w_lin = torch.randn(8, 5, generator=gen)
+    w_c1 = torch.randn(4, 3, 3, generator=gen)
+    w_c2 = torch.randn(4, 3, 3, 3, generator=gen)
+    transport.publish("lin", w_lin, LayerOp("linear"))
+    transport.publish("c1", w_c1, LayerOp("conv1d", stride=(2,), padding=(1,)))
+    transport.publish("c2", w_c2, LayerOp("conv2d", stride=(1, 1), padding=(1, 1)))
+    x_lin = torch.randn(2, 7, 5, generator=gen)
+    x_c1 = torch.randn(2, 3, 10, generator=gen)
+    x_c2 = torch.randn(2, 3, 6, 6, generator=gen)
+    futures = [
+        transport.run_async("lin", x_lin),
+        transport.run_async("c1", x_c1),
+        transport.run_async("c2", x_c2),
+    ]
+    results = [f.result() for f in futures]
+    torch.testing.assert_close(results[0], F.linear(x_lin, w_lin))
+    torch.testing.assert_close(results[1], F.conv1d(x_c1, w_c1, stride=2, padding=1))
+    torch.testing.assert_close(results[2], F.conv2d(x_c2, w_c2, padding=1))
+    t = transport.timings
+    assert t.calls == 3
+    assert t.bytes_sent == 4 * (x_lin.numel() + x_c1.numel() + x_c2.numel())
+    assert t.bytes_received == 4 * sum(r.numel() for r in results)
+    assert 0 < t.worker_s <= t.roundtrip_s
+
+
+def test_inprocess_ops_and_timings() -> None:
+    _check_ops(InProcessTransport())
+
+
+def test_observer_sees_every_payload() -> None:
+    transport = InProcessTransport()
+    seen: list[tuple[str, str, tuple[int, ...]]] = []
+    transport.add_observer(lambda event, lid, t: seen.append((event, lid, tuple(t.shape))))
+    transport.publish("l0", torch.randn(2, 3), LayerOp("linear"))
+    transport.run("l0", torch.randn(4, 3))
+    assert seen == [("publish", "l0", (2, 3)), ("run", "l0", (4, 3))]
