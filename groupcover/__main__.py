@@ -1,0 +1,137 @@
+"""`python -m groupcover launch|bench`: the framework's command line (argparse: it runs in guests
+that hold only the framework's own dependencies). Expected failures print one line, exit 2 or 3."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from groupcover.errors import GroupCoverError, UsageError
+from groupcover.launch import DEFAULT_MODES, RankSettings, Role, launch, report_error
+from groupcover.rpc import DEFAULT_TIMEOUT_S
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit code 2), like every other."""
+
+    def error(self, message: str) -> NoReturn:
+        report_error(UsageError(message, hint=f"see `{self.prog} --help`"))
+        sys.exit(2)
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    return tuple(mode.strip() for mode in text.split(",") if mode.strip())
+
+
+def _add_workload(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--model", default="minilm", help="minilm, bert-base, seed-transformer or resnet18")
+    add("--modes", type=_modes, default=DEFAULT_MODES, help="comma-separated modes to run")
+    add("--batch", type=int, default=8, help="samples per forward")
+    add("--seq", type=int, default=128, help="sequence length (token models)")
+    add("--repeat", type=int, default=5, help="timed forwards per mode (interleaved)")
+    add("--warmup", type=int, default=1, help="untimed forwards per mode first")
+    add("--seed", type=int, default=0, help="seed for weights, obfuscation and masks")
+    add("--threads", type=int, default=1, help="torch intra-op threads in each process")
+    add("--json", type=Path, default=None, help="where the master writes its results")
+    add("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="RPC and rendezvous timeout (s)")
+    add("--audit", action="store_true", help="record every payload the worker sees")
+
+
+def _build_parser() -> Parser:
+    parser = Parser(prog="python -m groupcover", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    launch_p = sub.add_parser("launch", help="run one rank (master or worker)")
+    add = launch_p.add_argument
+    add("--role", type=Role, choices=list(Role), required=True)
+    add("--rank", type=int, required=True)
+    add("--world-size", type=int, required=True)
+    add("--worker", type=int, default=None, help="(master) the worker rank to offload to")
+    add("--master-addr", required=True, help="rendezvous address (rank 0's)")
+    add("--master-port", type=int, required=True)
+    add("--ifname", default=None, help="network interface for Gloo and TensorPipe")
+    add("--force-tcp", action="store_true", help="TensorPipe over TCP only (no shared memory)")
+    _add_workload(launch_p)
+
+    bench_p = sub.add_parser("bench", help="benchmark on this host (--local or --micro)")
+    kind = bench_p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--local", action="store_true", help="master + worker processes, loopback")
+    kind.add_argument("--micro", action="store_true", help="de-obfuscation vs plain linear")
+    bench_p.add_argument(
+        "--allow-shm", action="store_true", help="(--local) let TensorPipe use shared memory"
+    )
+    _add_workload(bench_p)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> RankSettings:
+    return RankSettings(
+        role=args.role,
+        rank=args.rank,
+        world_size=args.world_size,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        worker=args.worker,
+        ifname=args.ifname,
+        model=args.model,
+        modes=args.modes,
+        batch=args.batch,
+        seq=args.seq,
+        repeat=args.repeat,
+        warmup=args.warmup,
+        seed=args.seed,
+        json_path=args.json,
+        force_tcp=args.force_tcp,
+        timeout_s=args.timeout,
+        audit=args.audit,
+        threads=args.threads,
+    )
+
+
+def _workload_argv(args: argparse.Namespace) -> tuple[str, ...]:
+    argv = ["--model", args.model, "--modes", ",".join(args.modes), "--batch", str(args.batch),
+            "--seq", str(args.seq), "--repeat", str(args.repeat), "--warmup", str(args.warmup),
+            "--seed", str(args.seed), "--threads", str(args.threads)]  # fmt: skip
+    if args.json is not None:
+        argv += ["--json", str(args.json)]
+    if args.audit:
+        argv.append("--audit")
+    return tuple(argv)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from groupcover import bench
+
+    if args.micro:
+        return bench.run_micro(args.batch, args.seq, args.repeat, args.json, args.threads)
+    # Validate here too, so bad input fails before two processes start.
+    probe = RankSettings(
+        role=Role.master, rank=0, world_size=2, worker=1, model=args.model, modes=args.modes,
+        batch=args.batch, seq=args.seq, repeat=args.repeat, warmup=args.warmup,
+        threads=args.threads, timeout_s=args.timeout,
+    )  # fmt: skip
+    probe.validate()
+    local = bench.LocalRun(_workload_argv(args), not args.allow_shm, args.timeout)
+    return bench.run_local(local)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "launch":
+            return launch(_settings(args))
+        return _bench(args)
+    except GroupCoverError as exc:
+        report_error(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("groupcover: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

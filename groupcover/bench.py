@@ -1,0 +1,402 @@
+"""The benchmark a master runs: every mode on the same inputs, interleaved, checked against the
+plaintext model, timed per forward, written as JSON and shown as a table.
+
+Also the two local front ends: `bench --local` (master and worker as separate processes on
+loopback) and `bench --micro` (de-obfuscation against a plain linear layer, in one process).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from groupcover.errors import UsageError
+from groupcover.transport import Transport
+
+if TYPE_CHECKING:
+    from groupcover.launch import RankSettings
+
+RESULT_MARK = "GROUPCOVER_RESULT_JSON"
+BASELINE_MODE = "plain-offload"
+BERT_BASE_SHAPES = ((768, 768), (2304, 768), (3072, 768), (768, 3072))  # (out, in)
+
+
+@dataclass
+class Prepared:
+    """The master's plaintext model, its inputs and the reference output."""
+
+    model: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    reference: torch.Tensor
+    load_s: float
+
+
+@dataclass
+class ModeRun:
+    """One mode's protected model and its transport, plus what its forwards measured."""
+
+    mode: str
+    module: nn.Module
+    transport: Transport
+    setup_s: float
+    setup_extra: dict[str, float]
+    audit: Any = None
+    latencies_s: list[float] = field(default_factory=list)
+    breakdowns: list[dict[str, float]] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)
+    bytes_moved: list[int] = field(default_factory=list)
+    output: torch.Tensor | None = None
+
+
+def as_tensor(output: Any) -> torch.Tensor:
+    """A model's main output tensor (the first one of a tuple, list or mapping)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        return as_tensor(next(iter(output.values())))
+    if isinstance(output, list | tuple) and output:
+        return as_tensor(output[0])
+    raise TypeError(f"cannot take a tensor from a model output of type {type(output).__name__}")
+
+
+def prepare(settings: RankSettings) -> Prepared:
+    from groupcover.models import load_model
+
+    start = time.perf_counter()
+    model, example_input_fn = load_model(settings.model, settings.seed)
+    model.eval()
+    inputs = tuple(example_input_fn(settings.batch, settings.seq))
+    with torch.no_grad():
+        reference = as_tensor(model(*inputs)).detach().clone()
+    return Prepared(model, inputs, reference, time.perf_counter() - start)
+
+
+def build_mode(
+    model: nn.Module, mode: str, transport: Transport, seed: int, audit: bool
+) -> ModeRun:
+    """Protects a private copy of the model for one mode (the plaintext model stays untouched)."""
+    from groupcover.master import NothingToOffload
+    from groupcover.modes import UnknownMode, build_for_mode
+
+    observer = None
+    if audit:
+        from groupcover.audit import Audit
+
+        observer = Audit()
+        transport.add_observer(observer)
+    start = time.perf_counter()
+    try:
+        module = build_for_mode(copy.deepcopy(model), mode, transport, seed)
+    except NothingToOffload as exc:
+        raise UsageError(
+            f"mode {mode}: the model has no layer to offload ({exc})",
+            hint="use a model with Linear/Conv layers, or the tee-only mode",
+        ) from None
+    except UnknownMode as exc:
+        raise UsageError(f"unknown mode {mode!r} ({exc})") from None
+    module.eval()
+    setup_s = time.perf_counter() - start
+    extra = dict(transport.timings.extra)
+    return ModeRun(mode, module, transport, setup_s, extra, observer)
+
+
+def forward_once(run: ModeRun, inputs: tuple[torch.Tensor, ...]) -> None:
+    timings = run.transport.timings
+    timings.reset()
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = run.module(*inputs)
+    total = time.perf_counter() - start
+    run.output = as_tensor(output)
+    run.latencies_s.append(total)
+    run.breakdowns.append(timings.breakdown_ms(total))
+    run.calls.append(timings.calls)
+    run.bytes_moved.append(timings.bytes_sent + timings.bytes_received)
+
+
+def run_interleaved(
+    runs: Sequence[ModeRun], inputs: tuple[torch.Tensor, ...], repeat: int, warmup: int
+) -> None:
+    """Warm each mode up, then one forward per mode per repetition (round robin)."""
+    for run in runs:
+        for _ in range(warmup):
+            forward_once(run, inputs)
+        run.latencies_s.clear()
+        run.breakdowns.clear()
+        run.calls.clear()
+        run.bytes_moved.clear()
+    for _ in range(repeat):
+        for run in runs:
+            forward_once(run, inputs)
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def errors(output: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    y = output.detach().double()
+    ref = reference.detach().double()
+    max_abs = float((y - ref).abs().max())
+    scale = float(ref.abs().max())
+    flat_y = y.reshape(y.shape[0], -1)
+    flat_ref = ref.reshape(ref.shape[0], -1)
+    cosine = torch.nn.functional.cosine_similarity(flat_y, flat_ref, dim=1)
+    return {
+        "max_abs_err": max_abs,
+        "rel_err": max_abs / scale if scale > 0 else max_abs,
+        "cosine_min": float(cosine.min()),
+    }
+
+
+def summarise(run: ModeRun, reference: torch.Tensor, batch: int, seq: int, model: str) -> dict:
+    assert run.output is not None, "summarise needs at least one timed forward"
+    median_s = statistics.median(run.latencies_s)
+    keys = run.breakdowns[0].keys()
+    result: dict[str, Any] = {
+        "model": model,
+        "mode": run.mode,
+        "batch": batch,
+        "seq": seq,
+        "latency_ms": {
+            "median": median_s * 1e3,
+            "p10": _quantile(run.latencies_s, 0.1) * 1e3,
+            "p90": _quantile(run.latencies_s, 0.9) * 1e3,
+        },
+        "throughput": batch / median_s,
+        **errors(run.output, reference),
+        "breakdown_ms": {k: statistics.median(b[k] for b in run.breakdowns) for k in keys},
+        "repeat": len(run.latencies_s),
+        "rpc_calls": int(statistics.median(run.calls)),
+        "bytes_per_forward": int(statistics.median(run.bytes_moved)),
+        "published_bytes": int(getattr(run.transport, "published_bytes", 0)),
+        "setup_s": run.setup_s,
+        "mask_offline_s": run.setup_extra.get("mask_offline_s"),
+    }
+    if run.setup_extra:
+        result["setup_extra"] = run.setup_extra
+    if run.audit is not None:
+        result["audit"] = run.audit.report()
+    return result
+
+
+def benchmark(
+    prepared: Prepared,
+    modes: Sequence[str],
+    make_transport: Callable[[str], Transport],
+    *,
+    model_name: str,
+    batch: int,
+    seq: int,
+    repeat: int,
+    warmup: int,
+    seed: int,
+    audit: bool,
+) -> list[dict[str, Any]]:
+    """Builds every mode, runs them interleaved, returns one result per mode, closes transports."""
+    runs: list[ModeRun] = []
+    try:
+        for mode in modes:
+            transport = make_transport(mode)
+            runs.append(build_mode(prepared.model, mode, transport, seed, audit))
+        run_interleaved(runs, prepared.inputs, repeat, warmup)
+        return [summarise(run, prepared.reference, batch, seq, model_name) for run in runs]
+    finally:
+        for run in runs:
+            run.transport.close()
+
+
+def run_master(settings: RankSettings, prepared: Prepared) -> dict[str, Any]:
+    from groupcover.rpc import RpcTransport
+
+    assert settings.worker is not None
+    worker = settings.worker
+
+    def make_transport(mode: str) -> Transport:
+        return RpcTransport(worker, owner=f"{settings.rank}/{mode}", timeout_s=settings.timeout_s)
+
+    results = benchmark(
+        prepared,
+        settings.modes,
+        make_transport,
+        model_name=settings.model,
+        batch=settings.batch,
+        seq=settings.seq,
+        repeat=settings.repeat,
+        warmup=settings.warmup,
+        seed=settings.seed,
+        audit=settings.audit,
+    )
+    for result in results:
+        result.update(rank=settings.rank, worker=worker, world_size=settings.world_size)
+    return {
+        "results": results,
+        "host": host_info(),
+        "settings": {
+            "rank": settings.rank,
+            "world_size": settings.world_size,
+            "worker": worker,
+            "force_tcp": settings.force_tcp,
+            "threads": settings.threads,
+            "warmup": settings.warmup,
+            "seed": settings.seed,
+            "model_load_s": prepared.load_s,
+            **settings.extra,
+        },
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def host_info() -> dict[str, Any]:
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg": list(os.getloadavg()),
+    }
+
+
+def write_json(document: dict[str, Any], path: Path | None, settings: RankSettings) -> Path:
+    target = (
+        path if path is not None else Path(f"groupcover-{settings.model}-rank{settings.rank}.json")
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    return target.resolve()
+
+
+def overheads(results: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    base = {
+        (r["model"], r["batch"], r["seq"]): r["latency_ms"]["median"]
+        for r in results
+        if r["mode"] == BASELINE_MODE
+    }
+    out: dict[str, float | None] = {}
+    for r in results:
+        ref = base.get((r["model"], r["batch"], r["seq"]))
+        out[r["mode"]] = r["latency_ms"]["median"] / ref if ref else None
+    return out
+
+
+def print_table(document: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    results = document["results"]
+    ratio = overheads(results)
+    table = Table(title="GroupCover benchmark", title_justify="left")
+    for name in ("model", "mode", "batch", "seq"):
+        table.add_column(name)
+    for name in (
+        "median ms",
+        "p10",
+        "p90",
+        "samples/s",
+        "rel err",
+        "vs plain-offload",
+        "master",
+        "deobf",
+        "transfer",
+        "worker",
+        "calls",
+        "MB/fwd",
+    ):
+        table.add_column(name, justify="right")
+    for r in results:
+        lat, parts = r["latency_ms"], r["breakdown_ms"]
+        table.add_row(
+            r["model"], r["mode"], str(r["batch"]), str(r["seq"]),
+            f"{lat['median']:.1f}", f"{lat['p10']:.1f}", f"{lat['p90']:.1f}",
+            f"{r['throughput']:.2f}", f"{r['rel_err']:.1e}",
+            "-" if ratio[r["mode"]] is None else f"{ratio[r['mode']]:.3f}x",
+            f"{parts['master_compute']:.1f}", f"{parts['deobfuscation']:.1f}",
+            f"{parts['transfer']:.1f}", f"{parts['worker_compute']:.1f}",
+            str(r["rpc_calls"]), f"{r['bytes_per_forward'] / 1e6:.2f}",
+        )  # fmt: skip
+    Console(width=200).print(table)
+
+
+# ---- local front ends ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """`bench --local`: a master and a worker as two processes on loopback."""
+
+    launch_args: tuple[str, ...]  # model, modes, sizes, json... passed to the master
+    force_tcp: bool = True
+    timeout_s: float = 600.0
+    port: int = 0  # 0: pick a free one
+
+    def argv(self, role: str, port: int) -> list[str]:
+        argv = [sys.executable, "-m", "groupcover", "launch", "--role", role,
+                "--rank", "0" if role == "master" else "1", "--world-size", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(port), "--ifname", "lo",
+                "--timeout", f"{self.timeout_s:g}"]  # fmt: skip
+        if self.force_tcp:
+            argv.append("--force-tcp")
+        if role == "master":
+            argv += ["--worker", "1", *self.launch_args]
+        return argv
+
+
+def run_local(local: LocalRun) -> int:
+    port = local.port or free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen(local.argv("worker", port), env=env)
+    try:
+        master = subprocess.run(local.argv("master", port), env=env, check=False)
+        if master.returncode != 0:
+            return master.returncode
+        return worker.wait(timeout=local.timeout_s)
+    except subprocess.TimeoutExpired:
+        print("groupcover: error: the local worker did not exit after the master", file=sys.stderr)
+        return 3
+    finally:
+        if worker.poll() is None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()

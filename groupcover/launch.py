@@ -1,0 +1,166 @@
+"""THE single entry point for one rank: `RankSettings` in, exit code out.
+
+A master runs the benchmark against its target worker and writes JSON; a worker serves until
+every master has finished. The VM orchestrator, `python -m groupcover bench --local` and the seed's
+console scripts all end up here.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+
+from groupcover import rpc
+from groupcover.errors import GroupCoverError, UsageError, WorkerUnavailable
+
+MAX_BATCH = 1024
+MAX_SEQ = 512
+DEFAULT_MODES = ("plain-offload", "groupcover")
+
+
+class Role(StrEnum):
+    master = "master"
+    worker = "worker"
+
+
+@dataclass(frozen=True)
+class RankSettings:
+    role: Role
+    rank: int
+    world_size: int
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    worker: int | None = None  # the rank a master offloads to (the seed's WORKER)
+    ifname: str | None = None
+    model: str = "minilm"
+    modes: tuple[str, ...] = DEFAULT_MODES
+    batch: int = 8
+    seq: int = 128
+    repeat: int = 5
+    warmup: int = 1
+    seed: int = 0
+    json_path: Path | None = None
+    force_tcp: bool = False
+    timeout_s: float = rpc.DEFAULT_TIMEOUT_S
+    audit: bool = False
+    threads: int = 1
+    init_method: str | None = None  # overrides address and port (file:// on one host)
+    extra: dict[str, str] = field(default_factory=dict)  # recorded in the JSON as given
+
+    def rendezvous(self) -> rpc.Rendezvous:
+        return rpc.Rendezvous(
+            rank=self.rank,
+            world_size=self.world_size,
+            master_addr=self.master_addr,
+            master_port=self.master_port,
+            ifname=self.ifname,
+            force_tcp=self.force_tcp,
+            timeout_s=self.timeout_s,
+            init_method=self.init_method,
+        )
+
+    def validate(self) -> None:
+        """Everything that can be checked before joining the world (so a bad rank exits early)."""
+        self.rendezvous()  # rank, world size, port, timeout
+        if self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, not {self.threads}")
+        if self.role is Role.worker:
+            return
+        self._validate_target()
+        _check_range("--batch", self.batch, 1, MAX_BATCH)
+        _check_range("--seq", self.seq, 1, MAX_SEQ)
+        _check_range("--repeat", self.repeat, 1, 100_000)
+        _check_range("--warmup", self.warmup, 0, 100_000)
+        _validate_names(self.model, self.modes)
+
+    def _validate_target(self) -> None:
+        if self.worker is None:
+            raise UsageError(
+                "a master needs a worker rank to offload to",
+                hint="pass --worker K (or set WORKER=K), K being a worker's rank",
+            )
+        if self.worker == self.rank:
+            raise UsageError(
+                f"worker rank {self.worker} is this master's own rank",
+                hint="WORKER/--worker names the rank of a worker process, not the master's",
+            )
+        if not 0 <= self.worker < self.world_size:
+            raise UsageError(
+                f"worker rank {self.worker} is outside the world (ranks 0..{self.world_size - 1})"
+            )
+
+
+def _check_range(flag: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        raise UsageError(f"{flag} {value} is out of range ({lo}..{hi})")
+
+
+def _validate_names(model: str, modes: tuple[str, ...]) -> None:
+    from groupcover.models import MODELS
+    from groupcover.modes import MODES
+
+    if model not in MODELS:
+        raise UsageError(f"unknown model {model!r}", hint=f"choose one of {', '.join(MODELS)}")
+    if not modes:
+        raise UsageError("no mode given", hint=f"choose from {', '.join(MODES)}")
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise UsageError(
+            f"unknown mode(s) {', '.join(unknown)}", hint=f"choose from {', '.join(MODES)}"
+        )
+    if len(set(modes)) != len(modes):
+        raise UsageError(f"a mode is repeated in {','.join(modes)}")
+
+
+def report_error(exc: GroupCoverError) -> None:
+    print(f"groupcover: error: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"groupcover: hint: {exc.hint}", file=sys.stderr)
+
+
+def launch(settings: RankSettings) -> int:
+    """Runs one rank to completion; expected failures become one line on stderr and an exit code."""
+    try:
+        settings.validate()
+        torch.set_num_threads(settings.threads)
+        if settings.role is Role.worker:
+            rpc.serve(settings.rendezvous())
+            return 0
+        return _run_master(settings)
+    except GroupCoverError as exc:
+        report_error(exc)
+        return exc.exit_code
+
+
+def _run_master(settings: RankSettings) -> int:
+    from groupcover import bench
+
+    prepared = bench.prepare(settings)  # load the model before joining: a bad model exits early
+    rpc.join(settings.rendezvous(), "master")
+    graceful = True
+    try:
+        assert settings.worker is not None
+        _check_target(settings.worker, settings.timeout_s)
+        document = bench.run_master(settings, prepared)
+        path = bench.write_json(document, settings.json_path, settings)
+        bench.print_table(document)
+        print(f"{bench.RESULT_MARK} {path}", flush=True)
+        return 0
+    except WorkerUnavailable:
+        graceful = False  # a dead peer cannot join the shutdown barrier
+        raise
+    finally:
+        rpc.leave(graceful=graceful)
+
+
+def _check_target(worker_rank: int, timeout_s: float) -> None:
+    answer = rpc.hello(worker_rank, timeout_s)
+    if answer.get("role") != "worker":
+        raise UsageError(
+            f"rank {worker_rank} is a {answer.get('role', 'non-worker')}, not a worker",
+            hint="WORKER/--worker must name a rank started with --role worker",
+        )

@@ -1,0 +1,266 @@
+"""`RpcTransport`: the master's side of the wire over `torch.distributed.rpc` (TensorPipe).
+
+Every rank is a process named `worker{RANK}` (as the seed's harness named them). A master sends
+each layer's published weight once (`publish`) into its own store on the worker; per call only the
+activation travels, and the worker answers with the result and its own compute time. Every call
+carries an explicit timeout, and a worker that is gone surfaces as `WorkerUnavailable`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed.rpc as rpc
+
+from groupcover import worker
+from groupcover.errors import GroupCoverError, RendezvousError, WorkerError, WorkerUnavailable
+from groupcover.transport import LayerOp, Transport, payload_bytes
+
+DEFAULT_TIMEOUT_S = 60.0
+RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+
+
+def rank_name(rank: int) -> str:
+    return f"worker{rank}"
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """How one rank joins the RPC world. `init_method` (e.g. file://) overrides address and port."""
+
+    rank: int
+    world_size: int
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    ifname: str | None = None
+    force_tcp: bool = False
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    init_method: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.world_size < 2:
+            raise RendezvousError(
+                f"world size must be at least 2 (a master and a worker), not {self.world_size}"
+            )
+        if not 0 <= self.rank < self.world_size:
+            raise RendezvousError(f"rank {self.rank} is outside the world (size {self.world_size})")
+        if not 0 < self.master_port < 65536:
+            raise RendezvousError(f"master port {self.master_port} is not a TCP port")
+        if self.timeout_s <= 0:
+            raise RendezvousError(f"timeout must be positive, not {self.timeout_s}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Rendezvous:
+        """The seed's variables: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (+ *_SOCKET_IFNAME)."""
+        missing = [name for name in RENDEZVOUS_VARIABLES if not env.get(name)]
+        if missing:
+            raise RendezvousError(
+                f"missing rendezvous variable(s): {', '.join(missing)}",
+                hint="set MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE",
+            )
+        values = {
+            "master_addr": env["MASTER_ADDR"],
+            "master_port": _env_int(env, "MASTER_PORT"),
+            "rank": _env_int(env, "RANK"),
+            "world_size": _env_int(env, "WORLD_SIZE"),
+            "ifname": env.get("TP_SOCKET_IFNAME") or env.get("GLOO_SOCKET_IFNAME") or None,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def url(self) -> str:
+        return self.init_method or f"tcp://{self.master_addr}:{self.master_port}"
+
+    def backend_options(self) -> rpc.TensorPipeRpcBackendOptions:
+        return rpc.TensorPipeRpcBackendOptions(
+            init_method=self.url,
+            rpc_timeout=self.timeout_s,
+            _transports=["uv"] if self.force_tcp else None,
+            _channels=["basic"] if self.force_tcp else None,
+        )
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise RendezvousError(f"{name}={env[name]!r} is not an integer") from None
+
+
+def join(rendezvous: Rendezvous, role: str) -> None:
+    """Initialise RPC for this process; returns once every rank of the world has joined."""
+    if rendezvous.ifname:
+        os.environ["GLOO_SOCKET_IFNAME"] = rendezvous.ifname
+        os.environ["TP_SOCKET_IFNAME"] = rendezvous.ifname
+    worker.set_role(role)
+    warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
+    try:
+        rpc.init_rpc(
+            rank_name(rendezvous.rank),
+            rank=rendezvous.rank,
+            world_size=rendezvous.world_size,
+            rpc_backend_options=rendezvous.backend_options(),
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise WorkerUnavailable(
+            f"could not join the RPC world at {rendezvous.url} as rank {rendezvous.rank}: "
+            f"{_first_line(exc)}",
+            hint=f"every one of the {rendezvous.world_size} ranks must start within "
+            f"{rendezvous.timeout_s:g} s and reach the rendezvous address",
+        ) from None
+
+
+def leave(graceful: bool = True) -> None:
+    """Graceful: wait until every rank has finished (a worker serves until then)."""
+    rpc.shutdown(graceful=graceful)
+
+
+def serve(rendezvous: Rendezvous) -> None:
+    """A worker's whole life: join, serve RPCs, leave when every master has finished.
+
+    The graceful shutdown barrier waits for every rank without a time limit, so a master that
+    dies would leave the worker waiting forever. While it waits, the worker asks every other rank
+    for a sign of life; when one stops answering and the barrier does not complete within the
+    timeout either, the worker gives up with `WorkerUnavailable` (its peer is the one missing).
+    """
+    join(rendezvous, "worker")
+    errors: list[BaseException] = []
+
+    def barrier() -> None:
+        try:
+            leave(graceful=True)
+        except Exception as exc:  # reported by the main thread
+            errors.append(exc)
+
+    waiter = threading.Thread(target=barrier, name="groupcover-shutdown", daemon=True)
+    waiter.start()
+    peers = [rank for rank in range(rendezvous.world_size) if rank != rendezvous.rank]
+    interval = min(5.0, rendezvous.timeout_s / 2)
+    while waiter.is_alive():
+        waiter.join(interval)
+        if waiter.is_alive() and not _peers_alive(peers, rendezvous.timeout_s):
+            waiter.join(rendezvous.timeout_s)
+            if waiter.is_alive():
+                raise WorkerUnavailable(
+                    "a peer rank stopped answering before the run finished",
+                    hint="a master process died or its host went away; see its output",
+                )
+    if errors:
+        raise WorkerUnavailable(f"shutdown failed: {_first_line(errors[0])}")
+
+
+def _peers_alive(peers: list[int], timeout_s: float) -> bool:
+    try:
+        for rank in peers:
+            rpc.rpc_sync(rank_name(rank), worker.remote_hello, timeout=timeout_s)
+    except Exception:
+        return False
+    return True
+
+
+def hello(rank: int, timeout_s: float) -> dict[str, str]:
+    """Asks a rank for its role; the master uses it to refuse a target that is not a worker."""
+    try:
+        return rpc.rpc_sync(rank_name(rank), worker.remote_hello, timeout=timeout_s)
+    except (RuntimeError, ValueError) as exc:
+        raise _translate(exc, rank, "hello") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _translate(exc: BaseException, rank: int, what: str) -> GroupCoverError:
+    if isinstance(exc, GroupCoverError):
+        return exc
+    message = _first_line(exc)
+    if "On WorkerInfo" in str(exc):
+        return WorkerError(f"{rank_name(rank)} failed in {what}: {message}")
+    return WorkerUnavailable(
+        f"{rank_name(rank)} did not answer {what}: {message}",
+        hint="is the worker process running and reachable? (it may have died or timed out)",
+    )
+
+
+def _wire(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor that owns exactly its data (RPC would send a view's whole storage)."""
+    tensor = tensor.detach()
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == payload_bytes(tensor):
+        return tensor
+    return tensor.contiguous().clone()
+
+
+class RpcTransport(Transport):
+    """One master session's layers on one worker. Needs `join` first; many may share a world."""
+
+    def __init__(self, worker_rank: int, owner: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        super().__init__()
+        self.worker_rank = worker_rank
+        self.to = rank_name(worker_rank)
+        self.owner = owner
+        self.timeout_s = timeout_s
+        self.published_bytes = 0
+        self._lock = threading.Lock()
+
+    def _sync(self, func: Callable[..., Any], args: tuple[Any, ...], what: str) -> Any:
+        try:
+            return rpc.rpc_sync(self.to, func, args=args, timeout=self.timeout_s)
+        except Exception as exc:
+            raise _translate(exc, self.worker_rank, what) from None
+
+    def publish(self, layer_id: str, weight: torch.Tensor, op: LayerOp) -> None:
+        sent = _wire(weight)
+        self._emit("publish", layer_id, sent)
+        self._sync(worker.remote_publish, (self.owner, layer_id, sent, op), f"publish {layer_id}")
+        self.published_bytes += payload_bytes(sent)
+
+    def run_async(self, layer_id: str, x: torch.Tensor) -> Future[torch.Tensor]:
+        sent = _wire(x)
+        self._emit("run", layer_id, sent)
+        result: Future[torch.Tensor] = Future()
+        start = time.perf_counter()
+        try:
+            pending = rpc.rpc_async(
+                self.to,
+                worker.remote_run,
+                args=(self.owner, layer_id, sent),
+                timeout=self.timeout_s,
+            )
+        except Exception as exc:
+            result.set_exception(_translate(exc, self.worker_rank, f"run {layer_id}"))
+            return result
+
+        def arrived(done: torch.futures.Future[tuple[torch.Tensor, float]]) -> None:
+            try:
+                y, worker_s = done.value()
+            except Exception as exc:
+                result.set_exception(_translate(exc, self.worker_rank, f"run {layer_id}"))
+                return
+            with self._lock:
+                timings = self.timings
+                timings.roundtrip_s += time.perf_counter() - start
+                timings.worker_s += worker_s
+                timings.calls += 1
+                timings.bytes_sent += payload_bytes(sent)
+                timings.bytes_received += payload_bytes(y)
+            result.set_result(y)
+
+        pending.add_done_callback(arrived)
+        return result
+
+    def layers_on_worker(self) -> dict[str, int]:
+        """Layer counts per owner as the worker holds them (for tests and diagnostics)."""
+        return self._sync(worker.remote_owners, (), "owners")
+
+    def close(self) -> None:
+        self._sync(worker.remote_release, (self.owner,), "release")
