@@ -9,6 +9,7 @@ carries an explicit timeout, and a worker that is gone surfaces as `WorkerUnavai
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import warnings
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed.rpc as rpc
 
-from groupcover import worker
+from groupcover import errors, worker
 from groupcover.errors import GroupCoverError, RendezvousError, WorkerError, WorkerUnavailable
 from groupcover.transport import LayerOp, Transport, payload_bytes
 
@@ -180,12 +181,25 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+_REMOTE_ERROR = re.compile(r"^groupcover\.errors\.(\w+): (.*)$", re.MULTILINE)
+
+
 def _translate(exc: BaseException, rank: int, what: str) -> GroupCoverError:
+    """A GroupCoverError raised on the worker comes back as its own class; a failure to reach the
+    worker becomes WorkerUnavailable; any other remote failure, WorkerError."""
     if isinstance(exc, GroupCoverError):
         return exc
+    text = str(exc)
+    remote = _REMOTE_ERROR.findall(text)
+    if remote:
+        name, message = remote[-1]
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, GroupCoverError):
+            return cls(message)
+    if "On WorkerInfo" in text:
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        return WorkerError(f"{rank_name(rank)} failed in {what}: {lines[-1] if lines else text}")
     message = _first_line(exc)
-    if "On WorkerInfo" in str(exc):
-        return WorkerError(f"{rank_name(rank)} failed in {what}: {message}")
     return WorkerUnavailable(
         f"{rank_name(rank)} did not answer {what}: {message}",
         hint="is the worker process running and reachable? (it may have died or timed out)",

@@ -39,7 +39,7 @@ def test_inprocess_owners_are_separate() -> None:
         a.run("l0", x)
 
 
-def _check_ops(transport: Transport) -> None:
+def test_ops_and_timings(transport: Transport) -> None:
     gen = torch.Generator().manual_seed(0)
     w_lin = torch.randn(8, 5, generator=gen)
     w_c1 = torch.randn(4, 3, 3, generator=gen)
@@ -66,14 +66,33 @@ def _check_ops(transport: Transport) -> None:
     assert 0 < t.worker_s <= t.roundtrip_s
 
 
-def test_inprocess_ops_and_timings() -> None:
-    _check_ops(InProcessTransport())
-
-
-def test_observer_sees_every_payload() -> None:
-    transport = InProcessTransport()
+def test_observer_sees_every_payload(transport: Transport) -> None:
     seen: list[tuple[str, str, tuple[int, ...]]] = []
     transport.add_observer(lambda event, lid, t: seen.append((event, lid, tuple(t.shape))))
     transport.publish("l0", torch.randn(2, 3), LayerOp("linear"))
     transport.run("l0", torch.randn(4, 3))
     assert seen == [("publish", "l0", (2, 3)), ("run", "l0", (4, 3))]
+
+
+def test_unknown_layer_is_a_worker_error(transport: Transport) -> None:
+    with pytest.raises(UnknownLayer, match="never-published"):
+        transport.run("never-published", torch.ones(1, 2))
+
+
+def test_results_do_not_alias(transport: Transport) -> None:
+    weight = torch.randn(4, 4)
+    transport.publish("l0", weight, LayerOp("linear"))
+    x = torch.randn(2, 4)
+    first = transport.run("l0", x)
+    x.zero_()  # the caller reuses its buffer: what was sent must not change
+    first.mul_(0)  # the caller overwrites a result in place (as a de-mix may)
+    second = transport.run("l0", torch.ones(2, 4))
+    torch.testing.assert_close(second, torch.ones(2, 4) @ weight.T)
+
+
+def test_views_are_sent_as_their_own_data(transport: Transport) -> None:
+    big = torch.randn(64, 16)
+    transport.publish("l0", big[:8], LayerOp("linear"))  # a view into a larger storage
+    x = torch.randn(32, 16)[::4]  # non-contiguous
+    torch.testing.assert_close(transport.run("l0", x), x @ big[:8].T)
+    assert transport.timings.bytes_sent == x.numel() * 4
