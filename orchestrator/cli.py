@@ -20,6 +20,29 @@ app = typer.Typer(
 
 # Commands are registered below, one module per concern.
 
+# --- gcvm image: the guest image ---------------------------------------------------------------
+image_app = typer.Typer(help="Build and inspect the guest image.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+
+@image_app.command("build")
+def image_build(
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the image is cached."),
+) -> None:
+    """Build the Debian guest image for the current recipe (cached by recipe hash)."""
+    from orchestrator.image import build_image, describe_image
+
+    describe_image(build_image(force=force))
+
+
+@image_app.command("info")
+def image_info() -> None:
+    """Show the cached image for the current recipe (or why there is none)."""
+    from orchestrator.image import describe_image, find_image
+
+    describe_image(find_image())
+
+
 # --- gcvm run: the framework's ranks across the cluster ------------------------------------
 run_app = typer.Typer(help="Run GroupCover (or the seed's scripts) across the cluster's VMs.",
                       no_args_is_help=True)
