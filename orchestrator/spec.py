@@ -65,7 +65,8 @@ class ClusterSpec:
         if not NAME_RE.match(self.name):
             raise UsageError(
                 f"invalid cluster name {self.name!r}",
-                hint="use 1-20 characters: a lowercase letter, then lowercase letters, digits or '-'",
+                hint="use 1-20 characters: a lowercase letter, then lowercase letters, "
+                "digits or '-'",
             )
         if self.masters < 1:
             raise UsageError(f"--masters must be at least 1, not {self.masters}")
@@ -77,12 +78,23 @@ class ClusterSpec:
         if self.masters + self.workers > MAX_VMS:
             raise UsageError(f"at most {MAX_VMS} VMs per cluster, asked for "
                              f"{self.masters + self.workers}")
+        if (
+            self.worker_tee is not None
+            and Tee.none not in (self.tee, self.worker_tee)
+            and self.tee is not self.worker_tee
+        ):
+            raise UsageError(
+                f"--tee {self.tee} with --worker-tee {self.worker_tee} mixes two vendors' TEEs",
+                hint="one host offers TDX (Intel) or SEV-SNP (AMD), not both; "
+                "use --worker-tee none or the same TEE",
+            )
         if self.vcpus < 1:
             raise UsageError(f"--vcpus must be at least 1, not {self.vcpus}")
         if self.memory_mib < MIN_MEMORY_MIB:
             raise UsageError(
                 f"--memory {self.memory_mib} MiB is too small",
-                hint=f"torch and the model need at least {MIN_MEMORY_MIB} MiB per VM (default 2048)",
+                hint=f"torch and the model need at least {MIN_MEMORY_MIB} MiB per VM "
+                "(default 2048)",
             )
         try:
             net = ipaddress.ip_network(self.subnet)
@@ -96,6 +108,11 @@ class ClusterSpec:
     @property
     def tee_of_workers(self) -> Tee:
         return self.worker_tee if self.worker_tee is not None else self.tee
+
+    @property
+    def tees(self) -> tuple[Tee, ...]:
+        """The TEEs the cluster's VMs use, masters' first, without repeats."""
+        return tuple(dict.fromkeys((self.tee, self.tee_of_workers)))
 
     @property
     def ipv4(self) -> ipaddress.IPv4Network:
@@ -119,7 +136,7 @@ class ClusterSpec:
 def mac_for(address: str) -> str:
     """A locally administered MAC derived from the IPv4 address (QEMU's 52:54:00 prefix)."""
     a = ipaddress.IPv4Address(address).packed
-    return "52:54:00:{:02x}:{:02x}:{:02x}".format(a[1], a[2], a[3])
+    return f"52:54:00:{a[1]:02x}:{a[2]:02x}:{a[3]:02x}"
 
 
 def stable_uuid(*parts: str) -> str:
@@ -182,7 +199,7 @@ def plan_vms(spec: ClusterSpec, cluster_dir: Path) -> list[VmSpec]:
 
 @dataclass(frozen=True)
 class RankSpec:
-    """One rank's settings for `python -m groupcover launch` (the framework's single entry point)."""
+    """One rank's settings for `python -m groupcover launch` (the framework's one entry point)."""
 
     role: Role
     rank: int

@@ -1,0 +1,332 @@
+"""libvirt XML from typed specs: a pure function of (VmSpec, RenderInputs) through jinja2.
+
+Templates live in `vm_templates/` (one `{% block %}` per concern, device partials, a partial per
+TEE's `<launchSecurity>`). Folders in `GCVM_TEMPLATE_PATH` (colon-separated) come first, so a user
+can replace any template; the built-in ones stay reachable as `gcvm/NAME`, so an override can
+`{% extends "gcvm/domain.xml.j2" %}` and change a single block.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple
+
+import jinja2
+import typer
+
+from orchestrator import hostcaps, tee, ui
+from orchestrator.errors import GcvmError, UsageError
+from orchestrator.hostcaps import HostCaps, Version
+from orchestrator.paths import cluster_dir, images_dir
+from orchestrator.spec import (
+    FIRST_HOST,
+    Accel,
+    ClusterSpec,
+    Role,
+    Tee,
+    VmSpec,
+    plan_vms,
+    stable_uuid,
+)
+
+METADATA_NS = "https://gcvm.dev/xmlns/1"
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "vm_templates"
+BUILTIN_HOSTS_DIR = TEMPLATES_DIR / "hosts"
+DEFAULT_CMDLINE = "root=/dev/vda rw console=ttyS0"
+DEFAULT_EMULATOR = "/usr/bin/qemu-system-x86_64"
+
+
+class TemplateError(GcvmError):
+    """A template (built-in or from GCVM_TEMPLATE_PATH) failed to render or gave bad XML."""
+
+
+@dataclass(frozen=True)
+class BuiltinHost:
+    """A TEE host's domcapabilities shipped with gcvm, with the facts such a file cannot hold."""
+
+    file: str
+    libvirt_version: Version
+    qemu_version: Version
+    kernel_release: str
+    flags: tuple[tuple[str, str], ...]  # sysfs module parameters that are Y on that host
+
+    def caps(self) -> HostCaps:
+        text = (BUILTIN_HOSTS_DIR / self.file).read_text()
+        return HostCaps.from_domcaps_xml(
+            text,
+            source=f"built-in {self.file} (a typical host of that kind, not this machine)",
+            libvirt_version=self.libvirt_version,
+            qemu_version=self.qemu_version,
+            kernel_release=self.kernel_release,
+            sysfs=hostcaps.Sysfs(known=self.flags),
+            kvm=hostcaps.KvmProbe(True, "a TEE host's KVM (built-in host, not probed)"),
+        )
+
+
+BUILTIN_HOSTS: dict[Tee, BuiltinHost] = {
+    Tee.tdx: BuiltinHost("tdx-host.domcaps.xml", (11, 10, 0), (10, 1, 0), "6.17.0",
+                         (("kvm_intel", "tdx"),)),
+    Tee.sev_snp: BuiltinHost("sev-snp-host.domcaps.xml", (10, 10, 0), (9, 2, 0), "6.12.0",
+                             (("kvm_amd", "sev_snp"),)),
+}
+
+
+@dataclass(frozen=True)
+class RenderInputs:
+    caps: HostCaps  # live caps, or captured domcapabilities (HostCaps.from_domcaps_xml)
+    accel: Accel  # resolved: kvm or tcg (tee.require gives it)
+    kernel: Path
+    initrd: Path
+    cmdline: str = DEFAULT_CMDLINE
+    network: str = "default"
+    emulator: str | None = None  # None: the caps' emulator
+    firmware: Path | None = None  # None: the caps' firmware for the VM's TEE
+    options: tee.TeeOptions = field(default_factory=tee.TeeOptions)
+
+    def __post_init__(self) -> None:
+        if self.accel is Accel.auto:
+            raise ValueError("RenderInputs.accel must be resolved (kvm or tcg), not auto")
+
+
+class ClusterTag(NamedTuple):
+    """gcvm's tag in a domain's <metadata>: unpacks as (cluster, role, rank); also reads as a
+    mapping (`dict(tag)`, `tag["cluster"]`)."""
+
+    cluster: str
+    role: str
+    rank: int
+
+    def keys(self) -> tuple[str, ...]:
+        return self._fields
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return tuple.__getitem__(self, key)
+
+
+# --------------------------------------------------------------------------------------------
+# Templates
+
+
+def template_dirs() -> list[Path]:
+    user = [Path(p) for p in os.environ.get("GCVM_TEMPLATE_PATH", "").split(os.pathsep) if p]
+    return [*user, TEMPLATES_DIR]
+
+
+def environment() -> jinja2.Environment:
+    builtin = jinja2.FileSystemLoader(str(TEMPLATES_DIR))
+    loader = jinja2.ChoiceLoader([
+        jinja2.FileSystemLoader([str(p) for p in template_dirs()]),
+        jinja2.PrefixLoader({"gcvm": builtin}),
+    ])
+    return jinja2.Environment(
+        loader=loader,
+        undefined=jinja2.StrictUndefined,
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def _render(template: str, **context: Any) -> str:
+    try:
+        text = environment().get_template(template).render(**context)
+    except jinja2.TemplateError as exc:
+        raise TemplateError(
+            f"template {template} failed: {exc}",
+            hint=f"template folders, first match wins: {', '.join(map(str, template_dirs()))}",
+        ) from None
+    try:
+        ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise TemplateError(f"template {template} gave malformed XML: {exc}") from None
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Domains and networks
+
+
+def render_domain(vm: VmSpec, inputs: RenderInputs) -> str:
+    """The domain XML of one VM. Pure: the same inputs give the same bytes."""
+    backend = tee.backend(vm.tee)
+    shape = backend.shape(inputs.caps, inputs.accel, inputs.firmware, inputs.options)
+    return _render(
+        "domain.xml.j2",
+        vm=vm,
+        shape=shape,
+        kernel=inputs.kernel,
+        initrd=inputs.initrd,
+        cmdline=inputs.cmdline,
+        network=inputs.network,
+        emulator=inputs.emulator or inputs.caps.emulator or DEFAULT_EMULATOR,
+        metadata_ns=METADATA_NS,
+    )
+
+
+def render_network(spec: ClusterSpec, vms: list[VmSpec], bridge: str = "virbr0") -> str:
+    """NAT network on `bridge` with the gateway address, a DHCP range after the VMs' addresses
+    and one static lease per VM."""
+    net = spec.ipv4
+    first_free = net.network_address + FIRST_HOST + len(vms)
+    last = net.broadcast_address - 1
+    return _render(
+        "network.xml.j2",
+        name=spec.network_name,
+        uuid=stable_uuid("gcvm-network", spec.name, spec.network_name),
+        bridge=bridge,
+        gateway=spec.gateway,
+        netmask=str(net.netmask),
+        range_start=str(min(first_free, last)),
+        range_end=str(last),
+        vms=vms,
+    )
+
+
+def parse_metadata(xml: str) -> ClusterTag | None:
+    """gcvm's (cluster, role, rank) from a domain's XML; None for a domain gcvm did not make."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    node = root.find(f"metadata/{{{METADATA_NS}}}cluster")
+    if node is None:
+        return None
+    try:
+        return ClusterTag(node.attrib["name"], Role(node.attrib["role"]).value,
+                          int(node.attrib["rank"]))
+    except (KeyError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# gcvm render
+
+
+@dataclass(frozen=True)
+class Rendered:
+    out_dir: Path
+    domains: tuple[Path, ...]
+    network: Path
+    caps_source: str
+    accel: Accel
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    built: bool  # False: the paths are where `gcvm image build` will put them
+
+
+def guest_boot_files() -> BootFiles:
+    """The built guest image's kernel, initrd and command line; without a built image, the
+    paths under the image cache where `gcvm image build` puts them (rendering never needs
+    the files to exist)."""
+    from orchestrator import image
+
+    try:
+        found = image.find_image()
+        if found.kernel is not None and found.initrd is not None:
+            return BootFiles(found.kernel, found.initrd, found.cmdline, True)
+    except GcvmError:
+        pass
+    try:
+        folder = images_dir() / image.recipe_hash()
+    except (GcvmError, OSError):
+        folder = images_dir() / "not-built"
+    return BootFiles(folder / image.KERNEL, folder / image.INITRD, image.CMDLINE, False)
+
+
+def caps_for_render(spec: ClusterSpec, host_caps: Path | None, connect: str | None
+                    ) -> HostCaps:
+    if host_caps is not None:
+        return HostCaps.from_file(host_caps)
+    tees = [t for t in spec.tees if t is not Tee.none]
+    if tees:
+        return BUILTIN_HOSTS[tees[0]].caps()
+    return hostcaps.detect(connect)
+
+
+def render_cluster(spec: ClusterSpec, inputs: RenderInputs, out_dir: Path) -> Rendered:
+    """Write every domain's XML and the network's into `out_dir`; touches no VM."""
+    vms = plan_vms(spec, cluster_dir(spec.name))
+    inputs_net = replace(inputs, network=spec.network_name)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {out_dir}: {exc.strerror}") from None
+    domains = []
+    for vm in vms:
+        path = out_dir / f"{vm.name}.xml"
+        path.write_text(render_domain(vm, inputs_net))
+        domains.append(path)
+    network = out_dir / "network.xml"
+    network.write_text(render_network(spec, vms))
+    return Rendered(out_dir, tuple(domains), network, inputs.caps.source, inputs.accel)
+
+
+__all__ = [
+    "BUILTIN_HOSTS", "DEFAULT_CMDLINE", "METADATA_NS", "ClusterTag", "RenderInputs", "Rendered",
+    "caps_for_render", "environment", "guest_boot_files", "parse_metadata",
+    "render_cluster", "render_domain", "render_network",
+]
+
+
+def render_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the XML files.")],
+    tee_: Annotated[Tee, typer.Option("--tee", help="TEE of every VM.")] = Tee.none,
+    workers: Annotated[int, typer.Option("--workers", help="Worker VMs.")] = 1,
+    masters: Annotated[int, typer.Option("--masters", help="Master VMs.")] = 1,
+    worker_tee: Annotated[Tee | None, typer.Option(
+        "--worker-tee", help="TEE of the workers (default: --tee).")] = None,
+    host_caps: Annotated[Path | None, typer.Option(
+        "--host-caps", help="A captured `virsh domcapabilities` of the target host (default: "
+        "this host for --tee none, a built-in TDX/SNP host otherwise).")] = None,
+    name: Annotated[str, typer.Option("--name", help="Cluster name.")] = "gcvm",
+    vcpus: Annotated[int, typer.Option("--vcpus", help="vCPUs per VM.")] = 1,
+    memory: Annotated[int, typer.Option("--memory", help="Memory per VM in MiB.")] = 2048,
+    accel: Annotated[Accel, typer.Option(
+        "--accel", help="kvm, tcg, or auto (kvm when it really runs a guest here).")
+    ] = Accel.auto,
+    subnet: Annotated[str, typer.Option("--subnet", help="The cluster network.")] = (
+        "192.168.122.0/24"),
+    connect: Annotated[str | None, typer.Option(
+        "--connect", help="libvirt URI to ask for this host's facts (--tee none without "
+        "--host-caps).")] = None,
+    cmdline: Annotated[str | None, typer.Option(
+        "--cmdline", help="Guest kernel command line (default: the image's).")] = None,
+) -> None:
+    """Write every domain's XML and the network's XML for a cluster, without touching a VM."""
+    spec = ClusterSpec(name=name, tee=tee_, worker_tee=worker_tee, accel=accel,
+                       masters=masters, workers=workers, vcpus=vcpus, memory_mib=memory,
+                       subnet=subnet)
+    caps = caps_for_render(spec, host_caps, connect)
+    resolved = render_accel(spec, caps)
+    boot = guest_boot_files()
+    inputs = RenderInputs(caps=caps, accel=resolved, kernel=boot.kernel, initrd=boot.initrd,
+                          cmdline=cmdline or boot.cmdline, network=spec.network_name)
+    done = render_cluster(spec, inputs, out)
+    ui.info(f"host facts: {caps.source}")
+    ui.info(f"accelerator: {resolved}")
+    if not boot.built:
+        ui.info(f"no guest image built yet: kernel and initrd paths point where "
+                f"`gcvm image build` puts them ({boot.kernel.parent})")
+    for path in (*done.domains, done.network):
+        ui.out.print(str(path))
+
+
+def render_accel(spec: ClusterSpec, caps: HostCaps) -> Accel:
+    """TDX/SNP domains are KVM domains; a no-TEE cluster resolves auto against the caps."""
+    if any(t is not Tee.none for t in spec.tees):
+        if spec.accel is Accel.tcg:
+            raise UsageError("--accel tcg cannot run a TEE guest",
+                             hint="leave out --accel, or use --tee none")
+        return Accel.kvm
+    return tee.resolve_accel(spec.accel, caps)

@@ -1,0 +1,88 @@
+"""What every TEE backend provides: its preconditions on the host and the shape of its domain."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from orchestrator.hostcaps import HostCaps
+from orchestrator.spec import Accel, Tee
+
+TCG_CPU_MODEL = "Nehalem"  # a baseline model: `-cpu max` makes torch ~27x slower under TCG
+
+
+@dataclass(frozen=True)
+class CheckFailure:
+    check: str
+    reason: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.check}: {self.reason}" + (f" ({self.fix})" if self.fix else "")
+
+
+@dataclass(frozen=True)
+class DomainShape:
+    """Everything about a domain that depends on the TEE and the accelerator."""
+
+    domain_type: str  # libvirt's: kvm | qemu
+    machine: str
+    cpu_mode: str  # host-passthrough | custom
+    cpu_model: str | None  # the model for cpu_mode custom
+    firmware: str | None  # None (SeaBIOS + direct boot) | rom | efi-stateless
+    loader: Path | None
+    split_irqchip: bool
+    smm_off: bool  # TDX firmware runs without SMM
+    private_memory: bool
+    on_reboot: str
+    launch_security: str | None  # template of the <launchSecurity> block
+    launch: Any = None  # the backend's frozen data for that template
+
+
+class TeeBackend(ABC):
+    tee: ClassVar[Tee]
+    title: ClassVar[str]
+    template: ClassVar[str | None] = None
+
+    def preconditions(self, caps: HostCaps, accel: Accel) -> list[CheckFailure]:
+        """What this host lacks to run this TEE with `accel` (empty: it can)."""
+        failures = [
+            CheckFailure(c.name, c.detail, c.fix)
+            for c in self.host_checks(caps)
+            if c.ok is False
+        ]
+        return self.accel_failures(caps, accel) + failures
+
+    def host_checks(self, caps: HostCaps) -> tuple[Any, ...]:
+        return ()
+
+    @abstractmethod
+    def accel_failures(self, caps: HostCaps, accel: Accel) -> list[CheckFailure]: ...
+
+    @abstractmethod
+    def shape(self, caps: HostCaps, accel: Accel, firmware: Path | None,
+              options: TeeOptions) -> DomainShape: ...
+
+
+@dataclass(frozen=True)
+class TeeOptions:
+    """User-settable launch parameters (defaults as the design note gives them)."""
+
+    tdx_policy: int = 0x10000000  # bit 28 sept-ve-disable; QEMU's default; no debug
+    tdx_qgs_socket: Path | None = None  # quote generation service, for attestation quotes
+    snp_policy: int = 0x00030000  # SMT allowed + reserved bit 17; no debug
+    snp_kernel_hashes: bool = True  # measure the direct-boot kernel, initrd and cmdline
+
+
+def kvm_failures(title: str, caps: HostCaps, accel: Accel) -> list[CheckFailure]:
+    """A TEE guest needs a working KVM."""
+    out = []
+    if accel is Accel.tcg:
+        out.append(CheckFailure(f"{title} accelerator", "a TEE guest cannot run under TCG",
+                                "leave out --accel tcg"))
+    if not caps.kvm_usable:
+        out.append(CheckFailure("KVM usable", caps.kvm_reason,
+                                "run on a host (not a VM) whose /dev/kvm boots guests"))
+    return out

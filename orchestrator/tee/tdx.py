@@ -1,0 +1,66 @@
+"""Intel TDX: q35, TDVF as ROM, split irqchip, host-passthrough, private memory, no VNC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.errors import HostUnsupported
+from orchestrator.hostcaps import Check, HostCaps
+from orchestrator.spec import Accel, Tee
+from orchestrator.tee.base import (
+    CheckFailure,
+    DomainShape,
+    TeeBackend,
+    TeeOptions,
+    kvm_failures,
+)
+
+
+@dataclass(frozen=True)
+class TdxLaunch:
+    policy: str  # 0x-hex, as libvirt writes it
+    qgs_socket: Path | None
+
+
+class Tdx(TeeBackend):
+    tee = Tee.tdx
+    title = "Intel TDX"
+    template = "launch_security/tdx.xml.j2"
+
+    def host_checks(self, caps: HostCaps) -> tuple[Check, ...]:
+        firmware = Check(
+            "TDX firmware (TDVF)",
+            caps.firmware.tdx is not None,
+            str(caps.firmware.tdx) if caps.firmware.tdx else "no QEMU firmware descriptor "
+            "with the intel-tdx feature",
+            "install the distribution's TDX OVMF build (e.g. ovmf with OVMF.inteltdx.fd)",
+        )
+        return (*caps.tdx.checks, firmware)
+
+    def accel_failures(self, caps: HostCaps, accel: Accel) -> list[CheckFailure]:
+        return kvm_failures(self.title, caps, accel)
+
+    def shape(self, caps: HostCaps, accel: Accel, firmware: Path | None,
+              options: TeeOptions) -> DomainShape:
+        loader = firmware or caps.firmware.tdx
+        if loader is None:
+            raise HostUnsupported(
+                "no TDX firmware (TDVF) known for this host",
+                hint="pass the firmware path, or capture domcapabilities listing it",
+            )
+        return DomainShape(
+            domain_type="kvm",
+            machine="q35",
+            cpu_mode="host-passthrough",
+            cpu_model=None,
+            firmware="rom",
+            loader=loader,
+            split_irqchip=True,
+            smm_off=True,
+            private_memory=True,
+            on_reboot="destroy",  # a TD reboots by destroy + start
+            launch_security=self.template,
+            launch=TdxLaunch(policy=f"0x{options.tdx_policy:08x}",
+                             qgs_socket=options.tdx_qgs_socket),
+        )
