@@ -111,6 +111,14 @@ def run_seed_cmd(
 
 
 
+# --- gcvm doctor / gcvm render: host facts, and the XML without touching a VM ---------------
+from orchestrator import doctor as _doctor  # noqa: E402
+from orchestrator import render as _render  # noqa: E402
+
+app.command("doctor")(_doctor.doctor_command)
+app.command("render")(_render.render_command)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
