@@ -1,0 +1,124 @@
+"""The benchmark's modes: each names a scheme (or none) and whether inputs are masked.
+
+| mode                | what the worker gets                    | master keeps            |
+|---------------------|-----------------------------------------|-------------------------|
+| `tee-only`          | nothing                                 | the whole model         |
+| `plain-offload`     | plaintext weights, plaintext inputs     | biases, non-linear part |
+| `mask-only`         | plaintext weights, masked inputs        | + one-time masks        |
+| `groupcover`        | obfuscated weights, masked inputs       | + GroupCover secrets    |
+| `groupcover-nomask` | obfuscated weights, permuted inputs     | GroupCover secrets      |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+from torch import nn
+
+from groupcover.audit import Audit
+from groupcover.errors import UsageError
+from groupcover.masks import MaskPolicy
+from groupcover.master import DEFAULT_MASK_POOL, protect
+from groupcover.transport import Transport
+
+
+class Mode(StrEnum):
+    TEE_ONLY = "tee-only"
+    PLAIN_OFFLOAD = "plain-offload"
+    MASK_ONLY = "mask-only"
+    GROUPCOVER = "groupcover"
+    GROUPCOVER_NOMASK = "groupcover-nomask"
+
+
+MODES: tuple[str, ...] = tuple(mode.value for mode in Mode)
+
+
+class UnknownMode(UsageError, ValueError):
+    """A mode name that is not one of `MODES`."""
+
+
+@dataclass(frozen=True)
+class ModeSettings:
+    scheme: str | None  # None: nothing is offloaded
+    masked: bool
+
+
+_SETTINGS: dict[Mode, ModeSettings] = {
+    Mode.TEE_ONLY: ModeSettings(None, False),
+    Mode.PLAIN_OFFLOAD: ModeSettings("identity", False),
+    Mode.MASK_ONLY: ModeSettings("identity", True),
+    Mode.GROUPCOVER: ModeSettings("groupcover", True),
+    Mode.GROUPCOVER_NOMASK: ModeSettings("groupcover", False),
+}
+
+
+def parse_mode(mode: str) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise UnknownMode(
+            f"unknown mode {mode!r}", hint=f"choose one of {', '.join(MODES)}"
+        ) from None
+
+
+def mode_settings(mode: str) -> tuple[str | None, bool]:
+    """(scheme name or None, masked) for a mode name."""
+    settings = _SETTINGS[parse_mode(mode)]
+    return settings.scheme, settings.masked
+
+
+class MasterOnlyModel(nn.Module):
+    """`tee-only`: the plaintext model runs in the master; nothing is offloaded or sent."""
+
+    def __init__(self, module: nn.Module, audit: Audit | None) -> None:
+        super().__init__()
+        self.module = module.eval()
+        self.layers: dict[str, nn.Module] = {}
+        self.masks = None
+        self.audit = audit
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module(*args)
+
+
+def build_for_mode(
+    model: nn.Module,
+    mode: str,
+    transport: Transport,
+    seed: int,
+    *,
+    k: int = 4,
+    mask_pool: int = DEFAULT_MASK_POOL,
+    audit: bool = False,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    mask_policy: MaskPolicy | str = MaskPolicy.REFILL,
+) -> nn.Module:
+    """The model as `mode` runs it; every returned module has `.layers`, `.masks` and `.audit`.
+
+    `example_inputs` (forward arguments) fill the mask pools ahead of time in masked modes.
+    """
+    chosen = parse_mode(mode)
+    scheme, masked = mode_settings(chosen)
+    if scheme is None:
+        auditor = None
+        if audit:
+            auditor = Audit(mode=str(chosen))
+            transport.add_observer(auditor.observe)
+        return MasterOnlyModel(model, auditor)
+    return protect(
+        model,
+        transport,
+        scheme=scheme,
+        masked=masked,
+        seed=seed,
+        k=k,
+        mask_pool=mask_pool,
+        audit=audit,
+        example_inputs=example_inputs if masked else None,
+        mask_policy=mask_policy,
+        mode=str(chosen),
+    )

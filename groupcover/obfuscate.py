@@ -1,0 +1,280 @@
+"""GroupCover's offline obfuscation of one layer and the master's online de-obfuscation.
+
+Offline (`obfuscate_layer`): group the output rows by dissimilarity, mix each group with a dense
+random integer matrix whose condition number is bounded, permute the input features. The weight
+is `(out, in)` for linear layers and `(out, in, *kernel)` for convolutions: rows are output
+kernels, the permuted axis is the input channel.
+
+Online (`demix`): the de-mixing is stored in output order as an `(out, k + 1)` gather index and
+coefficient table (the last column adds the bias from a row of ones), so one
+`embedding_bag` pass computes every output row as a weighted sum of k rows of the worker's
+result, with the tail groups padded by zero coefficients. Around it there is one copy into the
+gather table (fused with the unmasking) and, for linear layers, one transpose back.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from groupcover.scheme import LayerSecret
+
+DEFAULT_COND_BOUND = 100.0  # about 11% of 4x4 draws from 1..99 are redrawn
+MIX_LOW, MIX_HIGH = 1, 99  # the paper's integer entries
+_MAX_REDRAWS = 10_000
+
+
+@dataclass(frozen=True)
+class ObfuscatedLayer:
+    published: torch.Tensor  # W'' (float32, same shape as the weight)
+    in_perm: torch.Tensor  # pi: W''[:, c] = W'[:, pi[c]]
+    groups: torch.Tensor  # (G, k) row indices, -1 pads the tail groups
+    inverse: torch.Tensor  # (G, k, k) float64 inverses of the mixing, identity on the padding
+    mixing: torch.Tensor  # (G, k, k) float64 mixing matrices (offline only; not kept by schemes)
+
+
+def group_rows(rows: torch.Tensor, k: int) -> list[list[int]]:
+    """Partition row indices into groups of at most k dissimilar rows (k a power of two).
+
+    log2(k) rounds: visit units in descending mean cosine similarity, pair each unpaired unit
+    with its least similar unpaired partner, and let the merged unit's vector be the mean of the
+    two. An odd unit out stays alone, so every row lands in exactly one group and tails are
+    groups smaller than k.
+    """
+    vectors = rows.detach().reshape(rows.shape[0], -1).to(torch.float64).numpy()
+    units: list[list[int]] = [[i] for i in range(rows.shape[0])]
+    for _ in range(int(math.log2(k))):
+        if len(units) < 2:
+            break
+        units, vectors = _pair_round(units, vectors)
+    return units
+
+
+def _pair_round(units: list[list[int]], vectors: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit_vectors = vectors / np.maximum(norms, 1e-30)
+    similarity = unit_vectors @ unit_vectors.T
+    order = np.argsort(-similarity.mean(axis=1), kind="stable")
+    taken = np.zeros(len(units), dtype=bool)
+    merged: list[list[int]] = []
+    merged_vectors: list[np.ndarray] = []
+    for unit in order:
+        if taken[unit]:
+            continue
+        taken[unit] = True
+        candidates = np.where(taken, np.inf, similarity[unit])
+        partner = int(np.argmin(candidates))
+        if np.isinf(candidates[partner]):
+            merged.append(units[unit])
+            merged_vectors.append(vectors[unit])
+            continue
+        taken[partner] = True
+        merged.append(units[unit] + units[partner])
+        merged_vectors.append((vectors[unit] + vectors[partner]) / 2)
+    return merged, np.stack(merged_vectors)
+
+
+def draw_mixing(
+    count: int, size: int, generator: torch.Generator, cond_bound: float = DEFAULT_COND_BOUND
+) -> torch.Tensor:
+    """`count` dense (size x size) integer matrices from 1..99, each with cond <= cond_bound."""
+    mixing = torch.empty(count, size, size, dtype=torch.float64)
+    todo = torch.arange(count)
+    for _ in range(_MAX_REDRAWS):
+        if todo.numel() == 0:
+            return mixing
+        draw = torch.randint(
+            MIX_LOW, MIX_HIGH + 1, (todo.numel(), size, size), generator=generator
+        ).to(torch.float64)
+        mixing[todo] = draw
+        cond = torch.linalg.cond(draw)
+        todo = todo[~(cond <= cond_bound)]  # also redraws singular draws (cond inf or nan)
+    raise ValueError(f"no {size}x{size} mixing matrix with cond <= {cond_bound} was found")
+
+
+def pad_groups(groups: list[list[int]], k: int) -> torch.Tensor:
+    padded = torch.full((len(groups), k), -1, dtype=torch.long)
+    for g, rows in enumerate(groups):
+        padded[g, : len(rows)] = torch.tensor(rows, dtype=torch.long)
+    return padded
+
+
+def draw_group_mixing(
+    groups: torch.Tensor, generator: torch.Generator, cond_bound: float
+) -> torch.Tensor:
+    """(G, k, k) mixing: a dense bounded matrix on each group's rows, identity on the padding."""
+    n_groups, k = groups.shape
+    sizes = (groups >= 0).sum(dim=1)
+    mixing = torch.eye(k, dtype=torch.float64).repeat(n_groups, 1, 1)
+    for size in sorted(set(sizes.tolist())):
+        members = torch.nonzero(sizes == size).flatten()
+        block = draw_mixing(members.numel(), size, generator, cond_bound)
+        mixing[members, :size, :size] = block
+    return mixing
+
+
+def obfuscate_layer(
+    weight: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    cond_bound: float = DEFAULT_COND_BOUND,
+) -> ObfuscatedLayer:
+    out_features, in_features = weight.shape[0], weight.shape[1]
+    rows = weight.reshape(out_features, -1).to(torch.float64)
+    groups = pad_groups(group_rows(rows, k), k)
+    mixing = draw_group_mixing(groups, generator, cond_bound)
+    valid = groups >= 0
+    stacked = rows[groups.clamp(min=0)]  # (G, k, row)
+    mixed_rows = torch.empty_like(rows)
+    mixed_rows[groups[valid]] = torch.bmm(mixing, stacked)[valid]
+    in_perm = torch.randperm(in_features, generator=generator)
+    mixed = mixed_rows.reshape(weight.shape)
+    published = mixed.index_select(1, in_perm).to(torch.float32).contiguous()
+    inverse = torch.linalg.inv(mixing)
+    return ObfuscatedLayer(published, in_perm, groups, inverse, mixing)
+
+
+def restore_tables(
+    groups: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The de-mixing in output order: (out, k + 1) gather index and float32 coefficients.
+
+    Row i of group g at slot r gets coef[i, j] = inverse[g, r, j] on index groups[g, j]; padding
+    slots get coefficient 0. The last column points at row `out` of the gather table (all ones)
+    and carries the bias.
+    """
+    valid = groups >= 0
+    out_features = int(valid.sum())
+    k = groups.shape[1]
+    per_slot_index = groups.clamp(min=0).unsqueeze(1).expand(-1, k, -1)  # (G, r, j)
+    per_slot_coef = inverse * valid.unsqueeze(1)
+    index = torch.empty(out_features, k + 1, dtype=torch.long)
+    coef = torch.empty(out_features, k + 1, dtype=torch.float32)
+    rows = groups[valid]
+    index[rows, :k] = per_slot_index[valid]
+    coef[rows, :k] = per_slot_coef[valid].to(torch.float32)
+    index[:, k] = out_features
+    coef[:, k] = 0.0 if bias is None else bias.to(torch.float32)
+    return index, coef
+
+
+def demix(y: torch.Tensor, secret: LayerSecret, mask_u: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's output from the worker's result: unmask, de-mix and add the bias."""
+    assert secret.restore_index is not None and secret.restore_coef is not None
+    if secret.channel_dim == -1:
+        return _demix_last(y, secret.restore_index, secret.restore_coef, mask_u)
+    return _demix_channels(y, secret.restore_index, secret.restore_coef, mask_u)
+
+
+def _demix_last(
+    y: torch.Tensor, index: torch.Tensor, coef: torch.Tensor, mask_u: torch.Tensor | None
+) -> torch.Tensor:
+    """Linear outputs (..., out): the table is the result transposed, one row per feature."""
+    out_features = y.shape[-1]
+    flat = y.reshape(-1, out_features)
+    table = torch.empty(out_features + 1, flat.shape[0], dtype=y.dtype)
+    if mask_u is None:
+        table[:out_features].copy_(flat.t())
+    else:
+        torch.sub(flat.t(), mask_u.reshape(-1, out_features).t(), out=table[:out_features])
+    table[out_features].fill_(1.0)
+    restored = F.embedding_bag(index, table, per_sample_weights=coef, mode="sum")
+    return restored.t().contiguous().view(y.shape)
+
+
+def _demix_channels(
+    y: torch.Tensor, index: torch.Tensor, coef: torch.Tensor, mask_u: torch.Tensor | None
+) -> torch.Tensor:
+    """Convolution outputs (N, C, *spatial): rows of the (N * C, spatial) view are gathered."""
+    batch, channels = y.shape[0], y.shape[1]
+    spatial = y[0, 0].numel()
+    rows = batch * channels
+    table = torch.empty(rows + 1, spatial, dtype=y.dtype)
+    if mask_u is None:
+        table[:rows].copy_(y.reshape(rows, spatial))
+    else:
+        torch.sub(y.reshape(rows, spatial), mask_u.reshape(rows, spatial), out=table[:rows])
+    table[rows].fill_(1.0)
+    k = index.shape[1] - 1
+    offsets = (torch.arange(batch) * channels).view(batch, 1, 1)
+    batch_index = torch.empty(batch, channels, k + 1, dtype=torch.long)
+    batch_index[..., :k] = index[:, :k] + offsets
+    batch_index[..., k] = rows
+    batch_coef = coef.expand(batch, -1, -1).reshape(rows, k + 1)
+    restored = F.embedding_bag(
+        batch_index.view(rows, k + 1), table, per_sample_weights=batch_coef, mode="sum"
+    )
+    return restored.view(y.shape)
+
+
+BERT_BASE_SHAPES: tuple[tuple[int, int], ...] = ((768, 768), (768, 3072), (3072, 768))
+
+
+def _median_ms(fn: Callable[[], object], repeat: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def bench_deobfuscation(
+    shapes: Sequence[tuple[int, int]] = BERT_BASE_SHAPES,
+    batch: int = 8,
+    seq: int = 128,
+    repeat: int = 20,
+    *,
+    k: int = 4,
+    threads: int = 1,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """Per (in, out) shape: median ms of the plain `F.linear` and of the master's restore.
+
+    `ratio` = restore / linear (de-obfuscation alone: unmasking excluded, de-mix plus bias
+    included); `prepare_ms` is the input permutation, reported apart. Runs with `threads` torch
+    threads and puts the previous setting back.
+    """
+    from groupcover.scheme import GroupCoverScheme
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        scheme = GroupCoverScheme(k=k)
+        results = []
+        for in_features, out_features in shapes:
+            weight = torch.randn(out_features, in_features, generator=generator)
+            bias = torch.randn(out_features, generator=generator)
+            x = torch.randn(batch, seq, in_features, generator=generator)
+            published, secret = scheme.obfuscate(weight, bias, generator)
+            x_p = scheme.prepare_input(x, secret)
+            y = F.linear(x_p, published)
+            linear_ms = _median_ms(lambda xx=x, w=weight, b=bias: F.linear(xx, w, b), repeat)
+            restore_ms = _median_ms(lambda s=secret, yy=y: scheme.restore(yy, s), repeat)
+            prepare_ms = _median_ms(lambda xx=x, s=secret: scheme.prepare_input(xx, s), repeat)
+            results.append(
+                {
+                    "in_features": in_features,
+                    "out_features": out_features,
+                    "batch": batch,
+                    "seq": seq,
+                    "linear_ms": linear_ms,
+                    "restore_ms": restore_ms,
+                    "prepare_ms": prepare_ms,
+                    "ratio": restore_ms / linear_ms,
+                }
+            )
+        return results
+    finally:
+        torch.set_num_threads(previous)

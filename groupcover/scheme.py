@@ -1,0 +1,180 @@
+"""The pluggable obfuscation scheme: one layer in, published weight plus master-side secrets out.
+
+A scheme obfuscates one layer offline (`obfuscate`), transforms each input before it leaves the
+master (`prepare_input`) and turns the worker's result back into the layer's true output
+(`restore`). The benchmark's modes differ only by the scheme they name; baseline schemes
+(ShadowNet-style scaling and shuffling, plain permutation) are one more class in `SCHEMES`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from groupcover import obfuscate
+from groupcover.errors import UsageError
+from groupcover.transport import LayerOp
+
+
+@dataclass(frozen=True)
+class LayerSecret:
+    """What the master keeps for one offloaded layer; nothing here is ever sent to the worker.
+
+    `channel_dim` is the feature axis of inputs and outputs (-1 for linear, 1 for convolutions).
+    `restore_index`/`restore_coef` (out, k + 1) are the de-mixing in output order: output row i is
+    sum_j coef[i, j] * y[index[i, j]], and the last column carries the bias (index `out` points
+    to a row of ones). `groups` (G, k, padded with -1) and `inverse` (G, k, k) are kept in their
+    grouped form for audits and attacks.
+    """
+
+    channel_dim: int
+    out_features: int
+    in_perm: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
+    restore_index: torch.Tensor | None = None
+    restore_coef: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every secret tensor by name (for the payload audit)."""
+        named = {
+            "input permutation": self.in_perm,
+            "bias": self.bias,
+            "groups": self.groups,
+            "inverse mixing": self.inverse,
+            "restore coefficients": self.restore_coef,
+        }
+        return {name: tensor for name, tensor in named.items() if tensor is not None}
+
+
+def op_for(module: torch.nn.Module) -> LayerOp | None:
+    """The bias-free operation the worker runs for an offloadable module, else None."""
+    if isinstance(module, torch.nn.Linear):
+        return LayerOp("linear")
+    if isinstance(module, torch.nn.Conv1d | torch.nn.Conv2d):
+        plain = module.groups == 1 and module.padding_mode == "zeros"
+        if not plain or isinstance(module.padding, str):
+            return None
+        kind = "conv1d" if isinstance(module, torch.nn.Conv1d) else "conv2d"
+        return LayerOp(
+            kind,
+            stride=tuple(module.stride),
+            padding=tuple(module.padding),
+            dilation=tuple(module.dilation),
+        )
+    return None
+
+
+def channel_dim_of(weight: torch.Tensor) -> int:
+    """Linear weights are (out, in), applied on the last axis; convolutions on axis 1."""
+    return -1 if weight.dim() == 2 else 1
+
+
+class Scheme(ABC):
+    name: str
+
+    @abstractmethod
+    def obfuscate(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, generator: torch.Generator
+    ) -> tuple[torch.Tensor, LayerSecret]:
+        """Offline: the weight to publish (same shape as `weight`) and the layer's secrets."""
+
+    @abstractmethod
+    def prepare_input(self, x: torch.Tensor, secret: LayerSecret) -> torch.Tensor:
+        """Online, before the call: the input as the published weight expects it."""
+
+    @abstractmethod
+    def restore(
+        self, y: torch.Tensor, secret: LayerSecret, mask_u: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Online, after the call: the layer's true output, `y - mask_u` de-mixed plus bias."""
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
+    if bias is None:
+        return y
+    shape = [1] * y.dim()
+    shape[channel_dim] = -1
+    return y.add_(bias.view(shape))
+
+
+class IdentityScheme(Scheme):
+    """Plain offload: the weight is published as is; the master only adds the bias."""
+
+    name = "identity"
+
+    def obfuscate(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, generator: torch.Generator
+    ) -> tuple[torch.Tensor, LayerSecret]:
+        kept = None if bias is None else bias.detach().clone()
+        secret = LayerSecret(channel_dim_of(weight), weight.shape[0], bias=kept)
+        return weight.detach().clone(), secret
+
+    def prepare_input(self, x: torch.Tensor, secret: LayerSecret) -> torch.Tensor:
+        return x
+
+    def restore(
+        self, y: torch.Tensor, secret: LayerSecret, mask_u: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        out = y - mask_u if mask_u is not None else y.clone()
+        return _add_bias(out, secret.bias, secret.channel_dim)
+
+
+class GroupCoverScheme(Scheme):
+    """GroupCover (ICML 2024): dissimilar row groups, dense mixing, input permutation."""
+
+    name = "groupcover"
+
+    def __init__(self, k: int = 4, cond_bound: float = obfuscate.DEFAULT_COND_BOUND) -> None:
+        if k < 1 or k & (k - 1):
+            raise UsageError(f"group size k={k} is not a power of two", hint="use k = 2, 4 or 8")
+        self.k = k
+        self.cond_bound = cond_bound
+
+    def obfuscate(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, generator: torch.Generator
+    ) -> tuple[torch.Tensor, LayerSecret]:
+        layer = obfuscate.obfuscate_layer(
+            weight.detach(), self.k, generator, cond_bound=self.cond_bound
+        )
+        kept = None if bias is None else bias.detach().to(torch.float32).clone()
+        index, coef = obfuscate.restore_tables(layer.groups, layer.inverse, kept)
+        secret = LayerSecret(
+            channel_dim=channel_dim_of(weight),
+            out_features=weight.shape[0],
+            in_perm=layer.in_perm,
+            bias=kept,
+            groups=layer.groups,
+            inverse=layer.inverse,
+            restore_index=index,
+            restore_coef=coef,
+        )
+        return layer.published.to(weight.dtype), secret
+
+    def prepare_input(self, x: torch.Tensor, secret: LayerSecret) -> torch.Tensor:
+        assert secret.in_perm is not None
+        return x.index_select(secret.channel_dim, secret.in_perm)
+
+    def restore(
+        self, y: torch.Tensor, secret: LayerSecret, mask_u: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return obfuscate.demix(y, secret, mask_u)
+
+
+SCHEMES: dict[str, type[Scheme]] = {
+    IdentityScheme.name: IdentityScheme,
+    GroupCoverScheme.name: GroupCoverScheme,
+}
+
+
+def make_scheme(name: str, k: int = 4) -> Scheme:
+    """A scheme by its registered name; `k` goes to schemes that group rows."""
+    cls = SCHEMES.get(name)
+    if cls is None:
+        raise UsageError(f"unknown scheme {name!r}", hint=f"choose one of {', '.join(SCHEMES)}")
+    if cls is GroupCoverScheme:
+        return GroupCoverScheme(k=k)
+    return cls()
