@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 import typer
 
@@ -109,6 +111,146 @@ def run_seed_cmd(
 
     bench.run_exec(name, bench.SEED_COMMANDS, port=port, timeout=timeout)
 
+
+# --- gcvm up / down / status / ssh / logs: the cluster's life ------------------------------
+E = TypeVar("E", bound=StrEnum)
+
+
+def _choice(enum: type[E], flag: str, value: str) -> E:
+    from orchestrator.errors import UsageError
+
+    try:
+        return enum(value)
+    except ValueError:
+        raise UsageError(f"unknown {flag} {value!r}",
+                         hint=f"choose one of {', '.join(e.value for e in enum)}") from None
+
+
+@app.command("up")
+def up_cmd(
+    tee: str = typer.Option("none", help="TEE of the masters (and of the workers unless "
+                            "--worker-tee): none, tdx or sev-snp."),
+    workers: int = typer.Option(1, help="Number of worker VMs."),
+    masters: int = typer.Option(1, help="Number of master VMs."),
+    worker_tee: str | None = typer.Option(None, help="TEE of the workers (default: --tee)."),
+    name: str = typer.Option("gcvm", "--name", help="Cluster name."),
+    accel: str = typer.Option("auto", help="auto, kvm or tcg (auto: KVM when it works)."),
+    connect: str | None = typer.Option(None, help="Use this libvirt daemon (e.g. "
+                                       "qemu:///system) instead of a private one."),
+    network: str | None = typer.Option(None, help="With --connect: an existing libvirt network "
+                                       "to add the VMs to (default: a network of their own)."),
+    image: Path | None = typer.Option(None, help="A disk image of your own "  # noqa: B008
+                                      "(default: gcvm's built image)."),
+    vcpus: int = typer.Option(1, help="vCPUs per VM."),
+    memory: int = typer.Option(2048, help="Memory per VM in MiB."),
+    keep_on_failure: bool = typer.Option(False, help="Keep what was created if `up` fails."),
+    timeout: float = typer.Option(300.0, help="Seconds for the VMs to become ready."),
+) -> None:
+    """Create a cluster: masters and workers on one private network, ready for `gcvm run`."""
+    from orchestrator import cluster
+    from orchestrator.spec import Accel, ClusterSpec, Tee
+
+    spec = ClusterSpec(
+        name=name, tee=_choice(Tee, "--tee", tee),
+        worker_tee=_choice(Tee, "--worker-tee", worker_tee) if worker_tee else None,
+        accel=_choice(Accel, "--accel", accel), masters=masters, workers=workers, vcpus=vcpus,
+        memory_mib=memory, image=image, network=network, connect=connect,
+    )
+    st = cluster.up(spec, keep_on_failure=keep_on_failure, image_path=image, timeout=timeout)
+    _print_vms(st.name)
+
+
+@app.command("down")
+def down_cmd(
+    name: str = typer.Option("gcvm", "--name", help="Cluster name."),
+    connect: str | None = typer.Option(None, help="The libvirt daemon the cluster used, when "
+                                       "its state file is gone and it was not a private one."),
+) -> None:
+    """Remove the cluster: VMs, disks, network, namespace, daemons, state. Safe to repeat."""
+    from orchestrator import cluster
+
+    cluster.down(name, connect=connect)
+
+
+def _print_vms(name: str) -> None:
+    from rich.table import Table
+
+    from orchestrator import cluster
+    from orchestrator.ui import out
+
+    report = cluster.status(name)
+    st = report.state
+    table = Table(title=f"cluster {st.name} ({st.phase}; libvirt {st.uri}; daemon "
+                  f"{report.daemon})")
+    for column in ("VM", "role", "rank", "address", "iface", "state", "TEE asked",
+                   "TEE in guest"):
+        table.add_column(column)
+    for row in report.vms:
+        vm = row.vm
+        table.add_row(vm.name, vm.role, str(vm.rank), vm.address, vm.ifname or "-", row.state,
+                      str(vm.tee), vm.tee_verified or "-")
+    out.print(table)
+
+
+@app.command("status")
+def status_cmd(name: str = typer.Option("gcvm", "--name", help="Cluster name.")) -> None:
+    """Show the cluster's VMs: role, rank, address, state, TEE requested and verified."""
+    _print_vms(name)
+
+
+@app.command("ssh", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssh_cmd(
+    ctx: typer.Context,
+    node: str = typer.Argument(..., help="VM name, short name (master0) or rank."),
+    name: str = typer.Option("gcvm", "--name", help="Cluster name."),
+    timeout: float = typer.Option(3600.0, help="Seconds before the command is stopped."),
+) -> None:
+    """Run CMD on a VM (inside the cluster's namespace, pinned host key); no CMD: a shell."""
+    import os
+
+    from orchestrator import remote, state
+    from orchestrator.ui import out
+
+    argv = list(ctx.args)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    st = state.load(name)
+    vm = st.vm(node)
+    if not argv:
+        command = remote.ssh_argv(st, vm)
+        os.execvp(command[0], command)
+    with remote.Remote.connect(st, vm, timeout=30) as r:
+        result = r.run(argv, timeout=timeout, check=False,
+                       on_line=lambda line: out.print(line, markup=False, highlight=False,
+                                                      soft_wrap=True))
+    raise typer.Exit(result.rc)
+
+
+@app.command("logs")
+def logs_cmd(
+    node: str = typer.Argument(..., help="VM name, short name (master0) or rank."),
+    name: str = typer.Option("gcvm", "--name", help="Cluster name."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+) -> None:
+    """Print a VM's serial console log."""
+    import time
+
+    from orchestrator import state
+    from orchestrator.errors import GcvmError
+
+    vm = state.load(name).vm(node)
+    path = Path(vm.serial_log)
+    if not path.exists():
+        raise GcvmError(f"{vm.name} has no serial log yet ({path})")
+    with open(path, errors="replace") as f:
+        while True:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+            if not follow:
+                return
+            time.sleep(0.5)
 
 
 # --- gcvm doctor / gcvm render: host facts, and the XML without touching a VM ---------------

@@ -13,6 +13,7 @@ from rich.console import Console
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)  # results (tables) go to stdout
 log = logging.getLogger("gcvm")
+log.addHandler(logging.NullHandler())  # no stderr fallback: the CLI prints errors itself
 _depth = 0
 
 
