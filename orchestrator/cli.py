@@ -278,10 +278,15 @@ def main() -> None:
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
         import click
 
-        if isinstance(exc, click.ClickException):
+        # Newer typer vendors click (typer._click): its usage errors are not click's classes.
+        try:
+            from typer._click.exceptions import ClickException as TyperClickException
+        except ImportError:
+            TyperClickException = click.ClickException
+        if isinstance(exc, click.ClickException | TyperClickException):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, click.exceptions.Abort | typer.Abort):
             console.print("[red]aborted[/]")
             sys.exit(130)
         raise
