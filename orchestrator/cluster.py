@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from orchestrator import deploy, keys, netns, privatelibvirt, state, ui
+from orchestrator import deploy, keys, netns, paths, privatelibvirt, state, ui
 from orchestrator.errors import (
     ClusterExists,
     GcvmError,
@@ -314,12 +314,31 @@ def _fail(run: _Up, exc: BaseException, keep: bool) -> None:
     if run.hv is not None:
         run.hv.close()
         run.hv = None
+    kept = _keep_logs(run.spec.name)
     with ui.step(f"clean up the failed cluster {run.spec.name}"):
         try:
             _teardown(run.spec.name, run.st, run.backend, quiet=True)
         except Exception as cleanup_exc:  # the original failure matters more
             ui.warn(f"cleanup incomplete: {cleanup_exc}; run `gcvm down --name "
                     f"{run.spec.name}`")
+    if kept is not None:
+        ui.info(f"the debug log and serial consoles of the failed `up` are kept in {kept}")
+
+
+def _keep_logs(name: str) -> Path | None:
+    """Copy the cluster's debug log and serial logs out of the folder teardown removes."""
+    cdir = state.cluster_dir(name)
+    sources = [p for p in (cdir / "debug.log", cdir / "logs") if p.exists()]
+    if not sources:
+        return None
+    dest = paths.state_root() / "failed" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        if src.is_dir():
+            shutil.copytree(src, dest / src.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dest / src.name)
+    return dest
 
 
 def _up(run: _Up) -> ClusterState:

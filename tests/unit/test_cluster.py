@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import cluster, hostcaps, render, state
+from orchestrator import cluster, hostcaps, paths, render, state
 from orchestrator.cluster import Backend, HostFacts
 from orchestrator.errors import ClusterExists, HostUnsupported, Interrupted, Timeout
 from orchestrator.hypervisor import DhcpHost, FakeHypervisor, Hypervisor
@@ -244,6 +244,9 @@ def test_unreachable_vm_fails_naming_it_and_cleans_up(backend: FakeBackend) -> N
     assert "t4-worker0" in str(err.value)
     assert err.value.hint is not None and "Kernel panic" in err.value.hint
     _nothing_left(backend, "t4")
+    kept = list((paths.state_root() / "failed").glob("t4-*"))
+    assert len(kept) == 1 and (kept[0] / "logs" / "t4-worker0.serial.log").exists()
+    assert (kept[0] / "debug.log").exists()
 
 
 def test_keep_on_failure_keeps_everything(backend: FakeBackend) -> None:

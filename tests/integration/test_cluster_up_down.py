@@ -1,0 +1,145 @@
+"""`gcvm up` / `gcvm down` for real: a master and a worker under a private libvirt in a network
+namespace, reached over SSH with pinned host keys; then nothing may be left behind.
+
+Each boot costs about a minute of both cores under TCG, so there are two tests: the whole life of
+a healthy cluster, and an `up` that cannot reach its VMs in time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from orchestrator import keys, netns, paths, privatelibvirt, state
+from orchestrator.image import Image
+from orchestrator.remote import HostKeyMismatch, Remote, endpoint_for
+
+pytestmark = pytest.mark.vm
+
+UP_TARGET_S = 90.0
+DOWN_TARGET_S = 10.0
+
+
+@dataclass(frozen=True)
+class Env:
+    home: Path
+    env: dict[str, str]
+
+    def gcvm(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "orchestrator", *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def gcvm_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, built_image: Image
+             ) -> Iterator[Env]:
+    # State goes to a private GCVM_HOME; the image (and libvirt's capability cache) stay shared.
+    cache = os.environ.get("GCVM_CACHE") or str(paths.cache_root())
+    home = tmp_path / "home"
+    monkeypatch.setenv("GCVM_HOME", str(home))
+    monkeypatch.setenv("GCVM_CACHE", cache)
+    yield Env(home, {**os.environ, "GCVM_HOME": str(home), "GCVM_CACHE": cache})
+
+
+def _name() -> str:
+    return f"it{uuid.uuid4().hex[:6]}"
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and "pytest" not in cmdline:
+            found.append(f"{proc.name}: {cmdline.strip()}")
+    return found
+
+
+def _assert_nothing_left(name: str) -> None:
+    assert not netns.exists(f"gcvm-{name}"), "the namespace is left"
+    assert not state.cluster_dir(name).exists(), "the cluster folder (overlays, seeds) is left"
+    assert not privatelibvirt.run_dir_for(name).exists(), "the daemon's run folder is left"
+    # qemu (-name guest=NAME-...), libvirtd/virtlogd (-p /run/gcvm/NAME/...), dnsmasq
+    # (.../dnsmasq/gcvm-NAME.conf) all name the cluster on their command line
+    assert _processes_mentioning(name) == []
+
+
+def test_up_ssh_down(gcvm_env: Env, tmp_path: Path) -> None:
+    name = _name()
+    start = time.monotonic()
+    up = gcvm_env.gcvm("up", "--tee", "none", "--workers", "1", "--name", name)
+    up_s = time.monotonic() - start
+    try:
+        assert up.returncode == 0, up.stderr
+        print(f"gcvm up (master + 1 worker): {up_s:.1f} s")
+        st = state.load(name)
+        assert [vm.role for vm in st.vms] == ["master", "worker"]
+
+        for vm in st.vms:
+            assert vm.tee_verified == "none" and vm.ifname
+            with Remote.connect(st, vm, timeout=30) as r:
+                assert r.run(["hostname"], timeout=30).stdout.strip() == vm.name
+                link = r.run(["ip", "-o", "link", "show", vm.ifname], timeout=30).stdout
+                assert vm.mac in link
+                python = st.image["python"]
+                shown = r.run([python, "-m", "pip", "show", "gcvm"], timeout=120).stdout
+                assert "Name: gcvm" in shown
+
+        # a VM that shows another host key is refused
+        wrong = tmp_path / "wrong_known_hosts"
+        keys.write_known_hosts(wrong, {vm.address: keys.generate_ed25519().public_openssh
+                                       for vm in st.vms})
+        ep = endpoint_for(st, st.vms[0])
+        with pytest.raises(HostKeyMismatch):
+            Remote.open(type(ep)(**{**ep.__dict__, "known_hosts": wrong}), timeout=20)
+
+        status = gcvm_env.gcvm("status", "--name", name)
+        assert status.returncode == 0, status.stderr
+        assert f"{name}-worker0" in status.stdout and "running" in status.stdout
+        ssh = gcvm_env.gcvm("ssh", "worker0", "--name", name, "--", "cat", "/etc/hostname")
+        assert (ssh.returncode, ssh.stdout.strip()) == (0, f"{name}-worker0"), ssh.stderr
+        assert gcvm_env.gcvm("ssh", "0", "--name", name, "--", "false").returncode == 1
+        logs = gcvm_env.gcvm("logs", "master0", "--name", name)
+        assert logs.returncode == 0 and "Linux version" in logs.stdout
+    finally:
+        start = time.monotonic()
+        down = gcvm_env.gcvm("down", "--name", name, timeout=120)
+        down_s = time.monotonic() - start
+    assert down.returncode == 0, down.stderr
+    print(f"gcvm down: {down_s:.1f} s")
+    _assert_nothing_left(name)
+    again = gcvm_env.gcvm("down", "--name", name)
+    assert again.returncode == 0 and "nothing to remove" in again.stderr
+    assert up_s <= UP_TARGET_S * 2, f"up took {up_s:.0f} s (target {UP_TARGET_S:.0f} s)"
+    assert down_s <= DOWN_TARGET_S, f"down took {down_s:.1f} s"
+
+
+def test_unreachable_vm_fails_and_cleans_up(gcvm_env: Env) -> None:
+    """A deadline shorter than a TCG boot: `up` names a VM, shows its console, removes all."""
+    name = _name()
+    start = time.monotonic()
+    up = gcvm_env.gcvm("up", "--tee", "none", "--workers", "1", "--name", name,
+                       "--timeout", "15")
+    elapsed = time.monotonic() - start
+    try:
+        assert up.returncode != 0
+        assert "did not become reachable over SSH" in up.stderr
+        assert f"{name}-master0" in up.stderr or f"{name}-worker0" in up.stderr
+        assert "serial console" in up.stderr
+        assert "Traceback" not in up.stderr
+        assert elapsed < 15 + 60, f"up failed only after {elapsed:.0f} s"
+        _assert_nothing_left(name)
+    finally:
+        gcvm_env.gcvm("down", "--name", name, timeout=120)
