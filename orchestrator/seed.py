@@ -30,6 +30,7 @@ LABEL = "cidata"
 GCVM_DIR = "gcvm"
 NETWORK_FILE = "10-gcvm-seed.network"
 HOST_KEY_FILE = "ssh_host_ed25519_key"
+CLOUD_INIT_NIC = "gcvm0"  # what cloud-init names the cluster NIC in a user's image
 HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -133,18 +134,23 @@ def user_data(cfg: SeedConfig) -> str:
 
 
 def network_config(cfg: SeedConfig) -> str:
-    """cloud-init network-config, version 2 (no top-level `network:` key), matched by MAC."""
+    """cloud-init network-config, version 2 (no top-level `network:` key), matched by MAC.
+    gcvm's own image ignores it (its reader matches by MAC and keeps the kernel's name)."""
     nic: dict[str, Any] = {
         "match": {"macaddress": cfg.mac},
+        # Without set-name, cloud-init's ENI and networkd renderers configure an interface
+        # named after the key, which does not exist; with it, every renderer agrees.
+        "set-name": CLOUD_INIT_NIC,
         "addresses": [cfg.cidr],
         "dhcp4": False,
         "dhcp6": False,
     }
     if cfg.gateway:
-        nic["routes"] = [{"to": "default", "via": cfg.gateway}]
+        # cloud-init 22.4 (Debian 12) rejects netplan's `to: default`.
+        nic["routes"] = [{"to": "0.0.0.0/0", "via": cfg.gateway}]
     if cfg.dns:
         nic["nameservers"] = {"addresses": list(cfg.dns)}
-    return _yaml({"version": 2, "ethernets": {"cluster0": nic}})
+    return _yaml({"version": 2, "ethernets": {CLOUD_INIT_NIC: nic}})
 
 
 def meta_data(cfg: SeedConfig) -> str:

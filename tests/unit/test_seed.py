@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import stat
 import subprocess
@@ -117,10 +118,11 @@ def test_cloud_init_files(iso_path: Path) -> None:
     network = yaml.safe_load(files["network-config"])
     assert "network" not in network
     assert network["version"] == 2
-    (nic,) = network["ethernets"].values()
+    nic = network["ethernets"]["gcvm0"]
     assert nic["match"] == {"macaddress": "52:54:00:0a:7a:0a"}
+    assert nic["set-name"] == "gcvm0"
     assert nic["addresses"] == ["192.168.122.10/24"]
-    assert nic["routes"] == [{"to": "default", "via": "192.168.122.1"}]
+    assert nic["routes"] == [{"to": "0.0.0.0/0", "via": "192.168.122.1"}]
     assert nic["nameservers"] == {"addresses": ["192.168.122.1"]}
     meta = yaml.safe_load(files["meta-data"])
     assert meta["local-hostname"] == "gcvm-master-0"
@@ -167,3 +169,25 @@ def test_blkid_sees_the_cidata_label(iso_path: Path) -> None:
     ).stdout
     assert "LABEL=cidata" in out.splitlines()
     assert "TYPE=iso9660" in out.splitlines()
+
+
+def test_cloud_init_accepts_the_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cloud-init's own schema and network parser (Debian 12's 22.4: `dpkg -x` its package and
+    point GCVM_CLOUDINIT_PATH at usr/lib/python3/dist-packages)."""
+    if path := os.environ.get("GCVM_CLOUDINIT_PATH"):
+        monkeypatch.syspath_prepend(path)
+    schema_mod = pytest.importorskip("cloudinit.config.schema", reason="cloud-init not importable")
+    network_state = pytest.importorskip("cloudinit.net.network_state")
+    files = seed_files(config())
+    user_data = tmp_path / "user-data"
+    user_data.write_bytes(files["user-data"][0])
+    schema_mod.validate_cloudconfig_file(str(user_data), schema_mod.get_schema())
+    state = network_state.parse_net_config_data(yaml.safe_load(files["network-config"][0]))
+    (nic,) = state.iter_interfaces()
+    assert (nic["name"], nic["mac_address"]) == ("gcvm0", "52:54:00:0a:7a:0a")
+    (subnet,) = nic["subnets"]
+    assert (subnet["type"], subnet["address"], subnet["prefix"]) == ("static", "192.168.122.10", 24)
+    assert subnet["routes"] == [
+        {"gateway": "192.168.122.1", "network": "0.0.0.0", "prefix": 0, "netmask": "0.0.0.0"}
+    ]
+    assert subnet["dns_nameservers"] == ["192.168.122.1"]
