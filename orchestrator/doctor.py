@@ -57,40 +57,76 @@ def verdict(caps: HostCaps, tee_: Tee) -> Verdict:
 
 def facts(caps: HostCaps, kvm_fix: str | None, tcg: hostcaps.KvmProbe | None) -> list[Check]:
     """The rows of the facts table, in reading order."""
-    libvirt_fix = "gcvm up starts a private libvirtd; nothing to do" if not caps.libvirt_daemon \
-        else ""
+    libvirt_fix = (
+        "gcvm up starts a private libvirtd; nothing to do" if not caps.libvirt_daemon else ""
+    )
     rows = [
         Check("facts from", True, caps.source),
-        Check("libvirt", None if not caps.libvirt_daemon else True,
-              f"{fmt_version(caps.libvirt_version)}"
-              + ("" if caps.libvirt_daemon else f"; {hostcaps.NO_DAEMON_NOTE}"), libvirt_fix),
-        Check("QEMU", caps.qemu_version is not None,
-              f"{fmt_version(caps.qemu_version)} ({caps.emulator})",
-              "scripts/install-system-deps.sh installs QEMU"),
+        Check(
+            "libvirt",
+            None if not caps.libvirt_daemon else True,
+            f"{fmt_version(caps.libvirt_version)}"
+            + ("" if caps.libvirt_daemon else f"; {hostcaps.NO_DAEMON_NOTE}"),
+            libvirt_fix,
+        ),
+        Check(
+            "QEMU",
+            caps.qemu_version is not None,
+            f"{fmt_version(caps.qemu_version)} ({caps.emulator})",
+            "scripts/install-system-deps.sh installs QEMU",
+        ),
         Check("host kernel", True, caps.kernel_release or "unknown"),
-        Check("machine q35", any("q35" in m for m in caps.machines) or not caps.machines,
-              ", ".join(m for m in caps.machines if m in ("q35", "pc", "microvm"))
-              or ", ".join(caps.machines[:3]) or "unknown", "install a QEMU with the q35 machine"),
-        Check("/dev/kvm permissions", True,
-              f"fixed: {kvm_fix}" if kvm_fix else "root:kvm 0660 or not applicable",
-              ""),
-        Check("KVM present", caps.kvm_present,
-              "/dev/kvm exists" if caps.kvm_present else "no /dev/kvm",
-              "load kvm_intel/kvm_amd, or enable nested virtualisation for this VM"),
-        Check("KVM usable", caps.kvm_usable, caps.kvm_reason
-              + (" (cached answer)" if caps.kvm_cached else ""),
-              "" if caps.kvm_usable else "gcvm falls back to TCG (--accel auto); "
-              "`gcvm doctor --reprobe` probes again"),
-        Check("TCG available", caps.tcg_available if tcg is None else tcg.usable,
-              "software emulation" + (f": {tcg.reason}" if tcg else ""),
-              "install a QEMU built with TCG"),
+        Check(
+            "machine q35",
+            any("q35" in m for m in caps.machines) or not caps.machines,
+            ", ".join(m for m in caps.machines if m in ("q35", "pc", "microvm"))
+            or ", ".join(caps.machines[:3])
+            or "unknown",
+            "install a QEMU with the q35 machine",
+        ),
+        Check(
+            "/dev/kvm permissions",
+            True,
+            f"fixed: {kvm_fix}" if kvm_fix else "root:kvm 0660 or not applicable",
+            "",
+        ),
+        Check(
+            "KVM present",
+            caps.kvm_present,
+            "/dev/kvm exists" if caps.kvm_present else "no /dev/kvm",
+            "load kvm_intel/kvm_amd, or enable nested virtualisation for this VM",
+        ),
+        Check(
+            "KVM usable",
+            caps.kvm_usable,
+            caps.kvm_reason + (" (cached answer)" if caps.kvm_cached else ""),
+            ""
+            if caps.kvm_usable
+            else "gcvm falls back to TCG (--accel auto); `gcvm doctor --reprobe` probes again",
+        ),
+        Check(
+            "TCG available",
+            caps.tcg_available if tcg is None else tcg.usable,
+            "software emulation" + (f": {tcg.reason}" if tcg else ""),
+            "install a QEMU built with TCG",
+        ),
     ]
-    rows += [Check(f"TDX: {c.name}", c.ok, c.detail, c.fix if c.ok is False else "")
-             for c in tee.backend(Tee.tdx).host_checks(caps)]
-    rows += [Check(f"SEV-SNP: {c.name}", c.ok, c.detail, c.fix if c.ok is False else "")
-             for c in tee.backend(Tee.sev_snp).host_checks(caps)]
-    rows.append(Check("UEFI firmware", caps.firmware.efi is not None,
-                      str(caps.firmware.efi or "none (not needed: direct kernel boot)"), ""))
+    rows += [
+        Check(f"TDX: {c.name}", c.ok, c.detail, c.fix if c.ok is False else "")
+        for c in tee.backend(Tee.tdx).host_checks(caps)
+    ]
+    rows += [
+        Check(f"SEV-SNP: {c.name}", c.ok, c.detail, c.fix if c.ok is False else "")
+        for c in tee.backend(Tee.sev_snp).host_checks(caps)
+    ]
+    rows.append(
+        Check(
+            "UEFI firmware",
+            caps.firmware.efi is not None,
+            str(caps.firmware.efi or "none (not needed: direct kernel boot)"),
+            "",
+        )
+    )
     for note in caps.notes:
         if note != hostcaps.NO_DAEMON_NOTE:
             rows.append(Check("note", None, note))
@@ -141,14 +177,25 @@ def run(connect: str | None, tee_: Tee | None, reprobe: bool) -> None:
 
 
 def doctor_command(
-    connect: Annotated[str | None, typer.Option(
-        "--connect", help="libvirt URI to ask (default: qemu:///system if a daemon runs, else "
-        "QEMU directly).")] = None,
-    tee_: Annotated[Tee | None, typer.Option(
-        "--tee", help="Exit 2 unless this TEE can run here (default: exit 0 when the no-TEE "
-        "fallback can run).")] = None,
-    reprobe: Annotated[bool, typer.Option(
-        "--reprobe", help="Forget the cached KVM probe answer and probe again.")] = False,
+    connect: Annotated[
+        str | None,
+        typer.Option(
+            "--connect",
+            help="libvirt URI to ask (default: qemu:///system if a daemon runs, else "
+            "QEMU directly).",
+        ),
+    ] = None,
+    tee_: Annotated[
+        Tee | None,
+        typer.Option(
+            "--tee",
+            help="Exit 2 unless this TEE can run here (default: exit 0 when the no-TEE "
+            "fallback can run).",
+        ),
+    ] = None,
+    reprobe: Annotated[
+        bool, typer.Option("--reprobe", help="Forget the cached KVM probe answer and probe again.")
+    ] = False,
 ) -> None:
     """Show the host facts gcvm depends on (KVM, TCG, TDX, SEV-SNP, firmware, versions),
     what to do about each, and a verdict per TEE."""

@@ -151,9 +151,7 @@ class HostCaps:
     kvm_cached: bool = False  # kvm_usable is a cached probe answer
 
     def supports(self, tee: Tee) -> bool:
-        return {Tee.none: True, Tee.tdx: self.tdx.supported, Tee.sev_snp: self.snp.supported}[
-            tee
-        ]
+        return {Tee.none: True, Tee.tdx: self.tdx.supported, Tee.sev_snp: self.snp.supported}[tee]
 
     @classmethod
     def from_domcaps_xml(
@@ -371,8 +369,11 @@ def tdx_caps(
         ),
         *_floor_checks(
             Tee.tdx,
-            {"libvirt": libvirt_version, "qemu": qemu_version,
-             "kernel": parse_version(kernel_release)},
+            {
+                "libvirt": libvirt_version,
+                "qemu": qemu_version,
+                "kernel": parse_version(kernel_release),
+            },
         ),
     ]
     if (
@@ -428,8 +429,11 @@ def snp_caps(
         ),
         *_floor_checks(
             Tee.sev_snp,
-            {"libvirt": libvirt_version, "qemu": qemu_version,
-             "kernel": parse_version(kernel_release)},
+            {
+                "libvirt": libvirt_version,
+                "qemu": qemu_version,
+                "kernel": parse_version(kernel_release),
+            },
         ),
     ]
     return SnpCaps(
@@ -507,8 +511,7 @@ _PROBE_CODE = bytes.fromhex(
 )
 _PROBE_RESET_VECTOR = bytes.fromhex("ea000000f0")  # ljmp $0xf000, $0
 _PROBE_EXIT_CODE = (0x21 << 1) | 1
-_PROBE_STAGES = {"": "before real mode", "R": "real mode", "P": "protected mode",
-                 "L": "long mode"}
+_PROBE_STAGES = {"": "before real mode", "R": "real mode", "P": "protected mode", "L": "long mode"}
 
 
 def probe_image() -> bytes:
@@ -539,9 +542,7 @@ def fix_kvm_permissions(device: Path = KVM_DEVICE) -> str | None:
     return change
 
 
-def run_probe_guest(
-    qemu: str, accel: str, timeout: float = KVM_PROBE_TIMEOUT_S
-) -> KvmProbe:
+def run_probe_guest(qemu: str, accel: str, timeout: float = KVM_PROBE_TIMEOUT_S) -> KvmProbe:
     """Boot the probe image under `accel` (kvm or tcg); usable when it reaches long mode and
     exits through isa-debug-exit before `timeout`."""
     with tempfile.TemporaryDirectory(prefix="gcvm-kvmprobe-") as tmp:
@@ -549,16 +550,33 @@ def run_probe_guest(
         serial = Path(tmp) / "serial.log"
         bios.write_bytes(probe_image())
         argv = [
-            qemu, "-accel", accel, "-M", "q35", "-m", "16", "-nodefaults", "-display", "none",
-            "-no-reboot", "-bios", str(bios), "-serial", f"file:{serial}",
-            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            qemu,
+            "-accel",
+            accel,
+            "-M",
+            "q35",
+            "-m",
+            "16",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-bios",
+            str(bios),
+            "-serial",
+            f"file:{serial}",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
         ]
         log.debug("run: %s", " ".join(argv))
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, start_new_session=True,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
             )
         except OSError as exc:
             return KvmProbe(False, f"cannot run {qemu}: {exc.strerror}")
@@ -577,8 +595,9 @@ def run_probe_guest(
             )
         elapsed = time.monotonic() - start
         if proc.returncode == _PROBE_EXIT_CODE:
-            return KvmProbe(True, f"a test guest reached long mode in {elapsed:.2f} s",
-                            seconds=elapsed)
+            return KvmProbe(
+                True, f"a test guest reached long mode in {elapsed:.2f} s", seconds=elapsed
+            )
         tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
         return KvmProbe(
             False, f"QEMU exited with status {proc.returncode}: {tail[0]}", seconds=elapsed
@@ -618,11 +637,16 @@ def kvm_probe(
             entries = json.loads(cache.read_text())
         if isinstance(entries.get(key), dict):
             hit = entries[key]
-            return KvmProbe(bool(hit["usable"]), str(hit["reason"]), cached=True,
-                            seconds=hit.get("seconds"))
+            return KvmProbe(
+                bool(hit["usable"]), str(hit["reason"]), cached=True, seconds=hit.get("seconds")
+            )
     result = run_probe_guest(qemu, "kvm", timeout)
-    entries[key] = {"usable": result.usable, "reason": result.reason,
-                    "seconds": result.seconds, "probed_at": time.time()}
+    entries[key] = {
+        "usable": result.usable,
+        "reason": result.reason,
+        "seconds": result.seconds,
+        "probed_at": time.time(),
+    }
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
@@ -648,8 +672,9 @@ def cached_kvm_probe(qemu_version: Version | None) -> KvmProbe | None:
         return None
     if not isinstance(hit, dict):
         return None
-    return KvmProbe(bool(hit["usable"]), str(hit["reason"]), cached=True,
-                    seconds=hit.get("seconds"))
+    return KvmProbe(
+        bool(hit["usable"]), str(hit["reason"]), cached=True, seconds=hit.get("seconds")
+    )
 
 
 def _kvm_answer(qemu: str, qemu_version: Version | None, run_probe: bool) -> KvmProbe:
@@ -669,7 +694,11 @@ def _kvm_answer(qemu: str, qemu_version: Version | None, run_probe: bool) -> Kvm
 def _qemu_out(qemu: str, *args: str) -> str:
     try:
         proc = subprocess.run(
-            [qemu, *args], capture_output=True, text=True, timeout=30, check=False,
+            [qemu, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
             stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -738,12 +767,22 @@ def probe_qemu(
         kvm_usable=kvm.usable,
         kvm_reason=kvm.reason,
         tcg_available="tcg" in accels,
-        tdx=tdx_caps(sectype="tdx-guest" in objects, sysfs_flag=tdx_flag,
-                     libvirt_version=libvirt_version, qemu_version=version,
-                     kernel_release=release),
-        snp=snp_caps(sectype="sev-snp-guest" in objects, sysfs_flag=snp_flag, cbitpos=None,
-                     reduced_phys_bits=None, libvirt_version=libvirt_version,
-                     qemu_version=version, kernel_release=release),
+        tdx=tdx_caps(
+            sectype="tdx-guest" in objects,
+            sysfs_flag=tdx_flag,
+            libvirt_version=libvirt_version,
+            qemu_version=version,
+            kernel_release=release,
+        ),
+        snp=snp_caps(
+            sectype="sev-snp-guest" in objects,
+            sysfs_flag=snp_flag,
+            cbitpos=None,
+            reduced_phys_bits=None,
+            libvirt_version=libvirt_version,
+            qemu_version=version,
+            kernel_release=release,
+        ),
         firmware=_firmware_or(firmware),
         domcaps_xml=None,
         libvirt_daemon=False,
@@ -811,9 +850,17 @@ def probe(conn: Any, *, kvm_probe: bool = True, sysfs: Sysfs | None = None) -> H
         release = None
         notes.append(f"{uri} is remote: sysfs flags, kernel and the KVM probe are not checked")
     caps = HostCaps.from_domcaps_xml(
-        domcaps, source=f"libvirt {uri}", libvirt_version=libvirt_version,
-        qemu_version=qemu_version, kernel_release=release, sysfs=sysfs, kvm=kvm,
-        firmware=firmware, machines=machines, tcg_available=tcg, notes=tuple(notes),
+        domcaps,
+        source=f"libvirt {uri}",
+        libvirt_version=libvirt_version,
+        qemu_version=qemu_version,
+        kernel_release=release,
+        sysfs=sysfs,
+        kvm=kvm,
+        firmware=firmware,
+        machines=machines,
+        tcg_available=tcg,
+        notes=tuple(notes),
     )
     return replace(caps, libvirt_daemon=True)
 

@@ -67,10 +67,12 @@ class BuiltinHost:
 
 
 BUILTIN_HOSTS: dict[Tee, BuiltinHost] = {
-    Tee.tdx: BuiltinHost("tdx-host.domcaps.xml", (11, 10, 0), (10, 1, 0), "6.17.0",
-                         (("kvm_intel", "tdx"),)),
-    Tee.sev_snp: BuiltinHost("sev-snp-host.domcaps.xml", (10, 10, 0), (9, 2, 0), "6.12.0",
-                             (("kvm_amd", "sev_snp"),)),
+    Tee.tdx: BuiltinHost(
+        "tdx-host.domcaps.xml", (11, 10, 0), (10, 1, 0), "6.17.0", (("kvm_intel", "tdx"),)
+    ),
+    Tee.sev_snp: BuiltinHost(
+        "sev-snp-host.domcaps.xml", (10, 10, 0), (9, 2, 0), "6.12.0", (("kvm_amd", "sev_snp"),)
+    ),
 }
 
 
@@ -119,10 +121,12 @@ def template_dirs() -> list[Path]:
 
 def environment() -> jinja2.Environment:
     builtin = jinja2.FileSystemLoader(str(TEMPLATES_DIR))
-    loader = jinja2.ChoiceLoader([
-        jinja2.FileSystemLoader([str(p) for p in template_dirs()]),
-        jinja2.PrefixLoader({"gcvm": builtin}),
-    ])
+    loader = jinja2.ChoiceLoader(
+        [
+            jinja2.FileSystemLoader([str(p) for p in template_dirs()]),
+            jinja2.PrefixLoader({"gcvm": builtin}),
+        ]
+    )
     return jinja2.Environment(
         loader=loader,
         undefined=jinja2.StrictUndefined,
@@ -198,8 +202,9 @@ def parse_metadata(xml: str) -> ClusterTag | None:
     if node is None:
         return None
     try:
-        return ClusterTag(node.attrib["name"], Role(node.attrib["role"]).value,
-                          int(node.attrib["rank"]))
+        return ClusterTag(
+            node.attrib["name"], Role(node.attrib["role"]).value, int(node.attrib["rank"])
+        )
     except (KeyError, ValueError):
         return None
 
@@ -244,8 +249,7 @@ def guest_boot_files() -> BootFiles:
     return BootFiles(folder / image.KERNEL, folder / image.INITRD, image.CMDLINE, False)
 
 
-def caps_for_render(spec: ClusterSpec, host_caps: Path | None, connect: str | None
-                    ) -> HostCaps:
+def caps_for_render(spec: ClusterSpec, host_caps: Path | None, connect: str | None) -> HostCaps:
     if host_caps is not None:
         return HostCaps.from_file(host_caps)
     tees = [t for t in spec.tees if t is not Tee.none]
@@ -273,9 +277,19 @@ def render_cluster(spec: ClusterSpec, inputs: RenderInputs, out_dir: Path) -> Re
 
 
 __all__ = [
-    "BUILTIN_HOSTS", "DEFAULT_CMDLINE", "METADATA_NS", "ClusterTag", "RenderInputs", "Rendered",
-    "caps_for_render", "environment", "guest_boot_files", "parse_metadata",
-    "render_cluster", "render_domain", "render_network",
+    "BUILTIN_HOSTS",
+    "DEFAULT_CMDLINE",
+    "METADATA_NS",
+    "ClusterTag",
+    "RenderInputs",
+    "Rendered",
+    "caps_for_render",
+    "environment",
+    "guest_boot_files",
+    "parse_metadata",
+    "render_cluster",
+    "render_domain",
+    "render_network",
 ]
 
 
@@ -284,40 +298,70 @@ def render_command(
     tee_: Annotated[Tee, typer.Option("--tee", help="TEE of every VM.")] = Tee.none,
     workers: Annotated[int, typer.Option("--workers", help="Worker VMs.")] = 1,
     masters: Annotated[int, typer.Option("--masters", help="Master VMs.")] = 1,
-    worker_tee: Annotated[Tee | None, typer.Option(
-        "--worker-tee", help="TEE of the workers (default: --tee).")] = None,
-    host_caps: Annotated[Path | None, typer.Option(
-        "--host-caps", help="A captured `virsh domcapabilities` of the target host (default: "
-        "this host for --tee none, a built-in TDX/SNP host otherwise).")] = None,
+    worker_tee: Annotated[
+        Tee | None, typer.Option("--worker-tee", help="TEE of the workers (default: --tee).")
+    ] = None,
+    host_caps: Annotated[
+        Path | None,
+        typer.Option(
+            "--host-caps",
+            help="A captured `virsh domcapabilities` of the target host (default: "
+            "this host for --tee none, a built-in TDX/SNP host otherwise).",
+        ),
+    ] = None,
     name: Annotated[str, typer.Option("--name", help="Cluster name.")] = "gcvm",
     vcpus: Annotated[int, typer.Option("--vcpus", help="vCPUs per VM.")] = 1,
     memory: Annotated[int, typer.Option("--memory", help="Memory per VM in MiB.")] = 2048,
-    accel: Annotated[Accel, typer.Option(
-        "--accel", help="kvm, tcg, or auto (kvm when it really runs a guest here).")
+    accel: Annotated[
+        Accel,
+        typer.Option("--accel", help="kvm, tcg, or auto (kvm when it really runs a guest here)."),
     ] = Accel.auto,
     subnet: Annotated[str, typer.Option("--subnet", help="The cluster network.")] = (
-        "192.168.122.0/24"),
-    connect: Annotated[str | None, typer.Option(
-        "--connect", help="libvirt URI to ask for this host's facts (--tee none without "
-        "--host-caps).")] = None,
-    cmdline: Annotated[str | None, typer.Option(
-        "--cmdline", help="Guest kernel command line (default: the image's).")] = None,
+        "192.168.122.0/24"
+    ),
+    connect: Annotated[
+        str | None,
+        typer.Option(
+            "--connect",
+            help="libvirt URI to ask for this host's facts (--tee none without --host-caps).",
+        ),
+    ] = None,
+    cmdline: Annotated[
+        str | None,
+        typer.Option("--cmdline", help="Guest kernel command line (default: the image's)."),
+    ] = None,
 ) -> None:
     """Write every domain's XML and the network's XML for a cluster, without touching a VM."""
-    spec = ClusterSpec(name=name, tee=tee_, worker_tee=worker_tee, accel=accel,
-                       masters=masters, workers=workers, vcpus=vcpus, memory_mib=memory,
-                       subnet=subnet)
+    spec = ClusterSpec(
+        name=name,
+        tee=tee_,
+        worker_tee=worker_tee,
+        accel=accel,
+        masters=masters,
+        workers=workers,
+        vcpus=vcpus,
+        memory_mib=memory,
+        subnet=subnet,
+    )
     caps = caps_for_render(spec, host_caps, connect)
     resolved = render_accel(spec, caps)
     boot = guest_boot_files()
-    inputs = RenderInputs(caps=caps, accel=resolved, kernel=boot.kernel, initrd=boot.initrd,
-                          cmdline=cmdline or boot.cmdline, network=spec.network_name)
+    inputs = RenderInputs(
+        caps=caps,
+        accel=resolved,
+        kernel=boot.kernel,
+        initrd=boot.initrd,
+        cmdline=cmdline or boot.cmdline,
+        network=spec.network_name,
+    )
     done = render_cluster(spec, inputs, out)
     ui.info(f"host facts: {caps.source}")
     ui.info(f"accelerator: {resolved}")
     if not boot.built:
-        ui.info(f"no guest image built yet: kernel and initrd paths point where "
-                f"`gcvm image build` puts them ({boot.kernel.parent})")
+        ui.info(
+            f"no guest image built yet: kernel and initrd paths point where "
+            f"`gcvm image build` puts them ({boot.kernel.parent})"
+        )
     for path in (*done.domains, done.network):
         ui.out.print(str(path))
 
@@ -326,7 +370,8 @@ def render_accel(spec: ClusterSpec, caps: HostCaps) -> Accel:
     """TDX/SNP domains are KVM domains; a no-TEE cluster resolves auto against the caps."""
     if any(t is not Tee.none for t in spec.tees):
         if spec.accel is Accel.tcg:
-            raise UsageError("--accel tcg cannot run a TEE guest",
-                             hint="leave out --accel, or use --tee none")
+            raise UsageError(
+                "--accel tcg cannot run a TEE guest", hint="leave out --accel, or use --tee none"
+            )
         return Accel.kvm
     return tee.resolve_accel(spec.accel, caps)

@@ -76,8 +76,9 @@ class ClusterSpec:
                 hint="GroupCover offloads to at least one worker; use --workers 1",
             )
         if self.masters + self.workers > MAX_VMS:
-            raise UsageError(f"at most {MAX_VMS} VMs per cluster, asked for "
-                             f"{self.masters + self.workers}")
+            raise UsageError(
+                f"at most {MAX_VMS} VMs per cluster, asked for {self.masters + self.workers}"
+            )
         if (
             self.worker_tee is not None
             and Tee.none not in (self.tee, self.worker_tee)
@@ -212,13 +213,22 @@ class RankSpec:
 
     def argv(self, python: str = "python3") -> list[str]:
         argv = [
-            python, "-m", "groupcover", "launch",
-            "--role", self.role.value,
-            "--rank", str(self.rank),
-            "--world-size", str(self.world_size),
-            "--master-addr", self.master_addr,
-            "--master-port", str(self.master_port),
-            "--ifname", self.ifname,
+            python,
+            "-m",
+            "groupcover",
+            "launch",
+            "--role",
+            self.role.value,
+            "--rank",
+            str(self.rank),
+            "--world-size",
+            str(self.world_size),
+            "--master-addr",
+            self.master_addr,
+            "--master-port",
+            str(self.master_port),
+            "--ifname",
+            self.ifname,
         ]
         if self.worker is not None:
             argv += ["--worker", str(self.worker)]
@@ -239,8 +249,9 @@ class RankSpec:
         return env
 
 
-def plan_ranks(vms: list[VmSpec], master_port: int, ifnames: dict[str, str],
-               extra: tuple[str, ...] = ()) -> list[RankSpec]:
+def plan_ranks(
+    vms: list[VmSpec], master_port: int, ifnames: dict[str, str], extra: tuple[str, ...] = ()
+) -> list[RankSpec]:
     """Master i offloads to worker (i mod N), as the seed's WORKER variable says."""
     masters = [vm for vm in vms if vm.role is Role.master]
     workers = [vm for vm in vms if vm.role is Role.worker]

@@ -64,9 +64,7 @@ def _one_line_uris(text: str) -> list[str]:
     return uris
 
 
-def mirror_uri(
-    sources_dir: Path = APT_SOURCES_DIR, sources_list: Path = APT_SOURCES_LIST
-) -> str:
+def mirror_uri(sources_dir: Path = APT_SOURCES_DIR, sources_list: Path = APT_SOURCES_LIST) -> str:
     """The Debian archive URI the system's apt already uses (not the security archive)."""
     uris: list[str] = []
     if sources_dir.is_dir():
@@ -85,7 +83,11 @@ def mirror_uri(
 def _apt(argv: list[str], options: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["apt-get", "-q", *options, *argv],
-        cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
 
 
@@ -105,11 +107,16 @@ def fetch(dest: Path | None = None) -> Schemas:
         signed = f"[signed-by={KEYRING}] " if KEYRING.is_file() else ""
         (work / "sid.list").write_text(f"deb {signed}{uri} sid main\n")
         options = [
-            "-o", f"Dir::Etc::SourceList={work / 'sid.list'}",
-            "-o", "Dir::Etc::SourceParts=/dev/null",
-            "-o", f"Dir::State::Lists={work / 'lists'}",
-            "-o", f"Dir::Cache={work / 'cache'}",
-            "-o", "APT::Sandbox::User=root",
+            "-o",
+            f"Dir::Etc::SourceList={work / 'sid.list'}",
+            "-o",
+            "Dir::Etc::SourceParts=/dev/null",
+            "-o",
+            f"Dir::State::Lists={work / 'lists'}",
+            "-o",
+            f"Dir::Cache={work / 'cache'}",
+            "-o",
+            "APT::Sandbox::User=root",
         ]
         update = _apt(["update"], options, work)
         if update.returncode != 0 or not any((work / "lists").glob("*Packages*")):

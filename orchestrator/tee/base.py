@@ -49,9 +49,7 @@ class TeeBackend(ABC):
     def preconditions(self, caps: HostCaps, accel: Accel) -> list[CheckFailure]:
         """What this host lacks to run this TEE with `accel` (empty: it can)."""
         failures = [
-            CheckFailure(c.name, c.detail, c.fix)
-            for c in self.host_checks(caps)
-            if c.ok is False
+            CheckFailure(c.name, c.detail, c.fix) for c in self.host_checks(caps) if c.ok is False
         ]
         return self.accel_failures(caps, accel) + failures
 
@@ -62,8 +60,9 @@ class TeeBackend(ABC):
     def accel_failures(self, caps: HostCaps, accel: Accel) -> list[CheckFailure]: ...
 
     @abstractmethod
-    def shape(self, caps: HostCaps, accel: Accel, firmware: Path | None,
-              options: TeeOptions) -> DomainShape: ...
+    def shape(
+        self, caps: HostCaps, accel: Accel, firmware: Path | None, options: TeeOptions
+    ) -> DomainShape: ...
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,17 @@ def kvm_failures(title: str, caps: HostCaps, accel: Accel) -> list[CheckFailure]
     """A TEE guest needs a working KVM."""
     out = []
     if accel is Accel.tcg:
-        out.append(CheckFailure(f"{title} accelerator", "a TEE guest cannot run under TCG",
-                                "leave out --accel tcg"))
+        out.append(
+            CheckFailure(
+                f"{title} accelerator", "a TEE guest cannot run under TCG", "leave out --accel tcg"
+            )
+        )
     if not caps.kvm_usable:
-        out.append(CheckFailure("KVM usable", caps.kvm_reason,
-                                "run on a host (not a VM) whose /dev/kvm boots guests"))
+        out.append(
+            CheckFailure(
+                "KVM usable",
+                caps.kvm_reason,
+                "run on a host (not a VM) whose /dev/kvm boots guests",
+            )
+        )
     return out

@@ -17,12 +17,18 @@ class NoTee(TeeBackend):
         if accel is Accel.kvm and not caps.kvm_usable:
             return [CheckFailure("KVM usable", caps.kvm_reason, "use --accel tcg (or auto)")]
         if accel is Accel.tcg and not caps.tcg_available:
-            return [CheckFailure("TCG available", "this QEMU has no TCG accelerator",
-                                 "install a QEMU built with TCG")]
+            return [
+                CheckFailure(
+                    "TCG available",
+                    "this QEMU has no TCG accelerator",
+                    "install a QEMU built with TCG",
+                )
+            ]
         return []
 
-    def shape(self, caps: HostCaps, accel: Accel, firmware: Path | None,
-              options: TeeOptions) -> DomainShape:
+    def shape(
+        self, caps: HostCaps, accel: Accel, firmware: Path | None, options: TeeOptions
+    ) -> DomainShape:
         kvm = accel is Accel.kvm
         return DomainShape(
             domain_type="kvm" if kvm else "qemu",

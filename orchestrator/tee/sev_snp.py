@@ -34,8 +34,9 @@ class SevSnp(TeeBackend):
         firmware = Check(
             "SEV-SNP firmware (stateless OVMF)",
             caps.firmware.sev_snp is not None,
-            str(caps.firmware.sev_snp) if caps.firmware.sev_snp else "no QEMU firmware "
-            "descriptor with the amd-sev-snp feature",
+            str(caps.firmware.sev_snp)
+            if caps.firmware.sev_snp
+            else "no QEMU firmware descriptor with the amd-sev-snp feature",
             "install the distribution's AMD SEV OVMF build (OVMF.amdsev.fd)",
         )
         return (*caps.snp.checks, firmware)
@@ -43,8 +44,9 @@ class SevSnp(TeeBackend):
     def accel_failures(self, caps: HostCaps, accel: Accel) -> list[CheckFailure]:
         return kvm_failures(self.title, caps, accel)
 
-    def shape(self, caps: HostCaps, accel: Accel, firmware: Path | None,
-              options: TeeOptions) -> DomainShape:
+    def shape(
+        self, caps: HostCaps, accel: Accel, firmware: Path | None, options: TeeOptions
+    ) -> DomainShape:
         if caps.snp.cbitpos is None or caps.snp.reduced_phys_bits is None:
             raise HostUnsupported(
                 f"the host capabilities ({caps.source}) hold no SEV cbitpos/reducedPhysBits",

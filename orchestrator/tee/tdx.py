@@ -32,8 +32,9 @@ class Tdx(TeeBackend):
         firmware = Check(
             "TDX firmware (TDVF)",
             caps.firmware.tdx is not None,
-            str(caps.firmware.tdx) if caps.firmware.tdx else "no QEMU firmware descriptor "
-            "with the intel-tdx feature",
+            str(caps.firmware.tdx)
+            if caps.firmware.tdx
+            else "no QEMU firmware descriptor with the intel-tdx feature",
             "install the distribution's TDX OVMF build (e.g. ovmf with OVMF.inteltdx.fd)",
         )
         return (*caps.tdx.checks, firmware)
@@ -41,8 +42,9 @@ class Tdx(TeeBackend):
     def accel_failures(self, caps: HostCaps, accel: Accel) -> list[CheckFailure]:
         return kvm_failures(self.title, caps, accel)
 
-    def shape(self, caps: HostCaps, accel: Accel, firmware: Path | None,
-              options: TeeOptions) -> DomainShape:
+    def shape(
+        self, caps: HostCaps, accel: Accel, firmware: Path | None, options: TeeOptions
+    ) -> DomainShape:
         loader = firmware or caps.firmware.tdx
         if loader is None:
             raise HostUnsupported(
@@ -61,6 +63,7 @@ class Tdx(TeeBackend):
             private_memory=True,
             on_reboot="destroy",  # a TD reboots by destroy + start
             launch_security=self.template,
-            launch=TdxLaunch(policy=f"0x{options.tdx_policy:08x}",
-                             qgs_socket=options.tdx_qgs_socket),
+            launch=TdxLaunch(
+                policy=f"0x{options.tdx_policy:08x}", qgs_socket=options.tdx_qgs_socket
+            ),
         )
