@@ -198,5 +198,9 @@ def doctor_command(
     ] = False,
 ) -> None:
     """Show the host facts gcvm depends on (KVM, TCG, TDX, SEV-SNP, firmware, versions),
-    what to do about each, and a verdict per TEE."""
+    what to do about each, and a verdict per TEE.
+
+    Facts come from --connect URI, else qemu:///system when a libvirt daemon runs, else QEMU
+    itself ("libvirt daemon not running": gcvm up starts a private one). Doctor starts nothing.
+    """
     run(connect, tee_, reprobe)

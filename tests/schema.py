@@ -26,7 +26,11 @@ PACKAGE = "libvirt-common"
 
 
 class SchemaUnavailable(Exception):
-    """No package registry could be reached (or apt is missing): the caller skips with this text."""
+    """No package registry could be reached: the caller skips with this text."""
+
+
+class SchemaToolsMissing(SchemaUnavailable):
+    """apt/dpkg or the system's apt sources are missing: a skip outside CI, a failure in CI."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ def mirror_uri(sources_dir: Path = APT_SOURCES_DIR, sources_list: Path = APT_SOU
         uris += _one_line_uris(sources_list.read_text())
     archive = [u for u in uris if "security" not in u and not u.startswith("cdrom:")]
     if not archive:
-        raise SchemaUnavailable("no Debian archive URI in the system's apt sources")
+        raise SchemaToolsMissing("no Debian archive URI in the system's apt sources")
     return archive[0].rstrip("/")
 
 
@@ -98,7 +102,7 @@ def fetch(dest: Path | None = None) -> Schemas:
     if marker.is_file() and (dest / "domain.rng").is_file():
         return Schemas(dest, marker.read_text().strip())
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise SchemaUnavailable("apt-get/dpkg not found: cannot fetch a current libvirt schema")
+        raise SchemaToolsMissing("apt-get/dpkg not found: cannot fetch a current libvirt schema")
     uri = mirror_uri()
     with tempfile.TemporaryDirectory(prefix="gcvm-schema-") as tmp:
         work = Path(tmp)
