@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import paths, report, state
-from orchestrator.errors import GcvmError, RemoteError, Timeout, UsageError
+from orchestrator.errors import GcvmError, Timeout, UsageError
 from orchestrator.remote import Remote, RemoteProcess
 from orchestrator.spec import RankSpec, Role, VmSpec, plan_ranks
 from orchestrator.ui import console, out, step
@@ -49,7 +49,8 @@ class BenchSettings:
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
-            raise UsageError(f"unknown model {self.model!r}", hint=f"choose one of {', '.join(MODELS)}")
+            raise UsageError(f"unknown model {self.model!r}",
+                             hint=f"choose one of {', '.join(MODELS)}")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise UsageError(f"unknown mode(s) {', '.join(bad) or '(none given)'}",
@@ -91,7 +92,8 @@ def cluster_facts(st: state.ClusterState) -> dict[str, Any]:
         "image": st.image,
         "vms": [
             {"name": vm.name, "role": vm.role, "rank": vm.rank, "address": vm.address,
-             "tee": str(vm.tee), "tee_verified": vm.tee_verified, "vcpus": vm.vcpus,
+             "tee": str(vm.tee), "tee_verified": vm.tee_verified,
+             "tee_evidence": vm.tee_evidence, "vcpus": vm.vcpus,
              "memory_mib": vm.memory_mib}
             for vm in sorted(st.vms, key=lambda v: v.rank)
         ],
@@ -125,7 +127,8 @@ class _Ranks:
                     self.kill_all()
                     tail = "\n".join(f"    {line}" for line in proc.tail(15))
                     raise RankFailed(
-                        f"{vm} ({self.roles[vm].value}) exited with status {rc}; last lines:\n{tail}",
+                        f"{vm} ({self.roles[vm].value}) exited with status {rc}; "
+                        f"last lines:\n{tail}",
                         hint="the other ranks were stopped; `gcvm logs` and the cluster's debug "
                         "log hold more",
                     )

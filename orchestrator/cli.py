@@ -87,8 +87,11 @@ def run_exec_cmd(
     port: int = typer.Option(29500, help="MASTER_PORT for the ranks."),
     timeout: float = typer.Option(3600.0, help="Seconds before the command is stopped."),
 ) -> None:
-    """Run `-- CMD ARGS...` on the VMs with each rank's seed environment (RANK, WORLD_SIZE,
-    WORKER, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME, TP_SOCKET_IFNAME, GCVM_ROLE)."""
+    """Run `-- CMD ARGS...` on the VMs with each rank's seed variables set.
+
+    RANK, WORLD_SIZE, WORKER (masters), MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME,
+    TP_SOCKET_IFNAME and GCVM_ROLE (master or worker) come from the cluster's state.
+    """
     from orchestrator import bench
     from orchestrator.errors import UsageError
     from orchestrator.spec import Role
