@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from groupcover.masks import MaskPolicy, MaskPool, MaskPoolExhausted
+from groupcover.master import protect
+from groupcover.models import load_model
+from groupcover.transport import InProcessTransport, LayerOp
+from tests.unit.conftest import SMALL_BERT, rel_error
+
+
+def pool(policy: MaskPolicy = MaskPolicy.REFILL) -> tuple[MaskPool, torch.Tensor]:
+    weight = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    masks = MaskPool(torch.Generator().manual_seed(1), policy=policy)
+    masks.register("fc", weight, LayerOp("linear"))
+    return masks, weight
+
+
+def test_u_is_the_op_of_r_with_the_published_weight() -> None:
+    masks, weight = pool()
+    masks.fill("fc", (3, 8), 1)
+    pair = masks.take("fc", (3, 8))
+    assert rel_error(pair.u, F.linear(pair.r, weight)) < 1e-6
+    conv_weight = torch.randn(4, 3, 3, 3)
+    masks.register("conv", conv_weight, LayerOp("conv2d", stride=(1, 1), padding=(1, 1)))
+    pair = masks.take("conv", (2, 3, 5, 5))
+    assert rel_error(pair.u, F.conv2d(pair.r, conv_weight, padding=1)) < 1e-6
+
+
+def test_pairs_are_single_use() -> None:
+    masks, _ = pool()
+    masks.fill("fc", (2, 8), 5)
+    assert masks.available("fc", (2, 8)) == 5
+    taken = [masks.take("fc", (2, 8)) for _ in range(5)]
+    assert masks.available("fc", (2, 8)) == 0
+    pointers = {pair.r.data_ptr() for pair in taken}
+    assert len(pointers) == 5
+    for i, first in enumerate(taken):
+        for second in taken[i + 1 :]:
+            assert not torch.allclose(first.r, second.r)
+    stats = masks.stats()
+    assert stats["used"] == 5 and stats["left"] == 0
+    assert stats["online_refill"] == {"seconds": 0.0, "pairs": 0, "bytes": 0}
+
+
+def test_pools_are_per_shape() -> None:
+    masks, _ = pool()
+    masks.fill("fc", (2, 8), 1)
+    assert masks.available("fc", (4, 8)) == 0
+    assert masks.take("fc", (4, 8)).r.shape == (4, 8)  # refilled online
+    assert masks.available("fc", (2, 8)) == 1
+
+
+def test_dry_pool_refills_online_and_counts_it() -> None:
+    masks, _ = pool(MaskPolicy.REFILL)
+    masks.fill("fc", (2, 8), 1)
+    masks.take("fc", (2, 8))
+    masks.take("fc", (2, 8))
+    stats = masks.stats()
+    assert stats["offline"]["pairs"] == 1
+    assert stats["offline"]["bytes"] == (2 * 8 + 2 * 12) * 4
+    assert stats["offline"]["seconds"] > 0
+    assert stats["online_refill"]["pairs"] == 1
+    assert stats["online_refill"]["seconds"] > 0
+
+
+def test_dry_pool_raises_under_error_policy() -> None:
+    masks, _ = pool(MaskPolicy.ERROR)
+    masks.fill("fc", (2, 8), 1)
+    masks.take("fc", (2, 8))
+    with pytest.raises(MaskPoolExhausted, match="no input mask left") as info:
+        masks.take("fc", (2, 8))
+    assert info.value.hint
+
+
+def test_protected_forward_uses_a_fresh_mask_per_call() -> None:
+    model, example = load_model("bert-base", 0, **SMALL_BERT)
+    inputs = example(2, 8)
+    transport = InProcessTransport()
+    sent: list[torch.Tensor] = []
+    transport.add_observer(
+        lambda event, layer, t: (
+            sent.append(t) if (event, layer) == ("run", "layer.0.ffn1") else None
+        )
+    )
+    protected = protect(
+        model,
+        transport,
+        scheme="groupcover",
+        masked=True,
+        seed=3,
+        mask_pool=2,
+        example_inputs=inputs,
+        mask_policy="error",
+    )
+    stats = protected.masks.stats()
+    assert stats["offline"]["pairs"] == 2 * len(protected.layers)
+    with torch.no_grad():
+        reference = model(*inputs)
+    for _ in range(2):
+        assert rel_error(protected(*inputs), reference) < 1e-4
+    assert len(sent) == 2 and not torch.allclose(sent[0], sent[1])
+    with pytest.raises(MaskPoolExhausted):
+        protected(*inputs)
