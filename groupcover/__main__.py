@@ -47,7 +47,7 @@ def _build_parser() -> Parser:
 
     launch_p = sub.add_parser("launch", help="run one rank (master or worker)")
     add = launch_p.add_argument
-    add("--role", type=Role, choices=list(Role), required=True)
+    add("--role", choices=[role.value for role in Role], required=True)
     add("--rank", type=int, required=True)
     add("--world-size", type=int, required=True)
     add("--worker", type=int, default=None, help="(master) the worker rank to offload to")
@@ -70,7 +70,7 @@ def _build_parser() -> Parser:
 
 def _settings(args: argparse.Namespace) -> RankSettings:
     return RankSettings(
-        role=args.role,
+        role=Role(args.role),
         rank=args.rank,
         world_size=args.world_size,
         master_addr=args.master_addr,

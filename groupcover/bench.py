@@ -7,7 +7,6 @@ loopback) and `bench --micro` (de-obfuscation against a plain linear layer, in o
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -24,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from groupcover.errors import UsageError
 from groupcover.transport import Transport
 
 if TYPE_CHECKING:
@@ -32,7 +30,6 @@ if TYPE_CHECKING:
 
 RESULT_MARK = "GROUPCOVER_RESULT_JSON"
 BASELINE_MODE = "plain-offload"
-BERT_BASE_SHAPES = ((768, 768), (2304, 768), (3072, 768), (768, 3072))  # (out, in)
 
 
 @dataclass
@@ -53,8 +50,6 @@ class ModeRun:
     module: nn.Module
     transport: Transport
     setup_s: float
-    setup_extra: dict[str, float]
-    audit: Any = None
     latencies_s: list[float] = field(default_factory=list)
     breakdowns: list[dict[str, float]] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
@@ -73,6 +68,11 @@ def as_tensor(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot take a tensor from a model output of type {type(output).__name__}")
 
 
+def real_batch_of(prepared: Prepared) -> int:
+    """The batch the model really ran: the leading dimension of its inputs and its output."""
+    return int(prepared.reference.shape[0])
+
+
 def prepare(settings: RankSettings) -> Prepared:
     from groupcover.models import load_model
 
@@ -86,32 +86,24 @@ def prepare(settings: RankSettings) -> Prepared:
 
 
 def build_mode(
-    model: nn.Module, mode: str, transport: Transport, seed: int, audit: bool
+    prepared: Prepared, mode: str, transport: Transport, seed: int, audit: bool, forwards: int
 ) -> ModeRun:
-    """Protects a private copy of the model for one mode (the plaintext model stays untouched)."""
-    from groupcover.master import NothingToOffload
-    from groupcover.modes import UnknownMode, build_for_mode
+    """Protects the model for one mode: obfuscate, publish, and fill one mask pair per layer for
+    every forward the run will make (offline; its cost is reported as `mask_offline_s`)."""
+    from groupcover.modes import build_for_mode
 
-    observer = None
-    if audit:
-        from groupcover.audit import Audit
-
-        observer = Audit()
-        transport.add_observer(observer)
     start = time.perf_counter()
-    try:
-        module = build_for_mode(copy.deepcopy(model), mode, transport, seed)
-    except NothingToOffload as exc:
-        raise UsageError(
-            f"mode {mode}: the model has no layer to offload ({exc})",
-            hint="use a model with Linear/Conv layers, or the tee-only mode",
-        ) from None
-    except UnknownMode as exc:
-        raise UsageError(f"unknown mode {mode!r} ({exc})") from None
+    module = build_for_mode(
+        prepared.model,
+        mode,
+        transport,
+        seed,
+        audit=audit,
+        example_inputs=prepared.inputs,
+        mask_pool=forwards,
+    )
     module.eval()
-    setup_s = time.perf_counter() - start
-    extra = dict(transport.timings.extra)
-    return ModeRun(mode, module, transport, setup_s, extra, observer)
+    return ModeRun(mode, module, transport, time.perf_counter() - start)
 
 
 def forward_once(run: ModeRun, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -191,13 +183,28 @@ def summarise(run: ModeRun, reference: torch.Tensor, batch: int, seq: int, model
         "bytes_per_forward": int(statistics.median(run.bytes_moved)),
         "published_bytes": int(getattr(run.transport, "published_bytes", 0)),
         "setup_s": run.setup_s,
-        "mask_offline_s": run.setup_extra.get("mask_offline_s"),
+        **protocol_facts(run.module),
     }
-    if run.setup_extra:
-        result["setup_extra"] = run.setup_extra
-    if run.audit is not None:
-        result["audit"] = run.audit.report()
+    audit = getattr(run.module, "audit", None)
+    if audit is not None:
+        result["audit"] = audit.report()
     return result
+
+
+def protocol_facts(module: nn.Module) -> dict[str, Any]:
+    """What the protected model says about itself: layers offloaded, mask pool use and cost."""
+    stats = getattr(module, "stats", None)
+    if stats is None:  # tee-only: nothing offloaded
+        return {"offloaded_layers": 0, "mask_offline_s": None}
+    facts = stats()
+    masks = facts.get("masks")
+    return {
+        "offloaded_layers": facts.get("offloaded_layers"),
+        "scheme": facts.get("scheme"),
+        "mask_offline_s": masks["offline"]["seconds"] if masks else None,
+        "mask_online_refill_s": masks["online_refill"]["seconds"] if masks else None,
+        "masks": masks,
+    }
 
 
 def benchmark(
@@ -218,9 +225,14 @@ def benchmark(
     try:
         for mode in modes:
             transport = make_transport(mode)
-            runs.append(build_mode(prepared.model, mode, transport, seed, audit))
+            runs.append(build_mode(prepared, mode, transport, seed, audit, warmup + repeat))
         run_interleaved(runs, prepared.inputs, repeat, warmup)
-        return [summarise(run, prepared.reference, batch, seq, model_name) for run in runs]
+        real_batch = real_batch_of(prepared)
+        results = [summarise(run, prepared.reference, real_batch, seq, model_name) for run in runs]
+        if real_batch != batch:
+            for result in results:
+                result["requested_batch"] = batch
+        return results
     finally:
         for run in runs:
             run.transport.close()
@@ -400,3 +412,48 @@ def run_local(local: LocalRun) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+
+
+def run_micro(batch: int, seq: int, repeat: int, json_path: Path | None, threads: int) -> int:
+    """De-obfuscation cost against the plain linear layer, BERT-base shapes, one process."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from groupcover.obfuscate import bench_deobfuscation
+
+    torch.set_num_threads(threads)
+    rows = bench_deobfuscation(batch=batch, seq=seq, repeat=max(repeat, 5), threads=threads)
+    linear = sum(r["linear_ms"] for r in rows)
+    restore = sum(r["restore_ms"] for r in rows)
+    prepare = sum(r["prepare_ms"] for r in rows)
+    table = Table(title=f"De-obfuscation vs plain linear (batch {batch} x seq {seq}, {threads} "
+                  "thread)", title_justify="left")  # fmt: skip
+    for name in ("in", "out", "linear ms", "restore ms", "permute ms", "restore / linear"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        cells = (r["linear_ms"], r["restore_ms"], r["prepare_ms"])
+        table.add_row(
+            str(r["in_features"]),
+            str(r["out_features"]),
+            *(f"{value:.2f}" for value in cells),
+            f"{r['ratio']:.1%}",
+        )
+    console = Console(width=160)
+    console.print(table)
+    summary = {
+        "linear_ms": linear,
+        "restore_ms": restore,
+        "prepare_ms": prepare,
+        "ratio": restore / linear,
+        "ratio_with_permute": (restore + prepare) / linear,
+    }
+    console.print(
+        f"restore / plain linear, all shapes: {summary['ratio']:.1%} "
+        f"(with the input permutation: {summary['ratio_with_permute']:.1%})"
+    )
+    if json_path is not None:
+        document = {"micro": rows, "summary": summary, "host": host_info()}
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"{RESULT_MARK} {json_path.resolve()}", flush=True)
+    return 0

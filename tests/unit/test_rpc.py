@@ -13,7 +13,7 @@ import pytest
 
 from groupcover.errors import RendezvousError
 from groupcover.rpc import Rendezvous
-from tests.unit.conftest import free_port, worker_argv
+from tests.unit.transports import free_port, worker_argv
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,102 @@
+"""The seed harness's console scripts, driven by its environment variables, run through `launch`.
+
+    RANK=i WORLD_SIZE=j WORKER=k MASTER_ADDR=A MASTER_PORT=P tee_test_transformer_master.py
+    RANK=i WORLD_SIZE=j MASTER_ADDR=A MASTER_PORT=P tee_test_transformer_worker.py
+
+`GLOO_SOCKET_IFNAME`/`TP_SOCKET_IFNAME` name the interface; optional `BATCH`, `SEQ`, `REPEAT`,
+`WARMUP`, `MODES`, `TIMEOUT`, `THREADS`, `JSON`. The master runs the seed's transformer with
+GroupCover against worker WORKER (never itself) and prints latency and throughput for the batch
+it really ran. Several masters may name the same worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from groupcover.errors import GroupCoverError, UsageError
+from groupcover.launch import RankSettings, Role, launch, report_error
+from groupcover.rpc import Rendezvous
+
+SEED_MODEL = "seed-transformer"
+DEFAULTS = {"BATCH": 2, "SEQ": 32, "REPEAT": 3, "WARMUP": 1, "TIMEOUT": 300, "THREADS": 1}
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    text = env.get(name) or str(DEFAULTS[name])
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{name}={text!r} is not an integer") from None
+
+
+def settings_from_env(role: Role, env: Mapping[str, str]) -> RankSettings:
+    rendezvous = Rendezvous.from_env(env, timeout_s=float(_int(env, "TIMEOUT")))
+    worker = None
+    if role is Role.master:
+        if not env.get("WORKER"):
+            raise UsageError(
+                "WORKER is not set", hint="set WORKER to the rank of the worker to offload to"
+            )
+        try:
+            worker = int(env["WORKER"])
+        except ValueError:
+            raise UsageError(f"WORKER={env['WORKER']!r} is not an integer") from None
+    modes = tuple(m for m in env.get("MODES", "groupcover").split(",") if m)
+    json_path = Path(env.get("JSON") or f"groupcover-{SEED_MODEL}-rank{rendezvous.rank}.json")
+    return RankSettings(
+        role=role,
+        rank=rendezvous.rank,
+        world_size=rendezvous.world_size,
+        master_addr=rendezvous.master_addr,
+        master_port=rendezvous.master_port,
+        worker=worker,
+        ifname=rendezvous.ifname,
+        model=SEED_MODEL,
+        modes=modes,
+        batch=_int(env, "BATCH"),
+        seq=_int(env, "SEQ"),
+        repeat=_int(env, "REPEAT"),
+        warmup=_int(env, "WARMUP"),
+        json_path=json_path,
+        timeout_s=rendezvous.timeout_s,
+        threads=_int(env, "THREADS"),
+    )
+
+
+def summary_lines(document: dict) -> list[str]:
+    """The seed's printout, with the batch that was really run (the public code printed 512)."""
+    lines = []
+    for r in document["results"]:
+        lines.append(
+            f"{r['model']} {r['mode']}: rank {r['rank']} -> worker{r['worker']}, "
+            f"batch {r['batch']} x seq {r['seq']}: latency {r['latency_ms']['median']:.1f} ms "
+            f"(p10 {r['latency_ms']['p10']:.1f}, p90 {r['latency_ms']['p90']:.1f}), "
+            f"throughput {r['throughput']:.3f} samples/s, rel err {r['rel_err']:.1e}"
+        )
+    return lines
+
+
+def _main(role: Role) -> int:
+    try:
+        settings = settings_from_env(role, os.environ)
+    except GroupCoverError as exc:
+        report_error(exc)
+        return exc.exit_code
+    code = launch(settings)
+    if code == 0 and role is Role.master and settings.json_path is not None:
+        document = json.loads(settings.json_path.read_text())
+        for line in summary_lines(document):
+            print(line, flush=True)
+    return code
+
+
+def master_main() -> None:
+    sys.exit(_main(Role.master))
+
+
+def worker_main() -> None:
+    sys.exit(_main(Role.worker))
