@@ -282,13 +282,16 @@ def main() -> None:
         import click
 
         # Newer typer vendors click (typer._click): its usage errors are not click's classes.
+        usage_errors: list[type[Exception]] = [click.ClickException]
         try:
-            from typer._click.exceptions import ClickException as TyperClickException
+            from typer._click import exceptions as vendored
+
+            usage_errors.append(vendored.ClickException)
         except ImportError:
-            TyperClickException = click.ClickException
-        if isinstance(exc, click.ClickException | TyperClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+            pass
+        if isinstance(exc, tuple(usage_errors)):
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         if isinstance(exc, click.exceptions.Abort | typer.Abort):
             console.print("[red]aborted[/]")
             sys.exit(130)
