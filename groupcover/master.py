@@ -133,11 +133,14 @@ class ProtectedModel(nn.Module):
         }
 
 
-def offloadable_layers(model: nn.Module) -> list[tuple[str, nn.Module, LayerOp]]:
+OffloadableModule = nn.Linear | nn.Conv1d | nn.Conv2d
+
+
+def offloadable_layers(model: nn.Module) -> list[tuple[str, OffloadableModule, LayerOp]]:
     found = []
     for name, module in model.named_modules():
         op = op_for(module)
-        if op is not None:
+        if op is not None and isinstance(module, OffloadableModule):
             found.append((name, module, op))
     return found
 

@@ -14,6 +14,7 @@ gather table (fused with the unmasking) and, for linear layers, one transpose ba
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 DEFAULT_COND_BOUND = 100.0  # about 11% of 4x4 draws from 1..99 are redrawn
 MIX_LOW, MIX_HIGH = 1, 99  # the paper's integer entries
 _MAX_REDRAWS = 10_000
+_BLOCK_BYTES = 256 * 1024  # de-mix block size for linear outputs
+_MIN_BLOCK, _MAX_BLOCK = 16, 256
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ def group_rows(rows: torch.Tensor, k: int) -> list[list[int]]:
     two. An odd unit out stays alone, so every row lands in exactly one group and tails are
     groups smaller than k.
     """
-    vectors = rows.detach().reshape(rows.shape[0], -1).to(torch.float64).numpy()
+    vectors = rows.detach().reshape(rows.shape[0], -1).to(torch.float32).numpy()
     units: list[list[int]] = [[i] for i in range(rows.shape[0])]
     for _ in range(int(math.log2(k))):
         if len(units) < 2:
@@ -175,20 +178,39 @@ def demix(y: torch.Tensor, secret: LayerSecret, mask_u: torch.Tensor | None = No
     return _demix_channels(y, secret.restore_index, secret.restore_coef, mask_u)
 
 
+def _block_rows(features: int) -> int:
+    """Rows per block so that one block of the gather table stays in a core's L2 cache."""
+    return max(_MIN_BLOCK, min(_MAX_BLOCK, _BLOCK_BYTES // (4 * features)))
+
+
 def _demix_last(
     y: torch.Tensor, index: torch.Tensor, coef: torch.Tensor, mask_u: torch.Tensor | None
 ) -> torch.Tensor:
-    """Linear outputs (..., out): the table is the result transposed, one row per feature."""
-    out_features = y.shape[-1]
-    flat = y.reshape(-1, out_features)
-    table = torch.empty(out_features + 1, flat.shape[0], dtype=y.dtype)
-    if mask_u is None:
-        table[:out_features].copy_(flat.t())
-    else:
-        torch.sub(flat.t(), mask_u.reshape(-1, out_features).t(), out=table[:out_features])
-    table[out_features].fill_(1.0)
-    restored = F.embedding_bag(index, table, per_sample_weights=coef, mode="sum")
-    return restored.t().contiguous().view(y.shape)
+    """Linear outputs (..., out): per block of rows, the table is the block transposed.
+
+    Blocking keeps both transposes in cache; a whole-tensor transpose of a (1024, 3072) result
+    costs several times more than the gather itself.
+    """
+    features = y.shape[-1]
+    flat = y.reshape(-1, features)
+    unmask = None if mask_u is None else mask_u.reshape(-1, features)
+    rows = flat.shape[0]
+    block = _block_rows(features)
+    out = torch.empty_like(flat)
+    table = torch.empty(features + 1, min(block, rows), dtype=y.dtype)
+    table[features].fill_(1.0)
+    for start in range(0, rows, block):
+        stop = min(start + block, rows)
+        if stop - start != table.shape[1]:
+            table = torch.empty(features + 1, stop - start, dtype=y.dtype)
+            table[features].fill_(1.0)
+        if unmask is None:
+            table[:features].copy_(flat[start:stop].t())
+        else:
+            torch.sub(flat[start:stop].t(), unmask[start:stop].t(), out=table[:features])
+        restored = F.embedding_bag(index, table, per_sample_weights=coef, mode="sum")
+        out[start:stop].copy_(restored.t())
+    return out.view(y.shape)
 
 
 def _demix_channels(
@@ -219,14 +241,24 @@ def _demix_channels(
 BERT_BASE_SHAPES: tuple[tuple[int, int], ...] = ((768, 768), (768, 3072), (3072, 768))
 
 
-def _median_ms(fn: Callable[[], object], repeat: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def _clock(threads: int) -> Callable[[], float]:
+    """With one torch thread all compute runs on this thread: its CPU time is robust to load."""
+    return time.thread_time if threads == 1 else time.perf_counter
+
+
+def _interleaved_ms(
+    fns: Sequence[Callable[[], object]], repeat: int, clock: Callable[[], float]
+) -> list[float]:
+    """Median ms of each function, run in turn so that every one sees the same machine load."""
+    samples: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
         fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    for _ in range(repeat):
+        for fn, times in zip(fns, samples, strict=True):
+            start = clock()
+            fn()
+            times.append((clock() - start) * 1e3)
+    return [statistics.median(times) for times in samples]
 
 
 def bench_deobfuscation(
@@ -239,11 +271,12 @@ def bench_deobfuscation(
     threads: int = 1,
     seed: int = 0,
 ) -> list[dict[str, float]]:
-    """Per (in, out) shape: median ms of the plain `F.linear` and of the master's restore.
+    """Per (in, out) shape: median ms of the plain `F.linear` (with bias) and of the restore.
 
-    `ratio` = restore / linear (de-obfuscation alone: unmasking excluded, de-mix plus bias
-    included); `prepare_ms` is the input permutation, reported apart. Runs with `threads` torch
-    threads and puts the previous setting back.
+    `ratio` = restore / linear (de-obfuscation alone: de-mix plus bias; no mask);
+    `prepare_ms` is the input permutation, reported apart. The three run interleaved; with one
+    thread the clock is this thread's CPU time, else wall time. Runs with `threads` torch threads
+    and puts the previous setting back.
     """
     from groupcover.scheme import GroupCoverScheme
 
@@ -260,9 +293,15 @@ def bench_deobfuscation(
             published, secret = scheme.obfuscate(weight, bias, generator)
             x_p = scheme.prepare_input(x, secret)
             y = F.linear(x_p, published)
-            linear_ms = _median_ms(lambda xx=x, w=weight, b=bias: F.linear(xx, w, b), repeat)
-            restore_ms = _median_ms(lambda s=secret, yy=y: scheme.restore(yy, s), repeat)
-            prepare_ms = _median_ms(lambda xx=x, s=secret: scheme.prepare_input(xx, s), repeat)
+            linear_ms, restore_ms, prepare_ms = _interleaved_ms(
+                [
+                    functools.partial(F.linear, x, weight, bias),
+                    functools.partial(scheme.restore, y, secret),
+                    functools.partial(scheme.prepare_input, x, secret),
+                ],
+                repeat,
+                _clock(threads),
+            )
             results.append(
                 {
                     "in_features": in_features,

@@ -57,6 +57,7 @@ class ResNet18(nn.Module):
         with torch.no_grad():
             for module in self.modules():
                 if isinstance(module, nn.BatchNorm2d):
+                    assert module.running_mean is not None and module.running_var is not None
                     module.weight.uniform_(0.5, 1.5)
                     module.bias.uniform_(-0.2, 0.2)
                     module.running_mean.normal_(0.0, 0.2)
