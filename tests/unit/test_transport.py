@@ -116,7 +116,7 @@ def test_every_mode_is_exact_over_the_transport(transport: Transport, mode: str)
     assert protected.audit is not None
     leaks = protected.audit.report()["leaks"]
     # plain weights are published in the unprotected baselines; GroupCover publishes none
-    assert (leaks != []) == mode in ("plain-offload", "mask-only"), leaks
+    assert (leaks != []) == (mode in ("plain-offload", "mask-only")), leaks
 
 
 def test_seed_transformer_over_the_transport(transport: Transport) -> None:
