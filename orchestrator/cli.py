@@ -226,7 +226,7 @@ def ssh_cmd(
         result = r.run(argv, timeout=timeout, check=False,
                        on_line=lambda line: out.print(line, markup=False, highlight=False,
                                                       soft_wrap=True))
-    raise typer.Exit(result.rc)
+    sys.exit(result.rc)  # typer.Exit is swallowed in non-standalone mode
 
 
 @app.command("logs")

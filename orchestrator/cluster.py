@@ -549,9 +549,9 @@ def _remove_from_libvirt(name: str, st: ClusterState | None, uri: str,
         ui.warn(f"libvirt at {uri} is unreachable ({exc}); removing the rest")
         return removed
     with contextlib.closing(hv):
-        for dom in hv.cluster_domains(name):
-            if hv.remove_domain(dom.name):
-                removed.append(f"domain {dom.name}")
+        doms = [d.name for d in hv.cluster_domains(name)]
+        gone = _parallel(hv.remove_domain, doms, "remove")
+        removed += [f"domain {d}" for d, ok in zip(doms, gone, strict=True) if ok]
         network = st.network if st is not None else f"gcvm-{name}"
         if st is None or st.own_network:
             if hv.remove_network(network):

@@ -208,7 +208,7 @@ def _is_process(pid: int, comm: str) -> bool:
         return False
 
 
-def _terminate(pid: int, comm: str, timeout: float = 5.0) -> bool:
+def _terminate(pid: int, comm: str, timeout: float = 3.0) -> bool:
     """SIGTERM, then SIGKILL after `timeout`; True when a process was stopped."""
     if not _is_process(pid, comm):
         return False
