@@ -1,0 +1,137 @@
+"""The benchmark: statistics, interleaving, the result document, and the two local front ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from groupcover import bench
+from groupcover.models import load_model
+from groupcover.transport import InProcessTransport
+from tests.unit.conftest import SMALL_BERT
+
+RESULT_KEYS = {"model", "mode", "batch", "seq", "latency_ms", "throughput", "max_abs_err",
+               "rel_err", "cosine_min", "breakdown_ms", "rpc_calls", "bytes_per_forward",
+               "mask_offline_s"}  # fmt: skip
+BREAKDOWN_KEYS = {"master_compute", "transfer", "worker_compute", "deobfuscation"}
+
+
+def test_quantiles_interpolate() -> None:
+    values = [4.0, 1.0, 3.0, 2.0, 5.0]
+    assert bench._quantile(values, 0.5) == 3.0
+    assert bench._quantile(values, 0.1) == pytest.approx(1.4)
+    assert bench._quantile(values, 0.9) == pytest.approx(4.6)
+    assert bench._quantile([7.0], 0.9) == 7.0
+
+
+def test_errors_against_the_reference() -> None:
+    ref = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
+    out = ref + torch.tensor([[0.0, 0.1], [0.0, -0.2]])
+    errs = bench.errors(out, ref)
+    assert errs["max_abs_err"] == pytest.approx(0.2)
+    assert errs["rel_err"] == pytest.approx(0.2 / 4.0)
+    assert 0.99 < errs["cosine_min"] < 1.0
+    assert bench.errors(ref, ref)["rel_err"] == 0.0
+
+
+def test_model_outputs_are_reduced_to_their_main_tensor() -> None:
+    t = torch.ones(2)
+    assert bench.as_tensor(t) is t
+    assert bench.as_tensor((t, torch.zeros(1))) is t
+    assert bench.as_tensor({"last_hidden_state": t}) is t
+    with pytest.raises(TypeError):
+        bench.as_tensor(3)
+
+
+class _Recorder(nn.Module):
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append(self.name)
+        return x
+
+
+def test_modes_are_interleaved_after_warmup() -> None:
+    log: list[str] = []
+    runs = [bench.ModeRun(m, _Recorder(m, log), InProcessTransport(), 0.0) for m in "abc"]
+    bench.run_interleaved(runs, (torch.ones(1, 1),), repeat=2, warmup=2)
+    assert log == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"] * 2
+    assert all(len(run.latencies_s) == 2 for run in runs)  # warmup is not timed
+
+
+def test_benchmark_document_over_the_in_process_transport() -> None:
+    model, example = load_model("bert-base", 0, **SMALL_BERT)
+    inputs = tuple(example(3, 16))
+    with torch.no_grad():
+        reference = model(*inputs)
+    prepared = bench.Prepared(model, inputs, reference, 0.0)
+    modes = ("plain-offload", "groupcover", "tee-only")
+    results = bench.benchmark(
+        prepared, modes, lambda mode: InProcessTransport(owner=mode), model_name="bert-base",
+        batch=3, seq=16, repeat=3, warmup=1, seed=0, audit=True,
+    )  # fmt: skip
+    assert [r["mode"] for r in results] == list(modes)
+    for r in results:
+        assert r.keys() >= RESULT_KEYS
+        assert set(r["breakdown_ms"]) == BREAKDOWN_KEYS
+        lat = r["latency_ms"]
+        assert 0 < lat["p10"] <= lat["median"] <= lat["p90"]
+        assert r["throughput"] == pytest.approx(3 / (lat["median"] / 1e3))
+        assert r["rel_err"] < 1e-4
+        assert r["repeat"] == 3
+    plain, gc, tee = results
+    assert plain["rpc_calls"] == gc["rpc_calls"] == 4 * SMALL_BERT["layers"]
+    assert tee["rpc_calls"] == 0 and tee["bytes_per_forward"] == 0
+    assert gc["mask_offline_s"] > 0 and plain["mask_offline_s"] is None
+    assert gc["audit"]["leaks"] == [] and plain["audit"]["leaks"]
+    assert bench.overheads(results)["plain-offload"] == 1.0
+
+
+def _groupcover(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "groupcover", *args]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_bench_local_runs_two_processes_and_writes_the_document(tmp_path: Path) -> None:
+    out = tmp_path / "minilm.json"
+    proc = _groupcover("bench", "--local", "--model", "minilm", "--modes",
+                       "plain-offload,groupcover", "--batch", "2", "--seq", "8", "--repeat", "2",
+                       "--json", str(out), "--timeout", "60")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == f"{bench.RESULT_MARK} {out.resolve()}"
+    document = json.loads(out.read_text())
+    assert {"platform", "cpu_model", "threads", "torch", "hostname"} <= document["host"].keys()
+    assert document["host"]["threads"] == 1
+    assert document["settings"]["force_tcp"] is True
+    plain, gc = document["results"]
+    for r in (plain, gc):
+        assert r.keys() >= RESULT_KEYS
+        assert (r["batch"], r["seq"], r["rank"], r["worker"]) == (2, 8, 0, 1)
+        assert r["rel_err"] < 1e-4 and r["cosine_min"] > 0.9999
+        assert r["breakdown_ms"]["worker_compute"] > 0
+    assert "vs plain-offload" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_micro_reports_restore_against_linear(tmp_path: Path) -> None:
+    out = tmp_path / "micro.json"
+    proc = _groupcover("bench", "--micro", "--batch", "1", "--seq", "8", "--repeat", "5",
+                       "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "restore / plain linear, all shapes:" in proc.stdout
+    document = json.loads(out.read_text())
+    summary = document["summary"]
+    assert summary["ratio"] == pytest.approx(summary["restore_ms"] / summary["linear_ms"])
+    assert len(document["micro"]) == 3
