@@ -43,6 +43,8 @@ RECIPE_TREE = "rootfs"
 METADATA = "image.json"
 DISK, KERNEL, INITRD, KERNEL_CONFIG = "disk.qcow2", "vmlinuz", "initrd.img", "kernel.config"
 GUEST_WHEELS = "/var/tmp/gcvm-wheels"  # inside the tree, removed before the disk is made
+# Modules the initrd must hold to mount the root file system from a virtio disk.
+INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 # Free space left in the guest's root file system beyond what the tree holds.
 FREE_BYTES = 1536 * 2**20
 TOOLS = ("mmdebstrap", "mkfs.ext4", "qemu-img", "chroot")
@@ -79,6 +81,18 @@ class Image:
         if tee is Tee.none:
             return True
         return self.tee_guest_support.get(tee.value)
+
+
+def tee_guest_problem(image: Image, tee: Tee) -> str | None:
+    """A one-line warning for doctor/up when the image's guest kernel lacks what `tee` needs;
+    None when it has it, or when that is unknown (a user's image)."""
+    if image.supports_tee_guest(tee) is not False:
+        return None
+    options = " and ".join(TEE_GUEST_OPTIONS[tee])
+    return (
+        f"the guest kernel {image.kernel_version} of image {image.recipe_hash or image.disk} "
+        f"lacks {tee} guest support ({options} not enabled): it will not boot as a {tee} guest"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,10 +562,15 @@ def _download_wheels(build: _Build) -> None:
 
 
 def _bootstrap(build: _Build, sources: Sequence[AptSource]) -> None:
+    """mmdebstrap into a tree that already holds images/rootfs/, so that the packages' own
+    scripts see it (the initramfs settings shape the initrd the kernel package makes)."""
+    build.tree.mkdir(mode=0o755)
+    shutil.copytree(build.recipe.tree, build.tree, symlinks=True, dirs_exist_ok=True)
     argv = [
         "mmdebstrap",
         "--mode=root",
         "--variant=minbase",
+        "--skip=check/empty",
         f"--include={','.join(build.recipe.packages)}",
         f"--dpkgopt={build.recipe.dpkg_cfg}",
         '--aptopt=Acquire::Languages "none"',
@@ -563,7 +582,6 @@ def _bootstrap(build: _Build, sources: Sequence[AptSource]) -> None:
 
 
 def _configure(build: _Build) -> None:
-    shutil.copytree(build.recipe.tree, build.tree, symlinks=True, dirs_exist_ok=True)
     build.chroot("/bin/sh", "-s", stdin=build.recipe.customize.read_text())
 
 
@@ -631,8 +649,24 @@ def _byte_compile(build: _Build) -> None:
         )
 
 
+def _check_initrd(build: _Build, initrd: Path) -> None:
+    """The initrd must hold the modules to mount the root disk (see initramfs-tools in rootfs)."""
+    listing = build.chroot(
+        "lsinitramfs", "/" + initrd.relative_to(build.tree).as_posix(), capture=True
+    ).stdout
+    present = {Path(line).name.split(".ko")[0] for line in listing.splitlines() if ".ko" in line}
+    missing = [module for module in INITRD_MODULES if module not in present]
+    if missing:
+        raise GcvmError(
+            f"the guest's initrd lacks {', '.join(missing)}: it could not mount its root disk",
+            hint="check images/rootfs/etc/initramfs-tools/hooks/gcvm",
+        )
+    ui.info(f"initrd: {initrd.stat().st_size / 2**20:.1f} MiB, {len(present)} modules")
+
+
 def _export_kernel(build: _Build) -> tuple[str, dict[str, bool]]:
     kernel, initrd, config, version = _kernel_files(build.tree)
+    _check_initrd(build, initrd)
     for source, name in ((kernel, KERNEL), (initrd, INITRD), (config, KERNEL_CONFIG)):
         shutil.copyfile(source, build.work / name)
         os.chmod(build.work / name, 0o644)
@@ -728,7 +762,7 @@ def _build_locked(folder: Path, wanted: str) -> Image:
                 f"{len(sources)} apt sources from the host)"
             ):
                 _bootstrap(build, sources)
-            with ui.step("configure the guest (first-boot seed reader, sshd, networkd)"):
+            with ui.step("configure the guest (images/customize.sh: units, host keys, ...)"):
                 _configure(build)
             with ui.step(f"install the Python venv {GUEST_VENV}"):
                 python_version = _install_venv(build)

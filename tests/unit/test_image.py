@@ -70,6 +70,9 @@ def test_recipe_hash_covers_every_recipe_file() -> None:
         "rootfs/etc/systemd/system/gcvm-seed.service -",
         "rootfs/etc/systemd/network/99-gcvm-dhcp.network -",
         "rootfs/etc/ssh/sshd_config.d/gcvm.conf -",
+        "rootfs/etc/initramfs-tools/hooks/gcvm x",
+        "rootfs/etc/initramfs-tools/conf.d/gcvm.conf -",
+        "rootfs/etc/modprobe.d/gcvm.conf -",
     ):
         assert expected in names
 
@@ -93,8 +96,18 @@ def test_recipe_hash_sees_the_executable_bit(recipe_copy: Path) -> None:
 
 
 def test_recipe_scripts_parse() -> None:
-    for script in (RECIPE / "customize.sh", RECIPE / "rootfs/usr/local/sbin/gcvm-seed"):
+    for script in (
+        RECIPE / "customize.sh",
+        RECIPE / "rootfs/usr/local/sbin/gcvm-seed",
+        RECIPE / "rootfs/etc/initramfs-tools/hooks/gcvm",
+    ):
         subprocess.run(["sh", "-n", str(script)], check=True)
+
+
+def test_initramfs_hook_holds_the_checked_modules() -> None:
+    hook = (RECIPE / "rootfs/etc/initramfs-tools/hooks/gcvm").read_text()
+    for module in image.INITRD_MODULES:
+        assert module in hook
 
 
 def test_seed_unit_runs_before_networkd_and_sshd() -> None:
@@ -286,6 +299,16 @@ def test_find_image_reads_the_current_recipes_build(cache: Path) -> None:
     assert found.supports_tee_guest(Tee.tdx) is False
     assert found.supports_tee_guest(Tee.sev_snp) is True
     assert found.supports_tee_guest(Tee.none) is True
+
+
+def test_tee_guest_problem_names_the_missing_options(cache: Path) -> None:
+    write_fake_build(cache / image.recipe_hash(), {"tdx": False, "sev-snp": True})
+    found = image.find_image()
+    problem = image.tee_guest_problem(found, Tee.tdx)
+    assert problem is not None
+    assert "CONFIG_INTEL_TDX_GUEST" in problem and "6.1.0-x-amd64" in problem
+    assert image.tee_guest_problem(found, Tee.sev_snp) is None
+    assert image.tee_guest_problem(found, Tee.none) is None
 
 
 def test_find_image_notices_a_lost_file(cache: Path) -> None:
