@@ -67,7 +67,7 @@ class Rendezvous:
                 f"missing rendezvous variable(s): {', '.join(missing)}",
                 hint="set MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE",
             )
-        values = {
+        values: dict[str, Any] = {
             "master_addr": env["MASTER_ADDR"],
             "master_port": _env_int(env, "MASTER_PORT"),
             "rank": _env_int(env, "RANK"),
