@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 DEFAULT_COND_BOUND = 100.0  # about 11% of 4x4 draws from 1..99 are redrawn
 MIX_LOW, MIX_HIGH = 1, 99  # the paper's integer entries
 _MAX_REDRAWS = 10_000
-_BLOCK_BYTES = 256 * 1024  # de-mix block size for linear outputs
+_BLOCK_BYTES = 1 << 20  # de-mix block size for linear outputs
 _MIN_BLOCK, _MAX_BLOCK = 16, 256
 
 
@@ -63,9 +63,8 @@ def group_rows(rows: torch.Tensor, k: int) -> list[list[int]]:
 
 
 def _pair_round(units: list[list[int]], vectors: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    unit_vectors = vectors / np.maximum(norms, 1e-30)
-    similarity = unit_vectors @ unit_vectors.T
+    unit_vectors = F.normalize(torch.from_numpy(vectors), dim=1)
+    similarity = torch.mm(unit_vectors, unit_vectors.t()).numpy()
     order = np.argsort(-similarity.mean(axis=1), kind="stable")
     taken = np.zeros(len(units), dtype=bool)
     merged: list[list[int]] = []
@@ -105,10 +104,10 @@ def draw_mixing(
 
 
 def pad_groups(groups: list[list[int]], k: int) -> torch.Tensor:
-    padded = torch.full((len(groups), k), -1, dtype=torch.long)
+    padded = np.full((len(groups), k), -1, dtype=np.int64)
     for g, rows in enumerate(groups):
-        padded[g, : len(rows)] = torch.tensor(rows, dtype=torch.long)
-    return padded
+        padded[g, : len(rows)] = rows
+    return torch.from_numpy(padded)
 
 
 def draw_group_mixing(
