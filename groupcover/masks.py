@@ -104,8 +104,8 @@ class MaskPool:
         """A pair that was never handed out before; it leaves the pool for good."""
         layer = self._layers[layer_id]
         pool = layer.pools.get(tuple(shape))
-        self._used += 1
         if pool:
+            self._used += 1
             return pool.popleft()
         if self.policy is MaskPolicy.ERROR:
             raise MaskPoolExhausted(
@@ -115,6 +115,7 @@ class MaskPool:
         start = time.perf_counter()
         pair = self._draw(layer, tuple(shape))
         self._online.add(time.perf_counter() - start, pair)
+        self._used += 1
         return pair
 
     def _draw(self, layer: _Layer, shape: tuple[int, ...]) -> MaskPair:

@@ -137,8 +137,9 @@ OffloadableModule = nn.Linear | nn.Conv1d | nn.Conv2d
 
 
 def offloadable_layers(model: nn.Module) -> list[tuple[str, OffloadableModule, LayerOp]]:
+    """(name, module, op) to offload; a module shared by several parents is listed under each."""
     found = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         op = op_for(module)
         if op is not None and isinstance(module, OffloadableModule):
             found.append((name, module, op))
@@ -189,19 +190,23 @@ def protect(
     if auditor is not None:
         transport.add_observer(auditor.observe)
     layers: dict[str, OffloadedLayer] = {}
+    proxies: dict[int, OffloadedLayer] = {}  # a shared module is published once, under one name
     with torch.no_grad():
         for name, layer, op in targets:
-            weight = layer.weight.detach()
-            bias = None if layer.bias is None else layer.bias.detach()
-            published, secret = chosen.obfuscate(weight, bias, generator)
-            if auditor is not None:
-                auditor.register_layer(name, weight, bias, secret)
-            transport.publish(name, published, op)
-            if masks is not None:
-                masks.register(name, published, op)
-            proxy = OffloadedLayer(name, op, secret, chosen, transport, masks, auditor)
+            proxy = proxies.get(id(layer))
+            if proxy is None:
+                weight = layer.weight.detach()
+                bias = None if layer.bias is None else layer.bias.detach()
+                published, secret = chosen.obfuscate(weight, bias, generator)
+                if auditor is not None:
+                    auditor.register_layer(name, weight, bias, secret)
+                transport.publish(name, published, op)
+                if masks is not None:
+                    masks.register(name, published, op)
+                proxy = OffloadedLayer(name, op, secret, chosen, transport, masks, auditor)
+                proxies[id(layer)] = proxy
+                layers[name] = proxy
             _replace(module, name, proxy)
-            layers[name] = proxy
     protected = ProtectedModel(module, layers, transport, chosen, masks, auditor)
     if example_inputs is not None:
         protected.fill_masks(*example_inputs, pairs=mask_pool)

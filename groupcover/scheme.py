@@ -18,7 +18,7 @@ from groupcover.errors import UsageError
 from groupcover.transport import LayerOp, OpKind
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayerSecret:
     """What the master keeps for one offloaded layer; nothing here is ever sent to the worker.
 
@@ -119,7 +119,8 @@ class IdentityScheme(Scheme):
     def restore(
         self, y: torch.Tensor, secret: LayerSecret, mask_u: torch.Tensor | None = None
     ) -> torch.Tensor:
-        out = y - mask_u if mask_u is not None else y.clone()
+        # the transport hands over a fresh tensor: unmask and add the bias in place
+        out = y.sub_(mask_u) if mask_u is not None else y
         return _add_bias(out, secret.bias, secret.channel_dim)
 
 

@@ -146,3 +146,15 @@ def test_deobfuscation_is_timed_apart_from_the_round_trip() -> None:
     timings = transport.timings
     assert timings.calls == len(protected.layers)
     assert timings.deobf_s > 0 and 0 < timings.worker_s <= timings.roundtrip_s
+
+
+def test_a_shared_layer_is_published_once_and_replaced_everywhere() -> None:
+    shared = nn.Linear(6, 6)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    transport = CountingTransport()
+    protected = protect(model, transport, scheme="groupcover", masked=True, seed=0)
+    assert list(protected.layers) == ["0"] and transport.count("publish") == 1
+    assert protected.module[0] is protected.module[2]
+    x = torch.randn(3, 6)
+    assert rel_error(protected(x), model(x).detach()) < 1e-5
+    assert transport.count("run") == 2
