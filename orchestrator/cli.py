@@ -176,6 +176,8 @@ def down_cmd(
 
 
 def _print_vms(name: str) -> None:
+    from rich import box
+    from rich.console import Console
     from rich.table import Table
 
     from orchestrator import cluster
@@ -183,16 +185,17 @@ def _print_vms(name: str) -> None:
 
     report = cluster.status(name)
     st = report.state
-    table = Table(title=f"cluster {st.name} ({st.phase}; libvirt {st.uri}; daemon "
-                  f"{report.daemon})")
-    for column in ("VM", "role", "rank", "address", "iface", "state", "TEE asked",
-                   "TEE in guest"):
-        table.add_column(column)
+    out.print(f"cluster {st.name}: {st.phase}, accel {st.host.get('accel', '?')}, libvirt "
+              f"{st.uri} (daemon {report.daemon})", soft_wrap=True)
+    table = Table(box=box.SIMPLE, pad_edge=False)
+    for column in ("VM", "role", "rank", "address", "state", "TEE", "verified"):
+        table.add_column(column, no_wrap=True)
     for row in report.vms:
         vm = row.vm
-        table.add_row(vm.name, vm.role, str(vm.rank), vm.address, vm.ifname or "-", row.state,
-                      str(vm.tee), vm.tee_verified or "-")
-    out.print(table)
+        table.add_row(vm.name, vm.role, str(vm.rank), vm.address, row.state, str(vm.tee),
+                      vm.tee_verified or "-")
+    # In a pipe rich assumes 80 columns and would cut names; scripts read this output.
+    (out if out.is_terminal else Console(width=120, highlight=False)).print(table)
 
 
 @app.command("status")

@@ -465,22 +465,32 @@ def _vm_ready(run: _Up, st: ClusterState, vm: VmState, wheel: Path, deadline: fl
             f"{serial_tail(vm.serial_log)}") from None
     try:
         ui.log.info("%s: SSH up after %.1f s", vm.name, time.monotonic() - start)
-        res = guest.run(["systemctl", "is-system-running", "--wait"], timeout=left(), check=False)
-        status = (res.stdout.strip().splitlines() or ["?"])[-1]
-        if status not in ("running", "degraded"):
-            raise RemoteError(f"{vm.name}: systemd reports {status!r} (wanted running or degraded)",
-                              hint=f"`gcvm ssh {vm.name} systemctl --failed` shows why")
         facts = guest.run(["sh", "-c", GUEST_FACTS], timeout=min(60.0, left())).stdout
         ifname, verified, evidence = parse_guest_facts(facts, vm.mac)
         if verified != str(vm.tee):
             raise GcvmError(f"{vm.name}: asked for TEE {vm.tee}, the guest reports {verified} "
                             f"({evidence})",
                             hint="the guest is not what was requested; see the serial log")
+        python = st.image.get("python", "python3")
+
+        def systemd_up() -> None:
+            res = guest.run(["systemctl", "is-system-running", "--wait"], timeout=left(),
+                            check=False)
+            status = (res.stdout.strip().splitlines() or ["?"])[-1]
+            if status not in ("running", "degraded"):
+                raise RemoteError(f"{vm.name}: systemd reports {status!r} (wanted running or "
+                                  "degraded)", hint=f"`gcvm ssh {vm.name} systemctl --failed` "
+                                  "shows why")
+            ui.log.info("%s: systemd %s after %.1f s", vm.name, status, time.monotonic() - start)
+
+        def install() -> None:
+            deploy.install(guest, wheel, python, timeout=min(300.0, left()))
+            ui.log.info("%s: code installed after %.1f s", vm.name, time.monotonic() - start)
+
+        # the end of the boot and the install overlap (one SSH connection, two channels)
+        _parallel(lambda step: step(), [systemd_up, install], f"{vm.name}-ready")
         ui.log.info("%s: ready after %.1f s, %s on %s", vm.name, time.monotonic() - start,
                     verified, ifname)
-        python = st.image.get("python", "python3")
-        deploy.install(guest, wheel, python, timeout=min(300.0, left()))
-        ui.log.info("%s: code installed after %.1f s", vm.name, time.monotonic() - start)
         return replace(vm, ifname=ifname, tee_verified=verified, tee_evidence=evidence)
     finally:
         guest.close()

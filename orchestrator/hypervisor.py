@@ -116,6 +116,8 @@ class LibvirtHypervisor(Hypervisor):
 
         self._libvirt = libvirt
         self.uri = uri
+        # libvirt prints every error to stderr by itself; gcvm reports them as HypervisorError
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
         try:
             self._conn = libvirt.open(uri)
         except libvirt.libvirtError as exc:
