@@ -143,3 +143,53 @@ def test_unreachable_vm_fails_and_cleans_up(gcvm_env: Env) -> None:
         _assert_nothing_left(name)
     finally:
         gcvm_env.gcvm("down", "--name", name, timeout=120)
+
+
+def _host_firewall() -> str:
+    return subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+
+
+def test_private_daemon_stays_in_its_namespace(vm_host: None, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM: the private libvirtd, its NAT network, bridge and firewall rules live in the
+    namespace only; a dead daemon is a clear error; stopping leaves no process."""
+    from orchestrator import render
+    from orchestrator.errors import HypervisorError
+    from orchestrator.hypervisor import LibvirtHypervisor
+    from orchestrator.spec import ClusterSpec, plan_vms
+
+    monkeypatch.setenv("GCVM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GCVM_CACHE", os.environ.get("GCVM_CACHE") or "/var/cache/gcvm")
+    name = _name()
+    ns = f"gcvm-{name}"
+    firewall_before = _host_firewall()
+    host_links = set(os.listdir("/sys/class/net"))
+    netns.create(ns)
+    try:
+        daemon = privatelibvirt.start(name, ns, tmp_path / "libvirt")
+        spec = ClusterSpec(name=name)
+        with LibvirtHypervisor(daemon.uri) as hv:
+            hv.define_network(render.render_network(spec, plan_vms(spec, tmp_path)))
+            assert hv.network_exists(spec.network_name)
+        inside = subprocess.run(["ip", "netns", "exec", ns, "iptables-save"],
+                                capture_output=True, text=True).stdout
+        assert "LIBVIRT" in inside and "192.168.122.0/24" in inside
+        assert _host_firewall() == firewall_before
+        assert set(os.listdir("/sys/class/net")) == host_links  # virbr0 is not on the host
+        import socket
+
+        links = netns.call_in(ns, lambda: {n for _, n in socket.if_nameindex()})
+        assert "virbr0" in links
+
+        os.kill(daemon.libvirtd_pid, 9)
+        time.sleep(0.5)
+        with pytest.raises(HypervisorError) as err:
+            LibvirtHypervisor(daemon.uri)
+        assert err.value.hint and "gcvm down" in err.value.hint
+    finally:
+        privatelibvirt.stop(name)
+        for pid in netns.pids(ns):
+            os.kill(pid, 9)
+        netns.delete(ns)
+    time.sleep(0.5)
+    assert _processes_mentioning(name) == []
