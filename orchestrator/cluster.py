@@ -352,6 +352,11 @@ def _up(run: _Up) -> ClusterState:
     with ui.step("find the guest image"):
         image = backend.find_image(run.image_path)
         ui.info(f"image {image.disk}")
+        for tee in spec.tees:
+            if tee is not Tee.none and image.tee_guest_support.get(str(tee)) is False:
+                raise GcvmError(f"the guest image's kernel ({image.kernel_version}) has no "
+                                f"{tee} guest support", hint="use an image whose kernel has it "
+                                "(--image PATH), or --tee none")
     vms = plan_vms(spec, run.dir)
     run.st = _initial_state(spec, vms, image)
     ui.attach_debug_log(run.dir / "debug.log")
