@@ -158,3 +158,21 @@ def test_a_shared_layer_is_published_once_and_replaced_everywhere() -> None:
     x = torch.randn(3, 6)
     assert rel_error(protected(x), model(x).detach()) < 1e-5
     assert transport.count("run") == 2
+
+
+def test_biases_are_never_published() -> None:
+    model, example = load_model("bert-base", 0, **SMALL_BERT)
+    payloads: list[tuple[str, str, torch.Tensor]] = []
+    transport = InProcessTransport()
+    transport.add_observer(lambda event, name, t: payloads.append((event, name, t)))
+    protected = protect(model, transport, scheme="groupcover", masked=True, seed=1)
+    protected(*example(2, 8))
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for event, name, tensor in payloads:
+        bias = linears[name].bias.detach()
+        if event == "publish":
+            assert tensor.shape == linears[name].weight.shape  # no extra row or column
+        flat = tensor.reshape(-1, tensor.shape[-1])
+        for vector in (flat, flat.t()):
+            if vector.shape[-1] == bias.numel():
+                assert not torch.isclose(vector, bias, rtol=1e-5, atol=1e-7).all(dim=-1).any()
