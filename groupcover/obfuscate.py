@@ -6,10 +6,12 @@ is `(out, in)` for linear layers and `(out, in, *kernel)` for convolutions: rows
 kernels, the permuted axis is the input channel.
 
 Online (`demix`): the de-mixing is stored in output order as an `(out, k + 1)` gather index and
-coefficient table (the last column adds the bias from a row of ones), so one
-`embedding_bag` pass computes every output row as a weighted sum of k rows of the worker's
-result, with the tail groups padded by zero coefficients. Around it there is one copy into the
-gather table (fused with the unmasking) and, for linear layers, one transpose back.
+coefficient table (the last column adds the bias from a row of ones), so one `embedding_bag`
+pass computes every output feature as a weighted sum of k features of the worker's result; tail
+groups are padded with zero coefficients, so no loop over groups and no tiny matmuls. The gather
+table holds one row per output feature: for convolutions that is the result itself (one copy,
+fused with the unmasking); for linear layers it is the result transposed, done per block of
+rows that fits in cache (transposed copy fused with the unmasking, gather, transposed copy back).
 """
 
 from __future__ import annotations

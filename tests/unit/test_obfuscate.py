@@ -100,11 +100,12 @@ def test_input_permutation_is_applied() -> None:
 
 @pytest.mark.parametrize("out", [1, 3, 4, 6, 33, 64])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_round_trip_with_tails(out: int, with_bias: bool) -> None:
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_linear_round_trip_with_tails(out: int, with_bias: bool, k: int) -> None:
     weight = torch.randn(out, 20, generator=gen(out))
     bias = torch.randn(out, generator=gen(out + 1)) if with_bias else None
     x = torch.randn(3, 7, 20, generator=gen(15))
-    scheme = GroupCoverScheme(4)
+    scheme = GroupCoverScheme(k)
     published, secret = scheme.obfuscate(weight, bias, gen(16))
     assert published.shape == weight.shape
     y = F.linear(scheme.prepare_input(x, secret), published)
