@@ -176,8 +176,12 @@ def test_cloud_init_accepts_the_seed(tmp_path: Path, monkeypatch: pytest.MonkeyP
     point GCVM_CLOUDINIT_PATH at usr/lib/python3/dist-packages)."""
     if path := os.environ.get("GCVM_CLOUDINIT_PATH"):
         monkeypatch.syspath_prepend(path)
-    schema_mod = pytest.importorskip("cloudinit.config.schema", reason="cloud-init not importable")
-    network_state = pytest.importorskip("cloudinit.net.network_state")
+    reason = (
+        "cloud-init is not importable: set GCVM_CLOUDINIT_PATH to the dist-packages of an "
+        "unpacked cloud-init package (dpkg -x), with jsonschema, requests and configobj installed"
+    )
+    schema_mod = pytest.importorskip("cloudinit.config.schema", reason=reason)
+    network_state = pytest.importorskip("cloudinit.net.network_state", reason=reason)
     files = seed_files(config())
     user_data = tmp_path / "user-data"
     user_data.write_bytes(files["user-data"][0])
