@@ -586,7 +586,7 @@ def _kill_all(pids: list[int], timeout: float = 5.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids
+    while time.monotonic() < deadline and any(privatelibvirt.process_name(p) for p in pids
                                               if p != own):
         time.sleep(0.05)
 

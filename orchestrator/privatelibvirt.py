@@ -201,11 +201,19 @@ def wait_ready(daemon: PrivateDaemon, timeout: float) -> None:
                   f"{daemon.log_tail()}")
 
 
-def _is_process(pid: int, comm: str) -> bool:
+def process_name(pid: int) -> str | None:
+    """The name of live process `pid`; None when it is gone or a zombie (daemons are
+    reparented to PID 1, which may reap them only seconds after they exit)."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == comm
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
+        return None
+    name, _, rest = stat.partition("(")[2].rpartition(")")
+    return None if rest.split()[0] == "Z" else name
+
+
+def _is_process(pid: int, comm: str) -> bool:
+    return process_name(pid) == comm
 
 
 def _terminate(pid: int, comm: str, timeout: float = 3.0) -> bool:
