@@ -43,7 +43,7 @@ T = TypeVar("T")
 GUEST_FACTS = (
     "dmesg 2>/dev/null | grep -i 'Memory Encryption Features active' | tail -n 1"
     " | sed 's/^/dmesg: /'; "
-    "for d in /dev/tdx_guest /dev/sev-guest; do [ -e \"$d\" ] && echo \"device: $d\"; done; "
+    'for d in /dev/tdx_guest /dev/sev-guest; do [ -e "$d" ] && echo "device: $d"; done; '
     "ip -o link | sed 's/^/link: /'"
 )
 
@@ -53,8 +53,15 @@ class Guest(Protocol):
 
     name: str
 
-    def run(self, argv: list[str], *, timeout: float, env: dict[str, str] | None = None,
-            check: bool = True, on_line: Callable[[str], None] | None = None) -> Any: ...
+    def run(
+        self,
+        argv: list[str],
+        *,
+        timeout: float,
+        env: dict[str, str] | None = None,
+        check: bool = True,
+        on_line: Callable[[str], None] | None = None,
+    ) -> Any: ...
 
     def put(self, local: Path, remote: str) -> None: ...
 
@@ -121,8 +128,18 @@ class Backend:
 
     def create_overlay(self, base: Path, base_format: str, overlay: Path) -> None:
         overlay.parent.mkdir(parents=True, exist_ok=True)
-        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base),
-                str(overlay)]
+        argv = [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            base_format,
+            "-b",
+            str(base),
+            str(overlay),
+        ]
         ui.log.debug("run: %s", " ".join(argv))
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
@@ -131,11 +148,17 @@ class Backend:
     def build_seed(self, vm: VmSpec, authorized_key: str, host_key: keys.KeyPair) -> None:
         from orchestrator import seed
 
-        cfg = seed.SeedConfig(hostname=vm.name, authorized_keys=[authorized_key],
-                              host_key_private_pem=host_key.private_openssh,
-                              host_key_public=host_key.public_openssh, address=vm.address,
-                              prefix=vm.prefix, gateway=vm.gateway, mac=vm.mac,
-                              dns=[vm.gateway])
+        cfg = seed.SeedConfig(
+            hostname=vm.name,
+            authorized_keys=[authorized_key],
+            host_key_private_pem=host_key.private_openssh,
+            host_key_public=host_key.public_openssh,
+            address=vm.address,
+            prefix=vm.prefix,
+            gateway=vm.gateway,
+            mac=vm.mac,
+            dns=[vm.gateway],
+        )
         seed.build_seed_iso(cfg, vm.seed)
 
     def render_network(self, spec: ClusterSpec, vms: Sequence[VmSpec]) -> str:
@@ -162,9 +185,14 @@ def render_inputs(image: Any, host: HostFacts, network: str) -> Any:
     """The renderer's inputs for this image on this host and network."""
     from orchestrator import render
 
-    return render.RenderInputs(caps=host.caps, accel=host.accel, kernel=image.kernel,
-                               initrd=image.initrd, cmdline=image.cmdline or render.DEFAULT_CMDLINE,
-                               network=network)
+    return render.RenderInputs(
+        caps=host.caps,
+        accel=host.accel,
+        kernel=image.kernel,
+        initrd=image.initrd,
+        cmdline=image.cmdline or render.DEFAULT_CMDLINE,
+        network=network,
+    )
 
 
 def _host(spec: ClusterSpec, caps: Any, versions: dict[str, str]) -> HostFacts:
@@ -245,8 +273,10 @@ def parse_guest_facts(output: str, mac: str) -> tuple[str, str, str]:
         tee = Tee.sev_snp
     else:
         tee = Tee.none
-    evidence = "; ".join(filter(None, [dmesg, *devices])) or \
-        "no memory-encryption line in dmesg, no /dev/tdx_guest, no /dev/sev-guest"
+    evidence = (
+        "; ".join(filter(None, [dmesg, *devices]))
+        or "no memory-encryption line in dmesg, no /dev/tdx_guest, no /dev/sev-guest"
+    )
     return ifname, str(tee), evidence
 
 
@@ -272,14 +302,22 @@ def _refuse_existing(spec: ClusterSpec, backend: Backend) -> None:
     hint = f"gcvm down --name {spec.name}"
     if state.exists(spec.name):
         raise ClusterExists(f"cluster {spec.name!r} already exists", hint=hint)
-    if spec.connect is None and (backend.netns_exists(spec.netns)
-                                 or backend.daemon_leftover(spec.name)):
-        raise ClusterExists(f"cluster {spec.name!r} left a namespace or daemon behind",
-                            hint=f"{hint} removes it")
+    if spec.connect is None and (
+        backend.netns_exists(spec.netns) or backend.daemon_leftover(spec.name)
+    ):
+        raise ClusterExists(
+            f"cluster {spec.name!r} left a namespace or daemon behind", hint=f"{hint} removes it"
+        )
 
 
-def up(spec: ClusterSpec, *, keep_on_failure: bool = False, image_path: Path | None = None,
-       timeout: float = DEFAULT_TIMEOUT, backend: Backend | None = None) -> ClusterState:
+def up(
+    spec: ClusterSpec,
+    *,
+    keep_on_failure: bool = False,
+    image_path: Path | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    backend: Backend | None = None,
+) -> ClusterState:
     """Create the cluster and return its state once every VM is ready with the code installed."""
     spec.validate()
     backend = backend or Backend()
@@ -292,14 +330,18 @@ def up(spec: ClusterSpec, *, keep_on_failure: bool = False, image_path: Path | N
         except BaseException as exc:
             _fail(run, exc, keep_on_failure)
             if isinstance(exc, KeyboardInterrupt):
-                raise Interrupted("interrupted; the cluster was removed" if not keep_on_failure
-                                  else "interrupted; the cluster was kept") from None
+                raise Interrupted(
+                    "interrupted; the cluster was removed"
+                    if not keep_on_failure
+                    else "interrupted; the cluster was kept"
+                ) from None
             raise
         finally:
             if run.hv is not None:
                 run.hv.close()
-        ui.info(f"cluster {spec.name} ready in {time.monotonic() - started:.1f} s "
-                f"({len(st.vms)} VMs)")
+        ui.info(
+            f"cluster {spec.name} ready in {time.monotonic() - started:.1f} s ({len(st.vms)} VMs)"
+        )
         return st
 
 
@@ -308,8 +350,10 @@ def _fail(run: _Up, exc: BaseException, keep: bool) -> None:
     if run.st is None:
         return  # nothing was created
     if keep:
-        ui.warn(f"kept the failed cluster for inspection; remove it with "
-                f"`gcvm down --name {run.spec.name}`")
+        ui.warn(
+            f"kept the failed cluster for inspection; remove it with "
+            f"`gcvm down --name {run.spec.name}`"
+        )
         return
     if run.hv is not None:
         run.hv.close()
@@ -319,8 +363,7 @@ def _fail(run: _Up, exc: BaseException, keep: bool) -> None:
         try:
             _teardown(run.spec.name, run.st, run.backend, quiet=True)
         except Exception as cleanup_exc:  # the original failure matters more
-            ui.warn(f"cleanup incomplete: {cleanup_exc}; run `gcvm down --name "
-                    f"{run.spec.name}`")
+            ui.warn(f"cleanup incomplete: {cleanup_exc}; run `gcvm down --name {run.spec.name}`")
     if kept is not None:
         ui.info(f"the debug log and serial consoles of the failed `up` are kept in {kept}")
 
@@ -354,9 +397,10 @@ def _up(run: _Up) -> ClusterState:
         ui.info(f"image {image.disk}")
         for tee in spec.tees:
             if tee is not Tee.none and image.tee_guest_support.get(str(tee)) is False:
-                raise GcvmError(f"the guest image's kernel ({image.kernel_version}) has no "
-                                f"{tee} guest support", hint="use an image whose kernel has it "
-                                "(--image PATH), or --tee none")
+                raise GcvmError(
+                    f"the guest image's kernel ({image.kernel_version}) has no {tee} guest support",
+                    hint="use an image whose kernel has it (--image PATH), or --tee none",
+                )
     vms = plan_vms(spec, run.dir)
     run.st = _initial_state(spec, vms, image)
     ui.attach_debug_log(run.dir / "debug.log")
@@ -374,8 +418,10 @@ def _up(run: _Up) -> ClusterState:
     assert run.hv is not None
     run.st = replace(run.st, host=host.facts)
     state.save(run.st)
-    ui.info(f"accelerator {host.accel}; libvirt {host.facts.get('libvirt', '?')}, "
-            f"QEMU {host.facts.get('qemu', '?')}")
+    ui.info(
+        f"accelerator {host.accel}; libvirt {host.facts.get('libvirt', '?')}, "
+        f"QEMU {host.facts.get('qemu', '?')}"
+    )
     _create(run, vms, image, host, host_keys)
     return _ready(run, vms, image)
 
@@ -384,19 +430,41 @@ def _initial_state(spec: ClusterSpec, vms: list[VmSpec], image: Any) -> ClusterS
     cdir = state.cluster_dir(spec.name)
     own_network = spec.network is None
     uri = spec.connect or privatelibvirt.uri_for(privatelibvirt.run_dir_for(spec.name))
-    spec_dict = {k: (str(v) if isinstance(v, Path | Tee | Accel) else v)
-                 for k, v in asdict(spec).items()}
+    spec_dict = {
+        k: (str(v) if isinstance(v, Path | Tee | Accel) else v) for k, v in asdict(spec).items()
+    }
     return ClusterState(
-        name=spec.name, spec=spec_dict, uri=uri,
+        name=spec.name,
+        spec=spec_dict,
+        uri=uri,
         netns=spec.netns if spec.connect is None else None,
-        network=spec.network_name, own_network=own_network,
-        client_key=cdir / "ssh" / "id_ed25519", known_hosts=cdir / "ssh" / "known_hosts",
-        image={"disk": str(image.disk), "python": image.python,
-               "recipe_hash": image.recipe_hash, "kernel_version": image.kernel_version},
-        vms=[VmState(name=vm.name, role=vm.role.value, rank=vm.rank, index=vm.index,
-                     address=vm.address, mac=vm.mac, tee=vm.tee, vcpus=vm.vcpus,
-                     memory_mib=vm.memory_mib, disk=str(vm.disk), seed=str(vm.seed),
-                     serial_log=str(vm.serial_log)) for vm in vms],
+        network=spec.network_name,
+        own_network=own_network,
+        client_key=cdir / "ssh" / "id_ed25519",
+        known_hosts=cdir / "ssh" / "known_hosts",
+        image={
+            "disk": str(image.disk),
+            "python": image.python,
+            "recipe_hash": image.recipe_hash,
+            "kernel_version": image.kernel_version,
+        },
+        vms=[
+            VmState(
+                name=vm.name,
+                role=vm.role.value,
+                rank=vm.rank,
+                index=vm.index,
+                address=vm.address,
+                mac=vm.mac,
+                tee=vm.tee,
+                vcpus=vm.vcpus,
+                memory_mib=vm.memory_mib,
+                disk=str(vm.disk),
+                seed=str(vm.seed),
+                serial_log=str(vm.serial_log),
+            )
+            for vm in vms
+        ],
     )
 
 
@@ -404,13 +472,15 @@ def _write_keys(st: ClusterState, vms: list[VmSpec]) -> dict[str, keys.KeyPair]:
     """The cluster's client key, a host key per VM, and known_hosts pinning them by address."""
     keys.ensure_keypair(st.client_key, comment=f"gcvm-{st.name}")
     host_keys = {vm.name: keys.generate_ed25519(comment=vm.name) for vm in vms}
-    keys.write_known_hosts(st.known_hosts,
-                           {vm.address: host_keys[vm.name].public_openssh for vm in vms})
+    keys.write_known_hosts(
+        st.known_hosts, {vm.address: host_keys[vm.name].public_openssh for vm in vms}
+    )
     return host_keys
 
 
-def _create(run: _Up, vms: list[VmSpec], image: Any, host: HostFacts,
-            host_keys: dict[str, keys.KeyPair]) -> None:
+def _create(
+    run: _Up, vms: list[VmSpec], image: Any, host: HostFacts, host_keys: dict[str, keys.KeyPair]
+) -> None:
     spec, backend, hv = run.spec, run.backend, run.hv
     assert hv is not None and run.st is not None
     with ui.step(f"network {run.st.network}"):
@@ -427,8 +497,11 @@ def _create(run: _Up, vms: list[VmSpec], image: Any, host: HostFacts,
             vm.serial_log.parent.mkdir(parents=True, exist_ok=True)
     with ui.step(f"define and start {', '.join(vm.name for vm in vms)}"):
         network = run.st.network
-        _parallel(lambda vm: hv.start_domain(backend.render_domain(vm, image, host, network)),
-                  vms, "start")
+        _parallel(
+            lambda vm: hv.start_domain(backend.render_domain(vm, image, host, network)),
+            vms,
+            "start",
+        )
 
 
 def _ready(run: _Up, vms: list[VmSpec], image: Any) -> ClusterState:
@@ -438,13 +511,16 @@ def _ready(run: _Up, vms: list[VmSpec], image: Any) -> ClusterState:
     wheel_dir = run.dir / "wheels"
     with ui.step("build the project's wheel"):
         wheel = run.backend.build_wheel(wheel_dir)
-    with ui.step(f"wait for {len(vms)} VMs (SSH with pinned host keys, systemd), install "
-                 f"{wheel.name}"):
+    with ui.step(
+        f"wait for {len(vms)} VMs (SSH with pinned host keys, systemd), install {wheel.name}"
+    ):
         ready = _parallel(lambda vm: _vm_ready(run, st, vm, wheel, deadline), st.vms, "ready")
     st = replace(st, vms=ready, phase="ready")
     for vm in st.vms:
-        ui.info(f"{vm.name}: {vm.address} on {vm.ifname or '?'}, TEE requested {vm.tee}, "
-                f"guest reports {vm.tee_verified}")
+        ui.info(
+            f"{vm.name}: {vm.address} on {vm.ifname or '?'}, TEE requested {vm.tee}, "
+            f"guest reports {vm.tee_verified}"
+        )
     state.save(st)
     run.st = st
     return st
@@ -467,25 +543,29 @@ def _vm_ready(run: _Up, st: ClusterState, vm: VmState, wheel: Path, deadline: fl
             f"{vm.name} ({vm.address}) did not become reachable over SSH within "
             f"{run.timeout:.0f} s: {exc}",
             hint=f"last lines of its serial console ({vm.serial_log}):\n"
-            f"{serial_tail(vm.serial_log)}") from None
+            f"{serial_tail(vm.serial_log)}",
+        ) from None
     try:
         ui.log.info("%s: SSH up after %.1f s", vm.name, time.monotonic() - start)
         facts = guest.run(["sh", "-c", GUEST_FACTS], timeout=min(60.0, left())).stdout
         ifname, verified, evidence = parse_guest_facts(facts, vm.mac)
         if verified != str(vm.tee):
-            raise GcvmError(f"{vm.name}: asked for TEE {vm.tee}, the guest reports {verified} "
-                            f"({evidence})",
-                            hint="the guest is not what was requested; see the serial log")
+            raise GcvmError(
+                f"{vm.name}: asked for TEE {vm.tee}, the guest reports {verified} ({evidence})",
+                hint="the guest is not what was requested; see the serial log",
+            )
         python = st.image.get("python", "python3")
 
         def systemd_up() -> None:
-            res = guest.run(["systemctl", "is-system-running", "--wait"], timeout=left(),
-                            check=False)
+            res = guest.run(
+                ["systemctl", "is-system-running", "--wait"], timeout=left(), check=False
+            )
             status = (res.stdout.strip().splitlines() or ["?"])[-1]
             if status not in ("running", "degraded"):
-                raise RemoteError(f"{vm.name}: systemd reports {status!r} (wanted running or "
-                                  "degraded)", hint=f"`gcvm ssh {vm.name} systemctl --failed` "
-                                  "shows why")
+                raise RemoteError(
+                    f"{vm.name}: systemd reports {status!r} (wanted running or degraded)",
+                    hint=f"`gcvm ssh {vm.name} systemctl --failed` shows why",
+                )
             ui.log.info("%s: systemd %s after %.1f s", vm.name, status, time.monotonic() - start)
 
         def install() -> None:
@@ -494,8 +574,9 @@ def _vm_ready(run: _Up, st: ClusterState, vm: VmState, wheel: Path, deadline: fl
 
         # the end of the boot and the install overlap (one SSH connection, two channels)
         _parallel(lambda step: step(), [systemd_up, install], f"{vm.name}-ready")
-        ui.log.info("%s: ready after %.1f s, %s on %s", vm.name, time.monotonic() - start,
-                    verified, ifname)
+        ui.log.info(
+            "%s: ready after %.1f s, %s on %s", vm.name, time.monotonic() - start, verified, ifname
+        )
         return replace(vm, ifname=ifname, tee_verified=verified, tee_evidence=evidence)
     finally:
         guest.close()
@@ -529,16 +610,26 @@ def down(name: str, *, connect: str | None = None, backend: Backend | None = Non
         return bool(removed)
 
 
-def _teardown(name: str, st: ClusterState | None, backend: Backend, *,
-              connect: str | None = None, quiet: bool = False) -> list[str]:
+def _teardown(
+    name: str,
+    st: ClusterState | None,
+    backend: Backend,
+    *,
+    connect: str | None = None,
+    quiet: bool = False,
+) -> list[str]:
     """Remove domains, network or DHCP entries, daemons, namespace, state folder; returns what
     was there. Works from the state file when there is one, else from what it finds."""
     removed: list[str] = []
     ns = st.netns if st is not None else (None if connect else f"gcvm-{name}")
-    private = connect is None and (st is None or st.private_daemon is not None
-                                   or st.netns is not None)
-    uri = st.uri if st is not None else (connect or privatelibvirt.uri_for(
-        privatelibvirt.run_dir_for(name)))
+    private = connect is None and (
+        st is None or st.private_daemon is not None or st.netns is not None
+    )
+    uri = (
+        st.uri
+        if st is not None
+        else (connect or privatelibvirt.uri_for(privatelibvirt.run_dir_for(name)))
+    )
     if not private or backend.daemon_leftover(name):
         removed += _remove_from_libvirt(name, st, uri, backend)
     if private:
@@ -555,8 +646,9 @@ def _teardown(name: str, st: ClusterState | None, backend: Backend, *,
     return removed
 
 
-def _remove_from_libvirt(name: str, st: ClusterState | None, uri: str,
-                         backend: Backend) -> list[str]:
+def _remove_from_libvirt(
+    name: str, st: ClusterState | None, uri: str, backend: Backend
+) -> list[str]:
     removed: list[str] = []
     try:
         hv = backend.open_hypervisor(uri)
@@ -586,8 +678,9 @@ def _kill_all(pids: list[int], timeout: float = 5.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(privatelibvirt.process_name(p) for p in pids
-                                              if p != own):
+    while time.monotonic() < deadline and any(
+        privatelibvirt.process_name(p) for p in pids if p != own
+    ):
         time.sleep(0.05)
 
 
@@ -621,8 +714,10 @@ def status(name: str, *, backend: Backend | None = None) -> ClusterStatus:
                 states = {d.name: d.state for d in hv.cluster_domains(name)}
         except HypervisorError as exc:
             ui.warn(str(exc))
-    rows = [VmStatus(vm, states.get(vm.name, "missing" if daemon != "dead" else "unknown"))
-            for vm in st.vms]
+    rows = [
+        VmStatus(vm, states.get(vm.name, "missing" if daemon != "dead" else "unknown"))
+        for vm in st.vms
+    ]
     return ClusterStatus(st, daemon, rows)
 
 
@@ -637,4 +732,3 @@ def guest(name: str, node: str, timeout: float = 30.0) -> Iterator[Any]:
         yield remote
     finally:
         remote.close()
-

@@ -17,8 +17,20 @@ from orchestrator.ui import log
 
 GUEST_DIR = "/var/tmp/gcvm-wheels"
 # Never part of the source: the build copies the checkout without these.
-IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
-                                ".*_cache", ".cache", "results", "out", "*.qcow2", "*.img")
+IGNORE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    ".cache",
+    "results",
+    "out",
+    "*.qcow2",
+    "*.img",
+)
 
 
 class DeployError(GcvmError):
@@ -39,9 +51,11 @@ def project_root() -> Path:
     """The checkout gcvm runs from (the folder holding pyproject.toml above the package)."""
     root = Path(orchestrator.__file__).resolve().parent.parent
     if not (root / "pyproject.toml").is_file():
-        raise DeployError(f"gcvm is not running from a source checkout ({root} has no "
-                          "pyproject.toml), so there is no code to push into the guests",
-                          hint="install gcvm in editable mode: pip install -e /path/to/checkout")
+        raise DeployError(
+            f"gcvm is not running from a source checkout ({root} has no "
+            "pyproject.toml), so there is no code to push into the guests",
+            hint="install gcvm in editable mode: pip install -e /path/to/checkout",
+        )
     return root
 
 
@@ -56,8 +70,19 @@ def build_wheel(out_dir: Path, root: Path | None = None, timeout: float = 300) -
     with tempfile.TemporaryDirectory(prefix="gcvm-wheel-") as tmp:
         src = Path(tmp) / "src"
         shutil.copytree(root, src, ignore=IGNORE, symlinks=True)
-        argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                "--disable-pip-version-check", "-q", "-w", str(out_dir), str(src)]
+        argv = [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            str(out_dir),
+            str(src),
+        ]
         log.debug("run: %s", shlex.join(argv))
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -74,5 +99,18 @@ def install(target: Target, wheel: Path, python: str, timeout: float = 300) -> N
     remote_path = f"{GUEST_DIR}/{wheel.name}"
     target.run(["mkdir", "-p", GUEST_DIR], timeout=30)
     target.put(wheel, remote_path)
-    target.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall",
-                "--disable-pip-version-check", "-q", remote_path], timeout=timeout)
+    target.run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--force-reinstall",
+            "--disable-pip-version-check",
+            "-q",
+            remote_path,
+        ],
+        timeout=timeout,
+    )

@@ -121,9 +121,11 @@ class LibvirtHypervisor(Hypervisor):
         try:
             self._conn = libvirt.open(uri)
         except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot connect to libvirt at {uri}: {exc}",
-                                  hint="is the daemon running? `gcvm down` cleans up a cluster "
-                                  "whose private daemon died") from None
+            raise HypervisorError(
+                f"cannot connect to libvirt at {uri}: {exc}",
+                hint="is the daemon running? `gcvm down` cleans up a cluster "
+                "whose private daemon died",
+            ) from None
 
     @property
     def conn(self) -> Any:
@@ -173,8 +175,10 @@ class LibvirtHypervisor(Hypervisor):
         if net is None:
             raise HypervisorError(f"no libvirt network {network!r}")
         root = ET.fromstring(net.XMLDesc(0))
-        return [DhcpHost(h.get("mac", ""), h.get("name", ""), h.get("ip", ""))
-                for h in root.iterfind("./ip/dhcp/host")]
+        return [
+            DhcpHost(h.get("mac", ""), h.get("name", ""), h.get("ip", ""))
+            for h in root.iterfind("./ip/dhcp/host")
+        ]
 
     def _update_host(self, network: str, host: DhcpHost, command: int) -> None:
         lv = self._libvirt
@@ -184,9 +188,10 @@ class LibvirtHypervisor(Hypervisor):
         flags = lv.VIR_NETWORK_UPDATE_AFFECT_CONFIG
         if net.isActive():
             flags |= lv.VIR_NETWORK_UPDATE_AFFECT_LIVE
-        self._call(f"update DHCP host {host.ip} in {network}",
-                   lambda: net.update(command, lv.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1,
-                                      host.xml(), flags))
+        self._call(
+            f"update DHCP host {host.ip} in {network}",
+            lambda: net.update(command, lv.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1, host.xml(), flags),
+        )
 
     def add_dhcp_host(self, network: str, host: DhcpHost) -> None:
         self._update_host(network, host, self._libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST)
@@ -213,8 +218,13 @@ class LibvirtHypervisor(Hypervisor):
         return True
 
     _STATES: ClassVar[dict[int, str]] = {
-        1: "running", 2: "blocked", 3: "paused", 4: "shutting down", 5: "shut off",
-        6: "crashed", 7: "suspended",
+        1: "running",
+        2: "blocked",
+        3: "paused",
+        4: "shutting down",
+        5: "shut off",
+        6: "crashed",
+        7: "suspended",
     }
 
     def domains(self) -> list[DomainInfo]:
@@ -242,9 +252,11 @@ class LibvirtHypervisor(Hypervisor):
         return None
 
     def versions(self) -> dict[str, str]:
-        return {"libvirt": _version(self._conn.getLibVersion()),
-                "hypervisor": _version(self._conn.getVersion()),
-                "driver": str(self._conn.getType())}
+        return {
+            "libvirt": _version(self._conn.getLibVersion()),
+            "hypervisor": _version(self._conn.getVersion()),
+            "driver": str(self._conn.getType()),
+        }
 
     def close(self) -> None:
         with contextlib.suppress(self._libvirt.libvirtError):
@@ -270,8 +282,10 @@ class FakeHypervisor(Hypervisor):
     def define_network(self, xml: str, *, start: bool = True) -> str:
         root = ET.fromstring(xml)
         name = root.findtext("name") or ""
-        hosts = [DhcpHost(h.get("mac", ""), h.get("name", ""), h.get("ip", ""))
-                 for h in root.iterfind("./ip/dhcp/host")]
+        hosts = [
+            DhcpHost(h.get("mac", ""), h.get("name", ""), h.get("ip", ""))
+            for h in root.iterfind("./ip/dhcp/host")
+        ]
         with self._lock:
             self.networks[name] = {"active": start, "hosts": hosts}
         return name

@@ -45,11 +45,14 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     except FileNotFoundError:
-        raise HostUnsupported("`ip` (iproute2) is not installed",
-                              hint="apt-get install iproute2") from None
+        raise HostUnsupported(
+            "`ip` (iproute2) is not installed", hint="apt-get install iproute2"
+        ) from None
     if check and proc.returncode != 0:
-        raise NetnsError(f"`{' '.join(argv)}` failed: {proc.stderr.strip()}",
-                         hint="network namespaces need root (CAP_SYS_ADMIN)")
+        raise NetnsError(
+            f"`{' '.join(argv)}` failed: {proc.stderr.strip()}",
+            hint="network namespaces need root (CAP_SYS_ADMIN)",
+        )
     return proc
 
 
@@ -87,8 +90,10 @@ def _setns(name: str) -> None:
     try:
         if libc.setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
-            raise NetnsError(f"cannot enter network namespace {name}: {os.strerror(err)}",
-                             hint="entering a namespace needs root" if err == errno.EPERM else None)
+            raise NetnsError(
+                f"cannot enter network namespace {name}: {os.strerror(err)}",
+                hint="entering a namespace needs root" if err == errno.EPERM else None,
+            )
     finally:
         os.close(fd)
 
@@ -98,8 +103,10 @@ def call_in(name: str | None, fn: Callable[[], T]) -> T:
     if name is None:
         return fn()
     if not exists(name):
-        raise NetnsError(f"network namespace {name} does not exist",
-                         hint="the cluster's daemon is gone; `gcvm down` cleans up what is left")
+        raise NetnsError(
+            f"network namespace {name} does not exist",
+            hint="the cluster's daemon is gone; `gcvm down` cleans up what is left",
+        )
     result: list[T] = []
     error: list[BaseException] = []
 

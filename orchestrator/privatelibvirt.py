@@ -31,8 +31,13 @@ from orchestrator.ui import log
 
 RUN_ROOT = Path("/run/gcvm")
 SYSTEM_ETC = Path("/etc/libvirt")
-MOUNTS = ("/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt",
-          "/etc/libvirt")
+MOUNTS = (
+    "/run/libvirt",
+    "/var/lib/libvirt",
+    "/var/cache/libvirt",
+    "/var/log/libvirt",
+    "/etc/libvirt",
+)
 QEMU_CONF = """
 # gcvm: a private daemon for one cluster, run by root inside its own namespaces.
 user = "root"
@@ -70,8 +75,13 @@ class PrivateDaemon:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrivateDaemon:
-        return cls(netns=d["netns"], root=Path(d["root"]), run_dir=Path(d["run_dir"]),
-                   libvirtd_pid=int(d["libvirtd_pid"]), virtlogd_pid=int(d["virtlogd_pid"]))
+        return cls(
+            netns=d["netns"],
+            root=Path(d["root"]),
+            run_dir=Path(d["run_dir"]),
+            libvirtd_pid=int(d["libvirtd_pid"]),
+            virtlogd_pid=int(d["virtlogd_pid"]),
+        )
 
     def alive(self) -> bool:
         return _is_process(self.libvirtd_pid, "libvirtd")
@@ -129,8 +139,9 @@ def _prepare(root: Path, run_dir: Path) -> dict[str, Path]:
 
 
 def _start_script(folders: dict[str, Path], run_dir: Path) -> str:
-    mounts = [f"mount --bind {shlex.quote(str(src))} {shlex.quote(dst)}"
-              for dst, src in folders.items()]
+    mounts = [
+        f"mount --bind {shlex.quote(str(src))} {shlex.quote(dst)}" for dst, src in folders.items()
+    ]
     daemons = [
         f"virtlogd -d -p {shlex.quote(str(run_dir / 'virtlogd.pid'))}",
         f"libvirtd -d -p {shlex.quote(str(run_dir / 'libvirtd.pid'))}",
@@ -138,20 +149,33 @@ def _start_script(folders: dict[str, Path], run_dir: Path) -> str:
     return " && ".join(["set -e", *mounts, *daemons])
 
 
-def start(cluster: str, netns_name: str, root: Path, timeout: float = START_TIMEOUT
-          ) -> PrivateDaemon:
+def start(
+    cluster: str, netns_name: str, root: Path, timeout: float = START_TIMEOUT
+) -> PrivateDaemon:
     """Start virtlogd + libvirtd for the cluster inside `netns_name` (which must exist)."""
     for binary in ("libvirtd", "virtlogd", "unshare"):
         if shutil.which(binary) is None:
-            raise HostUnsupported(f"`{binary}` is not installed",
-                                  hint="scripts/install-system-deps.sh installs libvirt")
+            raise HostUnsupported(
+                f"`{binary}` is not installed",
+                hint="scripts/install-system-deps.sh installs libvirt",
+            )
     from orchestrator import hostcaps
 
     hostcaps.fix_kvm_permissions()
     run_dir = run_dir_for(cluster)
     folders = _prepare(root, run_dir)
-    argv = netns.exec_argv(netns_name, ["unshare", "--mount", "--propagation", "private",
-                                        "sh", "-c", _start_script(folders, run_dir)])
+    argv = netns.exec_argv(
+        netns_name,
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            _start_script(folders, run_dir),
+        ],
+    )
     log.debug("run: %s", shlex.join(argv))
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
@@ -159,9 +183,13 @@ def start(cluster: str, netns_name: str, root: Path, timeout: float = START_TIME
             f"the private libvirt daemons did not start: {proc.stderr.strip()}\n{log_tail(root)}",
             hint="the daemons need root; see the log above",
         )
-    daemon = PrivateDaemon(netns=netns_name, root=root, run_dir=run_dir,
-                           libvirtd_pid=_read_pid(run_dir / "libvirtd.pid"),
-                           virtlogd_pid=_read_pid(run_dir / "virtlogd.pid"))
+    daemon = PrivateDaemon(
+        netns=netns_name,
+        root=root,
+        run_dir=run_dir,
+        libvirtd_pid=_read_pid(run_dir / "libvirtd.pid"),
+        virtlogd_pid=_read_pid(run_dir / "virtlogd.pid"),
+    )
     wait_ready(daemon, timeout)
     return daemon
 
@@ -187,8 +215,9 @@ def wait_ready(daemon: PrivateDaemon, timeout: float) -> None:
     last = "its socket never appeared"
     while time.monotonic() < deadline:
         if not daemon.alive():
-            raise DaemonError(f"libvirtd (pid {daemon.libvirtd_pid}) exited while starting\n"
-                              f"{daemon.log_tail()}")
+            raise DaemonError(
+                f"libvirtd (pid {daemon.libvirtd_pid}) exited while starting\n{daemon.log_tail()}"
+            )
         if daemon.socket.exists():
             try:
                 conn = libvirt.open(daemon.uri)
@@ -197,8 +226,9 @@ def wait_ready(daemon: PrivateDaemon, timeout: float) -> None:
             except libvirt.libvirtError as exc:
                 last = str(exc)
         time.sleep(0.1)
-    raise Timeout(f"the private libvirtd did not answer within {timeout:.0f} s ({last})\n"
-                  f"{daemon.log_tail()}")
+    raise Timeout(
+        f"the private libvirtd did not answer within {timeout:.0f} s ({last})\n{daemon.log_tail()}"
+    )
 
 
 def process_name(pid: int) -> str | None:

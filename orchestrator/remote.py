@@ -77,8 +77,13 @@ def command_line(argv: list[str], env: dict[str, str] | None = None) -> str:
 class RemoteProcess:
     """A command running on a VM; output is read by a thread and handed to `on_line`."""
 
-    def __init__(self, remote: Remote, command: str, channel: paramiko.Channel,
-                 on_line: Callable[[str], None] | None) -> None:
+    def __init__(
+        self,
+        remote: Remote,
+        command: str,
+        channel: paramiko.Channel,
+        on_line: Callable[[str], None] | None,
+    ) -> None:
         self.remote = remote
         self.command = command
         self._chan = channel
@@ -89,13 +94,12 @@ class RemoteProcess:
         self._pgid: int | None = None
         self._rc: int | None = None
         self._pgid_seen = threading.Event()
-        self._thread = threading.Thread(target=self._pump, daemon=True,
-                                        name=f"ssh-{remote.name}")
+        self._thread = threading.Thread(target=self._pump, daemon=True, name=f"ssh-{remote.name}")
         self._thread.start()
 
     def _emit(self, line: str, stream: list[str]) -> None:
         if stream is self._out and self._pgid is None and line.startswith(PID_MARK):
-            self._pgid = int(line[len(PID_MARK):])
+            self._pgid = int(line[len(PID_MARK) :])
             self._pgid_seen.set()
             return
         stream.append(line + "\n")
@@ -108,8 +112,10 @@ class RemoteProcess:
 
     def _pump(self) -> None:
         chan = self._chan
-        decoders = {id(self._out): codecs.getincrementaldecoder("utf-8")("replace"),
-                    id(self._err): codecs.getincrementaldecoder("utf-8")("replace")}
+        decoders = {
+            id(self._out): codecs.getincrementaldecoder("utf-8")("replace"),
+            id(self._err): codecs.getincrementaldecoder("utf-8")("replace"),
+        }
         partial = {id(self._out): "", id(self._err): ""}
 
         def feed(data: bytes, stream: list[str], final: bool = False) -> None:
@@ -131,8 +137,11 @@ class RemoteProcess:
                     feed(chan.recv_stderr(65536), self._err)
                     busy = True
                 if not busy:
-                    if chan.exit_status_ready() and not chan.recv_ready() \
-                            and not chan.recv_stderr_ready():
+                    if (
+                        chan.exit_status_ready()
+                        and not chan.recv_ready()
+                        and not chan.recv_stderr_ready()
+                    ):
                         break
                     if chan.closed and not chan.recv_ready():
                         break
@@ -152,8 +161,10 @@ class RemoteProcess:
     def wait(self, timeout: float) -> int:
         self._thread.join(timeout)
         if self._thread.is_alive():
-            raise Timeout(f"{self.remote.name}: `{self.command}` still running after "
-                          f"{timeout:.0f} s", hint="the command was left running; see its output")
+            raise Timeout(
+                f"{self.remote.name}: `{self.command}` still running after {timeout:.0f} s",
+                hint="the command was left running; see its output",
+            )
         assert self._rc is not None
         return self._rc
 
@@ -162,8 +173,10 @@ class RemoteProcess:
         self._pgid_seen.wait(5)
         if self._pgid is not None and self.poll() is None:
             # `kill -SIG -PGID` (no `--`): dash, the guests' sh, rejects `--` there
-            script = f"kill -TERM -{self._pgid} 2>/dev/null; sleep 1; " \
-                     f"kill -KILL -{self._pgid} 2>/dev/null; true"
+            script = (
+                f"kill -TERM -{self._pgid} 2>/dev/null; sleep 1; "
+                f"kill -KILL -{self._pgid} 2>/dev/null; true"
+            )
             try:
                 self.remote._exec(script).recv_exit_status()
             except Exception as exc:
@@ -210,18 +223,24 @@ class Remote:
                     f"{endpoint.name} ({endpoint.host}) presented a host key that differs from "
                     f"the one pinned in {endpoint.known_hosts}: {exc}",
                     hint="someone else answers at that address, or the VM was replaced; "
-                    "recreate the cluster") from None
+                    "recreate the cluster",
+                ) from None
             except paramiko.AuthenticationException as exc:
-                raise RemoteError(f"{endpoint.name} ({endpoint.host}) refused the cluster's key "
-                                  f"{endpoint.client_key}: {exc}") from None
+                raise RemoteError(
+                    f"{endpoint.name} ({endpoint.host}) refused the cluster's key "
+                    f"{endpoint.client_key}: {exc}"
+                ) from None
             except Exception as exc:
                 if not _is_transient(exc):
-                    raise RemoteError(f"cannot connect to {endpoint.name} ({endpoint.host}): "
-                                      f"{exc}") from None
+                    raise RemoteError(
+                        f"cannot connect to {endpoint.name} ({endpoint.host}): {exc}"
+                    ) from None
                 if time.monotonic() + 1 >= deadline:
-                    raise Timeout(f"{endpoint.name} ({endpoint.host}:{endpoint.port}) not "
-                                  f"reachable over SSH within {timeout:.0f} s ({attempt} tries; "
-                                  f"last: {type(exc).__name__}: {exc})") from None
+                    raise Timeout(
+                        f"{endpoint.name} ({endpoint.host}:{endpoint.port}) not "
+                        f"reachable over SSH within {timeout:.0f} s ({attempt} tries; "
+                        f"last: {type(exc).__name__}: {exc})"
+                    ) from None
                 log.debug("%s: connect try %d failed: %s", endpoint.name, attempt, exc)
                 time.sleep(1.0)
 
@@ -233,29 +252,44 @@ class Remote:
         chan.exec_command(command)
         return chan
 
-    def start(self, argv: list[str], env: dict[str, str] | None = None,
-              on_line: Callable[[str], None] | None = None) -> RemoteProcess:
+    def start(
+        self,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ) -> RemoteProcess:
         """Start a command; its first output line (not handed on) names its process group."""
         command = command_line(argv, env)
         log.debug("%s: run %s", self.name, command)
         chan = self._exec(f"echo {PID_MARK}$$; exec {command}")
         return RemoteProcess(self, command, chan, on_line)
 
-    def run(self, argv: list[str], *, timeout: float, env: dict[str, str] | None = None,
-            check: bool = True, on_line: Callable[[str], None] | None = None) -> Result:
+    def run(
+        self,
+        argv: list[str],
+        *,
+        timeout: float,
+        env: dict[str, str] | None = None,
+        check: bool = True,
+        on_line: Callable[[str], None] | None = None,
+    ) -> Result:
         proc = self.start(argv, env, on_line)
         try:
             rc = proc.wait(timeout)
         except Timeout:
             proc.kill()
-            raise Timeout(f"{self.name}: `{proc.command}` did not finish within {timeout:.0f} s",
-                          hint="last output:\n" + "\n".join(proc.tail(10))) from None
+            raise Timeout(
+                f"{self.name}: `{proc.command}` did not finish within {timeout:.0f} s",
+                hint="last output:\n" + "\n".join(proc.tail(10)),
+            ) from None
         result = Result(rc, proc.stdout, proc.stderr)
         log.debug("%s: exit %d: %s", self.name, rc, proc.command)
         if check and rc != 0:
             tail = "\n".join(f"    {line}" for line in result.stderr.splitlines()[-10:])
-            raise RemoteError(f"{self.name}: `{proc.command}` exited with status {rc}"
-                              + (f"; stderr:\n{tail}" if tail else ""))
+            raise RemoteError(
+                f"{self.name}: `{proc.command}` exited with status {rc}"
+                + (f"; stderr:\n{tail}" if tail else "")
+            )
         return result
 
     def put(self, local: Path, remote: str) -> None:
@@ -289,9 +323,18 @@ def _connect_once(ep: Endpoint, timeout: float) -> paramiko.SSHClient:
     client.load_host_keys(str(ep.known_hosts))  # the cluster's own file, nothing else
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     try:
-        client.connect(ep.host, port=ep.port, username=ep.user, key_filename=str(ep.client_key),
-                       sock=sock, timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
-                       allow_agent=False, look_for_keys=False)
+        client.connect(
+            ep.host,
+            port=ep.port,
+            username=ep.user,
+            key_filename=str(ep.client_key),
+            sock=sock,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+            allow_agent=False,
+            look_for_keys=False,
+        )
     except BaseException:
         client.close()
         sock.close()
@@ -303,19 +346,34 @@ def _connect_once(ep: Endpoint, timeout: float) -> paramiko.SSHClient:
 
 
 def endpoint_for(cluster: ClusterState, vm: VmState) -> Endpoint:
-    return Endpoint(name=vm.name, host=vm.address, port=22, netns=cluster.netns,
-                    client_key=cluster.client_key, known_hosts=cluster.known_hosts)
+    return Endpoint(
+        name=vm.name,
+        host=vm.address,
+        port=22,
+        netns=cluster.netns,
+        client_key=cluster.client_key,
+        known_hosts=cluster.known_hosts,
+    )
 
 
 def ssh_argv(cluster: ClusterState, vm: VmState, command: list[str] | None = None) -> list[str]:
     """OpenSSH's client with the same pinning, inside the namespace (for interactive shells)."""
     argv = [
-        "ssh", "-i", str(cluster.client_key), "-o", "IdentitiesOnly=yes",
-        "-o", f"UserKnownHostsFile={cluster.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+        "ssh",
+        "-i",
+        str(cluster.client_key),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        f"UserKnownHostsFile={cluster.known_hosts}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "BatchMode=yes",
         f"{USER}@{vm.address}",
     ]
     if command:
         argv += ["--", shlex.join(command)]
     return netns.exec_argv(cluster.netns, argv)
-

@@ -143,14 +143,19 @@ def load(name: str) -> ClusterState:
         text = path.read_text()
     except FileNotFoundError:
         others = names()
-        hint = (f"clusters here: {', '.join(others)}; pass --name" if others
-                else "start one with `gcvm up --tee none --workers 1`")
+        hint = (
+            f"clusters here: {', '.join(others)}; pass --name"
+            if others
+            else "start one with `gcvm up --tee none --workers 1`"
+        )
         raise ClusterNotFound(f"no cluster named {name!r} (no {path})", hint=hint) from None
     try:
         return ClusterState.from_json(text)
     except (ValueError, KeyError, TypeError) as exc:
-        raise StateCorrupt(f"cannot read {path}: {exc}",
-                           hint=f"`gcvm down --name {name}` still removes what it finds") from None
+        raise StateCorrupt(
+            f"cannot read {path}: {exc}",
+            hint=f"`gcvm down --name {name}` still removes what it finds",
+        ) from None
 
 
 def save(st: ClusterState) -> Path:
@@ -194,7 +199,8 @@ def locked(name: str, wait: float = 10.0) -> Iterator[None]:
                 if time.monotonic() >= deadline:
                     raise ClusterBusy(
                         f"cluster {name!r} is busy: another gcvm command holds {path}",
-                        hint="wait for it to finish (up, run and down take turns)") from None
+                        hint="wait for it to finish (up, run and down take turns)",
+                    ) from None
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

@@ -34,13 +34,17 @@ class Env:
     env: dict[str, str]
 
     def gcvm(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "orchestrator", *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 @pytest.fixture
-def gcvm_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, built_image: Image
-             ) -> Iterator[Env]:
+def gcvm_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, built_image: Image) -> Iterator[Env]:
     # State goes to a private GCVM_HOME; the image (and libvirt's capability cache) stay shared.
     cache = os.environ.get("GCVM_CACHE") or str(paths.cache_root())
     home = tmp_path / "home"
@@ -99,8 +103,9 @@ def test_up_ssh_down(gcvm_env: Env, tmp_path: Path) -> None:
 
         # a VM that shows another host key is refused
         wrong = tmp_path / "wrong_known_hosts"
-        keys.write_known_hosts(wrong, {vm.address: keys.generate_ed25519().public_openssh
-                                       for vm in st.vms})
+        keys.write_known_hosts(
+            wrong, {vm.address: keys.generate_ed25519().public_openssh for vm in st.vms}
+        )
         ep = endpoint_for(st, st.vms[0])
         with pytest.raises(HostKeyMismatch):
             Remote.open(type(ep)(**{**ep.__dict__, "known_hosts": wrong}), timeout=20)
@@ -130,8 +135,7 @@ def test_unreachable_vm_fails_and_cleans_up(gcvm_env: Env) -> None:
     """A deadline shorter than a TCG boot: `up` names a VM, shows its console, removes all."""
     name = _name()
     start = time.monotonic()
-    up = gcvm_env.gcvm("up", "--tee", "none", "--workers", "1", "--name", name,
-                       "--timeout", "15")
+    up = gcvm_env.gcvm("up", "--tee", "none", "--workers", "1", "--name", name, "--timeout", "15")
     elapsed = time.monotonic() - start
     try:
         assert up.returncode != 0
@@ -149,8 +153,9 @@ def _host_firewall() -> str:
     return subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
 
 
-def test_private_daemon_stays_in_its_namespace(vm_host: None, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_private_daemon_stays_in_its_namespace(
+    vm_host: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No VM: the private libvirtd, its NAT network, bridge and firewall rules live in the
     namespace only; a dead daemon is a clear error; stopping leaves no process."""
     from orchestrator import render
@@ -171,8 +176,9 @@ def test_private_daemon_stays_in_its_namespace(vm_host: None, tmp_path: Path,
         with LibvirtHypervisor(daemon.uri) as hv:
             hv.define_network(render.render_network(spec, plan_vms(spec, tmp_path)))
             assert hv.network_exists(spec.network_name)
-        inside = subprocess.run(["ip", "netns", "exec", ns, "iptables-save"],
-                                capture_output=True, text=True).stdout
+        inside = subprocess.run(
+            ["ip", "netns", "exec", ns, "iptables-save"], capture_output=True, text=True
+        ).stdout
         assert "LIBVIRT" in inside and "192.168.122.0/24" in inside
         assert _host_firewall() == firewall_before
         assert set(os.listdir("/sys/class/net")) == host_links  # virbr0 is not on the host

@@ -42,16 +42,25 @@ class FakeGuest:
     files: dict[str, Path] = field(default_factory=dict)
     closed: bool = False
 
-    def run(self, argv: list[str], *, timeout: float, env: dict[str, str] | None = None,
-            check: bool = True, on_line: Callable[[str], None] | None = None) -> FakeResult:
+    def run(
+        self,
+        argv: list[str],
+        *,
+        timeout: float,
+        env: dict[str, str] | None = None,
+        check: bool = True,
+        on_line: Callable[[str], None] | None = None,
+    ) -> FakeResult:
         self.commands.append(argv)
         if argv[:2] == ["systemctl", "is-system-running"]:
             return FakeResult(1, "degraded\n")
         if argv[:2] == ["sh", "-c"] and "ip -o link" in argv[2]:
-            out = (f"{'dmesg: ' + self.dmesg if self.dmesg else ''}\n"
-                   "link: 1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 link/loopback 00:00:00:00:00:00\n"
-                   f"link: 2: {self.ifname}: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 "
-                   f"link/ether {self.mac} brd ff:ff:ff:ff:ff:ff\n")
+            out = (
+                f"{'dmesg: ' + self.dmesg if self.dmesg else ''}\n"
+                "link: 1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 link/loopback 00:00:00:00:00:00\n"
+                f"link: 2: {self.ifname}: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 "
+                f"link/ether {self.mac} brd ff:ff:ff:ff:ff:ff\n"
+            )
             return FakeResult(0, out)
         return FakeResult(0, "")
 
@@ -75,7 +84,8 @@ class FakeBackend(Backend):
         self.interrupt_on_connect = False
         self.caps = hostcaps.HostCaps.from_domcaps_xml(
             (FIXTURES / "domcaps-plain-debian12.xml").read_text(),
-            kvm=hostcaps.KvmProbe(False, "not probed in unit tests"))
+            kvm=hostcaps.KvmProbe(False, "not probed in unit tests"),
+        )
         self.image = _image(tmp)
         self.lock = threading.Lock()
 
@@ -148,10 +158,19 @@ def _image(tmp: Path) -> Image:
     root.mkdir()
     for name in ("disk.qcow2", "vmlinuz", "initrd.img"):
         (root / name).write_text(name)
-    return Image(root=root, disk=root / "disk.qcow2", kernel=root / "vmlinuz",
-                 initrd=root / "initrd.img", cmdline="root=/dev/vda rw console=ttyS0",
-                 python="/opt/gcvm/venv/bin/python", recipe_hash="abc123", size_bytes=1,
-                 built_seconds=1.0, kernel_version="6.1.0", tee_guest_support={})
+    return Image(
+        root=root,
+        disk=root / "disk.qcow2",
+        kernel=root / "vmlinuz",
+        initrd=root / "initrd.img",
+        cmdline="root=/dev/vda rw console=ttyS0",
+        python="/opt/gcvm/venv/bin/python",
+        recipe_hash="abc123",
+        size_bytes=1,
+        built_seconds=1.0,
+        kernel_version="6.1.0",
+        tee_guest_support={},
+    )
 
 
 @pytest.fixture
@@ -273,8 +292,7 @@ def test_down_finds_leftovers_without_state_file(backend: FakeBackend) -> None:
     _nothing_left(backend, "t7")
 
 
-def test_tee_mismatch_in_guest_fails(backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
-                                     ) -> None:
+def test_tee_mismatch_in_guest_fails(backend: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     orig = backend.connect
 
     def confidential(st: state.ClusterState, vm: state.VmState, timeout: float) -> FakeGuest:
@@ -290,8 +308,11 @@ def test_tee_mismatch_in_guest_fails(backend: FakeBackend, monkeypatch: pytest.M
 
 def test_existing_network_gets_and_loses_dhcp_entries(backend: FakeBackend) -> None:
     spec = ClusterSpec(name="t9", connect="qemu:///system", network="shared")
-    backend.hv.define_network(render.render_network(
-        ClusterSpec(name="shared"), [], bridge="virbr9").replace("gcvm-shared", "shared"))
+    backend.hv.define_network(
+        render.render_network(ClusterSpec(name="shared"), [], bridge="virbr9").replace(
+            "gcvm-shared", "shared"
+        )
+    )
     st = cluster.up(spec, backend=backend)
     assert st.netns is None and not st.own_network and st.private_daemon is None
     assert backend.namespaces == set() and backend.daemons == set()
@@ -303,14 +324,17 @@ def test_existing_network_gets_and_loses_dhcp_entries(backend: FakeBackend) -> N
 
 
 def test_parse_guest_facts() -> None:
-    out = ("dmesg: [0.0] Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP\n"
-           "device: /dev/sev-guest\n"
-           "link: 2: ens3: <BROADCAST> mtu 1500 link/ether 52:54:00:a8:7a:0b brd ff\n")
+    out = (
+        "dmesg: [0.0] Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP\n"
+        "device: /dev/sev-guest\n"
+        "link: 2: ens3: <BROADCAST> mtu 1500 link/ether 52:54:00:a8:7a:0b brd ff\n"
+    )
     ifname, tee, evidence = cluster.parse_guest_facts(out, "52:54:00:A8:7A:0B")
     assert (ifname, tee) == ("ens3", "sev-snp")
     assert "SEV-SNP" in evidence and "/dev/sev-guest" in evidence
-    assert cluster.parse_guest_facts("link: 2: eth0@if3: x link/ether 52:54:00:00:00:01",
-                                     "52:54:00:00:00:01")[:2] == ("eth0", "none")
+    assert cluster.parse_guest_facts(
+        "link: 2: eth0@if3: x link/ether 52:54:00:00:00:01", "52:54:00:00:00:01"
+    )[:2] == ("eth0", "none")
 
 
 def test_fake_hypervisor_dhcp_update_semantics() -> None:
@@ -322,4 +346,3 @@ def test_fake_hypervisor_dhcp_update_semantics() -> None:
         hv.add_dhcp_host("n", host)
     hv.remove_dhcp_host("n", host)
     assert hv.dhcp_hosts("n") == []
-

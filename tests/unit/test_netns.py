@@ -31,15 +31,19 @@ def ns() -> Iterator[str]:
 
 
 def _links(name: str | None) -> set[str]:
-    return {name for _, name in socket.if_nameindex()} if name is None else \
-        netns.call_in(name, lambda: {n for _, n in socket.if_nameindex()})
+    return (
+        {name for _, name in socket.if_nameindex()}
+        if name is None
+        else netns.call_in(name, lambda: {n for _, n in socket.if_nameindex()})
+    )
 
 
 def test_namespace_has_only_loopback_and_it_is_up(ns: str) -> None:
     assert netns.exists(ns)
     assert _links(ns) == {"lo"}
-    out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "lo"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", ns, "-o", "link", "show", "lo"], capture_output=True, text=True, check=True
+    ).stdout
     assert "UP" in out
     netns.create(ns)  # creating it again is harmless
 

@@ -37,8 +37,11 @@ class _Server(paramiko.ServerInterface):
         return "publickey"
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
-        return paramiko.OPEN_SUCCEEDED if kind == "session" else \
-            paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        return (
+            paramiko.OPEN_SUCCEEDED
+            if kind == "session"
+            else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        )
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         threading.Thread(target=_execute, args=(channel, command.decode()), daemon=True).start()
@@ -75,15 +78,21 @@ class _LocalSftp(paramiko.SFTPServerInterface):
 
 def _execute(channel: paramiko.Channel, command: str) -> None:
     """What sshd does without a pty: the command's shell leads a new session."""
-    proc = subprocess.Popen(["sh", "-c", command], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        ["sh", "-c", command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
     def pump(stream: object, send: object) -> None:
         for chunk in iter(lambda: stream.read1(4096), b""):  # type: ignore[attr-defined]
             send(chunk)  # type: ignore[operator]
 
-    threads = [threading.Thread(target=pump, args=(proc.stdout, channel.sendall)),
-               threading.Thread(target=pump, args=(proc.stderr, channel.sendall_stderr))]
+    threads = [
+        threading.Thread(target=pump, args=(proc.stdout, channel.sendall)),
+        threading.Thread(target=pump, args=(proc.stderr, channel.sendall_stderr)),
+    ]
     for t in threads:
         t.start()
     rc = proc.wait()
@@ -104,13 +113,22 @@ class SshServer:
     netns: str | None
 
     def endpoint(self, known_hosts: Path | None = None) -> Endpoint:
-        return Endpoint(name="vm0", host=self.host, port=self.port, netns=self.netns,
-                        client_key=self.client_key,
-                        known_hosts=known_hosts or self.known_hosts)
+        return Endpoint(
+            name="vm0",
+            host=self.host,
+            port=self.port,
+            netns=self.netns,
+            client_key=self.client_key,
+            known_hosts=known_hosts or self.known_hosts,
+        )
 
 
-def _serve(listener: socket.socket, host_key: paramiko.PKey, authorized: paramiko.PKey,
-           stop: threading.Event) -> None:
+def _serve(
+    listener: socket.socket,
+    host_key: paramiko.PKey,
+    authorized: paramiko.PKey,
+    stop: threading.Event,
+) -> None:
     listener.settimeout(0.2)
     while not stop.is_set():
         try:
@@ -142,12 +160,14 @@ def _start(tmp: Path, ns: str | None) -> Iterator[SshServer]:
     known = tmp / "known_hosts"
     keys.write_known_hosts(known, {"127.0.0.1": host_pair.public_openssh}, port=port)
     stop = threading.Event()
-    thread = threading.Thread(target=_serve, args=(listener, host_key, client_key, stop),
-                              daemon=True)
+    thread = threading.Thread(
+        target=_serve, args=(listener, host_key, client_key, stop), daemon=True
+    )
     thread.start()
     try:
-        yield SshServer("127.0.0.1", port, host_key, host_pair.public_openssh, tmp / "client",
-                        known, ns)
+        yield SshServer(
+            "127.0.0.1", port, host_key, host_pair.public_openssh, tmp / "client", known, ns
+        )
     finally:
         stop.set()
         listener.close()
@@ -190,15 +210,15 @@ def test_run_returns_output_and_status(server: SshServer) -> None:
         res = r.run(["sh", "-c", "echo out; echo err >&2; exit 3"], timeout=10, check=False)
         assert (res.rc, res.stdout, res.stderr) == (3, "out\n", "err\n")
         lines: list[str] = []
-        res = r.run(["printf", "%s\\n", "a b", "$HOME"], timeout=10, env={"K": "v w"},
-                    on_line=lines.append)
+        res = r.run(
+            ["printf", "%s\\n", "a b", "$HOME"], timeout=10, env={"K": "v w"}, on_line=lines.append
+        )
         assert lines == ["a b", "$HOME"]
         assert r.run(["sh", "-c", 'echo "$K"'], timeout=10, env={"K": "v w"}).stdout == "v w\n"
 
 
 def test_run_failure_names_vm_command_and_stderr(server: SshServer) -> None:
-    with Remote.open(server.endpoint(), timeout=10) as r, \
-            pytest.raises(RemoteError) as err:
+    with Remote.open(server.endpoint(), timeout=10) as r, pytest.raises(RemoteError) as err:
         r.run(["sh", "-c", "echo boom >&2; exit 7"], timeout=10)
     assert "vm0" in str(err.value) and "status 7" in str(err.value)
     assert "boom" in str(err.value) and "exit 7" in str(err.value)
