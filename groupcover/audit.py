@@ -28,6 +28,7 @@ class _LayerRecord:
     weight: torch.Tensor
     bias: torch.Tensor | None
     secret: LayerSecret
+    mixing: torch.Tensor | None  # the inverse of the kept inverse: the mixing matrices themselves
 
 
 @dataclass
@@ -66,6 +67,23 @@ def _contains_vector(payload: torch.Tensor, vector: torch.Tensor) -> bool:
     return False
 
 
+def _contains_matrix_rows(payload: torch.Tensor, matrices: torch.Tensor) -> bool:
+    """The payload equals the (G, k, k) matrices, or a payload row equals a non-trivial row."""
+    if _close(payload, matrices):
+        return True
+    k = matrices.shape[-1]
+    if payload.shape[-1] != k or k < 2:
+        return False
+    rows = matrices.reshape(-1, k)
+    rows = rows[(rows != 0).sum(dim=1) > 1]  # identity rows of padded slots match too much
+    candidates = payload.detach().reshape(-1, k).to(torch.float64)
+    if rows.numel() == 0 or candidates.numel() == 0:
+        return False
+    distance = torch.cdist(candidates, rows)
+    scale = rows.abs().amax(dim=1).clamp(min=1e-12)
+    return bool((distance <= 1e-5 * scale).any())
+
+
 def _max_row_cosine(payload: torch.Tensor, weight: torch.Tensor) -> float:
     rows, reference = _as_matrix(payload), _as_matrix(weight)
     if rows.shape[1] != reference.shape[1]:
@@ -90,7 +108,8 @@ class Audit:
         bias: torch.Tensor | None,
         secret: LayerSecret,
     ) -> None:
-        self._layers[layer_id] = _LayerRecord(weight.detach(), bias, secret)
+        mixing = None if secret.inverse is None else torch.linalg.inv(secret.inverse)
+        self._layers[layer_id] = _LayerRecord(weight.detach(), bias, secret, mixing)
 
     def note_call(
         self,
@@ -153,6 +172,12 @@ class Audit:
                 self._flag(f"{layer_id}: {event} payload contains the {name}")
         if record.bias is not None and _contains_vector(payload, record.bias):
             self._flag(f"{layer_id}: {event} payload contains the bias")
+        for name, matrices in (
+            ("mixing", record.mixing),
+            ("inverse mixing", record.secret.inverse),
+        ):
+            if matrices is not None and _contains_matrix_rows(payload, matrices):
+                self._flag(f"{layer_id}: {event} payload contains rows of the {name} matrices")
 
     @property
     def leaks(self) -> list[str]:

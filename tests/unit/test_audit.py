@@ -82,9 +82,11 @@ def test_secrets_in_payloads_are_flagged() -> None:
     audit.observe("run", "fc", secret.in_perm.to(torch.float32))
     audit.observe("publish", "fc", secret.inverse.to(torch.float32))
     audit.observe("publish", "fc", weight.clone())
+    audit.observe("run", "fc", torch.linalg.inv(secret.inverse[0]).to(torch.float32))
     leaks = audit.report()["leaks"]
+    assert any("rows of the mixing matrices" in leak for leak in leaks)
     assert any("contains the bias" in leak for leak in leaks)
     assert any("contains the input permutation" in leak for leak in leaks)
     assert any("contains the inverse mixing" in leak for leak in leaks)
     assert any("equals the plaintext weight" in leak for leak in leaks)
-    assert audit.report()["payloads"] == 5
+    assert audit.report()["payloads"] == 6
