@@ -31,7 +31,12 @@ class NothingToOffload(UsageError):
 
 
 class OffloadedLayer(nn.Module):
-    """Stands in for one layer: the master's half of the protocol around `transport.run`."""
+    """Stands in for one layer: the master's half of the protocol around `transport.run`.
+
+    Everything the master adds around the call is timed as de-obfuscation: the input
+    permutation, taking a mask (a dry pool's synchronous refill included) and adding it, and the
+    unmasking, de-mixing and bias after the call.
+    """
 
     def __init__(
         self,
