@@ -108,6 +108,9 @@ def install(target: Target, wheel: Path, python: str, timeout: float = 300) -> N
             "--no-deps",
             "--no-index",
             "--force-reinstall",
+            # Byte-compiling every module under TCG doubles the install (17 s -> 9 s measured);
+            # the guest compiles only what it imports, on first import.
+            "--no-compile",
             "--disable-pip-version-check",
             "-q",
             remote_path,
