@@ -90,13 +90,6 @@ MODELS: dict[str, ModelFactory] = {
     "resnet18": ModelFactory("ResNet-18-sized CNN (224x224 input), random weights", _build_resnet),
 }
 
-DEFAULT_SEQ: dict[str, int] = {
-    "minilm": 128,
-    "bert-base": 128,
-    "seed-transformer": 128,
-    "resnet18": 224,
-}
-
 
 def load_model(name: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, ExampleInputFn]:
     factory = MODELS.get(name)
