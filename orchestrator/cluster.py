@@ -321,7 +321,7 @@ def up(
     """Create the cluster and return its state once every VM is ready with the code installed."""
     spec.validate()
     backend = backend or Backend()
-    with state.locked(spec.name):
+    with state.locked(spec.name), _sigterm_interrupts():
         _refuse_existing(spec, backend)
         run = _Up(spec, backend, timeout, image_path or spec.image)
         started = time.monotonic()
@@ -343,6 +343,23 @@ def up(
             f"cluster {spec.name} ready in {time.monotonic() - started:.1f} s ({len(st.vms)} VMs)"
         )
         return st
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a CI job cancelled, `timeout`) cleans up like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(run: _Up, exc: BaseException, keep: bool) -> None:
