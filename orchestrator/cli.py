@@ -144,6 +144,8 @@ def up_cmd(
                                        "to add the VMs to (default: a network of their own)."),
     image: Path | None = typer.Option(None, help="A disk image of your own "  # noqa: B008
                                       "(default: gcvm's built image)."),
+    subnet: str = typer.Option("192.168.122.0/24", help="IPv4 subnet of the cluster's own "
+                               "network (change it next to a daemon's `default` network)."),
     vcpus: int = typer.Option(1, help="vCPUs per VM."),
     memory: int = typer.Option(2048, help="Memory per VM in MiB."),
     keep_on_failure: bool = typer.Option(False, help="Keep what was created if `up` fails."),
@@ -157,7 +159,7 @@ def up_cmd(
         name=name, tee=_choice(Tee, "--tee", tee),
         worker_tee=_choice(Tee, "--worker-tee", worker_tee) if worker_tee else None,
         accel=_choice(Accel, "--accel", accel), masters=masters, workers=workers, vcpus=vcpus,
-        memory_mib=memory, image=image, network=network, connect=connect,
+        memory_mib=memory, image=image, network=network, connect=connect, subnet=subnet,
     )
     st = cluster.up(spec, keep_on_failure=keep_on_failure, image_path=image, timeout=timeout)
     _print_vms(st.name)

@@ -11,6 +11,7 @@ a crash.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -164,7 +165,7 @@ class Backend:
     def render_network(self, spec: ClusterSpec, vms: Sequence[VmSpec]) -> str:
         from orchestrator import render
 
-        return render.render_network(spec, list(vms), bridge="virbr0")
+        return render.render_network(spec, list(vms), bridge=bridge_name(spec))
 
     def render_domain(self, vm: VmSpec, image: Any, host: HostFacts, network: str) -> str:
         from orchestrator import render
@@ -179,6 +180,14 @@ class Backend:
 
     def build_wheel(self, out_dir: Path) -> Path:
         return deploy.build_wheel(out_dir)
+
+
+def bridge_name(spec: ClusterSpec) -> str:
+    """virbr0 inside the cluster's own namespace; on a shared daemon (`--connect`), a name of
+    the cluster's own that fits Linux's 15 characters and never meets the `default` network's."""
+    if spec.connect is None:
+        return "virbr0"
+    return "gcvm" + hashlib.sha256(spec.name.encode()).hexdigest()[:8]
 
 
 def render_inputs(image: Any, host: HostFacts, network: str) -> Any:
@@ -378,7 +387,7 @@ def _fail(run: _Up, exc: BaseException, keep: bool) -> None:
     kept = _keep_logs(run.spec.name)
     with ui.step(f"clean up the failed cluster {run.spec.name}"):
         try:
-            _teardown(run.spec.name, run.st, run.backend, quiet=True)
+            _teardown(run.spec.name, run.st, run.backend)
         except Exception as cleanup_exc:  # the original failure matters more
             ui.warn(f"cleanup incomplete: {cleanup_exc}; run `gcvm down --name {run.spec.name}`")
     if kept is not None:
@@ -633,7 +642,6 @@ def _teardown(
     backend: Backend,
     *,
     connect: str | None = None,
-    quiet: bool = False,
 ) -> list[str]:
     """Remove domains, network or DHCP entries, daemons, namespace, state folder; returns what
     was there. Works from the state file when there is one, else from what it finds."""

@@ -323,6 +323,13 @@ def test_existing_network_gets_and_loses_dhcp_entries(backend: FakeBackend) -> N
     assert backend.hv.domains() == []
 
 
+def test_bridge_names() -> None:
+    assert cluster.bridge_name(ClusterSpec(name="a")) == "virbr0"  # alone in its namespace
+    shared = cluster.bridge_name(ClusterSpec(name="a" * 20, connect="qemu:///system"))
+    assert shared.startswith("gcvm") and len(shared) <= 15 and shared != "virbr0"
+    assert shared != cluster.bridge_name(ClusterSpec(name="b", connect="qemu:///system"))
+
+
 def test_parse_guest_facts() -> None:
     out = (
         "dmesg: [0.0] Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP\n"
