@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from groupcover.errors import GroupCoverError, UsageError
-from groupcover.launch import DEFAULT_MODES, RankSettings, Role, launch, report_error
+from groupcover.errors import GroupCoverError, UsageError, print_error
+from groupcover.launch import DEFAULT_MODES, RankSettings, Role, launch
 from groupcover.rpc import DEFAULT_TIMEOUT_S
 
 
@@ -18,7 +18,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (and exit code 2), like every other."""
 
     def error(self, message: str) -> NoReturn:
-        report_error(UsageError(message, hint=f"see `{self.prog} --help`"))
+        print_error(UsageError(message, hint=f"see `{self.prog} --help`"))
         sys.exit(2)
 
 
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return launch(_settings(args))
         return _bench(args)
     except GroupCoverError as exc:
-        report_error(exc)
+        print_error(exc)
         return exc.exit_code
     except KeyboardInterrupt:
         print("groupcover: interrupted", file=sys.stderr)

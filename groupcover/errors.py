@@ -7,6 +7,8 @@ wire with their class.
 
 from __future__ import annotations
 
+import sys
+
 
 class GroupCoverError(Exception):
     """An expected failure: printed as one line plus a hint on stderr, never as a traceback."""
@@ -46,3 +48,10 @@ class WorkerError(GroupCoverError):
 
 class UnknownLayer(WorkerError):
     """A run call named a layer that this master never published to the worker."""
+
+
+def print_error(exc: GroupCoverError) -> None:
+    """The one way an expected failure is shown: one line, plus a hint line when there is one."""
+    print(f"groupcover: error: {exc.message}", file=sys.stderr, flush=True)
+    if exc.hint:
+        print(f"groupcover: hint: {exc.hint}", file=sys.stderr, flush=True)

@@ -7,7 +7,6 @@ console scripts all end up here.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 
 from groupcover import rpc
-from groupcover.errors import GroupCoverError, UsageError, WorkerUnavailable
+from groupcover.errors import GroupCoverError, UsageError, WorkerUnavailable, print_error
 
 MAX_BATCH = 1024
 MAX_SEQ = 512
@@ -116,12 +115,6 @@ def _validate_names(model: str, modes: tuple[str, ...]) -> None:
         raise UsageError(f"a mode is repeated in {','.join(modes)}")
 
 
-def report_error(exc: GroupCoverError) -> None:
-    print(f"groupcover: error: {exc.message}", file=sys.stderr)
-    if exc.hint:
-        print(f"groupcover: hint: {exc.hint}", file=sys.stderr)
-
-
 def launch(settings: RankSettings) -> int:
     """Runs one rank to completion; expected failures become one line on stderr and an exit code."""
     try:
@@ -132,7 +125,7 @@ def launch(settings: RankSettings) -> int:
             return 0
         return _run_master(settings)
     except GroupCoverError as exc:
-        report_error(exc)
+        print_error(exc)
         return exc.exit_code
 
 
@@ -154,7 +147,10 @@ def _run_master(settings: RankSettings) -> int:
         graceful = False  # a dead peer cannot join the shutdown barrier
         raise
     finally:
-        rpc.leave(graceful=graceful)
+        if graceful:
+            rpc.finish(settings.rendezvous())  # wait for the other ranks, watching they live
+        else:
+            rpc.leave(graceful=False)
 
 
 def _check_target(worker_rank: int, timeout_s: float) -> None:

@@ -8,12 +8,13 @@ carries an explicit timeout, and a worker that is gone surfaces as `WorkerUnavai
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +23,18 @@ import torch
 import torch.distributed.rpc as rpc
 
 from groupcover import errors, worker
-from groupcover.errors import GroupCoverError, RendezvousError, WorkerError, WorkerUnavailable
+from groupcover.errors import (
+    GroupCoverError,
+    RendezvousError,
+    WorkerError,
+    WorkerUnavailable,
+    print_error,
+)
 from groupcover.transport import LayerOp, Transport, payload_bytes
 
 DEFAULT_TIMEOUT_S = 60.0
+PEER_GONE = "a peer rank went away before the whole world had finished"
+PEER_HINT = "another rank's process died or its host went away; see its output"
 RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 
 
@@ -98,26 +107,57 @@ def _env_int(env: Mapping[str, str], name: str) -> int:
 
 
 def join(rendezvous: Rendezvous, role: str) -> None:
-    """Initialise RPC for this process; returns once every rank of the world has joined."""
+    """Initialise RPC for this process; returns once every rank of the world has joined.
+
+    torch's rendezvous waits for missing ranks far longer than any RPC timeout, so a deadline
+    guards it: when the world is not complete within the timeout, the process reports it and
+    exits with `WorkerUnavailable`'s code instead of hanging.
+    """
     if rendezvous.ifname:
         os.environ["GLOO_SOCKET_IFNAME"] = rendezvous.ifname
         os.environ["TP_SOCKET_IFNAME"] = rendezvous.ifname
     worker.set_role(role)
     warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
+    missing = WorkerUnavailable(
+        f"the RPC world at {rendezvous.url} did not assemble within {rendezvous.timeout_s:g} s "
+        f"(rank {rendezvous.rank} of {rendezvous.world_size})",
+        hint=f"start all {rendezvous.world_size} ranks within --timeout of each other, and "
+        "check that every rank reaches the rendezvous address and port",
+    )
+    with _deadline(rendezvous.timeout_s, missing):
+        try:
+            rpc.init_rpc(
+                rank_name(rendezvous.rank),
+                rank=rendezvous.rank,
+                world_size=rendezvous.world_size,
+                rpc_backend_options=rendezvous.backend_options(),
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise WorkerUnavailable(
+                f"could not join the RPC world at {rendezvous.url} as rank {rendezvous.rank}: "
+                f"{_first_line(exc)}",
+                hint=missing.hint,
+            ) from None
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, error: GroupCoverError) -> Iterator[None]:
+    """Ends the process with `error` if the block is still running after `seconds`."""
+    finished = threading.Event()
+
+    def expire() -> None:
+        if not finished.is_set():
+            print_error(error)
+            os._exit(error.exit_code)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
     try:
-        rpc.init_rpc(
-            rank_name(rendezvous.rank),
-            rank=rendezvous.rank,
-            world_size=rendezvous.world_size,
-            rpc_backend_options=rendezvous.backend_options(),
-        )
-    except (RuntimeError, ValueError) as exc:
-        raise WorkerUnavailable(
-            f"could not join the RPC world at {rendezvous.url} as rank {rendezvous.rank}: "
-            f"{_first_line(exc)}",
-            hint=f"every one of the {rendezvous.world_size} ranks must start within "
-            f"{rendezvous.timeout_s:g} s and reach the rendezvous address",
-        ) from None
+        yield
+    finally:
+        finished.set()
+        timer.cancel()
 
 
 def leave(graceful: bool = True) -> None:
@@ -125,22 +165,21 @@ def leave(graceful: bool = True) -> None:
     rpc.shutdown(graceful=graceful)
 
 
-def serve(rendezvous: Rendezvous) -> None:
-    """A worker's whole life: join, serve RPCs, leave when every master has finished.
+def finish(rendezvous: Rendezvous) -> None:
+    """The graceful end of a rank: wait until every rank has finished, then leave.
 
-    The graceful shutdown barrier waits for every rank without a time limit, so a master that
-    dies would leave the worker waiting forever. While it waits, the worker asks every other rank
-    for a sign of life; when one stops answering and the barrier does not complete within the
-    timeout either, the worker gives up with `WorkerUnavailable` (its peer is the one missing).
+    torch's shutdown barrier waits without a time limit, so a rank that died would leave the
+    others waiting forever. While waiting, this rank asks every other rank for a sign of life;
+    when one stops answering and the barrier does not complete within the timeout either, it
+    gives up with `WorkerUnavailable`.
     """
-    join(rendezvous, "worker")
-    errors: list[BaseException] = []
+    errors_seen: list[BaseException] = []
 
     def barrier() -> None:
         try:
             leave(graceful=True)
-        except Exception as exc:  # reported by the main thread
-            errors.append(exc)
+        except Exception as exc:  # reported by the calling thread
+            errors_seen.append(exc)
 
     waiter = threading.Thread(target=barrier, name="groupcover-shutdown", daemon=True)
     waiter.start()
@@ -151,12 +190,10 @@ def serve(rendezvous: Rendezvous) -> None:
         if waiter.is_alive() and not _peers_alive(peers, rendezvous.timeout_s):
             waiter.join(rendezvous.timeout_s)
             if waiter.is_alive():
-                raise WorkerUnavailable(
-                    "a peer rank stopped answering before the run finished",
-                    hint="a master process died or its host went away; see its output",
-                )
-    if errors:
-        raise WorkerUnavailable(f"shutdown failed: {_first_line(errors[0])}")
+                raise WorkerUnavailable(f"{PEER_GONE} (it stopped answering)", hint=PEER_HINT)
+    if errors_seen:
+        detail = _first_line(errors_seen[0])
+        raise WorkerUnavailable(f"{PEER_GONE} (shutdown: {detail})", hint=PEER_HINT)
 
 
 def _peers_alive(peers: list[int], timeout_s: float) -> bool:
@@ -166,6 +203,12 @@ def _peers_alive(peers: list[int], timeout_s: float) -> bool:
     except Exception:
         return False
     return True
+
+
+def serve(rendezvous: Rendezvous) -> None:
+    """A worker's whole life: join, serve RPCs, leave when every master has finished."""
+    join(rendezvous, "worker")
+    finish(rendezvous)
 
 
 def hello(rank: int, timeout_s: float) -> dict[str, str]:

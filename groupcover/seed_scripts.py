@@ -17,8 +17,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from groupcover.errors import GroupCoverError, UsageError
-from groupcover.launch import RankSettings, Role, launch, report_error
+from groupcover.errors import GroupCoverError, UsageError, print_error
+from groupcover.launch import RankSettings, Role, launch
 from groupcover.rpc import Rendezvous
 
 SEED_MODEL = "seed-transformer"
@@ -84,7 +84,7 @@ def _main(role: Role) -> int:
     try:
         settings = settings_from_env(role, os.environ)
     except GroupCoverError as exc:
-        report_error(exc)
+        print_error(exc)
         return exc.exit_code
     code = launch(settings)
     if code == 0 and role is Role.master and settings.json_path is not None:

@@ -92,6 +92,10 @@ def test_benchmark_document_over_the_in_process_transport() -> None:
     assert plain["rpc_calls"] == gc["rpc_calls"] == 4 * SMALL_BERT["layers"]
     assert tee["rpc_calls"] == 0 and tee["bytes_per_forward"] == 0
     assert gc["mask_offline_s"] > 0 and plain["mask_offline_s"] is None
+    # topped up between forwards: every timed forward found its pairs ready, none drawn online
+    assert gc["mask_online_refill_s"] == 0.0
+    assert gc["masks"]["used"] == gc["masks"]["offline"]["pairs"] - gc["masks"]["left"]
+    assert gc["masks"]["left"] == 4 * SMALL_BERT["layers"]  # one pair ahead per layer, no more
     assert gc["audit"]["leaks"] == [] and plain["audit"]["leaks"]
     assert bench.overheads(results)["plain-offload"] == 1.0
 

@@ -26,8 +26,9 @@ from groupcover.transport import LayerOp
 port, rank, world, target, timeout, script = sys.argv[1:7]
 rank, world, target, timeout = int(rank), int(world), int(target), float(timeout)
 torch.set_num_threads(1)
-rpc.join(rpc.Rendezvous(rank, world, "127.0.0.1", int(port), ifname="lo", force_tcp=True,
-                        timeout_s=timeout), "master")
+rdv = rpc.Rendezvous(rank, world, "127.0.0.1", int(port), ifname="lo", force_tcp=True,
+                     timeout_s=timeout)
+rpc.join(rdv, "master")
 transport = rpc.RpcTransport(target, owner=f"{rank}/test", timeout_s=timeout)
 scale = float(rank + 1)
 transport.publish("l0", scale * torch.eye(4), LayerOp("linear"))
@@ -45,6 +46,15 @@ if script == "wait":
 if script == "die":
     print("ready", flush=True)
     time.sleep(600)
+if script == "finish":
+    transport.close()
+    print("ready", flush=True)
+    try:
+        rpc.finish(rdv)
+    except WorkerUnavailable as exc:
+        print(f"unavailable: {exc}", flush=True)
+        sys.exit(3)
+    sys.exit(0)
 # "share": wait until every master's layer is on the worker, then check our own results
 deadline = time.monotonic() + timeout
 while len(transport.layers_on_worker()) < world - 1:
@@ -54,7 +64,7 @@ x = torch.randn(3, 4)
 for _ in range(20):
     torch.testing.assert_close(transport.run("l0", x), scale * x)
 transport.close()
-rpc.leave(graceful=True)
+rpc.finish(rdv)
 print("shared ok", flush=True)
 """
 
@@ -111,10 +121,44 @@ def test_worker_exits_when_its_master_dies() -> None:
         master.kill()
         _, err = worker.communicate(timeout=60)
         assert worker.returncode == 3
-        assert "groupcover: error: a peer rank stopped answering" in err
+        assert "groupcover: error: a peer rank went away" in err
         assert "Traceback" not in err
     finally:
         _stop(master, worker)
+
+
+def test_finished_master_exits_when_another_master_dies() -> None:
+    """World of 3: master 0 is done and waits for the others; master 1 dies before finishing."""
+    port, timeout = free_port(), 3.0
+    worker = subprocess.Popen(worker_argv(2, 3, port, timeout), env=_env(), stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    done = _master(port, 0, 3, 2, timeout, "finish")
+    dying = _master(port, 1, 3, 2, timeout, "die")
+    try:
+        _ready(done)
+        _ready(dying)
+        dying.kill()
+        out, _ = done.communicate(timeout=60)
+        assert done.returncode == 3, out
+        assert "unavailable: a peer rank went away" in out
+        _, err = worker.communicate(timeout=60)
+        assert worker.returncode == 3 and "Traceback" not in err
+    finally:
+        _stop(done, dying, worker)
+
+
+@pytest.mark.parametrize("role", ["master", "worker"])
+def test_incomplete_world_fails_within_the_timeout(role: str) -> None:
+    """Only one rank of two ever starts: it reports the missing world instead of waiting."""
+    argv = worker_argv(1, 2, free_port(), 2.0)
+    if role == "master":
+        argv[argv.index("--role") + 1 : argv.index("--rank") + 2] = ["master", "--rank", "0"]
+        argv += ["--worker", "1", "--model", "minilm", "--batch", "1", "--seq", "8"]
+    start = time.monotonic()
+    proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert "did not assemble within 2 s" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 30
 
 
 def test_two_masters_share_one_worker() -> None:
