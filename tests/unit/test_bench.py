@@ -16,6 +16,7 @@ from groupcover import bench
 from groupcover.models import load_model
 from groupcover.transport import InProcessTransport
 from tests.unit.conftest import SMALL_BERT
+from tests.unit.transports import free_port
 
 RESULT_KEYS = {"model", "mode", "batch", "seq", "latency_ms", "throughput", "max_abs_err",
                "rel_err", "cosine_min", "breakdown_ms", "rpc_calls", "bytes_per_forward",
@@ -139,3 +140,38 @@ def test_bench_micro_reports_restore_against_linear(tmp_path: Path) -> None:
     summary = document["summary"]
     assert summary["ratio"] == pytest.approx(summary["restore_ms"] / summary["linear_ms"])
     assert len(document["micro"]) == 3
+
+
+@pytest.mark.slow
+def test_two_masters_launch_against_one_worker(tmp_path: Path) -> None:
+    """World of 3 through the real entry point: masters 0 and 1 share worker 2."""
+    port = str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "groupcover", "launch", "--world-size", "3", "--master-addr",
+            "127.0.0.1", "--master-port", port, "--ifname", "lo", "--force-tcp",
+            "--timeout", "60"]  # fmt: skip
+    workload = ["--model", "minilm", "--modes", "plain-offload,groupcover", "--batch", "1",
+                "--seq", "8", "--repeat", "2"]  # fmt: skip
+    procs = [subprocess.Popen([*base, "--role", "worker", "--rank", "2"], env=env)]
+    for rank in (0, 1):
+        argv = [*base, "--role", "master", "--rank", str(rank), "--worker", "2", *workload,
+                "--json", str(tmp_path / f"rank{rank}.json")]  # fmt: skip
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True))
+    try:
+        for proc in procs[1:]:
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0
+            assert out.strip().splitlines()[-1].startswith(bench.RESULT_MARK)
+        assert procs[0].wait(timeout=60) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())["results"]
+        assert [(r["rank"], r["worker"], r["mode"]) for r in results] == [
+            (rank, 2, "plain-offload"),
+            (rank, 2, "groupcover"),
+        ]
+        assert all(r["rel_err"] < 1e-4 for r in results)
