@@ -6,6 +6,11 @@ set -eu
 systemctl enable systemd-networkd.service ssh.service gcvm-seed.service
 systemctl mask systemd-networkd-wait-online.service getty@tty1.service \
     apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer
+# Early-boot work a VM does not need; under TCG each costs seconds of the one vCPU while the
+# boot waits for networkd. The modules still load on demand (/dev/fuse, /dev/loop-control, ...).
+systemctl mask modprobe@drm.service modprobe@dm_mod.service modprobe@efi_pstore.service \
+    modprobe@fuse.service modprobe@loop.service systemd-binfmt.service \
+    proc-sys-fs-binfmt_misc.automount sys-fs-fuse-connections.mount
 
 # Every VM gets its own host key from its seed; none is baked into the image.
 rm -f /etc/ssh/ssh_host_*
