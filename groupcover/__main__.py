@@ -4,14 +4,15 @@ that hold only the framework's own dependencies). Expected failures print one li
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, cast
 
-from groupcover.errors import GroupCoverError, UsageError, print_error
+from groupcover.errors import GroupCoverError, RendezvousError, UsageError, print_error
 from groupcover.launch import DEFAULT_MODES, RankSettings, Role, launch
-from groupcover.rpc import DEFAULT_TIMEOUT_S
+from groupcover.rpc import DEFAULT_TIMEOUT_S, Rendezvous
 
 
 class Parser(argparse.ArgumentParser):
@@ -48,12 +49,12 @@ def _build_parser() -> Parser:
     launch_p = sub.add_parser("launch", help="run one rank (master or worker)")
     add = launch_p.add_argument
     add("--role", choices=[role.value for role in Role], required=True)
-    add("--rank", type=int, required=True)
-    add("--world-size", type=int, required=True)
-    add("--worker", type=int, default=None, help="(master) the worker rank to offload to")
-    add("--master-addr", required=True, help="rendezvous address (rank 0's)")
-    add("--master-port", type=int, required=True)
-    add("--ifname", default=None, help="network interface for Gloo and TensorPipe")
+    add("--rank", type=int, help="this process's rank (default: $RANK)")
+    add("--world-size", type=int, help="masters + workers (default: $WORLD_SIZE)")
+    add("--worker", type=int, help="(master) the worker rank to offload to (default: $WORKER)")
+    add("--master-addr", help="rendezvous address, rank 0's (default: $MASTER_ADDR)")
+    add("--master-port", type=int, help="rendezvous port (default: $MASTER_PORT)")
+    add("--ifname", help="interface for Gloo and TensorPipe (default: $TP_SOCKET_IFNAME)")
     add("--force-tcp", action="store_true", help="TensorPipe over TCP only (no shared memory)")
     _add_workload(launch_p)
 
@@ -68,15 +69,52 @@ def _build_parser() -> Parser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> RankSettings:
+# flag -> the seed's environment variable it falls back to
+ENV_FALLBACK = {
+    "rank": "RANK",
+    "world_size": "WORLD_SIZE",
+    "master_addr": "MASTER_ADDR",
+    "master_port": "MASTER_PORT",
+}
+
+
+def _rendezvous(args: argparse.Namespace, env: Mapping[str, str]) -> Rendezvous:
+    """Explicit flags first; a flag left out is taken from the seed's environment variable."""
+    merged = {name: env[var] for name, var in ENV_FALLBACK.items() if env.get(var)}
+    merged.update({name: str(getattr(args, name)) for name in ENV_FALLBACK
+                   if getattr(args, name) is not None})  # fmt: skip
+    missing = [f"--{n.replace('_', '-')} (or ${v})" for n, v in ENV_FALLBACK.items()
+               if n not in merged]  # fmt: skip
+    if missing:
+        raise RendezvousError(f"missing rendezvous setting(s): {', '.join(missing)}")
+    ifname = args.ifname or env.get("TP_SOCKET_IFNAME") or env.get("GLOO_SOCKET_IFNAME")
+    return Rendezvous.from_env(
+        {var: merged[name] for name, var in ENV_FALLBACK.items()},
+        ifname=ifname or None,
+        force_tcp=args.force_tcp,
+        timeout_s=args.timeout,
+    )
+
+
+def _worker_rank(args: argparse.Namespace, env: Mapping[str, str]) -> int | None:
+    if args.worker is not None or not env.get("WORKER"):
+        return cast(int | None, args.worker)
+    try:
+        return int(env["WORKER"])
+    except ValueError:
+        raise UsageError(f"WORKER={env['WORKER']!r} is not an integer") from None
+
+
+def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> RankSettings:
+    rendezvous = _rendezvous(args, env)
     return RankSettings(
         role=Role(args.role),
-        rank=args.rank,
-        world_size=args.world_size,
-        master_addr=args.master_addr,
-        master_port=args.master_port,
-        worker=args.worker,
-        ifname=args.ifname,
+        rank=rendezvous.rank,
+        world_size=rendezvous.world_size,
+        master_addr=rendezvous.master_addr,
+        master_port=rendezvous.master_port,
+        worker=_worker_rank(args, env),
+        ifname=rendezvous.ifname,
         model=args.model,
         modes=args.modes,
         batch=args.batch,
@@ -123,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "launch":
-            return launch(_settings(args))
+            return launch(_settings(args, os.environ))
         return _bench(args)
     except GroupCoverError as exc:
         print_error(exc)

@@ -3,9 +3,11 @@ stderr, exit code 2, no traceback. Every case runs the real command in a subproc
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +32,12 @@ def _assert_clean_usage_error(proc: subprocess.CompletedProcess[str], needle: st
     assert len(errors) == 1, proc.stderr
     assert needle in errors[0], errors[0]
     assert all(line.startswith("groupcover: ") for line in lines), proc.stderr
+
+
+def _without_rendezvous() -> dict[str, str]:
+    names = ("RANK", "WORLD_SIZE", "WORKER", "MASTER_ADDR", "MASTER_PORT", "TP_SOCKET_IFNAME",
+             "GLOO_SOCKET_IFNAME")  # fmt: skip
+    return {k: v for k, v in ENV.items() if k not in names}
 
 
 def _run(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -67,8 +75,16 @@ def test_launch_rejects_bad_ranks(rank: int, world: int, worker: int, needle: st
 
 
 def test_argument_errors_are_one_line() -> None:
+    argv = [sys.executable, "-m", "groupcover", "launch", "--rank", "0"]
+    _assert_clean_usage_error(_run(argv), "the following arguments are required: --role")
     argv = [sys.executable, "-m", "groupcover", "launch", "--role", "master", "--rank", "0"]
-    _assert_clean_usage_error(_run(argv), "the following arguments are required")
+    _assert_clean_usage_error(
+        _run(argv, _without_rendezvous()),
+        "missing rendezvous setting(s): --world-size (or $WORLD_SIZE), --master-addr (or "
+        "$MASTER_ADDR), --master-port (or $MASTER_PORT)",
+    )
+    argv = [sys.executable, "-m", "groupcover", "launch", "--role", "master", "--rank", "x"]
+    _assert_clean_usage_error(_run(argv), "argument --rank: invalid int value: 'x'")
     argv = [sys.executable, "-m", "groupcover", "launch", "--role", "boss", "--rank", "0",
             "--world-size", "2", "--master-addr", "x", "--master-port", "1"]  # fmt: skip
     _assert_clean_usage_error(_run(argv), "invalid choice")
@@ -96,8 +112,7 @@ def test_bench_local_rejects_bad_input_before_starting_processes() -> None:
     ],
 )  # fmt: skip
 def test_seed_master_rejects_bad_environment(env: dict[str, str], needle: str) -> None:
-    base = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "WORKER",
-                                                         "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
+    base = _without_rendezvous()
     script = os.path.join(os.path.dirname(sys.executable), "tee_test_transformer_master.py")
     _assert_clean_usage_error(_run([script], {**base, **env}), needle)
 
@@ -172,3 +187,24 @@ def test_model_without_offloadable_layer() -> None:
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+@pytest.mark.slow
+def test_launch_takes_the_seed_variables_when_flags_are_left_out(tmp_path: Path) -> None:
+    """The worker gets only environment variables; the master mixes flags and variables."""
+    env = {**_without_rendezvous(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2", "TP_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
+    base = [sys.executable, "-m", "groupcover", "launch", "--timeout", "30"]
+    worker = subprocess.Popen([*base, "--role", "worker"], env={**env, "RANK": "1"})
+    try:
+        master = _run([*base, "--role", "master", "--rank", "0", "--model", "minilm", "--modes",
+                       "tee-only", "--batch", "1", "--seq", "8", "--repeat", "1",
+                       "--json", str(tmp_path / "out.json")], {**env, "WORKER": "1"})  # fmt: skip
+        assert master.returncode == 0, master.stderr
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    (result,) = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert (result["rank"], result["worker"]) == (0, 1)
