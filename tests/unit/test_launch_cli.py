@@ -13,6 +13,8 @@ import pytest
 
 from tests.unit.transports import free_port, worker_argv
 
+pytestmark = pytest.mark.slow  # every case starts real processes
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -126,7 +128,6 @@ def test_seed_worker_needs_rendezvous_variables() -> None:
     )
 
 
-@pytest.mark.slow
 def test_target_that_is_a_master_is_refused_and_the_world_still_exits() -> None:
     """World of 3: master 0 wrongly names master 1 as its worker; master 1 uses worker 2."""
     port = free_port()
@@ -171,7 +172,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow
 def test_model_without_offloadable_layer() -> None:
     port = free_port()
     worker = subprocess.Popen(worker_argv(1, 2, port, 30.0), env=ENV)
@@ -189,7 +189,6 @@ def test_model_without_offloadable_layer() -> None:
             worker.wait()
 
 
-@pytest.mark.slow
 def test_launch_takes_the_seed_variables_when_flags_are_left_out(tmp_path: Path) -> None:
     """The worker gets only environment variables; the master mixes flags and variables."""
     env = {**_without_rendezvous(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),

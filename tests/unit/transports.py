@@ -58,7 +58,7 @@ def rpc_world() -> Iterator[int]:
             worker.wait()
 
 
-@pytest.fixture(params=["inprocess", "rpc"])
+@pytest.fixture(params=["inprocess", pytest.param("rpc", marks=pytest.mark.slow)])
 def transport(request: pytest.FixtureRequest) -> Iterator[Transport]:
     """A fresh transport with its own owner key on the worker; closed after the test."""
     made: Transport
