@@ -7,6 +7,7 @@ loopback) and `bench --micro` (de-obfuscation against a plain linear layer, in o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from groupcover.errors import UsageError
+from groupcover.errors import GroupCoverError, UsageError
 from groupcover.transport import Transport
 
 if TYPE_CHECKING:
@@ -241,26 +242,40 @@ def benchmark(
     warmup: int,
     seed: int,
     audit: bool,
+    on_progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Builds every mode, runs them interleaved, returns one result per mode, closes transports."""
+    say = on_progress or (lambda _text: None)
     runs: list[ModeRun] = []
+    transports: list[Transport] = []
     try:
         for mode in modes:
-            transport = make_transport(mode)
-            runs.append(build_mode(prepared, mode, transport, seed, audit))
+            transports.append(make_transport(mode))
+            runs.append(build_mode(prepared, mode, transports[-1], seed, audit))
+            layers = protocol_facts(runs[-1].module)["offloaded_layers"]
+            say(f"{mode}: {layers} layers offloaded, set up in {runs[-1].setup_s:.1f} s")
+        say(f"timing {len(runs)} mode(s): {warmup} warmup + {repeat} interleaved forwards each")
         run_interleaved(runs, prepared.inputs, repeat, warmup)
-        real_batch = real_batch_of(prepared)
-        results = [summarise(run, prepared.reference, real_batch, seq, model_name) for run in runs]
-        if real_batch != batch:
-            for result in results:
-                result["requested_batch"] = batch
-        return results
-    finally:
-        for run in runs:
-            run.transport.close()
+    except BaseException:
+        for transport in transports:  # the first failure is the one to report
+            with contextlib.suppress(GroupCoverError):
+                transport.close()
+        raise
+    for transport in transports:
+        transport.close()
+    real_batch = real_batch_of(prepared)
+    results = [summarise(run, prepared.reference, real_batch, seq, model_name) for run in runs]
+    if real_batch != batch:
+        for result in results:
+            result["requested_batch"] = batch
+    return results
 
 
-def run_master(settings: RankSettings, prepared: Prepared) -> dict[str, Any]:
+def run_master(
+    settings: RankSettings,
+    prepared: Prepared,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     from groupcover.rpc import RpcTransport
 
     assert settings.worker is not None
@@ -280,6 +295,7 @@ def run_master(settings: RankSettings, prepared: Prepared) -> dict[str, Any]:
         warmup=settings.warmup,
         seed=settings.seed,
         audit=settings.audit,
+        on_progress=on_progress,
     )
     for result in results:
         result.update(rank=settings.rank, worker=worker, world_size=settings.world_size)

@@ -7,6 +7,7 @@ console scripts all end up here.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -115,13 +116,21 @@ def _validate_names(model: str, modes: tuple[str, ...]) -> None:
         raise UsageError(f"a mode is repeated in {','.join(modes)}")
 
 
+def progress(settings: RankSettings, message: str) -> None:
+    """One line per step on stderr, prefixed like errors; stdout stays the results' own."""
+    print(f"groupcover: rank {settings.rank} ({settings.role}): {message}", file=sys.stderr,
+          flush=True)  # fmt: skip
+
+
 def launch(settings: RankSettings) -> int:
     """Runs one rank to completion; expected failures become one line on stderr and an exit code."""
     try:
         settings.validate()
         torch.set_num_threads(settings.threads)
         if settings.role is Role.worker:
+            progress(settings, f"joining a world of {settings.world_size} to serve")
             rpc.serve(settings.rendezvous())
+            progress(settings, "every rank has finished")
             return 0
         return _run_master(settings)
     except GroupCoverError as exc:
@@ -133,12 +142,15 @@ def _run_master(settings: RankSettings) -> int:
     from groupcover import bench
 
     prepared = bench.prepare(settings)  # load the model before joining: a bad model exits early
+    progress(settings, f"{settings.model} ready in {prepared.load_s:.1f} s; joining a world of "
+             f"{settings.world_size}")  # fmt: skip
     rpc.join(settings.rendezvous(), "master")
     graceful = True
     try:
         assert settings.worker is not None
-        _check_target(settings.worker, settings.timeout_s)
-        document = bench.run_master(settings, prepared)
+        device = _check_target(settings.worker, settings.timeout_s)
+        progress(settings, f"offloading to {rpc.rank_name(settings.worker)} ({device})")
+        document = bench.run_master(settings, prepared, lambda text: progress(settings, text))
         path = bench.write_json(document, settings.json_path, settings)
         bench.print_table(document)
         print(f"{bench.RESULT_MARK} {path}", flush=True)
@@ -153,10 +165,12 @@ def _run_master(settings: RankSettings) -> int:
             rpc.leave(graceful=False)
 
 
-def _check_target(worker_rank: int, timeout_s: float) -> None:
+def _check_target(worker_rank: int, timeout_s: float) -> str:
+    """Refuses a target that is not a worker; returns the worker's compute device."""
     answer = rpc.hello(worker_rank, timeout_s)
     if answer.get("role") != "worker":
         raise UsageError(
             f"rank {worker_rank} is a {answer.get('role', 'non-worker')}, not a worker",
             hint="WORKER/--worker must name a rank started with --role worker",
         )
+    return answer.get("device", "unknown")

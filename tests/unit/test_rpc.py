@@ -198,3 +198,29 @@ def test_rendezvous_from_the_seed_variables() -> None:
 def test_rendezvous_rejects_bad_variables(env: dict[str, str], message: str) -> None:
     with pytest.raises(RendezvousError, match=message):
         Rendezvous.from_env(env)
+
+
+def test_launched_master_reports_a_worker_killed_mid_benchmark() -> None:
+    """Through the real entry point: the worker dies while the master is timing forwards."""
+    port, timeout = free_port(), 5.0
+    worker = subprocess.Popen(worker_argv(1, 2, port, timeout), env=_env())
+    argv = worker_argv(0, 2, port, timeout)
+    argv[argv.index("--role") + 1] = "master"
+    argv += ["--worker", "1", "--model", "minilm", "--modes", "plain-offload", "--batch", "1",
+             "--seq", "8", "--repeat", "100000", "--json", os.devnull]  # fmt: skip
+    master = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert master.stderr is not None
+        lines = iter(master.stderr.readline, "")
+        assert any("timing 1 mode(s)" in line for line in lines)
+        time.sleep(0.5)
+        worker.kill()
+        start = time.monotonic()
+        rest = master.stderr.read()
+        assert master.wait(timeout=timeout + 30) == 3
+        assert time.monotonic() - start < timeout + 10
+        assert "groupcover: error: worker1 did not answer run" in rest, rest
+        assert "Traceback" not in rest
+    finally:
+        _stop(master, worker)
