@@ -110,6 +110,11 @@ def test_up_ssh_down(gcvm_env: Env, tmp_path: Path) -> None:
         with pytest.raises(HostKeyMismatch):
             Remote.open(type(ep)(**{**ep.__dict__, "known_hosts": wrong}), timeout=20)
 
+        # the name is taken: refused before anything is created, with the way out
+        again = gcvm_env.gcvm("up", "--tee", "none", "--workers", "1", "--name", name)
+        assert again.returncode == 2 and f"gcvm down --name {name}" in again.stderr
+        assert "Traceback" not in again.stderr
+
         status = gcvm_env.gcvm("status", "--name", name)
         assert status.returncode == 0, status.stderr
         assert f"{name}-worker0" in status.stdout and "running" in status.stdout
@@ -199,3 +204,20 @@ def test_private_daemon_stays_in_its_namespace(
         netns.delete(ns)
     time.sleep(0.5)
     assert _processes_mentioning(name) == []
+
+
+def test_missing_image_is_a_clear_error(vm_host: None, tmp_path: Path) -> None:
+    env = {**os.environ, "GCVM_HOME": str(tmp_path / "home"), "GCVM_CACHE": str(tmp_path / "c")}
+    name = _name()
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "up", "--workers", "1", "--name", name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "no guest image" in proc.stderr and "gcvm image build" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not netns.exists(f"gcvm-{name}")
+    assert not (tmp_path / "home" / "state" / "clusters" / name).exists()
