@@ -90,13 +90,19 @@ class MaskPool:
         pool = self._layers[layer_id].pools.get(tuple(shape))
         return 0 if pool is None else len(pool)
 
-    def fill(self, layer_id: str, shape: tuple[int, ...], pairs: int) -> None:
-        """Offline: add `pairs` fresh pairs for inputs of `shape` to the layer's pool."""
+    def fill(
+        self, layer_id: str, shape: tuple[int, ...], pairs: int, like: torch.Tensor | None = None
+    ) -> None:
+        """Offline: add `pairs` fresh pairs for inputs of `shape` to the layer's pool.
+
+        With `like` (an input of that shape), `r` takes its memory layout, so that adding the
+        mask to a features-first input is a plain elementwise pass.
+        """
         layer = self._layers[layer_id]
         pool = layer.pools.setdefault(tuple(shape), deque())
         for _ in range(pairs):
             start = time.perf_counter()
-            pair = self._draw(layer, tuple(shape))
+            pair = self._draw(layer, tuple(shape), like)
             self._offline.add(time.perf_counter() - start, pair)
             pool.append(pair)
 
@@ -118,8 +124,13 @@ class MaskPool:
         self._used += 1
         return pair
 
-    def _draw(self, layer: _Layer, shape: tuple[int, ...]) -> MaskPair:
-        r = torch.randn(shape, generator=self.generator, dtype=layer.weight.dtype)
+    def _draw(
+        self, layer: _Layer, shape: tuple[int, ...], like: torch.Tensor | None = None
+    ) -> MaskPair:
+        if like is None or like.is_contiguous():
+            r = torch.randn(shape, generator=self.generator, dtype=layer.weight.dtype)
+        else:
+            r = torch.empty_like(like, dtype=layer.weight.dtype).normal_(generator=self.generator)
         r.mul_(self.scale)
         with torch.no_grad():
             u = apply_op(layer.op, r, layer.weight)

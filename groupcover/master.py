@@ -10,11 +10,15 @@ The protected copy holds no plaintext weight of an offloaded layer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from groupcover.audit import Audit
 from groupcover.errors import UsageError
@@ -28,6 +32,81 @@ DEFAULT_MASK_POOL = 2  # pairs per layer and input shape filled ahead of time
 
 class NothingToOffload(UsageError):
     """The model has no Linear/Conv1d/Conv2d layer that the worker could compute."""
+
+
+# Ops that read a tensor elementwise and keep its memory layout in their result.
+_LAYOUT_KEEPING = frozenset(
+    {"gelu", "relu", "relu_", "silu", "tanh", "sigmoid", "leaky_relu", "elu", "hardswish",
+     "mish", "dropout"}
+)  # fmt: skip
+
+
+class LayoutProbe(TorchFunctionMode):
+    """Watches one forward: which offloaded layers' outputs reach only other offloaded layers,
+    through elementwise activations (FFN1 -> GELU -> FFN2 in a transformer).
+
+    Those layers may return features-first memory (no transpose in the de-mixing, and the next
+    layer permutes whole rows). Any other use of an output (a view, a residual add, a norm, an
+    attention product, the model's own result) needs it row-major.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.produced: set[str] = set()
+        self.escaped: set[str] = set()
+        self._sources: dict[int, frozenset[str]] = {}
+        self._alive: list[torch.Tensor] = []  # keeps every tagged id unique during the forward
+        self._quiet = 0
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """An offloaded layer's own work: consuming a tagged input there is not an escape."""
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
+
+    def tag(self, layer_id: str, output: torch.Tensor) -> None:
+        self.produced.add(layer_id)
+        self._mark(output, frozenset({layer_id}))
+
+    def _mark(self, tensor: torch.Tensor, sources: frozenset[str]) -> None:
+        self._sources[id(tensor)] = sources
+        self._alive.append(tensor)
+
+    def _sources_of(self, tree: object) -> frozenset[str]:
+        found: frozenset[str] = frozenset()
+        for leaf in pytree.tree_leaves(tree):
+            if isinstance(leaf, torch.Tensor):
+                found |= self._sources.get(id(leaf), frozenset())
+        return found
+
+    def note_result(self, result: object) -> None:
+        """What the model returns escapes."""
+        self.escaped |= self._sources_of(result)
+
+    def features_first_layers(self) -> set[str]:
+        return self.produced - self.escaped
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Sequence[type],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        result = func(*args, **(kwargs or {}))
+        if self._quiet or not isinstance(result, torch.Tensor):
+            return result  # metadata queries (shape, dim) and the layers' own work
+        sources = self._sources_of((args, kwargs))
+        if not sources:
+            return result
+        if getattr(func, "__name__", "") in _LAYOUT_KEEPING:
+            self._mark(result, sources)
+        else:
+            self.escaped |= sources
+        return result
 
 
 class OffloadedLayer(nn.Module):
@@ -57,12 +136,24 @@ class OffloadedLayer(nn.Module):
         self.masks = masks
         self.audit = audit
         self.fill_pairs = 0  # > 0 while `ProtectedModel.fill_masks` runs: compute locally
+        self.local = False  # compute locally without filling (the offline layout probe)
+        self.features_first_out = False  # set by `LayoutProbe`: the output may stay features-first
+        self.probe: LayoutProbe | None = None
 
     def extra_repr(self) -> str:
         return f"{self.layer_id!r}, {self.op.kind}, scheme={self.scheme.name}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fill_pairs:
+        if self.probe is None:
+            return self._forward(x)
+        with self.probe.quiet():
+            y = self._forward(x)
+        if self.op.params.get("transposed", 0):
+            self.probe.tag(self.layer_id, y)
+        return y
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fill_pairs or self.local:
             return self._fill_forward(x)
         timings = self.transport.timings
         with timings.deobf():
@@ -73,7 +164,8 @@ class OffloadedLayer(nn.Module):
             self.audit.note_call(self.layer_id, x, prepared, mask)
         y = self.transport.run(self.layer_id, sent)
         with timings.deobf():
-            return self.scheme.restore(y, self.secret, None if mask is None else mask.u)
+            u = None if mask is None else mask.u
+            return self.scheme.restore(y, self.secret, u, features_first=self.features_first_out)
 
     def _take_mask(self, prepared: torch.Tensor) -> MaskPair | None:
         if self.masks is None:
@@ -84,9 +176,10 @@ class OffloadedLayer(nn.Module):
         """Offline: fill this layer's mask pool for x's shape; the result is computed locally."""
         assert self.masks is not None
         prepared = self.scheme.prepare_input(x, self.secret)
-        self.masks.fill(self.layer_id, tuple(prepared.shape), self.fill_pairs)
+        if self.fill_pairs:
+            self.masks.fill(self.layer_id, tuple(prepared.shape), self.fill_pairs, like=prepared)
         y = apply_op(self.op, prepared, self.masks.published_weight(self.layer_id))
-        return self.scheme.restore(y, self.secret)
+        return self.scheme.restore(y, self.secret, features_first=self.features_first_out)
 
 
 class ProtectedModel(nn.Module):
@@ -108,10 +201,35 @@ class ProtectedModel(nn.Module):
         self.scheme = scheme
         self.masks = masks
         self.audit = audit
+        self.layouts_probed = False
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.module(*args)
+            if self.layouts_probed:
+                return self.module(*args)
+            return self._probe_layouts(*args)
+
+    def _probe_layouts(self, *args: torch.Tensor) -> torch.Tensor:
+        """One forward under a `LayoutProbe`; later forwards keep the layouts it found."""
+        probe = LayoutProbe()
+        for layer in self.layers.values():
+            layer.probe = probe
+        try:
+            with probe:
+                result = self.module(*args)
+            probe.note_result(result)
+        finally:
+            for layer in self.layers.values():
+                layer.probe = None
+        chosen = probe.features_first_layers()
+        for name, layer in self.layers.items():
+            layer.features_first_out = name in chosen
+        self.layouts_probed = True
+        return result
+
+    def features_first_layers(self) -> list[str]:
+        """The layers whose outputs stay features-first (after the first forward)."""
+        return [name for name, layer in self.layers.items() if layer.features_first_out]
 
     def fill_masks(self, *example_inputs: torch.Tensor, pairs: int = DEFAULT_MASK_POOL) -> None:
         """Offline: `pairs` mask pairs per layer for the layer input shapes of these inputs.
@@ -121,6 +239,15 @@ class ProtectedModel(nn.Module):
         """
         if self.masks is None or pairs <= 0:
             return
+        if not self.layouts_probed:  # masks take the layout their inputs will have
+            for layer in self.layers.values():
+                layer.local = True
+            try:
+                with torch.no_grad():
+                    self._probe_layouts(*example_inputs)
+            finally:
+                for layer in self.layers.values():
+                    layer.local = False
         for layer in self.layers.values():
             layer.fill_pairs = pairs
         try:
@@ -200,6 +327,7 @@ def protect(
         for name, layer, op in targets:
             proxy = proxies.get(id(layer))
             if proxy is None:
+                op = chosen.worker_op(op)
                 weight = layer.weight.detach()
                 bias = None if layer.bias is None else layer.bias.detach()
                 published, secret = chosen.obfuscate(weight, bias, generator)

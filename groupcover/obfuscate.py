@@ -5,13 +5,14 @@ random integer matrix whose condition number is bounded, permute the input featu
 is `(out, in)` for linear layers and `(out, in, *kernel)` for convolutions: rows are output
 kernels, the permuted axis is the input channel.
 
-Online (`demix`): the de-mixing is stored in output order as an `(out, k + 1)` gather index and
-coefficient table (the last column adds the bias from a row of ones), so one `embedding_bag`
-pass computes every output feature as a weighted sum of k features of the worker's result; tail
-groups are padded with zero coefficients, so no loop over groups and no tiny matmuls. The gather
-table holds one row per output feature: for convolutions that is the result itself (one copy,
-fused with the unmasking); for linear layers it is the result transposed, done per block of
-rows that fits in cache (transposed copy fused with the unmasking, gather, transposed copy back).
+Online (`demix`): the de-mixing is stored in output order as an `(out, k)` gather index and
+coefficient table (tail groups padded with zero coefficients), so one `embedding_bag` pass
+computes every output feature as a weighted sum of k features of the worker's result: no loop over
+groups, no tiny matmuls. The gather table needs one contiguous row per feature. For linear layers
+the worker computes `W'' @ x^T` (same FLOPs as `x @ W''^T`) and hands back features-first memory,
+so the table is its result as is, and the restored output is returned features-first too (a
+transposed view, shape `(..., out)`): no transposed copy on the master. Convolution results
+`(N, C, *spatial)` already hold one row per channel.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
 DEFAULT_COND_BOUND = 100.0  # about 11% of 4x4 draws from 1..99 are redrawn
 MIX_LOW, MIX_HIGH = 1, 99  # the paper's integer entries
 _MAX_REDRAWS = 10_000
-_BLOCK_BYTES = 1 << 20  # de-mix block size for linear outputs
-_MIN_BLOCK, _MAX_BLOCK = 16, 256
 
 
 @dataclass(frozen=True)
@@ -148,95 +147,107 @@ def obfuscate_layer(
 
 
 def restore_tables(
-    groups: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None
+    groups: torch.Tensor, inverse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The de-mixing in output order: (out, k + 1) gather index and float32 coefficients.
+    """The de-mixing in output order: (out, k) gather index and float32 coefficients.
 
     Row i of group g at slot r gets coef[i, j] = inverse[g, r, j] on index groups[g, j]; padding
-    slots get coefficient 0. The last column points at row `out` of the gather table (all ones)
-    and carries the bias.
+    slots get coefficient 0 (their index points at row 0, which then adds nothing).
     """
     valid = groups >= 0
     out_features = int(valid.sum())
     k = groups.shape[1]
     per_slot_index = groups.clamp(min=0).unsqueeze(1).expand(-1, k, -1)  # (G, r, j)
     per_slot_coef = inverse * valid.unsqueeze(1)
-    index = torch.empty(out_features, k + 1, dtype=torch.long)
-    coef = torch.empty(out_features, k + 1, dtype=torch.float32)
+    index = torch.empty(out_features, k, dtype=torch.long)
+    coef = torch.empty(out_features, k, dtype=torch.float32)
     rows = groups[valid]
-    index[rows, :k] = per_slot_index[valid]
-    coef[rows, :k] = per_slot_coef[valid].to(torch.float32)
-    index[:, k] = out_features
-    coef[:, k] = 0.0 if bias is None else bias.to(torch.float32)
+    index[rows] = per_slot_index[valid]
+    coef[rows] = per_slot_coef[valid].to(torch.float32)
     return index, coef
 
 
-def demix(y: torch.Tensor, secret: LayerSecret, mask_u: torch.Tensor | None = None) -> torch.Tensor:
-    """The layer's output from the worker's result: unmask, de-mix and add the bias."""
+def demix(
+    y: torch.Tensor,
+    secret: LayerSecret,
+    mask_u: torch.Tensor | None = None,
+    *,
+    features_first_out: bool = False,
+) -> torch.Tensor:
+    """The layer's output from the worker's result: unmask, de-mix and add the bias.
+
+    Linear results are gathered from features-first memory (what the worker's transposed op
+    returns; a row-major result is transposed first). With `features_first_out` the result stays
+    features-first (a transposed view, shape `(..., out)`), else it is made row-major with one
+    blocked transpose. Convolution results (N, C, *spatial) already hold one row per channel.
+    """
     assert secret.restore_index is not None and secret.restore_coef is not None
     if secret.channel_dim == -1:
-        return _demix_last(y, secret.restore_index, secret.restore_coef, mask_u)
-    return _demix_channels(y, secret.restore_index, secret.restore_coef, mask_u)
+        index, coef = secret.restore_index, secret.restore_coef
+        return _demix_last(y, index, coef, secret.bias, mask_u, features_first_out)
+    return _demix_channels(y, secret.restore_index, secret.restore_coef, secret.bias, mask_u)
 
 
-def _block_rows(features: int) -> int:
-    """Rows per block so that one block of the gather table stays in a core's L2 cache."""
-    return max(_MIN_BLOCK, min(_MAX_BLOCK, _BLOCK_BYTES // (4 * features)))
+def features_first(y: torch.Tensor) -> torch.Tensor | None:
+    """The contiguous (features, rows) table behind a features-first `(..., features)` result."""
+    table = y.movedim(-1, 0)
+    if y.dim() < 2 or not table.is_contiguous():
+        return None
+    return table.view(y.shape[-1], -1)
 
 
 def _demix_last(
-    y: torch.Tensor, index: torch.Tensor, coef: torch.Tensor, mask_u: torch.Tensor | None
+    y: torch.Tensor,
+    index: torch.Tensor,
+    coef: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask_u: torch.Tensor | None,
+    features_first_out: bool,
 ) -> torch.Tensor:
-    """Linear outputs (..., out): per block of rows, the table is the block transposed.
+    """Linear outputs (..., out): one `embedding_bag` over the rows of the (out, N) table.
 
-    Blocking keeps both transposes in cache; a whole-tensor transpose of a (1024, 3072) result
-    costs several times more than the gather itself.
+    The unmasking runs in place on the worker's result (the transport hands over a fresh
+    tensor), in whatever layout y and u share; the bias is added in place to the (out, N) result.
     """
     features = y.shape[-1]
-    flat = y.reshape(-1, features)
-    unmask = None if mask_u is None else mask_u.reshape(-1, features)
-    rows = flat.shape[0]
-    block = _block_rows(features)
-    out = torch.empty_like(flat)
-    table = torch.empty(features + 1, min(block, rows), dtype=y.dtype)
-    table[features].fill_(1.0)
-    for start in range(0, rows, block):
-        stop = min(start + block, rows)
-        if stop - start != table.shape[1]:
-            table = torch.empty(features + 1, stop - start, dtype=y.dtype)
-            table[features].fill_(1.0)
-        if unmask is None:
-            table[:features].copy_(flat[start:stop].t())
-        else:
-            torch.sub(flat[start:stop].t(), unmask[start:stop].t(), out=table[:features])
-        restored = F.embedding_bag(index, table, per_sample_weights=coef, mode="sum")
-        out[start:stop].copy_(restored.t())
+    if mask_u is not None:
+        y = y.sub_(mask_u)
+    table = features_first(y)
+    if table is None:
+        table = y.reshape(-1, features).t().contiguous()
+    restored = F.embedding_bag(index, table, per_sample_weights=coef, mode="sum")
+    if bias is not None:
+        restored.add_(bias.view(-1, 1))
+    if features_first_out:
+        return restored.t().view(y.shape)
+    out = torch.empty(restored.shape[1], restored.shape[0], dtype=restored.dtype)
+    out.copy_(restored.t())  # the blocked 2-D transpose, about 4x a plain copy
     return out.view(y.shape)
 
 
 def _demix_channels(
-    y: torch.Tensor, index: torch.Tensor, coef: torch.Tensor, mask_u: torch.Tensor | None
+    y: torch.Tensor,
+    index: torch.Tensor,
+    coef: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask_u: torch.Tensor | None,
 ) -> torch.Tensor:
     """Convolution outputs (N, C, *spatial): rows of the (N * C, spatial) view are gathered."""
     batch, channels = y.shape[0], y.shape[1]
-    spatial = y[0, 0].numel()
     rows = batch * channels
-    table = torch.empty(rows + 1, spatial, dtype=y.dtype)
-    if mask_u is None:
-        table[:rows].copy_(y.reshape(rows, spatial))
-    else:
-        torch.sub(y.reshape(rows, spatial), mask_u.reshape(rows, spatial), out=table[:rows])
-    table[rows].fill_(1.0)
-    k = index.shape[1] - 1
+    if mask_u is not None:
+        y = y.sub_(mask_u)
+    table = y.reshape(rows, -1)
     offsets = (torch.arange(batch) * channels).view(batch, 1, 1)
-    batch_index = torch.empty(batch, channels, k + 1, dtype=torch.long)
-    batch_index[..., :k] = index[:, :k] + offsets
-    batch_index[..., k] = rows
-    batch_coef = coef.expand(batch, -1, -1).reshape(rows, k + 1)
-    restored = F.embedding_bag(
-        batch_index.view(rows, k + 1), table, per_sample_weights=batch_coef, mode="sum"
-    )
-    return restored.view(y.shape)
+    batch_index = (index + offsets).view(rows, -1)
+    batch_coef = coef.expand(batch, -1, -1).reshape(rows, -1)
+    restored = F.embedding_bag(batch_index, table, per_sample_weights=batch_coef, mode="sum")
+    restored = restored.view(y.shape)
+    if bias is None:
+        return restored
+    shape = [1] * y.dim()
+    shape[1] = -1
+    return restored.add_(bias.view(shape))
 
 
 BERT_BASE_SHAPES: tuple[tuple[int, int], ...] = ((768, 768), (768, 3072), (3072, 768))
@@ -274,12 +285,17 @@ def bench_deobfuscation(
 ) -> list[dict[str, float]]:
     """Per (in, out) shape: median ms of the plain `F.linear` (with bias) and of the restore.
 
-    `ratio` = restore / linear (de-obfuscation alone: de-mix plus bias; no mask);
-    `prepare_ms` is the input permutation, reported apart. The three run interleaved; with one
-    thread the clock is this thread's CPU time, else wall time. Runs with `threads` torch threads
+    `ratio` = restore / linear (de-obfuscation alone: de-mix plus bias; no mask) for a row-major
+    result; `ratio_features_first` for a result left features-first (what a layer whose output
+    only feeds elementwise ops and offloaded layers returns, e.g. FFN1). The worker's result is
+    what the scheme's `worker_op` computes. `prepare_ms` is the input permutation (row-major
+    input), reported apart. All run interleaved; with one thread the clock is this thread's CPU
+    time, else wall time. Runs with `threads` torch threads
     and puts the previous setting back.
     """
     from groupcover.scheme import GroupCoverScheme
+    from groupcover.transport import LayerOp
+    from groupcover.worker import apply_op
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -293,11 +309,12 @@ def bench_deobfuscation(
             x = torch.randn(batch, seq, in_features, generator=generator)
             published, secret = scheme.obfuscate(weight, bias, generator)
             x_p = scheme.prepare_input(x, secret)
-            y = F.linear(x_p, published)
-            linear_ms, restore_ms, prepare_ms = _interleaved_ms(
+            y = apply_op(scheme.worker_op(LayerOp("linear")), x_p, published)
+            linear_ms, restore_ms, restore_ff_ms, prepare_ms = _interleaved_ms(
                 [
                     functools.partial(F.linear, x, weight, bias),
                     functools.partial(scheme.restore, y, secret),
+                    functools.partial(scheme.restore, y, secret, features_first=True),
                     functools.partial(scheme.prepare_input, x, secret),
                 ],
                 repeat,
@@ -313,6 +330,8 @@ def bench_deobfuscation(
                     "restore_ms": restore_ms,
                     "prepare_ms": prepare_ms,
                     "ratio": restore_ms / linear_ms,
+                    "restore_features_first_ms": restore_ff_ms,
+                    "ratio_features_first": restore_ff_ms / linear_ms,
                 }
             )
         return results

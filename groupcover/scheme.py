@@ -9,7 +9,7 @@ master (`prepare_input`) and turns the worker's result back into the layer's tru
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,10 +23,9 @@ class LayerSecret:
     """What the master keeps for one offloaded layer; nothing here is ever sent to the worker.
 
     `channel_dim` is the feature axis of inputs and outputs (-1 for linear, 1 for convolutions).
-    `restore_index`/`restore_coef` (out, k + 1) are the de-mixing in output order: output row i is
-    sum_j coef[i, j] * y[index[i, j]], and the last column carries the bias (index `out` points
-    to a row of ones). `groups` (G, k, padded with -1) and `inverse` (G, k, k) are kept in their
-    grouped form for audits and attacks.
+    `restore_index`/`restore_coef` (out, k) are the de-mixing in output order: output feature i
+    is sum_j coef[i, j] * y[index[i, j]], plus `bias[i]`. `groups` (G, k, padded with -1) and
+    `inverse` (G, k, k) are kept in their grouped form for audits and attacks.
     """
 
     channel_dim: int
@@ -76,6 +75,13 @@ def channel_dim_of(weight: torch.Tensor) -> int:
 class Scheme(ABC):
     name: str
 
+    def worker_op(self, op: LayerOp) -> LayerOp:
+        """The operation the worker runs for a layer whose plain operation is `op`.
+
+        Same values and FLOPs; a scheme may only ask for another memory layout of the result.
+        """
+        return op
+
     @abstractmethod
     def obfuscate(
         self, weight: torch.Tensor, bias: torch.Tensor | None, generator: torch.Generator
@@ -88,9 +94,18 @@ class Scheme(ABC):
 
     @abstractmethod
     def restore(
-        self, y: torch.Tensor, secret: LayerSecret, mask_u: torch.Tensor | None = None
+        self,
+        y: torch.Tensor,
+        secret: LayerSecret,
+        mask_u: torch.Tensor | None = None,
+        *,
+        features_first: bool = False,
     ) -> torch.Tensor:
-        """Online, after the call: the layer's true output, `y - mask_u` de-mixed plus bias."""
+        """Online, after the call: the layer's true output, `y - mask_u` de-mixed plus bias.
+
+        `features_first` allows a linear result in features-first memory (a transposed view of
+        the same shape), for outputs that only elementwise ops and offloaded layers consume.
+        """
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
@@ -117,7 +132,12 @@ class IdentityScheme(Scheme):
         return x
 
     def restore(
-        self, y: torch.Tensor, secret: LayerSecret, mask_u: torch.Tensor | None = None
+        self,
+        y: torch.Tensor,
+        secret: LayerSecret,
+        mask_u: torch.Tensor | None = None,
+        *,
+        features_first: bool = False,
     ) -> torch.Tensor:
         # the transport hands over a fresh tensor: unmask and add the bias in place
         out = y.sub_(mask_u) if mask_u is not None else y
@@ -142,7 +162,7 @@ class GroupCoverScheme(Scheme):
             weight.detach(), self.k, generator, cond_bound=self.cond_bound
         )
         kept = None if bias is None else bias.detach().to(torch.float32).clone()
-        index, coef = obfuscate.restore_tables(layer.groups, layer.inverse, kept)
+        index, coef = obfuscate.restore_tables(layer.groups, layer.inverse)
         secret = LayerSecret(
             channel_dim=channel_dim_of(weight),
             out_features=weight.shape[0],
@@ -155,18 +175,38 @@ class GroupCoverScheme(Scheme):
         )
         return layer.published.to(weight.dtype), secret
 
+    def worker_op(self, op: LayerOp) -> LayerOp:
+        """Linear layers: features-first results, the layout the de-mixing gathers from."""
+        if op.kind != "linear":
+            return op
+        return replace(op, params={**op.params, "transposed": 1})
+
     def prepare_input(self, x: torch.Tensor, secret: LayerSecret) -> torch.Tensor:
+        """x with its features permuted, in x's own memory layout.
+
+        A features-first input (a restored linear output, or an elementwise function of one)
+        is permuted by whole contiguous rows; a row-major one by a 2-D column gather, several
+        times faster than an N-D one.
+        """
         assert secret.in_perm is not None
         if secret.channel_dim != -1:
             return x.index_select(secret.channel_dim, secret.in_perm)
-        features = x.shape[-1]  # a 2-D gather is several times faster than an N-D one
-        flat = x.reshape(-1, features).index_select(1, secret.in_perm)
+        table = obfuscate.features_first(x)
+        if table is not None and not x.is_contiguous():
+            permuted = table.index_select(0, secret.in_perm)
+            return permuted.t().view(x.shape)
+        flat = x.reshape(-1, x.shape[-1]).index_select(1, secret.in_perm)
         return flat.view(x.shape)
 
     def restore(
-        self, y: torch.Tensor, secret: LayerSecret, mask_u: torch.Tensor | None = None
+        self,
+        y: torch.Tensor,
+        secret: LayerSecret,
+        mask_u: torch.Tensor | None = None,
+        *,
+        features_first: bool = False,
     ) -> torch.Tensor:
-        return obfuscate.demix(y, secret, mask_u)
+        return obfuscate.demix(y, secret, mask_u, features_first_out=features_first)
 
 
 SCHEMES: dict[str, type[Scheme]] = {

@@ -104,3 +104,12 @@ def test_protected_forward_uses_a_fresh_mask_per_call() -> None:
     assert len(sent) == 2 and not torch.allclose(sent[0], sent[1])
     with pytest.raises(MaskPoolExhausted):
         protected(*inputs)
+
+
+def test_masks_take_the_memory_layout_of_the_input() -> None:
+    masks, weight = pool()
+    like = torch.randn(8, 3, 4).movedim(0, -1)  # (3, 4, 8), features-first
+    masks.fill("fc", (3, 4, 8), 1, like=like)
+    pair = masks.take("fc", (3, 4, 8))
+    assert pair.r.shape == (3, 4, 8) and pair.r.stride() == like.stride()
+    assert rel_error(pair.u, F.linear(pair.r, weight)) < 1e-6

@@ -176,3 +176,49 @@ def test_biases_are_never_published() -> None:
         for vector in (flat, flat.t()):
             if vector.shape[-1] == bias.numel():
                 assert not torch.isclose(vector, bias, rtol=1e-5, atol=1e-7).all(dim=-1).any()
+
+
+@pytest.mark.parametrize("mode", ["groupcover", "groupcover-nomask"])
+def test_ffn1_outputs_stay_features_first_and_later_forwards_stay_exact(mode: str) -> None:
+    model, example = load_model("bert-base", 0, **SMALL_BERT)
+    inputs = example(2, 12)
+    with torch.no_grad():
+        reference = model(*inputs)
+    transport = InProcessTransport()
+    built = build_for_mode(model, mode, transport, seed=3, example_inputs=inputs, mask_pool=4)
+    for _ in range(3):
+        assert rel_error(built(*inputs), reference) <= 1e-4
+    expected = [f"layer.{i}.ffn1" for i in range(SMALL_BERT["layers"])]
+    assert built.features_first_layers() == expected
+    if built.masks is not None:  # ffn2's masks were drawn in the layout of its input
+        assert built.masks.stats()["online_refill"]["pairs"] == 0
+
+
+class Branchy(nn.Module):
+    """a -> relu -> b -> c: a and b feed only offloaded layers; c's output also feeds a residual,
+    d's is the model's result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (
+            nn.Linear(6, 10),
+            nn.Linear(10, 6),
+            nn.Linear(6, 6),
+            nn.Linear(6, 6),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(torch.relu(self.a(x)))
+        g = self.c(h)
+        return self.d(g) + g
+
+
+def test_layout_probe_keeps_only_outputs_that_feed_offloaded_layers() -> None:
+    model = Branchy().eval()
+    x = torch.randn(4, 5, 6)
+    protected = protect(model, InProcessTransport(), scheme="groupcover", masked=True, seed=0)
+    for _ in range(2):
+        out = protected(x)
+        assert rel_error(out, model(x).detach()) < 1e-5
+    assert protected.features_first_layers() == ["a", "b"]
+    assert out.is_contiguous()

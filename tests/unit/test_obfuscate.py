@@ -15,6 +15,8 @@ from groupcover.obfuscate import (
     obfuscate_layer,
 )
 from groupcover.scheme import SCHEMES, GroupCoverScheme, IdentityScheme, make_scheme
+from groupcover.transport import LayerOp
+from groupcover.worker import apply_op
 from tests.unit.conftest import rel_error
 
 
@@ -165,3 +167,64 @@ def test_bench_deobfuscation_reports_each_shape() -> None:
     for row in rows:
         assert row["linear_ms"] > 0 and row["restore_ms"] > 0
         assert row["ratio"] == pytest.approx(row["restore_ms"] / row["linear_ms"])
+
+
+def is_features_first(t: torch.Tensor) -> bool:
+    return not t.is_contiguous() and t.movedim(-1, 0).is_contiguous()
+
+
+def test_transposed_linear_op_gives_f_linear_in_features_first_memory() -> None:
+    weight = torch.randn(12, 20, generator=gen(40))
+    x = torch.randn(3, 7, 20, generator=gen(41))
+    op = GroupCoverScheme(4).worker_op(LayerOp("linear"))
+    assert op.params == {"transposed": 1} and op.kind == "linear"
+    y = apply_op(op, x, weight)
+    assert y.shape == (3, 7, 12) and is_features_first(y)
+    assert torch.allclose(y, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert IdentityScheme().worker_op(LayerOp("linear")) == LayerOp("linear")
+    conv = LayerOp("conv2d", stride=(1, 1))
+    assert GroupCoverScheme(4).worker_op(conv) is conv
+
+
+@pytest.mark.parametrize("out", [1, 3, 6, 33, 64])
+@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("masked", [False, True])
+def test_round_trip_through_the_transposed_op(out: int, k: int, masked: bool) -> None:
+    weight, bias = torch.randn(out, 20, generator=gen(out)), torch.randn(out, generator=gen(42))
+    x, r = torch.randn(3, 7, 20, generator=gen(43)), torch.randn(3, 7, 20, generator=gen(44))
+    scheme = GroupCoverScheme(k)
+    published, secret = scheme.obfuscate(weight, bias, gen(45))
+    op = scheme.worker_op(LayerOp("linear"))
+    reference = F.linear(x, weight, bias)
+    for features_first in (False, True):
+        sent = scheme.prepare_input(x, secret) + (r if masked else 0)
+        u = apply_op(op, r, published) if masked else None
+        restored = scheme.restore(
+            apply_op(op, sent, published), secret, u, features_first=features_first
+        )
+        assert restored.shape == reference.shape
+        assert rel_error(restored, reference) < 1e-5
+        if out > 1:
+            assert is_features_first(restored) == features_first
+
+
+def test_features_first_input_is_permuted_by_rows_and_keeps_its_layout() -> None:
+    weight = torch.randn(16, 24, generator=gen(46))
+    scheme = GroupCoverScheme(4)
+    published, secret = scheme.obfuscate(weight, None, gen(47))
+    assert secret.in_perm is not None
+    x = torch.randn(24, 2, 5, generator=gen(48)).movedim(0, -1)  # (2, 5, 24), features-first
+    prepared = scheme.prepare_input(x, secret)
+    assert is_features_first(prepared)
+    assert torch.equal(prepared, x[..., secret.in_perm])
+    op = scheme.worker_op(LayerOp("linear"))
+    restored = scheme.restore(apply_op(op, prepared, published), secret)
+    assert restored.is_contiguous() and rel_error(restored, F.linear(x, weight)) < 1e-5
+
+
+def test_bench_reports_the_features_first_restore() -> None:
+    (row,) = bench_deobfuscation([(32, 64)], batch=2, seq=8, repeat=2)
+    assert row["restore_features_first_ms"] > 0
+    assert row["ratio_features_first"] == pytest.approx(
+        row["restore_features_first_ms"] / row["linear_ms"]
+    )
