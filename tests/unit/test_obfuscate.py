@@ -15,7 +15,7 @@ from groupcover.obfuscate import (
     obfuscate_layer,
 )
 from groupcover.scheme import SCHEMES, GroupCoverScheme, IdentityScheme, make_scheme
-from groupcover.transport import LayerOp
+from groupcover.transport import LayerOp, Transport
 from groupcover.worker import apply_op
 from tests.unit.conftest import rel_error
 
@@ -228,3 +228,12 @@ def test_bench_reports_the_features_first_restore() -> None:
     assert row["ratio_features_first"] == pytest.approx(
         row["restore_features_first_ms"] / row["linear_ms"]
     )
+
+
+def test_features_first_results_cross_the_transport(transport: Transport) -> None:
+    weight = torch.randn(12, 20, generator=gen(50))
+    transport.publish("fc", weight, GroupCoverScheme(4).worker_op(LayerOp("linear")))
+    x = torch.randn(3, 7, 20, generator=gen(51))
+    y = transport.run("fc", x)
+    assert is_features_first(y)  # the de-mixing gathers from it without a transposed copy
+    assert torch.allclose(y, F.linear(x, weight), rtol=1e-5, atol=1e-5)
