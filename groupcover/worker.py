@@ -71,7 +71,7 @@ class WorkerState:
             self._layers[(owner, layer_id)] = PublishedLayer(stored, op)
 
     def run(self, owner: str, layer_id: str, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Returns the result on the CPU and the seconds the computation took on the worker."""
+        """The result on the CPU, and the worker's seconds for it (device copies included)."""
         layer = self._layers.get((owner, layer_id))
         if layer is None:
             raise UnknownLayer(f"the worker holds no layer {layer_id!r} for {owner}")
