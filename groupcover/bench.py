@@ -368,7 +368,9 @@ def print_table(document: dict[str, Any]) -> None:
 
     results = document["results"]
     ratio = overheads(results)
-    table = Table(title="GroupCover benchmark", title_justify="left")
+    load = document.get("host", {}).get("loadavg")
+    title = "GroupCover benchmark" + (f" (host load {load[0]:.2f} at the end)" if load else "")
+    table = Table(title=title, title_justify="left")
     for name in ("model", "mode", "batch", "seq"):
         table.add_column(name)
     for name in (
