@@ -250,9 +250,10 @@ def _translate(exc: BaseException, rank: int, what: str) -> GroupCoverError:
 
 
 def _wire(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor that owns exactly its data (RPC would send a view's whole storage)."""
+    """A tensor that owns exactly its data: RPC sends a view's whole storage, so a slice of a
+    larger buffer is copied first; a dense tensor in any layout (e.g. features-first) is not."""
     tensor = tensor.detach()
-    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == payload_bytes(tensor):
+    if tensor.untyped_storage().nbytes() == payload_bytes(tensor) and tensor.storage_offset() == 0:
         return tensor
     return tensor.contiguous().clone()
 

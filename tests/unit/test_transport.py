@@ -128,3 +128,11 @@ def test_seed_transformer_over_the_transport(transport: Transport) -> None:
     transport.timings.reset()
     assert rel_error(protected(*inputs), reference) < 1e-4
     assert transport.timings.calls == len(protected.layers) > 0
+
+
+def test_dense_transposed_input_is_sent_as_is(transport: Transport) -> None:
+    weight = torch.randn(3, 5)
+    transport.publish("l0", weight, LayerOp("linear"))
+    x = torch.randn(5, 4).t()  # dense, features-first memory
+    torch.testing.assert_close(transport.run("l0", x), x @ weight.T)
+    assert transport.timings.bytes_sent == x.numel() * 4
