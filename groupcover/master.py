@@ -6,6 +6,11 @@ named scheme, publishes each published weight exactly once and swaps the layer f
 then unmasks, de-mixes and adds the bias; everything else in the model (attention products,
 softmax, LayerNorm, activations, residuals, embeddings, BatchNorm) runs in the master unchanged.
 The protected copy holds no plaintext weight of an offloaded layer.
+
+Memory layout: the first forward (or the offline mask filling) runs under a `LayoutProbe`, which
+finds the layers whose outputs only reach other offloaded layers through elementwise
+activations; those keep the features-first result of the de-mixing (no transposed copy), every
+other output is made row-major. Values are the same either way.
 """
 
 from __future__ import annotations
