@@ -10,11 +10,18 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from orchestrator import image as image_mod
+from orchestrator import netns, paths, privatelibvirt, state
 from orchestrator.errors import ImageMissing
+from orchestrator.image import Image
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 TOOLS = ("qemu-system-x86_64", "qemu-img", "libvirtd", "virtlogd", "ip", "unshare")
@@ -52,3 +59,55 @@ def built_image(vm_host: None) -> image_mod.Image:
         return image_mod.find_image()
     except ImageMissing:
         return image_mod.build_image()
+
+
+@dataclass(frozen=True)
+class Env:
+    home: Path
+    env: dict[str, str]
+
+    def gcvm(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+@pytest.fixture
+def gcvm_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, built_image: Image) -> Iterator[Env]:
+    # State goes to a private GCVM_HOME; the image (and libvirt's capability cache) stay shared.
+    cache = os.environ.get("GCVM_CACHE") or str(paths.cache_root())
+    home = tmp_path / "home"
+    monkeypatch.setenv("GCVM_HOME", str(home))
+    monkeypatch.setenv("GCVM_CACHE", cache)
+    yield Env(home, {**os.environ, "GCVM_HOME": str(home), "GCVM_CACHE": cache})
+
+
+def cluster_name() -> str:
+    return f"it{uuid.uuid4().hex[:6]}"
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and "pytest" not in cmdline:
+            found.append(f"{proc.name}: {cmdline.strip()}")
+    return found
+
+
+def assert_nothing_left(name: str) -> None:
+    assert not netns.exists(f"gcvm-{name}"), "the namespace is left"
+    assert not state.cluster_dir(name).exists(), "the cluster folder (overlays, seeds) is left"
+    assert not privatelibvirt.run_dir_for(name).exists(), "the daemon's run folder is left"
+    # qemu (-name guest=NAME-...), libvirtd/virtlogd (-p /run/gcvm/NAME/...), dnsmasq
+    # (.../dnsmasq/gcvm-NAME.conf) all name the cluster on their command line
+    assert processes_mentioning(name) == []

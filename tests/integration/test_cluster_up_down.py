@@ -11,16 +11,18 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from orchestrator import keys, netns, paths, privatelibvirt, state
-from orchestrator.image import Image
+from orchestrator import keys, netns, privatelibvirt, state
 from orchestrator.remote import HostKeyMismatch, Remote, endpoint_for
+from tests.integration.conftest import (
+    Env,
+    assert_nothing_left,
+    cluster_name,
+    processes_mentioning,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -28,60 +30,8 @@ UP_TARGET_S = 90.0
 DOWN_TARGET_S = 10.0
 
 
-@dataclass(frozen=True)
-class Env:
-    home: Path
-    env: dict[str, str]
-
-    def gcvm(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "orchestrator", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-
-@pytest.fixture
-def gcvm_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, built_image: Image) -> Iterator[Env]:
-    # State goes to a private GCVM_HOME; the image (and libvirt's capability cache) stay shared.
-    cache = os.environ.get("GCVM_CACHE") or str(paths.cache_root())
-    home = tmp_path / "home"
-    monkeypatch.setenv("GCVM_HOME", str(home))
-    monkeypatch.setenv("GCVM_CACHE", cache)
-    yield Env(home, {**os.environ, "GCVM_HOME": str(home), "GCVM_CACHE": cache})
-
-
-def _name() -> str:
-    return f"it{uuid.uuid4().hex[:6]}"
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and "pytest" not in cmdline:
-            found.append(f"{proc.name}: {cmdline.strip()}")
-    return found
-
-
-def _assert_nothing_left(name: str) -> None:
-    assert not netns.exists(f"gcvm-{name}"), "the namespace is left"
-    assert not state.cluster_dir(name).exists(), "the cluster folder (overlays, seeds) is left"
-    assert not privatelibvirt.run_dir_for(name).exists(), "the daemon's run folder is left"
-    # qemu (-name guest=NAME-...), libvirtd/virtlogd (-p /run/gcvm/NAME/...), dnsmasq
-    # (.../dnsmasq/gcvm-NAME.conf) all name the cluster on their command line
-    assert _processes_mentioning(name) == []
-
-
 def test_up_ssh_down(gcvm_env: Env, tmp_path: Path) -> None:
-    name = _name()
+    name = cluster_name()
     start = time.monotonic()
     up = gcvm_env.gcvm("up", "--tee", "none", "--workers", "1", "--name", name)
     up_s = time.monotonic() - start
@@ -129,7 +79,7 @@ def test_up_ssh_down(gcvm_env: Env, tmp_path: Path) -> None:
         down_s = time.monotonic() - start
     assert down.returncode == 0, down.stderr
     print(f"gcvm down: {down_s:.1f} s")
-    _assert_nothing_left(name)
+    assert_nothing_left(name)
     again = gcvm_env.gcvm("down", "--name", name)
     assert again.returncode == 0 and "nothing to remove" in again.stderr
     assert up_s <= UP_TARGET_S * 2, f"up took {up_s:.0f} s (target {UP_TARGET_S:.0f} s)"
@@ -138,7 +88,7 @@ def test_up_ssh_down(gcvm_env: Env, tmp_path: Path) -> None:
 
 def test_unreachable_vm_fails_and_cleans_up(gcvm_env: Env) -> None:
     """A deadline shorter than a TCG boot: `up` names a VM, shows its console, removes all."""
-    name = _name()
+    name = cluster_name()
     start = time.monotonic()
     up = gcvm_env.gcvm("up", "--tee", "none", "--workers", "1", "--name", name, "--timeout", "15")
     elapsed = time.monotonic() - start
@@ -149,7 +99,7 @@ def test_unreachable_vm_fails_and_cleans_up(gcvm_env: Env) -> None:
         assert "serial console" in up.stderr
         assert "Traceback" not in up.stderr
         assert elapsed < 15 + 60, f"up failed only after {elapsed:.0f} s"
-        _assert_nothing_left(name)
+        assert_nothing_left(name)
     finally:
         gcvm_env.gcvm("down", "--name", name, timeout=120)
 
@@ -170,7 +120,7 @@ def test_private_daemon_stays_in_its_namespace(
 
     monkeypatch.setenv("GCVM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("GCVM_CACHE", os.environ.get("GCVM_CACHE") or "/var/cache/gcvm")
-    name = _name()
+    name = cluster_name()
     ns = f"gcvm-{name}"
     firewall_before = _host_firewall()
     host_links = set(os.listdir("/sys/class/net"))
@@ -203,12 +153,12 @@ def test_private_daemon_stays_in_its_namespace(
             os.kill(pid, 9)
         netns.delete(ns)
     time.sleep(0.5)
-    assert _processes_mentioning(name) == []
+    assert processes_mentioning(name) == []
 
 
 def test_missing_image_is_a_clear_error(vm_host: None, tmp_path: Path) -> None:
     env = {**os.environ, "GCVM_HOME": str(tmp_path / "home"), "GCVM_CACHE": str(tmp_path / "c")}
-    name = _name()
+    name = cluster_name()
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator", "up", "--workers", "1", "--name", name],
         env=env,
