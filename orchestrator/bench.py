@@ -45,7 +45,8 @@ class BenchSettings:
     seed: int = 0
     audit: bool = True
     port: int = DEFAULT_PORT
-    timeout: float = 1800.0
+    timeout: float = 3600.0  # the whole run, enforced here
+    rpc_timeout: float = 600.0  # each rank's rendezvous and per-call deadline (TCG is slow)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -57,6 +58,7 @@ class BenchSettings:
                              hint=f"choose from {', '.join(MODES)}")
         for flag, value, lo, hi in (("--batch", self.batch, 1, 1024), ("--seq", self.seq, 1, 512),
                                     ("--repeat", self.repeat, 1, 10_000),
+                                    ("--rpc-timeout", int(self.rpc_timeout), 10, 86_400),
                                     ("--port", self.port, 1024, 65535)):
             if not lo <= value <= hi:
                 raise UsageError(f"{flag} {value} is out of range ({lo}..{hi})")
@@ -65,7 +67,10 @@ class BenchSettings:
         args = ["--model", self.model, "--modes", ",".join(self.modes), "--batch", str(self.batch),
                 "--seq", str(self.seq), "--repeat", str(self.repeat), "--warmup", str(self.warmup),
                 "--seed", str(self.seed), "--threads", str(threads),
-                "--timeout", str(int(self.timeout))]
+                "--timeout", str(int(self.rpc_timeout)),
+                # VM to VM: TCP only. TensorPipe's shared-memory transport is useless across
+                # machines and its reactor thread spins, taking a third of a guest's vCPU.
+                "--force-tcp"]
         if self.audit:
             args.append("--audit")
         if json_path:

@@ -65,8 +65,11 @@ def run_bench_cmd(
     seed: int = typer.Option(0, help="Seed of the obfuscation and the masks."),
     audit: bool = typer.Option(True, help="Inspect every payload sent to a worker for secrets."),
     port: int = typer.Option(29500, help="Rendezvous port on master 0."),
-    timeout: float = typer.Option(1800.0, help="Seconds before the run is stopped."),
-    out: Path | None = typer.Option(None, help="Folder for results (default: gcvm's state folder)."),
+    timeout: float = typer.Option(3600.0, help="Seconds before the whole run is stopped."),
+    rpc_timeout: float = typer.Option(
+        600.0, help="Seconds each rank waits for the world to assemble and for each worker call."
+    ),
+    out: Path | None = typer.Option(None, help="Folder for results (default: gcvm's state dir)."),
 ) -> None:
     """Benchmark the modes side by side across the VMs; print a table, write JSON and a chart."""
     from orchestrator import bench
@@ -74,6 +77,7 @@ def run_bench_cmd(
     settings = bench.BenchSettings(
         model=model, modes=tuple(m.strip() for m in modes.split(",") if m.strip()), batch=batch,
         seq=seq, repeat=repeat, warmup=warmup, seed=seed, audit=audit, port=port, timeout=timeout,
+        rpc_timeout=rpc_timeout,
     )
     bench.run_bench(name, settings, out)
 
@@ -142,7 +146,7 @@ def up_cmd(
                                        "qemu:///system) instead of a private one."),
     network: str | None = typer.Option(None, help="With --connect: an existing libvirt network "
                                        "to add the VMs to (default: a network of their own)."),
-    image: Path | None = typer.Option(None, help="A disk image of your own "  # noqa: B008
+    image: Path | None = typer.Option(None, help="A disk image of your own "
                                       "(default: gcvm's built image)."),
     subnet: str = typer.Option("192.168.122.0/24", help="IPv4 subnet of the cluster's own "
                                "network (change it next to a daemon's `default` network)."),
