@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from groupcover import texttable
 from groupcover.errors import GroupCoverError, UsageError
 from groupcover.transport import Transport
 
@@ -363,17 +364,15 @@ def overheads(results: Sequence[dict[str, Any]]) -> dict[str, float | None]:
 
 
 def print_table(document: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     results = document["results"]
     ratio = overheads(results)
     load = document.get("host", {}).get("loadavg")
     title = "GroupCover benchmark" + (f" (host load {load[0]:.2f} at the end)" if load else "")
-    table = Table(title=title, title_justify="left")
-    for name in ("model", "mode", "batch", "seq"):
-        table.add_column(name)
-    for name in (
+    headers = (
+        "model",
+        "mode",
+        "batch",
+        "seq",
         "median ms",
         "p10",
         "p90",
@@ -386,11 +385,11 @@ def print_table(document: dict[str, Any]) -> None:
         "worker",
         "calls",
         "MB/fwd",
-    ):
-        table.add_column(name, justify="right")
+    )
+    rows = []
     for r in results:
         lat, parts = r["latency_ms"], r["breakdown_ms"]
-        table.add_row(
+        rows.append((
             r["model"], r["mode"], str(r["batch"]), str(r["seq"]),
             f"{lat['median']:.1f}", f"{lat['p10']:.1f}", f"{lat['p90']:.1f}",
             f"{r['throughput']:.2f}", f"{r['rel_err']:.1e}",
@@ -398,8 +397,8 @@ def print_table(document: dict[str, Any]) -> None:
             f"{parts['master_compute']:.1f}", f"{parts['deobfuscation']:.1f}",
             f"{parts['transfer']:.1f}", f"{parts['worker_compute']:.1f}",
             str(r["rpc_calls"]), f"{r['bytes_per_forward'] / 1e6:.2f}",
-        )  # fmt: skip
-    Console(width=200).print(table)
+        ))  # fmt: skip
+    print(texttable.render(title, headers, rows, left=2), flush=True)
 
 
 # ---- local front ends ----------------------------------------------------------------------
@@ -456,9 +455,6 @@ def run_local(local: LocalRun) -> int:
 
 def run_micro(batch: int, seq: int, repeat: int, json_path: Path | None, threads: int) -> int:
     """De-obfuscation cost against the plain linear layer, BERT-base shapes, one process."""
-    from rich.console import Console
-    from rich.table import Table
-
     from groupcover.obfuscate import bench_deobfuscation
 
     torch.set_num_threads(threads)
@@ -466,30 +462,39 @@ def run_micro(batch: int, seq: int, repeat: int, json_path: Path | None, threads
     linear = sum(r["linear_ms"] for r in rows)
     restore = sum(r["restore_ms"] for r in rows)
     prepare = sum(r["prepare_ms"] for r in rows)
-    table = Table(title=f"De-obfuscation vs plain linear (batch {batch} x seq {seq}, {threads} "
-                  "thread)", title_justify="left")  # fmt: skip
-    for name in ("in", "out", "linear ms", "restore ms", "permute ms", "restore / linear"):
-        table.add_column(name, justify="right")
-    for r in rows:
-        cells = (r["linear_ms"], r["restore_ms"], r["prepare_ms"])
-        table.add_row(
-            str(r["in_features"]),
-            str(r["out_features"]),
-            *(f"{value:.2f}" for value in cells),
+    title = f"De-obfuscation vs plain linear (batch {batch} x seq {seq}, {threads} thread)"
+    headers = (
+        "in",
+        "out",
+        "linear ms",
+        "restore ms",
+        "permute ms",
+        "restore / linear",
+        "features-first ms",
+        "features-first / linear",
+    )
+    table = [
+        (
+            str(r["in_features"]), str(r["out_features"]),
+            *(f"{r[key]:.2f}" for key in ("linear_ms", "restore_ms", "prepare_ms")),
             f"{r['ratio']:.1%}",
+            f"{r['restore_features_first_ms']:.2f}", f"{r['ratio_features_first']:.1%}",
         )
-    console = Console(width=160)
-    console.print(table)
+        for r in rows
+    ]  # fmt: skip
+    print(texttable.render(title, headers, table))
     summary = {
         "linear_ms": linear,
         "restore_ms": restore,
         "prepare_ms": prepare,
         "ratio": restore / linear,
         "ratio_with_permute": (restore + prepare) / linear,
+        "ratio_features_first": sum(r["restore_features_first_ms"] for r in rows) / linear,
     }
-    console.print(
+    print(
         f"restore / plain linear, all shapes: {summary['ratio']:.1%} "
-        f"(with the input permutation: {summary['ratio_with_permute']:.1%})"
+        f"(with the input permutation: {summary['ratio_with_permute']:.1%})",
+        flush=True,
     )
     if json_path is not None:
         document = {"micro": rows, "summary": summary, "host": host_info()}

@@ -50,27 +50,49 @@ class BenchSettings:
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
-            raise UsageError(f"unknown model {self.model!r}",
-                             hint=f"choose one of {', '.join(MODELS)}")
+            raise UsageError(
+                f"unknown model {self.model!r}", hint=f"choose one of {', '.join(MODELS)}"
+            )
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
-            raise UsageError(f"unknown mode(s) {', '.join(bad) or '(none given)'}",
-                             hint=f"choose from {', '.join(MODES)}")
-        for flag, value, lo, hi in (("--batch", self.batch, 1, 1024), ("--seq", self.seq, 1, 512),
-                                    ("--repeat", self.repeat, 1, 10_000),
-                                    ("--rpc-timeout", int(self.rpc_timeout), 10, 86_400),
-                                    ("--port", self.port, 1024, 65535)):
+            raise UsageError(
+                f"unknown mode(s) {', '.join(bad) or '(none given)'}",
+                hint=f"choose from {', '.join(MODES)}",
+            )
+        for flag, value, lo, hi in (
+            ("--batch", self.batch, 1, 1024),
+            ("--seq", self.seq, 1, 512),
+            ("--repeat", self.repeat, 1, 10_000),
+            ("--rpc-timeout", int(self.rpc_timeout), 10, 86_400),
+            ("--port", self.port, 1024, 65535),
+        ):
             if not lo <= value <= hi:
                 raise UsageError(f"{flag} {value} is out of range ({lo}..{hi})")
 
     def launch_args(self, json_path: str | None, threads: int) -> tuple[str, ...]:
-        args = ["--model", self.model, "--modes", ",".join(self.modes), "--batch", str(self.batch),
-                "--seq", str(self.seq), "--repeat", str(self.repeat), "--warmup", str(self.warmup),
-                "--seed", str(self.seed), "--threads", str(threads),
-                "--timeout", str(int(self.rpc_timeout)),
-                # VM to VM: TCP only. TensorPipe's shared-memory transport is useless across
-                # machines and its reactor thread spins, taking a third of a guest's vCPU.
-                "--force-tcp"]
+        args = [
+            "--model",
+            self.model,
+            "--modes",
+            ",".join(self.modes),
+            "--batch",
+            str(self.batch),
+            "--seq",
+            str(self.seq),
+            "--repeat",
+            str(self.repeat),
+            "--warmup",
+            str(self.warmup),
+            "--seed",
+            str(self.seed),
+            "--threads",
+            str(threads),
+            "--timeout",
+            str(int(self.rpc_timeout)),
+            # VM to VM: TCP only. TensorPipe's shared-memory transport is useless across
+            # machines and its reactor thread spins, taking a third of a guest's vCPU.
+            "--force-tcp",
+        ]
         if self.audit:
             args.append("--audit")
         if json_path:
@@ -81,10 +103,24 @@ class BenchSettings:
 def _vm_specs(st: state.ClusterState) -> list[VmSpec]:
     """Just enough of each VM's spec to plan the ranks (roles, ranks, addresses)."""
     return [
-        VmSpec(cluster=st.name, name=vm.name, role=Role(vm.role), rank=vm.rank, index=vm.index,
-               tee=vm.tee, vcpus=vm.vcpus, memory_mib=vm.memory_mib, address=vm.address,
-               prefix=0, gateway="", mac=vm.mac, uuid="", disk=Path(), seed=Path(),
-               serial_log=Path())
+        VmSpec(
+            cluster=st.name,
+            name=vm.name,
+            role=Role(vm.role),
+            rank=vm.rank,
+            index=vm.index,
+            tee=vm.tee,
+            vcpus=vm.vcpus,
+            memory_mib=vm.memory_mib,
+            address=vm.address,
+            prefix=0,
+            gateway="",
+            mac=vm.mac,
+            uuid="",
+            disk=Path(),
+            seed=Path(),
+            serial_log=Path(),
+        )
         for vm in sorted(st.vms, key=lambda v: v.rank)
     ]
 
@@ -96,10 +132,17 @@ def cluster_facts(st: state.ClusterState) -> dict[str, Any]:
         "host": st.host,
         "image": st.image,
         "vms": [
-            {"name": vm.name, "role": vm.role, "rank": vm.rank, "address": vm.address,
-             "tee": str(vm.tee), "tee_verified": vm.tee_verified,
-             "tee_evidence": vm.tee_evidence, "vcpus": vm.vcpus,
-             "memory_mib": vm.memory_mib}
+            {
+                "name": vm.name,
+                "role": vm.role,
+                "rank": vm.rank,
+                "address": vm.address,
+                "tee": str(vm.tee),
+                "tee_verified": vm.tee_verified,
+                "tee_evidence": vm.tee_evidence,
+                "vcpus": vm.vcpus,
+                "memory_mib": vm.memory_mib,
+            }
             for vm in sorted(st.vms, key=lambda v: v.rank)
         ],
     }
@@ -112,8 +155,9 @@ class _Ranks:
         self.procs: dict[str, RemoteProcess] = {}
         self.roles: dict[str, Role] = {}
 
-    def start(self, remote: Remote, vm: str, role: Role, argv: Sequence[str],
-              env: dict[str, str] | None) -> None:
+    def start(
+        self, remote: Remote, vm: str, role: Role, argv: Sequence[str], env: dict[str, str] | None
+    ) -> None:
         self.procs[vm] = remote.start(list(argv), env=env, on_line=_printer(vm))
         self.roles[vm] = role
 
@@ -142,8 +186,10 @@ class _Ranks:
             if time.monotonic() > deadline:
                 waiting = sorted(set(self.procs) - set(codes))
                 self.kill_all()
-                raise Timeout(f"ranks still running at the deadline: {', '.join(waiting)}",
-                              hint="raise --timeout, or lower --repeat/--batch under TCG")
+                raise Timeout(
+                    f"ranks still running at the deadline: {', '.join(waiting)}",
+                    hint="raise --timeout, or lower --repeat/--batch under TCG",
+                )
             time.sleep(0.2)
 
     def kill_all(self) -> None:
@@ -178,7 +224,12 @@ def _connect_all(st: state.ClusterState) -> dict[str, Remote]:
 def _guest_env(st: state.ClusterState) -> dict[str, str]:
     python = st.image.get("python", "/opt/gcvm/venv/bin/python")
     bindir = python.rsplit("/", 1)[0]
-    return {"PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+    return {
+        "PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin",
+        "PYTHONUNBUFFERED": "1",
+        # c10d warns on every connection that the guests cannot resolve each other's names
+        "TORCH_CPP_LOG_LEVEL": "ERROR",
+    }
 
 
 def results_root(name: str) -> Path:
@@ -210,8 +261,10 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
         running = _Ranks()
         env = _guest_env(st)
         try:
-            with step(f"run {settings.model} ({', '.join(settings.modes)}) batch {settings.batch} "
-                      f"seq {settings.seq} x{settings.repeat}"):
+            with step(
+                f"run {settings.model} ({', '.join(settings.modes)}) batch {settings.batch} "
+                f"seq {settings.seq} x{settings.repeat}"
+            ):
                 for vm_name, rank in sorted(ranks, key=lambda r: r[1].role is Role.master):
                     remote = remotes[vm_name]
                     if rank.role is Role.master:
@@ -234,11 +287,17 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
             for r in remotes.values():
                 r.close()
 
-    document = {"settings": asdict(settings), "cluster": cluster_facts(st), "runs": runs,
-                "aggregate": report.aggregate(runs)}
+    document = {
+        "settings": asdict(settings),
+        "cluster": cluster_facts(st),
+        "runs": runs,
+        "aggregate": report.aggregate(runs),
+    }
     (results_dir / "bench.json").write_text(json.dumps(document, indent=2) + "\n")
-    title = (f"{settings.model}, TEE {st.spec.get('tee', 'none')}, accel "
-             f"{st.host.get('accel', '?')}, {len(st.vms)} VMs")
+    title = (
+        f"{settings.model}, TEE {st.spec.get('tee', 'none')}, accel "
+        f"{st.host.get('accel', '?')}, {len(st.vms)} VMs"
+    )
     out.print(report.table(runs, title))
     if len(runs) > 1:
         out.print(report.aggregate_table(runs))
@@ -248,8 +307,7 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
     return results_dir
 
 
-def run_exec(name: str, commands: dict[Role, Sequence[str]], *, port: int,
-             timeout: float) -> None:
+def run_exec(name: str, commands: dict[Role, Sequence[str]], *, port: int, timeout: float) -> None:
     """Run a command per role on its VMs with each rank's seed environment (RANK, WORLD_SIZE,
     WORKER, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME, TP_SOCKET_IFNAME, GCVM_ROLE): workers
     first, then masters, as the seed's instructions start them."""

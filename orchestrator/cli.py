@@ -46,18 +46,28 @@ def image_info() -> None:
 
 
 # --- gcvm run: the framework's ranks across the cluster ------------------------------------
-run_app = typer.Typer(help="Run GroupCover (or the seed's scripts) across the cluster's VMs.",
-                      no_args_is_help=True)
+run_app = typer.Typer(
+    help="Run GroupCover (or the seed's scripts) across the cluster's VMs.", no_args_is_help=True
+)
 app.add_typer(run_app, name="run")
+
+
+@app.command("push")
+def push_cmd(name: str = typer.Option("gcvm", "--name", help="Cluster name.")) -> None:
+    """Rebuild the project's wheel and install it into every VM of a running cluster."""
+    from orchestrator import deploy
+
+    deploy.push(name)
 
 
 @run_app.command("bench")
 def run_bench_cmd(
     name: str = typer.Option("gcvm", "--name", help="Cluster name."),
     model: str = typer.Option("minilm", help="minilm, bert-base, seed-transformer or resnet18."),
-    modes: str = typer.Option("plain-offload,groupcover",
-                              help="Comma-separated: tee-only, plain-offload, mask-only, "
-                              "groupcover, groupcover-nomask."),
+    modes: str = typer.Option(
+        "plain-offload,groupcover",
+        help="Comma-separated: tee-only, plain-offload, mask-only, groupcover, groupcover-nomask.",
+    ),
     batch: int = typer.Option(8, help="Batch size (real samples per forward)."),
     seq: int = typer.Option(128, help="Sequence length (image side for resnet18)."),
     repeat: int = typer.Option(5, help="Timed forwards per mode."),
@@ -75,15 +85,24 @@ def run_bench_cmd(
     from orchestrator import bench
 
     settings = bench.BenchSettings(
-        model=model, modes=tuple(m.strip() for m in modes.split(",") if m.strip()), batch=batch,
-        seq=seq, repeat=repeat, warmup=warmup, seed=seed, audit=audit, port=port, timeout=timeout,
+        model=model,
+        modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+        batch=batch,
+        seq=seq,
+        repeat=repeat,
+        warmup=warmup,
+        seed=seed,
+        audit=audit,
+        port=port,
+        timeout=timeout,
         rpc_timeout=rpc_timeout,
     )
     bench.run_bench(name, settings, out)
 
 
-@run_app.command("exec", context_settings={"allow_extra_args": True,
-                                           "ignore_unknown_options": True})
+@run_app.command(
+    "exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
 def run_exec_cmd(
     ctx: typer.Context,
     name: str = typer.Option("gcvm", "--name", help="Cluster name."),
@@ -129,27 +148,38 @@ def _choice(enum: type[E], flag: str, value: str) -> E:
     try:
         return enum(value)
     except ValueError:
-        raise UsageError(f"unknown {flag} {value!r}",
-                         hint=f"choose one of {', '.join(e.value for e in enum)}") from None
+        raise UsageError(
+            f"unknown {flag} {value!r}", hint=f"choose one of {', '.join(e.value for e in enum)}"
+        ) from None
 
 
 @app.command("up")
 def up_cmd(
-    tee: str = typer.Option("none", help="TEE of the masters (and of the workers unless "
-                            "--worker-tee): none, tdx or sev-snp."),
+    tee: str = typer.Option(
+        "none",
+        help="TEE of the masters (and of the workers unless --worker-tee): none, tdx or sev-snp.",
+    ),
     workers: int = typer.Option(1, help="Number of worker VMs."),
     masters: int = typer.Option(1, help="Number of master VMs."),
     worker_tee: str | None = typer.Option(None, help="TEE of the workers (default: --tee)."),
     name: str = typer.Option("gcvm", "--name", help="Cluster name."),
     accel: str = typer.Option("auto", help="auto, kvm or tcg (auto: KVM when it works)."),
-    connect: str | None = typer.Option(None, help="Use this libvirt daemon (e.g. "
-                                       "qemu:///system) instead of a private one."),
-    network: str | None = typer.Option(None, help="With --connect: an existing libvirt network "
-                                       "to add the VMs to (default: a network of their own)."),
-    image: Path | None = typer.Option(None, help="A disk image of your own "
-                                      "(default: gcvm's built image)."),
-    subnet: str = typer.Option("192.168.122.0/24", help="IPv4 subnet of the cluster's own "
-                               "network (change it next to a daemon's `default` network)."),
+    connect: str | None = typer.Option(
+        None, help="Use this libvirt daemon (e.g. qemu:///system) instead of a private one."
+    ),
+    network: str | None = typer.Option(
+        None,
+        help="With --connect: an existing libvirt network "
+        "to add the VMs to (default: a network of their own).",
+    ),
+    image: Path | None = typer.Option(
+        None, help="A disk image of your own (default: gcvm's built image)."
+    ),
+    subnet: str = typer.Option(
+        "192.168.122.0/24",
+        help="IPv4 subnet of the cluster's own "
+        "network (change it next to a daemon's `default` network).",
+    ),
     vcpus: int = typer.Option(1, help="vCPUs per VM."),
     memory: int = typer.Option(2048, help="Memory per VM in MiB."),
     keep_on_failure: bool = typer.Option(False, help="Keep what was created if `up` fails."),
@@ -160,10 +190,18 @@ def up_cmd(
     from orchestrator.spec import Accel, ClusterSpec, Tee
 
     spec = ClusterSpec(
-        name=name, tee=_choice(Tee, "--tee", tee),
+        name=name,
+        tee=_choice(Tee, "--tee", tee),
         worker_tee=_choice(Tee, "--worker-tee", worker_tee) if worker_tee else None,
-        accel=_choice(Accel, "--accel", accel), masters=masters, workers=workers, vcpus=vcpus,
-        memory_mib=memory, image=image, network=network, connect=connect, subnet=subnet,
+        accel=_choice(Accel, "--accel", accel),
+        masters=masters,
+        workers=workers,
+        vcpus=vcpus,
+        memory_mib=memory,
+        image=image,
+        network=network,
+        connect=connect,
+        subnet=subnet,
     )
     st = cluster.up(spec, keep_on_failure=keep_on_failure, image_path=image, timeout=timeout)
     _print_vms(st.name)
@@ -172,8 +210,11 @@ def up_cmd(
 @app.command("down")
 def down_cmd(
     name: str = typer.Option("gcvm", "--name", help="Cluster name."),
-    connect: str | None = typer.Option(None, help="The libvirt daemon the cluster used, when "
-                                       "its state file is gone and it was not a private one."),
+    connect: str | None = typer.Option(
+        None,
+        help="The libvirt daemon the cluster used, when "
+        "its state file is gone and it was not a private one.",
+    ),
 ) -> None:
     """Remove the cluster: VMs, disks, network, namespace, daemons, state. Safe to repeat."""
     from orchestrator import cluster
@@ -191,15 +232,25 @@ def _print_vms(name: str) -> None:
 
     report = cluster.status(name)
     st = report.state
-    out.print(f"cluster {st.name}: {st.phase}, accel {st.host.get('accel', '?')}, libvirt "
-              f"{st.uri} (daemon {report.daemon})", soft_wrap=True)
+    out.print(
+        f"cluster {st.name}: {st.phase}, accel {st.host.get('accel', '?')}, libvirt "
+        f"{st.uri} (daemon {report.daemon})",
+        soft_wrap=True,
+    )
     table = Table(box=box.SIMPLE, pad_edge=False)
     for column in ("VM", "role", "rank", "address", "state", "TEE", "verified"):
         table.add_column(column, no_wrap=True)
     for row in report.vms:
         vm = row.vm
-        table.add_row(vm.name, vm.role, str(vm.rank), vm.address, row.state, str(vm.tee),
-                      vm.tee_verified or "-")
+        table.add_row(
+            vm.name,
+            vm.role,
+            str(vm.rank),
+            vm.address,
+            row.state,
+            str(vm.tee),
+            vm.tee_verified or "-",
+        )
     # In a pipe rich assumes 80 columns and would cut names; scripts read this output.
     (out if out.is_terminal else Console(width=120, highlight=False)).print(table)
 
@@ -232,9 +283,12 @@ def ssh_cmd(
         command = remote.ssh_argv(st, vm)
         os.execvp(command[0], command)
     with remote.Remote.connect(st, vm, timeout=30) as r:
-        result = r.run(argv, timeout=timeout, check=False,
-                       on_line=lambda line: out.print(line, markup=False, highlight=False,
-                                                      soft_wrap=True))
+        result = r.run(
+            argv,
+            timeout=timeout,
+            check=False,
+            on_line=lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True),
+        )
     sys.exit(result.rc)  # typer.Exit is swallowed in non-standalone mode
 
 

