@@ -295,8 +295,8 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
     }
     (results_dir / "bench.json").write_text(json.dumps(document, indent=2) + "\n")
     title = (
-        f"{settings.model}, TEE {st.spec.get('tee', 'none')}, accel "
-        f"{st.host.get('accel', '?')}, {len(st.vms)} VMs"
+        f"{settings.model}, batch {settings.batch} x seq {settings.seq}, TEE "
+        f"{st.spec.get('tee', 'none')}, accel {st.host.get('accel', '?')}, {len(st.vms)} VMs"
     )
     out.print(report.table(runs, title))
     if len(runs) > 1:

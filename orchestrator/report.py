@@ -58,34 +58,29 @@ def aggregate(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(runs: dict[str, dict[str, Any]], title: str) -> Table:
     t = Table(title=title, title_justify="left")
-    for col in ("master", "model", "mode", "batch", "seq"):
-        t.add_column(col)
+    t.add_column("master")
+    t.add_column("mode")
     for col in (
         "median ms",
-        "p10 ms",
-        "p90 ms",
+        "p10-p90 ms",
         "samples/s",
-        "max abs err",
         "rel err",
         "vs plain-offload",
+        "master",
+        "deobf",
+        "transfer",
+        "worker",
     ):
         t.add_column(col, justify="right")
     for r in rows(runs):
-        lat = r["latency_ms"]
+        lat, parts = r["latency_ms"], r.get("breakdown_ms", {})
         t.add_row(
-            r["master"],
-            r["model"],
-            r["mode"],
-            str(r["batch"]),
-            str(r["seq"]),
-            _fmt(lat["median"]),
-            _fmt(lat["p10"]),
-            _fmt(lat["p90"]),
-            _fmt(r["throughput"], ".2f"),
-            _fmt(r.get("max_abs_err"), ".2e"),
-            _fmt(r.get("rel_err"), ".2e"),
+            r["master"], r["mode"], _fmt(lat["median"]), f"{lat['p10']:.0f}-{lat['p90']:.0f}",
+            _fmt(r["throughput"], ".2f"), _fmt(r.get("rel_err"), ".1e"),
             "-" if r["overhead"] is None else f"{r['overhead']:.3f}x",
-        )
+            *(_fmt(parts.get(key)) for key in ("master_compute", "deobfuscation", "transfer",
+                                               "worker_compute")),
+        )  # fmt: skip
     return t
 
 
@@ -129,7 +124,8 @@ def chart(runs: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
     ax.errorbar(labels, med, yerr=[lo, hi], fmt="k_", capsize=4, label="median (p10-p90)")
     ax.set_ylabel("latency per forward (ms)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, max(r["latency_ms"]["p90"] for r in data) * 1.35)
+    ax.legend(fontsize=8, loc="upper left", ncols=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,8 @@ from pathlib import Path
 from rich.console import Console
 
 console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)  # results (tables) go to stdout
+# results (tables) go to stdout; piped into a file or CI log, they keep their columns
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 log = logging.getLogger("gcvm")
 log.addHandler(logging.NullHandler())  # no stderr fallback: the CLI prints errors itself
 _depth = 0

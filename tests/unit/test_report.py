@@ -65,6 +65,7 @@ def test_table_lists_every_master_and_mode() -> None:
     text = buf.getvalue()
     assert text.count("c-master0") == 2 and text.count("c-master1") == 2
     assert "1.250x" in text and "1.100x" in text
+    assert "66.70" in text  # throughput, not cut by the width
 
 
 def test_chart_is_a_png(tmp_path: Path) -> None:
