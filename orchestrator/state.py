@@ -188,20 +188,24 @@ def locked(name: str, wait: float = 10.0) -> Iterator[None]:
         return
     path = Path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + wait
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            _flock(fd, deadline, name, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        # The holder before us may have removed the file (below): then our lock is on a
+        # deleted inode, and a newcomer could lock a new file at the same path. Retry.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
     try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ClusterBusy(
-                        f"cluster {name!r} is busy: another gcvm command holds {path}",
-                        hint="wait for it to finish (up, run and down take turns)",
-                    ) from None
-                time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         _held[key] = 1
@@ -209,9 +213,27 @@ def locked(name: str, wait: float = 10.0) -> Iterator[None]:
             yield
         finally:
             del _held[key]
+            # No cluster left (down finished, up refused, a typo'd name): leave no lock behind.
+            if not cluster_dir(name).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _flock(fd: int, deadline: float, name: str, path: Path) -> None:
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise ClusterBusy(
+                    f"cluster {name!r} is busy: another gcvm command holds {path}",
+                    hint="wait for it to finish (up, run and down take turns)",
+                ) from None
+            time.sleep(0.1)
 
 
 _held: dict[str, int] = {}

@@ -136,3 +136,16 @@ def test_lock_is_reentrant_in_one_process() -> None:
     with state.locked("c1"), state.locked("c1", wait=0):
         state.save(_state())
     assert state.load("c1").name == "c1"
+
+
+def test_lock_file_is_removed_when_no_cluster_is_left(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("GCVM_HOME", str(tmp_path))
+    with state.locked("ghost"):
+        assert state.lock_path("ghost").exists()
+    assert not state.lock_path("ghost").exists()
+    state.cluster_dir("kept").mkdir(parents=True)
+    with state.locked("kept"):
+        pass
+    assert state.lock_path("kept").exists()
+    with state.locked("kept"):  # a lock file left by an earlier command is reused
+        pass
