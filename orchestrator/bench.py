@@ -12,7 +12,7 @@ import json
 import shlex
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -307,7 +307,9 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
     return results_dir
 
 
-def run_exec(name: str, commands: dict[Role, Sequence[str]], *, port: int, timeout: float) -> None:
+def run_exec(
+    name: str, commands: Mapping[Role, Sequence[str]], *, port: int, timeout: float
+) -> None:
     """Run a command per role on its VMs with each rank's seed environment (RANK, WORLD_SIZE,
     WORKER, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME, TP_SOCKET_IFNAME, GCVM_ROLE): workers
     first, then masters, as the seed's instructions start them."""
