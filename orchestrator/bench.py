@@ -308,7 +308,12 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
 
 
 def run_exec(
-    name: str, commands: Mapping[Role, Sequence[str]], *, port: int, timeout: float
+    name: str,
+    commands: Mapping[Role, Sequence[str]],
+    *,
+    port: int,
+    timeout: float,
+    extra_env: Mapping[str, str] | None = None,
 ) -> None:
     """Run a command per role on its VMs with each rank's seed environment (RANK, WORLD_SIZE,
     WORKER, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME, TP_SOCKET_IFNAME, GCVM_ROLE): workers
@@ -325,7 +330,12 @@ def run_exec(
         try:
             pairs = [(n, r) for n, r in zip(vm_names, plain, strict=True) if commands.get(r.role)]
             for vm_name, rank in sorted(pairs, key=lambda p: p[1].role is Role.master):
-                env = {**_guest_env(st), **rank.env(), "GCVM_ROLE": rank.role.value}
+                env = {
+                    **_guest_env(st),
+                    **(extra_env or {}),
+                    **rank.env(),
+                    "GCVM_ROLE": rank.role.value,
+                }
                 running.start(remotes[vm_name], vm_name, rank.role, commands[rank.role], env)
             running.watch(time.monotonic() + timeout)
         except BaseException:

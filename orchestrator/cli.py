@@ -129,13 +129,25 @@ def run_exec_cmd(
 @run_app.command("seed")
 def run_seed_cmd(
     name: str = typer.Option("gcvm", "--name", help="Cluster name."),
+    setting: list[str] = typer.Option(
+        [], "--set", help="KEY=VALUE for the scripts (BATCH, SEQ, REPEAT, WARMUP, MODES, ...)."
+    ),
     port: int = typer.Option(29500, help="MASTER_PORT for the ranks."),
     timeout: float = typer.Option(3600.0, help="Seconds before the scripts are stopped."),
 ) -> None:
     """Run the seed's tee_test_transformer_{worker,master}.py with the seed's variables."""
     from orchestrator import bench
+    from orchestrator.errors import UsageError
 
-    bench.run_exec(name, bench.SEED_COMMANDS, port=port, timeout=timeout)
+    extra = {}
+    for item in setting:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(
+                f"--set {item!r} is not KEY=VALUE", hint="e.g. --set MODES=plain-offload"
+            )
+        extra[key] = value
+    bench.run_exec(name, bench.SEED_COMMANDS, port=port, timeout=timeout, extra_env=extra)
 
 
 # --- gcvm up / down / status / ssh / logs: the cluster's life ------------------------------
