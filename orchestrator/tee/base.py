@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from orchestrator.hostcaps import HostCaps
+from orchestrator.hostcaps import Check, HostCaps
 from orchestrator.spec import Accel, Tee
 
 TCG_CPU_MODEL = "Nehalem"  # a baseline model: `-cpu max` makes torch ~27x slower under TCG
@@ -63,6 +63,34 @@ class TeeBackend(ABC):
     def shape(
         self, caps: HostCaps, accel: Accel, firmware: Path | None, options: TeeOptions
     ) -> DomainShape: ...
+
+
+class ConfidentialBackend(TeeBackend):
+    """What TDX and SEV-SNP share: the host's own checks plus a firmware built for the TEE, and
+    a working KVM."""
+
+    firmware_name: ClassVar[str]  # the check's name, e.g. "TDX firmware (TDVF)"
+    firmware_feature: ClassVar[str]  # the feature in QEMU's firmware descriptors
+    firmware_fix: ClassVar[str]
+
+    @abstractmethod
+    def support_checks(self, caps: HostCaps) -> tuple[Check, ...]:
+        """The host's checks for this TEE (sectype, module flag, versions)."""
+
+    def host_checks(self, caps: HostCaps) -> tuple[Check, ...]:
+        path = caps.firmware.for_tee(self.tee)
+        firmware = Check(
+            self.firmware_name,
+            path is not None,
+            str(path)
+            if path
+            else f"no QEMU firmware descriptor with the {self.firmware_feature} feature",
+            self.firmware_fix,
+        )
+        return (*self.support_checks(caps), firmware)
+
+    def accel_failures(self, caps: HostCaps, accel: Accel) -> list[CheckFailure]:
+        return kvm_failures(self.title, caps, accel)
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,9 @@ from orchestrator.errors import HostUnsupported
 from orchestrator.hostcaps import Check, HostCaps
 from orchestrator.spec import Accel, Tee
 from orchestrator.tee.base import (
-    CheckFailure,
+    ConfidentialBackend,
     DomainShape,
-    TeeBackend,
     TeeOptions,
-    kvm_failures,
 )
 
 
@@ -25,24 +23,17 @@ class SnpLaunch:
     kernel_hashes: bool
 
 
-class SevSnp(TeeBackend):
+class SevSnp(ConfidentialBackend):
     tee = Tee.sev_snp
     title = "AMD SEV-SNP"
     template = "launch_security/sev-snp.xml.j2"
 
-    def host_checks(self, caps: HostCaps) -> tuple[Check, ...]:
-        firmware = Check(
-            "SEV-SNP firmware (stateless OVMF)",
-            caps.firmware.sev_snp is not None,
-            str(caps.firmware.sev_snp)
-            if caps.firmware.sev_snp
-            else "no QEMU firmware descriptor with the amd-sev-snp feature",
-            "install the distribution's AMD SEV OVMF build (OVMF.amdsev.fd)",
-        )
-        return (*caps.snp.checks, firmware)
+    firmware_name = "SEV-SNP firmware (stateless OVMF)"
+    firmware_feature = "amd-sev-snp"
+    firmware_fix = "install the distribution's AMD SEV OVMF build (OVMF.amdsev.fd)"
 
-    def accel_failures(self, caps: HostCaps, accel: Accel) -> list[CheckFailure]:
-        return kvm_failures(self.title, caps, accel)
+    def support_checks(self, caps: HostCaps) -> tuple[Check, ...]:
+        return caps.snp.checks
 
     def shape(
         self, caps: HostCaps, accel: Accel, firmware: Path | None, options: TeeOptions

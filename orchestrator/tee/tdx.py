@@ -9,11 +9,9 @@ from orchestrator.errors import HostUnsupported
 from orchestrator.hostcaps import Check, HostCaps
 from orchestrator.spec import Accel, Tee
 from orchestrator.tee.base import (
-    CheckFailure,
+    ConfidentialBackend,
     DomainShape,
-    TeeBackend,
     TeeOptions,
-    kvm_failures,
 )
 
 
@@ -23,24 +21,17 @@ class TdxLaunch:
     qgs_socket: Path | None
 
 
-class Tdx(TeeBackend):
+class Tdx(ConfidentialBackend):
     tee = Tee.tdx
     title = "Intel TDX"
     template = "launch_security/tdx.xml.j2"
 
-    def host_checks(self, caps: HostCaps) -> tuple[Check, ...]:
-        firmware = Check(
-            "TDX firmware (TDVF)",
-            caps.firmware.tdx is not None,
-            str(caps.firmware.tdx)
-            if caps.firmware.tdx
-            else "no QEMU firmware descriptor with the intel-tdx feature",
-            "install the distribution's TDX OVMF build (e.g. ovmf with OVMF.inteltdx.fd)",
-        )
-        return (*caps.tdx.checks, firmware)
+    firmware_name = "TDX firmware (TDVF)"
+    firmware_feature = "intel-tdx"
+    firmware_fix = "install the distribution's TDX OVMF build (e.g. ovmf with OVMF.inteltdx.fd)"
 
-    def accel_failures(self, caps: HostCaps, accel: Accel) -> list[CheckFailure]:
-        return kvm_failures(self.title, caps, accel)
+    def support_checks(self, caps: HostCaps) -> tuple[Check, ...]:
+        return caps.tdx.checks
 
     def shape(
         self, caps: HostCaps, accel: Accel, firmware: Path | None, options: TeeOptions
