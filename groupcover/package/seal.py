@@ -5,8 +5,9 @@ File layout (all integers little-endian):
     magic  b"GCVMSEAL"  (8 bytes)
     u32    header length H
     H      header: canonical JSON {"version", "chunk_bytes", "chunks", "plaintext_bytes",
-           "sha256", "label", "bundle"}; "sha256" is the plaintext's digest, checked after
-           decryption; "bundle" a random id, so chunks of two bundles never share their AAD
+           "label", "bundle"}; "bundle" is a random id, so chunks of two bundles never share
+           their associated data (no digest of the plaintext is published: GCM's tags are the
+           integrity check)
     then per chunk i: 12-byte nonce | ciphertext of min(chunk_bytes, rest) bytes | 16-byte tag
 
 Each chunk's associated data is SHA-256(magic | header) | u64 i | u8 last, so a chunk cannot be
@@ -75,7 +76,6 @@ def seal_bytes(plaintext: bytes, key: bytes, *, chunk_bytes: int = DEFAULT_CHUNK
             "chunk_bytes": chunk_bytes,
             "chunks": chunks,
             "plaintext_bytes": len(plaintext),
-            "sha256": hashlib.sha256(plaintext).hexdigest(),
             "label": label,
             "bundle": os.urandom(16).hex(),  # binds every chunk to this one bundle
         },
@@ -106,7 +106,7 @@ def _header(blob: memoryview) -> tuple[dict, int, bytes]:
         header = json.loads(raw)
     except ValueError:
         raise SealError("sealed bundle header is not JSON") from None
-    fields = {"version", "chunk_bytes", "chunks", "plaintext_bytes", "sha256", "label", "bundle"}
+    fields = {"version", "chunk_bytes", "chunks", "plaintext_bytes", "label", "bundle"}
     if not isinstance(header, dict) or set(header) != fields or header["version"] != VERSION:
         raise SealError("sealed bundle header has an unknown version or fields")
     chunk, chunks, size = header["chunk_bytes"], header["chunks"], header["plaintext_bytes"]
@@ -155,8 +155,6 @@ def open_bytes(sealed: bytes | memoryview, key: bytes) -> bytes:
                 f"sealed bundle chunk {index} failed authentication",
                 hint="the bundle was altered, or this is not its model key",
             ) from None
-    if hashlib.sha256(out).hexdigest() != header["sha256"]:
-        raise SealError("sealed bundle's plaintext digest does not match its header")
     return bytes(out)
 
 
