@@ -47,6 +47,16 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool((a - b).abs().max() <= 1e-5 * scale)
 
 
+def _mask_only(payload: torch.Tensor, r: torch.Tensor, prepared: torch.Tensor) -> bool:
+    """The payload is the mask alone: what it adds to r is nothing at the input's own scale
+    (masks are far larger than the input, so a test relative to r's scale would always hit)."""
+    if payload.shape != r.shape:
+        return False
+    rest = (payload.detach().to(torch.float64) - r.detach().to(torch.float64)).abs().max()
+    scale = max(float(prepared.detach().abs().max()), 1e-12)
+    return bool(rest <= 1e-5 * scale)
+
+
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().to(torch.float64)
     return t.reshape(1, -1) if t.dim() <= 1 else t.reshape(t.shape[0], -1)
@@ -155,7 +165,7 @@ class Audit:
             return
         if _close(payload, call.plain) or _close(payload, call.prepared):
             self._flag(f"{layer_id}: run payload equals the unmasked input")
-        if _close(payload, call.mask.r):
+        if _mask_only(payload, call.mask.r, call.prepared):
             self._flag(f"{layer_id}: run payload equals the mask r")
         if _close(payload, call.mask.u):
             self._flag(f"{layer_id}: run payload equals the mask product u")

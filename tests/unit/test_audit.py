@@ -6,6 +6,7 @@ from groupcover.audit import Audit
 from groupcover.master import protect
 from groupcover.models import load_model
 from groupcover.modes import MODES, build_for_mode
+from groupcover.rng import SecretRandom
 from groupcover.scheme import GroupCoverScheme, LayerSecret
 from groupcover.transport import InProcessTransport
 from tests.unit.conftest import SMALL_BERT
@@ -44,7 +45,7 @@ class PlaintextScheme(GroupCoverScheme):
 
     def obfuscate(self, weight, bias, generator):  # type: ignore[no-untyped-def]
         _, secret = super().obfuscate(weight, bias, generator)
-        shuffled = weight[torch.randperm(weight.shape[0], generator=generator)]
+        shuffled = weight[generator.randperm(weight.shape[0])]
         return shuffled.contiguous(), secret
 
 
@@ -72,7 +73,7 @@ def test_zero_masks_are_flagged() -> None:
 
 def test_secrets_in_payloads_are_flagged() -> None:
     weight, bias = torch.randn(8, 6), torch.randn(8)
-    published, secret = GroupCoverScheme(4).obfuscate(weight, bias, torch.Generator())
+    published, secret = GroupCoverScheme(4).obfuscate(weight, bias, SecretRandom.from_seed(0))
     audit = Audit(mode="test")
     audit.register_layer("fc", weight, bias, secret)
     assert isinstance(secret, LayerSecret) and secret.in_perm is not None
