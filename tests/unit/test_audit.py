@@ -9,7 +9,6 @@ in-process transport, runs forwards, and asserts that the audit names it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from groupcover.audit import Audit, noise_floor
+from groupcover.masks import MaskPair
 from groupcover.master import ProtectedModel, protect
 from groupcover.models import load_model
 from groupcover.modes import MODES, build_for_mode
@@ -61,37 +61,41 @@ def wrap_pool(protected: ProtectedModel, make: Callable[[Any], Any]) -> None:
         layer.masks = wrapped
 
 
-@dataclass
-class Pair:
-    r: torch.Tensor
-    u: torch.Tensor
-
-
 class ScaledPool:
     """A mask pool whose pairs are the real ones times `factor` (u stays op(r, W''))."""
 
     def __init__(self, inner: Any, factor: float) -> None:
         self.inner, self.factor = inner, factor
 
-    def take(self, layer_id: str, shape: tuple[int, ...]) -> Pair:
-        pair = self.inner.take(layer_id, shape)
-        return Pair(pair.r * self.factor, pair.u * self.factor)
+    def take(self, layer_id: str, shape: tuple[int, ...], *args: Any) -> MaskPair:
+        pair = self.inner.take(layer_id, shape, *args)
+        return MaskPair(pair.r * self.factor, pair.u * self.factor)
+
+
+class WeakPool(ScaledPool):
+    """Broken: masks of the input's own scale (x + 1e-3 r, r in [-1, 1)), as float noise is."""
+
+    def take(self, layer_id: str, shape: tuple[int, ...], *args: Any) -> MaskPair:
+        pair = self.inner.take(layer_id, shape, *args)
+        factor = 1e-3 / float(pair.r.abs().max())
+        return MaskPair(pair.r * factor, pair.u * factor)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
 class ReusingPool(ScaledPool):
-    """Broken: hands out the first pair of each layer again on every call."""
+    """Broken: hands out the first mask of each layer again on every call (as a new pair object,
+    which is how a pool that reuses its tensors gets past `MaskPair.consume`)."""
 
     def __init__(self, inner: Any) -> None:
         super().__init__(inner, 1.0)
-        self.first: dict[str, Pair] = {}
+        self.first: dict[str, MaskPair] = {}
 
-    def take(self, layer_id: str, shape: tuple[int, ...]) -> Pair:
+    def take(self, layer_id: str, shape: tuple[int, ...], *args: Any) -> MaskPair:
         if layer_id not in self.first:
-            self.first[layer_id] = super().take(layer_id, shape)
-        return self.first[layer_id]
+            self.first[layer_id] = super().take(layer_id, shape, *args)
+        return MaskPair(self.first[layer_id].r, self.first[layer_id].u)
 
 
 class LeakyTransport(InProcessTransport):
@@ -224,7 +228,6 @@ def run_leaky(make: Callable[[dict, str, str, torch.Tensor], list]) -> dict:
         holder["model"], transport, scheme="groupcover", masked=True, seed=3, audit=True
     )
     holder["protected"] = protected
-    wrap_pool(protected, lambda inner: ScaledPool(inner, 1e6))  # hiding masks, whatever the pool
     protected(*holder["inputs"])
     assert protected.audit is not None
     return protected.audit.report()
@@ -317,7 +320,7 @@ def test_secrets_in_payloads_are_flagged() -> None:
 
 
 def test_weak_masks_are_flagged() -> None:
-    report = run_protected(pool=lambda inner: ScaledPool(inner, 1e-3))
+    report = run_protected(pool=lambda inner: WeakPool(inner, 1.0))
     flagged = leaks_with(report, "mask too weak")
     assert len(flagged) == 4 * SMALL_BERT["layers"]
 
@@ -330,7 +333,7 @@ def test_zero_masks_are_flagged() -> None:
 
 
 def test_a_mask_used_twice_is_flagged() -> None:
-    report = run_protected(pool=lambda inner: ScaledPool(ReusingPool(inner), 1e6), forwards=2)
+    report = run_protected(pool=lambda inner: ReusingPool(inner), forwards=2)
     assert len(leaks_with(report, "a mask was used twice")) == 4 * SMALL_BERT["layers"]
 
 
@@ -338,8 +341,8 @@ def test_a_mask_used_twice_is_flagged() -> None:
 
 
 def test_leakage_figure_sits_at_the_noise_floor_only_for_hiding_masks() -> None:
-    hiding = run_protected(pool=lambda inner: ScaledPool(inner, 1e6), forwards=4)
-    weak = run_protected(pool=lambda inner: ScaledPool(inner, 1e-3), forwards=4)
+    hiding = run_protected(pool=lambda inner: ScaledPool(inner, 1.0), forwards=4)
+    weak = run_protected(pool=lambda inner: WeakPool(inner, 1.0), forwards=4)
     for report, hides in ((hiding, True), (weak, False)):
         assert report["leakage"]
         for row in report["leakage"]:
@@ -365,7 +368,7 @@ def test_disabled_audit_sees_nothing() -> None:
 
 @pytest.mark.parametrize("scheme", [IdentityScheme(), GroupCoverScheme(4)])
 def test_the_clean_protocol_with_hiding_masks_has_no_mask_leak(scheme: Any) -> None:
-    report = run_protected(scheme, pool=lambda inner: ScaledPool(inner, 1e6))
+    report = run_protected(scheme, pool=lambda inner: ScaledPool(inner, 1.0))
     assert not leaks_with(report, "mask")
     assert not leaks_with(report, "unmasked")
     assert report["input_exposed"] is False

@@ -97,8 +97,7 @@ def test_benchmark_document_over_the_in_process_transport() -> None:
     assert gc["mask_online_refill_s"] == 0.0
     assert gc["masks"]["used"] == gc["masks"]["offline"]["pairs"] - gc["masks"]["left"]
     assert gc["masks"]["left"] == 4 * SMALL_BERT["layers"]  # one pair ahead per layer, no more
-    assert plain["audit"]["leaks"]  # TEMP-MERGE
-    # assert gc["audit"]["leaks"] == []
+    assert gc["audit"]["leaks"] == [] and plain["audit"]["leaks"]
     assert bench.overheads(results)["plain-offload"] == 1.0
     # the audit saw only its own untimed forward: none of the warmup or timed ones
     assert gc["audit"]["audited_calls"] == 4 * SMALL_BERT["layers"]
