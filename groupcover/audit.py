@@ -110,8 +110,8 @@ class _SignatureIndex:
 
     def __init__(self) -> None:
         self._projections: dict[int, torch.Tensor] = {}
-        self._entries: dict[tuple[str, int], list[tuple[torch.Tensor, str]]] = {}
-        self._built: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
+        # per (kind, width): one sorted table per added matrix (no rebuild when layers join)
+        self._tables: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor, str]]] = {}
 
     def _projection(self, width: int) -> torch.Tensor:
         if width not in self._projections:
@@ -135,44 +135,43 @@ class _SignatureIndex:
         if m.shape[0] == 0:
             return
         for kind in ("direct", "sorted"):
-            self._entries.setdefault((kind, m.shape[1]), []).append(
-                (self.canonical(kind, m), label)
-            )
-            self._built.pop((kind, m.shape[1]), None)
-
-    def _table(self, kind: str, width: int) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
-        key = (kind, width)
-        if key not in self._built:
-            entries = self._entries.get(key)
-            if not entries:
-                return None
-            canon = torch.cat([c for c, _ in entries])
-            labels = [label for c, label in entries for _ in range(c.shape[0])]
-            sig = canon @ self._projection(width)
+            canon = self.canonical(kind, m)
+            sig = canon @ self._projection(m.shape[1])
             order = sig[:, 0].argsort()
-            self._built[key] = (canon[order], sig[order], [labels[i] for i in order.tolist()])
-        return self._built[key]
+            table = (canon[order], sig[order].contiguous(), label)
+            self._tables.setdefault((kind, m.shape[1]), []).append(table)
 
     def matches(self, kind: str, rows: torch.Tensor) -> set[str]:
-        """Labels of indexed rows that some query row reproduces."""
+        """Labels of indexed matrices one of whose rows some query row reproduces."""
         rows = rows[_informative(rows)] if rows.numel() else rows
         if rows.shape[0] == 0:
             return set()
-        table = self._table(kind, rows.shape[1])
-        if table is None:
+        tables = self._tables.get((kind, rows.shape[1]))
+        if not tables:
             return set()
-        canon, sig, labels = table
         query = self.canonical(kind, rows)
         qsig = query @ self._projection(rows.shape[1])
-        lo = torch.searchsorted(sig[:, 0].contiguous(), (qsig[:, 0] - SIGNATURE_TOL).contiguous())
-        hi = torch.searchsorted(sig[:, 0].contiguous(), (qsig[:, 0] + SIGNATURE_TOL).contiguous())
+        low = (qsig[:, 0] - SIGNATURE_TOL).contiguous()
+        high = (qsig[:, 0] + SIGNATURE_TOL).contiguous()
         found: set[str] = set()
-        for q in torch.nonzero(hi > lo).flatten().tolist():
-            for j in range(int(lo[q]), int(hi[q])):
-                if abs(float(sig[j, 1] - qsig[q, 1])) > SIGNATURE_TOL:
-                    continue
-                if float(canon[j] @ query[q]) > EXACT_COSINE:
-                    found.add(labels[j])
+        for canon, sig, label in tables:
+            if label in found:
+                continue
+            lo = torch.searchsorted(sig[:, 0].contiguous(), low)
+            hi = torch.searchsorted(sig[:, 0].contiguous(), high)
+            counts = (hi - lo).clamp(min=0)
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            # every (query, candidate) pair of the windows, vectorised: the sorted signatures
+            # of a weight's rows lie close together, so windows can hold many candidates
+            qi = torch.repeat_interleave(torch.arange(len(counts)), counts)
+            starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+            ji = lo[qi] + (torch.arange(total) - starts)
+            near = (sig[ji, 1] - qsig[qi, 1]).abs() <= SIGNATURE_TOL
+            qi, ji = qi[near], ji[near]
+            if qi.numel() and bool(((canon[ji] * query[qi]).sum(dim=1) > EXACT_COSINE).any()):
+                found.add(label)
         return found
 
 
