@@ -154,7 +154,7 @@ def claims_of(quote: TdQuote) -> dict[str, Any]:
         "rtmr_1": quote.rtmrs[1].hex(),
         "rtmr_2": quote.rtmrs[2].hex(),
         "rtmr_3": quote.rtmrs[3].hex(),
-        "td_attributes": f"{quote.td_attributes:016x}",
+        "td_attributes": quote.td_attributes.to_bytes(8, "little").hex(),
         "debug": quote.debug,
         "report_data": quote.report_data.hex(),
         "mr_seam": quote.mr_seam.hex(),
