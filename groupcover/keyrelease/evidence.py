@@ -205,9 +205,7 @@ class SevGuestDevice:
         request = ctypes.create_string_buffer(report_data + struct.pack("<I", self.vmpl), 96)
         response = ctypes.create_string_buffer(4000)
         arg = bytearray(
-            struct.pack(
-                "<B7xQQQ", 1, ctypes.addressof(request), ctypes.addressof(response), 0
-            )
+            struct.pack("<B7xQQQ", 1, ctypes.addressof(request), ctypes.addressof(response), 0)
         )
         try:
             fd = self._open(self.path)
@@ -243,12 +241,12 @@ def detect(tee: str) -> EvidenceSource:
     """The evidence source for the guest's TEE: configfs-tsm first, /dev/sev-guest for SNP."""
     if tee == "none":
         return NoEvidence()
-    tsm = ConfigfsTsm()
+    tsm = ConfigfsTsm(TSM_ROOT)
     if tsm.available():
         tsm.tee = "tdx" if tee == "tdx" else "snp"
         return tsm
     if tee in ("snp", "sev-snp") and SEV_GUEST.exists():
-        return SevGuestDevice()
+        return SevGuestDevice(SEV_GUEST)
     raise EvidenceError(
         f"no {tee} evidence in this guest: {TSM_ROOT} is absent (kernel < 6.7 or configfs not "
         f"mounted)" + (f" and {SEV_GUEST} is absent" if tee != "tdx" else ""),

@@ -69,6 +69,7 @@ class KbsClient:
         self.url = url.rstrip("/")
         self.evidence = evidence
         self.timeout = timeout
+        self.token: str | None = None  # the attestation token of the last attest()
         self._opener = urllib.request.build_opener(
             urllib.request.HTTPCookieProcessor(CookieJar()),
             urllib.request.ProxyHandler({}),  # the broker is on the cluster's network: no proxy
@@ -122,6 +123,7 @@ class KbsClient:
         token = result.get("token")
         if not isinstance(token, str):
             raise KeyReleaseError("broker's attestation response has no token")
+        self.token = token
         return key, _jwt_claims(token)
 
     def get_resource(self, name: str) -> Release:

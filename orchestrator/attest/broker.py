@@ -411,9 +411,11 @@ class Broker:
             from jwcrypto import jwt
 
             try:
-                token = jwt.JWT(jwt=bearer, key=self._token_key, algs=["ES256"])
+                token = jwt.JWT(jwt=bearer, key=self._token_key, algs=["ES256"], check_claims=False)
                 claims = json.loads(token.claims)
-            except Exception:  # jwcrypto: invalid signature, expired, malformed
+                if not isinstance(claims.get("exp"), int) or now > claims["exp"]:
+                    raise ValueError("expired")
+            except Exception:  # jwcrypto: invalid signature, malformed; or expired
                 raise self._refuse(
                     "resource", HTTPStatus.UNAUTHORIZED, "TokenVerificationFailed",
                     "the bearer token is not this broker's, or has expired",
@@ -444,7 +446,9 @@ class Broker:
         try:
             value = json.loads(body)
         except (ValueError, UnicodeDecodeError):
-            raise Refusal(HTTPStatus.UNAUTHORIZED, "InvalidRequest", f"{what} is not JSON") from None
+            raise Refusal(
+                HTTPStatus.UNAUTHORIZED, "InvalidRequest", f"{what} is not JSON"
+            ) from None
         if not isinstance(value, dict):
             raise Refusal(HTTPStatus.UNAUTHORIZED, "InvalidRequest", f"{what} is not an object")
         return value
@@ -498,7 +502,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 30  # seconds a client may take to send its request
     server_version = "gcvm-broker"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
     def _session_id(self) -> str | None:
@@ -550,7 +554,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(status, body, session)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         broker = self.server.broker
 
         def run() -> tuple[int, dict[str, Any], Session | None]:
@@ -565,7 +569,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         self._handle(run)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         broker = self.server.broker
 
         def run() -> tuple[int, dict[str, Any], Session | None]:
@@ -593,4 +597,3 @@ def serve_in_thread(broker: Broker, host: str = "127.0.0.1", port: int = 0) -> _
     server = make_server(broker, host, port)
     threading.Thread(target=server.serve_forever, name="gcvm-broker", daemon=True).start()
     return server
-

@@ -114,7 +114,7 @@ def serve_cmd(
     ),
     log_file: Path | None = typer.Option(None, "--log", help="Also append decisions here."),
 ) -> None:
-    """Serve the KBS protocol: /kbs/v0/auth, /kbs/v0/attest, /kbs/v0/resource/<repo>/<type>/<tag>."""
+    """Serve the KBS protocol (auth, attest, resource/<repo>/<type>/<tag>) on HOST:PORT."""
     from orchestrator.attest.broker import INSECURE_LABEL, Broker, make_server
     from orchestrator.attest.policy import Policy, load_policy
     from orchestrator.ui import console
@@ -146,9 +146,11 @@ def serve_cmd(
         broker_log.addHandler(file_handler)
     broker = Broker(pol, insecure_no_attestation=insecure_no_attestation)
     server = make_server(broker, host.strip("[]"), int(port_text))
-    bound = server.server_address
+    bound_host, bound_port = server.server_address[:2]
+    if isinstance(bound_host, bytes):
+        bound_host = bound_host.decode()
     console.print(
-        f"broker listening on http://{bound[0]}:{bound[1]} (policy {pol.source}; "
+        f"broker listening on http://{bound_host}:{bound_port} (policy {pol.source}; "
         f"resources {', '.join(sorted(pol.resources))})"
     )
     if insecure_no_attestation:

@@ -21,10 +21,10 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from orchestrator.attest.common import BadEvidence, Verdict
@@ -112,7 +112,8 @@ class SnpReport:
 def parse_report(raw: bytes) -> SnpReport:
     if len(raw) != REPORT_SIZE:
         raise BadEvidence(
-            f"an SEV-SNP report has {REPORT_SIZE} bytes, this one {len(raw)} (truncated or not a report)"
+            f"an SEV-SNP report has {REPORT_SIZE} bytes, this one {len(raw)} "
+            "(truncated or not a report)"
         )
     u32 = lambda off: struct.unpack_from("<I", raw, off)[0]  # noqa: E731
     u64 = lambda off: struct.unpack_from("<Q", raw, off)[0]  # noqa: E731
@@ -230,8 +231,10 @@ def _role(cert: x509.Certificate) -> str:
 def amd_chain(product: str) -> SnpCerts:
     """AMD's own ASK, ARK and ASVK for a product line (package data, AMD's public certificates)."""
     if product not in PRODUCTS:
-        raise BadEvidence(f"unknown SEV-SNP product line {product!r} (known: {', '.join(PRODUCTS)})")
-    data = (resources.files("orchestrator.attest") / "amd" / f"{product.lower()}-ask-ark-asvk.pem")
+        raise BadEvidence(
+            f"unknown SEV-SNP product line {product!r} (known: {', '.join(PRODUCTS)})"
+        )
+    data = resources.files("orchestrator.attest") / "amd" / f"{product.lower()}-ask-ark-asvk.pem"
     certs = SnpCerts()
     for cert in x509.load_pem_x509_certificates(data.read_bytes()):
         certs.add(cert)
@@ -415,7 +418,10 @@ def verify_report(
         verdict.fail(f"report is signed by no endorsement key ({report.signing_key})")
         return verdict
     if not keys:
-        verdict.fail(f"no {report.signing_key} certificate for this report (give --certs)")
+        verdict.fail(
+            f"no {report.signing_key} certificate for this report "
+            "(none in the certificate table, --certs or the policy's snp.certs)"
+        )
         return verdict
     key_cert = _signer(report, keys)
     if key_cert is None:
@@ -468,6 +474,8 @@ def check_policy(verdict: Verdict, policy: Any) -> None:
     if policy.vmpl is not None and claims["vmpl"] not in policy.vmpl:
         verdict.fail(f"VMPL {claims['vmpl']} is not accepted (policy: {policy.vmpl})")
     tcb = claims["reported_tcb"]
-    low = [f"{k} {tcb.get(k)} < {v}" for k, v in (policy.min_tcb or {}).items() if tcb.get(k, -1) < v]
+    low = [
+        f"{k} {tcb.get(k)} < {v}" for k, v in (policy.min_tcb or {}).items() if tcb.get(k, -1) < v
+    ]
     if low:
         verdict.fail("TCB below the policy's minimum: " + ", ".join(low))

