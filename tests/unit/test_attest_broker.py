@@ -428,3 +428,147 @@ def test_synthetic_tdx_quotes_with_a_fake_quote_verifier(tmp_path) -> None:
 def test_broker_serves_only_the_given_address(world) -> None:
     assert world["url"].startswith("http://127.0.0.1:")
     assert broker_mod.INSECURE_LABEL == INSECURE_LABEL
+
+
+# --- the commands, as processes -----------------------------------------------------------
+
+
+def _start_broker(args: list[str]):
+    import select
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "broker", "serve", "--listen", "127.0.0.1:0", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+        if ready:
+            line = proc.stderr.readline()
+            if "broker listening on http://" in line:
+                return proc, line.split("broker listening on ")[1].split()[0]
+            if not line and proc.poll() is not None:
+                break
+    proc.kill()
+    raise AssertionError("the broker did not start")
+
+
+def _stop(proc) -> str:
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=10)
+    except Exception:
+        proc.kill()
+        raise
+    return err
+
+
+def _guest(url: str, *args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "groupcover.keyrelease", "--broker", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_broker_serve_and_guest_client_processes_insecure(tmp_path: Path) -> None:
+    (tmp_path / "model.key").write_bytes(MODEL_KEY)
+    log_file = tmp_path / "broker.log"
+    proc, url = _start_broker(
+        ["--resource", f"{RESOURCE}={tmp_path / 'model.key'}", "--insecure-no-attestation",
+         "--log", str(log_file)]
+    )  # fmt: skip
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        out = tmp_path / "released.key"
+        result = _guest(url, "--tee", "none", "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        doc = json.loads(result.stdout)
+        assert doc["attested"] is False and doc["label"] == INSECURE_LABEL
+        assert out.read_bytes() == MODEL_KEY and (out.stat().st_mode & 0o777) == 0o600
+    finally:
+        err = _stop(proc)
+    assert "broker stopped" in err
+    assert INSECURE_LABEL in log_file.read_text()
+
+
+def test_broker_serve_refuses_a_guest_without_tee(tmp_path: Path, chain) -> None:
+    chain.write(tmp_path)
+    (tmp_path / "model.key").write_bytes(MODEL_KEY)
+    (tmp_path / "policy.yaml").write_text(
+        f"snp:\n  measurements: ['{GOOD_MEASUREMENT.hex()}']\n  roots: roots.pem\n"
+        f"resources:\n  {RESOURCE}: model.key\n"
+    )
+    proc, url = _start_broker(["--policy", str(tmp_path / "policy.yaml")])
+    try:
+        result = _guest(url, "--tee", "none")
+        assert result.returncode == 1
+        assert "not started with --insecure-no-attestation" in result.stderr
+    finally:
+        err = _stop(proc)
+    assert "auth REFUSED" in err
+
+
+def test_attested_session_and_token_expire(world, chain) -> None:
+    client = KbsClient(world["url"], tsm(world["tmp"], chain))
+    client.attest()
+    world["clock"].t += 301  # token_ttl_s defaults to 300
+    with pytest.raises(KeyReleaseRefused, match="attestation has expired"):
+        client._call("GET", f"/kbs/v0/resource/{RESOURCE}")
+    request = urllib.request.Request(world["url"] + f"/kbs/v0/resource/{RESOURCE}")
+    request.add_header("Authorization", f"Bearer {client.token}")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    assert info.value.code == 401
+
+
+def test_every_refusal_is_logged(world, chain, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="gcvm.broker")
+    refused(world["url"], tsm(world["tmp"], chain, measurement=bytes(48)), "unknown measurement")
+    assert "attest REFUSED: session" in caplog.text and "unknown measurement" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"snp": {"allow_debug": True}}, "snp.allow_debug must be false"),
+        ({"tdx": {"mrtd": ["00"]}}, "expected 48"),
+        ({"snp": {"min_tcb": {"bios": 1}}}, "snp.min_tcb takes"),
+        ({"resources": {"a/b": "x"}}, "is not <repository>/<type>/<tag>"),
+        ({"snp": {"measurment": []}}, "unknown key(s) measurment in snp"),
+    ],
+)
+def test_policy_file_errors(tmp_path: Path, data, message) -> None:
+    from orchestrator.errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        parse_policy(data, tmp_path)
+    assert message in info.value.message
+
+
+def test_verify_cli_applies_a_policy(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    snp_dir = Path(__file__).resolve().parents[1] / "fixtures" / "attestation" / "snp"
+    (tmp_path / "policy.yaml").write_text(f"snp:\n  measurements: ['{'00' * 48}']\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "attest", "verify",
+         str(snp_dir / "virtee-report-milan-v2.hex"), "--certs", str(snp_dir),
+         "--policy", str(tmp_path / "policy.yaml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "unknown measurement 7a1e5c266c0108db" in result.stderr
