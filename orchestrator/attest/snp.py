@@ -11,6 +11,7 @@ TCB, VMPL, report data) are the caller's: see `check_policy`.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import struct
 import warnings
 from collections.abc import Iterable, Sequence
@@ -234,11 +235,16 @@ def amd_chain(product: str) -> SnpCerts:
         raise BadEvidence(
             f"unknown SEV-SNP product line {product!r} (known: {', '.join(PRODUCTS)})"
         )
-    data = resources.files("orchestrator.attest") / "amd" / f"{product.lower()}-ask-ark-asvk.pem"
     certs = SnpCerts()
-    for cert in x509.load_pem_x509_certificates(data.read_bytes()):
+    for cert in _amd_pem(product):
         certs.add(cert)
     return certs
+
+
+@functools.cache
+def _amd_pem(product: str) -> tuple[x509.Certificate, ...]:
+    data = resources.files("orchestrator.attest") / "amd" / f"{product.lower()}-ask-ark-asvk.pem"
+    return tuple(x509.load_pem_x509_certificates(data.read_bytes()))
 
 
 def amd_roots() -> list[x509.Certificate]:
