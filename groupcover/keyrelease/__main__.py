@@ -11,7 +11,7 @@ import sys
 
 from groupcover.errors import GroupCoverError
 from groupcover.keyrelease.evidence import detect
-from groupcover.keyrelease.kbs import KbsClient
+from groupcover.keyrelease.kbs import PROTOCOL_VERSION, PROTOCOLS, KbsClient
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,11 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resource", default="gcvm/model/key", help="<repository>/<type>/<tag>")
     parser.add_argument("--out", help="write the released secret here (mode 0600)")
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--protocol", default=PROTOCOL_VERSION, choices=list(PROTOCOLS))
     args = parser.parse_args(argv)
     try:
-        release = KbsClient(args.broker, detect(args.tee), timeout=args.timeout).get_resource(
-            args.resource
+        client = KbsClient(
+            args.broker, detect(args.tee), timeout=args.timeout, protocol=args.protocol
         )
+        release = client.get_resource(args.resource)
     except GroupCoverError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:

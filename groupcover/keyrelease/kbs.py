@@ -25,7 +25,9 @@ from groupcover.errors import GroupCoverError
 from groupcover.keyrelease.evidence import EvidenceSource
 from groupcover.keyrelease.jwe import EphemeralKey
 
-PROTOCOL_VERSION = "0.1.1"
+PROTOCOL_VERSION = "0.1.1"  # the shape this project's broker documents (runtime-data binding)
+# 0.4.0: Trustee's current KBS (composite evidence: {"primary_evidence", "additional_evidence"})
+PROTOCOLS = ("0.1.1", "0.4.0")
 INSECURE_LABEL = "model key released without attestation"
 
 
@@ -44,9 +46,15 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def report_data_for(nonce: str, tee_pubkey: dict[str, Any]) -> bytes:
-    digest = hashlib.sha384(canonical_json({"nonce": nonce, "tee-pubkey": tee_pubkey})).digest()
-    return digest.ljust(64, b"\0")
+def report_data_for(
+    nonce: str, tee_pubkey: dict[str, Any], additional_evidence: str | None = None
+) -> bytes:
+    """SHA-384 of the canonical JSON {"nonce", "tee-pubkey"}, zero-padded to 64 bytes; KBS
+    protocol 0.4 (composite evidence) adds "additional-evidence" to the hashed object."""
+    data: dict[str, Any] = {"nonce": nonce, "tee-pubkey": tee_pubkey}
+    if additional_evidence is not None:
+        data["additional-evidence"] = additional_evidence
+    return hashlib.sha384(canonical_json(data)).digest().ljust(64, b"\0")
 
 
 @dataclass
@@ -65,8 +73,17 @@ class Release:
 
 
 class KbsClient:
-    def __init__(self, url: str, evidence: EvidenceSource, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        evidence: EvidenceSource,
+        timeout: float = 30.0,
+        protocol: str = PROTOCOL_VERSION,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise KeyReleaseError(f"KBS protocol {protocol!r} is not one of {PROTOCOLS}")
         self.url = url.rstrip("/")
+        self.protocol = protocol
         self.evidence = evidence
         self.timeout = timeout
         self.token: str | None = None  # the attestation token of the last attest()
@@ -107,14 +124,18 @@ class KbsClient:
         challenge = self._call(
             "POST",
             "/kbs/v0/auth",
-            {"version": PROTOCOL_VERSION, "tee": self.evidence.tee, "extra-params": ""},
+            {"version": self.protocol, "tee": self.evidence.tee, "extra-params": ""},
         )
         nonce = challenge.get("nonce")
         if not isinstance(nonce, str):
             raise KeyReleaseError("broker's challenge has no nonce")
         key = EphemeralKey()
         pubkey = key.public_jwk
-        evidence = self.evidence.collect(report_data_for(nonce, pubkey))
+        if self.protocol == "0.4.0":
+            primary = self.evidence.collect(report_data_for(nonce, pubkey, ""))
+            evidence = {"primary_evidence": primary, "additional_evidence": ""}
+        else:
+            evidence = self.evidence.collect(report_data_for(nonce, pubkey))
         result = self._call(
             "POST",
             "/kbs/v0/attest",

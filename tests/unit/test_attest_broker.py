@@ -150,6 +150,13 @@ def test_snp_attest_and_jwe_release(world, chain, caplog) -> None:
     assert "attest ACCEPTED" in text and "resource RELEASED: gcvm/model/key" in text
 
 
+def test_kbs_protocol_0_4_composite_evidence(world, chain) -> None:
+    # Trustee's current shape: tee-evidence {primary_evidence, additional_evidence}, and the
+    # hashed runtime data includes "additional-evidence"
+    client = KbsClient(world["url"], tsm(world["tmp"], chain), protocol="0.4.0")
+    assert client.get_resource(RESOURCE).secret == MODEL_KEY
+
+
 def test_evidence_without_cert_table_uses_the_brokers_certs(tmp_path, chain) -> None:
     chain.write(tmp_path)
     (tmp_path / "k").write_bytes(MODEL_KEY)
