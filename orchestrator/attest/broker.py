@@ -483,8 +483,15 @@ def _jwe(payload: bytes, pubkey: dict[str, Any]) -> dict[str, Any]:
     alg = "ECDH-ES+A256KW" if pubkey["kty"] == "EC" else "RSA-OAEP-256"
     token = jwe.JWE(payload, protected=json.dumps({"alg": alg, "enc": "A256GCM"}))
     token.add_recipient(key)
-    value: dict[str, Any] = json.loads(token.serialize(compact=False))
-    return value
+    # the compact form puts every header (epk included) in the protected one, as Trustee does
+    protected, encrypted_key, iv, ciphertext, tag = token.serialize(compact=True).split(".")
+    return {
+        "protected": protected,
+        "encrypted_key": encrypted_key,
+        "iv": iv,
+        "ciphertext": ciphertext,
+        "tag": tag,
+    }
 
 
 # --- HTTP ------------------------------------------------------------------------------------

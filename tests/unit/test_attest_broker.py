@@ -579,3 +579,31 @@ def test_verify_cli_applies_a_policy(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 1
     assert "unknown measurement 7a1e5c266c0108db" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("evidence", "reason"),
+    [
+        ({"attestation_report": base64.b64encode(bytes(600)).decode()}, "1184 bytes, this one 600"),
+        ({"attestation_report": "%%% not base64"}, "attestation_report is not base64"),
+        ({}, "attestation_report must be a base64 string"),
+        ({"attestation_report": base64.b64encode(bytes(1184)).decode(),
+          "cert_chain": [{"cert_type": "vcek", "data": base64.b64encode(b"junk").decode()}]},
+         "is not an X.509 certificate"),
+    ],
+)  # fmt: skip
+def test_malformed_evidence_is_refused_with_its_reason(world, evidence, reason) -> None:
+    refused(world["url"], Replay(evidence), reason)
+
+
+def test_rsa_tee_pubkey_gets_rsa_oaep_256() -> None:
+    from jwcrypto import jwe, jwk
+
+    private = jwk.JWK.generate(kty="RSA", size=2048)
+    response = broker_mod._jwe(b"key", json.loads(private.export_public()))
+    token = jwe.JWE()
+    token.deserialize(json.dumps(response), key=private)
+    assert token.payload == b"key"
+    assert json.loads(base64.urlsafe_b64decode(response["protected"] + "=="))["alg"] == (
+        "RSA-OAEP-256"
+    )

@@ -129,6 +129,9 @@ def test_guest_and_broker_bind_the_same_report_data() -> None:
 def test_jwe_from_the_broker_unwraps_only_with_the_ephemeral_key() -> None:
     key = EphemeralKey()
     response = _jwe(b"model key bytes", key.public_jwk)
+    assert set(response) == {"protected", "encrypted_key", "iv", "ciphertext", "tag"}
+    header = json.loads(base64.urlsafe_b64decode(response["protected"] + "=="))
+    assert header["alg"] == "ECDH-ES+A256KW" and header["enc"] == "A256GCM" and "epk" in header
     assert key.decrypt(response) == b"model key bytes"
     tampered = dict(response, ciphertext=b64url(b"x" * 15))
     with pytest.raises(JweError, match="modified"):
