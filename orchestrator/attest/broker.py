@@ -46,7 +46,7 @@ from orchestrator.attest.common import (
     expected_report_data,
 )
 from orchestrator.attest.policy import Policy
-from orchestrator.errors import GcvmError
+from orchestrator.errors import GcvmError, UsageError
 
 log = logging.getLogger("gcvm.broker")
 
@@ -129,9 +129,11 @@ class Broker:
         )
         self._snp_roots = None
         if policy.snp and policy.snp.roots:
-            self._snp_roots = snp.load_certificates(
-                policy.snp.roots.read_bytes(), str(policy.snp.roots)
-            )
+            try:
+                data = policy.snp.roots.read_bytes()
+            except OSError as exc:
+                raise UsageError(f"policy snp.roots {policy.snp.roots}: {exc.strerror}") from None
+            self._snp_roots = snp.load_certificates(data, str(policy.snp.roots))
         self._collateral = (
             tdx.read_collateral(policy.tdx.collateral)
             if policy.tdx and policy.tdx.collateral
@@ -139,7 +141,7 @@ class Broker:
         )
         for name, path in policy.resources.items():
             if not path.is_file():
-                raise GcvmError(f"resource {name}: {path} is not a file")
+                raise UsageError(f"resource {name}: {path} is not a file")
 
     @property
     def token_public_key(self) -> dict[str, Any]:

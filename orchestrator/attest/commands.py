@@ -63,10 +63,16 @@ def verify_cmd(
     kind = tee or _guess_tee(raw)
     pol = load_policy(policy) if policy else None
     if kind == "snp":
+        snp.parse_report(raw)  # bad input before missing certificates
         when = dt.datetime.fromtimestamp(now, dt.UTC) if now is not None else None
         cert_set = snp.SnpCerts.load_dir(certs) if certs else None
         if cert_set is None and pol and pol.snp and pol.snp.certs:
             cert_set = snp.SnpCerts.load_dir(pol.snp.certs)
+        if cert_set is None:
+            raise UsageError(
+                "an SEV-SNP report is verified with its VCEK or VLEK, which it does not carry",
+                hint="give --certs DIR (the VCEK/VLEK; AMD's chain is built in)",
+            )
         verdict = snp.verify_report(raw, cert_set, now=when)
         if pol and pol.snp and verdict.verified:
             snp.check_policy(verdict, pol.snp)

@@ -280,3 +280,8 @@ def test_cli_verify_exit_codes(tmp_path: Path) -> None:
     short.write_bytes((SNP / "trustee-report-milan-v2.bin").read_bytes()[:700])
     bad = gcvm("attest", "verify", str(short), "--tee", "snp")
     assert bad.returncode == 2 and "1184 bytes" in bad.stderr
+    nocerts = gcvm("attest", "verify", str(SNP / "trustee-report-milan-v2.bin"))
+    assert nocerts.returncode == 2 and "give --certs" in nocerts.stderr
+    parsed = gcvm("attest", "verify", str(TDX / "trustee-tdx-quote-v5.bin"))
+    assert parsed.returncode == 1 and "parsed but not verified" in parsed.stderr
+    assert "quote_version          5" in parsed.stdout
