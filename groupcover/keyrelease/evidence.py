@@ -113,10 +113,10 @@ class OsFs:
 class ConfigfsTsm:
     """One report per fresh directory under configfs-tsm (so concurrent writers cannot mix)."""
 
-    def __init__(self, root: Path = TSM_ROOT, fs: TsmFs | None = None) -> None:
+    def __init__(self, root: Path = TSM_ROOT, fs: TsmFs | None = None, tee: str = "") -> None:
         self.root = root
         self.fs = fs or OsFs()
-        self.tee = ""
+        self.tee = tee  # what the guest announces at auth; `collect` sets it from `provider`
         self.provider = ""
 
     def available(self) -> bool:
@@ -241,9 +241,8 @@ def detect(tee: str) -> EvidenceSource:
     """The evidence source for the guest's TEE: configfs-tsm first, /dev/sev-guest for SNP."""
     if tee == "none":
         return NoEvidence()
-    tsm = ConfigfsTsm(TSM_ROOT)
+    tsm = ConfigfsTsm(TSM_ROOT, tee="tdx" if tee == "tdx" else "snp")
     if tsm.available():
-        tsm.tee = "tdx" if tee == "tdx" else "snp"
         return tsm
     if tee in ("snp", "sev-snp") and SEV_GUEST.exists():
         return SevGuestDevice(SEV_GUEST)

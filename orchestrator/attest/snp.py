@@ -450,7 +450,10 @@ def verify_report(
         )
     hwid = cert_hwid(key_cert)
     if hwid is not None and hwid != report.chip_id:
-        verdict.fail("chip id does not match the VCEK's hardware id")
+        if report.chip_id == bytes(64):
+            verdict.fail("chip id is masked (all zero): the report cannot be tied to the VCEK")
+        else:
+            verdict.fail("chip id does not match the VCEK's hardware id")
     if not vlek and hwid is None:
         verdict.fail("VCEK has no hardware id extension")
     if report.debug_allowed:

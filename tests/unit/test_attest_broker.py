@@ -255,7 +255,8 @@ def test_foreign_nonce_and_reused_nonce_are_refused(world, chain) -> None:
         ({"measurement": bytes(48)}, "unknown measurement"),
         ({"vmpl": 2}, "VMPL 2 is not accepted"),
         ({"tcb": TCB | {"microcode": 100}}, "reported TCB does not match the VCEK"),
-        ({"chip_id": bytes(64)}, "chip id does not match"),
+        ({"chip_id": bytes(64)}, "chip id is masked"),
+        ({"chip_id": b"\1" * 64}, "chip id does not match"),
     ],
 )
 def test_policy_refusals(world, chain, report_args, reason) -> None:
