@@ -104,6 +104,33 @@ def verify_cmd(
         raise EvidenceRefused(f"verdict: invalid: {verdict.reason}")
 
 
+@attest_app.command("measure")
+def measure_cmd(
+    ovmf: Path = typer.Option(..., help="The SEV-SNP OVMF image (e.g. OVMF.amdsev.fd)."),
+    kernel: Path = typer.Option(..., help="The guest kernel of the measured direct boot."),
+    initrd: Path | None = typer.Option(None, help="Its initrd."),
+    append: str = typer.Option("", help="The kernel command line, exactly as the domain has it."),
+    vcpus: int = typer.Option(1, help="vCPUs of the guest."),
+    vcpu_type: str = typer.Option("EPYC-v4", help="QEMU CPU model (EPYC-v4, EPYC-Milan, ...)."),
+    guest_features: str = typer.Option(
+        "0x1", help="VMSA SEV_FEATURES (0x1; 0x21 for guest kernels >= 6.6)."
+    ),
+) -> None:
+    """Print the SEV-SNP launch digest (measurement) a guest booted this way must report: the
+    value for a broker policy's snp.measurements (sev-snp-measure)."""
+    from orchestrator.attest.measure import snp_launch_digest
+    from orchestrator.ui import out
+
+    try:
+        features = int(guest_features, 0)
+    except ValueError:
+        raise UsageError(f"--guest-features {guest_features!r} is not an integer") from None
+    digest = snp_launch_digest(
+        ovmf, kernel, initrd, append, vcpus=vcpus, vcpu_type=vcpu_type, guest_features=features
+    )
+    out.print(digest.hex(), soft_wrap=True)
+
+
 @broker_app.command("serve")
 def serve_cmd(
     policy: Path | None = typer.Option(
