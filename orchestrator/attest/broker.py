@@ -56,6 +56,7 @@ SESSION_COOKIE = "kbs-session-id"
 INSECURE_LABEL = "model key released without attestation"
 MAX_BODY = 4 << 20
 MAX_SESSIONS = 4096
+MAX_SEEN = 1 << 16  # digests of verified reports remembered to name replays
 KNOWN_TEES = ("snp", "tdx", "sample")
 
 
@@ -193,9 +194,12 @@ class Broker:
         return session, {"nonce": session.nonce, "extra-params": ""}
 
     def _purge(self, now: float) -> None:
-        horizon = max(self.policy.nonce_ttl_s, self.policy.token_ttl_s)
-        for sid in [s.id for s in self._sessions.values() if now - s.created > horizon + 60]:
+        horizon = self.policy.nonce_ttl_s + self.policy.token_ttl_s + 60
+        for sid in [s.id for s in self._sessions.values() if now - s.created > horizon]:
             del self._sessions[sid]
+        if len(self._seen) > MAX_SEEN:  # old reports cannot bind a new nonce anyway
+            for digest in list(self._seen)[: MAX_SEEN // 2]:
+                del self._seen[digest]
 
     # --- /kbs/v0/attest --------------------------------------------------------------------
     def attest(self, session_id: str | None, body: bytes) -> tuple[Session, dict[str, Any]]:
