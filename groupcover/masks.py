@@ -6,7 +6,9 @@ R = 2^MASK_BITS x B, where B is a power-of-two bound on the layer's input, set o
 calibration (the example inputs the pool is filled with, or the first live input) unless given.
 Against a uniform mask that large, the payload `x + r` of an input with |x| <= B is within
 statistical distance |x - x'| / (2R) <= 2^-MASK_BITS of the payload of any other input x', per
-element: the payload says nothing usable about x. To keep the result exact, masked layers are
+element: the payload says nothing usable about x. The input is first rounded to the masks' grid
+(`encode`: fixed point with step R / 2^52, as in Slalom but carried in float64), so that
+`x + r` is exact and its low bits say nothing either. To keep the result exact, masked layers are
 published and computed in float64: the worker's `y_b = op(x + r, W'')` and the master's `u` are
 float64, and `y_b - u` keeps 53 - MASK_BITS bits of the product, far more than float32's 24.
 
@@ -169,6 +171,25 @@ class MaskPool:
         layer = self._layers[layer_id]
         bound = DEFAULT_INPUT_BOUND if layer.bound is None else layer.bound
         return self.scale * 2.0**self.bits * bound
+
+    def quantum(self, layer_id: str) -> float:
+        """delta = R / 2^52: the grid of every mask value (and of every encoded input)."""
+        return self.mask_range(layer_id) * 2.0**-52
+
+    def encode(self, layer_id: str, x: torch.Tensor) -> torch.Tensor:
+        """x in float64 rounded to the masks' grid (fixed point with step delta), x's layout.
+
+        `encode(x) + r` is then exact, and every payload value is a multiple of delta: without
+        this, the payload's low bits would carry `x mod delta` wherever |x + r| < R / 2 (a
+        finer float grid there), telling the worker, for one, which inputs are exactly zero.
+        The rounding error, at most delta / 2 = B x 2^-(53 - MASK_BITS), is below the float64
+        product's own rounding.
+        """
+        shift = 1.5 * self.mask_range(layer_id)  # x + shift lies in [R, 2R): float step delta
+        encoded = x.to(MASK_DTYPE, copy=True)
+        if shift == 0:
+            return encoded
+        return encoded.add_(shift).sub_(shift)
 
     def calibrate(self, layer_id: str, x: torch.Tensor) -> None:
         """Sets the layer's input bound from an input, once (later calls keep it: R must not

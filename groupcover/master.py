@@ -199,8 +199,9 @@ class OffloadedLayer(nn.Module):
             if mask is None:
                 sent = prepared
             else:
+                assert self.masks is not None
                 r, u = mask.consume()
-                sent = prepared + r  # float64: x_b = x_p + r
+                sent = self.masks.encode(self.layer_id, prepared).add_(r)  # x_b = x_p + r
         if self.audit is not None:
             self.audit.note_call(self.layer_id, x, prepared, mask)
         y = self.transport.run(self.layer_id, sent)

@@ -159,3 +159,27 @@ def test_seeded_masks_are_reproducible_and_default_ones_are_not() -> None:
 
     assert torch.equal(first_mask(SecretRandom.from_seed(5)), first_mask(SecretRandom.from_seed(5)))
     assert not torch.equal(first_mask(SecretRandom.from_os()), first_mask(SecretRandom.from_os()))
+
+
+def test_payloads_lie_on_the_mask_grid_so_low_bits_say_nothing() -> None:
+    """Without the fixed-point encoding, x + r keeps x mod delta in its low bits wherever
+    |x + r| < R/2: the worker would see which inputs are exactly zero (padding, ReLU)."""
+    masks = MaskPool(SecretRandom.from_os())
+    masks.register("fc", torch.randn(3, 64, dtype=torch.float64), LayerOp("linear"))
+    x = 2 * torch.randn(1000, 64)
+    x[::2] = 0
+    x[1::4] *= 1e-6
+    masks.calibrate("fc", x)
+    delta = masks.quantum("fc")
+    assert delta == masks.mask_range("fc") * 2.0**-52
+    r, _ = masks.take("fc", tuple(x.shape)).consume()
+
+    def off_grid(payload: torch.Tensor) -> torch.Tensor:
+        steps = payload / delta
+        return (steps - steps.round()).abs().amax(dim=1)
+
+    naive = x.double() + r
+    assert float(off_grid(naive)[::2].max()) == 0 and float(off_grid(naive)[1::2].min()) > 0
+    payload = masks.encode("fc", x) + r
+    assert float(off_grid(payload).max()) == 0  # zero and non-zero rows look alike
+    assert float((masks.encode("fc", x) - x.double()).abs().max()) <= delta / 2
