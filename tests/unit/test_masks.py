@@ -167,9 +167,9 @@ def test_payloads_lie_on_the_mask_grid_so_low_bits_say_nothing() -> None:
     masks = MaskPool(SecretRandom.from_os())
     masks.register("fc", torch.randn(3, 64, dtype=torch.float64), LayerOp("linear"))
     x = 2 * torch.randn(1000, 64)
-    x[::2] = 0
-    x[1::4] *= 1e-6
     masks.calibrate("fc", x)
+    x[::2] = 0  # exact zeros
+    x[1::2] *= 1e-6  # small values: float32 bits below the grid step
     delta = masks.quantum("fc")
     assert delta == masks.mask_range("fc") * 2.0**-52
     r, _ = masks.take("fc", tuple(x.shape)).consume()
