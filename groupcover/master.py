@@ -201,7 +201,9 @@ class OffloadedLayer(nn.Module):
             else:
                 assert self.masks is not None
                 r, u = mask.consume()
-                sent = self.masks.encode(self.layer_id, prepared).add_(r)  # x_b = x_p + r
+                sent, wraps = self.masks.blind(self.layer_id, prepared, r)  # x_p + r mod 2R
+                if wraps is not None:  # rare: u - 2R op(k) is what to subtract
+                    u = u - self.masks.correction(self.layer_id, wraps)
         if self.audit is not None:
             self.audit.note_call(self.layer_id, x, prepared, mask)
         y = self.transport.run(self.layer_id, sent)
