@@ -40,7 +40,8 @@ def masked_payloads(
     calls: list[torch.Tensor], sign: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(payloads, permuted inputs) as the master makes them for GroupCover's first layer: the
-    permuted input, encoded on the mask grid, plus a fresh mask of the pool per call. (The pool
+    permuted input, encoded on the mask grid, plus a fresh mask of the pool per call, mod 2R.
+    (The pool
     computes u with a 1-output weight: u does not change r, and the test stays fast.)"""
     rng = SecretRandom.from_seed(11 if sign > 0 else 12)  # deterministic: no flaky test
     scheme = GroupCoverScheme()
@@ -51,7 +52,8 @@ def masked_payloads(
     for x in calls:
         prepared = sign * scheme.prepare_input(x, secret)
         r, _ = pool.take("qkv", tuple(prepared.shape), prepared).consume()
-        payloads.append((pool.encode("qkv", prepared) + r).reshape(-1, FEATURES))
+        payload, _ = pool.blind("qkv", prepared, r)  # what the master sends
+        payloads.append(payload.reshape(-1, FEATURES))
         inputs.append(prepared.reshape(-1, FEATURES))
     return torch.cat(payloads), torch.cat(inputs)
 
