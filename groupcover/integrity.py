@@ -43,6 +43,16 @@ def _plain(op: LayerOp) -> LayerOp:
     return replace(op, params=params)
 
 
+def _row_dot(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """t @ w over the last axis, in t's own memory layout: a features-first t (the transposed
+    linear op's result, or the input of a layer fed by one) is one GEMV over its contiguous
+    (features, rows) table, with no copy to row-major."""
+    table = t.movedim(-1, 0)
+    if t.dim() >= 2 and not t.is_contiguous() and table.is_contiguous():
+        return (w @ table.reshape(t.shape[-1], -1)).view(t.shape[:-1])
+    return torch.matmul(t, w)
+
+
 @dataclass
 class LayerCheck:
     """The secret check of one layer: s (out,), v = s^T W'' and |s|^T |W''| as 1-output weights."""
@@ -72,12 +82,13 @@ class LayerCheck:
     def _contract(self, y: torch.Tensor) -> torch.Tensor:
         """sum_j s_j y[.., j, ..]: over the last axis (linear) or axis 1 (convolutions)."""
         if self.op.kind == "linear":
-            return torch.matmul(y, self.s)
+            return _row_dot(y, self.s)
         return torch.tensordot(y, self.s, dims=([1], [0]))
 
     def _one_output(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        result = apply_op(self.op, x, weight)
-        return result.squeeze(-1) if self.op.kind == "linear" else result.squeeze(1)
+        if self.op.kind == "linear":
+            return _row_dot(x, weight.view(-1))
+        return apply_op(self.op, x, weight).squeeze(1)
 
     def check(self, x: torch.Tensor, y: torch.Tensor, worker: str = "the worker") -> None:
         """Raises `IntegrityError` unless y is op(x, W'') up to float rounding."""

@@ -6,7 +6,12 @@ R = 2^MASK_BITS x B, where B is a power-of-two bound on the layer's input, set o
 calibration (the example inputs the pool is filled with, or the first live input) unless given.
 Against a uniform mask that large, the payload `x + r` of an input with |x| <= B is within
 statistical distance |x - x'| / (2R) <= 2^-MASK_BITS of the payload of any other input x', per
-element: the payload says nothing usable about x. To keep the result exact, masked layers are
+element: the payload says nothing usable about x. The input is first rounded to the masks' grid
+(`encode`: fixed point with step R / 2^52, as in Slalom but carried in float64), so that
+`x + r` is exact and its low bits say nothing either, and the sum is reduced mod 2R into
+[-R, R) (`blind`): the payload is then exactly uniform on that grid, independent of x, like
+Slalom's masks mod p (the master adds back 2R op(k, W'') for the rare wrapped elements k).
+To keep the result exact, masked layers are
 published and computed in float64: the worker's `y_b = op(x + r, W'')` and the master's `u` are
 float64, and `y_b - u` keeps 53 - MASK_BITS bits of the product, far more than float32's 24.
 
@@ -169,6 +174,51 @@ class MaskPool:
         layer = self._layers[layer_id]
         bound = DEFAULT_INPUT_BOUND if layer.bound is None else layer.bound
         return self.scale * 2.0**self.bits * bound
+
+    def quantum(self, layer_id: str) -> float:
+        """delta = R / 2^52: the grid of every mask value (and of every encoded input)."""
+        return self.mask_range(layer_id) * 2.0**-52
+
+    def encode(self, layer_id: str, x: torch.Tensor) -> torch.Tensor:
+        """x in float64 rounded to the masks' grid (fixed point with step delta), x's layout.
+
+        `encode(x) + r` is then exact, and every payload value is a multiple of delta: without
+        this, the payload's low bits would carry `x mod delta` wherever |x + r| < R / 2 (a
+        finer float grid there), telling the worker, for one, which inputs are exactly zero.
+        The rounding error, at most delta / 2 = B x 2^-(53 - MASK_BITS), is below the float64
+        product's own rounding.
+        """
+        shift = 1.5 * self.mask_range(layer_id)  # x + shift lies in [R, 2R): float step delta
+        encoded = x.to(MASK_DTYPE, copy=True)
+        if shift == 0:
+            return encoded
+        return encoded.add_(shift).sub_(shift)
+
+    def blind(
+        self, layer_id: str, x: torch.Tensor, r: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The payload x_b = (enc(x) + r) reduced into [-R, R) (mod 2R), and the wraps k.
+
+        enc(x) + r is exact and lies in [-R - B, R + B); the few elements outside [-R, R)
+        (probability about |x| / 2R each) are moved back by -2R k, k an integer (+-1 unless
+        an input exceeds R). The payload is
+        then exactly uniform on the grid of [-R, R), whatever x is: no edge of the mask's range
+        bounds an input. The master adds 2R op(k, W'') back (`correction`). k is None when
+        nothing wrapped, as on almost every call (one pass over the payload to find out).
+        """
+        payload = self.encode(layer_id, x).add_(r)
+        radius = self.mask_range(layer_id)
+        if radius == 0 or float(torch.linalg.vector_norm(payload, ord=float("inf"))) < radius:
+            return payload, None
+        k = payload.add(radius).mul_(0.5 / radius).floor_()  # exact: powers of two
+        payload.sub_(k * (2 * radius))
+        return payload, k
+
+    def correction(self, layer_id: str, k: torch.Tensor) -> torch.Tensor:
+        """2R op(k, W''): what the wraps took out of op(x_b, W''), to add back (float64)."""
+        layer = self._layers[layer_id]
+        with torch.no_grad():
+            return apply_op(layer.op, k, layer.weight).mul_(2 * self.mask_range(layer_id))
 
     def calibrate(self, layer_id: str, x: torch.Tensor) -> None:
         """Sets the layer's input bound from an input, once (later calls keep it: R must not

@@ -200,10 +200,11 @@ class OffloadedLayer(nn.Module):
             if mask is None:
                 sent = prepared
             else:
+                assert self.masks is not None
                 r, u = mask.consume()
-                # float64: x_b = x_p + r (convert, then add in place: a mixed-dtype add takes
-                # torch's casting loop, 2-3x slower)
-                sent = prepared.to(r.dtype).add_(r)
+                sent, wraps = self.masks.blind(self.layer_id, prepared, r)  # x_p + r mod 2R
+                if wraps is not None:  # rare: u - 2R op(k) is what to subtract
+                    u = u - self.masks.correction(self.layer_id, wraps)
         if self.audit is not None:
             self.audit.note_call(self.layer_id, x, prepared, mask)
         y = self.transport.run(self.layer_id, sent)

@@ -159,3 +159,66 @@ def test_seeded_masks_are_reproducible_and_default_ones_are_not() -> None:
 
     assert torch.equal(first_mask(SecretRandom.from_seed(5)), first_mask(SecretRandom.from_seed(5)))
     assert not torch.equal(first_mask(SecretRandom.from_os()), first_mask(SecretRandom.from_os()))
+
+
+def test_payloads_lie_on_the_mask_grid_so_low_bits_say_nothing() -> None:
+    """Without the fixed-point encoding, x + r keeps x mod delta in its low bits wherever
+    |x + r| < R/2: the worker would see which inputs are exactly zero (padding, ReLU)."""
+    masks = MaskPool(SecretRandom.from_os())
+    masks.register("fc", torch.randn(3, 64, dtype=torch.float64), LayerOp("linear"))
+    x = 2 * torch.randn(1000, 64)
+    masks.calibrate("fc", x)
+    x[::2] = 0  # exact zeros
+    x[1::2] *= 1e-6  # small values: float32 bits below the grid step
+    delta = masks.quantum("fc")
+    assert delta == masks.mask_range("fc") * 2.0**-52
+    r, _ = masks.take("fc", tuple(x.shape)).consume()
+
+    def off_grid(payload: torch.Tensor) -> torch.Tensor:
+        steps = payload / delta
+        return (steps - steps.round()).abs().amax(dim=1)
+
+    naive = x.double() + r
+    assert float(off_grid(naive)[::2].max()) == 0 and float(off_grid(naive)[1::2].min()) > 0
+    payload = masks.encode("fc", x) + r
+    assert float(off_grid(payload).max()) == 0  # zero and non-zero rows look alike
+    assert float((masks.encode("fc", x) - x.double()).abs().max()) <= delta / 2
+
+
+def test_payloads_wrap_into_the_mask_range_and_results_stay_exact() -> None:
+    """With R shrunk to the input's own scale most elements wrap: the payload stays inside
+    [-R, R) and the master's correction keeps every result exact."""
+    model, example = load_model("bert-base", 0, **SMALL_BERT)
+    inputs = example(2, 8)
+    with torch.no_grad():
+        reference = model(*inputs)
+    for scheme in ("identity", "groupcover"):
+        transport = InProcessTransport()
+        sent: list[torch.Tensor] = []
+
+        def record(event: str, _: str, t: torch.Tensor, sent: list = sent) -> None:
+            if event == "run":
+                sent.append(t)
+
+        transport.add_observer(record)
+        protected = protect(model, transport, scheme=scheme, masked=True, example_inputs=inputs)
+        protected.masks.scale = 2.0**-MASK_BITS  # R = B: wraps everywhere (pairs drawn online)
+        for _ in range(3):
+            assert rel_error(protected(*inputs), reference) < 1e-5
+        radius = {name: protected.masks.mask_range(name) for name in protected.layers}
+        late = sent[-len(protected.layers) :]
+        assert all(t.dtype == torch.float64 for t in late)
+        assert all(float(t.abs().max()) <= r for t, r in zip(late, radius.values(), strict=True))
+
+
+def test_blind_reduces_mod_2r_and_the_correction_restores_the_product() -> None:
+    masks, weight = pool()
+    x = torch.randn(50, 8)
+    masks.register("fc", weight, LayerOp("linear"), bound=4.0)
+    masks.scale = 2.0**-MASK_BITS / 4  # R = 1: about a third of x + r wraps
+    r, u = masks.take("fc", (50, 8)).consume()
+    payload, wraps = masks.blind("fc", x, r)
+    assert wraps is not None and int(wraps.abs().sum()) > 10
+    assert float(payload.abs().max()) <= 1.0 and float(payload.max()) < 1.0
+    y = F.linear(payload, weight) - (u - masks.correction("fc", wraps))
+    assert rel_error(y, F.linear(x.double(), weight)) < 1e-12
