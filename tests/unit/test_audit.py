@@ -71,6 +71,9 @@ class ScaledPool:
         pair = self.inner.take(layer_id, shape, *args)
         return MaskPair(pair.r * self.factor, pair.u * self.factor)
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
 
 class WeakPool(ScaledPool):
     """Broken: masks of the input's own scale (x + 1e-3 r, r in [-1, 1)), as float noise is."""
@@ -79,9 +82,6 @@ class WeakPool(ScaledPool):
         pair = self.inner.take(layer_id, shape, *args)
         factor = 1e-3 / float(pair.r.abs().max())
         return MaskPair(pair.r * factor, pair.u * factor)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 class ReusingPool(ScaledPool):
