@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from groupcover.errors import UnknownLayer
-from groupcover.transport import LayerOp
+from groupcover.layer_op import LayerOp
 
 
 def default_device() -> torch.device:
