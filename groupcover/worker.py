@@ -77,7 +77,8 @@ class WorkerState:
             raise UnknownLayer(f"the worker holds no layer {layer_id!r} for {owner}")
         start = time.perf_counter()
         with torch.no_grad():
-            y = apply_op(layer.op, x.to(self.device), layer.weight)
+            # computed in the published weight's dtype (float64 in masked modes)
+            y = apply_op(layer.op, x.to(self.device, layer.weight.dtype), layer.weight)
             if y.device.type == "cuda":
                 torch.cuda.synchronize(y.device)
             y = y.to("cpu", copy=True)
