@@ -76,8 +76,9 @@ def _build_parser() -> Parser:
     kind.add_argument("--local", action="store_true", help="master + worker processes, loopback")
     kind.add_argument("--micro", action="store_true", help="de-obfuscation vs plain linear")
     bench_p.add_argument(
-        "--allow-shm", action="store_true",
-        help="(--local, torch-rpc) let TensorPipe use shared memory"
+        "--allow-shm",
+        action="store_true",
+        help="(--local, torch-rpc) let TensorPipe use shared memory",
     )
     _add_workload(bench_p)
     return parser
