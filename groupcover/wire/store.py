@@ -85,8 +85,8 @@ def _read(sock: socket.socket, deadline: float | None) -> tuple[int, int, list[s
             items.append(_printable(bytes(data)))
     except _Deadline:
         raise StoreError("silent past the deadline") from None
-    except _Closed as exc:
-        raise StoreError(f"connection ended ({exc})") from None
+    except _Closed:
+        raise StoreError("its connection closed") from None
     return op, timeout_ms, items
 
 
@@ -136,6 +136,8 @@ class StoreServer:
                     op, timeout_ms, items = _read(conn, time.monotonic() + self.timeout_s)
                 except StoreError as exc:
                     reason = str(exc)
+                    if "silent" in reason:
+                        reason = f"silent for more than {self.timeout_s:g} s"
                     return
                 if op == JOIN and rank is None and len(items) == 1 and items[0].isdigit():
                     candidate = int(items[0])
