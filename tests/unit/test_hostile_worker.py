@@ -6,6 +6,7 @@ names the worker. The same attacker first shows the hole in torch-rpc (why it is
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -244,6 +245,10 @@ def test_known_hole_a_torch_rpc_worker_runs_code_in_the_master(tmp_path: Path) -
     assert master.returncode == 0, master.stderr
     assert marker.exists()  # the hole: the worker executed code in the master
     assert "WARNING: torch-rpc: the worker could execute code in the master" in master.stdout
+    document = json.loads((tmp_path / "r.json").read_text())
+    for facts in (document["settings"], *document["results"]):
+        assert facts["transport"] == "torch-rpc"
+        assert "the worker could execute code in the master" in facts["transport_warning"]
 
 
 @pytest.mark.slow
