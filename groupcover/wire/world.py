@@ -12,12 +12,13 @@ deadline, before it recorded that it is done: the others then exit with `WorkerU
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from groupcover.errors import UsageError, WorkerUnavailable
+from groupcover.errors import RendezvousError, UsageError, WorkerUnavailable
 from groupcover.rpc import PEER_GONE, PEER_HINT, Rendezvous, rank_name
 from groupcover.wire.netif import interface_address
 from groupcover.wire.store import StoreClient, StoreError, StoreServer
@@ -63,7 +64,13 @@ class Membership:
         if value is None:
             raise UsageError(f"rank {rank} announced no address (is it a worker?)")
         host, _, port = value.rpartition(":")
-        return host.strip("[]"), int(port)
+        try:  # an IP literal only: never a name to resolve
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise RendezvousError(f"rank {rank} announced {value!r}, not an IP address") from None
+        if not 0 < int(port) < 65536:
+            raise RendezvousError(f"rank {rank} announced {value!r}, not a TCP port")
+        return str(address), int(port)
 
     def connect(self, rank: int, owner: str, timeout_s: float) -> TcpTransport:
         return TcpTransport(self.address_of(rank), rank_name(rank), owner, timeout_s)
