@@ -227,3 +227,24 @@ def test_launched_master_reports_a_worker_killed_mid_benchmark() -> None:
         assert len(errors) == 1, rest
     finally:
         _stop(master, worker)
+
+
+def _cpu_s(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_ranks_do_not_spin() -> None:
+    """A worker serving an idle master, and the master itself, use no CPU while they wait."""
+    port, timeout = free_port(), 30.0
+    worker = subprocess.Popen(worker_argv(1, 2, port, timeout), env=_env())
+    master = _master(port, 0, 2, 1, timeout, "die")  # publishes, then sleeps
+    try:
+        _ready(master)
+        time.sleep(0.5)
+        before = {proc.pid: _cpu_s(proc.pid) for proc in (worker, master)}
+        time.sleep(3.0)
+        used = {pid: _cpu_s(pid) - cpu for pid, cpu in before.items()}
+        assert all(seconds < 0.15 for seconds in used.values()), used
+    finally:
+        _stop(master, worker)
