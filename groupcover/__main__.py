@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import NoReturn, cast
 
 from groupcover.errors import GroupCoverError, RendezvousError, UsageError, print_error
-from groupcover.launch import DEFAULT_MODES, RankSettings, Role, launch
+from groupcover.launch import (
+    DEFAULT_MODES,
+    DEFAULT_TRANSPORT,
+    TRANSPORTS,
+    RankSettings,
+    Role,
+    launch,
+)
 from groupcover.rpc import DEFAULT_TIMEOUT_S, Rendezvous
 
 
@@ -35,11 +42,16 @@ def _add_workload(parser: argparse.ArgumentParser) -> None:
     add("--seq", type=int, default=128, help="sequence length (token models)")
     add("--repeat", type=int, default=5, help="timed forwards per mode (interleaved)")
     add("--warmup", type=int, default=1, help="untimed forwards per mode first")
-    add("--seed", type=int, default=0, help="seed for weights, obfuscation and masks")
+    add("--seed", type=int, default=None,
+        help="secrets reproducible from this seed (benchmarks only: not secret); "
+        "default: secrets from the OS")  # fmt: skip
     add("--threads", type=int, default=1, help="torch intra-op threads in each process")
     add("--json", type=Path, default=None, help="where the master writes its results")
     add("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="RPC and rendezvous timeout (s)")
     add("--audit", action="store_true", help="record every payload the worker sees")
+    add("--transport", choices=TRANSPORTS, default=DEFAULT_TRANSPORT,
+        help="tcp: tensors only, every reply checked (default); torch-rpc: the seed's "
+        "torch.distributed.rpc, which lets the worker execute code in the master")  # fmt: skip
 
 
 def _build_parser() -> Parser:
@@ -55,7 +67,8 @@ def _build_parser() -> Parser:
     add("--master-addr", help="rendezvous address, rank 0's (default: $MASTER_ADDR)")
     add("--master-port", type=int, help="rendezvous port (default: $MASTER_PORT)")
     add("--ifname", help="interface for Gloo and TensorPipe (default: $TP_SOCKET_IFNAME)")
-    add("--force-tcp", action="store_true", help="TensorPipe over TCP only (no shared memory)")
+    add("--force-tcp", action="store_true",
+        help="(torch-rpc) TensorPipe over TCP only, no shared memory; tcp always is")  # fmt: skip
     _add_workload(launch_p)
 
     bench_p = sub.add_parser("bench", help="benchmark on this host (--local or --micro)")
@@ -63,7 +76,9 @@ def _build_parser() -> Parser:
     kind.add_argument("--local", action="store_true", help="master + worker processes, loopback")
     kind.add_argument("--micro", action="store_true", help="de-obfuscation vs plain linear")
     bench_p.add_argument(
-        "--allow-shm", action="store_true", help="(--local) let TensorPipe use shared memory"
+        "--allow-shm",
+        action="store_true",
+        help="(--local, torch-rpc) let TensorPipe use shared memory",
     )
     _add_workload(bench_p)
     return parser
@@ -127,13 +142,16 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> RankSettings:
         timeout_s=args.timeout,
         audit=args.audit,
         threads=args.threads,
+        transport=args.transport,
     )
 
 
 def _workload_argv(args: argparse.Namespace) -> tuple[str, ...]:
     argv = ["--model", args.model, "--modes", ",".join(args.modes), "--batch", str(args.batch),
             "--seq", str(args.seq), "--repeat", str(args.repeat), "--warmup", str(args.warmup),
-            "--seed", str(args.seed), "--threads", str(args.threads)]  # fmt: skip
+            "--threads", str(args.threads)]  # fmt: skip
+    if args.seed is not None:
+        argv += ["--seed", str(args.seed)]
     if args.json is not None:
         argv += ["--json", str(args.json)]
     if args.audit:
@@ -150,10 +168,11 @@ def _bench(args: argparse.Namespace) -> int:
     probe = RankSettings(
         role=Role.master, rank=0, world_size=2, worker=1, model=args.model, modes=args.modes,
         batch=args.batch, seq=args.seq, repeat=args.repeat, warmup=args.warmup,
-        threads=args.threads, timeout_s=args.timeout,
+        threads=args.threads, timeout_s=args.timeout, transport=args.transport,
     )  # fmt: skip
     probe.validate()
-    local = bench.LocalRun(_workload_argv(args), not args.allow_shm, args.timeout)
+    local = bench.LocalRun(_workload_argv(args), not args.allow_shm, args.timeout,
+                           transport=args.transport)  # fmt: skip
     return bench.run_local(local)
 
 

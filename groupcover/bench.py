@@ -33,6 +33,15 @@ if TYPE_CHECKING:
 
 RESULT_MARK = "GROUPCOVER_RESULT_JSON"
 BASELINE_MODE = "plain-offload"
+MODEL_SEED = 0  # the synthetic models' random weights: fixed, independent of the secrets' seed
+
+
+def secrets_seed(seed: int | None) -> int:
+    """Interim, until `groupcover.rng.SecretRandom` lands (CONTRACTS.md): None draws this run's
+    seed from the OS instead of a fixed one. The protocol code then takes `seed` as it is."""
+    import secrets
+
+    return secrets.randbits(62) if seed is None else seed
 
 
 @dataclass
@@ -87,7 +96,8 @@ def prepare(settings: RankSettings) -> Prepared:
     from groupcover.models import load_model
 
     start = time.perf_counter()
-    model, example_input_fn = load_model(settings.model, settings.seed)
+    # Model weights (random ones for the synthetic models) do not depend on the secrets' seed.
+    model, example_input_fn = load_model(settings.model, MODEL_SEED)
     model.eval()
     inputs = tuple(example_input_fn(settings.batch, settings.seq))
     try:
@@ -343,14 +353,24 @@ def run_master(
     settings: RankSettings,
     prepared: Prepared,
     on_progress: Callable[[str], None] | None = None,
+    make_transport: Callable[[str], Transport] | None = None,
 ) -> dict[str, Any]:
-    from groupcover.rpc import RpcTransport
+    """`make_transport(mode)` opens one session per mode (default: torch-rpc, already joined)."""
+    from groupcover.launch import TORCH_RPC_WARNING
 
     assert settings.worker is not None
     worker = settings.worker
 
-    def make_transport(mode: str) -> Transport:
-        return RpcTransport(worker, owner=f"{settings.rank}/{mode}", timeout_s=settings.timeout_s)
+    if make_transport is None:
+        from groupcover.rpc import RpcTransport
+
+        def make_transport(mode: str) -> Transport:
+            return RpcTransport(worker, owner=f"{settings.rank}/{mode}",
+                                timeout_s=settings.timeout_s)  # fmt: skip
+
+    transport_facts: dict[str, Any] = {"transport": settings.transport}
+    if settings.transport == "torch-rpc":
+        transport_facts["transport_warning"] = TORCH_RPC_WARNING
 
     results = benchmark(
         prepared,
@@ -361,12 +381,13 @@ def run_master(
         seq=settings.seq,
         repeat=settings.repeat,
         warmup=settings.warmup,
-        seed=settings.seed,
+        seed=secrets_seed(settings.seed),
         audit=settings.audit,
         on_progress=on_progress,
     )
     for result in results:
-        result.update(rank=settings.rank, worker=worker, world_size=settings.world_size)
+        result.update(rank=settings.rank, worker=worker, world_size=settings.world_size,
+                      **transport_facts)  # fmt: skip
     return {
         "results": results,
         "host": host_info(),
@@ -374,6 +395,7 @@ def run_master(
             "rank": settings.rank,
             "world_size": settings.world_size,
             "worker": worker,
+            **transport_facts,
             "force_tcp": settings.force_tcp,
             "threads": settings.threads,
             "warmup": settings.warmup,
@@ -533,15 +555,19 @@ def print_table(document: dict[str, Any]) -> None:
             str(r["rpc_calls"]), f"{r['bytes_per_forward'] / 1e6:.2f}",
         ))  # fmt: skip
     print(texttable.render(title, headers, rows, left=2), flush=True)
+    settings = document.get("settings", {})
     notes = [
         "latency: wall time of a forward with the mask pool full; sustained: samples/s with "
         "the masks of each forward generated too (masks ms)",
         *ratio_lines(results),
         *audit_lines(results),
     ]
-    settings = document.get("settings", {})
     if "seed" in settings:
         notes.append(secrets_label(settings["seed"]))
+    if settings.get("transport"):
+        notes.append(f"transport: {settings['transport']}")
+    if settings.get("transport_warning"):
+        notes.append(f"WARNING: {settings['transport_warning']}")
     for note in notes:
         print(note, flush=True)
 
@@ -563,12 +589,13 @@ class LocalRun:
     force_tcp: bool = True
     timeout_s: float = 600.0
     port: int = 0  # 0: pick a free one
+    transport: str = "tcp"
 
     def argv(self, role: str, port: int) -> list[str]:
         argv = [sys.executable, "-m", "groupcover", "launch", "--role", role,
                 "--rank", "0" if role == "master" else "1", "--world-size", "2",
                 "--master-addr", "127.0.0.1", "--master-port", str(port), "--ifname", "lo",
-                "--timeout", f"{self.timeout_s:g}"]  # fmt: skip
+                "--timeout", f"{self.timeout_s:g}", "--transport", self.transport]  # fmt: skip
         if self.force_tcp:
             argv.append("--force-tcp")
         if role == "master":

@@ -59,3 +59,11 @@ def print_error(exc: GroupCoverError) -> None:
     print(f"groupcover: error: {exc.message}", file=sys.stderr, flush=True)
     if exc.hint:
         print(f"groupcover: hint: {exc.hint}", file=sys.stderr, flush=True)
+
+
+class WorkerProtocolError(WorkerError):
+    """The worker's message broke the wire schema or did not match what the master expected."""
+
+
+class WorkerLost(WorkerError, WorkerUnavailable):
+    """The worker closed the connection early, reset it, or stalled past the deadline."""

@@ -7,6 +7,7 @@ console scripts all end up here.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -20,6 +21,12 @@ from groupcover.errors import GroupCoverError, UsageError, WorkerUnavailable, pr
 MAX_BATCH = 1024
 MAX_SEQ = 512
 DEFAULT_MODES = ("plain-offload", "groupcover")
+TRANSPORTS = ("tcp", "torch-rpc")  # the first is the default
+DEFAULT_TRANSPORT = TRANSPORTS[0]
+TORCH_RPC_WARNING = (
+    "torch-rpc: the worker could execute code in the master (torch.distributed.rpc runs any "
+    "pickled callable a peer sends); use --transport tcp"
+)
 
 
 class Role(StrEnum):
@@ -42,13 +49,14 @@ class RankSettings:
     seq: int = 128
     repeat: int = 5
     warmup: int = 1
-    seed: int = 0
+    seed: int | None = None  # None: secrets from the OS; a seed is for reproducible runs only
     json_path: Path | None = None
     force_tcp: bool = False
     timeout_s: float = rpc.DEFAULT_TIMEOUT_S
     audit: bool = False
     threads: int = 1
     init_method: str | None = None  # overrides address and port (file:// on one host)
+    transport: str = DEFAULT_TRANSPORT  # "tcp" (tensors only) or "torch-rpc" (the seed's)
     extra: dict[str, str] = field(default_factory=dict)  # recorded in the JSON as given
 
     def rendezvous(self) -> rpc.Rendezvous:
@@ -68,6 +76,10 @@ class RankSettings:
         self.rendezvous()  # rank, world size, port, timeout
         if self.threads < 1:
             raise UsageError(f"--threads must be at least 1, not {self.threads}")
+        if self.transport not in TRANSPORTS:
+            raise UsageError(
+                f"unknown transport {self.transport!r}", hint=f"choose {' or '.join(TRANSPORTS)}"
+            )
         if self.role is Role.worker:
             return
         self._validate_target()
@@ -128,11 +140,19 @@ def launch(settings: RankSettings) -> int:
         settings.validate()
         torch.set_num_threads(settings.threads)
         if settings.role is Role.worker:
-            progress(settings, f"joining a world of {settings.world_size} to serve")
-            rpc.serve(settings.rendezvous())
+            progress(settings, f"joining a world of {settings.world_size} to serve "
+                     f"({settings.transport})")  # fmt: skip
+            if settings.transport == "torch-rpc":
+                rpc.serve(settings.rendezvous())
+            else:
+                from groupcover.wire import world
+
+                world.serve(settings.rendezvous(), on_ready=lambda text: progress(settings, text))
             progress(settings, "every rank has finished")
             return 0
-        return _run_master(settings)
+        if settings.transport == "torch-rpc":
+            return _run_master(settings)
+        return _run_master_tcp(settings)
     except GroupCoverError as exc:
         print_error(exc)
         return exc.exit_code
@@ -163,6 +183,48 @@ def _run_master(settings: RankSettings) -> int:
             rpc.finish(settings.rendezvous())  # wait for the other ranks, watching they live
         else:
             rpc.leave(graceful=False)
+
+
+def _run_master_tcp(settings: RankSettings) -> int:
+    """A master over the default wire: tensors only, every reply checked."""
+    from groupcover import bench
+    from groupcover.wire import world
+
+    prepared = bench.prepare(settings)  # load the model before joining: a bad model exits early
+    progress(settings, f"{settings.model} ready in {prepared.load_s:.1f} s; joining a world of "
+             f"{settings.world_size}")  # fmt: skip
+    membership = world.join(settings.rendezvous(), "master")
+    ok = False
+    try:
+        assert settings.worker is not None
+        target = settings.worker
+        role = membership.role_of(target)
+        if role != "worker":
+            raise UsageError(
+                f"rank {target} is a {role}, not a worker",
+                hint="WORKER/--worker must name a rank started with --role worker",
+            )
+        probe = membership.connect(target, f"{settings.rank}/hello", settings.timeout_s)
+        probe.close()
+        progress(settings, f"offloading to {probe.label} ({probe.device})")
+
+        def make_transport(mode: str) -> bench.Transport:
+            return membership.connect(target, f"{settings.rank}/{mode}", settings.timeout_s)
+
+        document = bench.run_master(
+            settings, prepared, lambda text: progress(settings, text), make_transport
+        )
+        path = bench.write_json(document, settings.json_path, settings)
+        bench.print_table(document)
+        print(f"{bench.RESULT_MARK} {path}", flush=True)
+        ok = True
+        return 0
+    finally:
+        if ok:
+            membership.finish(ok=True)  # rank 0 keeps the store until every rank is done
+        else:
+            with contextlib.suppress(GroupCoverError):  # the first failure is the one to report
+                membership.finish(ok=False)
 
 
 def _check_target(worker_rank: int, timeout_s: float) -> str:

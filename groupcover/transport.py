@@ -11,28 +11,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from groupcover.layer_op import LayerOp, OpKind
 from groupcover.timing import Timings
+from groupcover.worker import WorkerState
 
-if TYPE_CHECKING:
-    from groupcover.worker import WorkerState
-
-OpKind = Literal["linear", "conv1d", "conv2d"]
-
-
-@dataclass(frozen=True)
-class LayerOp:
-    """What the worker computes for one published layer: no bias, ever."""
-
-    kind: OpKind
-    stride: tuple[int, ...] = (1,)
-    padding: tuple[int, ...] = (0,)
-    dilation: tuple[int, ...] = (1,)
-    params: dict[str, int] = field(default_factory=dict)
+__all__ = ["InProcessTransport", "LayerOp", "Observer", "OpKind", "Transport", "payload_bytes"]
 
 
 # observer(event, layer_id, tensor): event is "publish" or "run"
@@ -81,8 +67,6 @@ class InProcessTransport(Transport):
 
     def __init__(self, state: WorkerState | None = None, owner: str = "inprocess") -> None:
         super().__init__()
-        from groupcover.worker import WorkerState  # groupcover.worker imports LayerOp from here
-
         self.state = state if state is not None else WorkerState(torch.device("cpu"))
         self.owner = owner
         self.published_bytes = 0

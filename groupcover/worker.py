@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from groupcover.errors import UnknownLayer
-from groupcover.transport import LayerOp
+from groupcover.layer_op import LayerOp
 
 
 def default_device() -> torch.device:
@@ -77,10 +77,11 @@ class WorkerState:
             raise UnknownLayer(f"the worker holds no layer {layer_id!r} for {owner}")
         start = time.perf_counter()
         with torch.no_grad():
-            y = apply_op(layer.op, x.to(self.device), layer.weight)
+            # computed in the published weight's dtype (float64 in masked modes)
+            y = apply_op(layer.op, x.to(self.device, layer.weight.dtype), layer.weight)
             if y.device.type == "cuda":
                 torch.cuda.synchronize(y.device)
-            y = y.to("cpu", copy=True)
+            y = y.to("cpu")  # a fresh result already: no copy on a CPU worker
         return y, time.perf_counter() - start
 
     def release(self, owner: str) -> int:

@@ -27,5 +27,5 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-# `transport` (in-process and real RPC, parametrized) and the session's RPC world.
-from tests.unit.transports import rpc_world, transport  # noqa: E402, F401
+# `transport` (in-process, TCP wire, real RPC; parametrized), the session's worker processes.
+from tests.unit.transports import rpc_world, transport, wire_worker  # noqa: E402, F401

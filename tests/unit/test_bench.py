@@ -131,13 +131,17 @@ def test_bench_local_runs_two_processes_and_writes_the_document(tmp_path: Path) 
     assert {"platform", "cpu_model", "threads", "torch", "hostname"} <= document["host"].keys()
     assert document["host"]["threads"] == 1
     assert document["settings"]["force_tcp"] is True
+    assert document["settings"]["transport"] == "tcp"  # the default: tensors only
+    assert "transport_warning" not in document["settings"]
     plain, gc = document["results"]
     for r in (plain, gc):
         assert r.keys() >= RESULT_KEYS
         assert (r["batch"], r["seq"], r["rank"], r["worker"]) == (2, 8, 0, 1)
         assert r["rel_err"] < 1e-4 and r["cosine_min"] > 0.9999
         assert r["breakdown_ms"]["worker_compute"] > 0
+        assert r["transport"] == "tcp" and "transport_warning" not in r
     assert "vs plain-offload" in proc.stdout
+    assert "transport: tcp" in proc.stdout and "WARNING" not in proc.stdout
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""Real RPC worlds on loopback: separate processes, TCP only. Dead and hung workers, a dead
-master, two masters sharing one worker, and the rendezvous settings."""
+"""Real torch-rpc worlds on loopback (the opt-in `--transport torch-rpc`): separate processes,
+TCP only. Dead and hung workers, a dead master, two masters sharing one worker, and the
+rendezvous settings. tests/unit/test_wire_world.py holds the same cases for the default wire."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from groupcover.rpc import Rendezvous
 from tests.unit.transports import free_port, worker_argv
 
 pytestmark = pytest.mark.slow
+
+
+def rpc_argv(rank: int, world_size: int, port: int, timeout_s: float) -> list[str]:
+    return worker_argv(rank, world_size, port, timeout_s, transport="torch-rpc")
+
 
 # A master driven by the test: joins, publishes one layer, then follows its script.
 MASTER = r"""
@@ -97,7 +103,7 @@ def _ready(proc: subprocess.Popen) -> None:
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_master_fails_fast_when_worker_dies_or_hangs(fault: str) -> None:
     port, timeout = free_port(), 4.0
-    worker = subprocess.Popen(worker_argv(1, 2, port, timeout), env=_env())
+    worker = subprocess.Popen(rpc_argv(1, 2, port, timeout), env=_env())
     master = _master(port, 0, 2, 1, timeout, "wait")
     try:
         _ready(master)
@@ -113,7 +119,7 @@ def test_master_fails_fast_when_worker_dies_or_hangs(fault: str) -> None:
 
 def test_worker_exits_when_its_master_dies() -> None:
     port, timeout = free_port(), 3.0
-    worker = subprocess.Popen(worker_argv(1, 2, port, timeout), env=_env(), stderr=subprocess.PIPE,
+    worker = subprocess.Popen(rpc_argv(1, 2, port, timeout), env=_env(), stderr=subprocess.PIPE,
                               text=True)  # fmt: skip
     master = _master(port, 0, 2, 1, timeout, "die")
     try:
@@ -130,7 +136,7 @@ def test_worker_exits_when_its_master_dies() -> None:
 def test_finished_master_exits_when_another_master_dies() -> None:
     """World of 3: master 0 is done and waits for the others; master 1 dies before finishing."""
     port, timeout = free_port(), 3.0
-    worker = subprocess.Popen(worker_argv(2, 3, port, timeout), env=_env(), stderr=subprocess.PIPE,
+    worker = subprocess.Popen(rpc_argv(2, 3, port, timeout), env=_env(), stderr=subprocess.PIPE,
                               text=True)  # fmt: skip
     done = _master(port, 0, 3, 2, timeout, "finish")
     dying = _master(port, 1, 3, 2, timeout, "die")
@@ -150,7 +156,7 @@ def test_finished_master_exits_when_another_master_dies() -> None:
 @pytest.mark.parametrize("role", ["master", "worker"])
 def test_incomplete_world_fails_within_the_timeout(role: str) -> None:
     """Only one rank of two ever starts: it reports the missing world instead of waiting."""
-    argv = worker_argv(1, 2, free_port(), 2.0)
+    argv = rpc_argv(1, 2, free_port(), 2.0)
     if role == "master":
         argv[argv.index("--role") + 1 : argv.index("--rank") + 2] = ["master", "--rank", "0"]
         argv += ["--worker", "1", "--model", "minilm", "--batch", "1", "--seq", "8"]
@@ -164,7 +170,7 @@ def test_incomplete_world_fails_within_the_timeout(role: str) -> None:
 def test_two_masters_share_one_worker() -> None:
     """World of 3: masters 0 and 1 publish the same layer id with different weights."""
     port, timeout = free_port(), 30.0
-    worker = subprocess.Popen(worker_argv(2, 3, port, timeout), env=_env())
+    worker = subprocess.Popen(rpc_argv(2, 3, port, timeout), env=_env())
     masters = [_master(port, rank, 3, 2, timeout, "share") for rank in (0, 1)]
     try:
         for master in masters:
@@ -203,8 +209,8 @@ def test_rendezvous_rejects_bad_variables(env: dict[str, str], message: str) -> 
 def test_launched_master_reports_a_worker_killed_mid_benchmark() -> None:
     """Through the real entry point: the worker dies while the master is timing forwards."""
     port, timeout = free_port(), 5.0
-    worker = subprocess.Popen(worker_argv(1, 2, port, timeout), env=_env())
-    argv = worker_argv(0, 2, port, timeout)
+    worker = subprocess.Popen(rpc_argv(1, 2, port, timeout), env=_env())
+    argv = rpc_argv(0, 2, port, timeout)
     argv[argv.index("--role") + 1] = "master"
     argv += ["--worker", "1", "--model", "minilm", "--modes", "plain-offload", "--batch", "1",
              "--seq", "8", "--repeat", "100000", "--json", os.devnull]  # fmt: skip

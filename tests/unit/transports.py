@@ -1,5 +1,6 @@
-"""Transport fixtures: `transport` runs a test over both transports, in-process and real RPC to a
-worker process on loopback (TCP only, world size 2; the test process is the master, rank 0)."""
+"""Transport fixtures: `transport` runs a test over every transport: in-process, the default TCP
+wire to a worker server in its own process, and real torch RPC to a worker process on loopback
+(TCP only, world size 2; the test process is the master, rank 0)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,36 @@ def free_port() -> int:
 
 
 def worker_argv(
-    rank: int, world_size: int, port: int, timeout_s: float = RPC_TIMEOUT_S
+    rank: int,
+    world_size: int,
+    port: int,
+    timeout_s: float = RPC_TIMEOUT_S,
+    transport: str = "tcp",
 ) -> list[str]:
     return [
         sys.executable, "-m", "groupcover", "launch", "--role", "worker", "--rank", str(rank),
         "--world-size", str(world_size), "--master-addr", "127.0.0.1", "--master-port", str(port),
-        "--ifname", "lo", "--force-tcp", "--timeout", f"{timeout_s:g}",
+        "--ifname", "lo", "--force-tcp", "--timeout", f"{timeout_s:g}", "--transport", transport,
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def wire_worker() -> Iterator[tuple[str, int]]:
+    """A worker server (the default wire) in its own process; yields its address."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.unit.wire_worker"], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["port"], line
+        yield ("127.0.0.1", int(line[1]))
+        proc.stdin.close()
+        assert proc.wait(timeout=RPC_TIMEOUT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +66,7 @@ def rpc_world() -> Iterator[int]:
     torch.set_num_threads(1)
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen(worker_argv(1, 2, port), env=env)
+    worker = subprocess.Popen(worker_argv(1, 2, port, transport="torch-rpc"), env=env)
     try:
         rpc.join(
             rpc.Rendezvous(0, 2, "127.0.0.1", port, ifname="lo", force_tcp=True,
@@ -58,12 +82,18 @@ def rpc_world() -> Iterator[int]:
             worker.wait()
 
 
-@pytest.fixture(params=["inprocess", pytest.param("rpc", marks=pytest.mark.slow)])
+@pytest.fixture(params=["inprocess", "tcp", pytest.param("rpc", marks=pytest.mark.slow)])
 def transport(request: pytest.FixtureRequest) -> Iterator[Transport]:
     """A fresh transport with its own owner key on the worker; closed after the test."""
     made: Transport
     if request.param == "inprocess":
         made = InProcessTransport()
+    elif request.param == "tcp":
+        from groupcover.wire.tcp import TcpTransport
+
+        address = request.getfixturevalue("wire_worker")
+        made = TcpTransport(address, "worker1", owner=f"0/test{next(_owners)}",
+                            timeout_s=RPC_TIMEOUT_S)  # fmt: skip
     else:
         from groupcover.rpc import RpcTransport
 
