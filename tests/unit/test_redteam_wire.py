@@ -2,9 +2,9 @@
 worker, and hostile peers on the rendezvous, each a real peer in its own thread or process over
 loopback, against the real master, worker server and store.
 
-Each test asserts the behaviour the channel claims. A claim an attack broke is marked
-`xfail(strict=True)` with the reason, until the fix lands (then the mark goes and the test stays as
-a regression test).
+Each test asserts the behaviour the channel claims. The attacks that broke a claim say so in
+their docstring ("Broke ..."): they were committed as strict xfails, then fixed in
+groupcover/wire, and stay as regression tests.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,37 +51,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # byte offsets of the header fields (<4s H H Q I B B H 6Q 6B 2x Q d)
 OFF_REQUEST, OFF_LAYER, OFF_DTYPE, OFF_NDIM, OFF_FLAGS = 8, 16, 20, 21, 22
 OFF_SHAPE, OFF_ORDER, OFF_NBYTES, OFF_VALUE = 24, 72, 80, 88
-
-
-# the claims the attacks below broke (see each test)
-HANDSHAKE_LEAK = (
-    "an ERROR reply to HELLO raises from TcpTransport.__init__ without closing the socket: "
-    "the connection stays open while the exception (and its traceback) lives"
-)
-UNBOUNDED_OUTPUT = (
-    "the worker bounds received tensors (max_tensor_bytes) but not the output it computes: a "
-    "4-byte conv2d weight and input with padding 1024 make it build and send a 16 MiB result"
-)
-HEADER_NO_DEADLINE = (
-    "_Session.serve reads every request header with no deadline: one byte of a header holds "
-    "the session thread for ever"
-)
-HELLO_NO_DEADLINE = (
-    "no deadline before HELLO either: an idle connection holds a thread and a descriptor for ever"
-)
-WORKER_ACCEPT_DIES = (
-    "WorkerServer._accept returns on any OSError: one EMFILE from accept() stops the worker "
-    "accepting sessions for good"
-)
-STORE_ACCEPT_DIES = (
-    "StoreServer._accept returns on any OSError: one EMFILE from accept() stops the "
-    "rendezvous for good"
-)
-FINISH_UNBOUNDED = (
-    "Membership.finish: rank 0 waits with no deadline for done/N of every rank; a worker that "
-    "keeps pinging and never records done keeps the master from exiting (and from reporting "
-    "its error)"
-)
 
 
 # ---- a scripted hostile worker (a thread with its own listening socket) ------------------------
@@ -550,12 +520,16 @@ def test_a_welcome_over_the_text_limit_is_refused(fake_worker: Callable[..., Fak
         TcpTransport(fake.address, "worker1", timeout_s=DEADLINE_S)
 
 
-@pytest.mark.xfail(strict=True, reason=HANDSHAKE_LEAK)
 def test_a_failed_handshake_closes_the_masters_connection(
     fake_worker: Callable[..., FakeWorker],
 ) -> None:
     """A worker that answers HELLO with ERROR: the master raises, and must not keep the
-    connection (a half-made session) open for as long as someone holds the exception."""
+    connection (a half-made session) open for as long as someone holds the exception.
+
+    Broke (fixed in groupcover/wire): an ERROR reply to HELLO raises from
+    TcpTransport.__init__ without closing the socket: the connection stays open while the
+    exception (and its traceback) lives.
+    """
 
     def script(conn: socket.socket, fake: FakeWorker) -> None:
         hello, _, _ = read_request(conn)
@@ -646,14 +620,18 @@ def test_a_master_cannot_run_overwrite_or_release_another_masters_layer(
     honest.close()
 
 
-@pytest.mark.xfail(strict=True, reason=UNBOUNDED_OUTPUT)
 @pytest.mark.parametrize("shape", ["conv-padding", "linear-wide"])
 def test_a_tiny_request_cannot_make_the_worker_build_a_huge_result(
     worker_server: Callable[[Limits], WorkerServer], shape: str
 ) -> None:
     """A 4-byte weight and a 4-byte input whose output is 16 MiB (conv2d padding 1024), or a
     16 KiB weight and input with a 16 MiB output: the worker's per-tensor bound must cover the
-    tensor it computes, not only the ones it receives (with padding 65536 it would be 68 GB)."""
+    tensor it computes, not only the ones it receives (with padding 65536 it would be 68 GB).
+
+    Broke (fixed in groupcover/wire): the worker bounds received tensors (max_tensor_bytes)
+    but not the output it computes: a 4-byte conv2d weight and input with padding 1024 make
+    it build and send a 16 MiB result.
+    """
     server = worker_server(Limits(max_tensor_bytes=1 << 20, timeout_s=5))
     transport = TcpTransport(server.address, "worker1", timeout_s=5)
     if shape == "conv-padding":
@@ -677,12 +655,15 @@ def _is_closed_by_peer(sock: socket.socket, within_s: float) -> bool:
         return True
 
 
-@pytest.mark.xfail(strict=True, reason=HEADER_NO_DEADLINE)
 def test_a_request_header_begun_must_finish_within_the_deadline(
     worker_server: Callable[[Limits], WorkerServer],
 ) -> None:
     """DESIGN: "a message once begun must finish within the deadline": a slowloris master that
-    sends one byte of a header and stops must not hold a session thread for ever."""
+    sends one byte of a header and stops must not hold a session thread for ever.
+
+    Broke (fixed in groupcover/wire): _Session.serve reads every request header with no
+    deadline: one byte of a header holds the session thread for ever.
+    """
     server = worker_server(Limits(timeout_s=DEADLINE_S))
     evil = RawMaster(server.address)
     evil.sock.sendall(b"G")
@@ -692,10 +673,12 @@ def test_a_request_header_begun_must_finish_within_the_deadline(
         evil.close()
 
 
-@pytest.mark.xfail(strict=True, reason=HELLO_NO_DEADLINE)
 def test_a_connection_that_never_says_hello_is_dropped(
     worker_server: Callable[[Limits], WorkerServer],
 ) -> None:
+    """Broke (fixed in groupcover/wire): no deadline before HELLO either: an idle connection
+    holds a thread and a descriptor for ever.
+    """
     server = worker_server(Limits(timeout_s=DEADLINE_S))
     idle = socket.create_connection(server.address, timeout=5)
     try:
@@ -706,41 +689,40 @@ def test_a_connection_that_never_says_hello_is_dropped(
 
 # ---- 8. descriptor exhaustion: the acceptors must survive EMFILE ----------------------------
 
-LOW_FD_WORKER = r"""
+LOW_FD_SERVERS = r"""
 import os, resource, sys, torch
 from groupcover.wire.tcp import Limits, WorkerServer
 from groupcover.wire.store import StoreServer
 from groupcover.worker import WorkerState
 torch.set_num_threads(1)
-if sys.argv[1] == "worker":
-    server = WorkerServer("127.0.0.1", 0, WorkerState(torch.device("cpu")), Limits(timeout_s=30))
-    server.start()
-else:
-    server = StoreServer("127.0.0.1", 0, world_size=2, timeout_s=30)
+server = WorkerServer("127.0.0.1", 0, WorkerState(torch.device("cpu")), Limits(timeout_s=30))
+server.start()
+rendezvous = StoreServer("127.0.0.1", 0, world_size=2, timeout_s=30)
 used = len(os.listdir("/proc/self/fd"))
 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 resource.setrlimit(resource.RLIMIT_NOFILE, (used + 6, hard))
-print("port", server.address[1], flush=True)
+print("ports", server.address[1], rendezvous.address[1], flush=True)
 sys.stdin.read()
 """
 
 
-@pytest.fixture
-def low_fd_server() -> Iterator[Callable[[str], tuple[str, int]]]:
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(kind: str) -> tuple[str, int]:
-        argv = [sys.executable, "-c", LOW_FD_WORKER, kind]
-        proc = subprocess.Popen(argv, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+@pytest.fixture(scope="module")
+def low_fd_servers(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[dict[str, tuple[str, int]], Path]]:
+    """A worker server and a store in one process that has 6 spare descriptors; yields their
+    addresses and the file that collects the process's stderr."""
+    log = tmp_path_factory.mktemp("lowfd") / "stderr"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", LOW_FD_SERVERS], env=ENV, stderr=err,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 text=True)  # fmt: skip
-        procs.append(proc)
+    try:
         assert proc.stdout is not None
         line = proc.stdout.readline().split()
-        assert line[:1] == ["port"], line
-        return (LOOP, int(line[1]))
-
-    yield start
-    for proc in procs:
+        assert line[:1] == ["ports"], line
+        yield {"worker": (LOOP, int(line[1])), "store": (LOOP, int(line[2]))}, log
+    finally:
         proc.kill()
         proc.wait()
 
@@ -754,24 +736,32 @@ def _flood(address: tuple[str, int], count: int = 24) -> None:
     time.sleep(0.5)
 
 
-@pytest.mark.xfail(strict=True, reason=WORKER_ACCEPT_DIES)
 def test_the_worker_keeps_accepting_after_running_out_of_descriptors(
-    low_fd_server: Callable[[str], tuple[str, int]],
+    low_fd_servers: tuple[dict[str, tuple[str, int]], Path],
 ) -> None:
-    address = low_fd_server("worker")
+    """Broke (fixed in groupcover/wire): WorkerServer._accept returns on any OSError: one
+    EMFILE from accept() stops the worker accepting sessions for good.
+    """
+    addresses, log = low_fd_servers
+    address = addresses["worker"]
     _flood(address)
+    assert "worker: cannot accept a session (Too many open files)" in log.read_text()
     transport = TcpTransport(address, "worker1", timeout_s=3)  # a legitimate master, later
     transport.publish("l0", torch.eye(2), LayerOp("linear"))
     assert torch.equal(transport.run("l0", torch.ones(1, 2)), torch.ones(1, 2))
     transport.close()
 
 
-@pytest.mark.xfail(strict=True, reason=STORE_ACCEPT_DIES)
 def test_the_store_keeps_accepting_after_running_out_of_descriptors(
-    low_fd_server: Callable[[str], tuple[str, int]],
+    low_fd_servers: tuple[dict[str, tuple[str, int]], Path],
 ) -> None:
-    address = low_fd_server("store")
+    """Broke (fixed in groupcover/wire): StoreServer._accept returns on any OSError: one EMFILE
+    from accept() stops the rendezvous for good.
+    """
+    addresses, log = low_fd_servers
+    address = addresses["store"]
     _flood(address)
+    assert "rendezvous: cannot accept a connection (Too many open files)" in log.read_text()
     client = StoreClient.connect(*address, time.monotonic() + 3, timeout_s=3)
     client.join(1)
     client.set("role/1", "worker")
@@ -886,14 +876,14 @@ class _Values:
 
 
 @pytest.mark.parametrize("value", ["dead.beef:80", "abc:80", "127.0.0.1:0", "127.0.0.1:65536",
-                                   "1.2.3.4.5:80", ":80",
-                                   pytest.param("[::1]]:80x", marks=pytest.mark.xfail(
-                                       strict=True, reason="a non-numeric port from a hostile "
-                                       "store escapes address_of as a bare ValueError")),
-                                   ])  # fmt: skip
+                                   "1.2.3.4.5:80", ":80", "[::1]]:80x"])  # fmt: skip
 def test_a_master_connects_only_to_an_ip_literal_and_a_real_port(value: str) -> None:
     """The announced address is checked by the master itself, not only by the store's grammar
-    (a hostile or impersonated store may say anything)."""
+    (a hostile or impersonated store may say anything).
+
+    Broke (fixed in groupcover/wire): a non-numeric port ("80x") escaped address_of as a bare
+    ValueError (a traceback, not a one-line error).
+    """
     rdv = Rendezvous(0, 2, LOOP, 29500, timeout_s=1)
     membership = world.Membership(rdv, "master", _Values(value), {})  # type: ignore[arg-type]
     with pytest.raises(RendezvousError):
@@ -950,10 +940,14 @@ def test_a_fake_worker_that_takes_the_workers_rank_is_visible(
         hostile.close()
 
 
-@pytest.mark.xfail(strict=True, reason=FINISH_UNBOUNDED)
 def test_rank_0_does_not_wait_for_ever_on_a_worker_that_never_finishes() -> None:
     """A hostile worker keeps its store connection alive (pings) but never records done: rank 0
-    (the master, holding the store) must still exit within a deadline after its own work."""
+    (the master, holding the store) must still exit within a deadline after its own work.
+
+    Broke (fixed in groupcover/wire): Membership.finish: rank 0 waits with no deadline for
+    done/N of every rank; a worker that keeps pinging and never records done keeps the
+    master from exiting (and from reporting its error).
+    """
     port = free_port()
     joining = _join_master(Rendezvous(0, 2, LOOP, port, timeout_s=1.0))
     hostile = _hostile_rank(port, 1, "127.0.0.1:9")
