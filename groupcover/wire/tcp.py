@@ -16,6 +16,7 @@ checks requests too: sizes are bounded before anything is allocated.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import sys
@@ -52,6 +53,7 @@ from groupcover.wire.schema import (
 from groupcover.worker import WorkerState
 
 DEFAULT_TIMEOUT_S = 60.0
+ACCEPT_RETRY_S = 0.05  # after accept() failed (out of descriptors): no spinning
 PIPELINE_BYTES = 64 * 1024  # replies outstanding before a new request waits for them
 WEIGHT_DIMS = {"linear": 2, "conv1d": 3, "conv2d": 4}
 
@@ -213,13 +215,18 @@ class TcpTransport(Transport):
                 hint="is the worker process running and reachable?",
             ) from None
         _nodelay(self._sock)
-        with self._lock:
-            name = schema.text_view(owner)
-            request = self._request()
-            hello = Header(Op.HELLO, request, shape=(len(name),), order=(0,), nbytes=len(name))
-            self._send([hello.pack(), name], deadline)
-            header = self._read_header(request, Op.WELCOME, 0, deadline)
-            self.device = self._read_text(header, deadline)
+        try:
+            with self._lock:
+                name = schema.text_view(owner)
+                request = self._request()
+                hello = Header(Op.HELLO, request, shape=(len(name),), order=(0,),
+                               nbytes=len(name))  # fmt: skip
+                self._send([hello.pack(), name], deadline)
+                header = self._read_header(request, Op.WELCOME, 0, deadline)
+                self.device = self._read_text(header, deadline)
+        except BaseException:
+            self._sock.close()  # no half-made session outlives a failed handshake
+            raise
 
     # -- requests
 
@@ -501,11 +508,23 @@ class WorkerServer:
         return self
 
     def _accept(self) -> None:
+        failing = False
         while not self._stopping:
             try:
                 conn, _ = self._listener.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                # EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: a peer can cause these at will, so
+                # they must not stop the worker accepting (only stop() or a closed socket does)
+                if self._stopping or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return
+                if not failing:
+                    print(f"groupcover: {self.name}: cannot accept a session "
+                          f"({exc.strerror or exc}); retrying", file=sys.stderr,
+                          flush=True)  # fmt: skip
+                failing = True
+                time.sleep(ACCEPT_RETRY_S)
+                continue
+            failing = False
             _nodelay(conn)
             with self._lock:
                 self._count += 1
@@ -559,7 +578,7 @@ class _Session:
         self.limits = server.limits
         self.header = bytearray(HEADER.size)
         self.published = 0
-        self.layers: dict[int, tuple[tuple[int, ...], LayerOp, int]] = {}
+        self.layers: dict[int, tuple[tuple[int, ...], LayerOp, int, int]] = {}
         self.greeted = False
 
     def _recv(self, view: memoryview, deadline: float | None) -> None:
@@ -591,10 +610,25 @@ class _Session:
             self._error(request, code, text)
         raise _SessionEnd(text)
 
+    def _begin(self, deadline: float | None) -> None:
+        """Waits for the first byte of the next request (a clean close here ends quietly)."""
+        try:
+            recv_exact(self.conn, memoryview(self.header)[:1], deadline)
+        except _Deadline:
+            raise _SessionEnd("no HELLO within the deadline") from None
+        except _Closed:
+            raise _SessionEnd("") from None
+
     def serve(self) -> None:
+        accepted = time.monotonic()
         while True:
-            self._recv(memoryview(self.header), None)  # idle: a master may think for long
-            deadline = time.monotonic() + self.limits.timeout_s
+            if self.greeted:
+                self._begin(None)  # idle: a master may think for long
+                deadline = time.monotonic() + self.limits.timeout_s
+            else:  # a peer that has not said HELLO is owed nothing: one deadline from accept
+                deadline = accepted + self.limits.timeout_s
+                self._begin(deadline)
+            self._recv(memoryview(self.header)[1:], deadline)  # a message begun must finish
             try:
                 header = Header.unpack(self.header)
             except SchemaError as exc:
@@ -669,7 +703,7 @@ class _Session:
         previous = self.layers.get(header.layer)
         if previous is not None:
             self.published -= previous[2]
-        self.layers[header.layer] = (header.shape, op, header.nbytes)
+        self.layers[header.layer] = (header.shape, op, header.nbytes, header.dtype)
         self.published += header.nbytes
         self._reply(Op.OK, header.request, header.layer)
 
@@ -680,11 +714,16 @@ class _Session:
             self._error(header.request, ErrorCode.UNKNOWN_LAYER,
                         f"no layer {header.layer} in this session")  # fmt: skip
             return
-        w_shape, op, _ = layer
+        w_shape, op, _, w_dtype = layer
         try:
             out_shape = schema.output_shape(op, header.shape, w_shape)
         except SchemaError as exc:
             self._error(header.request, ErrorCode.BAD_REQUEST, str(exc))
+            return
+        out_bytes = schema.tensor_nbytes(w_dtype, out_shape)  # computed in the weight's dtype
+        if out_bytes > self.limits.max_tensor_bytes:  # a tiny input can ask for a huge output
+            self._error(header.request, ErrorCode.TOO_LARGE,
+                        f"a {out_bytes}-byte result is over the worker's limit")  # fmt: skip
             return
         try:
             y, worker_s = self.server.state.run(self.owner, str(header.layer), x)
