@@ -36,14 +36,6 @@ BASELINE_MODE = "plain-offload"
 MODEL_SEED = 0  # the synthetic models' random weights: fixed, independent of the secrets' seed
 
 
-def secrets_seed(seed: int | None) -> int:
-    """Interim, until `groupcover.rng.SecretRandom` lands (CONTRACTS.md): None draws this run's
-    seed from the OS instead of a fixed one. The protocol code then takes `seed` as it is."""
-    import secrets
-
-    return secrets.randbits(62) if seed is None else seed
-
-
 @dataclass
 class Prepared:
     """The master's plaintext model, its inputs and the reference output."""
@@ -68,11 +60,12 @@ class ModeRun:
     bytes_moved: list[int] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)  # the master process's CPU time, beside
     topup_s: list[float] = field(default_factory=list)  # mask generation for the next forward
+    integrity_s: list[float] = field(default_factory=list)  # result checks inside each forward
     output: torch.Tensor | None = None
 
     def clear(self) -> None:
         for series in (self.latencies_s, self.breakdowns, self.calls, self.bytes_moved,
-                       self.cpu_s, self.topup_s):  # fmt: skip
+                       self.cpu_s, self.topup_s, self.integrity_s):  # fmt: skip
             series.clear()
 
 
@@ -113,7 +106,12 @@ def prepare(settings: RankSettings) -> Prepared:
 
 
 def build_mode(
-    prepared: Prepared, mode: str, transport: Transport, seed: int, audit: bool
+    prepared: Prepared,
+    mode: str,
+    transport: Transport,
+    seed: int | None,
+    audit: bool,
+    verify: bool = False,
 ) -> ModeRun:
     """Protects the model for one mode: obfuscate, publish, and fill one mask pair per layer
     for the first forward (offline; with later top-ups, reported as `mask_offline_s`)."""
@@ -128,6 +126,7 @@ def build_mode(
         audit=audit,
         example_inputs=prepared.inputs,
         mask_pool=1,
+        verify=verify,
     )
     module.eval()
     return ModeRun(mode, module, transport, time.perf_counter() - start)
@@ -138,6 +137,7 @@ def forward_once(run: ModeRun, inputs: tuple[torch.Tensor, ...], *, timed: bool 
     pool is topped up for the next forward (timed apart: it counts in sustained throughput)."""
     timings = run.transport.timings
     timings.reset()
+    checked = _integrity_seconds(run.module)
     cpu = time.process_time()
     start = time.perf_counter()
     with torch.no_grad():
@@ -151,10 +151,19 @@ def forward_once(run: ModeRun, inputs: tuple[torch.Tensor, ...], *, timed: bool 
         run.breakdowns.append(timings.breakdown_ms(total))
         run.calls.append(timings.calls)
         run.bytes_moved.append(timings.bytes_sent + timings.bytes_received)
+        if checked is not None:
+            run.integrity_s.append((_integrity_seconds(run.module) or 0.0) - checked)
     start = time.perf_counter()
     topped = top_up_masks(run.module, inputs)
     if timed and topped:
         run.topup_s.append(time.perf_counter() - start)
+
+
+def _integrity_seconds(module: nn.Module) -> float | None:
+    """The integrity checks' seconds so far (a counter read outside the timed region)."""
+    read = getattr(module, "integrity_stats", None)
+    stats = read() if read is not None else None
+    return None if stats is None else float(stats["seconds"])
 
 
 def top_up_masks(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
@@ -269,6 +278,8 @@ def summarise(run: ModeRun, reference: torch.Tensor, batch: int, seq: int, model
         "mask_generation_ms": topup_s * 1e3,
         "sustained_throughput": batch / (median_s + topup_s),
         "cpu_ms": {"median": statistics.median(run.cpu_s) * 1e3} if run.cpu_s else None,
+        # the result checks' share of each forward (inside de-obfuscation), when --verify
+        "integrity_ms": statistics.median(run.integrity_s) * 1e3 if run.integrity_s else None,
         **errors(run.output, reference),
         "breakdown_ms": median_breakdown(run),
         "repeat": len(run.latencies_s),
@@ -298,6 +309,8 @@ def protocol_facts(module: nn.Module) -> dict[str, Any]:
         "mask_offline_pairs": masks["offline"]["pairs"] if masks else None,
         "mask_online_refill_s": masks["online_refill"]["seconds"] if masks else None,
         "masks": masks,
+        "secrets": facts.get("secrets"),
+        "integrity": facts.get("integrity"),
     }
 
 
@@ -311,10 +324,11 @@ def benchmark(
     seq: int,
     repeat: int,
     warmup: int,
-    seed: int,
+    seed: int | None,
     audit: bool,
     on_progress: Callable[[str], None] | None = None,
     audit_forwards: int = 1,
+    verify: bool = False,
 ) -> list[dict[str, Any]]:
     """Builds every mode, runs them interleaved, returns one result per mode, closes transports."""
     say = on_progress or (lambda _text: None)
@@ -323,7 +337,7 @@ def benchmark(
     try:
         for mode in modes:
             transports.append(make_transport(mode))
-            runs.append(build_mode(prepared, mode, transports[-1], seed, audit))
+            runs.append(build_mode(prepared, mode, transports[-1], seed, audit, verify))
             layers = protocol_facts(runs[-1].module)["offloaded_layers"]
             say(f"{mode}: {layers} layers offloaded, set up in {runs[-1].setup_s:.1f} s")
         say(f"timing {len(runs)} mode(s): {warmup} warmup + {repeat} interleaved forwards each")
@@ -381,9 +395,11 @@ def run_master(
         seq=settings.seq,
         repeat=settings.repeat,
         warmup=settings.warmup,
-        seed=secrets_seed(settings.seed),
+        seed=settings.seed,
         audit=settings.audit,
         on_progress=on_progress,
+        audit_forwards=settings.audit_forwards,
+        verify=settings.verify,
     )
     for result in results:
         result.update(rank=settings.rank, worker=worker, world_size=settings.world_size,
@@ -401,6 +417,8 @@ def run_master(
             "warmup": settings.warmup,
             "seed": settings.seed,
             "secrets": secrets_label(settings.seed),
+            "verify": settings.verify,
+            "audit_forwards": settings.audit_forwards if settings.audit else 0,
             "model_load_s": prepared.load_s,
             **settings.extra,
         },
@@ -511,9 +529,9 @@ def audit_lines(results: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def secrets_label(seed: int | None) -> str:
-    if seed is None:
-        return "secrets drawn from the operating system's CSPRNG"
-    return f"secrets reproducible from seed {seed}: not secret"
+    from groupcover.rng import OS_NOTICE, seed_notice
+
+    return OS_NOTICE if seed is None else seed_notice(seed)
 
 
 def print_table(document: dict[str, Any]) -> None:
@@ -562,6 +580,11 @@ def print_table(document: dict[str, Any]) -> None:
         *ratio_lines(results),
         *audit_lines(results),
     ]
+    for r in results:
+        if r.get("integrity_ms") is not None:
+            share = r["integrity_ms"] / r["latency_ms"]["median"]
+            notes.append(f"integrity check {r['mode']}: {r['integrity_ms']:.1f} ms per forward "
+                         f"({share:.1%} of its latency), every worker result checked")  # fmt: skip
     if "seed" in settings:
         notes.append(secrets_label(settings["seed"]))
     if settings.get("transport"):

@@ -110,6 +110,23 @@ def test_benchmark_document_over_the_in_process_transport() -> None:
     assert plain["sustained_throughput"] == plain["throughput"]
     assert gc["paired_ratios"]["plain-offload"]["pairs"] == 3
     assert gc["cpu_ms"]["median"] > 0
+    assert gc["integrity_ms"] is None and gc["secrets"].startswith("secrets reproducible")
+
+
+def test_verify_reports_the_integrity_checks_cost() -> None:
+    model, example = load_model("bert-base", 0, **SMALL_BERT)
+    inputs = tuple(example(2, 8))
+    with torch.no_grad():
+        reference = model(*inputs)
+    prepared = bench.Prepared(model, inputs, reference, 0.0)
+    [result] = bench.benchmark(
+        prepared, ("groupcover",), lambda mode: InProcessTransport(owner=mode),
+        model_name="bert-base", batch=2, seq=8, repeat=2, warmup=0, seed=None, audit=False,
+        verify=True,
+    )  # fmt: skip
+    assert result["integrity_ms"] > 0
+    assert result["integrity"]["checked"] >= 2 * 4 * SMALL_BERT["layers"]
+    assert result["secrets"] == bench.secrets_label(None) and "OS CSPRNG" in result["secrets"]
 
 
 def _groupcover(*args: str) -> subprocess.CompletedProcess[str]:
