@@ -19,6 +19,7 @@ import contextlib
 import errno
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -70,21 +71,30 @@ class _Closed(Exception):
     pass
 
 
+def _kernel_timeout(sock: socket.socket, option: int, seconds: float | None) -> None:
+    """A deadline the kernel enforces on a blocking socket (0: none). Blocking calls with
+    MSG_WAITALL wake this thread once per message, not once per segment and poll."""
+    if sock.gettimeout() is not None:
+        sock.settimeout(None)  # blocking mode: Python adds no poll() of its own
+    whole = 0.0 if seconds is None else max(seconds, 1e-3)
+    sock.setsockopt(socket.SOL_SOCKET, option,
+                    struct.pack("ll", int(whole), int((whole % 1) * 1e6)))  # fmt: skip
+
+
 def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
     """Fills `view` from `sock`, never reading past it; `_Deadline` / `_Closed` on failure."""
     got, size = 0, len(view)
     while got < size:
+        remaining = None
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _Deadline
-            sock.settimeout(remaining)
-        else:
-            sock.settimeout(None)
+        _kernel_timeout(sock, socket.SO_RCVTIMEO, remaining)
         try:
-            n = sock.recv_into(view[got:], size - got)
-        except TimeoutError:
-            raise _Deadline from None
+            n = sock.recv_into(view[got:], size - got, socket.MSG_WAITALL)
+        except (BlockingIOError, TimeoutError):
+            continue  # the kernel's timeout: the loop checks the deadline
         except OSError as exc:
             raise _Closed(exc.strerror or type(exc).__name__) from None
         if n == 0:
@@ -99,11 +109,11 @@ def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview], deadlin
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Deadline
-        sock.settimeout(remaining)
+        _kernel_timeout(sock, socket.SO_SNDTIMEO, remaining)
         try:
             sent = sock.sendmsg(views)
-        except TimeoutError:
-            raise _Deadline from None
+        except (BlockingIOError, TimeoutError):
+            continue
         except OSError as exc:
             raise _Closed(exc.strerror or type(exc).__name__) from None
         while sent and views:
