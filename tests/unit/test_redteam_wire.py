@@ -687,6 +687,26 @@ def test_a_connection_that_never_says_hello_is_dropped(
         idle.close()
 
 
+THREAD_RECORDS = (
+    "WorkerServer keeps every session's Thread object in _threads for its whole life: a peer "
+    "that connects and closes in a loop grows the worker's memory without bound"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=THREAD_RECORDS)
+def test_connect_and_close_in_a_loop_leaves_no_trace_on_the_worker(
+    worker_server: Callable[[Limits], WorkerServer],
+) -> None:
+    server = worker_server(Limits(timeout_s=DEADLINE_S))
+    for _ in range(200):
+        socket.create_connection(server.address, timeout=5).close()
+    deadline = time.monotonic() + 5
+    while server._sessions and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not server._sessions
+    assert len(server._threads) <= 1, f"{len(server._threads)} session records kept"
+
+
 # ---- 8. descriptor exhaustion: the acceptors must survive EMFILE ----------------------------
 
 LOW_FD_SERVERS = r"""
