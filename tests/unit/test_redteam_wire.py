@@ -702,6 +702,33 @@ def test_a_request_header_begun_must_finish_within_the_deadline(
         evil.close()
 
 
+def test_a_request_body_dripped_past_the_deadline_ends_the_session(
+    worker_server: Callable[[Limits], WorkerServer],
+) -> None:
+    """The worker's side of the drip: a PUBLISH whose weight arrives a byte at a time, each in
+    time for a per-read timeout, is cut at the deadline, and nothing of it is published."""
+    server = worker_server(Limits(timeout_s=DEADLINE_S))
+    evil = RawMaster(server.address)
+    weight = torch.zeros(16, 16)
+    header = Header(Op.PUBLISH, evil.next(), 7, 1, (16, 16), (0, 1), 1024)
+    evil.sock.sendall(raw(header) + schema.pack_op(LayerOp("linear")))
+    start = time.monotonic()
+    try:
+        for byte in bytes(schema.byte_view(weight, (0, 1))):
+            try:
+                evil.sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.01)
+            if time.monotonic() - start > DEADLINE_S + SLACK_S:
+                break
+        assert _is_closed_by_peer(evil.sock, SLACK_S)
+        assert time.monotonic() - start < DEADLINE_S + 2 * SLACK_S
+    finally:
+        evil.close()
+    assert server.state.owners() == {}
+
+
 def test_a_connection_that_never_says_hello_is_dropped(
     worker_server: Callable[[Limits], WorkerServer],
 ) -> None:
