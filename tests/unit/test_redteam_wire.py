@@ -1016,6 +1016,62 @@ def test_a_hostile_store_cannot_make_a_rank_allocate_or_wait_past_its_deadline(
         thread.join(timeout=15)
 
 
+SLOW_STORE = (
+    "each store call has its own timeout on top of join's deadline: a store that answers every "
+    "call just inside the timeout stretches join to several times its deadline"
+)
+
+
+def _slow_store(delay_s: float, roles: dict[str, str]) -> tuple[socket.socket, threading.Event]:
+    """An impersonated rendezvous that speaks the protocol correctly, each answer late."""
+    listener = socket.socket()
+    listener.bind((LOOP, 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError, StoreError):
+            while not stop.is_set():
+                op, _, items = store._read(conn, None)
+                if stop.wait(delay_s):
+                    return
+                if op == store.WAIT:
+                    found = [(k, roles[k]) for k in items if k in roles]
+                    answer = store._pack(store.VALUE, list(found[0])) if found else (
+                        store._pack(store.NONE, []))  # fmt: skip
+                else:
+                    answer = store._pack(store.OK, [])
+                conn.sendall(answer)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, stop
+
+
+@pytest.mark.xfail(strict=True, reason=SLOW_STORE)
+def test_a_slow_store_cannot_stretch_join_past_its_deadline() -> None:
+    timeout = 0.5
+    listener, stop = _slow_store(0.9 * timeout, {"role/0": "worker", "role/1": "master"})
+    port = listener.getsockname()[1]
+    start = time.monotonic()
+    membership = None
+    try:
+        with contextlib.suppress(WorkerUnavailable):
+            membership = world.join(Rendezvous(1, 2, LOOP, port, timeout_s=timeout), "master")
+        elapsed = time.monotonic() - start
+        assert elapsed < timeout + SLACK_S, f"join took {elapsed:.2f} s (timeout {timeout} s)"
+    finally:
+        stop.set()
+        listener.close()
+        if membership is not None:
+            membership.close()
+
+
 class _Values:
     def __init__(self, value: str) -> None:
         self.value = value
