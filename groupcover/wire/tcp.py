@@ -506,7 +506,7 @@ class WorkerServer:
         self._listener.listen(64)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._sessions: dict[int, socket.socket] = {}
-        self._threads: list[threading.Thread] = []
+        self._threads: dict[int, threading.Thread] = {}  # live sessions only
         self._lock = threading.Lock()
         self._count = 0
         self._stopping = False
@@ -542,7 +542,7 @@ class WorkerServer:
                 self._sessions[number] = conn
                 thread = threading.Thread(target=self._session, args=(number, conn),
                                           name=f"gc-session-{number}", daemon=True)  # fmt: skip
-                self._threads.append(thread)
+                self._threads[number] = thread
             thread.start()
 
     def stop(self) -> None:
@@ -552,7 +552,7 @@ class WorkerServer:
         self._listener.close()
         with self._lock:
             conns = list(self._sessions.values())
-            threads = list(self._threads)
+            threads = list(self._threads.values())
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
@@ -576,6 +576,7 @@ class WorkerServer:
             self.state.release(owner)
             with self._lock:
                 self._sessions.pop(number, None)
+                self._threads.pop(number, None)  # a connect/close loop must leave no trace
             with contextlib.suppress(OSError):
                 conn.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import struct
 import subprocess
@@ -401,6 +402,34 @@ def test_a_reply_dripped_in_time_for_each_read_but_not_overall_is_a_stall(
     assert elapsed >= DEADLINE_S * 0.9
 
 
+@pytest.mark.parametrize("how", ["never-reads", "resets-while-reading"])
+def test_a_worker_that_will_not_take_a_large_request_is_a_fault(
+    fake_worker: Callable[..., FakeWorker], how: str
+) -> None:
+    """16 MiB of weight, more than the socket buffers hold: the master's send is held to the
+    deadline too, and a reset mid-send is a lost worker, not a crash (no SIGPIPE)."""
+
+    def script(conn: socket.socket, fake: FakeWorker) -> None:
+        welcome(conn)
+        if how == "resets-while-reading":
+            recv_exact(conn, HEADER.size + 4096)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            return
+        fake.stop.wait(30)
+
+    fake = fake_worker(script)
+    transport = TcpTransport(fake.address, "worker1", timeout_s=DEADLINE_S)
+    start = time.monotonic()
+    with pytest.raises(WorkerLost) as caught:
+        transport.publish("l0", torch.zeros(2048, 2048), LayerOp("linear"))
+    message = assert_fault(caught.value, fake.address, time.monotonic() - start)
+    words = "a request was not taken" if how == "never-reads" else "connection lost while sending"
+    assert words in message or "closed the connection early" in message, message
+    with pytest.raises(WorkerLost):
+        transport.run("l0", torch.zeros(1, 2048))
+
+
 # ---- 5. NaN and infinities in every carried dtype, as raw bit patterns ------------------------
 
 SPECIALS = [
@@ -673,6 +702,33 @@ def test_a_request_header_begun_must_finish_within_the_deadline(
         evil.close()
 
 
+def test_a_request_body_dripped_past_the_deadline_ends_the_session(
+    worker_server: Callable[[Limits], WorkerServer],
+) -> None:
+    """The worker's side of the drip: a PUBLISH whose weight arrives a byte at a time, each in
+    time for a per-read timeout, is cut at the deadline, and nothing of it is published."""
+    server = worker_server(Limits(timeout_s=DEADLINE_S))
+    evil = RawMaster(server.address)
+    weight = torch.zeros(16, 16)
+    header = Header(Op.PUBLISH, evil.next(), 7, 1, (16, 16), (0, 1), 1024)
+    evil.sock.sendall(raw(header) + schema.pack_op(LayerOp("linear")))
+    start = time.monotonic()
+    try:
+        for byte in bytes(schema.byte_view(weight, (0, 1))):
+            try:
+                evil.sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.01)
+            if time.monotonic() - start > DEADLINE_S + SLACK_S:
+                break
+        assert _is_closed_by_peer(evil.sock, SLACK_S)
+        assert time.monotonic() - start < DEADLINE_S + 2 * SLACK_S
+    finally:
+        evil.close()
+    assert server.state.owners() == {}
+
+
 def test_a_connection_that_never_says_hello_is_dropped(
     worker_server: Callable[[Limits], WorkerServer],
 ) -> None:
@@ -685,6 +741,99 @@ def test_a_connection_that_never_says_hello_is_dropped(
         assert _is_closed_by_peer(idle, DEADLINE_S + SLACK_S + 1)
     finally:
         idle.close()
+
+
+def test_connect_and_close_in_a_loop_leaves_no_trace_on_the_worker(
+    worker_server: Callable[[Limits], WorkerServer],
+) -> None:
+    """Broke (fixed in groupcover/wire): WorkerServer kept every session's Thread object in
+    _threads for its whole life: a peer that connects and closes in a loop grew the worker's
+    memory without bound."""
+    server = worker_server(Limits(timeout_s=DEADLINE_S))
+    for _ in range(100):
+        socket.create_connection(server.address, timeout=5).close()
+    deadline = time.monotonic() + 5
+    while server._sessions and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not server._sessions
+    assert len(server._threads) <= 1, f"{len(server._threads)} session records kept"
+
+
+FUZZ_WORKER = r"""
+import sys, torch
+from groupcover.wire.tcp import Limits, WorkerServer
+from groupcover.worker import WorkerState
+torch.set_num_threads(1)
+limits = Limits(max_tensor_bytes=1 << 20, max_session_bytes=4 << 20, timeout_s=2)
+server = WorkerServer("127.0.0.1", 0, WorkerState(torch.device("cpu")), limits).start()
+print("port", server.address[1], flush=True)
+sys.stdin.read()
+"""
+
+
+def _fuzz_session(address: tuple[str, int], rng: random.Random) -> None:
+    """One hostile session: a PUBLISH with a mostly plausible, sometimes extreme op block and
+    weight, then RUNs of inputs that mostly fit; reads replies until the worker answers each or
+    ends the session."""
+    evil = RawMaster(address)
+    evil.sock.settimeout(5)
+
+    def pick(usual: list[int], extreme: list[int]) -> int:
+        return rng.choice(extreme) if rng.random() < 0.15 else rng.choice(usual)
+
+    kind, n = rng.choice([(1, 1), (2, 1), (3, 2)]) if rng.random() < 0.95 else (9, 1)
+    pad = 2 - n
+    stride = [pick([1, 2, 3], [0, 65536, 65537]) for _ in range(n)] + [0] * pad
+    padding = [pick([0, 1, 2], [300, 65536]) for _ in range(n)] + [0] * pad
+    dilation = [pick([1, 2], [0, 65536]) for _ in range(n)] + [0] * pad
+    groups = pick([1, 1, 2], [0, 3, 65536])
+    transposed = pick([0, 1], [2]) if kind == 1 else pick([0], [1])
+    block = schema.OP_BLOCK.pack(kind, n, transposed, 0, *stride, *padding, *dilation, groups)
+    dims = {1: 2, 2: 3, 3: 4}.get(kind, 2) if rng.random() < 0.9 else rng.randint(1, 5)
+    w_shape = [rng.randint(0 if rng.random() < 0.1 else 1, 4) for _ in range(dims)]
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    dtype = rng.choice(dtypes)
+    try:
+        evil.tensor(Op.PUBLISH, 7, torch.randn(w_shape).to(dtype), block)
+        evil.reply()
+        for _ in range(3):
+            if rng.random() < 0.2:
+                x_shape = [rng.randint(0, 5) for _ in range(rng.randint(0, 5))]
+            elif kind == 1:
+                x_shape = [rng.randint(0, 3), w_shape[-1]]
+            else:
+                x_shape = [rng.randint(0, 2), w_shape[1] * max(groups, 1)]
+                x_shape += [rng.randint(1, 6) for _ in range(len(w_shape) - 2)]
+            x = torch.randn(x_shape).to(rng.choice([dtype, *dtypes]))
+            evil.tensor(Op.RUN, 7, x)
+            header, _ = evil.reply()
+            assert header.op in (Op.RESULT, Op.ERROR), header
+    except (EOFError, OSError):
+        pass  # the worker ended this session: its right
+    finally:
+        evil.close()
+
+
+def test_fuzzed_op_blocks_and_shapes_never_take_the_worker_down() -> None:
+    """Random op blocks (every field at or past its bounds), weights and inputs of any rank and
+    dtype, from many sessions: the worker process survives and still serves an honest master."""
+    proc = subprocess.Popen([sys.executable, "-c", FUZZ_WORKER], env=ENV, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        address = (LOOP, int(proc.stdout.readline().split()[1]))
+        rng = random.Random(8)
+        for _ in range(120):
+            _fuzz_session(address, rng)
+        assert proc.poll() is None
+        honest = TcpTransport(address, "worker1", timeout_s=5)
+        honest.publish("l0", torch.eye(3), LayerOp("linear"))
+        assert torch.equal(honest.run("l0", torch.ones(2, 3)), torch.ones(2, 3))
+        honest.close()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ---- 8. descriptor exhaustion: the acceptors must survive EMFILE ----------------------------
@@ -865,6 +1014,62 @@ def test_a_hostile_store_cannot_make_a_rank_allocate_or_wait_past_its_deadline(
         client.close()
         listener.close()
         thread.join(timeout=15)
+
+
+SLOW_STORE = (
+    "each store call has its own timeout on top of join's deadline: a store that answers every "
+    "call just inside the timeout stretches join to several times its deadline"
+)
+
+
+def _slow_store(delay_s: float, roles: dict[str, str]) -> tuple[socket.socket, threading.Event]:
+    """An impersonated rendezvous that speaks the protocol correctly, each answer late."""
+    listener = socket.socket()
+    listener.bind((LOOP, 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError, StoreError):
+            while not stop.is_set():
+                op, _, items = store._read(conn, None)
+                if stop.wait(delay_s):
+                    return
+                if op == store.WAIT:
+                    found = [(k, roles[k]) for k in items if k in roles]
+                    answer = store._pack(store.VALUE, list(found[0])) if found else (
+                        store._pack(store.NONE, []))  # fmt: skip
+                else:
+                    answer = store._pack(store.OK, [])
+                conn.sendall(answer)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, stop
+
+
+@pytest.mark.xfail(strict=True, reason=SLOW_STORE)
+def test_a_slow_store_cannot_stretch_join_past_its_deadline() -> None:
+    timeout = 0.5
+    listener, stop = _slow_store(0.9 * timeout, {"role/0": "worker", "role/1": "master"})
+    port = listener.getsockname()[1]
+    start = time.monotonic()
+    membership = None
+    try:
+        with contextlib.suppress(WorkerUnavailable):
+            membership = world.join(Rendezvous(1, 2, LOOP, port, timeout_s=timeout), "master")
+        elapsed = time.monotonic() - start
+        assert elapsed < timeout + SLACK_S, f"join took {elapsed:.2f} s (timeout {timeout} s)"
+    finally:
+        stop.set()
+        listener.close()
+        if membership is not None:
+            membership.close()
 
 
 class _Values:
