@@ -262,18 +262,20 @@ def render_cluster(spec: ClusterSpec, inputs: RenderInputs, out_dir: Path) -> Re
     """Write every domain's XML and the network's into `out_dir`; touches no VM."""
     vms = plan_vms(spec, cluster_dir(spec.name))
     inputs_net = replace(inputs, network=spec.network_name)
+    # everything is rendered before anything is written: a refusal leaves no --out behind
+    texts = {f"{vm.name}.xml": render_domain(vm, inputs_net) for vm in vms}
+    texts["network.xml"] = render_network(spec, vms)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for file_name, text in texts.items():
+            (out_dir / file_name).write_text(text)
     except OSError as exc:
-        raise UsageError(f"cannot create --out {out_dir}: {exc.strerror}") from None
-    domains = []
-    for vm in vms:
-        path = out_dir / f"{vm.name}.xml"
-        path.write_text(render_domain(vm, inputs_net))
-        domains.append(path)
-    network = out_dir / "network.xml"
-    network.write_text(render_network(spec, vms))
-    return Rendered(out_dir, tuple(domains), network, inputs.caps.source, inputs.accel)
+        raise UsageError(
+            f"cannot write --out {out_dir}: {exc.strerror or exc}",
+            hint="choose a folder you can write to",
+        ) from None
+    domains = tuple(out_dir / f"{vm.name}.xml" for vm in vms)
+    return Rendered(out_dir, domains, out_dir / "network.xml", inputs.caps.source, inputs.accel)
 
 
 __all__ = [

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import re
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from orchestrator.errors import UsageError
 
@@ -97,6 +99,13 @@ class ClusterSpec:
                 hint=f"torch and the model need at least {MIN_MEMORY_MIB} MiB per VM "
                 "(default 2048)",
             )
+        if self.connect is not None:
+            check_connect_uri(self.connect)
+        if self.network is not None and self.connect is None:
+            raise UsageError(
+                f"--network {self.network} needs --connect",
+                hint="a private daemon has no existing networks; leave out --network",
+            )
         try:
             net = ipaddress.ip_network(self.subnet)
         except ValueError as exc:
@@ -132,6 +141,53 @@ class ClusterSpec:
     @property
     def network_name(self) -> str:
         return self.network or f"gcvm-{self.name}"
+
+
+MAX_TIMEOUT_S = 7 * 86400
+# libvirt URI transports (qemu+TRANSPORT://...) and the QEMU driver's daemon paths
+URI_TRANSPORTS = ("", "unix", "ssh", "libssh", "libssh2", "tcp", "tls", "ext")
+URI_PATHS = ("/system", "/session")
+CONNECT_HINT = (
+    "use qemu:///system (this host's libvirtd) or qemu+ssh://HOST/system; leave out --connect "
+    "for a private daemon"
+)
+
+
+def check_connect_uri(uri: str, flag: str = "--connect") -> str:
+    """A libvirt URI for the QEMU driver (gcvm renders QEMU domains), checked before any
+    connection is tried: libvirt's own error for a wrong scheme talks about TLS certificates."""
+    parsed = urlsplit(uri)
+    driver, _, transport = parsed.scheme.partition("+")
+    if not parsed.scheme or "://" not in uri:
+        raise UsageError(f"{flag} {uri!r} is not a libvirt URI", hint=CONNECT_HINT)
+    if driver != "qemu":
+        raise UsageError(
+            f"{flag} {uri!r} names libvirt's {driver!r} driver; gcvm needs the QEMU driver",
+            hint=CONNECT_HINT,
+        )
+    if transport not in URI_TRANSPORTS:
+        raise UsageError(
+            f"{flag} {uri!r}: unknown libvirt transport {transport!r}",
+            hint=f"use one of {', '.join(t for t in URI_TRANSPORTS if t)}, or qemu:///system "
+            "for this host's daemon",
+        )
+    if parsed.path not in URI_PATHS:
+        raise UsageError(
+            f"{flag} {uri!r}: the QEMU driver's path is /system or /session, "
+            f"not {parsed.path or '(none)'!r}",
+            hint=CONNECT_HINT,
+        )
+    return uri
+
+
+def check_timeout(flag: str, value: float) -> float:
+    """A time limit given on the command line: a positive, finite number of seconds."""
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        raise UsageError(
+            f"{flag} {value:g} is out of range",
+            hint=f"give a positive number of seconds (at most {MAX_TIMEOUT_S})",
+        )
+    return value
 
 
 def mac_for(address: str) -> str:

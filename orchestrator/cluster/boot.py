@@ -21,7 +21,7 @@ from orchestrator.errors import (
     GcvmError,
     Interrupted,
 )
-from orchestrator.spec import ClusterSpec, Tee, plan_vms
+from orchestrator.spec import ClusterSpec, Tee, check_timeout, plan_vms
 from orchestrator.state import ClusterState
 
 DEFAULT_TIMEOUT = 300.0
@@ -49,6 +49,7 @@ def up(
 ) -> ClusterState:
     """Create the cluster and return its state once every VM is ready with the code installed."""
     spec.validate()
+    check_timeout("--timeout", timeout)
     backend = backend or Backend()
     with state.locked(spec.name), _sigterm_interrupts():
         _refuse_existing(spec, backend)
@@ -91,7 +92,33 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _shielded() -> Iterator[list[int]]:
+    """Cleanup runs to its end: Ctrl-C and SIGTERM are noted and said to wait, not raised.
+    Yields the signals that arrived meanwhile."""
+    arrived: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield arrived
+        return
+
+    def note(signum: int, frame: object) -> None:
+        arrived.append(signum)
+        ui.warn("cleaning up; wait for it to finish (it stops by itself)")
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield arrived
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _fail(run: _Up, exc: BaseException, keep: bool) -> None:
+    with _shielded():
+        _fail_shielded(run, exc, keep)
+
+
+def _fail_shielded(run: _Up, exc: BaseException, keep: bool) -> None:
     ui.log.debug("up failed: %r", exc, exc_info=exc)
     if run.st is None:
         return  # nothing was created
@@ -102,14 +129,18 @@ def _fail(run: _Up, exc: BaseException, keep: bool) -> None:
         )
         return
     if run.hv is not None:
-        run.hv.close()
+        with contextlib.suppress(Exception):
+            run.hv.close()
         run.hv = None
     kept = _keep_logs(run.spec.name)
     with ui.step(f"clean up the failed cluster {run.spec.name}"):
         try:
             _teardown(run.spec.name, run.st, run.backend)
-        except Exception as cleanup_exc:  # the original failure matters more
-            ui.warn(f"cleanup incomplete: {cleanup_exc}; run `gcvm down --name {run.spec.name}`")
+        except BaseException as cleanup_exc:  # the original failure matters more
+            ui.warn(
+                f"cleanup incomplete: {cleanup_exc or type(cleanup_exc).__name__}; "
+                f"run `gcvm down --name {run.spec.name}`"
+            )
     if kept is not None:
         ui.info(f"the debug log and serial consoles of the failed `up` are kept in {kept}")
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator import keys, privatelibvirt, state, ui
 from orchestrator.cluster.backend import Backend, HostFacts
-from orchestrator.cluster.parallel import _parallel
+from orchestrator.cluster.parallel import _parallel, check
 from orchestrator.hypervisor import DhcpHost, Hypervisor
 from orchestrator.spec import Accel, ClusterSpec, Tee, VmSpec
 from orchestrator.state import ClusterState, VmState
+
+# libvirt may take ~45 s per start while it probes QEMU (see privatelibvirt's /dev/kvm fix).
+START_GRACE_S = 120.0
 
 
 @dataclass
@@ -99,8 +103,11 @@ def _create(
             vm.serial_log.parent.mkdir(parents=True, exist_ok=True)
     with ui.step(f"define and start {', '.join(vm.name for vm in vms)}"):
         network = run.st.network
-        _parallel(
-            lambda vm: hv.start_domain(backend.render_domain(vm, image, host, network)),
-            vms,
-            "start",
-        )
+        cancel = threading.Event()
+
+        def start(vm: VmSpec) -> str:
+            check(cancel)  # another start failed: define nothing more
+            return hv.start_domain(backend.render_domain(vm, image, host, network))
+
+        # a start in flight is waited for: teardown must see every domain it defines
+        _parallel(start, vms, "start", cancel=cancel, grace=START_GRACE_S)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from orchestrator import deploy, state, ui
+from orchestrator.cluster.backend import Guest
 from orchestrator.cluster.create import _Up
 from orchestrator.cluster.guestfacts import GUEST_FACTS, parse_guest_facts, serial_tail
-from orchestrator.cluster.parallel import _parallel
+from orchestrator.cluster.parallel import _parallel, check
 from orchestrator.errors import (
     GcvmError,
     RemoteError,
@@ -18,6 +20,11 @@ from orchestrator.errors import (
 )
 from orchestrator.spec import VmSpec
 from orchestrator.state import ClusterState, VmState
+
+# SSH attempts are cut into slices this long, so that a cancelled VM notices within one.
+CONNECT_SLICE_S = 10.0
+# How long a failed wait gives the other VMs' threads to notice (one slice and some).
+READY_GRACE_S = 20.0
 
 
 def _ready(run: _Up, vms: list[VmSpec], image: Any) -> ClusterState:
@@ -30,7 +37,14 @@ def _ready(run: _Up, vms: list[VmSpec], image: Any) -> ClusterState:
     with ui.step(
         f"wait for {len(vms)} VMs (SSH with pinned host keys, systemd), install {wheel.name}"
     ):
-        ready = _parallel(lambda vm: _vm_ready(run, st, vm, wheel, deadline), st.vms, "ready")
+        cancel = threading.Event()
+        ready = _parallel(
+            lambda vm: _vm_ready(run, st, vm, wheel, deadline, cancel),
+            st.vms,
+            "ready",
+            cancel=cancel,
+            grace=READY_GRACE_S,
+        )
     st = replace(st, vms=ready, phase="ready")
     for vm in st.vms:
         ui.info(
@@ -42,18 +56,38 @@ def _ready(run: _Up, vms: list[VmSpec], image: Any) -> ClusterState:
     return st
 
 
-def _vm_ready(run: _Up, st: ClusterState, vm: VmState, wheel: Path, deadline: float) -> VmState:
+def _vm_ready(
+    run: _Up,
+    st: ClusterState,
+    vm: VmState,
+    wheel: Path,
+    deadline: float,
+    cancel: threading.Event | None = None,
+) -> VmState:
     backend = run.backend
 
     def left() -> float:
+        check(cancel)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise Timeout("deadline passed")
         return remaining
 
+    def connect() -> Guest:
+        """SSH in slices, so that a cancel (another VM failed, Ctrl-C) is seen within one."""
+        while True:
+            budget = left()
+            began = time.monotonic()
+            try:
+                return backend.connect(st, vm, min(CONNECT_SLICE_S, budget))
+            except Timeout:
+                spent = time.monotonic() - began
+                if budget <= CONNECT_SLICE_S or spent < CONNECT_SLICE_S * 0.9:
+                    raise
+
     start = time.monotonic()
     try:
-        guest = backend.connect(st, vm, left())
+        guest = connect()
     except (Timeout, RemoteError) as exc:
         raise Timeout(
             f"{vm.name} ({vm.address}) did not become reachable over SSH within "

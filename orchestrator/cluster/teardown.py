@@ -15,11 +15,14 @@ from orchestrator.errors import (
     HypervisorError,
 )
 from orchestrator.hypervisor import DhcpHost
+from orchestrator.spec import check_connect_uri
 from orchestrator.state import ClusterState
 
 
 def down(name: str, *, connect: str | None = None, backend: Backend | None = None) -> bool:
     """Remove everything the cluster has (or a crashed `up` left). False: there was nothing."""
+    if connect is not None:
+        check_connect_uri(connect)
     backend = backend or Backend()
     with state.locked(name):
         st: ClusterState | None
@@ -62,7 +65,7 @@ def _teardown(
         else (connect or privatelibvirt.uri_for(privatelibvirt.run_dir_for(name)))
     )
     if not private or backend.daemon_leftover(name):
-        removed += _remove_from_libvirt(name, st, uri, backend)
+        removed += _remove_from_libvirt(name, st, uri, backend, shared=not private)
     if private:
         if backend.stop_daemon(name):
             removed.append("daemons")
@@ -78,12 +81,21 @@ def _teardown(
 
 
 def _remove_from_libvirt(
-    name: str, st: ClusterState | None, uri: str, backend: Backend
+    name: str, st: ClusterState | None, uri: str, backend: Backend, *, shared: bool = False
 ) -> list[str]:
+    """The cluster's domains and network (or DHCP entries). On a private daemon that died, its
+    guests die with the namespace: the rest is removed. On a shared daemon (`--connect`) that
+    is unreachable, the domains stay defined there: nothing is removed, the state is kept."""
     removed: list[str] = []
     try:
         hv = backend.open_hypervisor(uri)
     except HypervisorError as exc:
+        if shared:
+            raise HypervisorError(
+                f"libvirt at {uri} is unreachable ({exc.message}); nothing was removed",
+                hint=f"the cluster's VMs may still be defined there and its state is kept: "
+                f"start that daemon, then run `gcvm down --name {name}` again",
+            ) from None
         ui.warn(f"libvirt at {uri} is unreachable ({exc}); removing the rest")
         return removed
     with contextlib.closing(hv):

@@ -16,6 +16,7 @@ from orchestrator.hostcaps.firmware import find_firmware, firmware_descriptors
 from orchestrator.hostcaps.kvm import KVM_DEVICE, _kvm_answer
 from orchestrator.hostcaps.model import HostCaps
 from orchestrator.hostcaps.versions import libvirt_number_to_version
+from orchestrator.spec import check_connect_uri
 
 
 def _is_local(uri: str) -> bool:
@@ -101,7 +102,7 @@ def detect(connect: str | None = None, *, kvm_probe: bool = True) -> HostCaps:
     """For doctor and render: `--connect URI` if given, else qemu:///system when a daemon
     answers, else QEMU probed directly (saying that no libvirt daemon runs)."""
     if connect:
-        conn = open_libvirt(connect)
+        conn = open_libvirt(check_connect_uri(connect))
         try:
             return probe(conn, kvm_probe=kvm_probe)
         finally:

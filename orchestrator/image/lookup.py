@@ -13,6 +13,7 @@ from orchestrator.image.model import (
     Image,
 )
 from orchestrator.image.recipe import recipe_hash
+from orchestrator.image.signature import disk_signature
 from orchestrator.paths import images_dir
 
 
@@ -81,9 +82,19 @@ def user_image(path: Path) -> Image:
     path = path.expanduser().resolve()
     if not path.is_file():
         raise UsageError(f"--image {path}: no such file")
+    try:
+        signature = disk_signature(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read --image {path}: {exc.strerror or exc}") from None
     fmt = disk_format(path)
     if fmt not in ("qcow2", "raw"):
         raise UsageError(f"--image {path} is a {fmt} image", hint="use a qcow2 or raw disk image")
+    if fmt == "raw" and signature not in ("gpt", "mbr", "ext4"):
+        raise UsageError(
+            f"--image {path} is not a disk image: no qcow2 header, no partition table "
+            "(GPT or MBR) and no ext4 file system",
+            hint="give a qcow2 or raw disk image, e.g. a distribution's cloud image",
+        )
     return Image(
         root=path.parent,
         disk=path,

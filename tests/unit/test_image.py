@@ -364,6 +364,10 @@ needs_qemu_img = pytest.mark.skipif(
 def test_user_image_accepts_qcow2_and_raw(tmp_path: Path, fmt: str) -> None:
     path = tmp_path / f"cloud.{fmt}"
     subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), "64M"], check=True)
+    if fmt == "raw":  # a raw disk must hold a partition table (an empty one is refused)
+        with open(path, "r+b") as disk:
+            disk.seek(510)
+            disk.write(b"\x55\xaa")
     user = image.user_image(path)
     assert user.disk == path and user.disk_format == fmt
     assert user.kernel is None and user.initrd is None and not user.direct_boot
