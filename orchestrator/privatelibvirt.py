@@ -27,6 +27,7 @@ from typing import Any
 
 from orchestrator import netns, paths
 from orchestrator.errors import GcvmError, HostUnsupported, Timeout
+from orchestrator.spec import check_name
 from orchestrator.ui import log
 
 RUN_ROOT = Path("/run/gcvm")
@@ -91,7 +92,7 @@ class PrivateDaemon:
 
 
 def run_dir_for(cluster: str) -> Path:
-    return RUN_ROOT / cluster
+    return RUN_ROOT / check_name(cluster)
 
 
 def uri_for(run_dir: Path) -> str:

@@ -45,6 +45,17 @@ DEFAULT_SUBNET = "192.168.122.0/24"
 FIRST_HOST = 10
 
 
+def check_name(name: str) -> str:
+    """A cluster name: it becomes folder, namespace, domain and bridge names, so nothing that
+    could leave its folder (`..`, `/`) or break them gets through."""
+    if not NAME_RE.match(name):
+        raise UsageError(
+            f"invalid cluster name {name!r}",
+            hint="use 1-20 characters: a lowercase letter, then lowercase letters, digits or '-'",
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     name: str = "gcvm"
@@ -64,12 +75,7 @@ class ClusterSpec:
         self.validate()
 
     def validate(self) -> None:
-        if not NAME_RE.match(self.name):
-            raise UsageError(
-                f"invalid cluster name {self.name!r}",
-                hint="use 1-20 characters: a lowercase letter, then lowercase letters, "
-                "digits or '-'",
-            )
+        check_name(self.name)
         if self.masters < 1:
             raise UsageError(f"--masters must be at least 1, not {self.masters}")
         if self.workers < 1:
