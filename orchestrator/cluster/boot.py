@@ -163,6 +163,8 @@ def _keep_logs(name: str) -> Path | None:
 
 def _up(run: _Up) -> ClusterState:
     spec, backend = run.spec, run.backend
+    # a user's --image is checked first: a wrong file is theirs to fix, whatever the host
+    given = backend.find_image(run.image_path) if run.image_path is not None else None
     with ui.step("check the host"):
         if spec.connect is not None:
             run.hv = backend.open_hypervisor(spec.connect)
@@ -170,7 +172,7 @@ def _up(run: _Up) -> ClusterState:
         else:
             host = backend.precheck(spec)  # asked again through the private daemon below
     with ui.step("find the guest image"):
-        image = backend.find_image(run.image_path)
+        image = given if given is not None else backend.find_image(run.image_path)
         ui.info(f"image {image.disk}")
         for tee in spec.tees:
             if tee is not Tee.none and image.tee_guest_support.get(str(tee)) is False:
