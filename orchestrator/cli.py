@@ -187,10 +187,10 @@ def up_cmd(
     image: Path | None = typer.Option(
         None, help="A disk image of your own (default: gcvm's built image)."
     ),
-    subnet: str = typer.Option(
-        "192.168.122.0/24",
-        help="IPv4 subnet of the cluster's own "
-        "network (change it next to a daemon's `default` network).",
+    subnet: str | None = typer.Option(
+        None,
+        help="IPv4 subnet of the cluster's own network (default: a free /24 of "
+        "192.168.128.0/17; one that collides with a route, bridge or network is refused).",
     ),
     vcpus: int = typer.Option(1, help="vCPUs per VM."),
     memory: int = typer.Option(2048, help="Memory per VM in MiB."),

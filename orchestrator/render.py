@@ -318,9 +318,10 @@ def render_command(
         Accel,
         typer.Option("--accel", help="kvm, tcg, or auto (kvm when it really runs a guest here)."),
     ] = Accel.auto,
-    subnet: Annotated[str, typer.Option("--subnet", help="The cluster network.")] = (
-        "192.168.122.0/24"
-    ),
+    subnet: Annotated[
+        str | None,
+        typer.Option("--subnet", help="The cluster network (default: the name's own /24)."),
+    ] = None,
     connect: Annotated[
         str | None,
         typer.Option(

@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from orchestrator import subnets
 from orchestrator.errors import UsageError
 
 
@@ -40,7 +41,6 @@ class Role(StrEnum):
 MIN_MEMORY_MIB = 1536
 MAX_VMS = 64
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
-DEFAULT_SUBNET = "192.168.122.0/24"
 # First host number handed to a VM; .1 is the bridge.
 FIRST_HOST = 10
 
@@ -67,7 +67,7 @@ class ClusterSpec:
     vcpus: int = 1
     memory_mib: int = 2048
     image: Path | None = None  # None: gcvm's own built image
-    subnet: str = DEFAULT_SUBNET
+    subnet: str | None = None  # None: a free /24 chosen for the cluster (orchestrator.subnets)
     network: str | None = None  # an existing libvirt network (with --connect); None: gcvm's own
     connect: str | None = None  # libvirt URI; None: a private daemon in a network namespace
 
@@ -112,6 +112,8 @@ class ClusterSpec:
                 f"--network {self.network} needs --connect",
                 hint="a private daemon has no existing networks; leave out --network",
             )
+        if self.subnet is None:
+            return
         try:
             net = ipaddress.ip_network(self.subnet)
         except ValueError as exc:
@@ -132,7 +134,8 @@ class ClusterSpec:
 
     @property
     def ipv4(self) -> ipaddress.IPv4Network:
-        net = ipaddress.ip_network(self.subnet)
+        """The subnet; without one, the name's preferred /24 (`up` picks a free one first)."""
+        net = ipaddress.ip_network(self.subnet or subnets.preferred_subnet(self.name))
         assert isinstance(net, ipaddress.IPv4Network)
         return net
 
@@ -196,10 +199,12 @@ def check_timeout(flag: str, value: float) -> float:
     return value
 
 
-def mac_for(address: str) -> str:
-    """A locally administered MAC derived from the IPv4 address (QEMU's 52:54:00 prefix)."""
+def mac_for(address: str, cluster: str) -> str:
+    """A locally administered unicast MAC: 52:54, two bytes from the cluster's name, the low
+    two bytes of the IPv4 address. Two clusters never share MACs, even on one subnet."""
     a = ipaddress.IPv4Address(address).packed
-    return f"52:54:00:{a[1]:02x}:{a[2]:02x}:{a[3]:02x}"
+    c = subnets.cluster_mac_part(cluster)
+    return f"52:54:{c[0]:02x}:{c[1]:02x}:{a[2]:02x}:{a[3]:02x}"
 
 
 def stable_uuid(*parts: str) -> str:
@@ -250,7 +255,7 @@ def plan_vms(spec: ClusterSpec, cluster_dir: Path) -> list[VmSpec]:
                 address=address,
                 prefix=spec.ipv4.prefixlen,
                 gateway=spec.gateway,
-                mac=mac_for(address),
+                mac=mac_for(address, spec.name),
                 uuid=stable_uuid("gcvm", spec.name, name),
                 disk=cluster_dir / "disks" / f"{name}.qcow2",
                 seed=cluster_dir / "disks" / f"{name}-seed.iso",

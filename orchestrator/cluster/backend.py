@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from orchestrator import deploy, keys, netns, privatelibvirt, ui
+from orchestrator import deploy, keys, netns, privatelibvirt, state, subnets, ui
 from orchestrator.errors import (
+    GcvmError,
     HypervisorError,
 )
 from orchestrator.hypervisor import Hypervisor, LibvirtHypervisor
@@ -90,6 +91,23 @@ class Backend:
         if not isinstance(hv, LibvirtHypervisor):
             raise TypeError("the real backend needs a libvirt connection")
         return _host(spec, hostcaps.probe(hv.conn, kvm_probe=True), hv.versions())
+
+    def host_networks(self) -> list[subnets.Taken]:
+        """Routes and interface addresses of the host gcvm runs on."""
+        return subnets.host_networks()
+
+    def other_clusters(self, name: str) -> list[tuple[str, str, str]]:
+        """(name, libvirt URI, subnet) of every other cluster with a state file here."""
+        found = []
+        for other in state.names():
+            if other == name:
+                continue
+            try:
+                st = state.load(other)
+            except GcvmError:
+                continue
+            found.append((st.name, st.uri, str(st.spec.get("subnet") or "")))
+        return found
 
     def find_image(self, image_path: Path | None) -> Any:
         from orchestrator import image

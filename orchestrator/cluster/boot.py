@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from orchestrator import paths, state, ui
+from orchestrator.cluster.addressing import allocation_lock, resolve_subnet
 from orchestrator.cluster.backend import Backend
 from orchestrator.cluster.create import _create, _initial_state, _Up, _write_keys
 from orchestrator.cluster.ready import _ready
@@ -180,8 +181,13 @@ def _up(run: _Up) -> ClusterState:
                     f"the guest image's kernel ({image.kernel_version}) has no {tee} guest support",
                     hint="use an image whose kernel has it (--image PATH), or --tee none",
                 )
-    vms = plan_vms(spec, run.dir)
-    run.st = _initial_state(spec, vms, image)
+    # chosen and recorded under one host-wide lock: two `up`s at once never pick the same
+    with allocation_lock(), ui.step("choose the cluster's subnet"):
+        spec = run.spec = resolve_subnet(spec, run.hv, backend)
+        ui.info(f"subnet {spec.subnet}")
+        vms = plan_vms(spec, run.dir)
+        run.st = _initial_state(spec, vms, image)
+        state.save(run.st)
     ui.attach_debug_log(run.dir / "debug.log")
     ui.log.debug("up: %s", spec)
     host_keys = _write_keys(run.st, vms)

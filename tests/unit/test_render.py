@@ -24,6 +24,7 @@ from tests import schema
 GOLDEN = Path(__file__).parent / "golden"
 FIXTURES = Path(__file__).parent / "fixtures"
 CLUSTER_DIR = Path("/var/lib/gcvm/clusters/demo")
+SUBNET = "192.168.122.0/24"  # explicit: the goldens keep one address plan
 IMAGE = Path("/var/cache/gcvm/images/0123456789abcdef")
 CMDLINE = "root=/dev/vda rw console=ttyS0 fsck.mode=skip"
 
@@ -53,7 +54,7 @@ def inputs_for(tee_: Tee, accel: Accel) -> render.RenderInputs:
 
 
 def vms_for(tee_: Tee, workers: int = 1) -> list[VmSpec]:
-    return plan_vms(ClusterSpec(name="demo", tee=tee_, workers=workers), CLUSTER_DIR)
+    return plan_vms(ClusterSpec(name="demo", tee=tee_, workers=workers, subnet=SUBNET), CLUSTER_DIR)
 
 
 SCENARIOS = {
@@ -105,7 +106,7 @@ def test_domain_golden(
 
 
 def test_network_golden(request: pytest.FixtureRequest) -> None:
-    spec = ClusterSpec(name="demo", workers=4)
+    spec = ClusterSpec(name="demo", workers=4, subnet=SUBNET)
     check_golden("network", render.render_network(spec, plan_vms(spec, CLUSTER_DIR)), request)
 
 
@@ -392,7 +393,7 @@ def test_undefined_values_are_errors(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_network() -> None:
-    spec = ClusterSpec(name="demo", workers=4)
+    spec = ClusterSpec(name="demo", workers=4, subnet=SUBNET)
     vms = plan_vms(spec, CLUSTER_DIR)
     root = tree(render.render_network(spec, vms, bridge="virbr7"))
     assert root.findtext("name") == "gcvm-demo"
