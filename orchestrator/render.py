@@ -80,13 +80,16 @@ BUILTIN_HOSTS: dict[Tee, BuiltinHost] = {
 class RenderInputs:
     caps: HostCaps  # live caps, or captured domcapabilities (HostCaps.from_domcaps_xml)
     accel: Accel  # resolved: kvm or tcg (tee.require gives it)
-    kernel: Path
-    initrd: Path
+    kernel: Path | None  # None: the disk boots itself (a user's own image)
+    initrd: Path | None
     cmdline: str = DEFAULT_CMDLINE
     network: str = "default"
     emulator: str | None = None  # None: the caps' emulator
     firmware: Path | None = None  # None: the caps' firmware for the VM's TEE
     options: tee.TeeOptions = field(default_factory=tee.TeeOptions)
+    # "user:group" QEMU runs as, through a static DAC <seclabel> (shared daemons); None: the
+    # daemon's qemu.conf decides (a private daemon's names an unprivileged user)
+    run_as: str | None = None
 
     def __post_init__(self) -> None:
         if self.accel is Accel.auto:
@@ -170,6 +173,7 @@ def render_domain(vm: VmSpec, inputs: RenderInputs) -> str:
         network=inputs.network,
         emulator=inputs.emulator or inputs.caps.emulator or DEFAULT_EMULATOR,
         metadata_ns=METADATA_NS,
+        run_as=inputs.run_as,
     )
 
 

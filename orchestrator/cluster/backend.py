@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from orchestrator import deploy, keys, netns, privatelibvirt, state, subnets, ui
 from orchestrator.errors import (
@@ -15,6 +16,7 @@ from orchestrator.errors import (
     HypervisorError,
 )
 from orchestrator.hypervisor import Hypervisor, LibvirtHypervisor
+from orchestrator.privilege import GuestUser, guest_user, require_reachable
 from orchestrator.spec import Accel, ClusterSpec, VmSpec
 from orchestrator.state import ClusterState, VmState
 
@@ -44,6 +46,8 @@ class HostFacts:
     accel: Accel
     caps: Any  # hostcaps.HostCaps (opaque here; handed to the renderer)
     facts: dict[str, Any]  # what the state records: versions, accel, TEE support
+    guest_user: GuestUser | None = None  # whom QEMU runs as (None: root, no such user here)
+    run_as: str | None = None  # a per-domain DAC label (shared daemons only)
 
 
 class Backend:
@@ -159,6 +163,16 @@ class Backend:
 
         return render.render_domain(vm, render_inputs(image, host, network))
 
+    def check_guest_access(self, files: list[Path], host: HostFacts, spec: ClusterSpec) -> None:
+        """Every file QEMU opens must be reachable by the user it runs as (libvirt's DAC driver
+        chowns the files themselves, not the folders above them). Remote daemons: unchecked."""
+        if host.guest_user is None:
+            ui.warn("this host has no libvirt-qemu (or qemu) user: QEMU runs as root")
+            return
+        if spec.connect is not None and not _is_local(spec.connect):
+            return
+        require_reachable(files, host.guest_user)
+
     # guests
     def connect(self, st: ClusterState, vm: VmState, timeout: float) -> Guest:
         from orchestrator.remote import Remote
@@ -167,6 +181,11 @@ class Backend:
 
     def build_wheel(self, out_dir: Path) -> Path:
         return deploy.build_wheel(out_dir)
+
+
+def _is_local(uri: str) -> bool:
+    host = urlsplit(uri).hostname
+    return not host or host in ("localhost", "127.0.0.1", "::1")
 
 
 def bridge_name(spec: ClusterSpec) -> str:
@@ -188,6 +207,7 @@ def render_inputs(image: Any, host: HostFacts, network: str) -> Any:
         initrd=image.initrd,
         cmdline=image.cmdline or render.DEFAULT_CMDLINE,
         network=network,
+        run_as=host.run_as,
     )
 
 
@@ -207,4 +227,8 @@ def _host(spec: ClusterSpec, caps: Any, versions: dict[str, str]) -> HostFacts:
         "source": caps.source,
         **{f"libvirt_{k}": v for k, v in versions.items()},
     }
-    return HostFacts(accel=accel, caps=caps, facts=facts)
+    user = guest_user()
+    facts["qemu_user"] = user.label if user else "root"
+    # a private daemon's qemu.conf names the user; a shared daemon's is not gcvm's
+    run_as = user.label if user is not None and spec.connect is not None else None
+    return HostFacts(accel=accel, caps=caps, facts=facts, guest_user=user, run_as=run_as)

@@ -101,6 +101,9 @@ def _create(
             backend.create_overlay(image.disk, image.disk_format, vm.disk)
             backend.build_seed(vm, client_pub.strip(), host_keys[vm.name])
             vm.serial_log.parent.mkdir(parents=True, exist_ok=True)
+        shared = [p for p in (image.disk, image.kernel, image.initrd) if p is not None]
+        mine = [p for vm in vms for p in (vm.disk, vm.seed, vm.serial_log)]
+        backend.check_guest_access([*shared, *mine], host, spec)
     with ui.step(f"define and start {', '.join(vm.name for vm in vms)}"):
         network = run.st.network
         cancel = threading.Event()

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,13 +78,19 @@ class Env:
 
 
 @pytest.fixture
-def gcvm_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, built_image: Image) -> Iterator[Env]:
+def gcvm_env(monkeypatch: pytest.MonkeyPatch, built_image: Image) -> Iterator[Env]:
     # State goes to a private GCVM_HOME; the image (and libvirt's capability cache) stay shared.
+    # QEMU runs as libvirt-qemu: the home must sit where others can search (pytest's tmp_path
+    # is under a 0700 folder), so it is made under /var/tmp and removed afterwards.
     cache = os.environ.get("GCVM_CACHE") or str(paths.cache_root())
-    home = tmp_path / "home"
+    home = Path(tempfile.mkdtemp(prefix="gcvm-it-", dir="/var/tmp"))
+    os.chmod(home, 0o755)
     monkeypatch.setenv("GCVM_HOME", str(home))
     monkeypatch.setenv("GCVM_CACHE", cache)
-    yield Env(home, {**os.environ, "GCVM_HOME": str(home), "GCVM_CACHE": cache})
+    try:
+        yield Env(home, {**os.environ, "GCVM_HOME": str(home), "GCVM_CACHE": cache})
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def cluster_name() -> str:
@@ -102,6 +109,28 @@ def processes_mentioning(text: str) -> list[str]:
         if text in cmdline and "pytest" not in cmdline:
             found.append(f"{proc.name}: {cmdline.strip()}")
     return found
+
+
+def qemu_uids(name: str) -> dict[str, int]:
+    """The real uid of each of the cluster's QEMU processes (`-name guest=NAME-...`)."""
+    uids = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        if not argv or b"qemu-system" not in argv[0]:
+            continue
+        guest = next((a for a in argv if a.startswith(b"guest=" + name.encode() + b"-")), None)
+        if guest is None:
+            continue
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        vm = guest.split(b",")[0].decode().removeprefix("guest=")
+        uids[vm] = int(uid_line.split()[1])
+    return uids
 
 
 def assert_nothing_left(name: str) -> None:

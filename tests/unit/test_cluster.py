@@ -94,6 +94,9 @@ class FakeBackend(Backend):
     def host_networks(self) -> list[Taken]:
         return list(self.host_nets)
 
+    def check_guest_access(self, files: list[Path], host: HostFacts, spec: ClusterSpec) -> None:
+        self.checked_files = list(files)  # pytest's tmp_path is 0700: checked for real elsewhere
+
     def open_hypervisor(self, uri: str) -> Hypervisor:
         self.hv.closed = False
         return self.hv

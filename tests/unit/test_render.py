@@ -42,7 +42,7 @@ def caps_for(tee_: Tee, accel: Accel) -> HostCaps:
     return render.BUILTIN_HOSTS[tee_].caps()
 
 
-def inputs_for(tee_: Tee, accel: Accel) -> render.RenderInputs:
+def inputs_for(tee_: Tee, accel: Accel, run_as: str | None = None) -> render.RenderInputs:
     return render.RenderInputs(
         caps=caps_for(tee_, accel),
         accel=accel,
@@ -50,6 +50,7 @@ def inputs_for(tee_: Tee, accel: Accel) -> render.RenderInputs:
         initrd=IMAGE / "initrd.img",
         cmdline=CMDLINE,
         network="gcvm-demo",
+        run_as=run_as,
     )
 
 
@@ -57,11 +58,14 @@ def vms_for(tee_: Tee, workers: int = 1) -> list[VmSpec]:
     return plan_vms(ClusterSpec(name="demo", tee=tee_, workers=workers, subnet=SUBNET), CLUSTER_DIR)
 
 
-SCENARIOS = {
-    "none-tcg": (Tee.none, Accel.tcg),
-    "none-kvm": (Tee.none, Accel.kvm),
-    "tdx": (Tee.tdx, Accel.kvm),
-    "sev-snp": (Tee.sev_snp, Accel.kvm),
+SHARED_DAEMON_USER = "libvirt-qemu:kvm"  # --connect: QEMU's user in a per-domain DAC seclabel
+SCENARIOS: dict[str, tuple[Tee, Accel, str | None]] = {
+    "none-tcg": (Tee.none, Accel.tcg, None),
+    "none-kvm": (Tee.none, Accel.kvm, None),
+    "none-kvm-shared": (Tee.none, Accel.kvm, SHARED_DAEMON_USER),
+    "tdx": (Tee.tdx, Accel.kvm, None),
+    "tdx-shared": (Tee.tdx, Accel.kvm, SHARED_DAEMON_USER),
+    "sev-snp": (Tee.sev_snp, Accel.kvm, None),
 }
 CASES = [
     (f"{scenario}-{role}", scenario, role)
@@ -71,9 +75,9 @@ CASES = [
 
 
 def rendered(scenario: str, role: Role) -> str:
-    tee_, accel = SCENARIOS[scenario]
+    tee_, accel, run_as = SCENARIOS[scenario]
     vm = next(v for v in vms_for(tee_) if v.role is role)
-    return render.render_domain(vm, inputs_for(tee_, accel))
+    return render.render_domain(vm, inputs_for(tee_, accel, run_as))
 
 
 def canonical(xml: str | bytes) -> str:
@@ -443,3 +447,29 @@ def test_mixed_cluster_checks_both_tees() -> None:
 def test_backend_registry() -> None:
     assert {t: tee.backend(t).tee for t in Tee} == {t: t for t in Tee}
     assert tee.backend(Tee("sev-snp")).template == "launch_security/sev-snp.xml.j2"
+
+
+def test_shared_daemon_domains_name_an_unprivileged_dac_user() -> None:
+    for scenario, (_tee, _accel, run_as) in SCENARIOS.items():
+        root = tree(rendered(scenario, Role.worker))
+        labels = root.findall("seclabel")
+        if run_as is None:
+            assert labels == []  # a private daemon's qemu.conf names the user
+        else:
+            (label,) = labels
+            assert (label.get("type"), label.get("model"), label.get("relabel")) == (
+                "static",
+                "dac",
+                "yes",
+            )
+            assert label.findtext("label") == run_as and not run_as.startswith("root")
+
+
+def test_a_users_image_boots_from_its_disk() -> None:
+    """--image PATH: no kernel to boot directly, so the domain boots the disk (it rendered
+    <kernel>None</kernel> before, and libvirt refused to start it)."""
+    vm = vms_for(Tee.none)[0]
+    inputs = replace(inputs_for(Tee.none, Accel.tcg), kernel=None, initrd=None)
+    root = tree(render.render_domain(vm, inputs))
+    assert root.find("os/kernel") is None and root.find("os/initrd") is None
+    assert root.find("os/boot").get("dev") == "hd"
