@@ -133,10 +133,31 @@ def qemu_uids(name: str) -> dict[str, int]:
     return uids
 
 
-def assert_nothing_left(name: str) -> None:
-    assert not netns.exists(f"gcvm-{name}"), "the namespace is left"
-    assert not state.cluster_dir(name).exists(), "the cluster folder (overlays, seeds) is left"
-    assert not privatelibvirt.run_dir_for(name).exists(), "the daemon's run folder is left"
+def host_leftovers(name: str) -> list[str]:
+    """Everything a cluster can leave on this host, in words; [] when nothing is left.
+
+    Domains and leases live in the private daemon's folders and processes (the cluster folder,
+    /run/gcvm/NAME, QEMU and dnsmasq naming the cluster); the namespace, the daemons, any host
+    worker of gcvm (an `up` or `run` still running), mounts, the state and its lock file."""
+    found = []
+    if netns.exists(f"gcvm-{name}"):
+        found.append(f"namespace gcvm-{name}")
+    cdir = state.cluster_dir(name)
+    if cdir.exists():
+        inside = sorted(str(p.relative_to(cdir)) for p in cdir.rglob("*"))[:8]
+        found.append(f"cluster folder {cdir} (state, overlays, seeds, leases): {inside}")
+    if state.lock_path(name).exists():
+        found.append(f"lock file {state.lock_path(name)}")
+    if privatelibvirt.run_dir_for(name).exists():
+        found.append(f"daemon run folder {privatelibvirt.run_dir_for(name)}")
     # qemu (-name guest=NAME-...), libvirtd/virtlogd (-p /run/gcvm/NAME/...), dnsmasq
-    # (.../dnsmasq/gcvm-NAME.conf) all name the cluster on their command line
-    assert processes_mentioning(name) == []
+    # (.../dnsmasq/gcvm-NAME.conf) and gcvm itself (--name NAME) all name the cluster
+    found += [f"process {p}" for p in processes_mentioning(name)]
+    with open("/proc/self/mountinfo") as mounts:
+        found += [f"mount {line.split()[4]}" for line in mounts if f"/{name}/" in line]
+    return found
+
+
+def assert_nothing_left(name: str) -> None:
+    left = host_leftovers(name)
+    assert left == [], f"cluster {name} left: {left}"
