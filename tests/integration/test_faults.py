@@ -274,25 +274,33 @@ def test_faults_in_a_running_cluster(gcvm_env: Env) -> None:
         said = " ".join(ran.stderr.split())
         assert ran.returncode == 1 and "exited with status 3" in said, ran.stderr
         time.sleep(2)
-        left = gcvm_env.gcvm("ssh", "worker0", "--name", name, "--", "pgrep", "-f", "sleep 300")
+        left = gcvm_env.gcvm("ssh", "worker0", "--name", name, "--", "pgrep", "-f", "[s]leep 300")
         assert left.returncode == 1, f"the worker's rank still runs: {left.stdout}"
 
-        # the private libvirtd killed while `run bench` runs: the run ends on its own terms
+        # the private libvirtd killed while `run bench` runs, then Ctrl-C: the ranks it started
+        # are stopped in the guests, and `down` still removes everything
         pid = int(state.load(name).private_daemon["libvirtd_pid"])  # type: ignore[index]
         bench = Running(
-            gcvm_env, "run", "bench", "--name", name, "--model", "bert-base",
+            gcvm_env, "run", "bench", "--name", name, "--model", "minilm",
             "--modes", "plain-offload", "--batch", "1", "--seq", "8", "--repeat", "1",
             "--timeout", "300", "--out", str(gcvm_env.home / "results"),
         )  # fmt: skip
         try:
-            bench.wait_for("groupcover launch")
+            bench.wait_for(r"master0: \S+ -m groupcover launch")  # every rank started
             os.kill(pid, signal.SIGKILL)
-            rc = bench.finish(timeout=400)
+            time.sleep(5)
+            bench.signal(signal.SIGINT)
+            rc = bench.finish(timeout=120)
         finally:
             if bench.proc.poll() is None:
                 bench.proc.kill()
-        assert "Traceback" not in bench.text, bench.text
-        print(f"run bench with its daemon killed: exit {rc}")
+        assert rc == 130 and "Traceback" not in bench.text, bench.text
+        time.sleep(2)
+        for vm in ("master0", "worker0"):
+            ranks = gcvm_env.gcvm(
+                "ssh", vm, "--name", name, "--", "pgrep", "-f", "groupcover launch"
+            )
+            assert ranks.returncode == 1, f"{vm} still runs a rank: {ranks.stdout}"
     finally:
         down = gcvm_env.gcvm("down", "--name", name, timeout=180)
     assert down.returncode == 0, down.stderr
