@@ -57,9 +57,10 @@ def _may(st: os.stat_result, uid: int, gids: set[int], bits: tuple[int, int, int
     return bool(st.st_mode & other)
 
 
-def unreachable(path: Path, user: GuestUser) -> Path | None:
-    """The first folder above `path` that `user` cannot search, or `path` itself when it cannot
-    read it; None when it can reach and read the file (libvirt chowns only the file itself)."""
+def unreachable(path: Path, user: GuestUser, *, read: bool = False) -> Path | None:
+    """The first folder above `path` that `user` cannot search (with `read`, also `path` itself
+    when it cannot read it); None when it can reach it. libvirt's DAC driver chowns the file
+    itself (a seed ISO is 0600: it holds the VM's host key), never the folders above it."""
     gids = {user.gid} | {g.gr_gid for g in grp.getgrall() if user.user in g.gr_mem}
     path = path.absolute()
     for folder in reversed(path.parents):
@@ -69,7 +70,7 @@ def unreachable(path: Path, user: GuestUser) -> Path | None:
             return folder
         if not _may(st, user.uid, gids, (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
             return folder
-    if path.exists() and not _may(
+    if read and path.exists() and not _may(
         path.stat(), user.uid, gids, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)
     ):
         return path
@@ -77,7 +78,8 @@ def unreachable(path: Path, user: GuestUser) -> Path | None:
 
 
 def require_reachable(paths: Iterable[Path], user: GuestUser) -> None:
-    """HostUnsupported naming the first file QEMU (as `user`) could not reach."""
+    """HostUnsupported naming the first file QEMU (as `user`) could not reach: a folder above
+    it that the user cannot search."""
     for path in paths:
         blocked = unreachable(path, user)
         if blocked is not None:
