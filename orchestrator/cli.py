@@ -341,7 +341,13 @@ app.command("render")(_render.render_command)
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # In non-standalone mode typer turns Ctrl-C into exit code 130 and `raise typer.Exit(n)`
+        # into n, and returns them instead of exiting: they must not end as exit 0.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            if code == 130:
+                console.print("[red]interrupted[/]")
+            sys.exit(code)
     except GcvmError as exc:
         log.error("%s", exc.message, exc_info=True)
         console.print(f"[red]error:[/] {exc.message}")

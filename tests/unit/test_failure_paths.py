@@ -299,3 +299,27 @@ def test_connect_uri_is_checked_before_connecting(uri: str, fragment: str) -> No
 @pytest.mark.parametrize("uri", ["qemu:///system", "qemu+ssh://root@h/system", "qemu:///session"])
 def test_good_connect_uris_pass(uri: str) -> None:
     assert ClusterSpec(connect=uri).connect == uri
+
+
+# --- Ctrl-C in any command ends with 130, not 0 -----------------------------------------------
+
+
+def test_ctrl_c_in_a_command_exits_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """typer (non-standalone) turns KeyboardInterrupt into a returned 130, which `main` dropped:
+    an interrupted `gcvm run bench` exited 0."""
+    import sys
+
+    from orchestrator import cli
+
+    def interrupted(name: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("GCVM_HOME", str(tmp_path))
+    monkeypatch.setattr(cluster, "status", interrupted)
+    monkeypatch.setattr(sys, "argv", ["gcvm", "status", "--name", "any"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 130
+    assert "interrupted" in capsys.readouterr().err
