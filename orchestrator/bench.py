@@ -21,7 +21,7 @@ from typing import Any
 from orchestrator import paths, report, state
 from orchestrator.errors import GcvmError, Timeout, UsageError
 from orchestrator.remote import Remote, RemoteProcess
-from orchestrator.spec import RankSpec, Role, VmSpec, plan_ranks
+from orchestrator.spec import MAX_TIMEOUT_S, RankSpec, Role, VmSpec, check_timeout, plan_ranks
 from orchestrator.ui import console, out, step
 
 DEFAULT_PORT = 29500
@@ -63,7 +63,8 @@ class BenchSettings:
             ("--batch", self.batch, 1, 1024),
             ("--seq", self.seq, 1, 512),
             ("--repeat", self.repeat, 1, 10_000),
-            ("--rpc-timeout", int(self.rpc_timeout), 10, 86_400),
+            ("--timeout", self.timeout, 1, MAX_TIMEOUT_S),
+            ("--rpc-timeout", self.rpc_timeout, 10, 86_400),
             ("--port", self.port, 1024, 65535),
         ):
             if not lo <= value <= hi:
@@ -280,7 +281,7 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
                     local = results_dir / f"{vm_name}.json"
                     remotes[vm_name].get(f"{guest_dir}/{vm_name}.json", local)
                     runs[vm_name] = json.loads(local.read_text())
-        except KeyboardInterrupt:
+        except BaseException:  # a failed start, a lost connection, Ctrl-C: stop what runs
             running.kill_all()
             raise
         finally:
@@ -320,6 +321,7 @@ def run_exec(
     first, then masters, as the seed's instructions start them."""
     if not any(commands.values()):
         raise UsageError("no command given", hint="gcvm run exec -- CMD ARGS...")
+    check_timeout("--timeout", timeout)
     with state.locked(name):
         st = state.load(name)
         ifnames = {vm.name: vm.ifname for vm in st.vms}

@@ -187,10 +187,10 @@ def up_cmd(
     image: Path | None = typer.Option(
         None, help="A disk image of your own (default: gcvm's built image)."
     ),
-    subnet: str = typer.Option(
-        "192.168.122.0/24",
-        help="IPv4 subnet of the cluster's own "
-        "network (change it next to a daemon's `default` network).",
+    subnet: str | None = typer.Option(
+        None,
+        help="IPv4 subnet of the cluster's own network (default: a free /24 of "
+        "192.168.128.0/17; one that collides with a route, bridge or network is refused).",
     ),
     vcpus: int = typer.Option(1, help="vCPUs per VM."),
     memory: int = typer.Option(2048, help="Memory per VM in MiB."),
@@ -347,7 +347,13 @@ app.add_typer(_attest.broker_app, name="broker")
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # In non-standalone mode typer turns Ctrl-C into exit code 130 and `raise typer.Exit(n)`
+        # into n, and returns them instead of exiting: they must not end as exit 0.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            if code == 130:
+                console.print("[red]interrupted[/]")
+            sys.exit(code)
     except GcvmError as exc:
         log.error("%s", exc.message, exc_info=True)
         console.print(f"[red]error:[/] {exc.message}")
