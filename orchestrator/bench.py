@@ -42,8 +42,9 @@ class BenchSettings:
     seq: int = 128
     repeat: int = 5
     warmup: int = 1
-    seed: int = 0
+    seed: int | None = None  # None: every secret from the guest's CSPRNG
     audit: bool = True
+    verify: bool = False
     port: int = DEFAULT_PORT
     timeout: float = 3600.0  # the whole run, enforced here
     rpc_timeout: float = 600.0  # each rank's rendezvous and per-call deadline (TCG is slow)
@@ -84,8 +85,6 @@ class BenchSettings:
             str(self.repeat),
             "--warmup",
             str(self.warmup),
-            "--seed",
-            str(self.seed),
             "--threads",
             str(threads),
             "--timeout",
@@ -94,8 +93,12 @@ class BenchSettings:
             # machines and its reactor thread spins, taking a third of a guest's vCPU.
             "--force-tcp",
         ]
+        if self.seed is not None:
+            args += ["--seed", str(self.seed)]
         if self.audit:
             args.append("--audit")
+        if self.verify:
+            args.append("--verify")
         if json_path:
             args += ["--json", json_path]
         return tuple(args)

@@ -72,8 +72,15 @@ def run_bench_cmd(
     seq: int = typer.Option(128, help="Sequence length (image side for resnet18)."),
     repeat: int = typer.Option(5, help="Timed forwards per mode."),
     warmup: int = typer.Option(1, help="Untimed forwards per mode first."),
-    seed: int = typer.Option(0, help="Seed of the obfuscation and the masks."),
+    seed: int | None = typer.Option(
+        None,
+        help="Make the secrets reproducible from this seed (benchmarks only: then not secret). "
+        "Default: every secret from the guest's CSPRNG.",
+    ),
     audit: bool = typer.Option(True, help="Inspect every payload sent to a worker for secrets."),
+    verify: bool = typer.Option(
+        False, help="Check every worker result with a secret random vector per layer."
+    ),
     port: int = typer.Option(29500, help="Rendezvous port on master 0."),
     timeout: float = typer.Option(3600.0, help="Seconds before the whole run is stopped."),
     rpc_timeout: float = typer.Option(
@@ -93,6 +100,7 @@ def run_bench_cmd(
         warmup=warmup,
         seed=seed,
         audit=audit,
+        verify=verify,
         port=port,
         timeout=timeout,
         rpc_timeout=rpc_timeout,
