@@ -247,6 +247,8 @@ class StoreClient:
         self._stop = threading.Event()
         self._pinger = threading.Thread(target=self._ping, name="gc-store-ping", daemon=True)
         self.local_address: str = sock.getsockname()[0]
+        # while set, no call may end after it (a slow store cannot stretch an outer deadline)
+        self.until: float | None = None
 
     @classmethod
     def connect(cls, host: str, port: int, deadline: float, timeout_s: float) -> StoreClient:
@@ -263,9 +265,12 @@ class StoreClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return cls(sock, timeout_s)
 
-    def _call(self, op: int, items: list[str], timeout_ms: int = 0) -> tuple[int, list[str]]:
+    def _call(self, op: int, items: list[str], timeout_ms: int = 0,
+              bounded: bool = True) -> tuple[int, list[str]]:  # fmt: skip
         with self._lock:
             deadline = time.monotonic() + self.timeout_s + timeout_ms / 1e3
+            if bounded and self.until is not None:
+                deadline = min(deadline, self.until)
             try:
                 send_all(self._sock, [_pack(op, items, timeout_ms)], deadline)
             except (_Deadline, _Closed):
@@ -305,7 +310,7 @@ class StoreClient:
             if self._lock.acquire(blocking=False):  # a call in progress is a sign of life too
                 self._lock.release()
                 try:
-                    self._call(PING, [])
+                    self._call(PING, [], bounded=False)
                 except StoreError:
                     return
 

@@ -145,6 +145,7 @@ def join(rdv: Rendezvous, role: str, server: Callable[[str], WorkerServer] | Non
             store.close()
         raise _assembly_error(rdv, ": no rendezvous store answered") from None
     membership = Membership(rdv, role, client, {}, store)
+    client.until = deadline + client.interval_s  # the last WAIT's answer may come just after
     try:
         client.join(rdv.rank)
         if role == "worker":
@@ -160,6 +161,7 @@ def join(rdv: Rendezvous, role: str, server: Callable[[str], WorkerServer] | Non
             if found is None:
                 raise _assembly_error(rdv, f"; rank {rank} never joined")
             membership.roles[rank] = found[1]
+        client.until = None
     except StoreError as exc:
         membership.close()
         raise _assembly_error(rdv, f": {exc}") from None
