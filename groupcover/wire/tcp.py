@@ -603,8 +603,10 @@ class _Session:
 
     def serve(self) -> None:
         while True:
-            self._recv(memoryview(self.header), None)  # idle: a master may think for long
-            deadline = time.monotonic() + self.limits.timeout_s
+            view = memoryview(self.header)
+            self._recv(view[:1], None)  # idle: a master may think for long
+            deadline = time.monotonic() + self.limits.timeout_s  # once begun, a message ends
+            self._recv(view[1:], deadline)
             try:
                 header = Header.unpack(self.header)
             except SchemaError as exc:
