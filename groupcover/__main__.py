@@ -48,7 +48,14 @@ def _add_workload(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int, default=1, help="torch intra-op threads in each process")
     add("--json", type=Path, default=None, help="where the master writes its results")
     add("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="RPC and rendezvous timeout (s)")
-    add("--audit", action="store_true", help="record every payload the worker sees")
+    add("--audit", action="store_true", help="check every payload the worker sees (untimed)")
+    add("--audit-forwards", type=int, default=1,
+        help="untimed forwards per mode the audit watches, before the timed ones")  # fmt: skip
+    add(
+        "--verify",
+        action="store_true",
+        help="check every worker result with a secret random vector per layer (Freivalds)",
+    )
     add("--transport", choices=TRANSPORTS, default=DEFAULT_TRANSPORT,
         help="tcp: tensors only, every reply checked (default); torch-rpc: the seed's "
         "torch.distributed.rpc, which lets the worker execute code in the master")  # fmt: skip
@@ -141,6 +148,8 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> RankSettings:
         force_tcp=args.force_tcp,
         timeout_s=args.timeout,
         audit=args.audit,
+        audit_forwards=args.audit_forwards,
+        verify=args.verify,
         threads=args.threads,
         transport=args.transport,
     )
@@ -155,7 +164,9 @@ def _workload_argv(args: argparse.Namespace) -> tuple[str, ...]:
     if args.json is not None:
         argv += ["--json", str(args.json)]
     if args.audit:
-        argv.append("--audit")
+        argv += ["--audit", "--audit-forwards", str(args.audit_forwards)]
+    if args.verify:
+        argv.append("--verify")
     return tuple(argv)
 
 

@@ -1,26 +1,69 @@
 """The payload audit: watch every tensor that leaves the master and flag any secret in it.
 
-`Audit.observe` is a `Transport` observer. The master registers each offloaded layer's plaintext
-weight, bias and `LayerSecret` at setup, and, per call, the plaintext input and the mask it used.
-Checks on `publish` payloads: equal to the plaintext weight, any row with cosine > 0.999 to a row
-of the plaintext weight (this also catches a fused or shuffled copy), or a secret (bias,
-permutation, mixing inverse, restore table) equal to the payload or to one of its rows/columns.
-Checks on `run` payloads: equal to the plaintext input, to `r` or `u`, or to a secret; in masked
-modes also equal to the permuted but unmasked input. Plain offload publishes plaintext weights by
-design, so its report lists leaks; GroupCover's must be empty.
+`Audit.observe` is a `Transport` observer: it sees exactly what the worker sees, under whatever
+layer id the payload travels. The master registers each offloaded layer's plaintext weight, bias
+and `LayerSecret` at setup and, per call, the plaintext input, the input as prepared for the
+published weight and the mask it used (`note_call`). The audit assumes nothing about which layer
+a payload belongs to: every payload is checked against every registered layer.
+
+What it catches (each is a test in tests/unit/test_audit.py with a deliberately broken scheme or
+transport):
+- a plaintext weight, whole or by rows, published or sent as a call payload, under any layer
+  id: rows matched up to a scale and a sign (`direct` signatures), up to a permutation of the
+  columns as well (`sorted` signatures: the sorted magnitudes of a row), as rows or as columns
+  of the payload (a transposed weight), plus a cosine check of each published row against its
+  own layer's rows (near-copies);
+- a secret vector (input permutation, its inverse, bias, the restore tables' columns, the
+  integrity vectors) in any row or column of a payload, up to scale and shift (affine: |Pearson|
+  close to 1), and the mixing matrices or their inverses by rows;
+- in masked modes: a payload equal to the mask or its product, a mask too weak to hide the
+  input (the payload still correlates with the prepared input), a mask used twice;
+- in unmasked modes: the input reaching the worker in the clear or with its features only
+  permuted ("input exposed").
+
+It also measures, per input width, the leakage figure of masked payloads: the largest
+|correlation| between a payload feature and the same feature of the prepared input over every
+audited token, beside the same statistic for independent random data of the same size (the
+noise floor a perfect mask reaches), and the advantage of a simple distinguisher that guesses
+which of two inputs a payload masks by distance.
+
+Cost: the checks run where `observe` runs. `enabled` switches the audit off for the benchmark's
+timed forwards, which then pay one attribute test per payload; audited forwards are separate
+and untimed, and `report()["check_s"]` says what the checks cost.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from groupcover.masks import MaskPair
 from groupcover.scheme import LayerSecret
 
-ROW_COSINE_LIMIT = 0.999
+ROW_COSINE_LIMIT = 0.999  # a published row this close to a plaintext row of its layer is a leak
+EXACT_COSINE = 0.99999  # signature matches are confirmed above this cosine
+AFFINE_LIMIT = 0.9999  # |Pearson| of a payload row/column with a secret vector
+SIGNATURE_TOL = 1e-4
+SHORT_VECTOR = 16  # shorter secret vectors are only matched exactly (correlation means little)
+WEAK_MASK_SIGMAS = 8.0  # payload/input correlation above this many standard errors: weak mask
+NOISE_FLOOR_SEED = 20240721  # the audit's own randomness (signatures, noise floors): not secret
+
+
+class MaskLike(Protocol):
+    r: torch.Tensor
+    u: torch.Tensor
+
+
+@dataclass
+class _Call:
+    plain: torch.Tensor
+    prepared: torch.Tensor
+    mask: MaskLike | None
 
 
 @dataclass
@@ -28,78 +71,305 @@ class _LayerRecord:
     weight: torch.Tensor
     bias: torch.Tensor | None
     secret: LayerSecret
-    mixing: torch.Tensor | None  # the inverse of the kept inverse: the mixing matrices themselves
+    channel_dim: int
+    vectors: dict[str, torch.Tensor]  # secret vectors, float64
+    matrices: dict[str, torch.Tensor]  # (G, k, k) or (rows, k) secret tables, float64
 
 
-@dataclass
-class _Call:
-    plain: torch.Tensor
-    prepared: torch.Tensor
-    mask: MaskPair | None
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    t = _f64(t)
+    return t.reshape(1, -1) if t.dim() <= 1 else t.reshape(t.shape[0], -1)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() != b.numel() or a.numel() == 0:
         return False
-    a = a.detach().reshape(-1).to(torch.float64)
-    b = b.detach().reshape(-1).to(torch.float64)
-    scale = max(float(b.abs().max()), 1e-12)
-    return bool((a - b).abs().max() <= 1e-5 * scale)
+    x, y = _f64(a).reshape(-1), _f64(b).reshape(-1)
+    scale = max(float(y.abs().max()), 1e-12)
+    return bool((x - y).abs().max() <= 1e-5 * scale)
 
 
-def _as_matrix(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().to(torch.float64)
-    return t.reshape(1, -1) if t.dim() <= 1 else t.reshape(t.shape[0], -1)
+def _informative(m: torch.Tensor) -> torch.Tensor:
+    """Rows that can identify something: not (nearly) constant, not zero."""
+    spread = m.amax(dim=1) - m.amin(dim=1)
+    return spread > 1e-9 * m.abs().amax(dim=1).clamp(min=1e-300)
 
 
-def _contains_vector(payload: torch.Tensor, vector: torch.Tensor) -> bool:
-    """The vector equals the payload, or one of its rows or columns (2-D view)."""
-    if vector.numel() < 2 or bool((vector == vector.reshape(-1)[0]).all()):
-        return False  # a constant vector would match any constant row
-    if _close(payload, vector):
-        return True
-    matrix, v = _as_matrix(payload), vector.detach().reshape(-1).to(torch.float64)
-    scale = max(float(v.abs().max()), 1e-12) * 1e-5
-    if matrix.shape[1] == v.numel() and bool(((matrix - v).abs().amax(dim=1) <= scale).any()):
-        return True
-    if matrix.shape[0] == v.numel():
-        return bool(((matrix - v.unsqueeze(1)).abs().amax(dim=0) <= scale).any())
-    return False
+class _SignatureIndex:
+    """Rows of plaintext matrices by two random projections of a canonical form of each row.
+
+    `direct`: the unit row with its sign fixed, so a scaled or negated copy has the same
+    signature. `sorted`: the unit vector of the row's sorted magnitudes, the same for any
+    permutation of its entries. A query row whose signature lies within `SIGNATURE_TOL` of an
+    indexed one is confirmed by the cosine of the canonical vectors themselves.
+    """
+
+    def __init__(self) -> None:
+        self._projections: dict[int, torch.Tensor] = {}
+        # per (kind, width): one sorted table per added matrix (no rebuild when layers join)
+        self._tables: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor, str]]] = {}
+
+    def _projection(self, width: int) -> torch.Tensor:
+        if width not in self._projections:
+            g = torch.Generator().manual_seed(NOISE_FLOOR_SEED + width)
+            self._projections[width] = torch.randn(width, 2, generator=g, dtype=torch.float64)
+        return self._projections[width]
+
+    @staticmethod
+    def canonical(kind: str, rows: torch.Tensor) -> torch.Tensor:
+        if kind == "sorted":
+            rows = rows.abs().sort(dim=1).values
+        unit = F.normalize(rows, dim=1)
+        if kind == "direct":
+            first = unit.gather(1, unit.abs().argmax(dim=1, keepdim=True))
+            unit = unit * torch.where(first < 0, -1.0, 1.0)
+        return unit
+
+    def add(self, label: str, matrix: torch.Tensor) -> None:
+        m = _as_matrix(matrix)
+        m = m[_informative(m)]
+        if m.shape[0] == 0:
+            return
+        for kind in ("direct", "sorted"):
+            canon = self.canonical(kind, m)
+            sig = canon @ self._projection(m.shape[1])
+            order = sig[:, 0].argsort()
+            table = (canon[order], sig[order].contiguous(), label)
+            self._tables.setdefault((kind, m.shape[1]), []).append(table)
+
+    def matches(self, kind: str, rows: torch.Tensor) -> set[str]:
+        """Labels of indexed matrices one of whose rows some query row reproduces."""
+        rows = rows[_informative(rows)] if rows.numel() else rows
+        if rows.shape[0] == 0:
+            return set()
+        tables = self._tables.get((kind, rows.shape[1]))
+        if not tables:
+            return set()
+        query = self.canonical(kind, rows)
+        qsig = query @ self._projection(rows.shape[1])
+        low = (qsig[:, 0] - SIGNATURE_TOL).contiguous()
+        high = (qsig[:, 0] + SIGNATURE_TOL).contiguous()
+        found: set[str] = set()
+        for canon, sig, label in tables:
+            if label in found:
+                continue
+            lo = torch.searchsorted(sig[:, 0].contiguous(), low)
+            hi = torch.searchsorted(sig[:, 0].contiguous(), high)
+            counts = (hi - lo).clamp(min=0)
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            # every (query, candidate) pair of the windows, vectorised: the sorted signatures
+            # of a weight's rows lie close together, so windows can hold many candidates
+            qi = torch.repeat_interleave(torch.arange(len(counts)), counts)
+            starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+            ji = lo[qi] + (torch.arange(total) - starts)
+            near = (sig[ji, 1] - qsig[qi, 1]).abs() <= SIGNATURE_TOL
+            qi, ji = qi[near], ji[near]
+            if qi.numel() and bool(((canon[ji] * query[qi]).sum(dim=1) > EXACT_COSINE).any()):
+                found.add(label)
+        return found
 
 
-def _contains_matrix_rows(payload: torch.Tensor, matrices: torch.Tensor) -> bool:
-    """The payload equals the (G, k, k) matrices, or a payload row equals a non-trivial row."""
-    if _close(payload, matrices):
-        return True
-    k = matrices.shape[-1]
-    if payload.shape[-1] != k or k < 2:
-        return False
-    rows = matrices.reshape(-1, k)
-    rows = rows[(rows != 0).sum(dim=1) > 1]  # identity rows of padded slots match too much
-    candidates = payload.detach().reshape(-1, k).to(torch.float64)
-    if rows.numel() == 0 or candidates.numel() == 0:
-        return False
-    distance = torch.cdist(candidates, rows)
-    scale = rows.abs().amax(dim=1).clamp(min=1e-12)
-    return bool((distance <= 1e-5 * scale).any())
+def _views(payload: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """The payload's rows, and its columns (a transposed copy of something)."""
+    m = _as_matrix(payload)
+    yield "rows", m
+    if m.shape[0] > 1:
+        yield "columns", m.t()
+    if payload.dim() > 2:  # a convolution input: channels are axis 1
+        channels = _f64(payload).movedim(1, -1).reshape(-1, payload.shape[1])
+        yield "channels", channels.t()
 
 
-def _max_row_cosine(payload: torch.Tensor, weight: torch.Tensor) -> float:
-    rows, reference = _as_matrix(payload), _as_matrix(weight)
-    if rows.shape[1] != reference.shape[1]:
-        return 0.0
-    cos = F.normalize(rows.float(), dim=1) @ F.normalize(reference.float(), dim=1).t()
-    return float(cos.abs().max())
+class _SecretBank:
+    """Every registered secret vector by length, centred and normalised, so that one matrix
+    product per payload view finds any row or column that is an affine image of one of them;
+    short vectors and (G, k, k) tables are matched exactly."""
+
+    def __init__(self) -> None:
+        self._vectors: dict[int, list[tuple[torch.Tensor, tuple[str, str]]]] = {}
+        self._tables: dict[int, list[tuple[torch.Tensor, tuple[str, str]]]] = {}
+        self._dense: dict[int, tuple[torch.Tensor, list[tuple[str, str]]]] = {}
+
+    def add_vector(self, owner: str, name: str, vector: torch.Tensor) -> None:
+        v = vector.reshape(-1)
+        if v.numel() < 2 or bool((v == v[0]).all()):
+            return
+        self._vectors.setdefault(v.numel(), []).append((v, (owner, name)))
+        self._dense.pop(v.numel(), None)
+
+    def add_table(self, owner: str, name: str, table: torch.Tensor) -> None:
+        k = table.shape[-1]
+        rows = table.reshape(-1, k)
+        rows = rows[(rows != 0).sum(dim=1) > 1]  # identity rows of padded slots match too much
+        if k >= 2 and rows.numel():
+            self._tables.setdefault(k, []).append((rows, (owner, name)))
+
+    def table_widths(self) -> set[int]:
+        return set(self._tables)
+
+    def _centred(self, n: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+        if n not in self._dense:
+            entries = self._vectors[n]
+            bank = torch.stack([v for v, _ in entries])
+            bank = F.normalize(bank - bank.mean(dim=1, keepdim=True), dim=1)
+            self._dense[n] = (bank, [label for _, label in entries])
+        return self._dense[n]
+
+    def hits(self, m: torch.Tensor) -> set[tuple[str, str]]:
+        n = m.shape[1]
+        entries = self._vectors.get(n)
+        if not entries:
+            return set()
+        found: set[tuple[str, str]] = set()
+        if n < SHORT_VECTOR:
+            for v, label in entries:
+                scale = max(float(v.abs().max()), 1e-12) * 1e-5
+                if bool(((m - v).abs().amax(dim=1) <= scale).any()):
+                    found.add(label)
+            return found
+        bank, labels = self._centred(n)
+        rows = F.normalize(m - m.mean(dim=1, keepdim=True), dim=1)
+        corr = (rows @ bank.t()).abs().amax(dim=0)
+        for j in torch.nonzero(corr > AFFINE_LIMIT).flatten().tolist():
+            found.add(labels[j])
+        return found
+
+    def table_hits(self, payload: torch.Tensor) -> set[tuple[str, str]]:
+        k = payload.shape[-1]
+        candidates = _f64(payload).reshape(-1, k)
+        found: set[tuple[str, str]] = set()
+        for rows, label in self._tables.get(k, []):
+            distance = torch.cdist(candidates, rows)
+            scale = rows.abs().amax(dim=1).clamp(min=1e-12)
+            if bool((distance <= 1e-5 * scale).any()):
+                found.add(label)
+        return found
+
+
+def _flat_features(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    t = _f64(t)
+    if channel_dim != -1 and t.dim() > 2:
+        t = t.movedim(channel_dim, -1)
+    return t.reshape(-1, t.shape[-1])
+
+
+@dataclass
+class _Leakage:
+    """Streaming per-feature correlation of payloads with the prepared inputs, one input width."""
+
+    width: int
+    n: int = 0
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    wins: int = 0
+    trials: int = 0
+
+    def __post_init__(self) -> None:
+        self.sums = torch.zeros(5, self.width, dtype=torch.float64)
+
+    def add(self, payload: torch.Tensor, prepared: torch.Tensor) -> None:
+        p, x = payload, prepared
+        mean_x = x.mean(dim=0)  # centred per batch before summing keeps float64 exact enough
+        mean_p = p.mean(dim=0)
+        pc, xc = p - mean_p, x - mean_x
+        rows = p.shape[0]
+        # pooled co-moments (parallel algorithm): keep sums of centred moments and means
+        self._merge(rows, mean_p, mean_x, (pc * pc).sum(0), (xc * xc).sum(0), (pc * xc).sum(0))
+        if rows > 1:  # distinguisher: is the payload nearer its own input than another one?
+            other = x.roll(1, dims=0)
+            own = (p - x).pow(2).sum(1)
+            alien = (p - other).pow(2).sum(1)
+            self.wins += int((own < alien).sum()) + int((own == alien).sum()) // 2
+            self.trials += rows
+
+    def _merge(self, rows: int, mp: torch.Tensor, mx: torch.Tensor, spp: torch.Tensor,
+               sxx: torch.Tensor, spx: torch.Tensor) -> None:  # fmt: skip
+        s = self.sums  # rows: mean_p, mean_x, M2_p, M2_x, C_px
+        if self.n == 0:
+            s[0], s[1], s[2], s[3], s[4] = mp, mx, spp, sxx, spx
+            self.n = rows
+            return
+        total = self.n + rows
+        dp, dx = mp - s[0], mx - s[1]
+        factor = self.n * rows / total
+        s[2] += spp + dp * dp * factor
+        s[3] += sxx + dx * dx * factor
+        s[4] += spx + dp * dx * factor
+        s[0] += dp * rows / total
+        s[1] += dx * rows / total
+        self.n = total
+
+    def max_abs_correlation(self) -> float:
+        s = self.sums
+        denom = (s[2] * s[3]).sqrt()
+        ok = denom > 0
+        if not bool(ok.any()):
+            return 0.0
+        return float((s[4][ok] / denom[ok]).abs().max())
+
+    def advantage(self) -> float:
+        return 0.0 if self.trials == 0 else abs(2.0 * self.wins / self.trials - 1.0)
+
+
+_FLOORS: dict[tuple[int, int], float] = {}
+
+
+def noise_floor(tokens: int, features: int, chunk: int = 1 << 14) -> float:
+    """The largest |correlation| over `features` pairs of independent Gaussian columns of
+    `tokens` samples: what a perfect mask's leakage figure is at this size (simulated)."""
+    key = (tokens, features)
+    if key not in _FLOORS:
+        g = torch.Generator().manual_seed(NOISE_FLOOR_SEED)
+        stat = _Leakage(features)
+        left = tokens
+        while left > 0:
+            rows = min(chunk, left)
+            a = torch.randn(rows, features, generator=g, dtype=torch.float64)
+            b = torch.randn(rows, features, generator=g, dtype=torch.float64)
+            stat._merge(rows, a.mean(0), b.mean(0), *_centred_moments(a, b))
+            left -= rows
+        _FLOORS[key] = stat.max_abs_correlation()
+    return _FLOORS[key]
+
+
+def _centred_moments(
+    a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    return (ac * ac).sum(0), (bc * bc).sum(0), (ac * bc).sum(0)
+
+
+def _fingerprint(t: torch.Tensor) -> tuple[int, float, float]:
+    flat = _f64(t).reshape(-1)
+    g = torch.Generator().manual_seed(NOISE_FLOOR_SEED)
+    w = torch.rand(flat.numel(), generator=g, dtype=torch.float64)
+    return flat.numel(), float(flat @ w), float(flat.abs().sum())
 
 
 @dataclass
 class Audit:
     mode: str = ""
+    masked: bool | None = None  # None: taken from whether calls carry masks
+    enabled: bool = True
     payloads: int = 0
     bytes: int = 0
+    check_s: float = 0.0
     _layers: dict[str, _LayerRecord] = field(default_factory=dict)
+    _index: _SignatureIndex = field(default_factory=_SignatureIndex)
     _calls: dict[str, _Call] = field(default_factory=dict)
     _leaks: dict[str, int] = field(default_factory=dict)
+    _mask_prints: dict[tuple[int, float, float], str] = field(default_factory=dict)
+    _leakage: dict[int, _Leakage] = field(default_factory=dict)
+    _exposed: set[str] = field(default_factory=set)
+    _audited_calls: int = 0
+    _secret_bank: _SecretBank | None = None
+
+    # ---- what the master tells the audit -----------------------------------------------------
 
     def register_layer(
         self,
@@ -107,77 +377,172 @@ class Audit:
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         secret: LayerSecret,
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        mixing = None if secret.inverse is None else torch.linalg.inv(secret.inverse)
-        self._layers[layer_id] = _LayerRecord(weight.detach(), bias, secret, mixing)
+        """A layer's plaintext and secrets; `extra` names further secret vectors or tables."""
+        w = _f64(weight)
+        vectors: dict[str, torch.Tensor] = {}
+        matrices: dict[str, torch.Tensor] = {}
+        named = {**secret.tensors(), **(extra or {})}
+        if secret.restore_index is not None:
+            named["restore index"] = secret.restore_index
+        if secret.in_perm is not None:
+            named["inverse input permutation"] = torch.argsort(secret.in_perm)
+        if bias is not None:
+            named["bias"] = bias
+        if secret.inverse is not None:
+            named["mixing"] = torch.linalg.inv(_f64(secret.inverse))
+        for name, tensor in named.items():
+            t = _f64(tensor)
+            if t.dim() <= 1:
+                vectors[name] = t.reshape(-1)
+            elif t.dim() == 2 and name.startswith("restore"):
+                matrices[name] = t
+                for j in range(t.shape[1]):
+                    vectors[f"{name} (column {j})"] = t[:, j].contiguous()
+            elif t.dim() == 3 or name.startswith("restore"):
+                matrices[name] = t
+            else:
+                matrices[name] = t
+        self._layers[layer_id] = _LayerRecord(
+            w, bias, secret, secret.channel_dim, vectors, matrices
+        )
+        self._secret_bank = None
+        rows = w.reshape(w.shape[0], -1)
+        self._index.add(f"{layer_id}: plaintext weight rows", rows)
+        if rows.shape[0] > 1:
+            self._index.add(f"{layer_id}: plaintext weight columns", rows.t())
 
     def note_call(
         self,
         layer_id: str,
         plain: torch.Tensor,
         prepared: torch.Tensor,
-        mask: MaskPair | None,
+        mask: MaskLike | None,
     ) -> None:
         """What the next `run` payload of this layer must not reveal."""
-        self._calls[layer_id] = _Call(plain.detach(), prepared.detach(), mask)
+        if self.enabled:
+            self._calls[layer_id] = _Call(plain.detach(), prepared.detach(), mask)
+
+    # ---- the observer --------------------------------------------------------------------------
 
     def observe(self, event: str, layer_id: str, tensor: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        start = time.perf_counter()
         self.payloads += 1
         self.bytes += tensor.numel() * tensor.element_size()
-        record = self._layers.get(layer_id)
-        if record is None:
-            return
-        if event == "publish":
-            self._check_publish(layer_id, tensor, record)
-        elif event == "run":
-            self._check_run(layer_id, tensor, record, self._calls.pop(layer_id, None))
-        self._check_secrets(event, layer_id, tensor, record)
+        call = self._calls.pop(layer_id, None) if event == "run" else None
+        self._check_weights(event, layer_id, tensor)
+        self._check_secrets(event, layer_id, tensor)
+        if event == "run" and call is not None:
+            self._check_call(layer_id, tensor, call)
+        self.check_s += time.perf_counter() - start
 
     def _flag(self, message: str) -> None:
         self._leaks[message] = self._leaks.get(message, 0) + 1
 
-    def _check_publish(self, layer_id: str, payload: torch.Tensor, record: _LayerRecord) -> None:
-        if _close(payload, record.weight):
-            self._flag(f"{layer_id}: published weight equals the plaintext weight")
-            return
-        cosine = _max_row_cosine(payload, record.weight)
-        if cosine > ROW_COSINE_LIMIT:
-            self._flag(
-                f"{layer_id}: a published row matches a plaintext weight row (cos {cosine:.4f})"
-            )
+    def _check_weights(self, event: str, layer_id: str, payload: torch.Tensor) -> None:
+        record = self._layers.get(layer_id)
+        if event == "publish" and record is not None:
+            if _close(payload, record.weight):
+                self._flag(f"{layer_id}: published weight equals the plaintext weight")
+                return
+            cosine = _max_row_cosine(payload, record.weight)
+            if cosine > ROW_COSINE_LIMIT:
+                self._flag(
+                    f"{layer_id}: a published row matches a plaintext weight row (cos {cosine:.4f})"
+                )
+                return
+        for view, m in _views(payload):
+            for kind, how in (("direct", "up to scale"), ("sorted", "up to scale and order")):
+                for label in sorted(self._index.matches(kind, m)):
+                    self._flag(f"{layer_id}: {event} payload {view} reproduce {label} ({how})")
 
-    def _check_run(
-        self, layer_id: str, payload: torch.Tensor, record: _LayerRecord, call: _Call | None
-    ) -> None:
-        if call is None:
-            return
+    def _check_secrets(self, event: str, layer_id: str, payload: torch.Tensor) -> None:
+        views = [m for _, m in _views(payload)]
+        flat = _f64(payload).reshape(1, -1)
+        for view in [*views, flat]:
+            for owner, name in self._bank().hits(view):
+                where = "" if owner == layer_id else f" of layer {owner}"
+                self._flag(f"{layer_id}: {event} payload contains the {name}{where}")
+        if payload.dim() >= 1 and payload.shape[-1] in self._bank().table_widths():
+            for owner, name in self._bank().table_hits(payload):
+                where = "" if owner == layer_id else f" of layer {owner}"
+                self._flag(f"{layer_id}: {event} payload contains rows of the {name}{where}")
+
+    def _bank(self) -> _SecretBank:
+        if self._secret_bank is None:
+            bank = _SecretBank()
+            for owner, record in self._layers.items():
+                for name, vector in record.vectors.items():
+                    bank.add_vector(owner, name, vector)
+                for name, table in record.matrices.items():
+                    bank.add_table(owner, name, table)
+            self._secret_bank = bank
+        return self._secret_bank
+
+    def _check_call(self, layer_id: str, payload: torch.Tensor, call: _Call) -> None:
+        self._audited_calls += 1
+        record = self._layers.get(layer_id)
+        channel_dim = record.channel_dim if record is not None else -1
         if call.mask is None:
+            self._check_unmasked(layer_id, payload, call)
+        else:
+            self._check_masked(layer_id, payload, call)
+        if payload.shape == call.prepared.shape:
+            p = _flat_features(payload, channel_dim)
+            x = _flat_features(call.prepared, channel_dim)
+            stat = self._leakage.setdefault(p.shape[1], _Leakage(p.shape[1]))
+            stat.add(p, x)
+
+    def _check_unmasked(self, layer_id: str, payload: torch.Tensor, call: _Call) -> None:
+        if _close(payload, call.plain):
+            self._exposed.add(layer_id)
+            self._flag(f"{layer_id}: input exposed: run payload is the plaintext input")
             return
+        plain = _as_matrix(call.plain)
+        rows = _as_matrix(payload)
+        if rows.shape[1] == plain.shape[1] and rows.shape[0] == plain.shape[0]:
+            index = _SignatureIndex()
+            index.add("input", plain)
+            if index.matches("sorted", rows):
+                self._exposed.add(layer_id)
+                self._flag(
+                    f"{layer_id}: input exposed: run payload is the input with its features "
+                    "permuted"
+                )
+                return
+        if payload.shape == call.prepared.shape and _correlation(payload, call.prepared) > 0.5:
+            self._exposed.add(layer_id)
+            self._flag(f"{layer_id}: input exposed: run payload correlates with the input")
+
+    def _check_masked(self, layer_id: str, payload: torch.Tensor, call: _Call) -> None:
+        assert call.mask is not None
+        r, u = call.mask.r, call.mask.u
         if _close(payload, call.plain) or _close(payload, call.prepared):
             self._flag(f"{layer_id}: run payload equals the unmasked input")
-        if _close(payload, call.mask.r):
-            self._flag(f"{layer_id}: run payload equals the mask r")
-        if _close(payload, call.mask.u):
+            return
+        if r.shape == payload.shape and _max_abs(payload, r) <= 1e-3 * _max_abs(call.prepared):
+            self._flag(f"{layer_id}: run payload equals the mask r (the input is not in it)")
+        if _close(payload, u):
             self._flag(f"{layer_id}: run payload equals the mask product u")
+        stamp = _fingerprint(r)
+        first = self._mask_prints.get(stamp)
+        if first is not None:
+            self._flag(f"{layer_id}: a mask was used twice (first by {first})")
+        else:
+            self._mask_prints[stamp] = layer_id
+        if payload.shape == call.prepared.shape:
+            corr = _correlation(payload, call.prepared)
+            limit = WEAK_MASK_SIGMAS / math.sqrt(max(payload.numel(), 1))
+            if corr > limit:
+                self._flag(
+                    f"{layer_id}: mask too weak: the run payload correlates with the input "
+                    f"(|r| {corr:.3f} > {limit:.3f})"
+                )
 
-    def _check_secrets(
-        self, event: str, layer_id: str, payload: torch.Tensor, record: _LayerRecord
-    ) -> None:
-        for name, secret in record.secret.tensors().items():
-            if name == "bias" or secret.dim() > 1:
-                found = _close(payload, secret)
-            else:
-                found = _contains_vector(payload, secret)
-            if found:
-                self._flag(f"{layer_id}: {event} payload contains the {name}")
-        if record.bias is not None and _contains_vector(payload, record.bias):
-            self._flag(f"{layer_id}: {event} payload contains the bias")
-        for name, matrices in (
-            ("mixing", record.mixing),
-            ("inverse mixing", record.secret.inverse),
-        ):
-            if matrices is not None and _contains_matrix_rows(payload, matrices):
-                self._flag(f"{layer_id}: {event} payload contains rows of the {name} matrices")
+    # ---- results --------------------------------------------------------------------------------
 
     @property
     def leaks(self) -> list[str]:
@@ -186,10 +551,55 @@ class Audit:
             for message, count in self._leaks.items()
         ]
 
+    def leakage(self) -> list[dict[str, Any]]:
+        """Per input width: the leakage figure of the audited payloads beside its noise floor."""
+        out = []
+        for width, stat in sorted(self._leakage.items()):
+            if stat.n < 3:
+                continue
+            out.append({
+                "features": width,
+                "tokens": stat.n,
+                "max_abs_correlation": stat.max_abs_correlation(),
+                "noise_floor": noise_floor(stat.n, width),
+                "distinguisher_advantage": stat.advantage(),
+                "distinguisher_trials": stat.trials,
+            })  # fmt: skip
+        return out
+
     def report(self) -> dict[str, object]:
+        masked = self.masked
         return {
             "mode": self.mode,
             "payloads": self.payloads,
             "bytes": self.bytes,
             "leaks": self.leaks,
+            "input_exposed": bool(self._exposed),
+            "masked": masked,
+            "audited_calls": self._audited_calls,
+            "check_s": self.check_s,
+            "leakage": self.leakage(),
         }
+
+
+def _max_row_cosine(payload: torch.Tensor, weight: torch.Tensor) -> float:
+    rows, reference = _as_matrix(payload), _as_matrix(weight)
+    if rows.shape[1] != reference.shape[1]:
+        return 0.0
+    cos = F.normalize(rows, dim=1) @ F.normalize(reference, dim=1).t()
+    return float(cos.abs().max())
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    d = _f64(a) if b is None else _f64(a) - _f64(b)
+    return float(d.abs().max()) if d.numel() else 0.0
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|Pearson| of two same-shaped tensors taken as flat samples."""
+    x = _f64(a).reshape(-1)
+    y = _f64(b).reshape(-1)
+    x = x - x.mean()
+    y = y - y.mean()
+    denom = float(x.norm() * y.norm())
+    return 0.0 if denom == 0.0 else abs(float(x @ y) / denom)

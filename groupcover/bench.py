@@ -36,14 +36,6 @@ BASELINE_MODE = "plain-offload"
 MODEL_SEED = 0  # the synthetic models' random weights: fixed, independent of the secrets' seed
 
 
-def secrets_seed(seed: int | None) -> int:
-    """Interim, until `groupcover.rng.SecretRandom` lands (CONTRACTS.md): None draws this run's
-    seed from the OS instead of a fixed one. The protocol code then takes `seed` as it is."""
-    import secrets
-
-    return secrets.randbits(62) if seed is None else seed
-
-
 @dataclass
 class Prepared:
     """The master's plaintext model, its inputs and the reference output."""
@@ -66,7 +58,15 @@ class ModeRun:
     breakdowns: list[dict[str, float]] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
     bytes_moved: list[int] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)  # the master process's CPU time, beside
+    topup_s: list[float] = field(default_factory=list)  # mask generation for the next forward
+    integrity_s: list[float] = field(default_factory=list)  # result checks inside each forward
     output: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        for series in (self.latencies_s, self.breakdowns, self.calls, self.bytes_moved,
+                       self.cpu_s, self.topup_s, self.integrity_s):  # fmt: skip
+            series.clear()
 
 
 def as_tensor(output: Any) -> torch.Tensor:
@@ -106,7 +106,12 @@ def prepare(settings: RankSettings) -> Prepared:
 
 
 def build_mode(
-    prepared: Prepared, mode: str, transport: Transport, seed: int, audit: bool
+    prepared: Prepared,
+    mode: str,
+    transport: Transport,
+    seed: int | None,
+    audit: bool,
+    verify: bool = False,
 ) -> ModeRun:
     """Protects the model for one mode: obfuscate, publish, and fill one mask pair per layer
     for the first forward (offline; with later top-ups, reported as `mask_offline_s`)."""
@@ -121,27 +126,47 @@ def build_mode(
         audit=audit,
         example_inputs=prepared.inputs,
         mask_pool=1,
+        verify=verify,
     )
     module.eval()
     return ModeRun(mode, module, transport, time.perf_counter() - start)
 
 
-def forward_once(run: ModeRun, inputs: tuple[torch.Tensor, ...]) -> None:
+def forward_once(run: ModeRun, inputs: tuple[torch.Tensor, ...], *, timed: bool = True) -> None:
+    """One forward; a timed one records its latency, breakdown and CPU time, then the mask
+    pool is topped up for the next forward (timed apart: it counts in sustained throughput)."""
     timings = run.transport.timings
     timings.reset()
+    checked = _integrity_seconds(run.module)
+    cpu = time.process_time()
     start = time.perf_counter()
     with torch.no_grad():
         output = run.module(*inputs)
     total = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     run.output = as_tensor(output)
-    run.latencies_s.append(total)
-    run.breakdowns.append(timings.breakdown_ms(total))
-    run.calls.append(timings.calls)
-    run.bytes_moved.append(timings.bytes_sent + timings.bytes_received)
-    top_up_masks(run.module, inputs)
+    if timed:
+        run.latencies_s.append(total)
+        run.cpu_s.append(cpu)
+        run.breakdowns.append(timings.breakdown_ms(total))
+        run.calls.append(timings.calls)
+        run.bytes_moved.append(timings.bytes_sent + timings.bytes_received)
+        if checked is not None:
+            run.integrity_s.append((_integrity_seconds(run.module) or 0.0) - checked)
+    start = time.perf_counter()
+    topped = top_up_masks(run.module, inputs)
+    if timed and topped:
+        run.topup_s.append(time.perf_counter() - start)
 
 
-def top_up_masks(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+def _integrity_seconds(module: nn.Module) -> float | None:
+    """The integrity checks' seconds so far (a counter read outside the timed region)."""
+    read = getattr(module, "integrity_stats", None)
+    stats = read() if read is not None else None
+    return None if stats is None else float(stats["seconds"])
+
+
+def top_up_masks(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
     """Offline, between timed forwards: one fresh mask pair per layer for the next forward.
 
     Keeping one pair ahead (instead of a pool for the whole run) bounds the master's memory: a
@@ -150,22 +175,62 @@ def top_up_masks(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     fill = getattr(module, "fill_masks", None)
     if fill is not None and getattr(module, "masks", None) is not None:
         fill(*inputs, pairs=1)
+        return True
+    return False
+
+
+def set_audit(run: ModeRun, enabled: bool) -> None:
+    audit = getattr(run.module, "audit", None)
+    if audit is not None:
+        audit.enabled = enabled
 
 
 def run_interleaved(
-    runs: Sequence[ModeRun], inputs: tuple[torch.Tensor, ...], repeat: int, warmup: int
+    runs: Sequence[ModeRun],
+    inputs: tuple[torch.Tensor, ...],
+    repeat: int,
+    warmup: int,
+    audit_forwards: int = 1,
 ) -> None:
-    """Warm each mode up, then one forward per mode per repetition (round robin)."""
+    """Audited forwards first (untimed: the audit never runs inside a timed forward), then warm
+    each mode up, then one forward per mode per repetition (round robin), the audit off."""
     for run in runs:
+        if getattr(run.module, "audit", None) is not None:
+            set_audit(run, True)
+            for _ in range(max(audit_forwards, 1)):
+                forward_once(run, inputs, timed=False)
+        set_audit(run, False)
         for _ in range(warmup):
-            forward_once(run, inputs)
-        run.latencies_s.clear()
-        run.breakdowns.clear()
-        run.calls.clear()
-        run.bytes_moved.clear()
+            forward_once(run, inputs, timed=False)
+        run.clear()
     for _ in range(repeat):
         for run in runs:
             forward_once(run, inputs)
+
+
+def paired_ratios(run: ModeRun, base: ModeRun) -> list[float]:
+    """Latency ratios of forwards of the same round: slow drifts of a shared host cancel."""
+    return [a / b for a, b in zip(run.latencies_s, base.latencies_s, strict=False) if b > 0]
+
+
+def ratio_summary(ratios: Sequence[float]) -> dict[str, float] | None:
+    if not ratios:
+        return None
+    return {
+        "median": statistics.median(ratios),
+        "p25": _quantile(ratios, 0.25),
+        "p75": _quantile(ratios, 0.75),
+        "pairs": len(ratios),
+    }
+
+
+def median_breakdown(run: ModeRun) -> dict[str, float]:
+    """The parts of the median forward(s): they add up to the median latency itself."""
+    order = sorted(range(len(run.latencies_s)), key=run.latencies_s.__getitem__)
+    n = len(order)
+    middle = [order[n // 2]] if n % 2 else [order[n // 2 - 1], order[n // 2]]
+    keys = run.breakdowns[0].keys()
+    return {k: statistics.fmean(run.breakdowns[i][k] for i in middle) for k in keys}
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -196,7 +261,7 @@ def errors(output: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
 def summarise(run: ModeRun, reference: torch.Tensor, batch: int, seq: int, model: str) -> dict:
     assert run.output is not None, "summarise needs at least one timed forward"
     median_s = statistics.median(run.latencies_s)
-    keys = run.breakdowns[0].keys()
+    topup_s = statistics.median(run.topup_s) if run.topup_s else 0.0
     result: dict[str, Any] = {
         "model": model,
         "mode": run.mode,
@@ -209,8 +274,14 @@ def summarise(run: ModeRun, reference: torch.Tensor, batch: int, seq: int, model
             "min": min(run.latencies_s) * 1e3,  # the least disturbed forward on a shared host
         },
         "throughput": batch / median_s,
+        # what a user sustains: every forward also needs its masks drawn and u = op(r, W'')
+        "mask_generation_ms": topup_s * 1e3,
+        "sustained_throughput": batch / (median_s + topup_s),
+        "cpu_ms": {"median": statistics.median(run.cpu_s) * 1e3} if run.cpu_s else None,
+        # the result checks' share of each forward (inside de-obfuscation), when --verify
+        "integrity_ms": statistics.median(run.integrity_s) * 1e3 if run.integrity_s else None,
         **errors(run.output, reference),
-        "breakdown_ms": {k: statistics.median(b[k] for b in run.breakdowns) for k in keys},
+        "breakdown_ms": median_breakdown(run),
         "repeat": len(run.latencies_s),
         "rpc_calls": int(statistics.median(run.calls)),
         "bytes_per_forward": int(statistics.median(run.bytes_moved)),
@@ -238,6 +309,8 @@ def protocol_facts(module: nn.Module) -> dict[str, Any]:
         "mask_offline_pairs": masks["offline"]["pairs"] if masks else None,
         "mask_online_refill_s": masks["online_refill"]["seconds"] if masks else None,
         "masks": masks,
+        "secrets": facts.get("secrets"),
+        "integrity": facts.get("integrity"),
     }
 
 
@@ -251,9 +324,11 @@ def benchmark(
     seq: int,
     repeat: int,
     warmup: int,
-    seed: int,
+    seed: int | None,
     audit: bool,
     on_progress: Callable[[str], None] | None = None,
+    audit_forwards: int = 1,
+    verify: bool = False,
 ) -> list[dict[str, Any]]:
     """Builds every mode, runs them interleaved, returns one result per mode, closes transports."""
     say = on_progress or (lambda _text: None)
@@ -262,11 +337,11 @@ def benchmark(
     try:
         for mode in modes:
             transports.append(make_transport(mode))
-            runs.append(build_mode(prepared, mode, transports[-1], seed, audit))
+            runs.append(build_mode(prepared, mode, transports[-1], seed, audit, verify))
             layers = protocol_facts(runs[-1].module)["offloaded_layers"]
             say(f"{mode}: {layers} layers offloaded, set up in {runs[-1].setup_s:.1f} s")
         say(f"timing {len(runs)} mode(s): {warmup} warmup + {repeat} interleaved forwards each")
-        run_interleaved(runs, prepared.inputs, repeat, warmup)
+        run_interleaved(runs, prepared.inputs, repeat, warmup, audit_forwards)
     except BaseException:
         for transport in transports:  # the first failure is the one to report
             with contextlib.suppress(GroupCoverError):
@@ -276,6 +351,12 @@ def benchmark(
         transport.close()
     real_batch = real_batch_of(prepared)
     results = [summarise(run, prepared.reference, real_batch, seq, model_name) for run in runs]
+    for run, result in zip(runs, results, strict=True):
+        result["paired_ratios"] = {
+            other.mode: ratio_summary(paired_ratios(run, other))
+            for other in runs
+            if other is not run
+        }
     if real_batch != batch:
         for result in results:
             result["requested_batch"] = batch
@@ -314,9 +395,11 @@ def run_master(
         seq=settings.seq,
         repeat=settings.repeat,
         warmup=settings.warmup,
-        seed=secrets_seed(settings.seed),
+        seed=settings.seed,
         audit=settings.audit,
         on_progress=on_progress,
+        audit_forwards=settings.audit_forwards,
+        verify=settings.verify,
     )
     for result in results:
         result.update(rank=settings.rank, worker=worker, world_size=settings.world_size,
@@ -333,6 +416,9 @@ def run_master(
             "threads": settings.threads,
             "warmup": settings.warmup,
             "seed": settings.seed,
+            "secrets": secrets_label(settings.seed),
+            "verify": settings.verify,
+            "audit_forwards": settings.audit_forwards if settings.audit else 0,
             "model_load_s": prepared.load_s,
             **settings.extra,
         },
@@ -372,7 +458,19 @@ def write_json(document: dict[str, Any], path: Path | None, settings: RankSettin
     return target.resolve()
 
 
+# (numerator, denominator): the ratios the benchmark exists to show
+RATIO_PAIRS = (
+    ("groupcover-nomask", "plain-offload"),  # obfuscation's own overhead, unmasked
+    ("groupcover", "mask-only"),  # obfuscation's own overhead, same hiding masks
+    ("mask-only", "plain-offload"),  # the price of hiding the input
+    ("groupcover", "plain-offload"),
+    ("plain-offload", "tee-only"),  # does offloading pay at all
+)
+
+
 def overheads(results: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """Each mode against plain-offload: the median of ratios of forwards of the same round
+    where the benchmark paired them, else the ratio of medians."""
     base = {
         (r["model"], r["batch"], r["seq"]): r["latency_ms"]["median"]
         for r in results
@@ -380,9 +478,60 @@ def overheads(results: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     }
     out: dict[str, float | None] = {}
     for r in results:
-        ref = base.get((r["model"], r["batch"], r["seq"]))
-        out[r["mode"]] = r["latency_ms"]["median"] / ref if ref else None
+        paired = (r.get("paired_ratios") or {}).get(BASELINE_MODE)
+        if r["mode"] == BASELINE_MODE:
+            out[r["mode"]] = 1.0 if (r["model"], r["batch"], r["seq"]) in base else None
+        elif paired:
+            out[r["mode"]] = paired["median"]
+        else:
+            ref = base.get((r["model"], r["batch"], r["seq"]))
+            out[r["mode"]] = r["latency_ms"]["median"] / ref if ref else None
     return out
+
+
+def ratio_lines(results: Sequence[dict[str, Any]]) -> list[str]:
+    """The headline ratios, each with its spread over the paired forwards (how stable it is)."""
+    by_mode = {r["mode"]: r for r in results}
+    lines = []
+    for top, bottom in RATIO_PAIRS:
+        if top not in by_mode or bottom not in by_mode:
+            continue
+        summary = (by_mode[top].get("paired_ratios") or {}).get(bottom)
+        if not summary:
+            continue
+        lines.append(
+            f"{top} / {bottom} = {summary['median']:.3f} (interquartile "
+            f"{summary['p25']:.3f}-{summary['p75']:.3f} over {summary['pairs']} paired forwards)"
+        )
+    return lines
+
+
+def audit_lines(results: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in results:
+        report = r.get("audit")
+        if not report or r["mode"] == "tee-only":
+            continue
+        leaks = report.get("leaks", [])
+        state = "no leak" if not leaks else f"{len(leaks)} leak(s), e.g. {leaks[0]}"
+        exposed = "input exposed" if report.get("input_exposed") else "input hidden"
+        figures = [
+            f"{row['features']} features x {row['tokens']} tokens: max |corr| "
+            f"{row['max_abs_correlation']:.4f} (noise floor {row['noise_floor']:.4f}), "
+            f"distinguisher advantage {row['distinguisher_advantage']:.4f}"
+            for row in report.get("leakage", [])
+        ]
+        lines.append(
+            f"audit {r['mode']}: {state}; {exposed}; checks took {report.get('check_s', 0):.2f} s "
+            "off the timed path" + (f"; leakage {figures[0]}" if figures else "")
+        )
+    return lines
+
+
+def secrets_label(seed: int | None) -> str:
+    from groupcover.rng import OS_NOTICE, seed_notice
+
+    return OS_NOTICE if seed is None else seed_notice(seed)
 
 
 def print_table(document: dict[str, Any]) -> None:
@@ -399,6 +548,8 @@ def print_table(document: dict[str, Any]) -> None:
         "p10",
         "p90",
         "samples/s",
+        "sustained/s",
+        "masks ms",
         "rel err",
         "vs plain-offload",
         "master",
@@ -414,7 +565,8 @@ def print_table(document: dict[str, Any]) -> None:
         rows.append((
             r["model"], r["mode"], str(r["batch"]), str(r["seq"]),
             f"{lat['median']:.1f}", f"{lat['p10']:.1f}", f"{lat['p90']:.1f}",
-            f"{r['throughput']:.2f}", f"{r['rel_err']:.1e}",
+            f"{r['throughput']:.2f}", f"{r.get('sustained_throughput', r['throughput']):.2f}",
+            f"{r.get('mask_generation_ms', 0.0):.1f}", f"{r['rel_err']:.1e}",
             "-" if ratio[r["mode"]] is None else f"{ratio[r['mode']]:.3f}x",
             f"{parts['master_compute']:.1f}", f"{parts['deobfuscation']:.1f}",
             f"{parts['transfer']:.1f}", f"{parts['worker_compute']:.1f}",
@@ -422,10 +574,25 @@ def print_table(document: dict[str, Any]) -> None:
         ))  # fmt: skip
     print(texttable.render(title, headers, rows, left=2), flush=True)
     settings = document.get("settings", {})
+    notes = [
+        "latency: wall time of a forward with the mask pool full; sustained: samples/s with "
+        "the masks of each forward generated too (masks ms)",
+        *ratio_lines(results),
+        *audit_lines(results),
+    ]
+    for r in results:
+        if r.get("integrity_ms") is not None:
+            share = r["integrity_ms"] / r["latency_ms"]["median"]
+            notes.append(f"integrity check {r['mode']}: {r['integrity_ms']:.1f} ms per forward "
+                         f"({share:.1%} of its latency), every worker result checked")  # fmt: skip
+    if "seed" in settings:
+        notes.append(secrets_label(settings["seed"]))
     if settings.get("transport"):
-        print(f"transport: {settings['transport']}", flush=True)
+        notes.append(f"transport: {settings['transport']}")
     if settings.get("transport_warning"):
-        print(f"WARNING: {settings['transport_warning']}", flush=True)
+        notes.append(f"WARNING: {settings['transport_warning']}")
+    for note in notes:
+        print(note, flush=True)
 
 
 # ---- local front ends ----------------------------------------------------------------------

@@ -50,6 +50,10 @@ class UnknownLayer(WorkerError):
     """A run call named a layer that this master never published to the worker."""
 
 
+class IntegrityError(WorkerError):
+    """A worker's result failed the master's integrity check (a wrong result for a layer)."""
+
+
 def print_error(exc: GroupCoverError) -> None:
     """The one way an expected failure is shown: one line, plus a hint line when there is one."""
     print(f"groupcover: error: {exc.message}", file=sys.stderr, flush=True)

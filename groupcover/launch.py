@@ -54,6 +54,8 @@ class RankSettings:
     force_tcp: bool = False
     timeout_s: float = rpc.DEFAULT_TIMEOUT_S
     audit: bool = False
+    audit_forwards: int = 1  # untimed forwards per mode the audit watches (before the timed ones)
+    verify: bool = False  # check every worker result (Freivalds-style, secret vector per layer)
     threads: int = 1
     init_method: str | None = None  # overrides address and port (file:// on one host)
     transport: str = DEFAULT_TRANSPORT  # "tcp" (tensors only) or "torch-rpc" (the seed's)
@@ -87,6 +89,7 @@ class RankSettings:
         _check_range("--seq", self.seq, 1, MAX_SEQ)
         _check_range("--repeat", self.repeat, 1, 100_000)
         _check_range("--warmup", self.warmup, 0, 100_000)
+        _check_range("--audit-forwards", self.audit_forwards, 1, 100_000)
         _validate_names(self.model, self.modes)
 
     def _validate_target(self) -> None:

@@ -1,9 +1,25 @@
-"""One-time input masks (Slalom-style): a pool of `(r, u = op(r, W''))` pairs per layer and shape.
+"""One-time input masks that hide: a pool of `(r, u = op(r, W''))` pairs per layer and shape.
 
 The master blinds the (permuted) input with a fresh `r` before the call and subtracts `u` from the
-result. `u` is computed here, in the master, from the copy of the published weight it keeps for
-this purpose alone; the worker never computes or sees it. Each pair is popped out of its pool on
-use, so no pair can serve twice. Filling ahead of time is the offline cost (`stats()["offline"]`).
+result. Masks are real-valued and huge: `r` is uniform on [-R, R) in float64 with
+R = 2^MASK_BITS x B, where B is a power-of-two bound on the layer's input, set once per layer from
+calibration (the example inputs the pool is filled with, or the first live input) unless given.
+Against a uniform mask that large, the payload `x + r` of an input with |x| <= B is within
+statistical distance |x - x'| / (2R) <= 2^-MASK_BITS of the payload of any other input x', per
+element: the payload says nothing usable about x. The input is first rounded to the masks' grid
+(`encode`: fixed point with step R / 2^52, as in Slalom but carried in float64), so that
+`x + r` is exact and its low bits say nothing either, and the sum is reduced mod 2R into
+[-R, R) (`blind`): the payload is then exactly uniform on that grid, independent of x, like
+Slalom's masks mod p (the master adds back 2R op(k, W'') for the rare wrapped elements k).
+To keep the result exact, masked layers are
+published and computed in float64: the worker's `y_b = op(x + r, W'')` and the master's `u` are
+float64, and `y_b - u` keeps 53 - MASK_BITS bits of the product, far more than float32's 24.
+
+`u` is computed here, in the master, from the copy of the published weight it keeps for this
+purpose alone; the worker never computes or sees it. Each pair is popped out of its pool on
+`take`, and the pair itself hands out its tensors once (`MaskPair.consume`; a second call raises
+`MaskReused`): no pair can serve twice. Filling ahead of time is the offline cost
+(`stats()["offline"]`): drawing r and the full local product u = op(r, W'') per pair.
 
 When a pool runs dry the policy decides: `refill` (default) draws a fresh pair synchronously and
 counts its time as online cost (`stats()["online_refill"]`); `error` raises `MaskPoolExhausted`.
@@ -11,6 +27,7 @@ counts its time as online cost (`stats()["online_refill"]`); `error` raises `Mas
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,10 +36,14 @@ from enum import StrEnum
 import torch
 
 from groupcover.errors import GroupCoverError
+from groupcover.rng import SecretRandom
 from groupcover.transport import LayerOp
 from groupcover.worker import apply_op
 
-DEFAULT_MASK_SCALE = 1.0
+MASK_BITS = 24  # R = 2^24 x the input bound: per-element statistical distance <= 2^-24
+DEFAULT_INPUT_BOUND = 64.0  # B when a layer was never calibrated (a power of two)
+MASK_DTYPE = torch.float64
+DEFAULT_MASK_SCALE = 1.0  # a multiplier of R (tests set 0 to model a broken mask)
 
 
 class MaskPolicy(StrEnum):
@@ -34,10 +55,37 @@ class MaskPoolExhausted(GroupCoverError):
     """A layer needed a mask for an input shape whose pool was empty, under the `error` policy."""
 
 
-@dataclass(frozen=True)
+class MaskReused(GroupCoverError):
+    """A mask pair was asked for its tensors a second time: a one-time mask used twice."""
+
+
 class MaskPair:
-    r: torch.Tensor  # added to the permuted input
-    u: torch.Tensor  # op(r, W''), subtracted from the worker's result
+    """One one-time mask: `r` (added to the permuted input) and `u = op(r, W'')` (subtracted from
+    the worker's result). `consume()` hands them out once; `r`/`u` stay readable for audits."""
+
+    __slots__ = ("_used", "r", "u")
+
+    def __init__(self, r: torch.Tensor, u: torch.Tensor) -> None:
+        self.r = r
+        self.u = u
+        self._used = False
+
+    @property
+    def used(self) -> bool:
+        return self._used
+
+    def consume(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._used:
+            raise MaskReused(
+                "a one-time mask pair was used twice",
+                hint="take a fresh pair from the pool for every call",
+            )
+        self._used = True
+        return self.r, self.u
+
+    def __repr__(self) -> str:
+        state = "used" if self._used else "fresh"
+        return f"MaskPair({tuple(self.r.shape)}, {self.r.dtype}, {state})"
 
 
 @dataclass
@@ -59,32 +107,128 @@ class _Cost:
 class _Layer:
     weight: torch.Tensor  # the published W'' (the master's copy, for u only)
     op: LayerOp
+    bound: float | None  # B: a power of two >= |input| on calibration; None until set
+    calibrated: bool = False
     pools: dict[tuple[int, ...], deque[MaskPair]] = field(default_factory=dict)
+
+
+def power_of_two_at_least(value: float) -> float:
+    """The smallest power of two >= value (value > 0), so that scaling by it is exact."""
+    return 2.0 ** math.ceil(math.log2(value))
+
+
+def _dense_layout(t: torch.Tensor) -> bool:
+    """Dense and non-overlapping: its strides are a permutation of a contiguous layout's."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda p: p[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class MaskPool:
     def __init__(
         self,
-        generator: torch.Generator,
+        rng: SecretRandom,
         policy: MaskPolicy | str = MaskPolicy.REFILL,
         scale: float = DEFAULT_MASK_SCALE,
+        *,
+        bits: int = MASK_BITS,
     ) -> None:
-        self.generator = generator
+        self.rng = rng
         self.policy = MaskPolicy(policy)
         self.scale = scale
+        self.bits = bits
         self._layers: dict[str, _Layer] = {}
         self._offline = _Cost()
         self._online = _Cost()
         self._used = 0
 
-    def register(self, layer_id: str, published_weight: torch.Tensor, op: LayerOp) -> None:
-        self._layers[layer_id] = _Layer(published_weight.detach().clone(), op)
+    def register(
+        self,
+        layer_id: str,
+        published_weight: torch.Tensor,
+        op: LayerOp,
+        *,
+        bound: float | None = None,
+    ) -> None:
+        """A layer whose inputs get masks; `bound` (else calibrated) bounds its |input|."""
+        kept = bound if bound is None else power_of_two_at_least(bound)
+        weight = published_weight.detach().to(MASK_DTYPE, copy=True)
+        self._layers[layer_id] = _Layer(weight, op, kept, calibrated=bound is not None)
 
     def published_weight(self, layer_id: str) -> torch.Tensor:
         return self._layers[layer_id].weight
 
     def layer_ids(self) -> list[str]:
         return list(self._layers)
+
+    def bound(self, layer_id: str) -> float | None:
+        return self._layers[layer_id].bound
+
+    def mask_range(self, layer_id: str) -> float:
+        """R: masks of this layer are uniform on [-R, R)."""
+        layer = self._layers[layer_id]
+        bound = DEFAULT_INPUT_BOUND if layer.bound is None else layer.bound
+        return self.scale * 2.0**self.bits * bound
+
+    def quantum(self, layer_id: str) -> float:
+        """delta = R / 2^52: the grid of every mask value (and of every encoded input)."""
+        return self.mask_range(layer_id) * 2.0**-52
+
+    def encode(self, layer_id: str, x: torch.Tensor) -> torch.Tensor:
+        """x in float64 rounded to the masks' grid (fixed point with step delta), x's layout.
+
+        `encode(x) + r` is then exact, and every payload value is a multiple of delta: without
+        this, the payload's low bits would carry `x mod delta` wherever |x + r| < R / 2 (a
+        finer float grid there), telling the worker, for one, which inputs are exactly zero.
+        The rounding error, at most delta / 2 = B x 2^-(53 - MASK_BITS), is below the float64
+        product's own rounding.
+        """
+        shift = 1.5 * self.mask_range(layer_id)  # x + shift lies in [R, 2R): float step delta
+        encoded = x.to(MASK_DTYPE, copy=True)
+        if shift == 0:
+            return encoded
+        return encoded.add_(shift).sub_(shift)
+
+    def blind(
+        self, layer_id: str, x: torch.Tensor, r: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The payload x_b = (enc(x) + r) reduced into [-R, R) (mod 2R), and the wraps k.
+
+        enc(x) + r is exact and lies in [-R - B, R + B); the few elements outside [-R, R)
+        (probability about |x| / 2R each) are moved back by -2R k, k an integer (+-1 unless
+        an input exceeds R). The payload is
+        then exactly uniform on the grid of [-R, R), whatever x is: no edge of the mask's range
+        bounds an input. The master adds 2R op(k, W'') back (`correction`). k is None when
+        nothing wrapped, as on almost every call (one pass over the payload to find out).
+        """
+        payload = self.encode(layer_id, x).add_(r)
+        radius = self.mask_range(layer_id)
+        if radius == 0 or float(torch.linalg.vector_norm(payload, ord=float("inf"))) < radius:
+            return payload, None
+        k = payload.add(radius).mul_(0.5 / radius).floor_()  # exact: powers of two
+        payload.sub_(k * (2 * radius))
+        return payload, k
+
+    def correction(self, layer_id: str, k: torch.Tensor) -> torch.Tensor:
+        """2R op(k, W''): what the wraps took out of op(x_b, W''), to add back (float64)."""
+        layer = self._layers[layer_id]
+        with torch.no_grad():
+            return apply_op(layer.op, k, layer.weight).mul_(2 * self.mask_range(layer_id))
+
+    def calibrate(self, layer_id: str, x: torch.Tensor) -> None:
+        """Sets the layer's input bound from an input, once (later calls keep it: R must not
+        follow each input, or the payload's scale would tell the worker about it)."""
+        layer = self._layers[layer_id]
+        if layer.calibrated:
+            return
+        peak = float(x.detach().abs().max()) if x.numel() else 0.0
+        layer.bound = power_of_two_at_least(max(peak, 2.0**-20))
+        layer.calibrated = True
 
     def available(self, layer_id: str, shape: tuple[int, ...]) -> int:
         pool = self._layers[layer_id].pools.get(tuple(shape))
@@ -96,18 +240,27 @@ class MaskPool:
         """Offline: add `pairs` fresh pairs for inputs of `shape` to the layer's pool.
 
         With `like` (an input of that shape), `r` takes its memory layout, so that adding the
-        mask to a features-first input is a plain elementwise pass.
+        mask to a features-first input is a plain elementwise pass; `like` also calibrates the
+        layer's input bound if it has none.
         """
         layer = self._layers[layer_id]
+        if like is not None:
+            self.calibrate(layer_id, like)
         pool = layer.pools.setdefault(tuple(shape), deque())
         for _ in range(pairs):
             start = time.perf_counter()
-            pair = self._draw(layer, tuple(shape), like)
+            pair = self._draw(layer_id, tuple(shape), like)
             self._offline.add(time.perf_counter() - start, pair)
             pool.append(pair)
 
-    def take(self, layer_id: str, shape: tuple[int, ...]) -> MaskPair:
-        """A pair that was never handed out before; it leaves the pool for good."""
+    def take(
+        self, layer_id: str, shape: tuple[int, ...], x: torch.Tensor | None = None
+    ) -> MaskPair:
+        """A pair that was never handed out before; it leaves the pool for good.
+
+        `x` (the input the mask is for) calibrates a layer that has no bound yet, and gives a
+        pair drawn online its memory layout.
+        """
         layer = self._layers[layer_id]
         pool = layer.pools.get(tuple(shape))
         if pool:
@@ -119,19 +272,23 @@ class MaskPool:
                 hint="fill more pairs per layer ahead of time, or use the 'refill' policy",
             )
         start = time.perf_counter()
-        pair = self._draw(layer, tuple(shape))
+        if x is not None:
+            self.calibrate(layer_id, x)
+        pair = self._draw(layer_id, tuple(shape), x)
         self._online.add(time.perf_counter() - start, pair)
         self._used += 1
         return pair
 
     def _draw(
-        self, layer: _Layer, shape: tuple[int, ...], like: torch.Tensor | None = None
+        self, layer_id: str, shape: tuple[int, ...], like: torch.Tensor | None = None
     ) -> MaskPair:
-        if like is None or like.is_contiguous():
-            r = torch.randn(shape, generator=self.generator, dtype=layer.weight.dtype)
+        layer = self._layers[layer_id]
+        bound = self.mask_range(layer_id)
+        flat = self.rng.uniform(math.prod(shape), -bound, bound, dtype=MASK_DTYPE)
+        if like is not None and tuple(like.shape) == shape and _dense_layout(like):
+            r = flat.as_strided(shape, like.stride())  # iid entries: any dense layout will do
         else:
-            r = torch.empty_like(like, dtype=layer.weight.dtype).normal_(generator=self.generator)
-        r.mul_(self.scale)
+            r = flat.view(shape)
         with torch.no_grad():
             u = apply_op(layer.op, r, layer.weight)
         return MaskPair(r, u)
@@ -144,4 +301,7 @@ class MaskPool:
             "online_refill": self._online.as_dict(),
             "used": self._used,
             "left": left,
+            "mask_bits": self.bits,
+            "dtype": str(MASK_DTYPE).removeprefix("torch."),
+            "input_bounds": {name: layer.bound for name, layer in self._layers.items()},
         }

@@ -89,17 +89,20 @@ def build_for_mode(
     model: nn.Module,
     mode: str,
     transport: Transport,
-    seed: int,
+    seed: int | None = None,
     *,
     k: int = 4,
     mask_pool: int = DEFAULT_MASK_POOL,
     audit: bool = False,
     example_inputs: Sequence[torch.Tensor] | None = None,
     mask_policy: MaskPolicy | str = MaskPolicy.REFILL,
+    verify: bool = False,
 ) -> nn.Module:
     """The model as `mode` runs it; every returned module has `.layers`, `.masks` and `.audit`.
 
     `example_inputs` (forward arguments) fill the mask pools ahead of time in masked modes.
+    `seed` None draws every secret from the OS CSPRNG; a seed makes them reproducible (and not
+    secret). `verify` checks every result of the worker (`groupcover.integrity`).
     """
     chosen = parse_mode(mode)
     scheme, masked = mode_settings(chosen)
@@ -121,4 +124,5 @@ def build_for_mode(
         example_inputs=example_inputs if masked else None,
         mask_policy=mask_policy,
         mode=str(chosen),
+        verify=verify,
     )

@@ -23,14 +23,14 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from groupcover.scheme import LayerSecret
+from groupcover.rng import SecretRandom
+from groupcover.transport import LayerOp
+from groupcover.worker import apply_op
 
 DEFAULT_COND_BOUND = 100.0  # about 11% of 4x4 draws from 1..99 are redrawn
 MIX_LOW, MIX_HIGH = 1, 99  # the paper's integer entries
@@ -87,17 +87,18 @@ def _pair_round(units: list[list[int]], vectors: np.ndarray) -> tuple[list[list[
 
 
 def draw_mixing(
-    count: int, size: int, generator: torch.Generator, cond_bound: float = DEFAULT_COND_BOUND
+    count: int, size: int, rng: SecretRandom, cond_bound: float = DEFAULT_COND_BOUND
 ) -> torch.Tensor:
-    """`count` dense (size x size) integer matrices from 1..99, each with cond <= cond_bound."""
+    """`count` dense (size x size) integer matrices from 1..99, each with cond <= cond_bound.
+
+    Entries are uniform (unbiased) from the secret generator; a rejected draw is redrawn whole.
+    """
     mixing = torch.empty(count, size, size, dtype=torch.float64)
     todo = torch.arange(count)
     for _ in range(_MAX_REDRAWS):
         if todo.numel() == 0:
             return mixing
-        draw = torch.randint(
-            MIX_LOW, MIX_HIGH + 1, (todo.numel(), size, size), generator=generator
-        ).to(torch.float64)
+        draw = rng.integers(MIX_LOW, MIX_HIGH + 1, (todo.numel(), size, size)).to(torch.float64)
         mixing[todo] = draw
         cond = torch.linalg.cond(draw)
         todo = todo[~(cond <= cond_bound)]  # also redraws singular draws (cond inf or nan)
@@ -111,16 +112,14 @@ def pad_groups(groups: list[list[int]], k: int) -> torch.Tensor:
     return torch.from_numpy(padded)
 
 
-def draw_group_mixing(
-    groups: torch.Tensor, generator: torch.Generator, cond_bound: float
-) -> torch.Tensor:
+def draw_group_mixing(groups: torch.Tensor, rng: SecretRandom, cond_bound: float) -> torch.Tensor:
     """(G, k, k) mixing: a dense bounded matrix on each group's rows, identity on the padding."""
     n_groups, k = groups.shape
     sizes = (groups >= 0).sum(dim=1)
     mixing = torch.eye(k, dtype=torch.float64).repeat(n_groups, 1, 1)
     for size in sorted(set(sizes.tolist())):
         members = torch.nonzero(sizes == size).flatten()
-        block = draw_mixing(members.numel(), size, generator, cond_bound)
+        block = draw_mixing(members.numel(), size, rng, cond_bound)
         mixing[members, :size, :size] = block
     return mixing
 
@@ -128,18 +127,20 @@ def draw_group_mixing(
 def obfuscate_layer(
     weight: torch.Tensor,
     k: int,
-    generator: torch.Generator,
+    rng: SecretRandom,
     cond_bound: float = DEFAULT_COND_BOUND,
 ) -> ObfuscatedLayer:
+    """Group (a public function of the weight), mix each group and permute the input features,
+    both from the secret generator `rng`."""
     out_features, in_features = weight.shape[0], weight.shape[1]
     rows = weight.reshape(out_features, -1).to(torch.float64)
     groups = pad_groups(group_rows(rows, k), k)
-    mixing = draw_group_mixing(groups, generator, cond_bound)
+    mixing = draw_group_mixing(groups, rng, cond_bound)
     valid = groups >= 0
     stacked = rows[groups.clamp(min=0)]  # (G, k, row)
     mixed_rows = torch.empty_like(rows)
     mixed_rows[groups[valid]] = torch.bmm(mixing, stacked)[valid]
-    in_perm = torch.randperm(in_features, generator=generator)
+    in_perm = rng.randperm(in_features)
     mixed = mixed_rows.reshape(weight.shape)
     published = mixed.index_select(1, in_perm).to(torch.float32).contiguous()
     inverse = torch.linalg.inv(mixing)
@@ -169,23 +170,43 @@ def restore_tables(
 
 def demix(
     y: torch.Tensor,
-    secret: LayerSecret,
+    index: torch.Tensor,
+    coef: torch.Tensor,
+    bias: torch.Tensor | None,
+    channel_dim: int,
     mask_u: torch.Tensor | None = None,
     *,
     features_first_out: bool = False,
 ) -> torch.Tensor:
     """The layer's output from the worker's result: unmask, de-mix and add the bias.
 
-    Linear results are gathered from features-first memory (what the worker's transposed op
-    returns; a row-major result is transposed first). With `features_first_out` the result stays
-    features-first (a transposed view, shape `(..., out)`), else it is made row-major with one
-    blocked transpose. Convolution results (N, C, *spatial) already hold one row per channel.
+    `index`/`coef` are the `restore_tables`; `channel_dim` is -1 for linear results, 1 for
+    convolutions. Linear results are gathered from features-first memory (what the worker's
+    transposed op returns; a row-major result is transposed first). With `features_first_out`
+    the result stays features-first (a transposed view, shape `(..., out)`), else it is made
+    row-major with one blocked transpose. Convolution results (N, C, *spatial) already hold one
+    row per channel.
     """
-    assert secret.restore_index is not None and secret.restore_coef is not None
-    if secret.channel_dim == -1:
-        index, coef = secret.restore_index, secret.restore_coef
-        return _demix_last(y, index, coef, secret.bias, mask_u, features_first_out)
-    return _demix_channels(y, secret.restore_index, secret.restore_coef, secret.bias, mask_u)
+    if channel_dim == -1:
+        return _demix_last(y, index, coef, bias, mask_u, features_first_out)
+    return _demix_channels(y, index, coef, bias, mask_u)
+
+
+def permute_input(x: torch.Tensor, perm: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """x with its features permuted (`x[..., perm]` on `channel_dim`), in x's own memory layout.
+
+    A features-first input (a restored linear output, or an elementwise function of one) is
+    permuted by whole contiguous rows; a row-major one by a 2-D column gather, several times
+    faster than an N-D one.
+    """
+    if channel_dim != -1:
+        return x.index_select(channel_dim, perm)
+    table = features_first(x)
+    if table is not None and not x.is_contiguous():
+        permuted = table.index_select(0, perm)
+        return permuted.t().view(x.shape)
+    flat = x.reshape(-1, x.shape[-1]).index_select(1, perm)
+    return flat.view(x.shape)
 
 
 def features_first(y: torch.Tensor) -> torch.Tensor | None:
@@ -293,29 +314,37 @@ def bench_deobfuscation(
     time, else wall time. Runs with `threads` torch threads
     and puts the previous setting back.
     """
-    from groupcover.scheme import GroupCoverScheme
-    from groupcover.transport import LayerOp
-    from groupcover.worker import apply_op
-
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        generator = torch.Generator().manual_seed(seed)
-        scheme = GroupCoverScheme(k=k)
+        generator = torch.Generator().manual_seed(seed)  # the layer's data, not a secret
+        rng = SecretRandom.from_seed(seed)  # a benchmark: reproducible secrets
+        op = LayerOp("linear", params={"transposed": 1})  # GroupCoverScheme.worker_op
         results = []
         for in_features, out_features in shapes:
             weight = torch.randn(out_features, in_features, generator=generator)
             bias = torch.randn(out_features, generator=generator)
             x = torch.randn(batch, seq, in_features, generator=generator)
-            published, secret = scheme.obfuscate(weight, bias, generator)
-            x_p = scheme.prepare_input(x, secret)
-            y = apply_op(scheme.worker_op(LayerOp("linear")), x_p, published)
+            layer = obfuscate_layer(weight, k, rng.spawn(f"{in_features}x{out_features}"))
+            index, coef = restore_tables(layer.groups, layer.inverse)
+            x_p = permute_input(x, layer.in_perm, -1)
+            y = apply_op(op, x_p, layer.published)
+
+            def restore(
+                features_first: bool,
+                y: torch.Tensor = y,
+                index: torch.Tensor = index,
+                coef: torch.Tensor = coef,
+                bias: torch.Tensor = bias,
+            ) -> torch.Tensor:
+                return demix(y, index, coef, bias, -1, features_first_out=features_first)
+
             linear_ms, restore_ms, restore_ff_ms, prepare_ms = _interleaved_ms(
                 [
                     functools.partial(F.linear, x, weight, bias),
-                    functools.partial(scheme.restore, y, secret),
-                    functools.partial(scheme.restore, y, secret, features_first=True),
-                    functools.partial(scheme.prepare_input, x, secret),
+                    functools.partial(restore, False),
+                    functools.partial(restore, True),
+                    functools.partial(permute_input, x, layer.in_perm, -1),
                 ],
                 repeat,
                 _clock(threads),

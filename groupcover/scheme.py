@@ -15,6 +15,7 @@ import torch
 
 from groupcover import obfuscate
 from groupcover.errors import UsageError
+from groupcover.rng import SecretRandom
 from groupcover.transport import LayerOp, OpKind
 
 
@@ -84,9 +85,12 @@ class Scheme(ABC):
 
     @abstractmethod
     def obfuscate(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, generator: torch.Generator
+        self, weight: torch.Tensor, bias: torch.Tensor | None, rng: SecretRandom
     ) -> tuple[torch.Tensor, LayerSecret]:
-        """Offline: the weight to publish (same shape as `weight`) and the layer's secrets."""
+        """Offline: the weight to publish (same shape as `weight`) and the layer's secrets.
+
+        Every random secret is drawn from `rng` (never a torch or numpy generator).
+        """
 
     @abstractmethod
     def prepare_input(self, x: torch.Tensor, secret: LayerSecret) -> torch.Tensor:
@@ -122,7 +126,7 @@ class IdentityScheme(Scheme):
     name = "identity"
 
     def obfuscate(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, generator: torch.Generator
+        self, weight: torch.Tensor, bias: torch.Tensor | None, rng: SecretRandom
     ) -> tuple[torch.Tensor, LayerSecret]:
         kept = None if bias is None else bias.detach().clone()
         secret = LayerSecret(channel_dim_of(weight), weight.shape[0], bias=kept)
@@ -156,11 +160,9 @@ class GroupCoverScheme(Scheme):
         self.cond_bound = cond_bound
 
     def obfuscate(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, generator: torch.Generator
+        self, weight: torch.Tensor, bias: torch.Tensor | None, rng: SecretRandom
     ) -> tuple[torch.Tensor, LayerSecret]:
-        layer = obfuscate.obfuscate_layer(
-            weight.detach(), self.k, generator, cond_bound=self.cond_bound
-        )
+        layer = obfuscate.obfuscate_layer(weight.detach(), self.k, rng, cond_bound=self.cond_bound)
         kept = None if bias is None else bias.detach().to(torch.float32).clone()
         index, coef = obfuscate.restore_tables(layer.groups, layer.inverse)
         secret = LayerSecret(
@@ -182,21 +184,9 @@ class GroupCoverScheme(Scheme):
         return replace(op, params={**op.params, "transposed": 1})
 
     def prepare_input(self, x: torch.Tensor, secret: LayerSecret) -> torch.Tensor:
-        """x with its features permuted, in x's own memory layout.
-
-        A features-first input (a restored linear output, or an elementwise function of one)
-        is permuted by whole contiguous rows; a row-major one by a 2-D column gather, several
-        times faster than an N-D one.
-        """
+        """x with its features permuted, in x's own memory layout."""
         assert secret.in_perm is not None
-        if secret.channel_dim != -1:
-            return x.index_select(secret.channel_dim, secret.in_perm)
-        table = obfuscate.features_first(x)
-        if table is not None and not x.is_contiguous():
-            permuted = table.index_select(0, secret.in_perm)
-            return permuted.t().view(x.shape)
-        flat = x.reshape(-1, x.shape[-1]).index_select(1, secret.in_perm)
-        return flat.view(x.shape)
+        return obfuscate.permute_input(x, secret.in_perm, secret.channel_dim)
 
     def restore(
         self,
@@ -206,7 +196,16 @@ class GroupCoverScheme(Scheme):
         *,
         features_first: bool = False,
     ) -> torch.Tensor:
-        return obfuscate.demix(y, secret, mask_u, features_first_out=features_first)
+        assert secret.restore_index is not None and secret.restore_coef is not None
+        return obfuscate.demix(
+            y,
+            secret.restore_index,
+            secret.restore_coef,
+            secret.bias,
+            secret.channel_dim,
+            mask_u,
+            features_first_out=features_first,
+        )
 
 
 SCHEMES: dict[str, type[Scheme]] = {

@@ -21,7 +21,7 @@ from typing import Any
 from orchestrator import paths, report, state
 from orchestrator.errors import GcvmError, Timeout, UsageError
 from orchestrator.remote import Remote, RemoteProcess
-from orchestrator.spec import RankSpec, Role, VmSpec, plan_ranks
+from orchestrator.spec import MAX_TIMEOUT_S, RankSpec, Role, VmSpec, check_timeout, plan_ranks
 from orchestrator.ui import console, out, step
 
 DEFAULT_PORT = 29500
@@ -42,8 +42,9 @@ class BenchSettings:
     seq: int = 128
     repeat: int = 5
     warmup: int = 1
-    seed: int = 0
+    seed: int | None = None  # None: every secret from the guest's CSPRNG
     audit: bool = True
+    verify: bool = False
     port: int = DEFAULT_PORT
     timeout: float = 3600.0  # the whole run, enforced here
     rpc_timeout: float = 600.0  # each rank's rendezvous and per-call deadline (TCG is slow)
@@ -63,7 +64,8 @@ class BenchSettings:
             ("--batch", self.batch, 1, 1024),
             ("--seq", self.seq, 1, 512),
             ("--repeat", self.repeat, 1, 10_000),
-            ("--rpc-timeout", int(self.rpc_timeout), 10, 86_400),
+            ("--timeout", self.timeout, 1, MAX_TIMEOUT_S),
+            ("--rpc-timeout", self.rpc_timeout, 10, 86_400),
             ("--port", self.port, 1024, 65535),
         ):
             if not lo <= value <= hi:
@@ -83,8 +85,6 @@ class BenchSettings:
             str(self.repeat),
             "--warmup",
             str(self.warmup),
-            "--seed",
-            str(self.seed),
             "--threads",
             str(threads),
             "--timeout",
@@ -93,8 +93,12 @@ class BenchSettings:
             # machines and its reactor thread spins, taking a third of a guest's vCPU.
             "--force-tcp",
         ]
+        if self.seed is not None:
+            args += ["--seed", str(self.seed)]
         if self.audit:
             args.append("--audit")
+        if self.verify:
+            args.append("--verify")
         if json_path:
             args += ["--json", json_path]
         return tuple(args)
@@ -280,7 +284,7 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
                     local = results_dir / f"{vm_name}.json"
                     remotes[vm_name].get(f"{guest_dir}/{vm_name}.json", local)
                     runs[vm_name] = json.loads(local.read_text())
-        except KeyboardInterrupt:
+        except BaseException:  # a failed start, a lost connection, Ctrl-C: stop what runs
             running.kill_all()
             raise
         finally:
@@ -320,6 +324,7 @@ def run_exec(
     first, then masters, as the seed's instructions start them."""
     if not any(commands.values()):
         raise UsageError("no command given", hint="gcvm run exec -- CMD ARGS...")
+    check_timeout("--timeout", timeout)
     with state.locked(name):
         st = state.load(name)
         ifnames = {vm.name: vm.ifname for vm in st.vms}

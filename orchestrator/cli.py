@@ -72,8 +72,15 @@ def run_bench_cmd(
     seq: int = typer.Option(128, help="Sequence length (image side for resnet18)."),
     repeat: int = typer.Option(5, help="Timed forwards per mode."),
     warmup: int = typer.Option(1, help="Untimed forwards per mode first."),
-    seed: int = typer.Option(0, help="Seed of the obfuscation and the masks."),
+    seed: int | None = typer.Option(
+        None,
+        help="Make the secrets reproducible from this seed (benchmarks only: then not secret). "
+        "Default: every secret from the guest's CSPRNG.",
+    ),
     audit: bool = typer.Option(True, help="Inspect every payload sent to a worker for secrets."),
+    verify: bool = typer.Option(
+        False, help="Check every worker result with a secret random vector per layer."
+    ),
     port: int = typer.Option(29500, help="Rendezvous port on master 0."),
     timeout: float = typer.Option(3600.0, help="Seconds before the whole run is stopped."),
     rpc_timeout: float = typer.Option(
@@ -93,6 +100,7 @@ def run_bench_cmd(
         warmup=warmup,
         seed=seed,
         audit=audit,
+        verify=verify,
         port=port,
         timeout=timeout,
         rpc_timeout=rpc_timeout,
@@ -187,10 +195,10 @@ def up_cmd(
     image: Path | None = typer.Option(
         None, help="A disk image of your own (default: gcvm's built image)."
     ),
-    subnet: str = typer.Option(
-        "192.168.122.0/24",
-        help="IPv4 subnet of the cluster's own "
-        "network (change it next to a daemon's `default` network).",
+    subnet: str | None = typer.Option(
+        None,
+        help="IPv4 subnet of the cluster's own network (default: a free /24 of "
+        "192.168.128.0/17; one that collides with a route, bridge or network is refused).",
     ),
     vcpus: int = typer.Option(1, help="vCPUs per VM."),
     memory: int = typer.Option(2048, help="Memory per VM in MiB."),
@@ -338,10 +346,22 @@ from orchestrator import render as _render  # noqa: E402
 app.command("doctor")(_doctor.doctor_command)
 app.command("render")(_render.render_command)
 
+# --- gcvm attest / gcvm broker: evidence verification and the key broker (orchestrator.attest) -
+from orchestrator.attest import commands as _attest  # noqa: E402
+
+app.add_typer(_attest.attest_app, name="attest")
+app.add_typer(_attest.broker_app, name="broker")
+
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # In non-standalone mode typer turns Ctrl-C into exit code 130 and `raise typer.Exit(n)`
+        # into n, and returns them instead of exiting: they must not end as exit 0.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            if code == 130:
+                console.print("[red]interrupted[/]")
+            sys.exit(code)
     except GcvmError as exc:
         log.error("%s", exc.message, exc_info=True)
         console.print(f"[red]error:[/] {exc.message}")

@@ -44,6 +44,20 @@ def parse_metadata(domain_xml: str) -> dict[str, Any]:
     return dict(render.parse_metadata(domain_xml) or {})
 
 
+def network_ipv4(network_xml: str) -> list[str]:
+    """The IPv4 networks (CIDR) a libvirt network's XML puts on its bridge."""
+    import ipaddress
+
+    out = []
+    for ip in ET.fromstring(network_xml).iterfind("./ip"):
+        if ip.get("family", "ipv4") != "ipv4" or not ip.get("address"):
+            continue
+        mask = ip.get("prefix") or ip.get("netmask") or "24"
+        with contextlib.suppress(ValueError):
+            out.append(str(ipaddress.IPv4Network(f"{ip.get('address')}/{mask}", strict=False)))
+    return out
+
+
 def cluster_of(metadata: dict[str, Any]) -> str | None:
     value = metadata.get("cluster")
     return str(value) if value else None
@@ -67,6 +81,10 @@ class Hypervisor(ABC):
 
     @abstractmethod
     def dhcp_hosts(self, network: str) -> list[DhcpHost]: ...
+
+    @abstractmethod
+    def network_subnets(self) -> list[tuple[str, str]]:
+        """(name, IPv4 CIDR) of every network the daemon has, active or not."""
 
     @abstractmethod
     def add_dhcp_host(self, network: str, host: DhcpHost) -> None: ...
@@ -180,6 +198,10 @@ class LibvirtHypervisor(Hypervisor):
             for h in root.iterfind("./ip/dhcp/host")
         ]
 
+    def network_subnets(self) -> list[tuple[str, str]]:
+        nets = self._call("list networks", lambda: self._conn.listAllNetworks(0))
+        return [(str(n.name()), cidr) for n in nets for cidr in network_ipv4(n.XMLDesc(0))]
+
     def _update_host(self, network: str, host: DhcpHost, command: int) -> None:
         lv = self._libvirt
         net = self._network(network)
@@ -287,8 +309,13 @@ class FakeHypervisor(Hypervisor):
             for h in root.iterfind("./ip/dhcp/host")
         ]
         with self._lock:
-            self.networks[name] = {"active": start, "hosts": hosts}
+            self.networks[name] = {"active": start, "hosts": hosts, "xml": xml}
         return name
+
+    def network_subnets(self) -> list[tuple[str, str]]:
+        with self._lock:
+            nets = {name: dict(net) for name, net in self.networks.items()}
+        return [(n, cidr) for n, net in nets.items() for cidr in network_ipv4(net["xml"])]
 
     def remove_network(self, name: str) -> bool:
         with self._lock:

@@ -27,6 +27,8 @@ from typing import Any
 
 from orchestrator import netns, paths
 from orchestrator.errors import GcvmError, HostUnsupported, Timeout
+from orchestrator.privilege import GuestUser, guest_user
+from orchestrator.spec import check_name
 from orchestrator.ui import log
 
 RUN_ROOT = Path("/run/gcvm")
@@ -39,12 +41,26 @@ MOUNTS = (
     "/etc/libvirt",
 )
 QEMU_CONF = """
-# gcvm: a private daemon for one cluster, run by root inside its own namespaces.
-user = "root"
-group = "root"
+# gcvm: a private daemon for one cluster, run by root inside its own namespaces. QEMU runs as
+# {user}:{group}; libvirt's DAC driver hands it the cluster's disks, seeds and logs (and
+# gives them back to root when the VM stops: remember_owner needs no xattrs then).
+user = "{user}"
+group = "{group}"
+dynamic_ownership = 1
+remember_owner = 0
 security_driver = "none"
 cgroup_controllers = [ ]
 """
+
+
+def qemu_conf(user: GuestUser | None) -> str:
+    """The private daemon's qemu.conf additions; QEMU as root only where the host has no
+    unprivileged user for it."""
+    return QEMU_CONF.format(
+        user=user.user if user else "root", group=user.group if user else "root"
+    )
+
+
 START_TIMEOUT = 90.0
 
 
@@ -91,7 +107,7 @@ class PrivateDaemon:
 
 
 def run_dir_for(cluster: str) -> Path:
-    return RUN_ROOT / cluster
+    return RUN_ROOT / check_name(cluster)
 
 
 def uri_for(run_dir: Path) -> str:
@@ -131,7 +147,7 @@ def _prepare(root: Path, run_dir: Path) -> dict[str, Path]:
     for xml in (etc / "qemu" / "networks").glob("**/*.xml"):
         xml.unlink()
     with open(etc / "qemu.conf", "a") as f:
-        f.write(QEMU_CONF)
+        f.write(qemu_conf(guest_user()))
     for conf, logname in (("libvirtd.conf", "libvirtd.log"), ("virtlogd.conf", "virtlogd.log")):
         with open(etc / conf, "a") as f:
             f.write(f'\nlog_outputs = "3:file:/var/log/libvirt/{logname}"\n')

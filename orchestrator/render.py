@@ -80,13 +80,16 @@ BUILTIN_HOSTS: dict[Tee, BuiltinHost] = {
 class RenderInputs:
     caps: HostCaps  # live caps, or captured domcapabilities (HostCaps.from_domcaps_xml)
     accel: Accel  # resolved: kvm or tcg (tee.require gives it)
-    kernel: Path
-    initrd: Path
+    kernel: Path | None  # None: the disk boots itself (a user's own image)
+    initrd: Path | None
     cmdline: str = DEFAULT_CMDLINE
     network: str = "default"
     emulator: str | None = None  # None: the caps' emulator
     firmware: Path | None = None  # None: the caps' firmware for the VM's TEE
     options: tee.TeeOptions = field(default_factory=tee.TeeOptions)
+    # "user:group" QEMU runs as, through a static DAC <seclabel> (shared daemons); None: the
+    # daemon's qemu.conf decides (a private daemon's names an unprivileged user)
+    run_as: str | None = None
 
     def __post_init__(self) -> None:
         if self.accel is Accel.auto:
@@ -170,6 +173,7 @@ def render_domain(vm: VmSpec, inputs: RenderInputs) -> str:
         network=inputs.network,
         emulator=inputs.emulator or inputs.caps.emulator or DEFAULT_EMULATOR,
         metadata_ns=METADATA_NS,
+        run_as=inputs.run_as,
     )
 
 
@@ -262,18 +266,20 @@ def render_cluster(spec: ClusterSpec, inputs: RenderInputs, out_dir: Path) -> Re
     """Write every domain's XML and the network's into `out_dir`; touches no VM."""
     vms = plan_vms(spec, cluster_dir(spec.name))
     inputs_net = replace(inputs, network=spec.network_name)
+    # everything is rendered before anything is written: a refusal leaves no --out behind
+    texts = {f"{vm.name}.xml": render_domain(vm, inputs_net) for vm in vms}
+    texts["network.xml"] = render_network(spec, vms)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for file_name, text in texts.items():
+            (out_dir / file_name).write_text(text)
     except OSError as exc:
-        raise UsageError(f"cannot create --out {out_dir}: {exc.strerror}") from None
-    domains = []
-    for vm in vms:
-        path = out_dir / f"{vm.name}.xml"
-        path.write_text(render_domain(vm, inputs_net))
-        domains.append(path)
-    network = out_dir / "network.xml"
-    network.write_text(render_network(spec, vms))
-    return Rendered(out_dir, tuple(domains), network, inputs.caps.source, inputs.accel)
+        raise UsageError(
+            f"cannot write --out {out_dir}: {exc.strerror or exc}",
+            hint="choose a folder you can write to",
+        ) from None
+    domains = tuple(out_dir / f"{vm.name}.xml" for vm in vms)
+    return Rendered(out_dir, domains, out_dir / "network.xml", inputs.caps.source, inputs.accel)
 
 
 __all__ = [
@@ -316,9 +322,10 @@ def render_command(
         Accel,
         typer.Option("--accel", help="kvm, tcg, or auto (kvm when it really runs a guest here)."),
     ] = Accel.auto,
-    subnet: Annotated[str, typer.Option("--subnet", help="The cluster network.")] = (
-        "192.168.122.0/24"
-    ),
+    subnet: Annotated[
+        str | None,
+        typer.Option("--subnet", help="The cluster network (default: the name's own /24)."),
+    ] = None,
     connect: Annotated[
         str | None,
         typer.Option(

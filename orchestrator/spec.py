@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import re
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from orchestrator import subnets
 from orchestrator.errors import UsageError
 
 
@@ -38,9 +41,19 @@ class Role(StrEnum):
 MIN_MEMORY_MIB = 1536
 MAX_VMS = 64
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
-DEFAULT_SUBNET = "192.168.122.0/24"
 # First host number handed to a VM; .1 is the bridge.
 FIRST_HOST = 10
+
+
+def check_name(name: str) -> str:
+    """A cluster name: it becomes folder, namespace, domain and bridge names, so nothing that
+    could leave its folder (`..`, `/`) or break them gets through."""
+    if not NAME_RE.match(name):
+        raise UsageError(
+            f"invalid cluster name {name!r}",
+            hint="use 1-20 characters: a lowercase letter, then lowercase letters, digits or '-'",
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,7 @@ class ClusterSpec:
     vcpus: int = 1
     memory_mib: int = 2048
     image: Path | None = None  # None: gcvm's own built image
-    subnet: str = DEFAULT_SUBNET
+    subnet: str | None = None  # None: a free /24 chosen for the cluster (orchestrator.subnets)
     network: str | None = None  # an existing libvirt network (with --connect); None: gcvm's own
     connect: str | None = None  # libvirt URI; None: a private daemon in a network namespace
 
@@ -62,12 +75,7 @@ class ClusterSpec:
         self.validate()
 
     def validate(self) -> None:
-        if not NAME_RE.match(self.name):
-            raise UsageError(
-                f"invalid cluster name {self.name!r}",
-                hint="use 1-20 characters: a lowercase letter, then lowercase letters, "
-                "digits or '-'",
-            )
+        check_name(self.name)
         if self.masters < 1:
             raise UsageError(f"--masters must be at least 1, not {self.masters}")
         if self.workers < 1:
@@ -97,6 +105,15 @@ class ClusterSpec:
                 hint=f"torch and the model need at least {MIN_MEMORY_MIB} MiB per VM "
                 "(default 2048)",
             )
+        if self.connect is not None:
+            check_connect_uri(self.connect)
+        if self.network is not None and self.connect is None:
+            raise UsageError(
+                f"--network {self.network} needs --connect",
+                hint="a private daemon has no existing networks; leave out --network",
+            )
+        if self.subnet is None:
+            return
         try:
             net = ipaddress.ip_network(self.subnet)
         except ValueError as exc:
@@ -117,7 +134,8 @@ class ClusterSpec:
 
     @property
     def ipv4(self) -> ipaddress.IPv4Network:
-        net = ipaddress.ip_network(self.subnet)
+        """The subnet; without one, the name's preferred /24 (`up` picks a free one first)."""
+        net = ipaddress.ip_network(self.subnet or subnets.preferred_subnet(self.name))
         assert isinstance(net, ipaddress.IPv4Network)
         return net
 
@@ -134,10 +152,59 @@ class ClusterSpec:
         return self.network or f"gcvm-{self.name}"
 
 
-def mac_for(address: str) -> str:
-    """A locally administered MAC derived from the IPv4 address (QEMU's 52:54:00 prefix)."""
+MAX_TIMEOUT_S = 7 * 86400
+# libvirt URI transports (qemu+TRANSPORT://...) and the QEMU driver's daemon paths
+URI_TRANSPORTS = ("", "unix", "ssh", "libssh", "libssh2", "tcp", "tls", "ext")
+URI_PATHS = ("/system", "/session")
+CONNECT_HINT = (
+    "use qemu:///system (this host's libvirtd) or qemu+ssh://HOST/system; leave out --connect "
+    "for a private daemon"
+)
+
+
+def check_connect_uri(uri: str, flag: str = "--connect") -> str:
+    """A libvirt URI for the QEMU driver (gcvm renders QEMU domains), checked before any
+    connection is tried: libvirt's own error for a wrong scheme talks about TLS certificates."""
+    parsed = urlsplit(uri)
+    driver, _, transport = parsed.scheme.partition("+")
+    if not parsed.scheme or "://" not in uri:
+        raise UsageError(f"{flag} {uri!r} is not a libvirt URI", hint=CONNECT_HINT)
+    if driver != "qemu":
+        raise UsageError(
+            f"{flag} {uri!r} names libvirt's {driver!r} driver; gcvm needs the QEMU driver",
+            hint=CONNECT_HINT,
+        )
+    if transport not in URI_TRANSPORTS:
+        raise UsageError(
+            f"{flag} {uri!r}: unknown libvirt transport {transport!r}",
+            hint=f"use one of {', '.join(t for t in URI_TRANSPORTS if t)}, or qemu:///system "
+            "for this host's daemon",
+        )
+    if parsed.path not in URI_PATHS:
+        raise UsageError(
+            f"{flag} {uri!r}: the QEMU driver's path is /system or /session, "
+            f"not {parsed.path or '(none)'!r}",
+            hint=CONNECT_HINT,
+        )
+    return uri
+
+
+def check_timeout(flag: str, value: float) -> float:
+    """A time limit given on the command line: a positive, finite number of seconds."""
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        raise UsageError(
+            f"{flag} {value:g} is out of range",
+            hint=f"give a positive number of seconds (at most {MAX_TIMEOUT_S})",
+        )
+    return value
+
+
+def mac_for(address: str, cluster: str) -> str:
+    """A locally administered unicast MAC: 52:54, two bytes from the cluster's name, the low
+    two bytes of the IPv4 address. Two clusters never share MACs, even on one subnet."""
     a = ipaddress.IPv4Address(address).packed
-    return f"52:54:00:{a[1]:02x}:{a[2]:02x}:{a[3]:02x}"
+    c = subnets.cluster_mac_part(cluster)
+    return f"52:54:{c[0]:02x}:{c[1]:02x}:{a[2]:02x}:{a[3]:02x}"
 
 
 def stable_uuid(*parts: str) -> str:
@@ -188,7 +255,7 @@ def plan_vms(spec: ClusterSpec, cluster_dir: Path) -> list[VmSpec]:
                 address=address,
                 prefix=spec.ipv4.prefixlen,
                 gateway=spec.gateway,
-                mac=mac_for(address),
+                mac=mac_for(address, spec.name),
                 uuid=stable_uuid("gcvm", spec.name, name),
                 disk=cluster_dir / "disks" / f"{name}.qcow2",
                 seed=cluster_dir / "disks" / f"{name}-seed.iso",

@@ -19,7 +19,7 @@ from typing import Any
 
 from orchestrator import paths
 from orchestrator.errors import ClusterNotFound, GcvmError
-from orchestrator.spec import Tee
+from orchestrator.spec import Tee, check_name
 
 STATE_FILE = "state.json"
 FORMAT = 1
@@ -117,7 +117,7 @@ class ClusterState:
 
 
 def cluster_dir(name: str) -> Path:
-    return paths.cluster_dir(name)
+    return paths.cluster_dir(check_name(name))
 
 
 def state_path(name: str) -> Path:
@@ -125,7 +125,7 @@ def state_path(name: str) -> Path:
 
 
 def lock_path(name: str) -> Path:
-    return paths.state_root() / "clusters" / f"{name}.lock"
+    return paths.state_root() / "clusters" / f"{check_name(name)}.lock"
 
 
 def exists(name: str) -> bool:

@@ -18,13 +18,15 @@ store itself).
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 
-from groupcover.wire.tcp import _Closed, _Deadline, recv_exact, send_all
+from groupcover.wire.tcp import ACCEPT_RETRY_S, _Closed, _Deadline, recv_exact, send_all
 
 MAGIC = b"GCVS"
 VERSION = 1
@@ -113,11 +115,22 @@ class StoreServer:
         threading.Thread(target=self._accept, name="gc-store", daemon=True).start()
 
     def _accept(self) -> None:
+        failing = False
         while not self._closing:
             try:
                 conn, _ = self._listener.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                # out of descriptors (EMFILE...) is a peer's doing, not the end of the store
+                if self._closing or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return
+                if not failing:
+                    print(f"groupcover: rendezvous: cannot accept a connection "
+                          f"({exc.strerror or exc}); retrying", file=sys.stderr,
+                          flush=True)  # fmt: skip
+                failing = True
+                time.sleep(ACCEPT_RETRY_S)
+                continue
+            failing = False
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._cond:
                 self._conns.append(conn)
@@ -234,6 +247,8 @@ class StoreClient:
         self._stop = threading.Event()
         self._pinger = threading.Thread(target=self._ping, name="gc-store-ping", daemon=True)
         self.local_address: str = sock.getsockname()[0]
+        # while set, no call may end after it (a slow store cannot stretch an outer deadline)
+        self.until: float | None = None
 
     @classmethod
     def connect(cls, host: str, port: int, deadline: float, timeout_s: float) -> StoreClient:
@@ -250,9 +265,12 @@ class StoreClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return cls(sock, timeout_s)
 
-    def _call(self, op: int, items: list[str], timeout_ms: int = 0) -> tuple[int, list[str]]:
+    def _call(self, op: int, items: list[str], timeout_ms: int = 0,
+              bounded: bool = True) -> tuple[int, list[str]]:  # fmt: skip
         with self._lock:
             deadline = time.monotonic() + self.timeout_s + timeout_ms / 1e3
+            if bounded and self.until is not None:
+                deadline = min(deadline, self.until)
             try:
                 send_all(self._sock, [_pack(op, items, timeout_ms)], deadline)
             except (_Deadline, _Closed):
@@ -292,7 +310,7 @@ class StoreClient:
             if self._lock.acquire(blocking=False):  # a call in progress is a sign of life too
                 self._lock.release()
                 try:
-                    self._call(PING, [])
+                    self._call(PING, [], bounded=False)
                 except StoreError:
                     return
 

@@ -16,6 +16,7 @@ checks requests too: sizes are bounded before anything is allocated.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import struct
@@ -53,6 +54,7 @@ from groupcover.wire.schema import (
 from groupcover.worker import WorkerState
 
 DEFAULT_TIMEOUT_S = 60.0
+ACCEPT_RETRY_S = 0.05  # after accept() failed (out of descriptors): no spinning
 PIPELINE_BYTES = 64 * 1024  # replies outstanding before a new request waits for them
 WEIGHT_DIMS = {"linear": 2, "conv1d": 3, "conv2d": 4}
 
@@ -223,13 +225,18 @@ class TcpTransport(Transport):
                 hint="is the worker process running and reachable?",
             ) from None
         _nodelay(self._sock)
-        with self._lock:
-            name = schema.text_view(owner)
-            request = self._request()
-            hello = Header(Op.HELLO, request, shape=(len(name),), order=(0,), nbytes=len(name))
-            self._send([hello.pack(), name], deadline)
-            header = self._read_header(request, Op.WELCOME, 0, deadline)
-            self.device = self._read_text(header, deadline)
+        try:
+            with self._lock:
+                name = schema.text_view(owner)
+                request = self._request()
+                hello = Header(Op.HELLO, request, shape=(len(name),), order=(0,),
+                               nbytes=len(name))  # fmt: skip
+                self._send([hello.pack(), name], deadline)
+                header = self._read_header(request, Op.WELCOME, 0, deadline)
+                self.device = self._read_text(header, deadline)
+        except BaseException:
+            self._sock.close()  # no half-made session outlives a failed handshake
+            raise
 
     # -- requests
 
@@ -499,7 +506,7 @@ class WorkerServer:
         self._listener.listen(64)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._sessions: dict[int, socket.socket] = {}
-        self._threads: list[threading.Thread] = []
+        self._threads: dict[int, threading.Thread] = {}  # live sessions only
         self._lock = threading.Lock()
         self._count = 0
         self._stopping = False
@@ -511,11 +518,23 @@ class WorkerServer:
         return self
 
     def _accept(self) -> None:
+        failing = False
         while not self._stopping:
             try:
                 conn, _ = self._listener.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                # EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: a peer can cause these at will, so
+                # they must not stop the worker accepting (only stop() or a closed socket does)
+                if self._stopping or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return
+                if not failing:
+                    print(f"groupcover: {self.name}: cannot accept a session "
+                          f"({exc.strerror or exc}); retrying", file=sys.stderr,
+                          flush=True)  # fmt: skip
+                failing = True
+                time.sleep(ACCEPT_RETRY_S)
+                continue
+            failing = False
             _nodelay(conn)
             with self._lock:
                 self._count += 1
@@ -523,7 +542,7 @@ class WorkerServer:
                 self._sessions[number] = conn
                 thread = threading.Thread(target=self._session, args=(number, conn),
                                           name=f"gc-session-{number}", daemon=True)  # fmt: skip
-                self._threads.append(thread)
+                self._threads[number] = thread
             thread.start()
 
     def stop(self) -> None:
@@ -533,7 +552,7 @@ class WorkerServer:
         self._listener.close()
         with self._lock:
             conns = list(self._sessions.values())
-            threads = list(self._threads)
+            threads = list(self._threads.values())
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
@@ -557,6 +576,7 @@ class WorkerServer:
             self.state.release(owner)
             with self._lock:
                 self._sessions.pop(number, None)
+                self._threads.pop(number, None)  # a connect/close loop must leave no trace
             with contextlib.suppress(OSError):
                 conn.close()
 
@@ -569,7 +589,7 @@ class _Session:
         self.limits = server.limits
         self.header = bytearray(HEADER.size)
         self.published = 0
-        self.layers: dict[int, tuple[tuple[int, ...], LayerOp, int]] = {}
+        self.layers: dict[int, tuple[tuple[int, ...], LayerOp, int, int]] = {}
         self.greeted = False
 
     def _recv(self, view: memoryview, deadline: float | None) -> None:
@@ -601,12 +621,25 @@ class _Session:
             self._error(request, code, text)
         raise _SessionEnd(text)
 
+    def _begin(self, deadline: float | None) -> None:
+        """Waits for the first byte of the next request (a clean close here ends quietly)."""
+        try:
+            recv_exact(self.conn, memoryview(self.header)[:1], deadline)
+        except _Deadline:
+            raise _SessionEnd("no HELLO within the deadline") from None
+        except _Closed:
+            raise _SessionEnd("") from None
+
     def serve(self) -> None:
+        accepted = time.monotonic()
         while True:
-            view = memoryview(self.header)
-            self._recv(view[:1], None)  # idle: a master may think for long
-            deadline = time.monotonic() + self.limits.timeout_s  # once begun, a message ends
-            self._recv(view[1:], deadline)
+            if self.greeted:
+                self._begin(None)  # idle: a master may think for long
+                deadline = time.monotonic() + self.limits.timeout_s
+            else:  # a peer that has not said HELLO is owed nothing: one deadline from accept
+                deadline = accepted + self.limits.timeout_s
+                self._begin(deadline)
+            self._recv(memoryview(self.header)[1:], deadline)  # a message begun must finish
             try:
                 header = Header.unpack(self.header)
             except SchemaError as exc:
@@ -681,7 +714,7 @@ class _Session:
         previous = self.layers.get(header.layer)
         if previous is not None:
             self.published -= previous[2]
-        self.layers[header.layer] = (header.shape, op, header.nbytes)
+        self.layers[header.layer] = (header.shape, op, header.nbytes, header.dtype)
         self.published += header.nbytes
         self._reply(Op.OK, header.request, header.layer)
 
@@ -692,11 +725,16 @@ class _Session:
             self._error(header.request, ErrorCode.UNKNOWN_LAYER,
                         f"no layer {header.layer} in this session")  # fmt: skip
             return
-        w_shape, op, _ = layer
+        w_shape, op, _, w_dtype = layer
         try:
             out_shape = schema.output_shape(op, header.shape, w_shape)
         except SchemaError as exc:
             self._error(header.request, ErrorCode.BAD_REQUEST, str(exc))
+            return
+        out_bytes = schema.tensor_nbytes(w_dtype, out_shape)  # computed in the weight's dtype
+        if out_bytes > self.limits.max_tensor_bytes:  # a tiny input can ask for a huge output
+            self._error(header.request, ErrorCode.TOO_LARGE,
+                        f"a {out_bytes}-byte result is over the worker's limit")  # fmt: skip
             return
         try:
             y, worker_s = self.server.state.run(self.owner, str(header.layer), x)

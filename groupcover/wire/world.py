@@ -68,21 +68,26 @@ class Membership:
             address = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
             raise RendezvousError(f"rank {rank} announced {value!r}, not an IP address") from None
-        if not 0 < int(port) < 65536:
+        if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             raise RendezvousError(f"rank {rank} announced {value!r}, not a TCP port")
         return str(address), int(port)
 
     def connect(self, rank: int, owner: str, timeout_s: float) -> TcpTransport:
         return TcpTransport(self.address_of(rank), rank_name(rank), owner, timeout_s)
 
-    def _wait_done(self, ranks: list[int]) -> None:
-        """Until each rank is done or gone; liveness is the store's to judge (no deadline)."""
+    def _wait_done(self, ranks: list[int], timeout_s: float = math.inf) -> None:
+        """Until each rank is done or gone (liveness is the store's to judge), or, with a
+        timeout, until it passes: a rank still not done then counts as gone."""
+        deadline = time.monotonic() + timeout_s
         for rank in ranks:
             try:
-                found = self.client.wait_any([f"done/{rank}", f"gone/{rank}"], math.inf)
+                found = self.client.wait_any([f"done/{rank}", f"gone/{rank}"],
+                                             max(0.0, deadline - time.monotonic()))  # fmt: skip
             except StoreError:
                 raise _store_lost(self.rendezvous) from None
-            assert found is not None
+            if found is None:
+                self.gone[rank] = f"not done {timeout_s:g} s after every master was"
+                continue
             key, value = found
             if key.startswith("gone/"):
                 self.gone[rank] = value
@@ -100,7 +105,11 @@ class Membership:
             except StoreError:
                 raise _store_lost(rdv) from None
             if self.store is not None:
-                self._wait_done(others)
+                masters = [r for r in others if self.roles[r] == "master"]
+                self._wait_done(masters)  # a master may work for long
+                # a worker is done as soon as every master is: one that is not by the deadline
+                # (alive, pinging, but silent) must not keep rank 0 from exiting
+                self._wait_done([r for r in others if r not in masters], rdv.timeout_s)
         finally:
             self.close()
         if self.gone:
@@ -136,6 +145,7 @@ def join(rdv: Rendezvous, role: str, server: Callable[[str], WorkerServer] | Non
             store.close()
         raise _assembly_error(rdv, ": no rendezvous store answered") from None
     membership = Membership(rdv, role, client, {}, store)
+    client.until = deadline + client.interval_s  # the last WAIT's answer may come just after
     try:
         client.join(rdv.rank)
         if role == "worker":
@@ -151,6 +161,7 @@ def join(rdv: Rendezvous, role: str, server: Callable[[str], WorkerServer] | Non
             if found is None:
                 raise _assembly_error(rdv, f"; rank {rank} never joined")
             membership.roles[rank] = found[1]
+        client.until = None
     except StoreError as exc:
         membership.close()
         raise _assembly_error(rdv, f": {exc}") from None

@@ -51,6 +51,16 @@ def require(spec: ClusterSpec, caps: HostCaps) -> Accel:
     failures: list[tuple[Tee, CheckFailure]] = []
     for tee in tees:
         failures += [(tee, f) for f in backend(tee).preconditions(caps, accel)]
+    if failures and all(t is Tee.none for t, _ in failures):
+        # no TEE asked for: what fails is the accelerator itself, not a TEE
+        lines = "\n".join(f"  - {f.check}: {f.reason}" for _, f in failures)
+        fixes = "; ".join(dict.fromkeys(f.fix for _, f in failures if f.fix))
+        raise HostUnsupported(
+            f"this host cannot run guests with --accel {accel}; failed checks:\n{lines}",
+            hint=f"{fixes}; `gcvm doctor` shows all host facts"
+            if fixes
+            else "`gcvm doctor` shows all host facts",
+        )
     if failures:
         names = ", ".join(f"--tee {t}" for t in dict.fromkeys(t for t, _ in failures))
         lines = "\n".join(f"  - [{t}] {f}" for t, f in failures)

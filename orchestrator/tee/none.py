@@ -15,7 +15,13 @@ class NoTee(TeeBackend):
 
     def accel_failures(self, caps: HostCaps, accel: Accel) -> list[CheckFailure]:
         if accel is Accel.kvm and not caps.kvm_usable:
-            return [CheckFailure("KVM usable", caps.kvm_reason, "use --accel tcg (or auto)")]
+            return [
+                CheckFailure(
+                    "KVM usable",
+                    caps.kvm_reason,
+                    "use --accel tcg, or leave out --accel (auto falls back to TCG)",
+                )
+            ]
         if accel is Accel.tcg and not caps.tcg_available:
             return [
                 CheckFailure(

@@ -40,7 +40,9 @@ class Tdx(ConfidentialBackend):
         if loader is None:
             raise HostUnsupported(
                 "no TDX firmware (TDVF) known for this host",
-                hint="pass the firmware path, or capture domcapabilities listing it",
+                hint="render against a TDX host's own domcapabilities, which list its TDVF "
+                "(`virsh domcapabilities --machine q35 > FILE`, then --host-caps FILE), or "
+                "leave out --host-caps to use the built-in TDX host",
             )
         return DomainShape(
             domain_type="kvm",

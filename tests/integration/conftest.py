@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,13 +78,19 @@ class Env:
 
 
 @pytest.fixture
-def gcvm_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, built_image: Image) -> Iterator[Env]:
+def gcvm_env(monkeypatch: pytest.MonkeyPatch, built_image: Image) -> Iterator[Env]:
     # State goes to a private GCVM_HOME; the image (and libvirt's capability cache) stay shared.
+    # QEMU runs as libvirt-qemu: the home must sit where others can search (pytest's tmp_path
+    # is under a 0700 folder), so it is made under /var/tmp and removed afterwards.
     cache = os.environ.get("GCVM_CACHE") or str(paths.cache_root())
-    home = tmp_path / "home"
+    home = Path(tempfile.mkdtemp(prefix="gcvm-it-", dir="/var/tmp"))
+    os.chmod(home, 0o755)
     monkeypatch.setenv("GCVM_HOME", str(home))
     monkeypatch.setenv("GCVM_CACHE", cache)
-    yield Env(home, {**os.environ, "GCVM_HOME": str(home), "GCVM_CACHE": cache})
+    try:
+        yield Env(home, {**os.environ, "GCVM_HOME": str(home), "GCVM_CACHE": cache})
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def cluster_name() -> str:
@@ -104,10 +111,53 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def assert_nothing_left(name: str) -> None:
-    assert not netns.exists(f"gcvm-{name}"), "the namespace is left"
-    assert not state.cluster_dir(name).exists(), "the cluster folder (overlays, seeds) is left"
-    assert not privatelibvirt.run_dir_for(name).exists(), "the daemon's run folder is left"
+def qemu_uids(name: str) -> dict[str, int]:
+    """The real uid of each of the cluster's QEMU processes (`-name guest=NAME-...`)."""
+    uids = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        if not argv or b"qemu-system" not in argv[0]:
+            continue
+        guest = next((a for a in argv if a.startswith(b"guest=" + name.encode() + b"-")), None)
+        if guest is None:
+            continue
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        vm = guest.split(b",")[0].decode().removeprefix("guest=")
+        uids[vm] = int(uid_line.split()[1])
+    return uids
+
+
+def host_leftovers(name: str) -> list[str]:
+    """Everything a cluster can leave on this host, in words; [] when nothing is left.
+
+    Domains and leases live in the private daemon's folders and processes (the cluster folder,
+    /run/gcvm/NAME, QEMU and dnsmasq naming the cluster); the namespace, the daemons, any host
+    worker of gcvm (an `up` or `run` still running), mounts, the state and its lock file."""
+    found = []
+    if netns.exists(f"gcvm-{name}"):
+        found.append(f"namespace gcvm-{name}")
+    cdir = state.cluster_dir(name)
+    if cdir.exists():
+        inside = sorted(str(p.relative_to(cdir)) for p in cdir.rglob("*"))[:8]
+        found.append(f"cluster folder {cdir} (state, overlays, seeds, leases): {inside}")
+    if state.lock_path(name).exists():
+        found.append(f"lock file {state.lock_path(name)}")
+    if privatelibvirt.run_dir_for(name).exists():
+        found.append(f"daemon run folder {privatelibvirt.run_dir_for(name)}")
     # qemu (-name guest=NAME-...), libvirtd/virtlogd (-p /run/gcvm/NAME/...), dnsmasq
-    # (.../dnsmasq/gcvm-NAME.conf) all name the cluster on their command line
-    assert processes_mentioning(name) == []
+    # (.../dnsmasq/gcvm-NAME.conf) and gcvm itself (--name NAME) all name the cluster
+    found += [f"process {p}" for p in processes_mentioning(name)]
+    with open("/proc/self/mountinfo") as mounts:
+        found += [f"mount {line.split()[4]}" for line in mounts if f"/{name}/" in line]
+    return found
+
+
+def assert_nothing_left(name: str) -> None:
+    left = host_leftovers(name)
+    assert left == [], f"cluster {name} left: {left}"

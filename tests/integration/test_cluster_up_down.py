@@ -8,6 +8,7 @@ a healthy cluster, and an `up` that cannot reach its VMs in time.
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from tests.integration.conftest import (
     assert_nothing_left,
     cluster_name,
     processes_mentioning,
+    qemu_uids,
 )
 
 pytestmark = pytest.mark.vm
@@ -40,6 +42,15 @@ def test_up_ssh_down(gcvm_env: Env, tmp_path: Path) -> None:
         print(f"gcvm up (master + 1 worker): {up_s:.1f} s")
         st = state.load(name)
         assert [vm.role for vm in st.vms] == ["master", "worker"]
+
+        # least privilege: every guest's QEMU runs as the unprivileged user, not root
+        uids = qemu_uids(name)
+        assert set(uids) == {vm.name for vm in st.vms}, uids
+        assert all(uid != 0 for uid in uids.values()), uids
+        assert set(uids.values()) == {pwd.getpwnam("libvirt-qemu").pw_uid}, uids
+        assert st.host["qemu_user"].startswith("libvirt-qemu:")
+        for vm in st.vms:  # libvirt's DAC driver handed it the VM's own overlay and seed
+            assert Path(vm.disk).stat().st_uid == uids[vm.name]
 
         for vm in st.vms:
             assert vm.tee_verified == "none" and vm.ifname
@@ -134,7 +145,7 @@ def test_private_daemon_stays_in_its_namespace(
         inside = subprocess.run(
             ["ip", "netns", "exec", ns, "iptables-save"], capture_output=True, text=True
         ).stdout
-        assert "LIBVIRT" in inside and "192.168.122.0/24" in inside
+        assert "LIBVIRT" in inside and str(spec.ipv4) in inside
         assert _host_firewall() == firewall_before
         assert set(os.listdir("/sys/class/net")) == host_links  # virbr0 is not on the host
         import socket

@@ -1,6 +1,6 @@
 """The whole flow, for real: `gcvm up` boots a master and a worker (no TEE; TCG here), `gcvm run
-bench` runs MiniLM with its real weights under GroupCover across the two VMs over
-torch.distributed.rpc, and `gcvm down` leaves nothing behind.
+bench` runs MiniLM with its real weights under GroupCover across the two VMs over the default
+tensor-only wire, and `gcvm down` leaves nothing behind.
 
 Sizes are small because TCG runs torch at about 0.1-0.3 GFLOP/s: the point is exactness across
 real VMs and the absence of secrets on the wire, not speed.
@@ -74,8 +74,12 @@ def test_minilm_groupcover_across_vms(gcvm_env: Env, tmp_path: Path) -> None:
         assert r["cosine_min"] >= 0.99999, (mode, r["cosine_min"])
         assert r["latency_ms"]["median"] > 0 and r["throughput"] > 0
         assert r["rpc_calls"] > 0  # every linear layer really went to the worker
+    # the default transport carried it: tensors only, every reply checked
+    assert run["settings"]["transport"] == "tcp" and "transport_warning" not in run["settings"]
+    assert run["settings"]["seed"] is None and "OS CSPRNG" in run["settings"]["secrets"]
     audit = results["groupcover"]["audit"]
     assert audit["payloads"] > 0 and audit["bytes"] > 0
     assert audit["leaks"] == [], audit["leaks"]
+    assert audit["input_exposed"] is False and audit["leakage"]
     # the audit is not blind: plain offload publishes the plaintext weights, by design
     assert results["plain-offload"]["audit"]["leaks"]

@@ -99,6 +99,34 @@ def test_benchmark_document_over_the_in_process_transport() -> None:
     assert gc["masks"]["left"] == 4 * SMALL_BERT["layers"]  # one pair ahead per layer, no more
     assert gc["audit"]["leaks"] == [] and plain["audit"]["leaks"]
     assert bench.overheads(results)["plain-offload"] == 1.0
+    # the audit saw only its own untimed forward: none of the warmup or timed ones
+    assert gc["audit"]["audited_calls"] == 4 * SMALL_BERT["layers"]
+    assert gc["audit"]["check_s"] > 0
+    for r in (plain, gc, tee):  # the chart's stacked parts add up to the median it draws
+        assert sum(r["breakdown_ms"].values()) == pytest.approx(r["latency_ms"]["median"], rel=1e-6)
+    # sustained throughput counts the masks each forward needs; unmasked modes need none
+    assert gc["mask_generation_ms"] > 0 and plain["mask_generation_ms"] == 0
+    assert gc["sustained_throughput"] < gc["throughput"]
+    assert plain["sustained_throughput"] == plain["throughput"]
+    assert gc["paired_ratios"]["plain-offload"]["pairs"] == 3
+    assert gc["cpu_ms"]["median"] > 0
+    assert gc["integrity_ms"] is None and gc["secrets"].startswith("secrets reproducible")
+
+
+def test_verify_reports_the_integrity_checks_cost() -> None:
+    model, example = load_model("bert-base", 0, **SMALL_BERT)
+    inputs = tuple(example(2, 8))
+    with torch.no_grad():
+        reference = model(*inputs)
+    prepared = bench.Prepared(model, inputs, reference, 0.0)
+    [result] = bench.benchmark(
+        prepared, ("groupcover",), lambda mode: InProcessTransport(owner=mode),
+        model_name="bert-base", batch=2, seq=8, repeat=2, warmup=0, seed=None, audit=False,
+        verify=True,
+    )  # fmt: skip
+    assert result["integrity_ms"] > 0
+    assert result["integrity"]["checked"] >= 2 * 4 * SMALL_BERT["layers"]
+    assert result["secrets"] == bench.secrets_label(None) and "OS CSPRNG" in result["secrets"]
 
 
 def _groupcover(*args: str) -> subprocess.CompletedProcess[str]:

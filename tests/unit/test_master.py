@@ -172,7 +172,7 @@ def test_biases_are_never_published() -> None:
         bias = linears[name].bias.detach()
         if event == "publish":
             assert tensor.shape == linears[name].weight.shape  # no extra row or column
-        flat = tensor.reshape(-1, tensor.shape[-1])
+        flat = tensor.reshape(-1, tensor.shape[-1]).float()  # masked modes send float64
         for vector in (flat, flat.t()):
             if vector.shape[-1] == bias.numel():
                 assert not torch.isclose(vector, bias, rtol=1e-5, atol=1e-7).all(dim=-1).any()
@@ -222,3 +222,45 @@ def test_layout_probe_keeps_only_outputs_that_feed_offloaded_layers() -> None:
         assert rel_error(out, model(x).detach()) < 1e-5
     assert protected.features_first_layers() == ["a", "b"]
     assert out.is_contiguous()
+
+
+def _published_and_sent(seed: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor], str]:
+    model, example = load_model("bert-base", 0, **SMALL_BERT)
+    transport = InProcessTransport()
+    published: list[torch.Tensor] = []
+    sent: list[torch.Tensor] = []
+    transport.add_observer(
+        lambda event, _, t: (published if event == "publish" else sent).append(t)
+    )
+    protected = protect(model, transport, scheme="groupcover", masked=True, seed=seed)
+    protected(*example(2, 8))
+    return published, sent, protected.stats()["secrets"]
+
+
+def test_two_default_runs_draw_different_secrets() -> None:
+    first, first_sent, notice = _published_and_sent(None)
+    second, second_sent, _ = _published_and_sent(None)
+    assert "OS CSPRNG" in notice
+    assert all(not torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(first_sent, second_sent, strict=True))
+
+
+def test_seeded_runs_are_reproducible_and_say_so() -> None:
+    first, first_sent, notice = _published_and_sent(5)
+    second, second_sent, _ = _published_and_sent(5)
+    assert notice == "secrets reproducible from seed 5: not secret"
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(first_sent, second_sent, strict=True))
+    other, _, _ = _published_and_sent(6)
+    assert not torch.equal(first[0], other[0])
+
+
+def test_masked_modes_publish_and_send_float64() -> None:
+    published, sent, _ = _published_and_sent(None)
+    assert all(t.dtype == torch.float64 for t in published + sent)
+    model, example = load_model("bert-base", 0, **SMALL_BERT)
+    transport = CountingTransport()
+    dtypes: list[torch.dtype] = []
+    transport.add_observer(lambda *event: dtypes.append(event[2].dtype))
+    protect(model, transport, scheme="groupcover", masked=False)(*example(2, 8))
+    assert set(dtypes) == {torch.float32}  # unmasked modes stay float32

@@ -14,6 +14,7 @@ from groupcover.obfuscate import (
     group_rows,
     obfuscate_layer,
 )
+from groupcover.rng import SecretRandom
 from groupcover.scheme import SCHEMES, GroupCoverScheme, IdentityScheme, make_scheme
 from groupcover.transport import LayerOp, Transport
 from groupcover.worker import apply_op
@@ -21,7 +22,12 @@ from tests.unit.conftest import rel_error
 
 
 def gen(seed: int = 0) -> torch.Generator:
+    """For the test's data (weights, inputs): never for secrets."""
     return torch.Generator().manual_seed(seed)
+
+
+def secrets(seed: int = 0) -> SecretRandom:
+    return SecretRandom.from_seed(seed)
 
 
 @pytest.mark.parametrize("out", [1, 2, 3, 5, 7, 16, 66, 130, 257])
@@ -45,14 +51,14 @@ def test_grouping_puts_dissimilar_rows_together() -> None:
 
 
 def test_mixing_condition_bound_and_entries() -> None:
-    mixing = draw_mixing(2000, 4, gen(3), cond_bound=50.0)
+    mixing = draw_mixing(2000, 4, secrets(3), cond_bound=50.0)
     assert float(torch.linalg.cond(mixing).max()) <= 50.0
     assert mixing.min() >= 1 and mixing.max() <= 99
     assert torch.equal(mixing, mixing.round())
 
 
 def test_mixing_is_neither_orthogonal_nor_near_identity() -> None:
-    layer = obfuscate_layer(torch.randn(64, 32, generator=gen(4)), 4, gen(5))
+    layer = obfuscate_layer(torch.randn(64, 32, generator=gen(4)), 4, secrets(5))
     for a in layer.mixing:
         gram = a.T @ a
         off_gram = gram - torch.diag(torch.diag(gram))
@@ -64,7 +70,7 @@ def test_mixing_is_neither_orthogonal_nor_near_identity() -> None:
 
 def test_published_rows_are_not_matchable_by_cosine() -> None:
     weight = torch.randn(128, 64, generator=gen(6))
-    layer = obfuscate_layer(weight, 4, gen(7))
+    layer = obfuscate_layer(weight, 4, secrets(7))
     unpermuted = torch.empty_like(layer.published)
     unpermuted[:, layer.in_perm] = layer.published
     cos = F.normalize(unpermuted, dim=1) @ F.normalize(weight, dim=1).T
@@ -76,9 +82,9 @@ def test_published_rows_are_not_matchable_by_cosine() -> None:
 def test_reproducible_by_seed() -> None:
     weight, bias = torch.randn(40, 24, generator=gen(8)), torch.randn(40, generator=gen(9))
     scheme = GroupCoverScheme(4)
-    first, secret1 = scheme.obfuscate(weight, bias, gen(10))
-    second, secret2 = scheme.obfuscate(weight, bias, gen(10))
-    other, _ = scheme.obfuscate(weight, bias, gen(11))
+    first, secret1 = scheme.obfuscate(weight, bias, secrets(10))
+    second, secret2 = scheme.obfuscate(weight, bias, secrets(10))
+    other, _ = scheme.obfuscate(weight, bias, secrets(11))
     assert torch.equal(first, second)
     for name, tensor in secret1.tensors().items():
         assert torch.equal(tensor, secret2.tensors()[name])
@@ -88,7 +94,7 @@ def test_reproducible_by_seed() -> None:
 def test_input_permutation_is_applied() -> None:
     weight = torch.randn(16, 32, generator=gen(12))
     scheme = GroupCoverScheme(4)
-    published, secret = scheme.obfuscate(weight, None, gen(13))
+    published, secret = scheme.obfuscate(weight, None, secrets(13))
     assert secret.in_perm is not None
     assert not torch.equal(secret.in_perm, torch.arange(32))
     assert sorted(secret.in_perm.tolist()) == list(range(32))
@@ -108,7 +114,7 @@ def test_linear_round_trip_with_tails(out: int, with_bias: bool, k: int) -> None
     bias = torch.randn(out, generator=gen(out + 1)) if with_bias else None
     x = torch.randn(3, 7, 20, generator=gen(15))
     scheme = GroupCoverScheme(k)
-    published, secret = scheme.obfuscate(weight, bias, gen(16))
+    published, secret = scheme.obfuscate(weight, bias, secrets(16))
     assert published.shape == weight.shape
     y = F.linear(scheme.prepare_input(x, secret), published)
     assert rel_error(scheme.restore(y, secret), F.linear(x, weight, bias)) < 1e-5
@@ -118,7 +124,7 @@ def test_masked_round_trip_subtracts_u() -> None:
     weight, bias = torch.randn(10, 8, generator=gen(17)), torch.randn(10, generator=gen(18))
     x, r = torch.randn(4, 8, generator=gen(19)), torch.randn(4, 8, generator=gen(20))
     for scheme in (GroupCoverScheme(4), IdentityScheme()):
-        published, secret = scheme.obfuscate(weight, bias, gen(21))
+        published, secret = scheme.obfuscate(weight, bias, secrets(21))
         y = F.linear(scheme.prepare_input(x, secret) + r, published)
         out = scheme.restore(y, secret, mask_u=F.linear(r, published))
         assert rel_error(out, F.linear(x, weight, bias)) < 1e-5
@@ -128,7 +134,7 @@ def test_conv_round_trips() -> None:
     scheme = GroupCoverScheme(4)
     weight2d, bias = torch.randn(10, 6, 3, 3, generator=gen(22)), torch.randn(10, generator=gen(23))
     x = torch.randn(2, 6, 9, 9, generator=gen(24))
-    published, secret = scheme.obfuscate(weight2d, bias, gen(25))
+    published, secret = scheme.obfuscate(weight2d, bias, secrets(25))
     y = F.conv2d(scheme.prepare_input(x, secret), published, stride=2, padding=1)
     ref = F.conv2d(x, weight2d, bias, stride=2, padding=1)
     assert rel_error(scheme.restore(y, secret), ref) < 1e-5
@@ -139,14 +145,14 @@ def test_conv_round_trips() -> None:
     weight1d = torch.randn(13, 6, 1, generator=gen(26))
     bias1d = torch.randn(13, generator=gen(27))
     x1 = torch.randn(3, 6, 11, generator=gen(28))
-    published, secret = scheme.obfuscate(weight1d, bias1d, gen(29))
+    published, secret = scheme.obfuscate(weight1d, bias1d, secrets(29))
     y = F.conv1d(scheme.prepare_input(x1, secret), published)
     assert rel_error(scheme.restore(y, secret), F.conv1d(x1, weight1d, bias1d)) < 1e-5
 
 
 def test_identity_scheme_publishes_the_weight_and_keeps_the_bias() -> None:
     weight, bias = torch.randn(6, 4), torch.randn(6)
-    published, secret = IdentityScheme().obfuscate(weight, bias, gen())
+    published, secret = IdentityScheme().obfuscate(weight, bias, secrets())
     assert torch.equal(published, weight)
     assert secret.in_perm is None and secret.bias is not None
 
@@ -193,7 +199,7 @@ def test_round_trip_through_the_transposed_op(out: int, k: int, masked: bool) ->
     weight, bias = torch.randn(out, 20, generator=gen(out)), torch.randn(out, generator=gen(42))
     x, r = torch.randn(3, 7, 20, generator=gen(43)), torch.randn(3, 7, 20, generator=gen(44))
     scheme = GroupCoverScheme(k)
-    published, secret = scheme.obfuscate(weight, bias, gen(45))
+    published, secret = scheme.obfuscate(weight, bias, secrets(45))
     op = scheme.worker_op(LayerOp("linear"))
     reference = F.linear(x, weight, bias)
     for features_first in (False, True):
@@ -211,7 +217,7 @@ def test_round_trip_through_the_transposed_op(out: int, k: int, masked: bool) ->
 def test_features_first_input_is_permuted_by_rows_and_keeps_its_layout() -> None:
     weight = torch.randn(16, 24, generator=gen(46))
     scheme = GroupCoverScheme(4)
-    published, secret = scheme.obfuscate(weight, None, gen(47))
+    published, secret = scheme.obfuscate(weight, None, secrets(47))
     assert secret.in_perm is not None
     x = torch.randn(24, 2, 5, generator=gen(48)).movedim(0, -1)  # (2, 5, 24), features-first
     prepared = scheme.prepare_input(x, secret)

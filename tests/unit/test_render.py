@@ -24,6 +24,7 @@ from tests import schema
 GOLDEN = Path(__file__).parent / "golden"
 FIXTURES = Path(__file__).parent / "fixtures"
 CLUSTER_DIR = Path("/var/lib/gcvm/clusters/demo")
+SUBNET = "192.168.122.0/24"  # explicit: the goldens keep one address plan
 IMAGE = Path("/var/cache/gcvm/images/0123456789abcdef")
 CMDLINE = "root=/dev/vda rw console=ttyS0 fsck.mode=skip"
 
@@ -41,7 +42,7 @@ def caps_for(tee_: Tee, accel: Accel) -> HostCaps:
     return render.BUILTIN_HOSTS[tee_].caps()
 
 
-def inputs_for(tee_: Tee, accel: Accel) -> render.RenderInputs:
+def inputs_for(tee_: Tee, accel: Accel, run_as: str | None = None) -> render.RenderInputs:
     return render.RenderInputs(
         caps=caps_for(tee_, accel),
         accel=accel,
@@ -49,18 +50,22 @@ def inputs_for(tee_: Tee, accel: Accel) -> render.RenderInputs:
         initrd=IMAGE / "initrd.img",
         cmdline=CMDLINE,
         network="gcvm-demo",
+        run_as=run_as,
     )
 
 
 def vms_for(tee_: Tee, workers: int = 1) -> list[VmSpec]:
-    return plan_vms(ClusterSpec(name="demo", tee=tee_, workers=workers), CLUSTER_DIR)
+    return plan_vms(ClusterSpec(name="demo", tee=tee_, workers=workers, subnet=SUBNET), CLUSTER_DIR)
 
 
-SCENARIOS = {
-    "none-tcg": (Tee.none, Accel.tcg),
-    "none-kvm": (Tee.none, Accel.kvm),
-    "tdx": (Tee.tdx, Accel.kvm),
-    "sev-snp": (Tee.sev_snp, Accel.kvm),
+SHARED_DAEMON_USER = "libvirt-qemu:kvm"  # --connect: QEMU's user in a per-domain DAC seclabel
+SCENARIOS: dict[str, tuple[Tee, Accel, str | None]] = {
+    "none-tcg": (Tee.none, Accel.tcg, None),
+    "none-kvm": (Tee.none, Accel.kvm, None),
+    "none-kvm-shared": (Tee.none, Accel.kvm, SHARED_DAEMON_USER),
+    "tdx": (Tee.tdx, Accel.kvm, None),
+    "tdx-shared": (Tee.tdx, Accel.kvm, SHARED_DAEMON_USER),
+    "sev-snp": (Tee.sev_snp, Accel.kvm, None),
 }
 CASES = [
     (f"{scenario}-{role}", scenario, role)
@@ -70,9 +75,9 @@ CASES = [
 
 
 def rendered(scenario: str, role: Role) -> str:
-    tee_, accel = SCENARIOS[scenario]
+    tee_, accel, run_as = SCENARIOS[scenario]
     vm = next(v for v in vms_for(tee_) if v.role is role)
-    return render.render_domain(vm, inputs_for(tee_, accel))
+    return render.render_domain(vm, inputs_for(tee_, accel, run_as))
 
 
 def canonical(xml: str | bytes) -> str:
@@ -105,7 +110,7 @@ def test_domain_golden(
 
 
 def test_network_golden(request: pytest.FixtureRequest) -> None:
-    spec = ClusterSpec(name="demo", workers=4)
+    spec = ClusterSpec(name="demo", workers=4, subnet=SUBNET)
     check_golden("network", render.render_network(spec, plan_vms(spec, CLUSTER_DIR)), request)
 
 
@@ -392,7 +397,7 @@ def test_undefined_values_are_errors(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_network() -> None:
-    spec = ClusterSpec(name="demo", workers=4)
+    spec = ClusterSpec(name="demo", workers=4, subnet=SUBNET)
     vms = plan_vms(spec, CLUSTER_DIR)
     root = tree(render.render_network(spec, vms, bridge="virbr7"))
     assert root.findtext("name") == "gcvm-demo"
@@ -442,3 +447,29 @@ def test_mixed_cluster_checks_both_tees() -> None:
 def test_backend_registry() -> None:
     assert {t: tee.backend(t).tee for t in Tee} == {t: t for t in Tee}
     assert tee.backend(Tee("sev-snp")).template == "launch_security/sev-snp.xml.j2"
+
+
+def test_shared_daemon_domains_name_an_unprivileged_dac_user() -> None:
+    for scenario, (_tee, _accel, run_as) in SCENARIOS.items():
+        root = tree(rendered(scenario, Role.worker))
+        labels = root.findall("seclabel")
+        if run_as is None:
+            assert labels == []  # a private daemon's qemu.conf names the user
+        else:
+            (label,) = labels
+            assert (label.get("type"), label.get("model"), label.get("relabel")) == (
+                "static",
+                "dac",
+                "yes",
+            )
+            assert label.findtext("label") == run_as and not run_as.startswith("root")
+
+
+def test_a_users_image_boots_from_its_disk() -> None:
+    """--image PATH: no kernel to boot directly, so the domain boots the disk (it rendered
+    <kernel>None</kernel> before, and libvirt refused to start it)."""
+    vm = vms_for(Tee.none)[0]
+    inputs = replace(inputs_for(Tee.none, Accel.tcg), kernel=None, initrd=None)
+    root = tree(render.render_domain(vm, inputs))
+    assert root.find("os/kernel") is None and root.find("os/initrd") is None
+    assert root.find("os/boot").get("dev") == "hd"

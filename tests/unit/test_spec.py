@@ -68,7 +68,7 @@ def test_tee_applies_to_every_vm_by_default() -> None:
 
 
 def test_plan_is_deterministic_and_addresses_follow_ranks() -> None:
-    spec = ClusterSpec(name="demo", masters=1, workers=4)
+    spec = ClusterSpec(name="demo", masters=1, workers=4, subnet="192.168.122.0/24")
     first, second = plan_vms(spec, CLUSTER_DIR), plan_vms(spec, CLUSTER_DIR)
     assert first == second
     assert [vm.rank for vm in first] == [0, 1, 2, 3, 4]
@@ -82,5 +82,8 @@ def test_plan_is_deterministic_and_addresses_follow_ranks() -> None:
 
 
 def test_mac_and_uuid_derivation() -> None:
-    assert mac_for("192.168.122.10") == "52:54:00:a8:7a:0a"
+    a, b = mac_for("192.168.122.10", "alpha"), mac_for("192.168.122.10", "beta")
+    assert a.startswith("52:54:") and a.endswith(":7a:0a") and a != b  # the cluster's part
+    assert mac_for("192.168.122.10", "alpha") == a  # deterministic
+    assert int(a.split(":")[0], 16) & 0b11 == 0b10  # locally administered, unicast
     assert stable_uuid("a", "b") == stable_uuid("a", "b") != stable_uuid("a", "c")

@@ -1,0 +1,185 @@
+"""Integrity of the worker's results: a Freivalds-style check per call, a secret vector per layer.
+
+For a layer whose published weight is W'' (out rows), the master draws once a secret vector s
+(one entry per output feature, |s_j| uniform in [1, 2) with a random sign, from `SecretRandom`)
+and precomputes v = s^T W'' (a one-output layer of the same op). For every call with payload x_b
+and result y_b it checks, per output position (a row of a linear layer, a pixel of a conv),
+
+    | sum_j s_j y_b[.., j, ..] - op(x_b, v) |  <=  SLACK x eps(dtype) x op(|x_b|, |s|^T |W''|)
+
+The right side bounds the rounding of both sides: every term of y_b's sums and of the check's is
+at most |x_b| |W''| |s| in magnitude, so the float error of the difference is a small multiple of
+eps times their sum. An honest CPU worker stays below 0.14 x eps x bound on MiniLM's shapes, in
+float32 and float64, linear and conv (`LayerCheck.worst` records the largest ratio seen), so
+`SLACK` = 8 leaves a margin of about 50 for other summation orders (cuBLAS, cuDNN; TF32 must be
+off on a GPU worker, or float32 results are not what the layer computes). A wrong element
+y_b[j] + d moves the left side by d s_j, with |s_j| >= 1: any single error above the tolerance
+is caught with certainty, and an error spread over several elements passes only if it is
+nearly orthogonal to the secret s, which the worker never sees. The check costs a contraction
+of the result with s and two one-output ops over the input (about 3/out of the layer's FLOPs,
+plus passes over x and y), no second matmul.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from groupcover.errors import IntegrityError
+from groupcover.rng import SecretRandom
+from groupcover.transport import LayerOp
+from groupcover.worker import apply_op
+
+SLACK = 8.0
+
+
+def _plain(op: LayerOp) -> LayerOp:
+    """The op with its natural result layout (the check contracts whatever layout it gets)."""
+    params = {k: v for k, v in op.params.items() if k != "transposed"}
+    return replace(op, params=params)
+
+
+def _row_dot(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """t @ w over the last axis, in t's own memory layout: a features-first t (the transposed
+    linear op's result, or the input of a layer fed by one) is one GEMV over its contiguous
+    (features, rows) table, with no copy to row-major."""
+    table = t.movedim(-1, 0)
+    if t.dim() >= 2 and not t.is_contiguous() and table.is_contiguous():
+        return (w @ table.reshape(t.shape[-1], -1)).view(t.shape[:-1])
+    return torch.matmul(t, w)
+
+
+@dataclass
+class LayerCheck:
+    """The secret check of one layer: s (out,), v = s^T W'' and |s|^T |W''| as 1-output weights."""
+
+    layer_id: str
+    op: LayerOp
+    s: torch.Tensor
+    v: torch.Tensor
+    v_abs: torch.Tensor
+    slack: float = SLACK
+    checked: int = 0
+    seconds: float = 0.0
+    worst: float = 0.0  # the largest residual / tolerance seen on passing calls
+
+    @classmethod
+    def create(
+        cls, layer_id: str, weight: torch.Tensor, op: LayerOp, rng: SecretRandom
+    ) -> LayerCheck:
+        out = weight.shape[0]
+        s = (rng.signs(out) * rng.uniform(out, 1.0, 2.0)).to(weight.dtype)
+        shape = (out,) + (1,) * (weight.dim() - 1)
+        w = weight.detach()
+        v = (s.view(shape) * w).sum(dim=0, keepdim=True)
+        v_abs = (s.abs().view(shape) * w.abs()).sum(dim=0, keepdim=True)
+        return cls(layer_id, _plain(op), s, v, v_abs)
+
+    def _contract(self, y: torch.Tensor) -> torch.Tensor:
+        """sum_j s_j y[.., j, ..]: over the last axis (linear) or axis 1 (convolutions)."""
+        if self.op.kind == "linear":
+            return _row_dot(y, self.s)
+        return torch.tensordot(y, self.s, dims=([1], [0]))
+
+    def _one_output(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.op.kind == "linear":
+            return _row_dot(x, weight.view(-1))
+        return apply_op(self.op, x, weight).squeeze(1)
+
+    def check(self, x: torch.Tensor, y: torch.Tensor, worker: str = "the worker") -> None:
+        """Raises `IntegrityError` unless y is op(x, W'') up to float rounding."""
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                self._check(x, y, worker)
+        finally:
+            self.checked += 1
+            self.seconds += time.perf_counter() - start
+
+    def _check(self, x: torch.Tensor, y: torch.Tensor, worker: str) -> None:
+        if x.dtype != self.v.dtype or y.dtype != self.s.dtype:
+            raise IntegrityError(
+                f"{worker}: layer {self.layer_id!r} got a result of dtype {y.dtype} for a "
+                f"{self.v.dtype} layer"
+            )
+        lhs = self._contract(y)
+        rhs = self._one_output(x, self.v)
+        bound = self._one_output(x.abs(), self.v_abs)
+        eps = torch.finfo(y.dtype).eps
+        tolerance = bound.mul_(self.slack * eps).add_(torch.finfo(y.dtype).tiny)
+        residual = lhs.sub_(rhs).abs_()
+        ratio = residual.div_(tolerance)
+        worst = float(ratio.max()) if ratio.numel() else 0.0
+        if not worst <= 1.0:  # also NaN, an infinite result or an infinite bound
+            where = int(torch.nan_to_num(ratio, nan=float("inf")).argmax())
+            raise IntegrityError(
+                f"{worker}: layer {self.layer_id!r} returned a wrong result (integrity check "
+                f"failed at output position {where}: residual {worst:.3g}x the rounding bound)",
+                hint="the worker computed something else than the published layer",
+            )
+        self.worst = max(self.worst, worst)
+
+    def stats(self) -> dict[str, float]:
+        return {"checked": self.checked, "seconds": self.seconds, "worst_ratio": self.worst}
+
+
+MINILM_SHAPES: tuple[tuple[int, int], ...] = ((384, 1152), (384, 384), (384, 1536), (1536, 384))
+
+
+def _median_ms(fn: Callable[[], object], repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.thread_time()
+        fn()
+        times.append((time.thread_time() - start) * 1e3)
+    return statistics.median(times)
+
+
+def bench_integrity(
+    shapes: tuple[tuple[int, int], ...] = MINILM_SHAPES,
+    batch: int = 8,
+    seq: int = 128,
+    repeat: int = 10,
+    *,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+    threads: int = 1,
+) -> list[dict[str, float | str]]:
+    """Per (in, out) shape and dtype: median ms (this thread's CPU time, `threads` torch
+    threads) of the worker's op and of the integrity check of its result, and their ratio.
+
+    MiniLM's shapes by default (fused QKV, attention output, FFN1, FFN2 at batch 8 x 128);
+    float32 is what unmasked modes check, float64 what masked modes check.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(0)  # data, not secrets
+        rng = SecretRandom.from_seed(0)
+        op = LayerOp("linear", params={"transposed": 1})
+        rows: list[dict[str, float | str]] = []
+        for dtype in dtypes:
+            for in_features, out_features in shapes:
+                weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+                x = torch.randn(batch, seq, in_features, generator=generator).to(dtype)
+                check = LayerCheck.create("bench", weight, op, rng.spawn(f"{in_features}"))
+                y = apply_op(op, x, weight)
+                layer_ms = _median_ms(lambda: apply_op(op, x, weight), repeat)  # noqa: B023
+                check_ms = _median_ms(lambda: check.check(x, y), repeat)  # noqa: B023
+                rows.append(
+                    {
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "in_features": in_features,
+                        "out_features": out_features,
+                        "layer_ms": layer_ms,
+                        "check_ms": check_ms,
+                        "ratio": check_ms / layer_ms,
+                    }
+                )
+        return rows
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,35 @@
+"""The guest side of attestation-gated key release: hardware evidence (configfs-tsm,
+/dev/sev-guest) and a client of the key broker's KBS protocol. Verification is the broker's
+(`orchestrator.attest`); nothing here decides whether evidence is good."""
+
+from groupcover.keyrelease.evidence import (
+    ConfigfsTsm,
+    EvidenceError,
+    EvidenceSource,
+    NoEvidence,
+    SevGuestDevice,
+    detect,
+)
+from groupcover.keyrelease.kbs import (
+    INSECURE_LABEL,
+    KbsClient,
+    KeyReleaseError,
+    KeyReleaseRefused,
+    Release,
+    report_data_for,
+)
+
+__all__ = [
+    "INSECURE_LABEL",
+    "ConfigfsTsm",
+    "EvidenceError",
+    "EvidenceSource",
+    "KbsClient",
+    "KeyReleaseError",
+    "KeyReleaseRefused",
+    "NoEvidence",
+    "Release",
+    "SevGuestDevice",
+    "detect",
+    "report_data_for",
+]

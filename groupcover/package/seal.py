@@ -1,0 +1,173 @@
+"""The master's sealed bundle: chunked AES-256-GCM under a 256-bit model key.
+
+File layout (all integers little-endian):
+
+    magic  b"GCVMSEAL"  (8 bytes)
+    u32    header length H
+    H      header: canonical JSON {"version", "chunk_bytes", "chunks", "plaintext_bytes",
+           "label", "bundle"}; "bundle" is a random id, so chunks of two bundles never share
+           their associated data (no digest of the plaintext is published: GCM's tags are the
+           integrity check)
+    then per chunk i: 12-byte nonce | ciphertext of min(chunk_bytes, rest) bytes | 16-byte tag
+
+Each chunk's associated data is SHA-256(magic | header) | u64 i | u8 last, so a chunk cannot be
+moved, dropped, duplicated or taken from another bundle, the file cannot be truncated or
+extended at a chunk boundary, and the header cannot be edited. Nonces are random (96 bits from
+os.urandom): with one key per bundle, the number of chunks is far below the collision bound.
+Decryption happens in memory only; nothing is written back in the clear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from groupcover.errors import GroupCoverError
+
+MAGIC = b"GCVMSEAL"
+VERSION = 1
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+DEFAULT_CHUNK = 4 << 20
+MAX_HEADER = 1 << 16
+
+
+class SealError(GroupCoverError):
+    """A sealed bundle that cannot be opened: wrong key, tampered, truncated or not a bundle."""
+
+    exit_code = 2
+
+
+def new_key() -> bytes:
+    """A fresh 256-bit model key from the operating system's CSPRNG."""
+    return os.urandom(KEY_BYTES)
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, bytes | bytearray) or len(key) != KEY_BYTES:
+        raise SealError(
+            f"a model key is {KEY_BYTES} bytes, not {len(key) if key else 0}",
+            hint="use the model.key file written by `protect` (raw 32 bytes)",
+        )
+
+
+def _aad(header_digest: bytes, index: int, last: bool) -> bytes:
+    return header_digest + struct.pack("<QB", index, 1 if last else 0)
+
+
+def seal_bytes(plaintext: bytes, key: bytes, *, chunk_bytes: int = DEFAULT_CHUNK,
+               label: str = "") -> bytes:  # fmt: skip
+    """The sealed form of `plaintext` (see the module docstring)."""
+    _check_key(key)
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be positive")
+    chunks = max(1, -(-len(plaintext) // chunk_bytes))
+    header = json.dumps(
+        {
+            "version": VERSION,
+            "chunk_bytes": chunk_bytes,
+            "chunks": chunks,
+            "plaintext_bytes": len(plaintext),
+            "label": label,
+            "bundle": os.urandom(16).hex(),  # binds every chunk to this one bundle
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    digest = hashlib.sha256(MAGIC + header).digest()
+    aead = AESGCM(bytes(key))
+    out = [MAGIC, struct.pack("<I", len(header)), header]
+    view = memoryview(plaintext)
+    for index in range(chunks):
+        part = view[index * chunk_bytes : (index + 1) * chunk_bytes]
+        nonce = os.urandom(NONCE_BYTES)
+        out.append(nonce)
+        out.append(aead.encrypt(nonce, bytes(part), _aad(digest, index, index == chunks - 1)))
+    return b"".join(out)
+
+
+def _header(blob: memoryview) -> tuple[dict, int, bytes]:
+    if len(blob) < len(MAGIC) + 4 or bytes(blob[: len(MAGIC)]) != MAGIC:
+        raise SealError("not a sealed gcvm bundle (bad magic)")
+    (length,) = struct.unpack_from("<I", blob, len(MAGIC))
+    start = len(MAGIC) + 4
+    if length > MAX_HEADER or start + length > len(blob):
+        raise SealError("sealed bundle header is truncated or too large")
+    raw = bytes(blob[start : start + length])
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise SealError("sealed bundle header is not JSON") from None
+    fields = {"version", "chunk_bytes", "chunks", "plaintext_bytes", "label", "bundle"}
+    if not isinstance(header, dict) or set(header) != fields or header["version"] != VERSION:
+        raise SealError("sealed bundle header has an unknown version or fields")
+    chunk, chunks, size = header["chunk_bytes"], header["chunks"], header["plaintext_bytes"]
+    if not all(isinstance(v, int) and v >= 0 for v in (chunk, chunks, size)) or chunk == 0:
+        raise SealError("sealed bundle header has invalid sizes")
+    if chunks != max(1, -(-size // chunk)):
+        raise SealError("sealed bundle header's chunk count does not match its size")
+    return header, start + length, hashlib.sha256(MAGIC + raw).digest()
+
+
+def header_of(path: Path) -> dict:
+    """The public header of a sealed bundle (no key needed)."""
+    return _header(memoryview(path.read_bytes()))[0]
+
+
+def _chunks(blob: memoryview, header: dict, offset: int) -> Iterator[tuple[int, bytes, bytes]]:
+    size, chunk = header["plaintext_bytes"], header["chunk_bytes"]
+    for index in range(header["chunks"]):
+        length = min(chunk, size - index * chunk) if size else 0
+        end = offset + NONCE_BYTES + length + TAG_BYTES
+        if end > len(blob):
+            raise SealError(f"sealed bundle is truncated at chunk {index}")
+        yield (
+            index,
+            bytes(blob[offset : offset + NONCE_BYTES]),
+            bytes(blob[offset + NONCE_BYTES : end]),
+        )
+        offset = end
+    if offset != len(blob):
+        raise SealError("sealed bundle has trailing bytes after its last chunk")
+
+
+def open_bytes(sealed: bytes | memoryview, key: bytes) -> bytes:
+    """The plaintext of a sealed bundle, in memory; any tampering or a wrong key is refused."""
+    _check_key(key)
+    blob = memoryview(sealed)
+    header, offset, digest = _header(blob)
+    aead = AESGCM(bytes(key))
+    out = bytearray()
+    last = header["chunks"] - 1
+    for index, nonce, body in _chunks(blob, header, offset):
+        try:
+            out += aead.decrypt(nonce, body, _aad(digest, index, index == last))
+        except InvalidTag:
+            raise SealError(
+                f"sealed bundle chunk {index} failed authentication",
+                hint="the bundle was altered, or this is not its model key",
+            ) from None
+    return bytes(out)
+
+
+def seal_file(path: Path, plaintext: bytes, key: bytes, **options: object) -> str:
+    """Writes the sealed bundle; returns the SHA-256 of the file (for the public manifest)."""
+    sealed = seal_bytes(plaintext, key, **options)  # type: ignore[arg-type]
+    path.write_bytes(sealed)
+    return hashlib.sha256(sealed).hexdigest()
+
+
+def open_file(path: Path, key: bytes) -> bytes:
+    try:
+        sealed = path.read_bytes()
+    except OSError as exc:
+        raise SealError(f"cannot read the sealed bundle {path}: {exc.strerror}") from None
+    return open_bytes(sealed, key)

@@ -1,0 +1,196 @@
+"""`gcvm attest verify` and `gcvm broker serve` (registered by orchestrator.cli)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from orchestrator.errors import UsageError
+
+attest_app = typer.Typer(help="Verify attestation evidence offline.", no_args_is_help=True)
+broker_app = typer.Typer(help="The owner's key broker (KBS protocol).", no_args_is_help=True)
+
+
+def _guess_tee(raw: bytes) -> str:
+    from orchestrator.attest import snp
+
+    if len(raw) == snp.REPORT_SIZE:
+        return "snp"
+    if len(raw) >= 8 and int.from_bytes(raw[4:8], "little") == 0x81:
+        return "tdx"
+    raise UsageError(
+        f"cannot tell what this evidence is ({len(raw)} bytes)",
+        hint="give --tee snp (a 1184-byte report) or --tee tdx (a DCAP quote)",
+    )
+
+
+@attest_app.command("verify")
+def verify_cmd(
+    file: Path = typer.Argument(..., help="An SEV-SNP report (raw or hex) or a TDX quote."),
+    tee: str | None = typer.Option(None, help="snp or tdx (default: from the file)."),
+    certs: Path | None = typer.Option(
+        None, help="SNP: folder with the report's VCEK or VLEK (and AMD's chain, else built in)."
+    ),
+    collateral: Path | None = typer.Option(
+        None, help="TDX: dcap-qvl QuoteCollateralV3 JSON (TCB info, QE identity, CRLs)."
+    ),
+    now: int | None = typer.Option(None, help="Verify as at this UNIX time (default: now)."),
+    policy: Path | None = typer.Option(
+        None, help="Also apply a broker policy's reference values (measurement, TCB, MRTD...)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print claims and verdict as JSON."),
+) -> None:
+    """Verify one report or quote offline; print its claims and the verdict (exit 0 valid,
+    1 invalid, 2 bad input)."""
+    from orchestrator.attest import snp, tdx
+    from orchestrator.attest.common import BadEvidence, EvidenceRefused
+    from orchestrator.attest.policy import load_policy
+    from orchestrator.ui import out
+
+    if tee == "sev-snp":
+        tee = "snp"
+    if tee not in (None, "snp", "tdx"):
+        raise UsageError(f"unknown --tee {tee!r}", hint="snp or tdx")
+    try:
+        raw = snp.read_report_file(file)
+    except BadEvidence as exc:
+        raise UsageError(exc.message) from None
+    kind = tee or _guess_tee(raw)
+    pol = load_policy(policy) if policy else None
+    if kind == "snp":
+        snp.parse_report(raw)  # bad input before missing certificates
+        when = dt.datetime.fromtimestamp(now, dt.UTC) if now is not None else None
+        cert_set = snp.SnpCerts.load_dir(certs) if certs else None
+        if cert_set is None and pol and pol.snp and pol.snp.certs:
+            cert_set = snp.SnpCerts.load_dir(pol.snp.certs)
+        if cert_set is None:
+            raise UsageError(
+                "an SEV-SNP report is verified with its VCEK or VLEK, which it does not carry",
+                hint="give --certs DIR (the VCEK/VLEK; AMD's chain is built in)",
+            )
+        verdict = snp.verify_report(raw, cert_set, now=when)
+        if pol and pol.snp and verdict.verified:
+            snp.check_policy(verdict, pol.snp)
+    else:
+        path = collateral or (pol.tdx.collateral if pol and pol.tdx else None)
+        text = tdx.read_collateral(path) if path else None
+        accepted = tuple(pol.tdx.accepted_tcb_status) if pol and pol.tdx else ("UpToDate",)
+        verdict = tdx.verify_quote(raw, text, now=now, accepted_status=accepted)
+        if pol and pol.tdx and verdict.verified:
+            tdx.check_policy(verdict, pol.tdx)
+    if as_json:
+        doc = {
+            "tee": verdict.tee,
+            "valid": verdict.valid,
+            "verified": verdict.verified,
+            "failures": verdict.failures,
+            "claims": verdict.claims,
+        }
+        out.print_json(json.dumps(doc))
+    else:
+        out.print(f"{kind} evidence {file}", soft_wrap=True)
+        for key, value in verdict.claims.items():
+            out.print(f"  {key:<22} {value}", soft_wrap=True, markup=False, highlight=False)
+        for item in verdict.verified:
+            out.print(f"  [green]verified[/] {item}", soft_wrap=True)
+        if verdict.valid:
+            out.print("[green]verdict: valid[/]")
+    if not verdict.valid:
+        raise EvidenceRefused(f"verdict: invalid: {verdict.reason}")
+
+
+@attest_app.command("measure")
+def measure_cmd(
+    ovmf: Path = typer.Option(..., help="The SEV-SNP OVMF image (e.g. OVMF.amdsev.fd)."),
+    kernel: Path = typer.Option(..., help="The guest kernel of the measured direct boot."),
+    initrd: Path | None = typer.Option(None, help="Its initrd."),
+    append: str = typer.Option("", help="The kernel command line, exactly as the domain has it."),
+    vcpus: int = typer.Option(1, help="vCPUs of the guest."),
+    vcpu_type: str = typer.Option("EPYC-v4", help="QEMU CPU model (EPYC-v4, EPYC-Milan, ...)."),
+    guest_features: str = typer.Option(
+        "0x1", help="VMSA SEV_FEATURES (0x1; 0x21 for guest kernels >= 6.6)."
+    ),
+) -> None:
+    """Print the SEV-SNP launch digest (measurement) a guest booted this way must report: the
+    value for a broker policy's snp.measurements (sev-snp-measure)."""
+    from orchestrator.attest.measure import snp_launch_digest
+    from orchestrator.ui import out
+
+    try:
+        features = int(guest_features, 0)
+    except ValueError:
+        raise UsageError(f"--guest-features {guest_features!r} is not an integer") from None
+    digest = snp_launch_digest(
+        ovmf, kernel, initrd, append, vcpus=vcpus, vcpu_type=vcpu_type, guest_features=features
+    )
+    out.print(digest.hex(), soft_wrap=True)
+
+
+@broker_app.command("serve")
+def serve_cmd(
+    policy: Path | None = typer.Option(
+        None, help="Policy file (YAML/JSON): reference values and resources."
+    ),
+    listen: str = typer.Option("127.0.0.1:8080", help="HOST:PORT to bind (that address only)."),
+    resource: list[str] = typer.Option(
+        [], "--resource", help="NAME=FILE, NAME as <repository>/<type>/<tag> (repeatable)."
+    ),
+    insecure_no_attestation: bool = typer.Option(
+        False,
+        "--insecure-no-attestation",
+        help="Release keys to guests without a TEE (tee 'sample'); for --tee none only.",
+    ),
+    log_file: Path | None = typer.Option(None, "--log", help="Also append decisions here."),
+) -> None:
+    """Serve the KBS protocol (auth, attest, resource/<repo>/<type>/<tag>) on HOST:PORT."""
+    from orchestrator.attest.broker import INSECURE_LABEL, Broker, make_server
+    from orchestrator.attest.policy import Policy, load_policy
+    from orchestrator.ui import console
+
+    pol = load_policy(policy) if policy else Policy()
+    for item in resource:
+        name, sep, path = item.partition("=")
+        if not sep or len(name.split("/")) != 3:
+            raise UsageError(f"--resource {item!r} is not REPO/TYPE/TAG=FILE")
+        pol.resources[name] = Path(path)
+    if not pol.resources:
+        raise UsageError("the broker has nothing to release", hint="--resource gcvm/model/key=FILE")
+    if pol.snp is None and pol.tdx is None and not insecure_no_attestation:
+        raise UsageError(
+            "the policy accepts no TEE (no snp or tdx section)",
+            hint="write a policy, or --insecure-no-attestation for guests without a TEE",
+        )
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        raise UsageError(f"--listen {listen!r} is not HOST:PORT")
+    broker_log = logging.getLogger("gcvm.broker")
+    broker_log.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s broker %(levelname)s %(message)s"))
+    broker_log.addHandler(handler)
+    if log_file:
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(handler.formatter)
+        broker_log.addHandler(file_handler)
+    broker = Broker(pol, insecure_no_attestation=insecure_no_attestation)
+    server = make_server(broker, host.strip("[]"), int(port_text))
+    bound_host, bound_port = server.server_address[:2]
+    if isinstance(bound_host, bytes):
+        bound_host = bound_host.decode()
+    console.print(
+        f"broker listening on http://{bound_host}:{bound_port} (policy {pol.source}; "
+        f"resources {', '.join(sorted(pol.resources))})"
+    )
+    if insecure_no_attestation:
+        console.print(f"[yellow]warning:[/] --insecure-no-attestation: {INSECURE_LABEL}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("broker stopped")
+    finally:
+        server.server_close()

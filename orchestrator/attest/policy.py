@@ -1,0 +1,156 @@
+"""The broker's policy file (YAML or JSON): what evidence releases which resource.
+
+```yaml
+nonce_ttl_s: 60            # a challenge's lifetime; nonces are single-use
+token_ttl_s: 300           # the attestation token's (and the attested session's) lifetime
+snp:
+  measurements: [<96 hex>]   # accepted launch digests (sev-snp-measure); empty: refuse all
+  min_tcb: {bootloader: 3, tee: 0, snp: 8, microcode: 115}
+  vmpl: [0]                  # accepted VMPLs
+  certs: certs/              # VCEK/VLEK (and chain) when the evidence has no certificate table
+  roots: ark.pem             # trusted ARKs; default AMD's (tests use their own)
+tdx:
+  mrtd: [<96 hex>]
+  rtmrs: [[<rtmr0>, <rtmr1>, <rtmr2>, null]]   # accepted sets; null: any value
+  accepted_tcb_status: [UpToDate]
+  collateral: collateral.json                  # dcap-qvl QuoteCollateralV3 JSON
+resources:
+  gcvm/model/key: model.key                    # <repository>/<type>/<tag>: file
+```
+Debug guests are always refused (there is no switch). Relative paths are from the file's folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import UsageError
+
+
+@dataclass
+class SnpPolicy:
+    measurements: list[str] = field(default_factory=list)
+    min_tcb: dict[str, int] = field(default_factory=dict)
+    vmpl: list[int] | None = field(default_factory=lambda: [0])
+    certs: Path | None = None
+    roots: Path | None = None
+    allow_debug: bool = False
+
+
+@dataclass
+class TdxPolicy:
+    mrtd: list[str] = field(default_factory=list)
+    rtmrs: list[list[str | None]] = field(default_factory=list)
+    accepted_tcb_status: list[str] = field(default_factory=lambda: ["UpToDate"])
+    collateral: Path | None = None
+    allow_debug: bool = False
+
+
+@dataclass
+class Policy:
+    snp: SnpPolicy | None = None
+    tdx: TdxPolicy | None = None
+    resources: dict[str, Path] = field(default_factory=dict)
+    nonce_ttl_s: float = 60.0
+    token_ttl_s: float = 300.0
+    source: str = "<built in>"
+
+
+_TCB_KEYS = {"bootloader", "tee", "snp", "microcode", "fmc"}
+
+
+def _hexes(values: Any, what: str, size: int = 48) -> list[str]:
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        raise UsageError(f"policy: {what} must be a list of hex strings")
+    out = []
+    for v in values:
+        text = str(v).strip().lower().removeprefix("0x")
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            raise UsageError(f"policy: {what} entry {v!r} is not hex") from None
+        if len(raw) != size:
+            raise UsageError(f"policy: {what} entry has {len(raw)} bytes, expected {size}")
+        out.append(raw.hex())
+    return out
+
+
+def _only(section: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(section) - allowed
+    if unknown:
+        raise UsageError(
+            f"policy: unknown key(s) {', '.join(sorted(unknown))} in {where}",
+            hint=f"known: {', '.join(sorted(allowed))}",
+        )
+
+
+def _debug(section: dict[str, Any], where: str) -> bool:
+    if section.get("allow_debug", False) is not False:
+        raise UsageError(
+            f"policy: {where}.allow_debug must be false",
+            hint="a debug guest's memory is readable by the host: the broker never releases to one",
+        )
+    return False
+
+
+def parse_policy(data: Any, base: Path, source: str = "<dict>") -> Policy:
+    if not isinstance(data, dict):
+        raise UsageError(f"policy {source} is not a mapping")
+    _only(data, {"snp", "tdx", "resources", "nonce_ttl_s", "token_ttl_s"}, "the policy")
+    rel = lambda v: None if v is None else (base / str(v))  # noqa: E731
+    policy = Policy(source=source)
+    if (snp := data.get("snp")) is not None:
+        _only(snp, {"measurements", "min_tcb", "vmpl", "certs", "roots", "allow_debug"}, "snp")
+        min_tcb = snp.get("min_tcb") or {}
+        if not isinstance(min_tcb, dict) or set(min_tcb) - _TCB_KEYS:
+            raise UsageError(f"policy: snp.min_tcb takes {', '.join(sorted(_TCB_KEYS))}")
+        vmpl = snp.get("vmpl", [0])
+        policy.snp = SnpPolicy(
+            measurements=_hexes(snp.get("measurements"), "snp.measurements"),
+            min_tcb={str(k): int(v) for k, v in min_tcb.items()},
+            vmpl=None if vmpl is None else [int(v) for v in vmpl],
+            certs=rel(snp.get("certs")),
+            roots=rel(snp.get("roots")),
+            allow_debug=_debug(snp, "snp"),
+        )
+    if (tdx := data.get("tdx")) is not None:
+        _only(tdx, {"mrtd", "rtmrs", "accepted_tcb_status", "collateral", "allow_debug"}, "tdx")
+        rtmrs = []
+        for entry in tdx.get("rtmrs") or []:
+            if not isinstance(entry, list) or len(entry) != 4:
+                raise UsageError("policy: each tdx.rtmrs entry is a list of 4 (hex or null)")
+            rtmrs.append([None if v is None else _hexes([v], "tdx.rtmrs")[0] for v in entry])
+        policy.tdx = TdxPolicy(
+            mrtd=_hexes(tdx.get("mrtd"), "tdx.mrtd"),
+            rtmrs=rtmrs,
+            accepted_tcb_status=[str(s) for s in tdx.get("accepted_tcb_status", ["UpToDate"])],
+            collateral=rel(tdx.get("collateral")),
+            allow_debug=_debug(tdx, "tdx"),
+        )
+    for name, path in (data.get("resources") or {}).items():
+        parts = str(name).split("/")
+        if len(parts) != 3 or not all(p and p not in (".", "..") for p in parts):
+            raise UsageError(f"policy: resource {name!r} is not <repository>/<type>/<tag>")
+        policy.resources[str(name)] = base / str(path)
+    policy.nonce_ttl_s = float(data.get("nonce_ttl_s", policy.nonce_ttl_s))
+    policy.token_ttl_s = float(data.get("token_ttl_s", policy.token_ttl_s))
+    return policy
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read policy {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise UsageError(f"policy {path} does not parse: {exc}") from None
+    return parse_policy(data, path.resolve().parent, str(path))

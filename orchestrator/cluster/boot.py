@@ -1,0 +1,211 @@
+"""`up`: refuse before creating, create, wait; on failure or Ctrl-C, remove what was made."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+from orchestrator import paths, state, ui
+from orchestrator.cluster.addressing import allocation_lock, resolve_subnet
+from orchestrator.cluster.backend import Backend
+from orchestrator.cluster.create import _create, _initial_state, _Up, _write_keys
+from orchestrator.cluster.ready import _ready
+from orchestrator.cluster.teardown import _teardown
+from orchestrator.errors import (
+    ClusterExists,
+    GcvmError,
+    Interrupted,
+)
+from orchestrator.spec import ClusterSpec, Tee, check_timeout, plan_vms
+from orchestrator.state import ClusterState
+
+DEFAULT_TIMEOUT = 300.0
+
+
+def _refuse_existing(spec: ClusterSpec, backend: Backend) -> None:
+    hint = f"gcvm down --name {spec.name}"
+    if state.exists(spec.name):
+        raise ClusterExists(f"cluster {spec.name!r} already exists", hint=hint)
+    if spec.connect is None and (
+        backend.netns_exists(spec.netns) or backend.daemon_leftover(spec.name)
+    ):
+        raise ClusterExists(
+            f"cluster {spec.name!r} left a namespace or daemon behind", hint=f"{hint} removes it"
+        )
+
+
+def up(
+    spec: ClusterSpec,
+    *,
+    keep_on_failure: bool = False,
+    image_path: Path | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    backend: Backend | None = None,
+) -> ClusterState:
+    """Create the cluster and return its state once every VM is ready with the code installed."""
+    spec.validate()
+    check_timeout("--timeout", timeout)
+    backend = backend or Backend()
+    with state.locked(spec.name), _sigterm_interrupts():
+        _refuse_existing(spec, backend)
+        run = _Up(spec, backend, timeout, image_path or spec.image)
+        started = time.monotonic()
+        try:
+            st = _up(run)
+        except BaseException as exc:
+            _fail(run, exc, keep_on_failure)
+            if isinstance(exc, KeyboardInterrupt):
+                raise Interrupted(
+                    "interrupted; the cluster was removed"
+                    if not keep_on_failure
+                    else "interrupted; the cluster was kept"
+                ) from None
+            raise
+        finally:
+            if run.hv is not None:
+                run.hv.close()
+        ui.info(
+            f"cluster {spec.name} ready in {time.monotonic() - started:.1f} s ({len(st.vms)} VMs)"
+        )
+        return st
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a CI job cancelled, `timeout`) cleans up like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _shielded() -> Iterator[list[int]]:
+    """Cleanup runs to its end: Ctrl-C and SIGTERM are noted and said to wait, not raised.
+    Yields the signals that arrived meanwhile."""
+    arrived: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield arrived
+        return
+
+    def note(signum: int, frame: object) -> None:
+        arrived.append(signum)
+        ui.warn("cleaning up; wait for it to finish (it stops by itself)")
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield arrived
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _fail(run: _Up, exc: BaseException, keep: bool) -> None:
+    with _shielded():
+        _fail_shielded(run, exc, keep)
+
+
+def _fail_shielded(run: _Up, exc: BaseException, keep: bool) -> None:
+    ui.log.debug("up failed: %r", exc, exc_info=exc)
+    if run.st is None:
+        return  # nothing was created
+    if keep:
+        ui.warn(
+            f"kept the failed cluster for inspection; remove it with "
+            f"`gcvm down --name {run.spec.name}`"
+        )
+        return
+    if run.hv is not None:
+        with contextlib.suppress(Exception):
+            run.hv.close()
+        run.hv = None
+    kept = _keep_logs(run.spec.name)
+    with ui.step(f"clean up the failed cluster {run.spec.name}"):
+        try:
+            _teardown(run.spec.name, run.st, run.backend)
+        except BaseException as cleanup_exc:  # the original failure matters more
+            ui.warn(
+                f"cleanup incomplete: {cleanup_exc or type(cleanup_exc).__name__}; "
+                f"run `gcvm down --name {run.spec.name}`"
+            )
+    if kept is not None:
+        ui.info(f"the debug log and serial consoles of the failed `up` are kept in {kept}")
+
+
+def _keep_logs(name: str) -> Path | None:
+    """Copy the cluster's debug log and serial logs out of the folder teardown removes."""
+    cdir = state.cluster_dir(name)
+    sources = [p for p in (cdir / "debug.log", cdir / "logs") if p.exists()]
+    if not sources:
+        return None
+    dest = paths.state_root() / "failed" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        if src.is_dir():
+            shutil.copytree(src, dest / src.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dest / src.name)
+    return dest
+
+
+def _up(run: _Up) -> ClusterState:
+    spec, backend = run.spec, run.backend
+    # a user's --image is checked first: a wrong file is theirs to fix, whatever the host
+    given = backend.find_image(run.image_path) if run.image_path is not None else None
+    with ui.step("check the host"):
+        if spec.connect is not None:
+            run.hv = backend.open_hypervisor(spec.connect)
+            host = backend.host_facts(run.hv, spec)
+        else:
+            host = backend.precheck(spec)  # asked again through the private daemon below
+    with ui.step("find the guest image"):
+        image = given if given is not None else backend.find_image(run.image_path)
+        ui.info(f"image {image.disk}")
+        for tee in spec.tees:
+            if tee is not Tee.none and image.tee_guest_support.get(str(tee)) is False:
+                raise GcvmError(
+                    f"the guest image's kernel ({image.kernel_version}) has no {tee} guest support",
+                    hint="use an image whose kernel has it (--image PATH), or --tee none",
+                )
+    # chosen and recorded under one host-wide lock: two `up`s at once never pick the same
+    with allocation_lock(), ui.step("choose the cluster's subnet"):
+        spec = run.spec = resolve_subnet(spec, run.hv, backend)
+        ui.info(f"subnet {spec.subnet}")
+        vms = plan_vms(spec, run.dir)
+        run.st = _initial_state(spec, vms, image)
+        state.save(run.st)
+    ui.attach_debug_log(run.dir / "debug.log")
+    ui.log.debug("up: %s", spec)
+    host_keys = _write_keys(run.st, vms)
+    state.save(run.st)
+    if spec.connect is None:
+        with ui.step(f"start a private libvirt in network namespace {spec.netns}"):
+            backend.create_netns(spec.netns)
+            daemon = backend.start_daemon(spec.name, spec.netns, run.dir / "libvirt")
+            run.st = replace(run.st, private_daemon=daemon)
+            state.save(run.st)
+            run.hv = backend.open_hypervisor(run.st.uri)
+            host = backend.host_facts(run.hv, spec)
+    assert run.hv is not None
+    run.st = replace(run.st, host=host.facts)
+    state.save(run.st)
+    ui.info(
+        f"accelerator {host.accel}; libvirt {host.facts.get('libvirt', '?')}, "
+        f"QEMU {host.facts.get('qemu', '?')}"
+    )
+    _create(run, vms, image, host, host_keys)
+    return _ready(run, vms, image)

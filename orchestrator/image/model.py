@@ -1,0 +1,72 @@
+"""The image's constants and its description (Image), for gcvm's own image and a user's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from orchestrator.spec import Tee
+
+SUITE = "bookworm"
+GUEST_VENV = PurePosixPath("/opt/gcvm/venv")
+GUEST_PYTHON = str(GUEST_VENV / "bin" / "python")
+CMDLINE = "root=/dev/vda rw console=ttyS0 fsck.mode=skip"
+ROOT_LABEL = "gcvm-root"
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Bump when this module changes what a build produces; it is part of the recipe hash.
+BUILD_FORMAT = "1"
+RECIPE_FILES = ("packages.txt", "wheels.txt", "wheels-nodeps.txt", "dpkg.cfg", "customize.sh")
+RECIPE_TREE = "rootfs"
+METADATA = "image.json"
+DISK, KERNEL, INITRD, KERNEL_CONFIG = "disk.qcow2", "vmlinuz", "initrd.img", "kernel.config"
+GUEST_WHEELS = "/var/tmp/gcvm-wheels"  # inside the tree, removed before the disk is made
+# Modules the initrd must hold to mount the root file system from a virtio disk.
+INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
+# Free space left in the guest's root file system beyond what the tree holds.
+FREE_BYTES = 1536 * 2**20
+TOOLS = ("mmdebstrap", "mkfs.ext4", "qemu-img", "chroot")
+INSTALL_HINT = "run scripts/install-system-deps.sh (mmdebstrap, e2fsprogs, qemu-utils)"
+# Which kernel options make a guest kernel able to run inside each TEE.
+TEE_GUEST_OPTIONS: dict[Tee, tuple[str, ...]] = {
+    Tee.tdx: ("CONFIG_INTEL_TDX_GUEST",),
+    Tee.sev_snp: ("CONFIG_AMD_MEM_ENCRYPT", "CONFIG_SEV_GUEST"),
+}
+
+
+@dataclass(frozen=True)
+class Image:
+    root: Path  # the cache folder (a user image: the folder holding it)
+    disk: Path  # the base disk; VMs run on a qcow2 overlay over it
+    kernel: Path | None  # None: the disk boots itself (a user's cloud image)
+    initrd: Path | None
+    cmdline: str  # kernel command line for direct boot ("" for a user image)
+    python: str  # the guest interpreter that has torch
+    recipe_hash: str  # "" for a user image
+    size_bytes: int  # bytes the image takes on the host
+    built_seconds: float
+    kernel_version: str
+    tee_guest_support: dict[str, bool]  # Tee value -> the guest kernel supports it ({}: unknown)
+    disk_format: str = "qcow2"
+    python_version: str = ""
+
+    @property
+    def direct_boot(self) -> bool:
+        return self.kernel is not None
+
+    def supports_tee_guest(self, tee: Tee) -> bool | None:
+        """True/False from the guest kernel's config; None when unknown (a user image)."""
+        if tee is Tee.none:
+            return True
+        return self.tee_guest_support.get(tee.value)
+
+
+def tee_guest_problem(image: Image, tee: Tee) -> str | None:
+    """A one-line warning for doctor/up when the image's guest kernel lacks what `tee` needs;
+    None when it has it, or when that is unknown (a user's image)."""
+    if image.supports_tee_guest(tee) is not False:
+        return None
+    options = " and ".join(TEE_GUEST_OPTIONS[tee])
+    return (
+        f"the guest kernel {image.kernel_version} of image {image.recipe_hash or image.disk} "
+        f"lacks {tee} guest support ({options} not enabled): it will not boot as a {tee} guest"
+    )

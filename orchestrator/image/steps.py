@@ -1,0 +1,246 @@
+"""The build's steps, each on a _Build: wheels, bootstrap, configure, venv, kernel, disk."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator import ui
+from orchestrator.errors import GcvmError, HostUnsupported
+from orchestrator.image.apt import AptSource
+from orchestrator.image.commands import _run, remove_tree
+from orchestrator.image.kernel import _kernel_files, tee_guest_support
+from orchestrator.image.model import (
+    DISK,
+    FREE_BYTES,
+    GUEST_PATH,
+    GUEST_PYTHON,
+    GUEST_VENV,
+    GUEST_WHEELS,
+    INITRD,
+    INITRD_MODULES,
+    KERNEL,
+    KERNEL_CONFIG,
+    ROOT_LABEL,
+    SUITE,
+)
+from orchestrator.image.recipe import Recipe
+
+
+def _tree_bytes(tree: Path) -> int:
+    total = 0
+    for folder, _dirs, files in os.walk(tree):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+    return total
+
+
+def _dir_bytes(folder: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in folder.iterdir() if p.is_file())
+
+
+def _python_tag() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+@dataclass(frozen=True)
+class _Build:
+    recipe: Recipe
+    hash: str
+    work: Path  # the temporary folder that becomes images_dir()/<hash>
+    log: Path
+
+    @property
+    def tree(self) -> Path:
+        return self.work / "tree"
+
+    @property
+    def wheels(self) -> Path:
+        return self.work / "wheels"
+
+    def chroot(
+        self, *argv: str, stdin: str | None = None, capture: bool = False, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `argv` in the guest tree with a clean environment (none of the host's PIP_*)."""
+        env = ["env", "-i", f"PATH={GUEST_PATH}", "HOME=/root", "LANG=C.UTF-8"]
+        return _run(
+            ["chroot", str(self.tree), *env, *argv],
+            self.log,
+            stdin=stdin,
+            capture=capture,
+            check=check,
+        )
+
+
+def _download_wheels(build: _Build) -> None:
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--only-binary=:all:",
+        "--dest",
+        str(build.wheels),
+        "--no-input",
+        "--disable-pip-version-check",
+    ]
+    _run([*pip, *build.recipe.wheels], build.log)
+    _run([*pip, "--no-deps", *build.recipe.wheels_nodeps], build.log)
+    ui.info(
+        f"{len(list(build.wheels.glob('*.whl')))} wheels, "
+        f"{_dir_bytes(build.wheels) / 2**20:.0f} MiB, for Python {_python_tag()}"
+    )
+
+
+def _bootstrap(build: _Build, sources: Sequence[AptSource]) -> None:
+    """mmdebstrap into a tree that already holds images/rootfs/, so that the packages' own
+    scripts see it (the initramfs settings shape the initrd the kernel package makes)."""
+    build.tree.mkdir(mode=0o755)
+    shutil.copytree(build.recipe.tree, build.tree, symlinks=True, dirs_exist_ok=True)
+    argv = [
+        "mmdebstrap",
+        "--mode=root",
+        "--variant=minbase",
+        "--skip=check/empty",
+        f"--include={','.join(build.recipe.packages)}",
+        f"--dpkgopt={build.recipe.dpkg_cfg}",
+        '--aptopt=Acquire::Languages "none"',
+        SUITE,
+        str(build.tree),
+        *(source.line() for source in sources),
+    ]
+    _run(argv, build.log, timeout=3600)
+
+
+def _configure(build: _Build) -> None:
+    build.chroot("/bin/sh", "-s", stdin=build.recipe.customize.read_text())
+
+
+def _install_venv(build: _Build) -> str:
+    guest_python = build.chroot(
+        "python3",
+        "-c",
+        "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')",
+        capture=True,
+    ).stdout.strip()
+    if guest_python != _python_tag():
+        raise HostUnsupported(
+            f"the guest has Python {guest_python} but the host's pip downloaded wheels for "
+            f"Python {_python_tag()}",
+            hint=f"run gcvm with a Python {guest_python} interpreter",
+        )
+    target = build.tree / GUEST_WHEELS.lstrip("/")
+    shutil.copytree(build.wheels, target)
+    venv_pip = [
+        str(GUEST_VENV / "bin" / "pip"),
+        "install",
+        "--no-index",
+        "--find-links",
+        GUEST_WHEELS,
+        "--no-input",
+        "--disable-pip-version-check",
+    ]
+    try:
+        build.chroot("python3", "-m", "venv", str(GUEST_VENV))
+        build.chroot(*venv_pip, *build.recipe.wheels)
+        build.chroot(*venv_pip, "--no-deps", *build.recipe.wheels_nodeps)
+        _byte_compile(build)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+    version = build.chroot(
+        GUEST_PYTHON, "-c", "import sys; print(sys.version.split()[0])", capture=True
+    )
+    return version.stdout.strip()
+
+
+def _byte_compile(build: _Build) -> None:
+    """Byte-compile the venv (pip compiled most of it already). Files written for newer
+    Pythons (torch ships a few test helpers in 3.12 syntax) fail and are listed, not fatal."""
+    proc = build.chroot(
+        GUEST_PYTHON,
+        "-m",
+        "compileall",
+        "-q",
+        "-j",
+        "0",
+        str(GUEST_VENV / "lib"),
+        capture=True,
+        check=False,
+    )
+    failed = re.findall(r"^\*\*\* Error compiling '([^']+)'", proc.stdout, re.MULTILINE)
+    if proc.returncode != 0 and not failed:
+        raise GcvmError(
+            f"byte-compiling the guest venv failed ({proc.returncode})",
+            hint=f"see {build.log}",
+        )
+    if failed:
+        ui.info(
+            f"{len(failed)} file(s) not byte-compiled (syntax of a newer Python): "
+            + ", ".join(Path(name).name for name in failed[:5])
+        )
+
+
+def _check_initrd(build: _Build, initrd: Path) -> None:
+    """The initrd must hold the modules to mount the root disk (see initramfs-tools in rootfs)."""
+    listing = build.chroot(
+        "lsinitramfs", "/" + initrd.relative_to(build.tree).as_posix(), capture=True
+    ).stdout
+    present = {Path(line).name.split(".ko")[0] for line in listing.splitlines() if ".ko" in line}
+    missing = [module for module in INITRD_MODULES if module not in present]
+    if missing:
+        raise GcvmError(
+            f"the guest's initrd lacks {', '.join(missing)}: it could not mount its root disk",
+            hint="check images/rootfs/etc/initramfs-tools/hooks/gcvm",
+        )
+    ui.info(f"initrd: {initrd.stat().st_size / 2**20:.1f} MiB, {len(present)} modules")
+
+
+def _export_kernel(build: _Build) -> tuple[str, dict[str, bool]]:
+    kernel, initrd, config, version = _kernel_files(build.tree)
+    _check_initrd(build, initrd)
+    for source, name in ((kernel, KERNEL), (initrd, INITRD), (config, KERNEL_CONFIG)):
+        shutil.copyfile(source, build.work / name)
+        os.chmod(build.work / name, 0o644)
+    support = tee_guest_support(config.read_text())
+    ui.info(
+        f"kernel {version}; guest support: "
+        + ", ".join(f"{tee} {'yes' if ok else 'no'}" for tee, ok in support.items())
+    )
+    return version, support
+
+
+def _make_disk(build: _Build) -> None:
+    raw = build.work / "disk.raw"
+    size_mib = (_tree_bytes(build.tree) * 11 // 10 + FREE_BYTES) // 2**20 + 1
+    _run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            ROOT_LABEL,
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            str(build.tree),
+            str(raw),
+            f"{size_mib}M",
+        ],
+        build.log,
+    )
+    remove_tree(build.tree)
+    _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(build.work / DISK)], build.log)
+    raw.unlink()
+    os.chmod(build.work / DISK, 0o644)
+    ui.info(
+        f"disk: {size_mib} MiB file system, qcow2 "
+        f"{(build.work / DISK).stat().st_blocks * 512 / 2**20:.0f} MiB"
+    )
