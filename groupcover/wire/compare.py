@@ -107,6 +107,21 @@ def main(argv: list[str] | None = None) -> int:
         (tcp_total, tcp_transfer), (rpc_total, rpc_transfer) = medians["tcp"], medians["torch-rpc"]
         print(f"  tcp / torch-rpc: forward {tcp_total / rpc_total:.3f}, "
               f"transfer {tcp_transfer / rpc_transfer:.3f}")  # fmt: skip
+        # single calls, alternating transports call by call: the least disturbed comparison
+        calls = {"Q/K/V/O": ("0.0", x), "FFN1": ("0.4", x), "FFN2": ("0.5", wide)}
+        per_call: dict[tuple[str, str], list[float]] = {}
+        for _ in range(args.repeat * 3):
+            for label, (layer_id, tensor) in calls.items():
+                for name, transport in transports.items():
+                    start = time.perf_counter()
+                    transport.run(layer_id, tensor)
+                    per_call.setdefault((name, label), []).append(time.perf_counter() - start)
+        print(f"single calls, interleaved ({args.repeat * 3} each), median round trip:")
+        for label in calls:
+            tcp_ms = statistics.median(per_call[("tcp", label)]) * 1e3
+            rpc_ms = statistics.median(per_call[("torch-rpc", label)]) * 1e3
+            print(f"  {label:8s} tcp {tcp_ms:7.2f} ms   torch-rpc {rpc_ms:7.2f} ms   "
+                  f"ratio {tcp_ms / rpc_ms:.3f}")  # fmt: skip
         for transport in transports.values():
             transport.close()
         tcp_worker.stdin.close()

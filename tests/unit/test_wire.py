@@ -262,3 +262,16 @@ def test_interface_address() -> None:
         interface_address("nosuchif0")
     with pytest.raises(RendezvousError, match="not a network interface name"):
         interface_address("x" * 40)
+
+
+def test_a_master_stalling_mid_message_loses_only_its_own_session(server: WorkerServer) -> None:
+    other = TcpTransport(server.address, "worker1", "other", timeout_s=5)
+    other.publish("l0", torch.eye(2), LayerOp("linear"))
+    sock = _raw_session(server)
+    sock.sendall(Header(Op.STATS, 2).pack()[:40])  # and nothing more
+    start = time.monotonic()
+    assert sock.recv(1) == b""  # the worker ends it after its 2 s deadline
+    assert 1.5 < time.monotonic() - start < 4
+    torch.testing.assert_close(other.run("l0", torch.ones(1, 2)), torch.ones(1, 2))
+    other.close()
+    sock.close()
