@@ -120,7 +120,7 @@ def test_master_fails_fast_when_worker_dies_or_hangs(fault: str) -> None:
 
 
 def test_worker_exits_when_its_master_dies() -> None:
-    port, timeout = free_port(), 3.0
+    port, timeout = free_port(), 10.0  # the world must assemble first, on a loaded host too
     worker = subprocess.Popen(worker_argv(1, 2, port, timeout), env=_env(), stderr=subprocess.PIPE,
                               text=True)  # fmt: skip
     master = _master(port, 0, 2, 1, timeout, "die")
