@@ -63,18 +63,13 @@ def anchor(
     """The attacker's own sanity step, using only what it knows.
 
     A reconstruction farther than `plausible` (relative) from the public weight, or not finite,
-    is a failure: the public weight is kept. Entries that moved by more than 8 robust standard
-    deviations of the move are first put back to the public value (a fine-tune moves every
-    weight a little; a few large moves are a planted perturbation, NNSplitter-style).
+    is a failure (a fine-tune moves a layer by a few percent): the public weight is kept.
     """
     if not bool(torch.isfinite(weight).all()):
         return public.clone()
-    move = weight - public
-    scale = 1.4826 * float(move.abs().median()) + 1e-12
-    kept = torch.where(move.abs() > 8 * scale, public, weight)
-    if float((kept - public).norm()) > plausible * float(public.norm()):
+    if float((weight - public).norm()) > plausible * float(public.norm()):
         return public.clone()
-    return kept
+    return weight
 
 
 def error_ratio(rec: torch.Tensor, victim: torch.Tensor, public: torch.Tensor) -> float:

@@ -4,6 +4,8 @@ Building blocks (functions) are combined into pipelines; each pipeline is one ro
 
 - `CosineMatch` (the GroupCover paper's attack): columns, then rows matched to public ones by
   cosine similarity, each row rescaled by least squares.
+- `PerturbationFilter`: the same alignment, then entries far from the public weight put back
+  (against a few planted perturbations, NNSplitter-style).
 - `DirectionMatch` (ArrowMatch-style, USENIX Security 2025): weight-vector directions matched
   against the public ones with signatures invariant to the other axis' shuffling and scaling,
   one-to-one, refined by alternating rows and columns.
@@ -12,7 +14,8 @@ Building blocks (functions) are combined into pipelines; each pipeline is one ro
   layers with fewer rows than columns, `rowspace`; column Gram profiles, `gram`), then
   least-squares de-mixing of each group against the public rows, with integer rounding where the
   scheme's mixing is integral (`+int`). For `rowspace` the reconstruction can also be the public
-  weight projected on the published row space (`+proj`), whatever the mixing.
+  weight projected on the published row space (`+proj`), whatever the mixing; `colspace+proj`
+  is the same for layers with more rows than columns, whatever a right-hand transform.
 - `SparseCodingGroups` (ours): the grouping recovered without the public grouping function, by
   orthogonal matching pursuit of every published row over the public rows.
 - `ActivationStats` (ours): per-feature statistics of the unmasked payloads matched to the public
@@ -51,19 +54,13 @@ def assignment(cost: torch.Tensor, rounds: int = 64) -> torch.Tensor:
         keep_cols = torch.ones(free_cols.numel(), dtype=torch.bool)
         keep_cols[best_col[mutual]] = False
         free_rows, free_cols = free_rows[~mutual], free_cols[keep_cols]
-    if free_rows.numel():  # the rest greedily, cheapest pair first
-        sub = cost[free_rows][:, free_cols]
-        order = torch.argsort(sub.flatten())
-        used_r = torch.zeros(free_rows.numel(), dtype=torch.bool)
-        used_c = torch.zeros(free_cols.numel(), dtype=torch.bool)
-        width = free_cols.numel()
-        for flat in order.tolist():
-            r, c = divmod(flat, width)
-            if not used_r[r] and not used_c[c]:
-                used_r[r] = used_c[c] = True
-                result[free_rows[r]] = free_cols[c]
-                if bool(used_r.all()):
-                    break
+    if free_rows.numel():  # the rest greedily: rows with the cheapest best pair first
+        sub = cost[free_rows][:, free_cols].clone()
+        order = torch.argsort(sub.min(dim=1).values).tolist()
+        for r in order:
+            c = int(sub[r].argmin())
+            result[free_rows[r]] = free_cols[c]
+            sub[:, c] = float("inf")
     return result
 
 
@@ -152,7 +149,7 @@ def rowspace_perm(view: LayerView) -> torch.Tensor | None:
     featp = torch.cat([p_pubd.diagonal().unsqueeze(1) * 4, profile(p_pubd)[:, :64]], dim=1)
     first = assignment(distance(feats, featp))
     # refine: with a first guess the full projector rows can be compared entry by entry
-    for _ in range(2):  # published P[c, d] ~ public P[first[c], first[d]]
+    for _ in range(1):  # published P[c, d] ~ public P[first[c], first[d]]
         first = assignment(distance(p_pub, p_pubd[:, first]))
     return first
 
@@ -244,6 +241,25 @@ class CosineMatch(Attack):
         return Reconstruction(match_rows(aligned, view.public), cols)
 
 
+class PerturbationFilter(Attack):
+    """Rows and columns aligned by cosine, then weights far from the public ones put back.
+
+    A fine-tune moves every weight a little; a few large moves are a planted perturbation
+    (NNSplitter-style): entries that moved by more than 8 robust standard deviations of the
+    move get the public value.
+    """
+
+    name = "cosine+filter"
+    description = "cosine alignment, then outlying entries replaced by the public ones"
+
+    def run(self, view: LayerView) -> Reconstruction | None:
+        cols = assignment(cosine_cost(view.published.t(), view.public.t()))
+        aligned = match_rows(unpermute_columns(view.published, cols), view.public)
+        move = aligned - view.public
+        scale = 1.4826 * float(move.abs().median()) + 1e-12
+        return Reconstruction(torch.where(move.abs() > 8 * scale, view.public, aligned), cols)
+
+
 class DirectionMatch(Attack):
     name = "arrowmatch"
     description = "ArrowMatch-style direction matching, shuffle/scale-invariant, alternating"
@@ -300,6 +316,29 @@ def row_step(how: str, aligned: torch.Tensor, view: LayerView) -> torch.Tensor:
     if how == "cosine":
         return match_rows(aligned, view.public)
     raise ValueError(how)
+
+
+class ColumnSpaceProjection(Attack):
+    """Layers with more rows than columns: any right transform keeps the column space.
+
+    The output rows are aligned by the projector on the column space (as `rowspace` aligns
+    columns), then the public weight is projected on the published column space.
+    """
+
+    name = "colspace+proj"
+    description = "rows aligned by the column-space projector, public weight projected on it"
+
+    def run(self, view: LayerView) -> Reconstruction | None:
+        out, inn = view.published.shape
+        if out <= inn:
+            return None
+        flipped = LayerView(view.name, view.public.t(), view.published.t(), view.k, view.scheme)
+        rows = rowspace_perm(flipped)
+        if rows is None:
+            return None
+        aligned = unpermute_columns(view.published.t(), rows).t()  # published row r -> rows[r]
+        q = torch.linalg.qr(aligned).Q  # (out, in): the column space
+        return Reconstruction(q @ (q.t() @ view.public), None)
 
 
 class SparseCodingGroups(Attack):
@@ -381,11 +420,13 @@ class KnownInputRegression(Attack):
 def default_suite() -> list[Attack]:
     return [
         CosineMatch(),
+        PerturbationFilter(),
         DirectionMatch(),
         InvariantAttack("leverage", "ls"),
         InvariantAttack("leverage", "ls+int"),
         InvariantAttack("rowspace", "proj"),
         InvariantAttack("rowspace", "ls+int"),
+        ColumnSpaceProjection(),
         InvariantAttack("gram", "ls+int"),
         InvariantAttack("gram", "cosine"),
         SparseCodingGroups(),
