@@ -238,6 +238,8 @@ def evaluate_scheme(
                     }
         best = min(results, key=lambda a: run.layers[layer][a]["error_ratio"] or 0.0)
         run.best[layer] = best
+        log(f"  {layer}: best {best} {run.layers[layer][best]['error_ratio']:.3f} "
+            f"({time.monotonic() - start:.0f} s)")  # fmt: skip
         recs[layer] = {"weight": results[best][0]}
     run.stolen.update(steal(victim, public, recs, settings, texts))
     run.seconds = time.monotonic() - start

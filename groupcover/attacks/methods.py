@@ -175,7 +175,19 @@ def demix_groups(
 
     A group whose fit is poor (wrong grouping or wrong columns) keeps the public rows.
     """
+    return demix_groups_mask(aligned, public, groups, integral, tolerance)[0]
+
+
+def demix_groups_mask(
+    aligned: torch.Tensor,
+    public: torch.Tensor,
+    groups: list[list[int]],
+    integral: bool,
+    tolerance: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`demix_groups` and the rows it de-mixed (True) rather than kept public."""
     rec = public.clone()
+    done = torch.zeros(public.shape[0], dtype=torch.bool)
     for size in sorted({len(g) for g in groups}):
         mixed, chosen = _stack(aligned, groups, size)
         base, _ = _stack(public, groups, size)
@@ -190,7 +202,36 @@ def demix_groups(
         restored = torch.linalg.lstsq(fit[ok], mixed[ok]).solution
         index = torch.tensor(chosen, dtype=torch.long).view(-1, size)[ok]
         rec[index.flatten()] = restored.reshape(-1, rec.shape[1])
-    return rec
+        done[index.flatten()] = True
+    return rec, done
+
+
+def demix_refined(
+    view: LayerView,
+    cols: torch.Tensor,
+    groups: list[list[int]],
+    integral: bool,
+    rounds: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """De-mix, then re-match every de-mixed column to the public columns and de-mix again.
+
+    De-mixing acts on rows, so it commutes with the column order: the de-mixed published
+    columns are the victim's columns, which match the public ones far better than any mixed
+    quantity does (a few wrong columns of the first match are put right).
+    """
+    aligned = unpermute_columns(view.published, cols)
+    rec, done = demix_groups_mask(aligned, view.public, groups, integral)
+    for _ in range(rounds):
+        if int(done.sum()) < 8:
+            break
+        restored = rec[done][:, cols]  # published column c, de-mixed (de-mixed rows only)
+        better = assignment(distance(restored.t(), view.public[done].t()))
+        if torch.equal(better, cols):
+            break
+        cols = better
+        aligned = unpermute_columns(view.published, cols)
+        rec, done = demix_groups_mask(aligned, view.public, groups, integral)
+    return rec, cols
 
 
 def omp_supports(rows: torch.Tensor, atoms: torch.Tensor, k: int) -> torch.Tensor:
@@ -301,6 +342,10 @@ class InvariantAttack(Attack):
         cols = self.permutation(view)
         if cols is None:
             return None
+        if self.rows in ("ls", "ls+int"):
+            integral = self.rows == "ls+int"
+            rec, cols = demix_refined(view, cols, public_groups(view), integral)
+            return Reconstruction(rec, cols)
         aligned = unpermute_columns(view.published, cols)
         return Reconstruction(row_step(self.rows, aligned, view), cols)
 
@@ -355,7 +400,8 @@ class SparseCodingGroups(Attack):
         groups = [rows for key, rows in found.items() if sorted(rows) == list(key)]
         if not groups:
             return None
-        return Reconstruction(demix_groups(aligned, view.public, groups, integral=True), cols)
+        rec, cols = demix_refined(view, cols, groups, integral=True)
+        return Reconstruction(rec, cols)
 
 
 class ActivationStats(Attack):
@@ -372,6 +418,10 @@ class ActivationStats(Attack):
         if "stats" not in view.cache:
             view.cache["stats"] = stats_perm(view.payloads, view.public_inputs)
         cols = view.cache["stats"]
+        if self.rows in ("ls", "ls+int"):
+            integral = self.rows == "ls+int"
+            rec, cols = demix_refined(view, cols, public_groups(view), integral)
+            return Reconstruction(rec, cols)
         aligned = unpermute_columns(view.published, cols)
         return Reconstruction(row_step(self.rows, aligned, view), cols)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 from pathlib import Path
@@ -94,10 +95,10 @@ def write_json(result: dict[str, Any], path: Path) -> None:
 
 def chart(result: dict[str, Any], path: Path) -> None:
     """Best error ratio per weight matrix, one line per scheme (needs matplotlib)."""
-    import matplotlib
-
+    # host-side only (guests have no matplotlib): imported by name, never at module import
+    matplotlib = importlib.import_module("matplotlib")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = importlib.import_module("matplotlib.pyplot")
 
     header, rows = layer_rows(result)
     fig, ax = plt.subplots(figsize=(12, 5))

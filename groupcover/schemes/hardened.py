@@ -3,10 +3,12 @@
 Published: `W'' = A^-1 W B^-1`, where the master keeps `B` (applied to every input before it
 leaves, `x'' = B x`) and `A` (applied to every result, `y = A y'' + b`), so `A W'' B = W`.
 Each of `A` (out x out) and `B` (in x in) is a *block butterfly*: `rounds` stages, each a secret
-uniform permutation of the features followed by a block-diagonal matrix of secret dense real
-`b x b` blocks, and a last secret permutation. With `b*b >= n` two rounds already make every
-output feature depend on (almost) every input feature. Each block is `Q1 diag(s) Q2^T` with Haar
-orthogonal `Q1, Q2` and singular values `s` log-uniform in `[1/sqrt(c), sqrt(c)]`: its condition
+permutation of the features followed by a block-diagonal matrix of secret dense real `b x b`
+blocks, and a last secret permutation. The first and last permutations are uniform; the ones
+between stages are secret but balanced (every block deals its outputs over all next blocks), so
+with `b*b >= n` two rounds make every output feature depend on every input feature. Each block
+is `Q1 diag(s) Q2^T` with Haar orthogonal `Q1, Q2` and singular values `s` log-uniform in
+`[1/sqrt(c), sqrt(c)]`: its condition
 number is at most `c`, so a transform of `rounds` stages has cond <= c**rounds (float32 exact),
 and it is not orthogonal (Gram matrices and singular values are not preserved).
 
@@ -51,7 +53,8 @@ class Butterfly:
     """x -> stages: for each (perm, blocks): x = blockdiag(blocks) @ x[perm]; then x[last]."""
 
     perms: tuple[torch.Tensor, ...]  # rounds + 1 permutations (int64)
-    blocks: tuple[torch.Tensor, ...]  # rounds tensors (n/b, b, b)
+    blocks: tuple[torch.Tensor, ...]  # rounds tensors (n/b, b, b), float64
+    blocks32: tuple[torch.Tensor, ...] = ()  # the same in float32 (what float32 tables use)
 
     @property
     def size(self) -> int:
@@ -60,12 +63,18 @@ class Butterfly:
     def apply_table(self, table: torch.Tensor) -> torch.Tensor:
         """The transform of every column of a (n, N) features-first table: a new (n, N) table."""
         n, count = table.shape
-        for perm, blocks in zip(self.perms, self.blocks, strict=False):
+        for perm, blocks in zip(self.perms, self.in_dtype(table.dtype), strict=False):
             gathered = table.index_select(0, perm)
             groups, b, _ = blocks.shape
-            table = torch.bmm(blocks.to(gathered.dtype), gathered.view(groups, b, count))
-            table = table.view(n, count)
+            table = torch.bmm(blocks, gathered.view(groups, b, count)).view(n, count)
         return table.index_select(0, self.perms[-1])
+
+    def in_dtype(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        if dtype == torch.float64:
+            return self.blocks
+        if dtype == torch.float32 and self.blocks32:
+            return self.blocks32
+        return tuple(b.to(dtype) for b in self.blocks)
 
     def dense(self) -> torch.Tensor:
         return self.apply_table(torch.eye(self.size, dtype=torch.float64))
@@ -82,19 +91,32 @@ def _haar(rng: SecretRandomLike, count: int, b: int) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
 
 
+def balanced_perm(rng: SecretRandomLike, n: int, b: int) -> torch.Tensor:
+    """A secret permutation between two block stages that deals every block's outputs evenly
+    over the next stage's blocks (each next block reads from min(b, n/b) blocks): shuffled
+    inside every block, interleaved, blocks relabelled at random."""
+    groups = n // b
+    inside = torch.stack([rng.randperm(b) for _ in range(groups)])  # (G, b)
+    index = inside + (torch.arange(groups) * b).unsqueeze(1)
+    dealt = index.t().reshape(groups, b)  # position-major: consecutive b cycle through blocks
+    return dealt[rng.randperm(groups)].reshape(-1)
+
+
 def draw_butterfly(
     rng: SecretRandomLike, n: int, rounds: int, cond: float, b: int | None = None
 ) -> Butterfly:
     b = b or block_size(n, rounds)
     groups = n // b
-    perms = tuple(rng.randperm(n) for _ in range(rounds + 1))
+    middle = [balanced_perm(rng, n, b) for _ in range(rounds - 1)]
+    perms = (rng.randperm(n), *middle, rng.randperm(n))
     blocks = []
     half = 0.5 * math.log(cond)
     for _ in range(rounds):
         left, right = _haar(rng, groups, b), _haar(rng, groups, b)
         singular = rng.uniform((groups, b), -half, half).exp()
         blocks.append((left * singular.unsqueeze(-2)) @ right.transpose(-2, -1))
-    return Butterfly(perms, tuple(b.contiguous() for b in blocks))
+    kept = tuple(b.contiguous() for b in blocks)
+    return Butterfly(perms, kept, tuple(b.to(torch.float32) for b in kept))
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,12 +142,20 @@ class HardenedScheme(Scheme):
     source = "gcvm hardened scheme (issue 9): two-sided secret structured-dense real transforms"
     takes_k = False
 
-    def __init__(self, rounds: int = 2, cond: float = 4.0, sides: str = "both") -> None:
+    def __init__(
+        self, rounds: int = 2, cond: float = 4.0, sides: str = "both", block: int | None = None
+    ) -> None:
         if sides not in ("both", "out", "in"):
             raise ValueError("sides is both, out or in")
         self.rounds = rounds
         self.cond = cond
         self.sides = sides
+        self.block = block  # None: the smallest b with b**rounds >= n (dense after the rounds)
+
+    def _block(self, n: int) -> int | None:
+        if self.block is None or n % self.block:
+            return None
+        return self.block
 
     def worker_op(self, op: LayerOp) -> LayerOp:
         """Features-first results: the output transform works on whole feature rows."""
@@ -142,12 +172,16 @@ class HardenedScheme(Scheme):
         w = weight.detach().to(torch.float64)
         inputs = outputs = None
         if self.sides in ("both", "in"):
-            inputs = draw_butterfly(rng, in_features, self.rounds, self.cond)
+            inputs = draw_butterfly(
+                rng, in_features, self.rounds, self.cond, self._block(in_features)
+            )
             last = w.movedim(1, -1)  # (out, *kernel, in): W B^-1 at every kernel position
             solved = torch.linalg.solve(inputs.dense().t(), last.reshape(-1, in_features).t())
             w = solved.t().reshape(last.shape).movedim(-1, 1)
         if self.sides in ("both", "out"):
-            outputs = draw_butterfly(rng, out_features, self.rounds, self.cond)
+            outputs = draw_butterfly(
+                rng, out_features, self.rounds, self.cond, self._block(out_features)
+            )
             rows = torch.linalg.solve(outputs.dense(), w.reshape(out_features, -1))
             w = rows.reshape(w.shape)  # A^-1 W B^-1
         kept = None if bias is None else bias.detach().to(torch.float32).clone()
