@@ -186,7 +186,9 @@ class HardenedScheme(Scheme):
             w = rows.reshape(w.shape)  # A^-1 W B^-1
         kept = None if bias is None else bias.detach().to(torch.float32).clone()
         dim = -1 if weight.dim() == 2 else 1
-        secret = HardenedSecret(dim, out_features, bias=kept, inputs=inputs, outputs=outputs)
+        secret = HardenedSecret(
+            dim, out_features, bias=kept, inputs=inputs, outputs=outputs, master_dtype=weight.dtype
+        )
         return w.to(weight.dtype).contiguous(), secret
 
     def prepare_input(self, x: torch.Tensor, secret: LayerSecret) -> torch.Tensor:
@@ -210,6 +212,8 @@ class HardenedScheme(Scheme):
             y = y.sub_(mask_u)
         dim = secret.channel_dim % y.dim()
         table = _table(y, dim)
+        if table.dtype != secret.master_dtype:  # a float64 (masked) result: unmasked, now exact
+            table = table.to(secret.master_dtype)
         if secret.outputs is not None:
             table = secret.outputs.apply_table(table)
         elif not table.is_contiguous():
