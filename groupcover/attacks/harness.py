@@ -341,7 +341,12 @@ def prepare_texts(settings: EvalSettings, victim: Classifier, public: nn.Module,
     }
 
 
-def evaluate(settings: EvalSettings, log: Log = print) -> dict[str, Any]:
+def evaluate(
+    settings: EvalSettings,
+    log: Log = print,
+    partial: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """The whole evaluation; `partial` gets the result so far after every scheme."""
     torch.set_num_threads(1)
     start = time.monotonic()
     victim, info = load_victim(settings.victim, log=True)
@@ -353,17 +358,20 @@ def evaluate(settings: EvalSettings, log: Log = print) -> dict[str, Any]:
         "black-box (public weights)": stolen_accuracy(public, settings, texts),
         "white-box (victim weights)": stolen_accuracy(victim.encoder, settings, texts),
     }
-    runs = []
-    for label, name, k in scheme_labels(settings):
-        log(f"scheme {label} ...")
-        run = evaluate_scheme(label, name, k, settings, victim, public, names, texts, log)
-        runs.append(run)
-        log(f"  done in {run.seconds:.0f} s; stolen accuracy {run.stolen['accuracy']:.3f}")
-    return {
+    result: dict[str, Any] = {
         "settings": asdict(settings),
         "victim": info,
         "layers": names,
         "stealing": baselines,
-        "schemes": [asdict(r) for r in runs],
-        "seconds": time.monotonic() - start,
+        "schemes": [],
+        "seconds": 0.0,
     }
+    for label, name, k in scheme_labels(settings):
+        log(f"scheme {label} ...")
+        run = evaluate_scheme(label, name, k, settings, victim, public, names, texts, log)
+        result["schemes"].append(asdict(run))
+        result["seconds"] = time.monotonic() - start
+        log(f"  done in {run.seconds:.0f} s; stolen accuracy {run.stolen['accuracy']:.3f}")
+        if partial is not None:
+            partial(result)
+    return result

@@ -387,11 +387,19 @@ class ColumnSpaceProjection(Attack):
 
 
 class SparseCodingGroups(Attack):
-    name = "sparse-coding+ls+int"
-    description = "groups recovered by OMP of published rows over public rows, then de-mixing"
+    """Columns by leverage (public grouping) or by cosine (positive mixing keeps a column
+    correlated with its plaintext), groups by OMP, then de-mixing."""
+
+    def __init__(self, columns: str = "leverage") -> None:
+        self.columns = columns
+        self.name = f"{columns}+sparse-coding+ls+int"
+        self.description = "groups recovered by OMP of published rows over public rows"
 
     def run(self, view: LayerView) -> Reconstruction | None:
-        cols = leverage_perm(view)
+        if self.columns == "leverage":
+            cols = leverage_perm(view)
+        else:
+            cols = assignment(cosine_cost(view.published.t(), view.public.t()))
         aligned = unpermute_columns(view.published, cols)
         support = omp_supports(aligned, view.public, view.k)
         found: dict[tuple[int, ...], list[int]] = {}
@@ -479,7 +487,8 @@ def default_suite() -> list[Attack]:
         ColumnSpaceProjection(),
         InvariantAttack("gram", "ls+int"),
         InvariantAttack("gram", "cosine"),
-        SparseCodingGroups(),
+        SparseCodingGroups("leverage"),
+        SparseCodingGroups("cosine"),
         ActivationStats("ls+int"),
         ActivationStats("cosine"),
         KnownInputCorrelation(),
