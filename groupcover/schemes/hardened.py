@@ -48,6 +48,11 @@ def block_size(n: int, rounds: int) -> int:
     return n
 
 
+# scratch tables by (features, columns, dtype), shared by every transform of this process (the
+# master runs one layer at a time; nothing in them outlives a call)
+_SCRATCH: dict[tuple[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 @dataclass(frozen=True)
 class Butterfly:
     """x -> stages: for each (perm, blocks): x = blockdiag(blocks) @ x[perm]; then x[last]."""
@@ -61,13 +66,29 @@ class Butterfly:
         return int(self.perms[0].numel())
 
     def apply_table(self, table: torch.Tensor) -> torch.Tensor:
-        """The transform of every column of a (n, N) features-first table: a new (n, N) table."""
+        """The transform of every column of a (n, N) features-first table: a new (n, N) table.
+
+        The stages ping-pong between two scratch buffers kept per table shape (large fresh
+        allocations cost page faults on every call); the result is a fresh tensor.
+        """
         n, count = table.shape
+        gathered, product = self._scratch(n, count, table.dtype)
         for perm, blocks in zip(self.perms, self.in_dtype(table.dtype), strict=False):
-            gathered = table.index_select(0, perm)
+            torch.index_select(table, 0, perm, out=gathered)
             groups, b, _ = blocks.shape
-            table = torch.bmm(blocks, gathered.view(groups, b, count)).view(n, count)
+            torch.bmm(blocks, gathered.view(groups, b, count), out=product.view(groups, b, count))
+            table = product
         return table.index_select(0, self.perms[-1])
+
+    def _scratch(self, n: int, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (n, count, dtype)
+        buffers = _SCRATCH.get(key)
+        if buffers is None:
+            if len(_SCRATCH) > 16:
+                _SCRATCH.clear()
+            buffers = (torch.empty(n, count, dtype=dtype), torch.empty(n, count, dtype=dtype))
+            _SCRATCH[key] = buffers
+        return buffers
 
     def in_dtype(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         if dtype == torch.float64:
