@@ -100,6 +100,7 @@ def _attack(args: argparse.Namespace) -> int:
         schemes=args.schemes, ks=args.k, layers=args.layers, attacks=args.attacks,
         queries=args.queries, steal_seeds=tuple(range(args.seeds)),
     )  # fmt: skip
+
     def partial(result: dict) -> None:
         if args.json is not None:
             report.write_json(result, args.json)
