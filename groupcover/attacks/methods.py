@@ -386,6 +386,24 @@ class ColumnSpaceProjection(Attack):
         return Reconstruction(q @ (q.t() @ view.public), None)
 
 
+def vote_groups(supports: list[list[int]], k: int) -> list[list[int]]:
+    """Groups from every row's sparse support: a support of k rows is a group when a majority of
+    its own rows report it (a few wrong supports do not break it); rows claimed twice go to the
+    better-supported group."""
+    votes: dict[tuple[int, ...], int] = {}
+    for row, members in enumerate(supports):
+        key = tuple(members)
+        if len(key) == k and row in key:
+            votes[key] = votes.get(key, 0) + 1
+    taken: set[int] = set()
+    groups = []
+    for key, count in sorted(votes.items(), key=lambda item: -item[1]):
+        if count > k // 2 and not taken & set(key):
+            groups.append(list(key))
+            taken |= set(key)
+    return groups
+
+
 class SparseCodingGroups(Attack):
     """Columns by leverage (public grouping) or by cosine (positive mixing keeps a column
     correlated with its plaintext), groups by OMP, then de-mixing."""
@@ -402,10 +420,7 @@ class SparseCodingGroups(Attack):
             cols = assignment(cosine_cost(view.published.t(), view.public.t()))
         aligned = unpermute_columns(view.published, cols)
         support = omp_supports(aligned, view.public, view.k)
-        found: dict[tuple[int, ...], list[int]] = {}
-        for row, members in enumerate(support.tolist()):
-            found.setdefault(tuple(members), []).append(row)
-        groups = [rows for key, rows in found.items() if sorted(rows) == list(key)]
+        groups = vote_groups(support.tolist(), view.k)
         if not groups:
             return None
         rec, cols = demix_refined(view, cols, groups, integral=True)
