@@ -88,7 +88,52 @@ def _build_parser() -> Parser:
         help="(--local, torch-rpc) let TensorPipe use shared memory",
     )
     _add_workload(bench_p)
+    _add_attack(sub)
     return parser
+
+
+# ---- `attack`: the security evaluation (issue 9; groupcover/attacks/) --------------------------
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _add_attack(sub: argparse._SubParsersAction) -> None:
+    attack_p = sub.add_parser("attack", help="security evaluation: every attack on every scheme")
+    add = attack_p.add_argument
+    add("--victim", default="minilm-finetuned", choices=["minilm-finetuned"])
+    add("--schemes", type=_csv, default=("all",), help="comma-separated scheme names, or all")
+    add("--k", type=lambda t: tuple(int(k) for k in _csv(t)), default=(4, 8),
+        help="group sizes for the schemes that take one")  # fmt: skip
+    add("--layers", type=lambda t: tuple(int(k) for k in _csv(t)), default=None,
+        help="encoder blocks to attack (default: all)")  # fmt: skip
+    add("--attacks", type=_csv, default=None, help="attack names (default: the whole suite)")
+    add("--queries", type=int, default=200, help="victim labels the thief buys")
+    add("--seeds", type=int, default=3, help="stealing seeds")
+    add("--json", type=Path, default=None, help="write the full results here")
+    add("--chart", type=Path, default=None, help="write a PNG chart here (needs matplotlib)")
+
+
+def _attack(args: argparse.Namespace) -> int:
+    from groupcover.attacks import harness, report
+
+    settings = harness.EvalSettings(
+        schemes=args.schemes, ks=args.k, layers=args.layers, attacks=args.attacks,
+        queries=args.queries, steal_seeds=tuple(range(args.seeds)),
+    )  # fmt: skip
+
+    def partial(result: dict) -> None:
+        if args.json is not None:
+            report.write_json(result, args.json)
+
+    result = harness.evaluate(settings, partial=partial)
+    print(report.render(result))
+    if args.json is not None:
+        report.write_json(result, args.json)
+    if args.chart is not None:
+        report.chart(result, args.chart)
+    return 0
 
 
 # flag -> the seed's environment variable it falls back to
@@ -192,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "launch":
             return launch(_settings(args, os.environ))
+        if args.command == "attack":
+            return _attack(args)
         return _bench(args)
     except GroupCoverError as exc:
         print_error(exc)

@@ -7,6 +7,8 @@
 | `mask-only`         | plaintext weights, masked inputs        | + one-time masks        |
 | `groupcover`        | obfuscated weights, masked inputs       | + GroupCover secrets    |
 | `groupcover-nomask` | obfuscated weights, permuted inputs     | GroupCover secrets      |
+| `hardened`          | two-sided transformed weights, masked   | + hardened secrets      |
+| `hardened-nomask`   | two-sided transformed weights, inputs   | hardened secrets        |
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class Mode(StrEnum):
     MASK_ONLY = "mask-only"
     GROUPCOVER = "groupcover"
     GROUPCOVER_NOMASK = "groupcover-nomask"
+    HARDENED = "hardened"  # issue 9: groupcover/schemes/hardened.py
+    HARDENED_NOMASK = "hardened-nomask"
 
 
 MODES: tuple[str, ...] = tuple(mode.value for mode in Mode)
@@ -52,6 +56,8 @@ _SETTINGS: dict[Mode, ModeSettings] = {
     Mode.MASK_ONLY: ModeSettings("identity", True),
     Mode.GROUPCOVER: ModeSettings("groupcover", True),
     Mode.GROUPCOVER_NOMASK: ModeSettings("groupcover", False),
+    Mode.HARDENED: ModeSettings("hardened", True),
+    Mode.HARDENED_NOMASK: ModeSettings("hardened", False),
 }
 
 

@@ -219,6 +219,12 @@ def make_scheme(name: str, k: int = 4) -> Scheme:
     cls = SCHEMES.get(name)
     if cls is None:
         raise UsageError(f"unknown scheme {name!r}", hint=f"choose one of {', '.join(SCHEMES)}")
-    if cls is GroupCoverScheme:
-        return GroupCoverScheme(k=k)
+    if cls is GroupCoverScheme or getattr(cls, "takes_k", False):
+        return cls(k=k)  # type: ignore[call-arg]
     return cls()
+
+
+# Baseline and hardened schemes (groupcover/schemes/, issue 9) join the one public registry.
+from groupcover.schemes.catalog import EXTRA_SCHEMES  # noqa: E402
+
+SCHEMES.update(EXTRA_SCHEMES)

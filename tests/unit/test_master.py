@@ -129,6 +129,8 @@ def test_mode_settings() -> None:
         "mask-only",
         "groupcover",
         "groupcover-nomask",
+        "hardened",
+        "hardened-nomask",
     }
     with pytest.raises(UnknownMode) as info:
         mode_settings("shadownet")

@@ -158,11 +158,11 @@ def test_identity_scheme_publishes_the_weight_and_keeps_the_bias() -> None:
 
 
 def test_scheme_registry() -> None:
-    assert set(SCHEMES) == {"identity", "groupcover"}
+    assert {"identity", "groupcover"} <= set(SCHEMES)  # baselines join it (test_attacks.py)
     scheme = make_scheme("groupcover", k=8)
     assert isinstance(scheme, GroupCoverScheme) and scheme.k == 8
     with pytest.raises(UsageError, match="unknown scheme"):
-        make_scheme("shadownet")
+        make_scheme("no-such-scheme")
     with pytest.raises(UsageError):
         GroupCoverScheme(3)
 
