@@ -476,6 +476,8 @@ class KnownInputRegression(Attack):
 
 
 def default_suite() -> list[Attack]:
+    from groupcover.attacks.adaptive_hardened import ButterflyFit  # red team (imports schemes)
+
     return [
         CosineMatch(),
         PerturbationFilter(),
@@ -493,4 +495,5 @@ def default_suite() -> list[Attack]:
         ActivationStats("cosine"),
         KnownInputCorrelation(),
         KnownInputRegression(),
+        ButterflyFit(),
     ]
