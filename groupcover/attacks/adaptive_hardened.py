@@ -23,6 +23,10 @@ exactly, with `G_a ~ B_ffn1 Gamma C B_qkv^-1`, `G_b ~ B_ffn1 Gamma C A_o`: alter
 squares recovers them, and `G_a^+ G_b = B_qkv A_o` (on the centred subspace). The transforms of
 the layers around a residual are therefore not independent secrets: every residual-side one
 (`B_qkv`, `A_o`, `B_ffn1`, `A_ffn2`, next block...) is known relative to a single one.
+Measured: exact on a random small BERT (512 tokens, hidden 32: product to < 1e-2); on the real
+MiniLM victim's 2304 deployment tokens the relation holds (fit residual 3e-5 to 8e-3) but the
+regressors are too collinear to pin the product (0.47 relative error on the data): more
+traffic, not more cleverness, is what it needs. Not turned into a weight break here.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Real MiniLM-L6 layers with the synthetic 2% fine-tune of `test_attacks`. The attack fits the
 public two-sided butterfly family (its shape is public) to the public weight without the secret
 permutations: it must not learn the fine-tune (the hardened scheme resists; regression). The
-same fit started at the secret transforms (an oracle, not an attack) shows what is left once an
-attacker is near them: the family is not hiding, about half the fine-tune is learned; the
-permutations and the distance from any starting point are what protects.
+same fit handed the secret permutations and roughly known blocks (an oracle, not an attack)
+learns about half the fine-tune: the family is not hiding, the permutations (and the blocks'
+distance from any start an attacker has) are what protects.
 """
 
 from __future__ import annotations
@@ -79,17 +79,28 @@ def test_the_fit_does_not_break_the_papers_scheme_either(layers: dict[str, torch
     assert core.error_ratio(core.anchor(rec.weight, layers[name]), victim, layers[name]) >= 0.99
 
 
-def test_oracle_start_at_the_secret_transforms_learns_half_the_fine_tune(
+def test_oracle_given_the_permutations_and_rough_blocks_learns_half_the_fine_tune(
     layers: dict[str, torch.Tensor],
 ) -> None:
-    """Not an attack (it starts from the secrets): the family's tangent leaves about half of the
-    fine-tune (ratio ~ 0.5 = 1 - dim(family) / (out in), roughly), so hiding rests on the
-    permutations and on no attacker getting near the transforms."""
+    """Not an attack (it is handed the secret permutations and the secret blocks under 100%
+    relative noise): the fit then converges to the family's tangent point, which leaves about
+    half of the fine-tune (ratio ~0.5; dim(family) / (out in) = 1/4 here). So hiding rests on the
+    permutations plus any rough knowledge of the blocks: from blocks with no correlation to the
+    secret ones (identity, or fresh draws) the same fit stalls at residual ~0.64 (no break)."""
     name = NAMES[0]
     victim, published, secret = _published("hardened", layers[name], 0)
     a, b = secret.outputs, secret.inputs
+    gen = torch.Generator().manual_seed(0)
+
+    def rough(blocks: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        size = blocks[0].shape[1]
+        return [t + t.norm(dim=(1, 2), keepdim=True) / size
+                * torch.randn(t.shape, generator=gen, dtype=torch.float64)
+                for t in blocks]  # fmt: skip
+
     weight, _ = fit_two_sided(published, layers[name], a.perms, b.perms, a.blocks[0].shape[1],
-                              b.blocks[0].shape[1], init=(a.blocks, b.blocks))  # fmt: skip
+                              b.blocks[0].shape[1], steps=150,
+                              init=(rough(a.blocks), rough(b.blocks)))  # fmt: skip
     assert 0.3 < core.error_ratio(weight, victim, layers[name]) < 0.7
 
 
