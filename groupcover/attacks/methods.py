@@ -491,6 +491,8 @@ class KnownInputRegression(Attack):
 
 
 def default_suite() -> list[Attack]:
+    from groupcover.attacks.adaptive_hardened import ButterflyFit  # red team (imports schemes)
+
     return [
         CosineMatch(),
         PerturbationFilter(),
@@ -508,4 +510,5 @@ def default_suite() -> list[Attack]:
         ActivationStats("cosine"),
         KnownInputCorrelation(),
         KnownInputRegression(),
+        ButterflyFit(),
     ]
