@@ -70,8 +70,10 @@ def unreachable(path: Path, user: GuestUser, *, read: bool = False) -> Path | No
             return folder
         if not _may(st, user.uid, gids, (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
             return folder
-    if read and path.exists() and not _may(
-        path.stat(), user.uid, gids, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)
+    if (
+        read
+        and path.exists()
+        and not _may(path.stat(), user.uid, gids, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH))
     ):
         return path
     return None
