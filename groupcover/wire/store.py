@@ -186,6 +186,7 @@ class StoreServer:
                     self._cond.notify_all()
                 with contextlib.suppress(ValueError):
                     self._conns.remove(conn)
+                self._cond.notify_all()  # `linger` waits for the last one
             conn.close()
 
     def _set(self, rank: int, key: str, value: str) -> str:
@@ -218,6 +219,17 @@ class StoreServer:
             send_all(conn, [_pack(op, items)], time.monotonic() + self.timeout_s)
         except (_Deadline, _Closed):
             raise StoreError("cannot reply") from None
+
+    def linger(self, seconds: float) -> None:
+        """Waits (at most `seconds`) until every rank has closed its connection: a rank whose
+        `done` was recorded may not have read the reply yet when the last one is recorded."""
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            while self._conns:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(remaining)
 
     def close(self) -> None:
         self._closing = True

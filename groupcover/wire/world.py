@@ -121,6 +121,7 @@ class Membership:
             self.server.stop()
         self.client.close()
         if self.store is not None:
+            self.store.linger(min(self.rendezvous.timeout_s, 5.0))  # let the others read replies
             self.store.close()
 
 
