@@ -296,9 +296,18 @@ class PerturbationFilter(Attack):
     def run(self, view: LayerView) -> Reconstruction | None:
         cols = assignment(cosine_cost(view.published.t(), view.public.t()))
         aligned = match_rows(unpermute_columns(view.published, cols), view.public)
-        move = aligned - view.public
+        candidates = [
+            (self.filtered(view.published, view.public), torch.arange(view.published.shape[1])),
+            (self.filtered(aligned, view.public), cols),
+        ]  # as published, and aligned: the attacker keeps the one nearer the public weight
+        weight, perm = min(candidates, key=lambda c: float((c[0] - view.public).norm()))
+        return Reconstruction(weight, perm)
+
+    @staticmethod
+    def filtered(weight: torch.Tensor, public: torch.Tensor) -> torch.Tensor:
+        move = weight - public
         scale = 1.4826 * float(move.abs().median()) + 1e-12
-        return Reconstruction(torch.where(move.abs() > 8 * scale, view.public, aligned), cols)
+        return torch.where(move.abs() > 8 * scale, public, weight)
 
 
 class DirectionMatch(Attack):
