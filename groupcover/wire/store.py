@@ -18,15 +18,13 @@ store itself).
 from __future__ import annotations
 
 import contextlib
-import errno
 import re
 import socket
 import struct
-import sys
 import threading
 import time
 
-from groupcover.wire.tcp import ACCEPT_RETRY_S, _Closed, _Deadline, recv_exact, send_all
+from groupcover.wire.tcp import _Closed, _Deadline, accept_forever, recv_exact, send_all
 
 MAGIC = b"GCVS"
 VERSION = 1
@@ -115,22 +113,8 @@ class StoreServer:
         threading.Thread(target=self._accept, name="gc-store", daemon=True).start()
 
     def _accept(self) -> None:
-        failing = False
-        while not self._closing:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError as exc:
-                # out of descriptors (EMFILE...) is a peer's doing, not the end of the store
-                if self._closing or exc.errno in (errno.EBADF, errno.EINVAL):
-                    return
-                if not failing:
-                    print(f"groupcover: rendezvous: cannot accept a connection "
-                          f"({exc.strerror or exc}); retrying", file=sys.stderr,
-                          flush=True)  # fmt: skip
-                failing = True
-                time.sleep(ACCEPT_RETRY_S)
-                continue
-            failing = False
+        for conn in accept_forever(self._listener, lambda: self._closing, "rendezvous",
+                                   "connection"):  # fmt: skip
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._cond:
                 self._conns.append(conn)

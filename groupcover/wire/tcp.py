@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -518,23 +518,7 @@ class WorkerServer:
         return self
 
     def _accept(self) -> None:
-        failing = False
-        while not self._stopping:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError as exc:
-                # EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: a peer can cause these at will, so
-                # they must not stop the worker accepting (only stop() or a closed socket does)
-                if self._stopping or exc.errno in (errno.EBADF, errno.EINVAL):
-                    return
-                if not failing:
-                    print(f"groupcover: {self.name}: cannot accept a session "
-                          f"({exc.strerror or exc}); retrying", file=sys.stderr,
-                          flush=True)  # fmt: skip
-                failing = True
-                time.sleep(ACCEPT_RETRY_S)
-                continue
-            failing = False
+        for conn in accept_forever(self._listener, lambda: self._stopping, self.name, "session"):
             _nodelay(conn)
             with self._lock:
                 self._count += 1
@@ -543,7 +527,8 @@ class WorkerServer:
                 thread = threading.Thread(target=self._session, args=(number, conn),
                                           name=f"gc-session-{number}", daemon=True)  # fmt: skip
                 self._threads[number] = thread
-            thread.start()
+                # started under the lock: stop() must never see a thread it cannot join yet
+                thread.start()
 
     def stop(self) -> None:
         self._stopping = True
@@ -762,3 +747,28 @@ def _inverse(order: tuple[int, ...]) -> list[int]:
 
 
 __all__ = ["Limits", "TcpTransport", "WorkerServer"]
+
+
+def accept_forever(
+    listener: socket.socket, closing: Callable[[], bool], name: str, what: str
+) -> Iterator[socket.socket]:
+    """Accepted connections until `closing()` or the listener is closed.
+
+    EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: a peer can cause these at will, so they must not
+    stop a server accepting; it says so once and retries every ACCEPT_RETRY_S (no spinning).
+    """
+    failing = False
+    while not closing():
+        try:
+            conn, _ = listener.accept()
+        except OSError as exc:
+            if closing() or exc.errno in (errno.EBADF, errno.EINVAL):
+                return
+            if not failing:
+                print(f"groupcover: {name}: cannot accept a {what} ({exc.strerror or exc}); "
+                      "retrying", file=sys.stderr, flush=True)  # fmt: skip
+            failing = True
+            time.sleep(ACCEPT_RETRY_S)
+            continue
+        failing = False
+        yield conn
