@@ -352,6 +352,23 @@ from orchestrator.attest import commands as _attest  # noqa: E402
 app.add_typer(_attest.attest_app, name="attest")
 app.add_typer(_attest.broker_app, name="broker")
 
+# --- gcvm eval security: the framework's attack suite against every scheme, on this host ---------
+eval_app = typer.Typer(help="Evaluate the schemes' security on this host.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command(
+    "security", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def eval_security_cmd(ctx: typer.Context) -> None:
+    """Run every attack against every scheme (`python -m groupcover attack ARGS...`): for
+    example `--victim minilm-finetuned --schemes all --json out/security.json`."""
+    from orchestrator import evaluate
+
+    code = evaluate.run_security(ctx.args)
+    if code:
+        raise typer.Exit(code)
+
 
 def main() -> None:
     try:
