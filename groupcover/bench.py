@@ -370,7 +370,7 @@ def run_master(
     make_transport: Callable[[str], Transport] | None = None,
 ) -> dict[str, Any]:
     """`make_transport(mode)` opens one session per mode (default: torch-rpc, already joined)."""
-    from groupcover.launch import TORCH_RPC_WARNING
+    from groupcover.transport import TORCH_RPC_WARNING
 
     assert settings.worker is not None
     worker = settings.worker

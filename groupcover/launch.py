@@ -23,10 +23,6 @@ MAX_SEQ = 512
 DEFAULT_MODES = ("plain-offload", "groupcover")
 TRANSPORTS = ("tcp", "torch-rpc")  # the first is the default
 DEFAULT_TRANSPORT = TRANSPORTS[0]
-TORCH_RPC_WARNING = (
-    "torch-rpc: the worker could execute code in the master (torch.distributed.rpc runs any "
-    "pickled callable a peer sends); use --transport tcp"
-)
 
 
 class Role(StrEnum):

@@ -21,6 +21,12 @@ from groupcover.worker import WorkerState
 __all__ = ["InProcessTransport", "LayerOp", "Observer", "OpKind", "Transport", "payload_bytes"]
 
 
+# what every result made over torch.distributed.rpc says (launch, bench, seed scripts)
+TORCH_RPC_WARNING = (
+    "torch-rpc: the worker could execute code in the master (torch.distributed.rpc runs any "
+    "pickled callable a peer sends); use --transport tcp"
+)
+
 # observer(event, layer_id, tensor): event is "publish" or "run"
 Observer = Callable[[str, str, torch.Tensor], None]
 
