@@ -26,7 +26,16 @@ from orchestrator.ui import console, out, step
 
 DEFAULT_PORT = 29500
 RESULT_MARK = "GROUPCOVER_RESULT_JSON"
-MODES = ("tee-only", "plain-offload", "mask-only", "groupcover", "groupcover-nomask")
+# the framework's modes (groupcover.modes.MODES; a test keeps the two lists equal)
+MODES = (
+    "tee-only",
+    "plain-offload",
+    "mask-only",
+    "groupcover",
+    "groupcover-nomask",
+    "hardened",
+    "hardened-nomask",
+)
 MODELS = ("minilm", "bert-base", "seed-transformer", "resnet18")
 
 

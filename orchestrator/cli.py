@@ -66,7 +66,8 @@ def run_bench_cmd(
     model: str = typer.Option("minilm", help="minilm, bert-base, seed-transformer or resnet18."),
     modes: str = typer.Option(
         "plain-offload,groupcover",
-        help="Comma-separated: tee-only, plain-offload, mask-only, groupcover, groupcover-nomask.",
+        help="Comma-separated: tee-only, plain-offload, mask-only, groupcover, "
+        "groupcover-nomask, hardened, hardened-nomask.",
     ),
     batch: int = typer.Option(8, help="Batch size (real samples per forward)."),
     seq: int = typer.Option(128, help="Sequence length (image side for resnet18)."),

@@ -45,3 +45,13 @@ def test_framework_imports_only_what_the_guest_has() -> None:
 def test_orchestrator_never_imports_the_framework() -> None:
     for path, names in _imports("orchestrator").items():
         assert "groupcover" not in names and "torch" not in names, path
+
+
+def test_the_orchestrator_knows_the_frameworks_modes_and_models() -> None:
+    """The orchestrator validates names without importing the framework: its lists must match."""
+    from groupcover.models import MODELS as FRAMEWORK_MODELS
+    from groupcover.modes import MODES as FRAMEWORK_MODES
+    from orchestrator import bench
+
+    assert tuple(bench.MODES) == tuple(FRAMEWORK_MODES)
+    assert set(bench.MODELS) == set(FRAMEWORK_MODELS)
