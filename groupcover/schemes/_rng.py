@@ -1,14 +1,13 @@
-"""The schemes draw every secret through the `SecretRandom` methods (CONTRACTS.md).
+"""The schemes draw every secret through the `SecretRandom` methods.
 
-Until `groupcover.rng` is merged, main's `protect` hands a scheme a `torch.Generator`:
-`as_secret_random` wraps one in an adapter with the same methods, so a scheme is written once,
-against `SecretRandom`. `seeded(seed)` is the reproducible generator the evaluation uses:
-`groupcover.rng.SecretRandom.from_seed` where it exists.
+`protect` hands every scheme a `groupcover.rng.SecretRandom`. A caller may still pass a
+`torch.Generator` (tests that compare the two kinds do): `as_secret_random` wraps one in an
+adapter with the same methods, which is not secret. `seeded(seed)` is the reproducible
+`SecretRandom.from_seed` the evaluation uses.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any, Protocol, cast
 
@@ -64,9 +63,7 @@ def as_secret_random(rng: Any) -> SecretRandomLike:
 
 
 def seeded(seed: int) -> SecretRandomLike:
-    """`SecretRandom.from_seed(seed)` once groupcover.rng exists, else a seeded adapter."""
-    try:
-        module = importlib.import_module("groupcover.rng")
-    except ImportError:
-        return GeneratorRandom(torch.Generator().manual_seed(seed))
-    return cast(SecretRandomLike, module.SecretRandom.from_seed(seed))
+    """`SecretRandom.from_seed(seed)`: reproducible, hence not secret (the evaluation's own)."""
+    from groupcover.rng import SecretRandom
+
+    return cast(SecretRandomLike, SecretRandom.from_seed(seed))
