@@ -43,6 +43,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from groupcover import leakage
+from groupcover.leakage import CorrelationMeter
 from groupcover.scheme import LayerSecret
 
 ROW_COSINE_LIMIT = 0.999  # a published row this close to a plaintext row of its layer is a leak
@@ -261,56 +263,29 @@ def _flat_features(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
 
 @dataclass
 class _Leakage:
-    """Streaming per-feature correlation of payloads with the prepared inputs, one input width."""
+    """Per-feature correlation of payloads with the prepared inputs (one input width), and a
+    distance distinguisher's score: is a payload nearer its own input than another token's?"""
 
-    width: int
-    n: int = 0
-    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    meter: CorrelationMeter = field(default_factory=CorrelationMeter)
     wins: int = 0
     trials: int = 0
 
-    def __post_init__(self) -> None:
-        self.sums = torch.zeros(5, self.width, dtype=torch.float64)
+    @property
+    def n(self) -> int:
+        return self.meter.tokens
 
     def add(self, payload: torch.Tensor, prepared: torch.Tensor) -> None:
-        p, x = payload, prepared
-        mean_x = x.mean(dim=0)  # centred per batch before summing keeps float64 exact enough
-        mean_p = p.mean(dim=0)
-        pc, xc = p - mean_p, x - mean_x
-        rows = p.shape[0]
-        # pooled co-moments (parallel algorithm): keep sums of centred moments and means
-        self._merge(rows, mean_p, mean_x, (pc * pc).sum(0), (xc * xc).sum(0), (pc * xc).sum(0))
-        if rows > 1:  # distinguisher: is the payload nearer its own input than another one?
-            other = x.roll(1, dims=0)
-            own = (p - x).pow(2).sum(1)
-            alien = (p - other).pow(2).sum(1)
+        self.meter.add(payload, prepared)
+        rows = payload.shape[0]
+        if rows > 1:
+            other = prepared.roll(1, dims=0)
+            own = (payload - prepared).pow(2).sum(1)
+            alien = (payload - other).pow(2).sum(1)
             self.wins += int((own < alien).sum()) + int((own == alien).sum()) // 2
             self.trials += rows
 
-    def _merge(self, rows: int, mp: torch.Tensor, mx: torch.Tensor, spp: torch.Tensor,
-               sxx: torch.Tensor, spx: torch.Tensor) -> None:  # fmt: skip
-        s = self.sums  # rows: mean_p, mean_x, M2_p, M2_x, C_px
-        if self.n == 0:
-            s[0], s[1], s[2], s[3], s[4] = mp, mx, spp, sxx, spx
-            self.n = rows
-            return
-        total = self.n + rows
-        dp, dx = mp - s[0], mx - s[1]
-        factor = self.n * rows / total
-        s[2] += spp + dp * dp * factor
-        s[3] += sxx + dx * dx * factor
-        s[4] += spx + dp * dx * factor
-        s[0] += dp * rows / total
-        s[1] += dx * rows / total
-        self.n = total
-
     def max_abs_correlation(self) -> float:
-        s = self.sums
-        denom = (s[2] * s[3]).sqrt()
-        ok = denom > 0
-        if not bool(ok.any()):
-            return 0.0
-        return float((s[4][ok] / denom[ok]).abs().max())
+        return self.meter.max_abs_correlation()
 
     def advantage(self) -> float:
         return 0.0 if self.trials == 0 else abs(2.0 * self.wins / self.trials - 1.0)
@@ -319,29 +294,13 @@ class _Leakage:
 _FLOORS: dict[tuple[int, int], float] = {}
 
 
-def noise_floor(tokens: int, features: int, chunk: int = 1 << 14) -> float:
-    """The largest |correlation| over `features` pairs of independent Gaussian columns of
-    `tokens` samples: what a perfect mask's leakage figure is at this size (simulated)."""
+def noise_floor(tokens: int, features: int) -> float:
+    """The leakage figure of independent Gaussian data of this size (what a perfect mask
+    reaches), from `groupcover.leakage`, cached per size."""
     key = (tokens, features)
     if key not in _FLOORS:
-        g = torch.Generator().manual_seed(NOISE_FLOOR_SEED)
-        stat = _Leakage(features)
-        left = tokens
-        while left > 0:
-            rows = min(chunk, left)
-            a = torch.randn(rows, features, generator=g, dtype=torch.float64)
-            b = torch.randn(rows, features, generator=g, dtype=torch.float64)
-            stat._merge(rows, a.mean(0), b.mean(0), *_centred_moments(a, b))
-            left -= rows
-        _FLOORS[key] = stat.max_abs_correlation()
+        _FLOORS[key] = leakage.noise_floor(tokens, features, seed=NOISE_FLOOR_SEED)
     return _FLOORS[key]
-
-
-def _centred_moments(
-    a: torch.Tensor, b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ac, bc = a - a.mean(0), b - b.mean(0)
-    return (ac * ac).sum(0), (bc * bc).sum(0), (ac * bc).sum(0)
 
 
 def _fingerprint(t: torch.Tensor) -> tuple[int, float, float]:
@@ -493,7 +452,7 @@ class Audit:
         if payload.shape == call.prepared.shape:
             p = _flat_features(payload, channel_dim)
             x = _flat_features(call.prepared, channel_dim)
-            stat = self._leakage.setdefault(p.shape[1], _Leakage(p.shape[1]))
+            stat = self._leakage.setdefault(p.shape[1], _Leakage())
             stat.add(p, x)
 
     def _check_unmasked(self, layer_id: str, payload: torch.Tensor, call: _Call) -> None:
