@@ -54,7 +54,9 @@ class SevSnp(ConfidentialBackend):
             split_irqchip=False,
             smm_off=False,
             private_memory=False,  # libvirt picks the memfd backend SNP needs
-            on_reboot="restart",
+            # a reboot would restart the guest in place, outside the launch that the broker
+            # attested (and SNP cannot reset an encrypted guest): destroy it, as for a TD
+            on_reboot="destroy",
             launch_security=self.template,
             launch=SnpLaunch(
                 policy=f"0x{options.snp_policy:08x}",

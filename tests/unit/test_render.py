@@ -270,7 +270,7 @@ def test_snp_shape() -> None:
     assert root.find("os/loader").get("stateless") == "yes"
     assert root.find("os/type").get("machine") == "q35"
     assert root.find("memoryBacking") is None  # libvirt picks memfd; no locking for SNP
-    assert root.findtext("on_reboot") == "restart"
+    assert root.findtext("on_reboot") == "destroy"  # never restarted outside the attested launch
 
 
 def test_snp_bits_come_from_the_caps() -> None:
