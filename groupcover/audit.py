@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -101,6 +102,28 @@ def _informative(m: torch.Tensor) -> torch.Tensor:
     return spread > 1e-9 * m.abs().amax(dim=1).clamp(min=1e-300)
 
 
+@dataclass(frozen=True, eq=False)
+class _Table:
+    kind: str
+    width: int
+    canon: torch.Tensor  # canonical unit rows, float32, in signature order
+    sig: torch.Tensor  # (rows, 2) float64 signatures, sorted by the first
+    label: str
+
+
+class _TableSet:
+    """One matrix's tables (weak-referenceable, so the process-wide cache can share them)."""
+
+    def __init__(self, tables: list[_Table]) -> None:
+        self.tables = tables
+
+
+_PROJECTIONS: dict[int, torch.Tensor] = {}
+_SHARED_TABLES: weakref.WeakValueDictionary[tuple[object, ...], _TableSet] = (
+    weakref.WeakValueDictionary()
+)
+
+
 class _SignatureIndex:
     """Rows of plaintext matrices by two random projections of a canonical form of each row.
 
@@ -111,15 +134,16 @@ class _SignatureIndex:
     """
 
     def __init__(self) -> None:
-        self._projections: dict[int, torch.Tensor] = {}
         # per (kind, width): one sorted table per added matrix (no rebuild when layers join)
-        self._tables: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor, str]]] = {}
+        self._tables: dict[tuple[str, int], list[_Table]] = {}
+        self._held: list[_TableSet] = []  # keeps the shared tables alive while this index lives
 
-    def _projection(self, width: int) -> torch.Tensor:
-        if width not in self._projections:
+    @staticmethod
+    def _projection(width: int) -> torch.Tensor:
+        if width not in _PROJECTIONS:
             g = torch.Generator().manual_seed(NOISE_FLOOR_SEED + width)
-            self._projections[width] = torch.randn(width, 2, generator=g, dtype=torch.float64)
-        return self._projections[width]
+            _PROJECTIONS[width] = torch.randn(width, 2, generator=g, dtype=torch.float64)
+        return _PROJECTIONS[width]
 
     @staticmethod
     def canonical(kind: str, rows: torch.Tensor) -> torch.Tensor:
@@ -132,16 +156,34 @@ class _SignatureIndex:
         return unit
 
     def add(self, label: str, matrix: torch.Tensor) -> None:
+        """Index `matrix`'s rows; the tables are shared with every other audit in the process
+        that indexes the same matrix under the same label (the benchmark audits several modes
+        of one model), and freed when the last audit holding them goes."""
+        key = (label, tuple(matrix.shape), *_fingerprint(matrix))
+        tables = _SHARED_TABLES.get(key)
+        if tables is None:
+            tables = _TableSet(self._build(label, matrix))
+            _SHARED_TABLES[key] = tables
+        for table in tables.tables:
+            self._tables.setdefault((table.kind, table.width), []).append(table)
+        self._held.append(tables)
+
+    def _build(self, label: str, matrix: torch.Tensor) -> list[_Table]:
         m = _as_matrix(matrix)
         m = m[_informative(m)]
         if m.shape[0] == 0:
-            return
+            return []
+        built = []
         for kind in ("direct", "sorted"):
             canon = self.canonical(kind, m)
             sig = canon @ self._projection(m.shape[1])
             order = sig[:, 0].argsort()
-            table = (canon[order], sig[order].contiguous(), label)
-            self._tables.setdefault((kind, m.shape[1]), []).append(table)
+            # unit rows in float32 (half the memory; the confirming cosine is taken in float64
+            # against the float64 query, off by < 1e-6 for rows of a few thousand entries)
+            canon32 = canon[order].to(torch.float32)
+            built.append(_Table(kind, m.shape[1], canon32, sig[order].contiguous(), label))
+            del canon
+        return built
 
     def matches(self, kind: str, rows: torch.Tensor) -> set[str]:
         """Labels of indexed matrices one of whose rows some query row reproduces."""
@@ -156,7 +198,8 @@ class _SignatureIndex:
         low = (qsig[:, 0] - SIGNATURE_TOL).contiguous()
         high = (qsig[:, 0] + SIGNATURE_TOL).contiguous()
         found: set[str] = set()
-        for canon, sig, label in tables:
+        for table in tables:
+            canon, sig, label = table.canon, table.sig, table.label
             if label in found:
                 continue
             lo = torch.searchsorted(sig[:, 0].contiguous(), low)
@@ -172,7 +215,8 @@ class _SignatureIndex:
             ji = lo[qi] + (torch.arange(total) - starts)
             near = (sig[ji, 1] - qsig[qi, 1]).abs() <= SIGNATURE_TOL
             qi, ji = qi[near], ji[near]
-            if qi.numel() and bool(((canon[ji] * query[qi]).sum(dim=1) > EXACT_COSINE).any()):
+            cos = (canon[ji].to(torch.float64) * query[qi]).sum(dim=1)
+            if qi.numel() and bool((cos > EXACT_COSINE).any()):
                 found.add(label)
         return found
 
@@ -338,8 +382,10 @@ class Audit:
         secret: LayerSecret,
         extra: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """A layer's plaintext and secrets; `extra` names further secret vectors or tables."""
-        w = _f64(weight)
+        """A layer's plaintext and secrets; `extra` names further secret vectors or tables.
+
+        The weight is kept as given (no float64 copy: the checks convert it when they run)."""
+        w = weight.detach()
         vectors: dict[str, torch.Tensor] = {}
         matrices: dict[str, torch.Tensor] = {}
         named = {**secret.tensors(), **(extra or {})}

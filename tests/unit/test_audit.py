@@ -372,3 +372,30 @@ def test_the_clean_protocol_with_hiding_masks_has_no_mask_leak(scheme: Any) -> N
     assert not leaks_with(report, "mask")
     assert not leaks_with(report, "unmasked")
     assert report["input_exposed"] is False
+
+
+def test_audits_of_one_model_share_the_plaintext_index_and_free_it() -> None:
+    """The benchmark audits several modes of one model in one process: the signature tables of
+    a plaintext weight are built once (float32 unit rows) and go when the last audit goes."""
+    import gc
+
+    from groupcover import audit as audit_module
+
+    model, _ = small_bert()
+    first = protect(model, InProcessTransport(), scheme="groupcover", masked=True, audit=True)
+    second = protect(model, InProcessTransport(), scheme="hardened", masked=True, audit=True)
+    assert first.audit is not None and second.audit is not None
+    ours = [table for tables in first.audit._index._tables.values() for table in tables]
+    theirs = [table for tables in second.audit._index._tables.values() for table in tables]
+    assert ours and {id(t) for t in ours} == {id(t) for t in theirs}
+    assert all(table.canon.dtype == torch.float32 for table in ours)
+    # a leak of one layer is still named by both audits with the shared tables
+    leaked = next(iter(first.layers.values())).layer_id
+    weight = dict(model.named_modules())[leaked].weight.detach()
+    for protected in (first, second):
+        assert protected.audit is not None
+        protected.audit.observe("run", "elsewhere", weight[:3].clone() * -2.5)
+        assert any("plaintext weight rows" in leak for leak in protected.audit.leaks)
+    del first, second, ours, theirs, protected
+    gc.collect()
+    assert not any(key[0].startswith(leaked) for key in list(audit_module._SHARED_TABLES))
