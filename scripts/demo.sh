@@ -23,5 +23,5 @@ trap finish EXIT
 trap 'exit 130' INT TERM
 "$GCVM" up --tee none --workers 1 --name "$NAME" || exit $?
 "$GCVM" run bench --name "$NAME" --model minilm \
-  --modes tee-only,plain-offload,groupcover --batch 2 --seq 16 --repeat 3 \
+  --modes tee-only,plain-offload,mask-only,groupcover,hardened --batch 2 --seq 16 --repeat 3 \
   --out "$OUT"
