@@ -111,6 +111,9 @@ def _add_attack(sub: argparse._SubParsersAction) -> None:
     add("--attacks", type=_csv, default=None, help="attack names (default: the whole suite)")
     add("--queries", type=int, default=200, help="victim labels the thief buys")
     add("--seeds", type=int, default=3, help="stealing seeds")
+    add("--steal", choices=("finetune", "head"), default="finetune",
+        help="the thief fine-tunes every layer and a head (default), or a head only")  # fmt: skip
+    add("--steal-steps", type=int, default=24, help="fine-tuning steps of 16 queries")
     add("--json", type=Path, default=None, help="write the full results here")
     add("--chart", type=Path, default=None, help="write a PNG chart here (needs matplotlib)")
 
@@ -120,7 +123,8 @@ def _attack(args: argparse.Namespace) -> int:
 
     settings = harness.EvalSettings(
         schemes=args.schemes, ks=args.k, layers=args.layers, attacks=args.attacks,
-        queries=args.queries, steal_seeds=tuple(range(args.seeds)),
+        queries=args.queries, steal_seeds=tuple(range(args.seeds)), steal=args.steal,
+        steal_steps=args.steal_steps,
     )  # fmt: skip
 
     def partial(result: dict) -> None:

@@ -7,8 +7,9 @@ protected model serves the deployment texts. Each attack gets, per layer, the pu
 published weight, the scheme's public parameters and the payloads; its reconstruction is scored
 against the victim (36 per-matrix rows for MiniLM: the fused qkv layer is scored as q, k and v).
 Then the stealing stage: the scheme's best reconstruction per layer over all attacks becomes an
-encoder, a head is trained on a query budget of victim labels, and its test accuracy is compared
-with the same training from the public weights (black box) over a few seeds.
+encoder, which the thief fine-tunes (every layer, with a head) on a query budget of victim labels;
+its test accuracy is compared with the same fine-tuning from the public weights (black box) over
+a few seeds. `steal="head"` trains only a linear head on frozen features (fast, for tests).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from groupcover.attacks.victim import (
     Classifier,
     TopicTask,
     VictimSettings,
+    accuracy,
     load_victim,
     public_encoder,
 )
@@ -49,6 +51,9 @@ class EvalSettings:
     queries: int = 200  # victim labels the thief buys
     test_samples: int = 512
     steal_seeds: tuple[int, ...] = (0, 1, 2)
+    steal: str = "finetune"  # "finetune": every layer and a head; "head": a head on frozen features
+    steal_steps: int = 24  # AdamW steps of the fine-tune
+    steal_batch: int = 16
     seed: int = 1  # obfuscation secrets (reproducible: an evaluation, not a deployment)
     attacks: tuple[str, ...] | None = None  # names from the suite (None: all)
 
@@ -294,8 +299,43 @@ def train_head(feats: torch.Tensor, labels: torch.Tensor, classes: int, seed: in
     return head
 
 
+STEAL_LR = 5e-5  # the victim's own fine-tuning rate (victim.VictimSettings.lr)
+STEAL_HEAD_LR = 3e-3
+
+
+def fine_tune(encoder: nn.Module, head: nn.Linear, ids: torch.Tensor, mask: torch.Tensor,
+              labels: torch.Tensor, steps: int, batch: int, seed: int) -> Classifier:  # fmt: skip
+    """The thief's fine-tuning: every layer of a copy of `encoder` and the head, AdamW with the
+    victim's learning rates, `steps` batches drawn from its queries."""
+    import copy
+
+    assert isinstance(encoder, BertEncoder)
+    model = Classifier(copy.deepcopy(encoder), head.out_features)
+    model.head.load_state_dict(head.state_dict())
+    body = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+    optim = torch.optim.AdamW(
+        [
+            {"params": body, "lr": STEAL_LR},
+            {"params": model.head.parameters(), "lr": STEAL_HEAD_LR},
+        ],
+        weight_decay=0.0,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        pick = torch.randint(0, len(labels), (min(batch, len(labels)),), generator=gen)
+        loss = nn.functional.cross_entropy(model(ids[pick], mask[pick]), labels[pick])
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    return model.eval()
+
+
 def stolen_accuracy(encoder: nn.Module, settings: EvalSettings, texts: dict[str, Any]
                     ) -> dict[str, Any]:  # fmt: skip
+    """Test accuracy of what the thief builds from `encoder` and its queries, per seed."""
+    if settings.steal not in ("finetune", "head"):
+        raise ValueError(f"unknown stealing method {settings.steal!r} (finetune or head)")
     classes = settings.victim.task.classes
     q_ids, q_mask = texts["queries_cat"]
     t_ids, t_mask, t_labels = texts["test"]
@@ -305,10 +345,19 @@ def stolen_accuracy(encoder: nn.Module, settings: EvalSettings, texts: dict[str,
     for i, seed in enumerate(settings.steal_seeds):
         rows = slice(i * settings.queries, (i + 1) * settings.queries)
         head = train_head(q_feats[rows], texts["query_labels"][rows], classes, seed)
-        with torch.no_grad():
-            accs.append(float((head(t_feats).argmax(1) == t_labels).double().mean()))
+        if settings.steal == "head":
+            with torch.no_grad():
+                accs.append(float((head(t_feats).argmax(1) == t_labels).double().mean()))
+            continue
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # dropout, if the encoder has any
+            thief = fine_tune(encoder, head, q_ids[rows], q_mask[rows],
+                              texts["query_labels"][rows], settings.steal_steps,
+                              settings.steal_batch, seed)  # fmt: skip
+        accs.append(accuracy(thief, t_ids, t_mask, t_labels))
     spread = statistics.pstdev(accs) if len(accs) > 1 else 0.0
-    return {"accuracy": statistics.mean(accs), "std": spread, "per_seed": accs}
+    return {"accuracy": statistics.mean(accs), "std": spread, "per_seed": accs,
+            "method": settings.steal}  # fmt: skip
 
 
 def steal(victim: Classifier, public: nn.Module, recs: dict[str, dict[str, torch.Tensor]],

@@ -80,10 +80,15 @@ def render(result: dict[str, Any], per_layer: bool = True) -> str:
         parts.append(
             render_table("best attack per weight matrix (error ratio, attack)", header, rows, 1)
         )
-    title = (
-        f"stolen accuracy: a head trained on {result['settings']['queries']} victim labels "
-        f"over the encoder, mean and spread over {len(result['settings']['steal_seeds'])} seeds"
-    )
+    settings = result["settings"]
+    if settings.get("steal", "head") == "finetune":
+        how = (
+            f"the encoder and a head fine-tuned on {settings['queries']} victim labels "
+            f"({settings['steal_steps']} steps of {settings['steal_batch']})"
+        )
+    else:
+        how = f"a head trained on {settings['queries']} victim labels over the frozen encoder"
+    title = f"stolen accuracy: {how}, mean and spread over {len(settings['steal_seeds'])} seeds"
     parts.append(render_table(title, ["thief", "accuracy", "std"], stealing_rows(result), 1))
     return "\n\n".join(parts)
 

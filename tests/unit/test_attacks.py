@@ -151,3 +151,33 @@ def test_real_victim_evaluation_one_block() -> None:
         assert min(m["error_ratio"] for m in hardened["layers"][name].values()) >= 0.99
     blackbox = result["stealing"]["black-box (public weights)"]["accuracy"]
     assert hardened["stolen"]["accuracy"] <= blackbox + 0.05
+
+
+def test_the_thief_fine_tunes_every_layer_and_learns_its_queries() -> None:
+    """The stealing stage's fine-tune: it trains the encoder (not only the head) on the queries,
+    fits them better than the head alone, and leaves the reconstruction it starts from intact."""
+    from groupcover.attacks.harness import fine_tune, train_head
+    from groupcover.attacks.victim import Classifier, accuracy
+    from groupcover.models.bert import BertConfig, BertEncoder
+
+    torch.manual_seed(0)
+    encoder = BertEncoder(BertConfig(vocab_size=200, hidden=32, layers=2, heads=4,
+                                     intermediate=64, max_positions=32))  # fmt: skip
+    ids = torch.randint(0, 200, (96, 12))
+    mask = torch.ones_like(ids)
+    labels = (ids[:, 0] % 3).long()  # a rule the encoder must learn: the first token's class
+    before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+    with torch.no_grad():
+        feats = Classifier(encoder, 3).features(ids, mask)
+    head = train_head(feats, labels, 3, seed=0)
+    head_only = Classifier(encoder, 3)
+    head_only.head.load_state_dict(head.state_dict())
+    thief = fine_tune(encoder, head, ids, mask, labels, steps=120, batch=32, seed=0)
+    assert all(torch.equal(p, before[n]) for n, p in encoder.named_parameters())
+    moved = [n for n, p in thief.encoder.named_parameters() if not torch.equal(p, before[n])]
+    assert any("layers.0" in n or "layer.0" in n for n in moved), moved
+    with torch.no_grad():
+        loss_thief = nn.functional.cross_entropy(thief(ids, mask), labels)
+        loss_head = nn.functional.cross_entropy(head_only(ids, mask), labels)
+    assert float(loss_thief) < 0.95 * float(loss_head)
+    assert accuracy(thief, ids, mask, labels) >= accuracy(head_only, ids, mask, labels)
