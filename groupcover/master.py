@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from groupcover.integrity import LayerCheck
 from groupcover.masks import MASK_DTYPE, MaskPair, MaskPolicy, MaskPool
 from groupcover.rng import SecretRandom
 from groupcover.scheme import LayerSecret, Scheme, make_scheme, op_for
-from groupcover.transport import LayerOp, Transport
+from groupcover.transport import LayerOp, PublishedRef, Transport
 from groupcover.worker import apply_op
 
 DEFAULT_MASK_POOL = 2  # pairs per layer and input shape filled ahead of time
@@ -310,6 +311,15 @@ class ProtectedModel(nn.Module):
             for layer in self.layers.values():
                 layer.fill_pairs = 0
 
+    def top_up_masks(self, pairs: int = 1) -> bool:
+        """Offline, between forwards: every layer's pools for the input shapes already seen back
+        to `pairs` pairs ahead (within the pool's budget), without a local forward. False when
+        nothing was seen yet (then `fill_masks` with example inputs is the way)."""
+        if self.masks is None or not self.layouts_probed or not self.masks.known_shapes():
+            return False
+        self.masks.top_up(pairs)
+        return True
+
     def stats(self) -> dict[str, object]:
         return {
             "scheme": self.scheme.name,
@@ -424,5 +434,87 @@ def protect(
             _replace(module, name, proxy)
     protected = ProtectedModel(module, layers, transport, chosen, masks, auditor, rng)
     if example_inputs is not None:
+        protected.fill_masks(*example_inputs, pairs=mask_pool)
+    return protected
+
+
+@dataclass(frozen=True)
+class PackagedLayer:
+    """One offloaded layer of a model package, as `assemble` wires it: its secrets come from the
+    sealed bundle, its published weight is read when needed (`load`, float32 as published) and
+    reaches the worker by reference when `ref` is set."""
+
+    name: str
+    aliases: tuple[str, ...]
+    op: LayerOp  # what the worker runs (the scheme's worker op)
+    secret: LayerSecret
+    weight_shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+    ref: PublishedRef | None = None
+    dtype: torch.dtype = torch.float32  # the layer's own dtype
+
+
+def assemble(
+    module: nn.Module,
+    layers: Sequence[PackagedLayer],
+    transport: Transport,
+    *,
+    scheme: Scheme,
+    masked: bool,
+    seed: int | None = None,
+    mask_pool: int = DEFAULT_MASK_POOL,
+    mask_budget: int | None = None,
+    audit_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    mask_policy: MaskPolicy | str = MaskPolicy.REFILL,
+    mode: str = "",
+    verify: bool = False,
+) -> ProtectedModel:
+    """A protected model from a package's parts, without obfuscating anything.
+
+    `module` is the model with its non-offloaded parameters loaded; each layer's proxy replaces
+    its name and aliases there. Published weights are never all held: `load` reads one when the
+    transport, the mask pool or the integrity check needs it. `audit_weights` (plaintext weights,
+    from a package's sealed baselines only) lets the payload audit run.
+    """
+    rng = SecretRandom.create(seed)
+    check_rng = rng.spawn("integrity")
+    masks = None
+    if masked:
+        masks = MaskPool(rng.spawn("masks"), policy=mask_policy, budget_bytes=mask_budget)
+    auditor = None
+    if audit_weights is not None:
+        auditor = Audit(mode=mode or scheme.name)
+        transport.add_observer(auditor.observe)
+    compute = MASK_DTYPE if masked else None
+    proxies: dict[str, OffloadedLayer] = {}
+    with torch.no_grad():
+        for layer in layers:
+
+            def load(layer: PackagedLayer = layer) -> torch.Tensor:
+                weight = layer.load()
+                return weight if compute is None else weight.to(compute)
+
+            if auditor is not None:
+                weight, bias = audit_weights[layer.name]  # type: ignore[index]
+                auditor.register_layer(layer.name, weight, bias, layer.secret)
+            publish_ref = getattr(transport, "publish_ref", None)
+            if layer.ref is not None and publish_ref is not None:
+                publish_ref(layer.name, layer.ref, layer.op, load, compute or layer.dtype)
+            else:
+                transport.publish(layer.name, load(), layer.op)
+            if masks is not None:
+                masks.register(layer.name, None, layer.op, loader=layer.load,
+                               weight_shape=layer.weight_shape)  # fmt: skip
+            check = None
+            if verify:
+                check = LayerCheck.create(layer.name, load(), layer.op, check_rng.spawn(layer.name))
+            proxy = OffloadedLayer(layer.name, layer.op, layer.secret, scheme, transport, masks,
+                                   auditor, check, layer.dtype)  # fmt: skip
+            proxies[layer.name] = proxy
+            for name in (layer.name, *layer.aliases):
+                _replace(module, name, proxy)
+    protected = ProtectedModel(module.eval(), proxies, transport, scheme, masks, auditor, rng)
+    if example_inputs is not None and masks is not None:
         protected.fill_masks(*example_inputs, pairs=mask_pool)
     return protected
