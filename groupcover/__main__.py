@@ -145,7 +145,9 @@ def _add_protect(sub: argparse._SubParsersAction) -> None:
         "master checks exactness without plaintext weights")  # fmt: skip
     add("--seed", type=int, default=None,
         help="secrets reproducible from this seed (tests only: not secret)")  # fmt: skip
-    add("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    add("--threads", type=int, default=1,
+        help="torch threads (default 1: the many small batched factorisations run slower "
+        "with more threads on a loaded host)")  # fmt: skip
 
 
 def _protect(args: argparse.Namespace) -> int:
