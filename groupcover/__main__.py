@@ -1,5 +1,6 @@
-"""`python -m groupcover launch|bench|protect|attack`: the framework's command line (argparse: it runs in guests
-that hold only the framework's own dependencies). Expected failures print one line, exit 2 or 3."""
+"""`python -m groupcover launch|bench|protect|attack`: the framework's command line (argparse:
+it runs in guests that hold only the framework's own dependencies). Expected failures print one
+line, exit 2 or 3."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _add_workload(parser: argparse.ArgumentParser) -> None:
     add("--broker", default=None,
         help="(package) release the model key from this KBS broker, http://HOST:PORT")  # fmt: skip
     add("--tee", choices=["none", "snp", "tdx"], default=None,
-        help="(with --broker) the evidence this guest gives: none needs an insecure broker")  # fmt: skip
+        help="(with --broker) the evidence this guest gives; none: an insecure broker")  # fmt: skip
     add("--mask-budget", type=_budget, default=DEFAULT_MASK_BUDGET_MB,
         help="MiB of one-time masks drawn ahead, all masked modes together (packages; "
         "'none': one pair per layer and shape, unbounded)")  # fmt: skip
@@ -132,7 +133,7 @@ def _add_protect(sub: argparse._SubParsersAction) -> None:
         help="a Hugging Face BERT checkpoint folder, FILE.py:FUNCTION returning (module, "
         "example input), or a built-in model name")  # fmt: skip
     add("--scheme", default=DEFAULT_SCHEME, choices=list(PACKAGE_SCHEMES),
-        help=f"the obfuscation scheme (default: {DEFAULT_SCHEME}, the one gcvm recommends)")  # fmt: skip
+        help=f"obfuscation scheme (default: {DEFAULT_SCHEME}, gcvm's recommendation)")  # fmt: skip
     add("--out", type=Path, required=True, help="the package folder to write (must not exist)")
     add("--key-out", type=Path, default=None,
         help="write the model key here instead of OUT/model.key (mode 0600)")  # fmt: skip
@@ -172,7 +173,8 @@ def _protect(args: argparse.Namespace) -> int:
     print(json.dumps({"package": str(args.out), "package_id": manifest["package_id"],
                       "scheme": manifest["scheme"], "modes": manifest["modes"],
                       "layers": len(manifest["layers"]), "key": str(key),
-                      "seconds": round(seconds, 2), "threads": torch.get_num_threads()}))  # fmt: skip
+                      "seconds": round(seconds, 2),
+                      "threads": torch.get_num_threads()}))  # fmt: skip
     if manifest.get("baselines"):
         print(f"groupcover: warning: {manifest['baselines']['warning']}", file=sys.stderr)
     return 0

@@ -168,7 +168,11 @@ def _prepare_builtin(settings: RankSettings) -> Prepared:
     from groupcover.package.source import load_source
 
     source = load_source(settings.model)
-    schemes = {mode_settings(m)[0] for m in settings.modes} - {None, "identity"}
+    schemes: set[str] = set()
+    for mode in settings.modes:
+        named = mode_settings(mode)[0]
+        if named is not None and named != "identity":
+            schemes.add(named)
     if not schemes:
         schemes = {"groupcover"}  # baselines only: any scheme's package holds them
     start = time.perf_counter()
@@ -203,8 +207,8 @@ def _prepare_builtin(settings: RankSettings) -> Prepared:
     del source
     packages = {}
     for mode in settings.modes:
-        scheme = mode_settings(mode)[0]
-        packages[mode] = by_scheme.get(scheme or "", next(iter(by_scheme.values())))
+        wanted = mode_settings(mode)[0] or ""
+        packages[mode] = by_scheme.get(wanted, next(iter(by_scheme.values())))
     prepared = _from_packages(settings, packages, in_memory(key).facts)
     prepared.cleanup = cleanup
     prepared.protect_s = time.perf_counter() - start
@@ -615,9 +619,15 @@ def _package_facts(prepared: Prepared) -> dict[str, Any] | None:
         return None
     seen = {id(p): p for p in prepared.packages.values()}
     return {
-        "packages": [{"package_id": p.package_id, "scheme": p.meta["scheme"],
-                      "modes": list(p.modes), "baselines": bool(p.meta.get("baselines"))}
-                     for p in seen.values()],  # fmt: skip
+        "packages": [
+            {
+                "package_id": p.package_id,
+                "scheme": p.meta["scheme"],
+                "modes": list(p.modes),
+                "baselines": bool(p.meta.get("baselines")),
+            }
+            for p in seen.values()
+        ],
         "protected_on_the_fly_s": round(prepared.protect_s, 2) if prepared.cleanup else None,
     }
 

@@ -12,8 +12,12 @@ import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from groupcover.worker import WorkerState
 
 from groupcover import rpc
 from groupcover.errors import GroupCoverError, UsageError, WorkerUnavailable, print_error
@@ -104,7 +108,7 @@ class RankSettings:
                 path.is_file()
             ):
                 raise UsageError(f"--package {path}: no published.safetensors there",
-                                 hint="give a package folder or its published.safetensors")  # fmt: skip
+                                 hint="give a package folder or its weights file")  # fmt: skip
 
     def _validate_key(self) -> None:
         from groupcover.package.keys import KeySource
@@ -202,7 +206,7 @@ def launch(settings: RankSettings) -> int:
         return exc.exit_code
 
 
-def worker_state(settings: RankSettings) -> object:
+def worker_state(settings: RankSettings) -> WorkerState:
     """The worker's layer store, with the published weights of every package it was given."""
     from groupcover.package.published import PublishedFile
     from groupcover.worker import WorkerState
@@ -266,7 +270,6 @@ def _run_master_rpc(settings: RankSettings, prepared: object) -> int:
 def _run_master_tcp(settings: RankSettings) -> int:
     """A master over the default wire: tensors only, every reply checked."""
     from groupcover import bench
-    from groupcover.wire import world
 
     prepared = bench.prepare(settings)  # load the model before joining: a bad model exits early
     try:

@@ -86,15 +86,18 @@ class WorkerState:
         self.packages: dict[str, PublishedFile] = {}  # package id -> its published weights
         # tensors loaded from a package, shared by every session that publishes them by
         # reference (read-only): one copy per (package, tensor, digest, dtype) while in use
-        self._shared: weakref.WeakValueDictionary[tuple[str, int, str, torch.dtype],
-                                                  torch.Tensor] = weakref.WeakValueDictionary()
+        self._shared: weakref.WeakValueDictionary[
+            tuple[str, int, str, torch.dtype], torch.Tensor
+        ] = weakref.WeakValueDictionary()
         self._load_lock = threading.Lock()
 
     def add_published(self, published: PublishedFile) -> None:
         """A package's published weights this worker may load layers from."""
         if not published.package_id:
-            raise GroupCoverError(f"{published.path} names no package id",
-                                  hint="use the published.safetensors that `protect` wrote")
+            raise GroupCoverError(
+                f"{published.path} names no package id",
+                hint="use the published.safetensors that `protect` wrote",
+            )
         self.packages[published.package_id] = published
 
     def publish_ref(

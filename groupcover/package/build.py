@@ -141,11 +141,11 @@ def protect_source(source: Source, out: Path, options: ProtectOptions) -> dict[s
                 if bias is not None:
                     plain[f"plain/{index}/bias"] = bias.contiguous().clone()
         state_keys = []
-        for key, value in module.state_dict(keep_vars=False).items():
-            if key in removed:
+        for entry_name, value in module.state_dict(keep_vars=False).items():
+            if entry_name in removed:
                 continue
-            bundle[f"state/{key}"] = value.detach().contiguous().clone()
-            state_keys.append(key)
+            bundle[f"state/{entry_name}"] = value.detach().contiguous().clone()
+            state_keys.append(entry_name)
         references: dict[str, str] = {}
         shapes: list[tuple[str, tuple[int, int] | None]]
         if spec.fixed_inputs is not None:
@@ -162,7 +162,8 @@ def protect_source(source: Source, out: Path, options: ProtectOptions) -> dict[s
             except (RuntimeError, IndexError, ValueError) as exc:
                 raise UsageError(f"{spec.name} cannot run the reference input {label}: "
                                  f"{str(exc).strip().splitlines()[0][:160]}",
-                                 hint="choose --reference shapes the model accepts") from None  # fmt: skip
+                                 hint="choose --reference shapes the model accepts",
+                                 ) from None  # fmt: skip
             references[label] = f"ref/{label}"
     modes = list(scheme_modes(options.scheme))
     if options.baselines:
@@ -237,18 +238,25 @@ def _manifest(spec: Any, options: ProtectOptions, package_id: str, layers: list[
         "scheme": options.scheme,
         "k": options.k if options.scheme == "groupcover" else None,
         "modes": modes,
-        "secrets": "reproducible from --seed: not secret" if options.seed is not None
+        "secrets": "reproducible from --seed: not secret"
+        if options.seed is not None
         else "drawn from the OS CSPRNG",
         "layers": [
-            {"id": e["index"], "op": e["op"]["kind"], "shape": e["shape"], "dtype": e["dtype"],
-             "sha256": e["sha256"]}
+            {
+                "id": e["index"],
+                "op": e["op"]["kind"],
+                "shape": e["shape"],
+                "dtype": e["dtype"],
+                "sha256": e["sha256"],
+            }
             for e in layers
-        ],  # fmt: skip
+        ],
         "published": PUBLISHED,
         "sealed": {"file": SEALED, "sha256": sealed, "holds": holds},
         "baselines": (
             {"file": BASELINES, "sha256": baselines, "warning": BASELINES_WARNING}
-            if baselines is not None else None
+            if baselines is not None
+            else None
         ),
         "references": list(references),
         "protect_seconds": round(seconds, 2),

@@ -99,8 +99,12 @@ class PublishedFile:
                 shape = tuple(int(d) for d in info["shape"])
                 start, end = (int(v) for v in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise PublishedError(f"{self.path}: tensor {name!r} has an unreadable entry")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+                raise PublishedError(
+                    f"{self.path}: tensor {name!r} has an unreadable entry"
+                ) from None
+            nbytes = (
+                int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+            )
             if end - start != nbytes or start < 0 or base + end > size:
                 raise PublishedError(f"{self.path}: tensor {name!r} does not fit the file")
             self.entries[name] = Entry(dtype, shape, base + start, base + end)

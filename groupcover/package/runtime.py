@@ -12,7 +12,6 @@ open baselines.sealed, which only a package protected with --baselines has.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

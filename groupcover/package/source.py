@@ -75,17 +75,17 @@ def _builtin(name: str) -> Source:
     from groupcover.models import load_model
 
     module, _ = load_model(name, MODEL_SEED)
+    config: Any = getattr(module, "config", None)
     if name == "minilm":
         from groupcover.models.minilm import load_config, model_dir
 
-        config = dataclasses.asdict(load_config(model_dir()))
+        settings = dataclasses.asdict(load_config(model_dir()))
         tokenizer = (model_dir() / "tokenizer.json").read_text()
-        return Source(module, ModelSpec("sentence-bert", config, name, tokenizer=tokenizer))
+        return Source(module, ModelSpec("sentence-bert", settings, name, tokenizer=tokenizer))
     if name == "bert-base":
-        return Source(module, ModelSpec("bert", dataclasses.asdict(module.config), name))
+        return Source(module, ModelSpec("bert", dataclasses.asdict(config), name))
     if name == "seed-transformer":
-        return Source(module, ModelSpec("seed-transformer",
-                                        dataclasses.asdict(module.config), name))  # fmt: skip
+        return Source(module, ModelSpec("seed-transformer", dataclasses.asdict(config), name))
     if name == "resnet18":
         return Source(module, ModelSpec("resnet18", {}, name))
     # a model registered at run time (tests): its factory is the name itself
@@ -138,7 +138,7 @@ def _factory(text: str) -> Source:
     path = Path(file)
     if not path.is_file():
         raise UsageError(f"no such model factory file {file}",
-                         hint="SRC is FILE.py:FUNCTION, FUNCTION returning (module, inputs)")  # fmt: skip
+                         hint="SRC is FILE.py:FUNCTION returning (module, inputs)")  # fmt: skip
     source = path.read_text()
     try:
         module = _load_factory_module(source, str(path))
@@ -147,7 +147,7 @@ def _factory(text: str) -> Source:
         raise UsageError(f"{file} has no function {function!r}") from None
     except Exception as exc:  # the owner's code: any failure is reported in one line
         raise UsageError(f"{text} failed: {type(exc).__name__}: {str(exc)[:200]}") from None
-    if (not isinstance(made, tuple) or len(made) != 2 or not isinstance(made[0], nn.Module)):
+    if not isinstance(made, tuple) or len(made) != 2 or not isinstance(made[0], nn.Module):
         raise UsageError(f"{text} must return (torch.nn.Module, example input tuple)")
     model, inputs = made
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
@@ -217,9 +217,10 @@ def example_inputs(spec: ModelSpec, batch: int, seq: int) -> tuple[torch.Tensor,
 
         generator = torch.Generator().manual_seed(MODEL_SEED)
         return random_token_inputs(int(spec.config["vocab_size"]), batch, seq, generator)
-    from groupcover.models import load_model
 
-    name = {"seed-transformer": "seed-transformer", "resnet18": "resnet18"}.get(spec.kind, spec.name)
+    name = {"seed-transformer": "seed-transformer", "resnet18": "resnet18"}.get(
+        spec.kind, spec.name
+    )
     overrides: dict[str, Any] = {}
     if spec.kind == "seed-transformer":
         overrides = {"vocab_size": spec.config["vocab_size"]}
@@ -255,7 +256,8 @@ def spec_to_json(spec: ModelSpec) -> dict[str, Any]:
     return {"kind": spec.kind, "config": spec.config, "name": spec.name,
             "tokenizer": spec.tokenizer, "factory_source": spec.factory_source,
             "factory_function": spec.factory_function,
-            "fixed_inputs": None if spec.fixed_inputs is None else len(spec.fixed_inputs)}  # fmt: skip
+            "fixed_inputs": None if spec.fixed_inputs is None
+            else len(spec.fixed_inputs)}  # fmt: skip
 
 
 def spec_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ModelSpec:
@@ -264,4 +266,3 @@ def spec_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Mo
     return ModelSpec(data["kind"], data.get("config") or {}, data.get("name", ""),
                      data.get("tokenizer"), data.get("factory_source"),
                      data.get("factory_function"), fixed)  # fmt: skip
-

@@ -21,8 +21,8 @@ size the receiver chose before reading them.
 Requests: HELLO (payload: the master's name, ASCII), PUBLISH (op block + weight), PUBLISH_REF
 (a byte payload: op block + ref block; the worker loads the tensor from its own copy of the
 package and refuses a digest that does not match), RUN (the input), RELEASE, STATS, MEMORY (OK
-carries the worker's peak resident set in bytes). Replies: WELCOME (payload: the worker's device, ASCII), OK, RESULT (the
-output), ERROR (code in flags, payload: a short ASCII message).
+carries the worker's peak resident set in bytes). Replies: WELCOME (payload: the worker's
+device, ASCII), OK, RESULT (the output), ERROR (code in flags, payload: a short ASCII message).
 """
 
 from __future__ import annotations

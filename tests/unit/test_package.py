@@ -31,7 +31,7 @@ from groupcover.wire.tcp import TcpTransport, WorkerServer
 from groupcover.worker import WorkerState
 from tests.unit.conftest import SMALL_BERT, rel_error
 
-FACTORY = '''
+FACTORY = """
 import torch
 from torch import nn
 
@@ -48,7 +48,7 @@ class Net(nn.Module):
 def make():
     torch.manual_seed(0)
     return Net(), (torch.randn(4, 16),)
-'''
+"""
 
 
 def small_bert() -> tuple[torch.nn.Module, Source]:
@@ -73,7 +73,7 @@ def plaintext(batch: int = 2, seq: int = 16) -> tuple[torch.Tensor, tuple[torch.
         return model(*inputs), inputs
 
 
-def unsealed(path: Path):  # noqa: ANN201
+def unsealed(path: Path):
     return open_package(path).unseal(read_key(path / "model.key"))
 
 
@@ -213,7 +213,7 @@ def test_no_plaintext_offloaded_weight_in_the_master(tmp_path: Path) -> None:
 
 def test_the_master_never_obfuscates_at_run_time(tmp_path: Path, monkeypatch) -> None:
     path = make_package(tmp_path)
-    reference, inputs = plaintext()
+    _reference, _inputs = plaintext()
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("obfuscation called at run time")
@@ -343,9 +343,9 @@ def test_a_checkpoint_folder_is_a_source(tmp_path: Path) -> None:
         for part in ("weight", "bias"):
             qkv = state[f"layer.{i}.attention.qkv.{part}"]
             for j, name in enumerate(("query", "key", "value")):
-                raw[f"encoder.layer.{i}.attention.self.{name}.{part}"] = (
-                    qkv[j * hidden : (j + 1) * hidden].clone()
-                )
+                raw[f"encoder.layer.{i}.attention.self.{name}.{part}"] = qkv[
+                    j * hidden : (j + 1) * hidden
+                ].clone()
             for ours, theirs in renames.items():
                 raw[f"encoder.layer.{i}.{theirs}.{part}"] = state[f"layer.{i}.{ours}.{part}"]
     folder = tmp_path / "ckpt"
@@ -358,7 +358,7 @@ def test_a_checkpoint_folder_is_a_source(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
     try:
         shutil.copy(model_dir() / "tokenizer.json", folder / "tokenizer.json")
-    except Exception:  # noqa: BLE001 - the MiniLM package is optional in some environments
+    except Exception:
         pytest.skip("no tokenizer.json to borrow")
     out = tmp_path / "pkg"
     protect(str(folder), out, ProtectOptions(references=((2, 12),)))
@@ -395,3 +395,26 @@ def test_bounded_mask_pool_draws_the_rest_online(tmp_path: Path) -> None:
     assert bounded.top_up_masks(1)
     assert bounded.masks.stats()["peak_held_bytes"] <= full // 3
     assert unbounded.masks.stats()["left"] == layers
+
+
+def test_gcvm_model_protect_runs_the_framework(tmp_path: Path) -> None:
+    """`gcvm model protect` starts `python -m groupcover protect` (the orchestrator never imports
+    the framework) and passes its exit code on."""
+    import subprocess
+    import sys
+
+    from orchestrator.model import protect_argv
+
+    factory = tmp_path / "factory.py"
+    factory.write_text(FACTORY)
+    out = tmp_path / "pkg"
+    argv = protect_argv(f"{factory}:make", out, None, tmp_path / "k.key", None, True, None, 1, 1)
+    assert argv[1:4] == ["-m", "groupcover", "protect"] and "--baselines" in argv
+    gcvm = [sys.executable, "-m", "orchestrator", "model", "protect", f"{factory}:make",
+            "--out", str(out), "--key-out", str(tmp_path / "k.key"), "--seed", "1"]  # fmt: skip
+    done = subprocess.run(gcvm, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert not (out / "model.key").exists() and (tmp_path / "k.key").stat().st_size == 32
+    bad = subprocess.run([*gcvm[:5], "nope", "--out", str(tmp_path / "x")], capture_output=True,
+                         text=True, timeout=120, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
