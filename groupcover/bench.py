@@ -448,6 +448,9 @@ def summarise(run: ModeRun, reference: torch.Tensor | None, batch: int, seq: int
     audit = getattr(run.module, "audit", None)
     if audit is not None:
         result["audit"] = audit.report()
+    note = getattr(run.module, "audit_note", None)
+    if note:
+        result["audit_note"] = note
     return result
 
 
@@ -714,7 +717,7 @@ def ratio_lines(results: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def audit_lines(results: Sequence[dict[str, Any]]) -> list[str]:
-    lines = []
+    lines = [f"{r['mode']}: {r['audit_note']}" for r in results if r.get("audit_note")]
     for r in results:
         report = r.get("audit")
         if not report or r["mode"] == "tee-only":

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 from groupcover import rpc
 from groupcover.errors import GroupCoverError, UsageError, WorkerUnavailable, print_error
 
-DEFAULT_MASK_BUDGET_MB = 384.0  # all masked modes' pools together (a package's master)
+DEFAULT_MASK_BUDGET_MB = 256.0  # all masked modes' pools together (a package's master)
 MAX_BATCH = 1024
 MAX_SEQ = 512
 DEFAULT_MODES = ("plain-offload", "groupcover")

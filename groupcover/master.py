@@ -260,6 +260,7 @@ class ProtectedModel(nn.Module):
         self.secrets_notice = "" if rng is None else rng.notice
         self.verify = any(layer.check is not None for layer in layers.values())
         self.layouts_probed = False
+        self.audit_note = ""  # why a requested audit did not run (a package without baselines)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -38,6 +38,11 @@ from groupcover.package.source import ModelSpec, build_skeleton, example_inputs,
 from groupcover.scheme import IdentityScheme, LayerSecret, Scheme, channel_dim_of, make_scheme
 from groupcover.transport import Transport
 
+AUDIT_SKIPPED = (
+    "audit skipped: the payload audit compares payloads with the plaintext weights, which this "
+    "package does not hold (protect it with --baselines to audit a benchmark)"
+)
+
 
 class PackageError(GroupCoverError):
     exit_code = 2
@@ -243,13 +248,7 @@ class UnsealedPackage:
         scheme: Scheme = IdentityScheme() if baseline else self.scheme
         layers = []
         audit_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
-        if audit:
-            if not self.meta.get("baselines"):
-                raise ModeUnavailable(
-                    "the payload audit needs the plaintext weights, which this package does not "
-                    "hold",
-                    hint="audit a package protected with --baselines (benchmarks only)",
-                )
+        if audit and self.meta.get("baselines"):
             audit_weights = {e["name"]: self._plain_weight(e) for e in self.layers}
         for entry in self.layers:
             op = _op(entry["plain_op"] if baseline else entry["op"])
@@ -276,11 +275,14 @@ class UnsealedPackage:
             for name in (entry["name"], *entry["aliases"]):
                 _replace(module, name, nn.Identity())
         module = self._load_state(module)
-        return assemble(
+        built = assemble(
             module, layers, transport, scheme=scheme, masked=masked, seed=seed,
             mask_pool=mask_pool, mask_budget=mask_budget, audit_weights=audit_weights,
             example_inputs=example if masked else None, mode=chosen, verify=verify,
         )  # fmt: skip
+        if audit and audit_weights is None:
+            built.audit_note = AUDIT_SKIPPED
+        return built
 
 
 def protected_tensors(model: nn.Module) -> list[torch.Tensor]:

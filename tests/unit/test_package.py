@@ -245,9 +245,10 @@ def test_exactness_is_not_checked_without_a_sealed_reference(tmp_path: Path) -> 
     assert prepared.reference is None
     [result] = bench.benchmark(
         prepared, ("hardened",), lambda mode: InProcessTransport(owner=mode), model_name="x",
-        batch=3, seq=8, repeat=1, warmup=0, seed=None, audit=False,
+        batch=3, seq=8, repeat=1, warmup=0, seed=None, audit=True,
     )  # fmt: skip
     assert result["rel_err"] is None
+    assert "audit skipped" in result["audit_note"] and "audit" not in result
     assert result["exactness"] == "exactness not checked: no sealed reference for 3x8"
 
 
@@ -418,3 +419,17 @@ def test_gcvm_model_protect_runs_the_framework(tmp_path: Path) -> None:
     bad = subprocess.run([*gcvm[:5], "nope", "--out", str(tmp_path / "x")], capture_output=True,
                          text=True, timeout=120, check=False)  # fmt: skip
     assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
+
+
+def test_a_package_with_baselines_can_be_audited(tmp_path: Path) -> None:
+    path = make_package(tmp_path, baselines=True)
+    settings = RankSettings(Role.master, 0, 2, worker=1, model=str(path),
+                            modes=("plain-offload", "hardened"), batch=2, seq=16,
+                            key_file=path / "model.key")  # fmt: skip
+    prepared = bench.prepare(settings)
+    plain, hardened = bench.benchmark(
+        prepared, settings.modes, lambda mode: InProcessTransport(owner=mode), model_name="x",
+        batch=2, seq=16, repeat=1, warmup=0, seed=None, audit=True,
+    )  # fmt: skip
+    assert plain["audit"]["leaks"] and hardened["audit"]["leaks"] == []
+    assert hardened["rel_err"] < 1e-4
