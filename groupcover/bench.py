@@ -121,9 +121,7 @@ def prepare(settings: RankSettings) -> Prepared:
     else:
         prepared = _prepare_builtin(settings)
     prepared.load_s = time.perf_counter() - start
-    masked = [m for m in settings.modes if _masked(m)]
-    if settings.pool_compare:
-        masked += masked
+    masked = [m for m in settings.modes if _masked(m)]  # each gets its share of the budget
     if settings.mask_budget_mb is not None and masked:
         prepared.mask_budget = int(settings.mask_budget_mb * MiB / len(masked))
     return prepared
