@@ -209,6 +209,8 @@ def test_no_plaintext_offloaded_weight_in_the_master(tmp_path: Path) -> None:
         held += list(package.tensors.values())  # the whole decrypted bundle
         blob = b"".join(_float32_rows(t) for t in held if t.is_floating_point())
         assert blob and not any(row in blob for row in plain_rows), mode
+    planted = blob + _float32_rows(model.layer[1].ffn2.weight)  # the scan would see one
+    assert any(row in planted for row in plain_rows)
 
 
 def test_the_master_never_obfuscates_at_run_time(tmp_path: Path, monkeypatch) -> None:
