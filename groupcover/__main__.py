@@ -1,5 +1,6 @@
-"""`python -m groupcover launch|bench`: the framework's command line (argparse: it runs in guests
-that hold only the framework's own dependencies). Expected failures print one line, exit 2 or 3."""
+"""`python -m groupcover launch|bench|protect|attack`: the framework's command line (argparse:
+it runs in guests that hold only the framework's own dependencies). Expected failures print one
+line, exit 2 or 3."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import NoReturn, cast
 
 from groupcover.errors import GroupCoverError, RendezvousError, UsageError, print_error
 from groupcover.launch import (
+    DEFAULT_MASK_BUDGET_MB,
     DEFAULT_MODES,
     DEFAULT_TRANSPORT,
     TRANSPORTS,
@@ -30,13 +32,34 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _budget(text: str) -> float | None:
+    if text.strip().lower() in ("none", "unbounded"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB or 'none'") from None
+
+
 def _modes(text: str) -> tuple[str, ...]:
     return tuple(mode.strip() for mode in text.split(",") if mode.strip())
 
 
 def _add_workload(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--model", default="minilm", help="minilm, bert-base, seed-transformer or resnet18")
+    add("--model", default="minilm",
+        help="a model package folder (see `protect`), or a built-in model: minilm, bert-base, "
+        "seed-transformer, resnet18 (protected on the fly)")  # fmt: skip
+    add("--key-file", type=Path, default=None, help="(package) the model key file")
+    add("--broker", default=None,
+        help="(package) release the model key from this KBS broker, http://HOST:PORT")  # fmt: skip
+    add("--tee", choices=["none", "snp", "tdx"], default=None,
+        help="(with --broker) the evidence this guest gives; none: an insecure broker")  # fmt: skip
+    add("--mask-budget", type=_budget, default=DEFAULT_MASK_BUDGET_MB,
+        help="MiB of one-time masks drawn ahead, all masked modes together (packages; "
+        "'none': one pair per layer and shape, unbounded)")  # fmt: skip
+    add("--pool-compare", action="store_true",
+        help="also run each masked mode with the unbounded mask pool, interleaved")  # fmt: skip
     add("--modes", type=_modes, default=DEFAULT_MODES, help="comma-separated modes to run")
     add("--batch", type=int, default=8, help="samples per forward")
     add("--seq", type=int, default=128, help="sequence length (token models)")
@@ -76,6 +99,11 @@ def _build_parser() -> Parser:
     add("--ifname", help="interface for Gloo and TensorPipe (default: $TP_SOCKET_IFNAME)")
     add("--force-tcp", action="store_true",
         help="(torch-rpc) TensorPipe over TCP only, no shared memory; tcp always is")  # fmt: skip
+    add("--package", dest="packages", type=Path, action="append", default=[],
+        help="(worker) a model package folder whose published weights this worker loads from "
+        "its own copy (repeatable)")  # fmt: skip
+    add("--published", dest="packages", type=Path, action="append",
+        help="(worker) a published.safetensors file, the same without the folder")  # fmt: skip
     _add_workload(launch_p)
 
     bench_p = sub.add_parser("bench", help="benchmark on this host (--local or --micro)")
@@ -89,7 +117,67 @@ def _build_parser() -> Parser:
     )
     _add_workload(bench_p)
     _add_attack(sub)
+    _add_protect(sub)
     return parser
+
+
+# ---- `protect`: a model package (issue 11; groupcover/package/) -------------------------------
+
+
+def _add_protect(sub: argparse._SubParsersAction) -> None:
+    from groupcover.package.build import DEFAULT_SCHEME, PACKAGE_SCHEMES
+
+    protect_p = sub.add_parser("protect", help="protect a model offline into a model package")
+    add = protect_p.add_argument
+    add("src", metavar="SRC",
+        help="a Hugging Face BERT checkpoint folder, FILE.py:FUNCTION returning (module, "
+        "example input), or a built-in model name")  # fmt: skip
+    add("--scheme", default=DEFAULT_SCHEME, choices=list(PACKAGE_SCHEMES),
+        help=f"obfuscation scheme (default: {DEFAULT_SCHEME}, gcvm's recommendation)")  # fmt: skip
+    add("--out", type=Path, required=True, help="the package folder to write (must not exist)")
+    add("--key-out", type=Path, default=None,
+        help="write the model key here instead of OUT/model.key (mode 0600)")  # fmt: skip
+    add("--k", type=int, default=4, help="group size (groupcover)")
+    add("--baselines", action="store_true",
+        help="also seal the plaintext offloaded weights, so that tee-only, plain-offload and "
+        "mask-only can run from the package (benchmarks only)")  # fmt: skip
+    add("--reference", default="8x128,2x16",
+        help="BxS[,BxS..]: benchmark input shapes whose plaintext outputs are sealed, so the "
+        "master checks exactness without plaintext weights")  # fmt: skip
+    add("--seed", type=int, default=None,
+        help="secrets reproducible from this seed (tests only: not secret)")  # fmt: skip
+    add("--threads", type=int, default=1,
+        help="torch threads (default 1: the many small batched factorisations run slower "
+        "with more threads on a loaded host)")  # fmt: skip
+
+
+def _protect(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import torch
+
+    from groupcover.package.build import ProtectOptions, parse_references, protect
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, not {args.threads}")
+        torch.set_num_threads(args.threads)
+    options = ProtectOptions(scheme=args.scheme, k=args.k, baselines=args.baselines,
+                             references=parse_references(args.reference), seed=args.seed,
+                             key_out=args.key_out)  # fmt: skip
+    start = time.perf_counter()
+    manifest = protect(args.src, args.out, options)
+    seconds = time.perf_counter() - start
+    key = args.key_out or args.out / "model.key"
+    print(json.dumps({"package": str(args.out), "package_id": manifest["package_id"],
+                      "scheme": manifest["scheme"], "modes": manifest["modes"],
+                      "layers": len(manifest["layers"]), "key": str(key),
+                      "seconds": round(seconds, 2),
+                      "threads": torch.get_num_threads()}))  # fmt: skip
+    if manifest.get("baselines"):
+        print(f"groupcover: warning: {manifest['baselines']['warning']}", file=sys.stderr)
+    return 0
 
 
 # ---- `attack`: the security evaluation (issue 9; groupcover/attacks/) --------------------------
@@ -201,6 +289,12 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> RankSettings:
         verify=args.verify,
         threads=args.threads,
         transport=args.transport,
+        key_file=args.key_file,
+        broker=args.broker,
+        tee=args.tee,
+        packages=tuple(args.packages or ()),
+        mask_budget_mb=args.mask_budget,
+        pool_compare=args.pool_compare,
     )
 
 
@@ -216,6 +310,13 @@ def _workload_argv(args: argparse.Namespace) -> tuple[str, ...]:
         argv += ["--audit", "--audit-forwards", str(args.audit_forwards)]
     if args.verify:
         argv.append("--verify")
+    if args.key_file is not None:
+        argv += ["--key-file", str(args.key_file)]
+    if args.broker is not None:
+        argv += ["--broker", args.broker, "--tee", str(args.tee)]
+    argv += ["--mask-budget", "none" if args.mask_budget is None else str(args.mask_budget)]
+    if args.pool_compare:
+        argv.append("--pool-compare")
     return tuple(argv)
 
 
@@ -229,10 +330,15 @@ def _bench(args: argparse.Namespace) -> int:
         role=Role.master, rank=0, world_size=2, worker=1, model=args.model, modes=args.modes,
         batch=args.batch, seq=args.seq, repeat=args.repeat, warmup=args.warmup,
         threads=args.threads, timeout_s=args.timeout, transport=args.transport,
+        key_file=args.key_file, broker=args.broker, tee=args.tee,
+        mask_budget_mb=args.mask_budget, pool_compare=args.pool_compare,
     )  # fmt: skip
     probe.validate()
+    from groupcover.package.runtime import is_package
+
+    worker_argv = ("--package", args.model) if is_package(args.model) else ()
     local = bench.LocalRun(_workload_argv(args), not args.allow_shm, args.timeout,
-                           transport=args.transport)  # fmt: skip
+                           transport=args.transport, worker_args=worker_argv)  # fmt: skip
     return bench.run_local(local)
 
 
@@ -243,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return launch(_settings(args, os.environ))
         if args.command == "attack":
             return _attack(args)
+        if args.command == "protect":
+            return _protect(args)
         return _bench(args)
     except GroupCoverError as exc:
         print_error(exc)

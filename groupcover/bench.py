@@ -36,14 +36,32 @@ BASELINE_MODE = "plain-offload"
 MODEL_SEED = 0  # the synthetic models' random weights: fixed, independent of the secrets' seed
 
 
+UNBOUNDED = " (unbounded pool)"  # a --pool-compare run: the same mode with today's mask pool
+MiB = 1 << 20
+
+
 @dataclass
 class Prepared:
-    """The master's plaintext model, its inputs and the reference output."""
+    """What the master runs: the model as packages (or, for library callers, a plaintext model),
+    its inputs and the sealed reference output (None: exactness not checked)."""
 
-    model: nn.Module
+    model: nn.Module | None
     inputs: tuple[torch.Tensor, ...]
-    reference: torch.Tensor
+    reference: torch.Tensor | None
     load_s: float
+    packages: dict[str, Any] = field(default_factory=dict)  # mode -> UnsealedPackage
+    key_release: dict[str, Any] | None = None
+    reference_note: str | None = None  # why exactness is not checked
+    mask_budget: int | None = None  # bytes per masked mode's pool (packages)
+    cleanup: list[Path] = field(default_factory=list)  # temporary packages (built-in names)
+    protect_s: float = 0.0  # built-in names: protecting on the fly
+
+    def close(self) -> None:
+        import shutil
+
+        for path in self.cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+        self.cleanup.clear()
 
 
 @dataclass
@@ -82,10 +100,122 @@ def as_tensor(output: Any) -> torch.Tensor:
 
 def real_batch_of(prepared: Prepared) -> int:
     """The batch the model really ran: the leading dimension of its inputs and its output."""
-    return int(prepared.reference.shape[0])
+    if prepared.reference is not None:
+        return int(prepared.reference.shape[0])
+    return int(prepared.inputs[0].shape[0])
+
+
+def base_mode(label: str) -> str:
+    return label.removesuffix(UNBOUNDED)
 
 
 def prepare(settings: RankSettings) -> Prepared:
+    """The master's model as packages: a package folder opened with the released key, or a
+    built-in model name protected on the fly into temporary packages (one per scheme the modes
+    need, with baselines: the built-in models are public), removed when the run ends."""
+    from groupcover.package.runtime import is_package
+
+    start = time.perf_counter()
+    if is_package(settings.model):
+        prepared = _prepare_package(settings)
+    else:
+        prepared = _prepare_builtin(settings)
+    prepared.load_s = time.perf_counter() - start
+    masked = [m for m in settings.modes if _masked(m)]  # each gets its share of the budget
+    if settings.mask_budget_mb is not None and masked:
+        prepared.mask_budget = int(settings.mask_budget_mb * MiB / len(masked))
+    return prepared
+
+
+def _masked(mode: str) -> bool:
+    from groupcover.modes import mode_settings
+
+    return mode_settings(base_mode(mode))[1]
+
+
+def _prepare_package(settings: RankSettings) -> Prepared:
+    from groupcover.package.keys import KeySource, obtain_key
+    from groupcover.package.runtime import open_package
+
+    files = open_package(settings.model)
+    files.check_modes(settings.modes)
+    release = obtain_key(KeySource(settings.key_file, settings.broker, settings.tee))
+    package = files.unseal(release.key)
+    return _from_packages(settings, {m: package for m in settings.modes}, release.facts)
+
+
+def _from_packages(settings: RankSettings, packages: dict[str, Any],
+                   key_release: dict[str, Any] | None) -> Prepared:  # fmt: skip
+    first = next(iter(packages.values()))
+    inputs = tuple(first.inputs(settings.batch, settings.seq))
+    reference = first.reference(settings.batch, settings.seq)
+    note = None
+    if reference is None:
+        note = (f"exactness not checked: no sealed reference for "
+                f"{first.reference_label(settings.batch, settings.seq)}")  # fmt: skip
+    return Prepared(None, inputs, reference, 0.0, packages, key_release, note)
+
+
+def _prepare_builtin(settings: RankSettings) -> Prepared:
+    import tempfile
+
+    from groupcover.modes import mode_settings
+    from groupcover.package.build import ProtectOptions, protect_source
+    from groupcover.package.keys import in_memory
+    from groupcover.package.runtime import open_package, read_key
+    from groupcover.package.source import load_source
+
+    source = load_source(settings.model)
+    schemes: set[str] = set()
+    for mode in settings.modes:
+        named = mode_settings(mode)[0]
+        if named is not None and named != "identity":
+            schemes.add(named)
+    if not schemes:
+        schemes = {"groupcover"}  # baselines only: any scheme's package holds them
+    start = time.perf_counter()
+    by_scheme: dict[str, Any] = {}
+    cleanup: list[Path] = []
+    key = b""
+    try:
+        for scheme in sorted(schemes):
+            folder = Path(tempfile.mkdtemp(prefix=f"gcvm-{settings.model}-{scheme}-"))
+            cleanup.append(folder)
+            options = ProtectOptions(scheme=scheme, baselines=True, seed=settings.seed,
+                                     references=((settings.batch, settings.seq),))  # fmt: skip
+            try:
+                protect_source(source, folder / "package", options)
+            except UsageError as exc:
+                if "cannot run the reference input" in exc.message:
+                    raise UsageError(
+                        f"{settings.model} cannot run batch {settings.batch} x seq "
+                        f"{settings.seq}: {exc.message.split(': ', 1)[-1]}",
+                        hint="choose a batch and sequence length (image side for resnet18) the "
+                        "model accepts",
+                    ) from None
+                raise
+            key = read_key(folder / "package" / "model.key")
+            by_scheme[scheme] = open_package(folder / "package").unseal(key)
+    except BaseException:
+        for path in cleanup:
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    del source
+    packages = {}
+    for mode in settings.modes:
+        wanted = mode_settings(mode)[0] or ""
+        packages[mode] = by_scheme.get(wanted, next(iter(by_scheme.values())))
+    prepared = _from_packages(settings, packages, in_memory(key).facts)
+    prepared.cleanup = cleanup
+    prepared.protect_s = time.perf_counter() - start
+    return prepared
+
+
+def prepare_plaintext(settings: RankSettings) -> Prepared:
+    """A plaintext model in this process (library callers and tests): protected per mode by
+    `groupcover.modes.build_for_mode`, exactness checked against the plaintext output."""
     from groupcover.models import load_model
 
     start = time.perf_counter()
@@ -113,11 +243,23 @@ def build_mode(
     audit: bool,
     verify: bool = False,
 ) -> ModeRun:
-    """Protects the model for one mode: obfuscate, publish, and fill one mask pair per layer
-    for the first forward (offline; with later top-ups, reported as `mask_offline_s`)."""
+    """Builds the model for one mode: from its package (no obfuscation: the secrets are sealed,
+    the published weights go by reference) or, for a plaintext model, obfuscated here; then one
+    mask pair per layer for the first forward (offline; with later top-ups, reported as
+    `mask_offline_s`)."""
     from groupcover.modes import build_for_mode
 
     start = time.perf_counter()
+    package = prepared.packages.get(mode) or prepared.packages.get(base_mode(mode))
+    if package is not None:
+        budget = None if mode.endswith(UNBOUNDED) else prepared.mask_budget
+        module = package.build(
+            base_mode(mode), transport, seed=seed, mask_pool=1, mask_budget=budget,
+            audit=audit, verify=verify, example=prepared.inputs,
+        )  # fmt: skip
+        module.eval()
+        return ModeRun(mode, module, transport, time.perf_counter() - start)
+    assert prepared.model is not None
     module = build_for_mode(
         prepared.model,
         mode,
@@ -172,6 +314,9 @@ def top_up_masks(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
     Keeping one pair ahead (instead of a pool for the whole run) bounds the master's memory: a
     pair for MiniLM at batch 8 x 128 is about 160 MB, and a guest may have 2 GB.
     """
+    top_up = getattr(module, "top_up_masks", None)
+    if top_up is not None and top_up(1):
+        return True
     fill = getattr(module, "fill_masks", None)
     if fill is not None and getattr(module, "masks", None) is not None:
         fill(*inputs, pairs=1)
@@ -258,7 +403,16 @@ def errors(output: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     }
 
 
-def summarise(run: ModeRun, reference: torch.Tensor, batch: int, seq: int, model: str) -> dict:
+def exactness(output: torch.Tensor, reference: torch.Tensor | None,
+              note: str | None) -> dict[str, Any]:  # fmt: skip
+    if reference is None:
+        return {"max_abs_err": None, "rel_err": None, "cosine_min": None,
+                "exactness": note or "exactness not checked: no sealed reference"}  # fmt: skip
+    return {**errors(output, reference), "exactness": "against the sealed reference"}
+
+
+def summarise(run: ModeRun, reference: torch.Tensor | None, batch: int, seq: int, model: str,
+              note: str | None = None) -> dict:  # fmt: skip
     assert run.output is not None, "summarise needs at least one timed forward"
     median_s = statistics.median(run.latencies_s)
     topup_s = statistics.median(run.topup_s) if run.topup_s else 0.0
@@ -280,7 +434,7 @@ def summarise(run: ModeRun, reference: torch.Tensor, batch: int, seq: int, model
         "cpu_ms": {"median": statistics.median(run.cpu_s) * 1e3} if run.cpu_s else None,
         # the result checks' share of each forward (inside de-obfuscation), when --verify
         "integrity_ms": statistics.median(run.integrity_s) * 1e3 if run.integrity_s else None,
-        **errors(run.output, reference),
+        **exactness(run.output, reference, note),
         "breakdown_ms": median_breakdown(run),
         "repeat": len(run.latencies_s),
         "rpc_calls": int(statistics.median(run.calls)),
@@ -292,6 +446,9 @@ def summarise(run: ModeRun, reference: torch.Tensor, batch: int, seq: int, model
     audit = getattr(run.module, "audit", None)
     if audit is not None:
         result["audit"] = audit.report()
+    note = getattr(run.module, "audit_note", None)
+    if note:
+        result["audit_note"] = note
     return result
 
 
@@ -334,6 +491,7 @@ def benchmark(
     say = on_progress or (lambda _text: None)
     runs: list[ModeRun] = []
     transports: list[Transport] = []
+    memory: dict[str, Any] = {}
     try:
         for mode in modes:
             transports.append(make_transport(mode))
@@ -342,6 +500,7 @@ def benchmark(
             say(f"{mode}: {layers} layers offloaded, set up in {runs[-1].setup_s:.1f} s")
         say(f"timing {len(runs)} mode(s): {warmup} warmup + {repeat} interleaved forwards each")
         run_interleaved(runs, prepared.inputs, repeat, warmup, audit_forwards)
+        memory = peak_memory(transports)
     except BaseException:
         for transport in transports:  # the first failure is the one to report
             with contextlib.suppress(GroupCoverError):
@@ -350,8 +509,15 @@ def benchmark(
     for transport in transports:
         transport.close()
     real_batch = real_batch_of(prepared)
-    results = [summarise(run, prepared.reference, real_batch, seq, model_name) for run in runs]
+    results = [summarise(run, prepared.reference, real_batch, seq, model_name,
+                         prepared.reference_note) for run in runs]  # fmt: skip
     for run, result in zip(runs, results, strict=True):
+        result["peak_rss_mb"] = memory
+        if prepared.key_release is not None:
+            result["key_release"] = prepared.key_release["label"]
+        published = getattr(run.transport, "published_by_reference", None)
+        if published is not None:
+            result["published_by_reference"] = published
         result["paired_ratios"] = {
             other.mode: ratio_summary(paired_ratios(run, other))
             for other in runs
@@ -361,6 +527,21 @@ def benchmark(
         for result in results:
             result["requested_batch"] = batch
     return results
+
+
+def peak_memory(transports: Sequence[Transport]) -> dict[str, Any]:
+    """Peak resident sets in MiB: this master's (getrusage) and its worker's (asked over the
+    wire; None over transports that cannot ask)."""
+    from groupcover.worker import peak_rss_bytes
+
+    worker = None
+    for transport in transports:
+        ask = getattr(transport, "worker_peak_rss", None)
+        if ask is not None:
+            value = ask()
+            worker = None if value is None else round(value / MiB, 1)
+            break
+    return {"master": round(peak_rss_bytes() / MiB, 1), "worker": worker}
 
 
 def run_master(
@@ -386,9 +567,12 @@ def run_master(
     if settings.transport == "torch-rpc":
         transport_facts["transport_warning"] = TORCH_RPC_WARNING
 
+    modes = list(settings.modes)
+    if settings.pool_compare:
+        modes += [m + UNBOUNDED for m in settings.modes if _masked(m)]
     results = benchmark(
         prepared,
-        settings.modes,
+        modes,
         make_transport,
         model_name=settings.model,
         batch=settings.batch,
@@ -420,8 +604,32 @@ def run_master(
             "verify": settings.verify,
             "audit_forwards": settings.audit_forwards if settings.audit else 0,
             "model_load_s": prepared.load_s,
+            "model": settings.model,
+            "package": _package_facts(prepared),
+            "key_release": prepared.key_release,
+            "mask_budget_bytes": prepared.mask_budget,
+            "exactness": prepared.reference_note or "against the sealed reference",
+            "peak_rss_mb": results[0].get("peak_rss_mb") if results else None,
             **settings.extra,
         },
+    }
+
+
+def _package_facts(prepared: Prepared) -> dict[str, Any] | None:
+    if not prepared.packages:
+        return None
+    seen = {id(p): p for p in prepared.packages.values()}
+    return {
+        "packages": [
+            {
+                "package_id": p.package_id,
+                "scheme": p.meta["scheme"],
+                "modes": list(p.modes),
+                "baselines": bool(p.meta.get("baselines")),
+            }
+            for p in seen.values()
+        ],
+        "protected_on_the_fly_s": round(prepared.protect_s, 2) if prepared.cleanup else None,
     }
 
 
@@ -507,7 +715,7 @@ def ratio_lines(results: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def audit_lines(results: Sequence[dict[str, Any]]) -> list[str]:
-    lines = []
+    lines = [f"{r['mode']}: {r['audit_note']}" for r in results if r.get("audit_note")]
     for r in results:
         report = r.get("audit")
         if not report or r["mode"] == "tee-only":
@@ -566,7 +774,8 @@ def print_table(document: dict[str, Any]) -> None:
             r["model"], r["mode"], str(r["batch"]), str(r["seq"]),
             f"{lat['median']:.1f}", f"{lat['p10']:.1f}", f"{lat['p90']:.1f}",
             f"{r['throughput']:.2f}", f"{r.get('sustained_throughput', r['throughput']):.2f}",
-            f"{r.get('mask_generation_ms', 0.0):.1f}", f"{r['rel_err']:.1e}",
+            f"{r.get('mask_generation_ms', 0.0):.1f}",
+            "-" if r.get("rel_err") is None else f"{r['rel_err']:.1e}",
             "-" if ratio[r["mode"]] is None else f"{ratio[r['mode']]:.3f}x",
             f"{parts['master_compute']:.1f}", f"{parts['deobfuscation']:.1f}",
             f"{parts['transfer']:.1f}", f"{parts['worker_compute']:.1f}",
@@ -587,6 +796,14 @@ def print_table(document: dict[str, Any]) -> None:
                          f"({share:.1%} of its latency), every worker result checked")  # fmt: skip
     if "seed" in settings:
         notes.append(secrets_label(settings["seed"]))
+    if settings.get("key_release"):
+        notes.append(f"model key: {settings['key_release']['label']}")
+    if settings.get("exactness") and settings["exactness"].startswith("exactness not checked"):
+        notes.append(settings["exactness"])
+    if settings.get("peak_rss_mb"):
+        rss = settings["peak_rss_mb"]
+        notes.append(f"peak RSS: master {rss['master']} MiB, worker "
+                     f"{'-' if rss['worker'] is None else rss['worker']} MiB")  # fmt: skip
     if settings.get("transport"):
         notes.append(f"transport: {settings['transport']}")
     if settings.get("transport_warning"):
@@ -613,6 +830,7 @@ class LocalRun:
     timeout_s: float = 600.0
     port: int = 0  # 0: pick a free one
     transport: str = "tcp"
+    worker_args: tuple[str, ...] = ()  # e.g. --package DIR (the worker's copy of the package)
 
     def argv(self, role: str, port: int) -> list[str]:
         argv = [sys.executable, "-m", "groupcover", "launch", "--role", role,
@@ -623,6 +841,8 @@ class LocalRun:
             argv.append("--force-tcp")
         if role == "master":
             argv += ["--worker", "1", *self.launch_args]
+        else:
+            argv += list(self.worker_args)
         return argv
 
 

@@ -12,12 +12,17 @@ import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from groupcover.worker import WorkerState
 
 from groupcover import rpc
 from groupcover.errors import GroupCoverError, UsageError, WorkerUnavailable, print_error
 
+DEFAULT_MASK_BUDGET_MB = 256.0  # all masked modes' pools together (a package's master)
 MAX_BATCH = 1024
 MAX_SEQ = 512
 DEFAULT_MODES = ("plain-offload", "groupcover")
@@ -56,6 +61,13 @@ class RankSettings:
     init_method: str | None = None  # overrides address and port (file:// on one host)
     transport: str = DEFAULT_TRANSPORT  # "tcp" (tensors only) or "torch-rpc" (the seed's)
     extra: dict[str, str] = field(default_factory=dict)  # recorded in the JSON as given
+    # model packages (issue 11): `model` is a package folder or a built-in name
+    key_file: Path | None = None  # (master, package) the model key
+    broker: str | None = None  # (master, package) ... or released by this KBS broker
+    tee: str | None = None  # the evidence given to the broker: none, snp or tdx
+    packages: tuple[Path, ...] = ()  # (worker) package folders or published.safetensors files
+    mask_budget_mb: float | None = DEFAULT_MASK_BUDGET_MB  # None: no bound (one pair per layer)
+    pool_compare: bool = False  # also run each masked mode with the unbounded pool
 
     def rendezvous(self) -> rpc.Rendezvous:
         return rpc.Rendezvous(
@@ -79,6 +91,7 @@ class RankSettings:
                 f"unknown transport {self.transport!r}", hint=f"choose {' or '.join(TRANSPORTS)}"
             )
         if self.role is Role.worker:
+            self._validate_packages()
             return
         self._validate_target()
         _check_range("--batch", self.batch, 1, MAX_BATCH)
@@ -87,6 +100,35 @@ class RankSettings:
         _check_range("--warmup", self.warmup, 0, 100_000)
         _check_range("--audit-forwards", self.audit_forwards, 1, 100_000)
         _validate_names(self.model, self.modes)
+        self._validate_key()
+
+    def _validate_packages(self) -> None:
+        for path in self.packages:
+            if not (path.is_dir() and (path / "published.safetensors").is_file()) and not (
+                path.is_file()
+            ):
+                raise UsageError(f"--package {path}: no published.safetensors there",
+                                 hint="give a package folder or its weights file")  # fmt: skip
+
+    def _validate_key(self) -> None:
+        from groupcover.package.keys import KeySource
+        from groupcover.package.runtime import is_package, open_package
+
+        source = KeySource(self.key_file, self.broker, self.tee)
+        source.validate()
+        if self.mask_budget_mb is not None and self.mask_budget_mb < 0:
+            raise UsageError(f"--mask-budget {self.mask_budget_mb} is negative")
+        if not is_package(self.model):
+            if source.given:
+                raise UsageError(f"--model {self.model} is a built-in model, not a package: it "
+                                 "needs no key", hint="drop --key-file/--broker")  # fmt: skip
+            return
+        open_package(self.model).check_modes(self.modes)
+        if not source.given:
+            raise UsageError(
+                f"package {self.model} needs its model key",
+                hint="pass --key-file FILE, or --broker URL --tee none|snp|tdx",
+            )
 
     def _validate_target(self) -> None:
         if self.worker is None:
@@ -113,9 +155,14 @@ def _check_range(flag: str, value: int, lo: int, hi: int) -> None:
 def _validate_names(model: str, modes: tuple[str, ...]) -> None:
     from groupcover.models import MODELS
     from groupcover.modes import MODES
+    from groupcover.package.runtime import is_package
 
-    if model not in MODELS:
-        raise UsageError(f"unknown model {model!r}", hint=f"choose one of {', '.join(MODELS)}")
+    if model not in MODELS and not is_package(model):
+        raise UsageError(
+            f"unknown model {model!r}",
+            hint=f"give a model package folder (python -m groupcover protect) or one of "
+            f"{', '.join(MODELS)}",
+        )
     if not modes:
         raise UsageError("no mode given", hint=f"choose from {', '.join(MODES)}")
     unknown = [mode for mode in modes if mode not in MODES]
@@ -146,7 +193,9 @@ def launch(settings: RankSettings) -> int:
             else:
                 from groupcover.wire import world
 
-                world.serve(settings.rendezvous(), on_ready=lambda text: progress(settings, text))
+                state = worker_state(settings)
+                world.serve(settings.rendezvous(), state=state,
+                            on_ready=lambda text: progress(settings, text))  # fmt: skip
             progress(settings, "every rank has finished")
             return 0
         if settings.transport == "torch-rpc":
@@ -157,12 +206,46 @@ def launch(settings: RankSettings) -> int:
         return exc.exit_code
 
 
+def worker_state(settings: RankSettings) -> WorkerState:
+    """The worker's layer store, with the published weights of every package it was given."""
+    from groupcover.package.published import PublishedFile
+    from groupcover.worker import WorkerState
+
+    state = WorkerState()
+    for path in settings.packages:
+        file = path / "published.safetensors" if path.is_dir() else path
+        published = PublishedFile(file)
+        state.add_published(published)
+        progress(settings, f"holds package {published.package_id[:12]} "
+                 f"({len(published.entries)} published layers, {file})")  # fmt: skip
+    return state
+
+
 def _run_master(settings: RankSettings) -> int:
     from groupcover import bench
 
     prepared = bench.prepare(settings)  # load the model before joining: a bad model exits early
-    progress(settings, f"{settings.model} ready in {prepared.load_s:.1f} s; joining a world of "
-             f"{settings.world_size}")  # fmt: skip
+    try:
+        return _run_master_rpc(settings, prepared)
+    finally:
+        prepared.close()
+
+
+def _announce(settings: RankSettings, prepared: object) -> None:
+    from groupcover import bench
+
+    assert isinstance(prepared, bench.Prepared)
+    what = "package" if prepared.packages and not prepared.cleanup else "model"
+    label = f"; {prepared.key_release['label']}" if prepared.key_release else ""
+    progress(settings, f"{what} {settings.model} ready in {prepared.load_s:.1f} s{label}; "
+             f"joining a world of {settings.world_size}")  # fmt: skip
+
+
+def _run_master_rpc(settings: RankSettings, prepared: object) -> int:
+    from groupcover import bench
+
+    assert isinstance(prepared, bench.Prepared)
+    _announce(settings, prepared)
     rpc.join(settings.rendezvous(), "master")
     graceful = True
     try:
@@ -187,11 +270,20 @@ def _run_master(settings: RankSettings) -> int:
 def _run_master_tcp(settings: RankSettings) -> int:
     """A master over the default wire: tensors only, every reply checked."""
     from groupcover import bench
-    from groupcover.wire import world
 
     prepared = bench.prepare(settings)  # load the model before joining: a bad model exits early
-    progress(settings, f"{settings.model} ready in {prepared.load_s:.1f} s; joining a world of "
-             f"{settings.world_size}")  # fmt: skip
+    try:
+        return _run_master_wire(settings, prepared)
+    finally:
+        prepared.close()
+
+
+def _run_master_wire(settings: RankSettings, prepared: object) -> int:
+    from groupcover import bench
+    from groupcover.wire import world
+
+    assert isinstance(prepared, bench.Prepared)
+    _announce(settings, prepared)
     membership = world.join(settings.rendezvous(), "master")
     ok = False
     try:

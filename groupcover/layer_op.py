@@ -21,3 +21,15 @@ class LayerOp:
     padding: tuple[int, ...] = (0,)
     dilation: tuple[int, ...] = (1,)
     params: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PublishedRef:
+    """A published weight the worker loads from its own copy of a package's
+    published.safetensors: which package, which tensor, and the SHA-256 it must have."""
+
+    package_id: str  # 32 hex digits
+    index: int  # the tensor's name in published.safetensors is str(index)
+    sha256: str  # 64 hex digits
+    shape: tuple[int, ...]
+    file_dtype: str  # "float32": the dtype stored in the file

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -105,11 +106,20 @@ class _Cost:
 
 @dataclass
 class _Layer:
-    weight: torch.Tensor  # the published W'' (the master's copy, for u only)
+    weight: torch.Tensor | None  # the published W'' (the master's copy, for u only), or None:
     op: LayerOp
     bound: float | None  # B: a power of two >= |input| on calibration; None until set
     calibrated: bool = False
     pools: dict[tuple[int, ...], deque[MaskPair]] = field(default_factory=dict)
+    loader: Callable[[], torch.Tensor] | None = None  # ... read W'' when needed (packages)
+    weight_shape: tuple[int, ...] = ()
+    strides: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)  # r's layout
+
+    def published(self) -> torch.Tensor:
+        if self.weight is not None:
+            return self.weight
+        assert self.loader is not None
+        return self.loader().to(MASK_DTYPE)
 
 
 def power_of_two_at_least(value: float) -> float:
@@ -137,31 +147,59 @@ class MaskPool:
         scale: float = DEFAULT_MASK_SCALE,
         *,
         bits: int = MASK_BITS,
+        budget_bytes: int | None = None,
     ) -> None:
+        """`budget_bytes` bounds the pairs held ahead of time (None: no bound); a pair that
+        would exceed it is not drawn ahead, and its call draws it online (`refill`)."""
         self.rng = rng
         self.policy = MaskPolicy(policy)
         self.scale = scale
         self.bits = bits
+        self.budget_bytes = budget_bytes
         self._layers: dict[str, _Layer] = {}
         self._offline = _Cost()
         self._online = _Cost()
         self._used = 0
+        self._held = 0  # bytes of the pairs waiting in pools
+        self._peak_held = 0
+        self._skipped = 0  # pairs not drawn ahead because of the budget
 
     def register(
         self,
         layer_id: str,
-        published_weight: torch.Tensor,
+        published_weight: torch.Tensor | None,
         op: LayerOp,
         *,
         bound: float | None = None,
+        loader: Callable[[], torch.Tensor] | None = None,
+        weight_shape: tuple[int, ...] = (),
     ) -> None:
-        """A layer whose inputs get masks; `bound` (else calibrated) bounds its |input|."""
+        """A layer whose inputs get masks; `bound` (else calibrated) bounds its |input|.
+
+        Either the published weight itself (kept in float64), or `loader` returning it when
+        needed (a package's layer read from the master's copy of its published weights: no
+        float64 copy of every layer is held) with its `weight_shape`.
+        """
         kept = bound if bound is None else power_of_two_at_least(bound)
-        weight = published_weight.detach().to(MASK_DTYPE, copy=True)
-        self._layers[layer_id] = _Layer(weight, op, kept, calibrated=bound is not None)
+        weight = None
+        if published_weight is not None:
+            weight = published_weight.detach().to(MASK_DTYPE, copy=True)
+            weight_shape = tuple(weight.shape)
+        elif loader is None:
+            raise ValueError("register needs the published weight or a loader")
+        self._layers[layer_id] = _Layer(weight, op, kept, calibrated=bound is not None,
+                                        loader=loader, weight_shape=weight_shape)  # fmt: skip
 
     def published_weight(self, layer_id: str) -> torch.Tensor:
-        return self._layers[layer_id].weight
+        return self._layers[layer_id].published()
+
+    def pair_bytes(self, layer_id: str, shape: tuple[int, ...]) -> int:
+        """Bytes of one (r, u) pair for inputs of `shape` (float64 both)."""
+        from groupcover.wire.schema import output_shape
+
+        layer = self._layers[layer_id]
+        out = output_shape(layer.op, tuple(shape), layer.weight_shape)
+        return (math.prod(shape) + math.prod(out)) * MASK_DTYPE.itemsize
 
     def layer_ids(self) -> list[str]:
         return list(self._layers)
@@ -218,7 +256,7 @@ class MaskPool:
         """2R op(k, W''): what the wraps took out of op(x_b, W''), to add back (float64)."""
         layer = self._layers[layer_id]
         with torch.no_grad():
-            return apply_op(layer.op, k, layer.weight).mul_(2 * self.mask_range(layer_id))
+            return apply_op(layer.op, k, layer.published()).mul_(2 * self.mask_range(layer_id))
 
     def calibrate(self, layer_id: str, x: torch.Tensor) -> None:
         """Sets the layer's input bound from an input, once (later calls keep it: R must not
@@ -244,14 +282,44 @@ class MaskPool:
         layer's input bound if it has none.
         """
         layer = self._layers[layer_id]
+        shape = tuple(shape)
         if like is not None:
             self.calibrate(layer_id, like)
-        pool = layer.pools.setdefault(tuple(shape), deque())
+            self._note_layout(layer, shape, like)
+        pool = layer.pools.setdefault(shape, deque())
+        weight = None
         for _ in range(pairs):
+            size = self.pair_bytes(layer_id, shape)
+            if self.budget_bytes is not None and self._held + size > self.budget_bytes:
+                self._skipped += 1
+                continue
             start = time.perf_counter()
-            pair = self._draw(layer_id, tuple(shape), like)
+            if weight is None:
+                weight = layer.published()  # one read for all of this layer's pairs
+            pair = self._draw(layer_id, shape, like, weight)
             self._offline.add(time.perf_counter() - start, pair)
             pool.append(pair)
+            self._held += size
+            self._peak_held = max(self._peak_held, self._held)
+
+    def top_up(self, pairs: int = 1) -> int:
+        """Offline: every (layer, input shape) seen so far back to `pairs` pairs ahead, in the
+        order the layers were registered, as far as the budget allows; returns pairs drawn."""
+        before = self._offline.pairs
+        for layer_id, layer in self._layers.items():
+            for shape, pool in list(layer.pools.items()):
+                missing = pairs - len(pool)
+                if missing > 0:
+                    self.fill(layer_id, shape, missing)
+        return self._offline.pairs - before
+
+    def known_shapes(self) -> int:
+        return sum(len(layer.pools) for layer in self._layers.values())
+
+    @staticmethod
+    def _note_layout(layer: _Layer, shape: tuple[int, ...], like: torch.Tensor) -> None:
+        if tuple(like.shape) == shape and _dense_layout(like):
+            layer.strides[shape] = tuple(like.stride())
 
     def take(
         self, layer_id: str, shape: tuple[int, ...], x: torch.Tensor | None = None
@@ -262,10 +330,15 @@ class MaskPool:
         pair drawn online its memory layout.
         """
         layer = self._layers[layer_id]
-        pool = layer.pools.get(tuple(shape))
+        shape = tuple(shape)
+        pool = layer.pools.setdefault(shape, deque())  # a shape seen online is topped up too
+        if x is not None:
+            self._note_layout(layer, shape, x)
         if pool:
             self._used += 1
-            return pool.popleft()
+            pair = pool.popleft()
+            self._held -= self.pair_bytes(layer_id, shape)
+            return pair
         if self.policy is MaskPolicy.ERROR:
             raise MaskPoolExhausted(
                 f"no input mask left for layer {layer_id!r} and input shape {tuple(shape)}",
@@ -280,17 +353,22 @@ class MaskPool:
         return pair
 
     def _draw(
-        self, layer_id: str, shape: tuple[int, ...], like: torch.Tensor | None = None
+        self,
+        layer_id: str,
+        shape: tuple[int, ...],
+        like: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
     ) -> MaskPair:
         layer = self._layers[layer_id]
         bound = self.mask_range(layer_id)
         flat = self.rng.uniform(math.prod(shape), -bound, bound, dtype=MASK_DTYPE)
+        stride = layer.strides.get(shape)
         if like is not None and tuple(like.shape) == shape and _dense_layout(like):
-            r = flat.as_strided(shape, like.stride())  # iid entries: any dense layout will do
-        else:
-            r = flat.view(shape)
+            stride = tuple(like.stride())
+        # iid entries: any dense layout will do
+        r = flat.as_strided(shape, stride) if stride is not None else flat.view(shape)
         with torch.no_grad():
-            u = apply_op(layer.op, r, layer.weight)
+            u = apply_op(layer.op, r, weight if weight is not None else layer.published())
         return MaskPair(r, u)
 
     def stats(self) -> dict[str, object]:
@@ -301,6 +379,10 @@ class MaskPool:
             "online_refill": self._online.as_dict(),
             "used": self._used,
             "left": left,
+            "budget_bytes": self.budget_bytes,
+            "held_bytes": self._held,
+            "peak_held_bytes": self._peak_held,
+            "not_drawn_ahead": self._skipped,
             "mask_bits": self.bits,
             "dtype": str(MASK_DTYPE).removeprefix("torch."),
             "input_bounds": {name: layer.bound for name, layer in self._layers.items()},

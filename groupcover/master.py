@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ from groupcover.integrity import LayerCheck
 from groupcover.masks import MASK_DTYPE, MaskPair, MaskPolicy, MaskPool
 from groupcover.rng import SecretRandom
 from groupcover.scheme import LayerSecret, Scheme, make_scheme, op_for
-from groupcover.transport import LayerOp, Transport
+from groupcover.transport import LayerOp, PublishedRef, Transport
 from groupcover.worker import apply_op
 
 DEFAULT_MASK_POOL = 2  # pairs per layer and input shape filled ahead of time
@@ -84,7 +86,6 @@ class LayoutProbe(TorchFunctionMode):
         self.produced: set[str] = set()
         self.escaped: set[str] = set()
         self._sources: dict[int, frozenset[str]] = {}
-        self._alive: list[torch.Tensor] = []  # keeps every tagged id unique during the forward
         self._quiet = 0
 
     @contextlib.contextmanager
@@ -101,8 +102,12 @@ class LayoutProbe(TorchFunctionMode):
         self._mark(output, frozenset({layer_id}))
 
     def _mark(self, tensor: torch.Tensor, sources: frozenset[str]) -> None:
-        self._sources[id(tensor)] = sources
-        self._alive.append(tensor)
+        """Tags a tensor by id; the tag goes when the tensor does (before its id can be reused),
+        so the probe keeps no output alive (holding them all cost a BERT-base master 400 MB)."""
+        key = id(tensor)
+        if key not in self._sources:
+            weakref.finalize(tensor, self._sources.pop, key, None)
+        self._sources[key] = sources
 
     def _sources_of(self, tree: object) -> frozenset[str]:
         found: frozenset[str] = frozenset()
@@ -255,6 +260,7 @@ class ProtectedModel(nn.Module):
         self.secrets_notice = "" if rng is None else rng.notice
         self.verify = any(layer.check is not None for layer in layers.values())
         self.layouts_probed = False
+        self.audit_note = ""  # why a requested audit did not run (a package without baselines)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -309,6 +315,15 @@ class ProtectedModel(nn.Module):
         finally:
             for layer in self.layers.values():
                 layer.fill_pairs = 0
+
+    def top_up_masks(self, pairs: int = 1) -> bool:
+        """Offline, between forwards: every layer's pools for the input shapes already seen back
+        to `pairs` pairs ahead (within the pool's budget), without a local forward. False when
+        nothing was seen yet (then `fill_masks` with example inputs is the way)."""
+        if self.masks is None or not self.layouts_probed or not self.masks.known_shapes():
+            return False
+        self.masks.top_up(pairs)
+        return True
 
     def stats(self) -> dict[str, object]:
         return {
@@ -424,5 +439,87 @@ def protect(
             _replace(module, name, proxy)
     protected = ProtectedModel(module, layers, transport, chosen, masks, auditor, rng)
     if example_inputs is not None:
+        protected.fill_masks(*example_inputs, pairs=mask_pool)
+    return protected
+
+
+@dataclass(frozen=True)
+class PackagedLayer:
+    """One offloaded layer of a model package, as `assemble` wires it: its secrets come from the
+    sealed bundle, its published weight is read when needed (`load`, float32 as published) and
+    reaches the worker by reference when `ref` is set."""
+
+    name: str
+    aliases: tuple[str, ...]
+    op: LayerOp  # what the worker runs (the scheme's worker op)
+    secret: LayerSecret
+    weight_shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+    ref: PublishedRef | None = None
+    dtype: torch.dtype = torch.float32  # the layer's own dtype
+
+
+def assemble(
+    module: nn.Module,
+    layers: Sequence[PackagedLayer],
+    transport: Transport,
+    *,
+    scheme: Scheme,
+    masked: bool,
+    seed: int | None = None,
+    mask_pool: int = DEFAULT_MASK_POOL,
+    mask_budget: int | None = None,
+    audit_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    mask_policy: MaskPolicy | str = MaskPolicy.REFILL,
+    mode: str = "",
+    verify: bool = False,
+) -> ProtectedModel:
+    """A protected model from a package's parts, without obfuscating anything.
+
+    `module` is the model with its non-offloaded parameters loaded; each layer's proxy replaces
+    its name and aliases there. Published weights are never all held: `load` reads one when the
+    transport, the mask pool or the integrity check needs it. `audit_weights` (plaintext weights,
+    from a package's sealed baselines only) lets the payload audit run.
+    """
+    rng = SecretRandom.create(seed)
+    check_rng = rng.spawn("integrity")
+    masks = None
+    if masked:
+        masks = MaskPool(rng.spawn("masks"), policy=mask_policy, budget_bytes=mask_budget)
+    auditor = None
+    if audit_weights is not None:
+        auditor = Audit(mode=mode or scheme.name)
+        transport.add_observer(auditor.observe)
+    compute = MASK_DTYPE if masked else None
+    proxies: dict[str, OffloadedLayer] = {}
+    with torch.no_grad():
+        for layer in layers:
+
+            def load(layer: PackagedLayer = layer) -> torch.Tensor:
+                weight = layer.load()
+                return weight if compute is None else weight.to(compute)
+
+            if auditor is not None:
+                weight, bias = audit_weights[layer.name]  # type: ignore[index]
+                auditor.register_layer(layer.name, weight, bias, layer.secret)
+            publish_ref = getattr(transport, "publish_ref", None)
+            if layer.ref is not None and publish_ref is not None:
+                publish_ref(layer.name, layer.ref, layer.op, load, compute or layer.dtype)
+            else:
+                transport.publish(layer.name, load(), layer.op)
+            if masks is not None:
+                masks.register(layer.name, None, layer.op, loader=layer.load,
+                               weight_shape=layer.weight_shape)  # fmt: skip
+            check = None
+            if verify:
+                check = LayerCheck.create(layer.name, load(), layer.op, check_rng.spawn(layer.name))
+            proxy = OffloadedLayer(layer.name, layer.op, layer.secret, scheme, transport, masks,
+                                   auditor, check, layer.dtype)  # fmt: skip
+            proxies[layer.name] = proxy
+            for name in (layer.name, *layer.aliases):
+                _replace(module, name, proxy)
+    protected = ProtectedModel(module.eval(), proxies, transport, scheme, masks, auditor, rng)
+    if example_inputs is not None and masks is not None:
         protected.fill_masks(*example_inputs, pairs=mask_pool)
     return protected

@@ -14,11 +14,12 @@ from concurrent.futures import Future
 
 import torch
 
-from groupcover.layer_op import LayerOp, OpKind
+from groupcover.layer_op import LayerOp, OpKind, PublishedRef
 from groupcover.timing import Timings
 from groupcover.worker import WorkerState
 
-__all__ = ["InProcessTransport", "LayerOp", "Observer", "OpKind", "Transport", "payload_bytes"]
+__all__ = ["InProcessTransport", "LayerOp", "Observer", "OpKind", "PublishedRef", "Transport",
+           "payload_bytes"]  # fmt: skip
 
 
 # what every result made over torch.distributed.rpc says (launch, bench, seed scripts)
@@ -46,6 +47,19 @@ class Transport(ABC):
     @abstractmethod
     def publish(self, layer_id: str, weight: torch.Tensor, op: LayerOp) -> None:
         """Send one layer's published weight once (obfuscated; plain in plain-offload)."""
+
+    def publish_ref(
+        self,
+        layer_id: str,
+        ref: PublishedRef,
+        op: LayerOp,
+        load: Callable[[], torch.Tensor],
+        dtype: torch.dtype,
+    ) -> None:
+        """Publish a package's layer: by reference where the transport and the worker can
+        (the worker loads it from its own copy and checks `ref.sha256`), else by sending
+        `load()` (the weight in `dtype`, read from the master's copy)."""
+        self.publish(layer_id, load(), op)
 
     @abstractmethod
     def run_async(self, layer_id: str, x: torch.Tensor) -> Future[torch.Tensor]:

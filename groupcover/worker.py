@@ -9,15 +9,21 @@ them by reference (qualified name), never by value.
 
 from __future__ import annotations
 
+import resource
 import threading
 import time
+import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from groupcover.errors import UnknownLayer
-from groupcover.layer_op import LayerOp
+from groupcover.errors import GroupCoverError, UnknownLayer
+from groupcover.layer_op import LayerOp, PublishedRef
+
+if TYPE_CHECKING:
+    from groupcover.package.published import PublishedFile
 
 
 def default_device() -> torch.device:
@@ -51,6 +57,19 @@ def linear_features_first(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return result.t().view(*x.shape[:-1], weight.shape[0])
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (getrusage: KiB on Linux)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class NoPackage(GroupCoverError):
+    """A publish by reference names a package this worker holds no copy of."""
+
+
+class PublishedMismatch(GroupCoverError):
+    """The worker's copy of a published tensor does not have the digest the master names."""
+
+
 @dataclass(frozen=True)
 class PublishedLayer:
     weight: torch.Tensor
@@ -64,6 +83,55 @@ class WorkerState:
         self.device = device if device is not None else default_device()
         self._layers: dict[tuple[str, str], PublishedLayer] = {}
         self._lock = threading.Lock()
+        self.packages: dict[str, PublishedFile] = {}  # package id -> its published weights
+        # tensors loaded from a package, shared by every session that publishes them by
+        # reference (read-only): one copy per (package, tensor, digest, dtype) while in use
+        self._shared: weakref.WeakValueDictionary[
+            tuple[str, int, str, torch.dtype], torch.Tensor
+        ] = weakref.WeakValueDictionary()
+        self._load_lock = threading.Lock()
+
+    def add_published(self, published: PublishedFile) -> None:
+        """A package's published weights this worker may load layers from."""
+        if not published.package_id:
+            raise GroupCoverError(
+                f"{published.path} names no package id",
+                hint="use the published.safetensors that `protect` wrote",
+            )
+        self.packages[published.package_id] = published
+
+    def publish_ref(
+        self, owner: str, layer_id: str, ref: PublishedRef, dtype: torch.dtype, op: LayerOp
+    ) -> int:
+        """Loads a layer from this worker's own copy of its package (checked against the
+        digest the master names); returns its bytes. `NoPackage` / `PublishedMismatch`."""
+        from groupcover.package.published import DigestMismatch, PublishedError
+
+        published = self.packages.get(ref.package_id)
+        if published is None:
+            raise NoPackage(f"no copy of package {ref.package_id} on this worker")
+        key = (ref.package_id, ref.index, ref.sha256, dtype)
+        with self._load_lock:
+            stored = self._shared.get(key)
+            if stored is None:
+                name = str(ref.index)
+                entry = published.entries.get(name)
+                if entry is None or entry.shape != ref.shape:
+                    raise PublishedMismatch(
+                        f"package {ref.package_id[:8]} has no tensor {name} of shape "
+                        f"{ref.shape} in {published.path.name}"
+                    )
+                try:
+                    tensor = published.read(name, digest=ref.sha256)
+                except DigestMismatch as exc:
+                    raise PublishedMismatch(exc.message) from None
+                except PublishedError as exc:
+                    raise PublishedMismatch(exc.message) from None
+                stored = tensor.to(self.device, dtype).contiguous()
+                self._shared[key] = stored
+        with self._lock:
+            self._layers[(owner, layer_id)] = PublishedLayer(stored, op)
+        return stored.numel() * stored.element_size()
 
     def publish(self, owner: str, layer_id: str, weight: torch.Tensor, op: LayerOp) -> None:
         stored = weight.detach().to(self.device, copy=True).contiguous()

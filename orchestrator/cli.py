@@ -371,6 +371,12 @@ def eval_security_cmd(ctx: typer.Context) -> None:
         raise typer.Exit(code)
 
 
+# --- gcvm model protect: a model package on this host (orchestrator.model, issue 11) ---------
+from orchestrator.model import model_app  # noqa: E402
+
+app.add_typer(model_app, name="model")
+
+
 def main() -> None:
     try:
         # In non-standalone mode typer turns Ctrl-C into exit code 130 and `raise typer.Exit(n)`

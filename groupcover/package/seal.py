@@ -171,3 +171,43 @@ def open_file(path: Path, key: bytes) -> bytes:
     except OSError as exc:
         raise SealError(f"cannot read the sealed bundle {path}: {exc.strerror}") from None
     return open_bytes(sealed, key)
+
+
+def open_file_into(path: Path, key: bytes) -> bytearray:
+    """The plaintext of a sealed bundle file, decrypted chunk by chunk into one buffer: the
+    master never holds the sealed file and its plaintext (nor a second copy) at once."""
+    _check_key(key)
+    try:
+        f = path.open("rb")
+    except OSError as exc:
+        raise SealError(f"cannot read the sealed bundle {path}: {exc.strerror}") from None
+    with f:
+        start = f.read(len(MAGIC) + 4)
+        if len(start) < len(MAGIC) + 4 or start[: len(MAGIC)] != MAGIC:
+            raise SealError("not a sealed gcvm bundle (bad magic)")
+        (length,) = struct.unpack_from("<I", start, len(MAGIC))
+        if length > MAX_HEADER:
+            raise SealError("sealed bundle header is truncated or too large")
+        head = start + f.read(length)
+        header, offset, digest = _header(memoryview(head))
+        size, chunk, last = header["plaintext_bytes"], header["chunk_bytes"], header["chunks"] - 1
+        out = bytearray(size)
+        aead = AESGCM(bytes(key))
+        for index in range(header["chunks"]):
+            count = min(chunk, size - index * chunk) if size else 0
+            body = f.read(NONCE_BYTES + count + TAG_BYTES)
+            if len(body) != NONCE_BYTES + count + TAG_BYTES:
+                raise SealError(f"sealed bundle is truncated at chunk {index}")
+            try:
+                plain = aead.decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:],
+                                     _aad(digest, index, index == last))  # fmt: skip
+            except InvalidTag:
+                raise SealError(
+                    f"sealed bundle chunk {index} failed authentication",
+                    hint="the bundle was altered, or this is not its model key",
+                ) from None
+            out[index * chunk : index * chunk + count] = plain
+        if f.read(1):
+            raise SealError("sealed bundle has trailing bytes after its last chunk")
+        del offset
+    return out

@@ -14,9 +14,15 @@ size the receiver chose before reading them.
             kind (1 linear, 2 conv1d, 3 conv2d), spatial dims, transposed flag, 0,
             stride[2], padding[2], dilation[2], groups
 
-Requests: HELLO (payload: the master's name, ASCII), PUBLISH (op block + weight), RUN (the
-input), RELEASE, STATS. Replies: WELCOME (payload: the worker's device, ASCII), OK, RESULT (the
-output), ERROR (code in flags, payload: a short ASCII message).
+    ref     <16s I B B B x 6Q 32s>  (PUBLISH_REF only, after the op block: 104 bytes)
+            package id, tensor index, file dtype code, compute dtype code, ndim, shape[6],
+            SHA-256 of the tensor as stored in the package's published.safetensors
+
+Requests: HELLO (payload: the master's name, ASCII), PUBLISH (op block + weight), PUBLISH_REF
+(a byte payload: op block + ref block; the worker loads the tensor from its own copy of the
+package and refuses a digest that does not match), RUN (the input), RELEASE, STATS, MEMORY (OK
+carries the worker's peak resident set in bytes). Replies: WELCOME (payload: the worker's
+device, ASCII), OK, RESULT (the output), ERROR (code in flags, payload: a short ASCII message).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from enum import IntEnum
 
 import torch
 
-from groupcover.layer_op import LayerOp, OpKind
+from groupcover.layer_op import LayerOp, OpKind, PublishedRef
 
 MAGIC = b"GCVW"
 VERSION = 1
@@ -37,6 +43,8 @@ MAX_NDIM = 6
 MAX_TEXT = 512  # bytes of an ASCII payload (names, devices, error messages)
 HEADER = struct.Struct("<4sHHQIBBH6Q6B2xQd")
 OP_BLOCK = struct.Struct("<BBBB2I2I2II4x")
+REF_BLOCK = struct.Struct("<16sIBBBx6Q32s")
+REF_PAYLOAD = OP_BLOCK.size + REF_BLOCK.size
 MAX_DIM = 1 << 40  # no dimension is larger; keeps products far from overflow
 
 if sys.byteorder != "little":  # pragma: no cover - every supported host is little endian
@@ -49,13 +57,16 @@ class Op(IntEnum):
     RUN = 3
     RELEASE = 4
     STATS = 5
+    PUBLISH_REF = 6
+    MEMORY = 7
     WELCOME = 0x81
     OK = 0x82
     RESULT = 0x83
     ERROR = 0x8F
 
 
-REQUESTS = frozenset({Op.HELLO, Op.PUBLISH, Op.RUN, Op.RELEASE, Op.STATS})
+REQUESTS = frozenset({Op.HELLO, Op.PUBLISH, Op.RUN, Op.RELEASE, Op.STATS, Op.PUBLISH_REF,
+                      Op.MEMORY})  # fmt: skip
 
 
 class ErrorCode(IntEnum):
@@ -63,6 +74,8 @@ class ErrorCode(IntEnum):
     BAD_REQUEST = 2
     TOO_LARGE = 3
     COMPUTE_FAILED = 4
+    NO_PACKAGE = 5  # PUBLISH_REF: the worker holds no copy of that package
+    DIGEST_MISMATCH = 6  # PUBLISH_REF: its copy's tensor is not the one the master names
 
 
 BYTES = 0  # dtype code of an ASCII payload
@@ -298,3 +311,37 @@ def output_order(op: LayerOp, ndim: int) -> tuple[int, ...]:
     if op.kind == "linear" and op.params.get("transposed", 0) and ndim >= 1:
         return (ndim - 1, *range(ndim - 1))
     return tuple(range(ndim))
+
+
+# ---- publish by reference --------------------------------------------------------------------
+
+
+def pack_ref(ref: PublishedRef, compute_dtype: int) -> bytes:
+    try:
+        package = bytes.fromhex(ref.package_id)
+        digest = bytes.fromhex(ref.sha256)
+    except ValueError:
+        raise SchemaError("a package id and a digest are hex strings") from None
+    if len(package) != 16 or len(digest) != 32:
+        raise SchemaError("a package id is 16 bytes and a digest 32")
+    ndim = len(ref.shape)
+    if ndim > MAX_NDIM or not 0 <= ref.index < 1 << 32:
+        raise SchemaError(f"cannot reference tensor {ref.index} of shape {ref.shape}")
+    file_code = dtype_code(getattr(torch, ref.file_dtype))
+    return REF_BLOCK.pack(package, ref.index, file_code, compute_dtype, ndim,
+                          *ref.shape, *([0] * (MAX_NDIM - ndim)), digest)  # fmt: skip
+
+
+def unpack_ref(data: bytes | bytearray | memoryview) -> tuple[PublishedRef, int]:
+    """(the reference, the compute dtype code); `SchemaError` for anything malformed."""
+    package, index, file_code, compute, ndim, *rest = REF_BLOCK.unpack(data)
+    shape_all, digest = rest[:MAX_NDIM], rest[MAX_NDIM]
+    if file_code not in DTYPES or compute not in DTYPES:
+        raise SchemaError("unknown dtype code in a published reference")
+    if not 1 <= ndim <= MAX_NDIM or any(shape_all[ndim:]):
+        raise SchemaError(f"a published reference with {ndim} dimensions")
+    shape = tuple(shape_all[:ndim])
+    if any(not 0 < d <= MAX_DIM for d in shape):
+        raise SchemaError(f"dimension out of range in shape {shape}")
+    file_dtype = str(DTYPES[file_code]).removeprefix("torch.")
+    return PublishedRef(package.hex(), index, digest.hex(), shape, file_dtype), compute

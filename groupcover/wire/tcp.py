@@ -38,7 +38,7 @@ from groupcover.errors import (
     WorkerLost,
     WorkerProtocolError,
 )
-from groupcover.layer_op import LayerOp
+from groupcover.layer_op import LayerOp, PublishedRef
 from groupcover.transport import Transport, payload_bytes
 from groupcover.wire import schema
 from groupcover.wire.schema import (
@@ -46,12 +46,13 @@ from groupcover.wire.schema import (
     HEADER,
     MAX_TEXT,
     OP_BLOCK,
+    REF_PAYLOAD,
     ErrorCode,
     Header,
     Op,
     SchemaError,
 )
-from groupcover.worker import WorkerState
+from groupcover.worker import NoPackage, PublishedMismatch, WorkerState, peak_rss_bytes
 
 DEFAULT_TIMEOUT_S = 60.0
 ACCEPT_RETRY_S = 0.05  # after accept() failed (out of descriptors): no spinning
@@ -205,6 +206,8 @@ class TcpTransport(Transport):
         self.owner = owner
         self.timeout_s = timeout_s
         self.published_bytes = 0
+        self.published_by_reference = 0
+        self.published_by_tensor = 0  # PUBLISH_REF answered "no such package": sent instead
         self.device = "unknown"
         self._layers: dict[str, _Layer] = {}
         # Ids start at random points: a reply meant for another session never matches ours.
@@ -297,6 +300,14 @@ class TcpTransport(Transport):
             text = self._read_text(header, deadline)
             if header.flags == ErrorCode.UNKNOWN_LAYER:
                 raise UnknownLayer(f"{self.label}: {text}")
+            if header.flags == ErrorCode.NO_PACKAGE:
+                raise _NoPackageReply(f"{self.label}: {text}")
+            if header.flags == ErrorCode.DIGEST_MISMATCH:
+                raise WorkerError(
+                    f"{self.label} refused published layer: {text}",
+                    hint="the worker's copy of published.safetensors is not this package's; "
+                    "copy the package's file to the worker again",
+                )
             raise WorkerError(f"{self.label}: {text}")
         if header.op != op:
             raise self._fail(f"sent a {header.op.name} reply, expected {op.name}")
@@ -343,6 +354,54 @@ class TcpTransport(Transport):
             self._expect_empty(reply)
             self._layers[layer_id] = _Layer(number, op, shape, code)
             self.published_bytes += payload_bytes(sent)
+
+    def publish_ref(
+        self,
+        layer_id: str,
+        ref: PublishedRef,
+        op: LayerOp,
+        load: Callable[[], torch.Tensor],
+        dtype: torch.dtype,
+    ) -> None:
+        """PUBLISH_REF: the worker loads the layer from its own copy of the package; a worker
+        without that package gets the tensor instead (PUBLISH), one whose copy does not match
+        the digest is an error."""
+        with self._lock:
+            self._check_usable()
+            if layer_id in self._layers:
+                raise UsageError(f"layer {layer_id!r} is already published to {self.label}")
+            try:
+                code = schema.dtype_code(dtype)
+                block = schema.pack_op(op)
+                ref_block = schema.pack_ref(ref, code)
+            except SchemaError as exc:
+                raise UsageError(f"cannot publish {layer_id!r}: {exc}") from None
+            if self._observers:  # the audit sees what the worker will hold
+                self._emit("publish", layer_id, load())
+            self._next_layer += 1
+            number = self._next_layer
+            request = self._request()
+            header = Header(Op.PUBLISH_REF, request, number, BYTES, (REF_PAYLOAD,), (0,),
+                            REF_PAYLOAD)  # fmt: skip
+            deadline = time.monotonic() + self.timeout_s
+            self._drain_all(deadline)
+            self._send([header.pack(), block, ref_block], deadline)
+            try:
+                reply = self._read_header(request, Op.OK, number, deadline)
+            except _NoPackageReply:
+                self.publish(layer_id, load(), op)  # the old path: the tensor itself
+                self.published_by_tensor += 1
+                return
+            self._expect_empty(reply)
+            self._layers[layer_id] = _Layer(number, op, ref.shape, code)
+            self.published_by_reference += 1
+
+    def worker_peak_rss(self) -> int | None:
+        """The worker process's peak resident set in bytes (MEMORY), None if it cannot say."""
+        try:
+            return int(self._simple(Op.MEMORY).value)
+        except WorkerError:
+            return None
 
     def run_async(self, layer_id: str, x: torch.Tensor) -> Future[torch.Tensor]:
         future = _Reply(self)
@@ -462,6 +521,10 @@ class TcpTransport(Transport):
                 with contextlib.suppress(OSError):
                     self._sock.shutdown(socket.SHUT_RDWR)
                 self._sock.close()
+
+
+class _NoPackageReply(WorkerError):
+    pass
 
 
 _HINT = "the worker broke the protocol or stopped answering; it is not trusted, nothing of its " \
@@ -665,6 +728,11 @@ class _Session:
         elif header.op == Op.STATS:
             self._empty(header)
             self._reply(Op.OK, header.request, value=float(len(self.server.state.owners())))
+        elif header.op == Op.MEMORY:
+            self._empty(header)
+            self._reply(Op.OK, header.request, value=float(peak_rss_bytes()))
+        elif header.op == Op.PUBLISH_REF:
+            self._publish_ref(header, deadline)
 
     def _empty(self, header: Header) -> None:
         if header.nbytes or header.shape or header.layer:
@@ -701,6 +769,47 @@ class _Session:
             self.published -= previous[2]
         self.layers[header.layer] = (header.shape, op, header.nbytes, header.dtype)
         self.published += header.nbytes
+        self._reply(Op.OK, header.request, header.layer)
+
+    def _publish_ref(self, header: Header, deadline: float) -> None:
+        if header.dtype != BYTES or header.nbytes != REF_PAYLOAD:
+            raise _SessionEnd("malformed PUBLISH_REF")
+        data = bytearray(REF_PAYLOAD)
+        self._recv(memoryview(data), deadline)
+        if header.layer not in self.layers and len(self.layers) >= self.limits.max_layers:
+            self._refuse(header.request, ErrorCode.TOO_LARGE, "too many layers in one session")
+        try:
+            op = schema.unpack_op(data[: OP_BLOCK.size])
+            ref, compute = schema.unpack_ref(data[OP_BLOCK.size :])
+        except SchemaError as exc:
+            self._error(header.request, ErrorCode.BAD_REQUEST, f"bad published reference: {exc}")
+            return
+        if len(ref.shape) != WEIGHT_DIMS[op.kind]:
+            self._error(header.request, ErrorCode.BAD_REQUEST,
+                        f"a {op.kind} weight cannot have shape {ref.shape}")  # fmt: skip
+            return
+        nbytes = schema.tensor_nbytes(compute, ref.shape)
+        if nbytes > self.limits.max_tensor_bytes or \
+                self.published + nbytes > self.limits.max_session_bytes:  # fmt: skip
+            self._error(header.request, ErrorCode.TOO_LARGE, "the session's weights are over "
+                        "the worker's limit")  # fmt: skip
+            return
+        try:
+            self.server.state.publish_ref(self.owner, str(header.layer), ref,
+                                          schema.DTYPES[compute], op)  # fmt: skip
+        except NoPackage as exc:
+            self._error(header.request, ErrorCode.NO_PACKAGE, exc.message)
+            return
+        except PublishedMismatch as exc:
+            print(f"groupcover: {self.server.name}: refused published layer {ref.index}: "
+                  f"{exc.message}", file=sys.stderr, flush=True)  # fmt: skip
+            self._error(header.request, ErrorCode.DIGEST_MISMATCH, exc.message)
+            return
+        previous = self.layers.get(header.layer)
+        if previous is not None:
+            self.published -= previous[2]
+        self.layers[header.layer] = (ref.shape, op, nbytes, compute)
+        self.published += nbytes
         self._reply(Op.OK, header.request, header.layer)
 
     def _run(self, header: Header, deadline: float) -> None:

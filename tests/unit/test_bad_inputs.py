@@ -106,6 +106,12 @@ GROUPCOVER: list[tuple[str, int, str]] = [
     ("bench --local --threads 0", 2, "--threads must be at least 1"),
     ("bench --local --batch x", 2, "invalid int value: 'x'"),
     ("nosuch", 2, "invalid choice: 'nosuch'"),
+    ("protect gpt --out /nonexistent/pkg", 2, "unknown model 'gpt'"),
+    ("protect bert-base --out /tmp/x --scheme soter", 2, "invalid choice: 'soter'"),
+    ("protect bert-base --out /tmp/x --reference 8by128", 2, "is not BxS"),
+    ("protect missing.py:make --out /tmp/x", 2, "no such model factory file"),
+    ("bench --local --model minilm --key-file /tmp/k", 2, "is a built-in model, not a package"),
+    ("bench --local --model minilm --broker http://127.0.0.1:1", 2, "--broker needs --tee"),
 ]
 
 

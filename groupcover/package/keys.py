@@ -1,0 +1,75 @@
+"""Where the master's model key comes from: a key file, or the owner's key broker (KBS), and
+the label every result made with it carries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from groupcover.errors import UsageError
+from groupcover.package.runtime import read_key
+
+DEFAULT_RESOURCE = "gcvm/model/key"
+TEES = ("none", "snp", "tdx")
+
+
+@dataclass(frozen=True)
+class KeySource:
+    key_file: Path | None = None
+    broker: str | None = None
+    tee: str | None = None
+    resource: str = DEFAULT_RESOURCE
+
+    def validate(self) -> None:
+        if self.key_file is not None and self.broker is not None:
+            raise UsageError("give --key-file or --broker, not both")
+        if self.broker is not None and self.tee not in TEES:
+            raise UsageError("--broker needs --tee none|snp|tdx (the evidence this guest gives)")
+
+    @property
+    def given(self) -> bool:
+        return self.key_file is not None or self.broker is not None
+
+
+@dataclass(frozen=True)
+class KeyRelease:
+    key: bytes
+    facts: dict[str, Any]  # for the JSON: source, label, attested, tee, seconds
+
+    @property
+    def label(self) -> str:
+        return str(self.facts["label"])
+
+
+def obtain_key(source: KeySource) -> KeyRelease:
+    source.validate()
+    if source.broker is not None:
+        from groupcover.keyrelease.evidence import detect
+        from groupcover.keyrelease.kbs import KbsClient
+
+        assert source.tee is not None
+        release = KbsClient(source.broker, detect(source.tee)).get_resource(source.resource)
+        from groupcover.package.seal import KEY_BYTES, SealError
+
+        if len(release.secret) != KEY_BYTES:
+            raise SealError(f"the broker released {len(release.secret)} bytes for "
+                            f"{source.resource}, not a {KEY_BYTES}-byte model key")  # fmt: skip
+        facts = {"source": "broker", "broker": source.broker, "resource": source.resource,
+                 "label": release.label, "attested": release.attested, "tee": release.tee,
+                 "seconds": round(release.seconds, 4)}  # fmt: skip
+        return KeyRelease(release.secret, facts)
+    if source.key_file is not None:
+        key = read_key(source.key_file)
+        return KeyRelease(key, {"source": "file", "label": "model key read from a key file "
+                                "(no broker, no attestation)", "attested": False})  # fmt: skip
+    raise UsageError(
+        "a model package needs its model key",
+        hint="pass --key-file FILE, or --broker URL --tee none|snp|tdx to have it released",
+    )
+
+
+def in_memory(key: bytes) -> KeyRelease:
+    """A package protected on the fly in this process (a built-in model name)."""
+    return KeyRelease(key, {"source": "built-in", "label": "built-in model protected on the fly "
+                            "(key never left this process)", "attested": False})  # fmt: skip

@@ -1,0 +1,137 @@
+"""`published.safetensors`: the worker's obfuscated weights, one tensor per layer id, readable by
+any safetensors reader; and the digests that tie each tensor to its package.
+
+Readers here never map the file: each tensor is read with `readinto` into a fresh tensor (the
+master reads one layer when it needs it, and page-cache pages of a read file do not count in its
+resident set, as touched pages of a mapping would), and its SHA-256 is checked against the digest
+the caller names (from the sealed bundle on the master, from the master's PUBLISH_REF on the
+worker) before the tensor is returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from groupcover.errors import GroupCoverError
+
+FORMAT = "gcvm-published-1"
+MAX_HEADER = 1 << 26
+_DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+class PublishedError(GroupCoverError):
+    """A published-weights file that is missing, malformed, or whose tensor does not match its
+    digest."""
+
+    exit_code = 2
+
+
+class DigestMismatch(PublishedError):
+    """A published tensor whose SHA-256 is not the one its package names."""
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 (hex) of a tensor's little-endian bytes in row-major order."""
+    data = tensor.detach().cpu().contiguous()
+    return hashlib.sha256(_bytes_of(data)).hexdigest()
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    return tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+
+
+def write_published(path: Path, tensors: dict[str, torch.Tensor], package_id: str) -> None:
+    """Writes the safetensors file (metadata: format, package id)."""
+    from safetensors.torch import save_file
+
+    ready = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    save_file(ready, str(path), metadata={"format": FORMAT, "package_id": package_id})
+
+
+@dataclass(frozen=True)
+class Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offset
+    end: int
+
+
+class PublishedFile:
+    """The header of one published-weights file, and checked reads of its tensors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            with self.path.open("rb") as f:
+                raw = f.read(8)
+                if len(raw) != 8:
+                    raise PublishedError(f"{self.path} is not a safetensors file (too short)")
+                (length,) = struct.unpack("<Q", raw)
+                if length > MAX_HEADER:
+                    raise PublishedError(f"{self.path}: safetensors header of {length} bytes")
+                header = json.loads(f.read(length))
+                size = self.path.stat().st_size
+        except OSError as exc:
+            raise PublishedError(f"cannot read published weights {self.path}: "
+                                 f"{exc.strerror or exc}") from None  # fmt: skip
+        except ValueError:
+            raise PublishedError(f"{self.path}: the safetensors header is not JSON") from None
+        if not isinstance(header, dict):
+            raise PublishedError(f"{self.path}: the safetensors header is not an object")
+        meta = header.pop("__metadata__", None) or {}
+        self.metadata: dict[str, str] = {str(k): str(v) for k, v in meta.items()}
+        self.package_id = self.metadata.get("package_id", "")
+        base = 8 + length
+        self.entries: dict[str, Entry] = {}
+        for name, info in header.items():
+            try:
+                dtype = _DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                start, end = (int(v) for v in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise PublishedError(
+                    f"{self.path}: tensor {name!r} has an unreadable entry"
+                ) from None
+            nbytes = (
+                int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+            )
+            if end - start != nbytes or start < 0 or base + end > size:
+                raise PublishedError(f"{self.path}: tensor {name!r} does not fit the file")
+            self.entries[name] = Entry(dtype, shape, base + start, base + end)
+
+    def read(self, name: str, digest: str | None = None) -> torch.Tensor:
+        """The tensor, in a fresh buffer; with `digest`, refused unless its SHA-256 matches."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise PublishedError(f"{self.path} holds no published tensor {name!r}")
+        tensor = torch.empty(entry.shape, dtype=entry.dtype)
+        view = _bytes_of(tensor)
+        with self.path.open("rb") as f:
+            f.seek(entry.start)
+            got = f.readinto(view)
+        if got != entry.end - entry.start:
+            raise PublishedError(f"{self.path}: tensor {name!r} is truncated")
+        if digest is not None:
+            found = hashlib.sha256(view).hexdigest()
+            if found != digest:
+                raise DigestMismatch(
+                    f"published tensor {name!r} in {self.path} has SHA-256 {found[:16]}..., "
+                    f"its package names {digest[:16]}...",
+                    hint="this copy of published.safetensors was altered or belongs to another "
+                    "package; copy the package's own file again",
+                )
+        return tensor
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _NAMES[dtype]

@@ -1,0 +1,300 @@
+"""The master's side of a model package: open it with the model key, build each mode from it.
+
+`open_package(DIR)` reads the public manifest; `PackageFiles.unseal(key)` decrypts master.sealed
+in memory (chunk by chunk into one buffer; tensors are views of it) and returns an
+`UnsealedPackage`, which builds the protected model of a mode (`build`) without obfuscating
+anything and without holding the published weights: each is read from the master's own copy of
+published.safetensors, checked against the digest sealed in the bundle, when the transport, the
+mask pool or the integrity check needs it. Baseline modes (tee-only, plain-offload, mask-only)
+open baselines.sealed, which only a package protected with --baselines has.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from groupcover.errors import GroupCoverError, UsageError
+from groupcover.layer_op import LayerOp, PublishedRef
+from groupcover.master import PackagedLayer, ProtectedModel, _replace, assemble
+from groupcover.package import container, secrets
+from groupcover.package.build import (
+    BASELINE_MODES,
+    BASELINES,
+    KEY,
+    MANIFEST,
+    PUBLISHED,
+    SEALED,
+)
+from groupcover.package.published import PublishedFile
+from groupcover.package.seal import KEY_BYTES, SealError, open_file_into
+from groupcover.package.source import ModelSpec, build_skeleton, example_inputs, spec_from_json
+from groupcover.scheme import IdentityScheme, LayerSecret, Scheme, channel_dim_of, make_scheme
+from groupcover.transport import Transport
+
+AUDIT_SKIPPED = (
+    "audit skipped: the payload audit compares payloads with the plaintext weights, which this "
+    "package does not hold (protect it with --baselines to audit a benchmark)"
+)
+
+
+class PackageError(GroupCoverError):
+    exit_code = 2
+
+
+class ModeUnavailable(UsageError):
+    """A mode this package cannot run (another scheme, or a baseline without --baselines)."""
+
+
+def is_package(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+@dataclass
+class PackageFiles:
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return tuple(self.manifest.get("modes", ()))
+
+    def check_modes(self, modes: Sequence[str]) -> None:
+        missing = [m for m in modes if m not in self.modes]
+        if not missing:
+            return
+        if any(m in BASELINE_MODES for m in missing) and not self.manifest.get("baselines"):
+            raise ModeUnavailable(
+                f"package {self.root} cannot run {', '.join(missing)}: it was protected without "
+                "--baselines",
+                hint=f"it runs {', '.join(self.modes)}; protect it again with --baselines for "
+                "the benchmark baselines (plaintext weights, never for a secret model)",
+            )
+        raise ModeUnavailable(
+            f"package {self.root} (scheme {self.manifest.get('scheme')}) cannot run "
+            f"{', '.join(missing)}",
+            hint=f"it runs {', '.join(self.modes)}",
+        )
+
+    def unseal(self, key: bytes) -> UnsealedPackage:
+        buffer = open_file_into(self.root / SEALED, key)
+        meta, tensors = container.unpack(buffer)
+        published = PublishedFile(self.root / PUBLISHED)
+        if meta.get("package_id") != published.package_id:
+            raise PackageError(
+                f"{self.root / PUBLISHED} belongs to another package than {SEALED}",
+                hint="keep the files of one `protect` run together",
+            )
+        return UnsealedPackage(self, key, meta, tensors, published)
+
+
+def open_package(path: str | Path) -> PackageFiles:
+    root = Path(path)
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except OSError as exc:
+        raise PackageError(f"{root} is not a model package: {exc.strerror or exc}",
+                           hint="make one with `python -m groupcover protect SRC --out DIR`") \
+            from None  # fmt: skip
+    except ValueError:
+        raise PackageError(f"{root / MANIFEST} is not JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != 1:
+        raise PackageError(f"{root / MANIFEST}: unknown package format")
+    for name in (SEALED, PUBLISHED):
+        if not (root / name).is_file():
+            raise PackageError(f"package {root} has no {name}")
+    return PackageFiles(root, manifest)
+
+
+def read_key(path: str | Path) -> bytes:
+    try:
+        key = Path(path).read_bytes()
+    except OSError as exc:
+        raise PackageError(f"cannot read the model key {path}: {exc.strerror or exc}") from None
+    if len(key) != KEY_BYTES:
+        raise SealError(f"{path} is not a model key ({len(key)} bytes, not {KEY_BYTES})",
+                        hint=f"use the {KEY} file written by `protect`")  # fmt: skip
+    return key
+
+
+def _op(data: dict[str, Any]) -> LayerOp:
+    return LayerOp(data["kind"], tuple(data["stride"]), tuple(data["padding"]),
+                   tuple(data["dilation"]), dict(data.get("params") or {}))  # fmt: skip
+
+
+@dataclass
+class UnsealedPackage:
+    files: PackageFiles
+    key: bytes = field(repr=False)
+    meta: dict[str, Any] = field(repr=False)
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    published: PublishedFile
+    _plain: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.spec: ModelSpec = spec_from_json(self.meta["model"], self.tensors)
+        self.scheme: Scheme = make_scheme(self.meta["scheme"], int(self.meta.get("k") or 4))
+        self.package_id: str = self.meta["package_id"]
+        self.layers: list[dict[str, Any]] = self.meta["layers"]
+        self._secrets: dict[str, LayerSecret] = {
+            e["index"]: secrets.decode(e["secret"], self.tensors) for e in self.layers
+        }
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return self.files.modes
+
+    def inputs(self, batch: int, seq: int) -> tuple[torch.Tensor, ...]:
+        return example_inputs(self.spec, batch, seq)
+
+    def reference_label(self, batch: int, seq: int) -> str:
+        return "example" if self.spec.fixed_inputs is not None else f"{batch}x{seq}"
+
+    def reference(self, batch: int, seq: int) -> torch.Tensor | None:
+        """The sealed reference output for these inputs, if the owner sealed one."""
+        key = self.meta["references"].get(self.reference_label(batch, seq))
+        return None if key is None else self.tensors[key]
+
+    # -- the model's parts
+
+    def _module(self) -> nn.Module:
+        """The skeleton with every non-offloaded parameter and buffer of the bundle."""
+        return build_skeleton(self.spec)
+
+    def _load_state(self, module: nn.Module) -> nn.Module:
+        state = {key: self.tensors[f"state/{key}"] for key in self.meta["state_keys"]}
+        module.load_state_dict(state, strict=True, assign=True)
+        left = [n for n, t in [*module.named_parameters(), *module.named_buffers()]
+                if t.is_meta]  # fmt: skip
+        if left:
+            raise PackageError(f"the package does not hold {left[0]} (and {len(left) - 1} more)")
+        return module.eval()
+
+    def _published_loader(self, entry: dict[str, Any]) -> Any:
+        published, index, digest = self.published, entry["index"], entry["sha256"]
+
+        def load() -> torch.Tensor:
+            return published.read(index, digest=digest)
+
+        return load
+
+    def plain(self) -> dict[str, torch.Tensor]:
+        """The sealed baselines (plaintext offloaded weights): only for baseline modes."""
+        if self._plain is None:
+            path = self.files.root / BASELINES
+            if not self.meta.get("baselines") or not path.is_file():
+                raise ModeUnavailable(
+                    f"package {self.files.root} holds no baselines",
+                    hint="protect it again with --baselines (benchmarks only)",
+                )
+            meta, tensors = container.unpack(open_file_into(path, self.key))
+            if meta.get("package_id") != self.package_id:
+                raise PackageError(f"{path} belongs to another package")
+            self._plain = tensors
+        return self._plain
+
+    def _plain_weight(self, entry: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        plain = self.plain()
+        index = entry["index"]
+        return plain[f"plain/{index}/weight"], plain.get(f"plain/{index}/bias")
+
+    def plaintext_module(self) -> nn.Module:
+        """tee-only: the whole model in the master (baselines)."""
+        module = self._module()
+        state = {key: self.tensors[f"state/{key}"] for key in self.meta["state_keys"]}
+        for entry in self.layers:
+            weight, bias = self._plain_weight(entry)
+            for name in (entry["name"], *entry["aliases"]):
+                state[f"{name}.weight"] = weight
+                if bias is not None:
+                    state[f"{name}.bias"] = bias
+        module.load_state_dict(state, strict=True, assign=True)
+        return module.eval()
+
+    def build(
+        self,
+        mode: str,
+        transport: Transport,
+        *,
+        seed: int | None = None,
+        mask_pool: int = 1,
+        mask_budget: int | None = None,
+        audit: bool = False,
+        verify: bool = False,
+        example: Sequence[torch.Tensor] | None = None,
+        by_reference: bool = True,
+    ) -> nn.Module:
+        """The model as `mode` runs it from this package (see `groupcover.modes`)."""
+        from groupcover.modes import MasterOnlyModel, mode_settings, parse_mode
+
+        chosen = str(parse_mode(mode))
+        self.files.check_modes([chosen])
+        scheme_name, masked = mode_settings(chosen)
+        if scheme_name is None:
+            auditor = None
+            if audit:
+                from groupcover.audit import Audit
+
+                auditor = Audit(mode=chosen)
+                transport.add_observer(auditor.observe)
+            return MasterOnlyModel(self.plaintext_module(), auditor)
+        baseline = chosen in BASELINE_MODES
+        scheme: Scheme = IdentityScheme() if baseline else self.scheme
+        layers = []
+        audit_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        if audit and self.meta.get("baselines"):
+            audit_weights = {e["name"]: self._plain_weight(e) for e in self.layers}
+        for entry in self.layers:
+            op = _op(entry["plain_op"] if baseline else entry["op"])
+            shape = tuple(entry["shape"])
+            if baseline:
+                weight, bias = self._plain_weight(entry)
+                secret = LayerSecret(channel_dim_of(weight), int(weight.shape[0]), bias=bias)
+
+                def load(weight: torch.Tensor = weight) -> torch.Tensor:
+                    return weight
+
+                ref = None
+            else:
+                secret = self._secrets[entry["index"]]
+                load = self._published_loader(entry)
+                ref = PublishedRef(self.package_id, int(entry["index"]), entry["sha256"], shape,
+                                   "float32" if entry["dtype"] == "F32" else
+                                   {"F64": "float64", "F16": "float16",
+                                    "BF16": "bfloat16"}[entry["dtype"]])  # fmt: skip
+            layers.append(PackagedLayer(entry["name"], tuple(entry["aliases"]), op, secret, shape,
+                                        load, ref if by_reference else None))  # fmt: skip
+        module = self._module()
+        for entry in self.layers:  # the proxies take these places; the state has no weight
+            for name in (entry["name"], *entry["aliases"]):
+                _replace(module, name, nn.Identity())
+        module = self._load_state(module)
+        built = assemble(
+            module, layers, transport, scheme=scheme, masked=masked, seed=seed,
+            mask_pool=mask_pool, mask_budget=mask_budget, audit_weights=audit_weights,
+            example_inputs=example if masked else None, mode=chosen, verify=verify,
+        )  # fmt: skip
+        if audit and audit_weights is None:
+            built.audit_note = AUDIT_SKIPPED
+        return built
+
+
+def protected_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor a built model holds (parameters, buffers, secrets, mask pools): for tests."""
+    found: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
+    if isinstance(model, ProtectedModel):
+        for layer in model.layers.values():
+            found += list(layer.secret.tensors().values())
+            for attr in vars(layer.secret).values():
+                if isinstance(attr, torch.Tensor):
+                    found.append(attr)
+    return found
+
+
+__all__ = ["PackageFiles", "UnsealedPackage", "is_package", "open_package", "read_key"]
