@@ -33,13 +33,21 @@ def lines(document: dict[str, Any]) -> list[str]:
     out = [f"device: {host.get('cuda') or 'no CUDA in the master process'}; master threads "
            f"{document.get('settings', {}).get('threads', '?')}"]  # fmt: skip
     for r in results:
+        err = r.get("rel_err", 0.0)
         out.append(f"{r['mode']:18s} median {r['latency_ms']['median']:9.1f} ms  "
-                   f"{r['throughput']:8.2f} samples/s  rel err {r.get('rel_err', 0.0):.1e}")  # fmt: skip
+                   f"{r['throughput']:8.2f} samples/s  rel err {err:.1e}")  # fmt: skip
     for mode in ("plain-offload", "groupcover-nomask", "mask-only", "groupcover"):
         speedup = _ratio(by_mode, "tee-only", mode)
         if speedup is not None:
-            verdict = "" if mode in ("mask-only", "groupcover") else (
-                " (target >= 5x: met)" if speedup >= SPEEDUP_TARGET else " (target >= 5x: MISSED)")
+            verdict = (
+                ""
+                if mode in ("mask-only", "groupcover")
+                else (
+                    " (target >= 5x: met)"
+                    if speedup >= SPEEDUP_TARGET
+                    else " (target >= 5x: MISSED)"
+                )
+            )
             out.append(f"tee-only / {mode} = {speedup:.2f}x faster offloaded{verdict}")
     for top, bottom in PAIRS:
         ratio = _ratio(by_mode, top, bottom)

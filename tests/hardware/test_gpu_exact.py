@@ -24,7 +24,6 @@ if not torch.cuda.is_available():
     )
 
 
-
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref| (as tests/unit/conftest.py; not imported: its transports
     fixture module needs more than a GPU machine's bare torch)."""
