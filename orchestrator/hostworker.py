@@ -44,9 +44,17 @@ STOP_GRACE_S = 5.0
 PROBE = """
 import json, os, platform, torch
 cuda = torch.cuda.is_available()
+cpu = platform.processor() or "cpu"
+try:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+except OSError:
+    pass
 print(json.dumps({
     "device": "cuda" if cuda else "cpu",
-    "device_name": torch.cuda.get_device_name(0) if cuda else (platform.processor() or "cpu"),
+    "device_name": torch.cuda.get_device_name(0) if cuda else cpu,
     "torch": torch.__version__,
     "cpus": os.cpu_count(),
 }))

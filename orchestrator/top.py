@@ -36,13 +36,21 @@ class Reading:
     limit_mib: float  # memory given (VMs) or 0
     cpus: int  # vCPUs, or the host worker's threads
     alive: bool = True
+    # the host worker's processes come and go (a job per run): CPU seconds per pid, so a rate
+    # is the sum of each process's own increase, never the drop of one that exited
+    parts: tuple[tuple[int, float], ...] = ()
 
 
 def proc_group_usage(pgid: int, proc: Path = Path("/proc")) -> tuple[float, float, int]:
     """(CPU seconds, resident MiB, processes) of every process in group `pgid`."""
-    cpu = 0.0
+    per_pid, rss = proc_group_parts(pgid, proc)
+    return sum(per_pid.values()), rss, len(per_pid)
+
+
+def proc_group_parts(pgid: int, proc: Path = Path("/proc")) -> tuple[dict[int, float], float]:
+    """({pid: CPU seconds}, resident MiB) of every live process in group `pgid`."""
+    per_pid: dict[int, float] = {}
     rss_pages = 0
-    count = 0
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -55,10 +63,9 @@ def proc_group_usage(pgid: int, proc: Path = Path("/proc")) -> tuple[float, floa
         # utime stime cutime cstime priority nice threads itrealvalue starttime vsize rss
         if len(fields_) < 22 or int(fields_[2]) != pgid or fields_[0] == "Z":
             continue
-        cpu += (int(fields_[11]) + int(fields_[12])) / CLOCK_TICKS
+        per_pid[int(entry.name)] = (int(fields_[11]) + int(fields_[12])) / CLOCK_TICKS
         rss_pages += int(fields_[21])
-        count += 1
-    return cpu, rss_pages * PAGE_KIB / 1024, count
+    return per_pid, rss_pages * PAGE_KIB / 1024
 
 
 def read(st: ClusterState, hv: Hypervisor | None,
@@ -83,14 +90,25 @@ def read(st: ClusterState, hv: Hypervisor | None,
     if hw is not None:
         from orchestrator import hostworker
 
-        cpu = rss = 0.0
-        count = 0
+        parts: dict[int, float] = {}
+        rss = 0.0
         groups = [hw.pid, *hostworker.live_jobs(Path(hw.dir))] if hw.pid else []
         for pgid in groups:  # the supervisor's group and the job's own
-            c, r, n = proc_group_usage(pgid, proc)
-            cpu, rss, count = cpu + c, rss + r, count + n
-        out[hw.name] = Reading(hw.name, "host", "worker", cpu, rss, 0.0, hw.threads, count > 0)
+            per_pid, r = proc_group_parts(pgid, proc)
+            parts.update(per_pid)
+            rss += r
+        out[hw.name] = Reading(hw.name, "host", "worker", sum(parts.values()), rss, 0.0,
+                               hw.threads, bool(parts), tuple(sorted(parts.items())))  # fmt: skip
     return out
+
+
+def _increase(before: Reading, after: Reading) -> float:
+    """CPU seconds spent between two readings of one node."""
+    if not after.parts and not before.parts:
+        return max(0.0, after.cpu_s - before.cpu_s)
+    earlier = dict(before.parts)
+    # a process that was not there before started since: all its time is new
+    return sum(max(0.0, cpu - earlier.get(pid, 0.0)) for pid, cpu in after.parts)
 
 
 @dataclass
@@ -106,24 +124,27 @@ class Usage:
     mem_peak_mib: float = 0.0
     limit_mib: float = 0.0
     samples: int = 0
-    _first: tuple[float, float] | None = None
-    _last: tuple[float, float] | None = None
+    busy_s: float = 0.0  # CPU seconds spent between the first reading and the last
+    _first_at: float | None = None
+    _last: Reading | None = None
+    _last_at: float = 0.0
 
     def add(self, at: float, r: Reading) -> None:
         if not r.alive:
             return
         self.mem_peak_mib = max(self.mem_peak_mib, r.rss_mib)
         self.limit_mib = r.limit_mib
-        if self._last is not None and at > self._last[0]:
-            rate = max(0.0, (r.cpu_s - self._last[1]) / (at - self._last[0]))
-            self.cpu_peak = max(self.cpu_peak, rate)
-        if self._first is None:
-            self._first = (at, r.cpu_s)
-        self._last = (at, r.cpu_s)
+        if self._last is not None and at > self._last_at:
+            spent = _increase(self._last, r)
+            self.busy_s += spent
+            self.cpu_peak = max(self.cpu_peak, spent / (at - self._last_at))
+        if self._first_at is None:
+            self._first_at = at
+        self._last, self._last_at = r, at
         self.samples += 1
-        span = self._last[0] - self._first[0]
+        span = at - self._first_at
         if span > 0:
-            self.cpu_mean = max(0.0, (self._last[1] - self._first[1]) / span)
+            self.cpu_mean = self.busy_s / span
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -218,7 +239,7 @@ def live_table(previous: dict[str, Reading], current: dict[str, Reading], span: 
     total = 0.0
     for name, r in current.items():
         before = previous.get(name)
-        rate = (r.cpu_s - before.cpu_s) / span if before and span > 0 and r.alive else 0.0
+        rate = _increase(before, r) / span if before and span > 0 and r.alive else 0.0
         rate = max(rate, 0.0)
         total += rate
         t.add_row(

@@ -125,3 +125,20 @@ def test_top_once_prints_one_table(backend: HostBackend, capsys: pytest.CaptureF
     text = capsys.readouterr().out
     assert "to-master0" in text and "to-worker-host" in text and "CPU (cores)" in text
     cluster.down("to", backend=backend)
+
+
+def test_a_job_that_comes_and_goes_still_counts() -> None:
+    """The host worker's job starts after the first reading and exits before the last: its CPU
+    counts, and its exit is no negative rate."""
+
+    def reading(parts: dict[int, float]) -> top.Reading:
+        return top.Reading("hw", "host", "worker", sum(parts.values()), 100.0, 0.0, 1, True,
+                           tuple(sorted(parts.items())))  # fmt: skip
+
+    u = top.Usage("hw", "host", "worker", 1)
+    u.add(0.0, reading({1: 0.5}))  # the supervisor alone
+    u.add(1.0, reading({1: 0.5, 7: 0.8}))  # the job started: 0.8 s of its own
+    u.add(2.0, reading({1: 0.5, 7: 1.8}))
+    u.add(3.0, reading({1: 0.6}))  # the job exited
+    assert u.busy_s == pytest.approx(0.8 + 1.0 + 0.1)
+    assert u.cpu_mean == pytest.approx(1.9 / 3) and u.cpu_peak == pytest.approx(1.0)
