@@ -100,6 +100,9 @@ def test_two_masters_share_the_host_worker(gcvm_env: Env, tmp_path: Path) -> Non
         assert up.returncode == 0, up.stderr[-3000:]
         one = _bench(gcvm_env, name, out, "--modes", "plain-offload", "--masters", "1")
         both = _bench(gcvm_env, name, out, "--modes", "plain-offload")
+        micro = gcvm_env.gcvm("run", "bench", "--name", name, "--transport-micro", "--batch", "2",
+                              "--seq", "16", "--repeat", "5", "--out", str(out), timeout=900)  # fmt: skip
+        assert micro.returncode == 0, (micro.stdout[-3000:], micro.stderr[-3000:])
     finally:
         down = gcvm_env.gcvm("down", "--name", name, timeout=300)
     assert down.returncode == 0, down.stderr
@@ -118,3 +121,12 @@ def test_two_masters_share_the_host_worker(gcvm_env: Env, tmp_path: Path) -> Non
           f"({agg['throughput'] / single:.2f}x)")  # fmt: skip
     assert "All masters together" in both["_stdout"]
     assert set(both["resources"]) == {f"{name}-master0", f"{name}-master1", f"{name}-worker-host"}
+    # the wire per call: VM -> host worker and VM -> VM, same payloads
+    [micro_dir] = [p for p in out.iterdir() if p.name.endswith("-transport-micro")]
+    runs = json.loads((micro_dir / "transport-micro.json").read_text())["runs"]
+    assert sorted(runs) == [f"{name}-master0 -> {name}-master1 (VM)",
+                            f"{name}-master0 -> {name}-worker-host (host)"]  # fmt: skip
+    for label, doc in runs.items():
+        assert len(doc["rows"]) == 16 and all(r["wire_ms"] > 0 for r in doc["rows"]), label
+        tiny = [r["roundtrip_ms"]["median"] for r in doc["rows"] if r["rows"] == 1]
+        print(f"{label}: tiny call {min(tiny):.2f} ms")
