@@ -100,8 +100,10 @@ def test_two_masters_share_the_host_worker(gcvm_env: Env, tmp_path: Path) -> Non
         assert up.returncode == 0, up.stderr[-3000:]
         one = _bench(gcvm_env, name, out, "--modes", "plain-offload", "--masters", "1")
         both = _bench(gcvm_env, name, out, "--modes", "plain-offload")
-        micro = gcvm_env.gcvm("run", "bench", "--name", name, "--transport-micro", "--batch", "2",
-                              "--seq", "16", "--repeat", "5", "--out", str(out), timeout=900)  # fmt: skip
+        micro = gcvm_env.gcvm(
+            "run", "bench", "--name", name, "--transport-micro", "--batch", "2", "--seq", "16",
+            "--repeat", "5", "--out", str(out), timeout=900,
+        )  # fmt: skip
         assert micro.returncode == 0, (micro.stdout[-3000:], micro.stderr[-3000:])
     finally:
         down = gcvm_env.gcvm("down", "--name", name, timeout=300)
