@@ -96,10 +96,8 @@ class HostWorkerState:
 
 def venv_python(root: Path) -> str:
     """The checkout's venv (`make setup` makes .venv); else the Python gcvm runs with."""
-    for candidate in (root / ".venv" / "bin" / "python",):
-        if candidate.exists():
-            return str(candidate)
-    return sys.executable
+    candidate = root / ".venv" / "bin" / "python"
+    return str(candidate) if candidate.exists() else sys.executable
 
 
 def worker_env(hw: HostWorkerState, extra: dict[str, str] | None = None) -> dict[str, str]:
