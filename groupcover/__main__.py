@@ -110,6 +110,13 @@ def _build_parser() -> Parser:
     kind = bench_p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--local", action="store_true", help="master + worker processes, loopback")
     kind.add_argument("--micro", action="store_true", help="de-obfuscation vs plain linear")
+    kind.add_argument("--transport-micro", action="store_true",
+                      help="per-call latency and bandwidth of the wire for MiniLM and BERT-base "
+                      "layer payloads (loopback, or --target)")  # fmt: skip
+    bench_p.add_argument("--target", default=None,
+                         help="(--transport-micro) ADDR:PORT of a serving micro worker "
+                         "(default: one on loopback)")  # fmt: skip
+    bench_p.add_argument("--label", default=None, help="(--transport-micro) what the table says")
     bench_p.add_argument(
         "--allow-shm",
         action="store_true",
@@ -325,6 +332,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.micro:
         return bench.run_micro(args.batch, args.seq, args.repeat, args.json, args.threads)
+    if args.transport_micro:
+        from groupcover import transport_micro
+
+        return transport_micro.run(args.batch, args.seq, args.repeat, args.json, args.threads,
+                                   args.target, args.label, args.timeout)  # fmt: skip
     # Validate here too, so bad input fails before two processes start.
     probe = RankSettings(
         role=Role.master, rank=0, world_size=2, worker=1, model=args.model, modes=args.modes,

@@ -26,6 +26,14 @@ if TYPE_CHECKING:
     from groupcover.package.published import PublishedFile
 
 
+def exact_math() -> None:
+    """No TF32 on CUDA: GroupCover's integer mixing amplifies rounding, and TF32's 10-bit
+    mantissa would break the exactness bound the CPU path holds. Called when a worker starts."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -80,6 +88,7 @@ class WorkerState:
     """Published layers keyed by (owner, layer id); owner names one master's session."""
 
     def __init__(self, device: torch.device | None = None) -> None:
+        exact_math()
         self.device = device if device is not None else default_device()
         self._layers: dict[tuple[str, str], PublishedLayer] = {}
         self._lock = threading.Lock()

@@ -9,19 +9,29 @@ imports the framework; it reads back the JSON each master writes.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator import paths, report, state
+from orchestrator import hostworker, paths, report, state, top
 from orchestrator.errors import GcvmError, Timeout, UsageError
+from orchestrator.hostworker import HostWorkerState
 from orchestrator.remote import Remote, RemoteProcess
-from orchestrator.spec import MAX_TIMEOUT_S, RankSpec, Role, VmSpec, check_timeout, plan_ranks
+from orchestrator.spec import (
+    MAX_TIMEOUT_S,
+    RankSpec,
+    Role,
+    Tee,
+    VmSpec,
+    check_timeout,
+    plan_ranks,
+)
 from orchestrator.ui import console, out, step
 
 DEFAULT_PORT = 29500
@@ -55,6 +65,7 @@ class BenchSettings:
     audit: bool = True
     verify: bool = False
     port: int = DEFAULT_PORT
+    masters: int | None = None  # the first M master VMs (None: all of them)
     timeout: float = 3600.0  # the whole run, enforced here
     rpc_timeout: float = 600.0  # each rank's rendezvous and per-call deadline (TCG is slow)
 
@@ -79,6 +90,9 @@ class BenchSettings:
         ):
             if not lo <= value <= hi:
                 raise UsageError(f"{flag} {value} is out of range ({lo}..{hi})")
+        if self.masters is not None and self.masters < 1:
+            raise UsageError(f"--masters {self.masters} is out of range (at least 1)",
+                             hint="leave it out to run on every master VM")  # fmt: skip
 
     def launch_args(self, json_path: str | None, threads: int) -> tuple[str, ...]:
         args = [
@@ -113,29 +127,56 @@ class BenchSettings:
         return tuple(args)
 
 
-def _vm_specs(st: state.ClusterState) -> list[VmSpec]:
-    """Just enough of each VM's spec to plan the ranks (roles, ranks, addresses)."""
-    return [
-        VmSpec(
-            cluster=st.name,
-            name=vm.name,
-            role=Role(vm.role),
-            rank=vm.rank,
-            index=vm.index,
-            tee=vm.tee,
-            vcpus=vm.vcpus,
-            memory_mib=vm.memory_mib,
-            address=vm.address,
-            prefix=0,
-            gateway="",
-            mac=vm.mac,
-            uuid="",
-            disk=Path(),
-            seed=Path(),
-            serial_log=Path(),
+@dataclass(frozen=True)
+class Node:
+    """One rank's machine: a VM (reached over SSH) or the host worker (a local process)."""
+
+    name: str
+    role: Role
+    host: bool  # the host worker (`gcvm up --worker host`)
+    cpus: int  # vCPUs, or the host worker's threads
+
+
+def _spec(st: state.ClusterState, name: str, role: Role, rank: int, index: int, address: str,
+          vcpus: int) -> VmSpec:  # fmt: skip
+    """Just enough of a spec to plan a rank (role, rank, index, address)."""
+    return VmSpec(cluster=st.name, name=name, role=role, rank=rank, index=index, tee=Tee.none,
+                  vcpus=vcpus, memory_mib=0, address=address, prefix=0, gateway="", mac="",
+                  uuid="", disk=Path(), seed=Path(), serial_log=Path())  # fmt: skip
+
+
+def plan_world(
+    st: state.ClusterState, port: int, masters: int | None = None
+) -> list[tuple[Node, RankSpec]]:
+    """Every rank of one run from the cluster state: the first `masters` master VMs (all by
+    default) take ranks 0..M-1, then the worker VMs or the host worker. The host worker's
+    interface is the bridge (as the seed's GLOO_SOCKET_IFNAME/TP_SOCKET_IFNAME on the host)."""
+    all_masters = sorted((vm for vm in st.vms if vm.role == Role.master), key=lambda v: v.index)
+    if masters is not None and not 1 <= masters <= len(all_masters):
+        raise UsageError(
+            f"--masters {masters}: cluster {st.name} has {len(all_masters)} master VM(s)",
+            hint=f"choose 1..{len(all_masters)} (default: all of them)",
         )
-        for vm in sorted(st.vms, key=lambda v: v.rank)
-    ]
+    chosen = all_masters[: masters or len(all_masters)]
+    worker_vms = sorted((vm for vm in st.vms if vm.role == Role.worker), key=lambda v: v.index)
+    nodes: list[Node] = []
+    specs: list[VmSpec] = []
+    ifnames: dict[str, str] = {}
+    for vm in chosen:
+        nodes.append(Node(vm.name, Role.master, False, vm.vcpus))
+        specs.append(_spec(st, vm.name, Role.master, len(specs), vm.index, vm.address, vm.vcpus))
+        ifnames[vm.name] = vm.ifname
+    for vm in worker_vms:
+        nodes.append(Node(vm.name, Role.worker, False, vm.vcpus))
+        specs.append(_spec(st, vm.name, Role.worker, len(specs), vm.index, vm.address, vm.vcpus))
+        ifnames[vm.name] = vm.ifname
+    hw = st.worker_host
+    if hw is not None:
+        nodes.append(Node(hw.name, Role.worker, True, hw.threads))
+        specs.append(_spec(st, hw.name, Role.worker, len(specs), 0, hw.address, hw.threads))
+        ifnames[hw.name] = hw.ifname
+    ranks = plan_ranks(specs, port, ifnames)
+    return list(zip(nodes, ranks, strict=True))
 
 
 def cluster_facts(st: state.ClusterState) -> dict[str, Any]:
@@ -158,21 +199,42 @@ def cluster_facts(st: state.ClusterState) -> dict[str, Any]:
             }
             for vm in sorted(st.vms, key=lambda v: v.rank)
         ],
+        "host_worker": _host_worker_facts(st),
     }
+
+
+def _host_worker_facts(st: state.ClusterState) -> dict[str, Any] | None:
+    hw = st.worker_host
+    if hw is None:
+        return None
+    return {"name": hw.name, "address": hw.address, "ifname": hw.ifname, "device": hw.device,
+            "device_name": hw.device_name, "torch": hw.torch, "threads": hw.threads,
+            "pid": hw.pid, "tee": "none (host process)"}  # fmt: skip
 
 
 class _Ranks:
     """The running ranks: started in order, watched together, stopped together."""
 
     def __init__(self) -> None:
-        self.procs: dict[str, RemoteProcess] = {}
+        self.procs: dict[str, RemoteProcess | hostworker.Job] = {}
         self.roles: dict[str, Role] = {}
 
     def start(
         self, remote: Remote, vm: str, role: Role, argv: Sequence[str], env: dict[str, str] | None
     ) -> None:
-        self.procs[vm] = remote.start(list(argv), env=env, on_line=_printer(vm))
-        self.roles[vm] = role
+        self.add(vm, role, remote.start(list(argv), env=env, on_line=_printer(vm)))
+
+    def start_on_host(self, hw: HostWorkerState, role: Role, argv: Sequence[str],
+                      env: dict[str, str]) -> None:  # fmt: skip
+        try:
+            job = hostworker.Job(hw, list(argv), env, on_line=_printer(hw.name))
+        except hostworker.HostWorkerError as exc:
+            raise GcvmError(exc.message, hint=exc.hint) from None
+        self.add(hw.name, role, job)
+
+    def add(self, name: str, role: Role, proc: Any) -> None:
+        self.procs[name] = proc
+        self.roles[name] = role
 
     def watch(self, deadline: float) -> dict[str, int]:
         """Until every master exits 0 (then the workers' own exit), or any rank fails."""
@@ -222,10 +284,13 @@ def _printer(vm: str) -> Callable[[str], None]:
     return emit
 
 
-def _connect_all(st: state.ClusterState) -> dict[str, Remote]:
+def _connect_all(st: state.ClusterState, names: Sequence[str] | None = None) -> dict[str, Remote]:
+    """SSH to every VM of the cluster (or those named); the host worker needs none."""
     remotes: dict[str, Remote] = {}
     try:
         for vm in st.vms:
+            if names is not None and vm.name not in names:
+                continue
             remotes[vm.name] = Remote.connect(st, vm, timeout=30)
     except BaseException:
         for r in remotes.values():
@@ -250,6 +315,37 @@ def results_root(name: str) -> Path:
     return paths.state_root() / "results" / name
 
 
+def _host_env(hw: HostWorkerState, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The host worker's environment: the bridge as the seed's interface variables say."""
+    return hostworker.worker_env(
+        hw, {"GLOO_SOCKET_IFNAME": hw.ifname, "TP_SOCKET_IFNAME": hw.ifname, **(extra or {})}
+    )
+
+
+def _open_sampler(st: state.ClusterState) -> tuple[top.Sampler, Any]:
+    """A sampler of every VM (libvirt) and the host worker (/proc) over the run."""
+    from orchestrator.cluster import Backend
+    from orchestrator.errors import HypervisorError
+
+    hv = None
+    try:
+        hv = Backend().open_hypervisor(st.uri)
+    except HypervisorError as exc:
+        console.print(f"[yellow]warning:[/] no VM statistics: {exc.message}")
+    return top.Sampler(lambda: top.read(st, hv)), hv
+
+
+def _start_rank(running: _Ranks, st: state.ClusterState, remotes: Mapping[str, Remote],
+                node: Node, role: Role, argv: list[str], env: dict[str, str],
+                host_env: dict[str, str]) -> None:  # fmt: skip
+    if node.host:
+        hw = st.worker_host
+        assert hw is not None
+        running.start_on_host(hw, role, argv, host_env)
+    else:
+        running.start(remotes[node.name], node.name, role, argv, env)
+
+
 def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -> Path:
     """Run the benchmark across the cluster; returns the folder holding JSON, table and chart."""
     with state.locked(name):
@@ -258,38 +354,39 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
         results_dir = (out_dir or results_root(name)) / run_id
         results_dir.mkdir(parents=True, exist_ok=True)
         guest_dir = f"/var/tmp/gcvm-results/{run_id}"
-        python = st.image.get("python", "/opt/gcvm/venv/bin/python")
-        by_name = {vm.name: vm for vm in st.vms}
-        ifnames = {vm.name: vm.ifname for vm in st.vms}
-        plain = plan_ranks(_vm_specs(st), settings.port, ifnames)
-        ranks: list[tuple[str, RankSpec]] = []
-        vm_names = [vm.name for vm in sorted(st.vms, key=lambda v: v.rank)]
-        for vm_name, rank in zip(vm_names, plain, strict=True):
-            json_path = f"{guest_dir}/{vm_name}.json" if rank.role is Role.master else None
-            extra = settings.launch_args(json_path, by_name[vm_name].vcpus)
-            ranks.append((vm_name, RankSpec(**{**asdict(rank), "role": rank.role, "extra": extra})))
-
-        with step(f"connect to {len(st.vms)} VMs over SSH"):
-            remotes = _connect_all(st)
+        guest_python = st.image.get("python", "/opt/gcvm/venv/bin/python")
+        hw = st.worker_host
+        ranks: list[tuple[Node, RankSpec]] = []
+        for node, rank in plan_world(st, settings.port, settings.masters):
+            json_path = f"{guest_dir}/{node.name}.json" if rank.role is Role.master else None
+            ranks.append((node, replace(rank, extra=settings.launch_args(json_path, node.cpus))))
+        vm_names = [node.name for node, _ in ranks if not node.host]
+        with step(f"connect to {len(vm_names)} VMs over SSH"):
+            remotes = _connect_all(st, vm_names)
         running = _Ranks()
         env = _guest_env(st)
+        sampler, hv = _open_sampler(st)
+        masters = [node.name for node, rank in ranks if rank.role is Role.master]
         try:
             with step(
                 f"run {settings.model} ({', '.join(settings.modes)}) batch {settings.batch} "
-                f"seq {settings.seq} x{settings.repeat}"
+                f"seq {settings.seq} x{settings.repeat} on {len(masters)} master(s)"
             ):
-                for vm_name, rank in sorted(ranks, key=lambda r: r[1].role is Role.master):
-                    remote = remotes[vm_name]
+                sampler.start()
+                for node, rank in sorted(ranks, key=lambda r: r[1].role is Role.master):
+                    python = hw.python if node.host and hw is not None else guest_python
+                    argv = rank.argv(python)
                     if rank.role is Role.master:
-                        remote.run(["mkdir", "-p", guest_dir], timeout=30)
-                    console.print(f"[dim]{vm_name}: {shlex.join(rank.argv(python))}[/]")
-                    running.start(remote, vm_name, rank.role, rank.argv(python), env)
+                        remotes[node.name].run(["mkdir", "-p", guest_dir], timeout=30)
+                    where = " (host)" if node.host else ""
+                    console.print(f"[dim]{node.name}{where}: {shlex.join(argv)}[/]")
+                    host_env = _host_env(hw) if hw is not None else {}
+                    _start_rank(running, st, remotes, node, rank.role, argv, env, host_env)
                 running.watch(time.monotonic() + settings.timeout)
+            usage = sampler.stop()
             with step("collect results"):
                 runs: dict[str, dict[str, Any]] = {}
-                for vm_name, rank in ranks:
-                    if rank.role is not Role.master:
-                        continue
+                for vm_name in masters:
                     local = results_dir / f"{vm_name}.json"
                     remotes[vm_name].get(f"{guest_dir}/{vm_name}.json", local)
                     runs[vm_name] = json.loads(local.read_text())
@@ -297,23 +394,35 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
             running.kill_all()
             raise
         finally:
+            sampler.stop()
+            if hv is not None:
+                hv.close()
             for r in remotes.values():
                 r.close()
 
     document = {
         "settings": asdict(settings),
         "cluster": cluster_facts(st),
+        "masters": masters,
         "runs": runs,
         "aggregate": report.aggregate(runs),
+        "resources": usage,
+        "resources_note": "CPU in cores (1.0 = one core busy) averaged over the run, and its "
+        "peak over 1 s intervals; memory: resident MiB of each VM's QEMU process and of the host "
+        "worker's processes, peak over the run",
     }
     (results_dir / "bench.json").write_text(json.dumps(document, indent=2) + "\n")
+    workers = "host worker" if hw is not None else "worker VMs"
     title = (
         f"{settings.model}, batch {settings.batch} x seq {settings.seq}, TEE "
-        f"{st.spec.get('tee', 'none')}, accel {st.host.get('accel', '?')}, {len(st.vms)} VMs"
+        f"{st.spec.get('tee', 'none')}, accel {st.host.get('accel', '?')}, {len(masters)} "
+        f"master(s), {workers}" + (f" on {hw.device} ({hw.device_name})" if hw is not None else "")
     )
     out.print(report.table(runs, title))
     if len(runs) > 1:
         out.print(report.aggregate_table(runs))
+    host_cpus = os.cpu_count() or 1
+    out.print(top.usage_table(usage, host_cpus, "Resources over the run (per VM, host worker)"))
     png = report.chart(runs, results_dir / "bench.png", title)
     out.print(f"results: {results_dir / 'bench.json'}")
     out.print(f"chart:   {png}")
@@ -328,29 +437,25 @@ def run_exec(
     timeout: float,
     extra_env: Mapping[str, str] | None = None,
 ) -> None:
-    """Run a command per role on its VMs with each rank's seed environment (RANK, WORLD_SIZE,
-    WORKER, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME, TP_SOCKET_IFNAME, GCVM_ROLE): workers
-    first, then masters, as the seed's instructions start them."""
+    """Run a command per role on its VMs (and the host worker) with each rank's seed environment
+    (RANK, WORLD_SIZE, WORKER, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME, TP_SOCKET_IFNAME,
+    GCVM_ROLE): workers first, then masters, as the seed's instructions start them."""
     if not any(commands.values()):
         raise UsageError("no command given", hint="gcvm run exec -- CMD ARGS...")
     check_timeout("--timeout", timeout)
     with state.locked(name):
         st = state.load(name)
-        ifnames = {vm.name: vm.ifname for vm in st.vms}
-        plain = plan_ranks(_vm_specs(st), port, ifnames)
-        vm_names = [vm.name for vm in sorted(st.vms, key=lambda v: v.rank)]
-        remotes = _connect_all(st)
+        hw = st.worker_host
+        pairs = [(n, r) for n, r in plan_world(st, port) if commands.get(r.role)]
+        remotes = _connect_all(st, [n.name for n, _ in pairs if not n.host])
         running = _Ranks()
         try:
-            pairs = [(n, r) for n, r in zip(vm_names, plain, strict=True) if commands.get(r.role)]
-            for vm_name, rank in sorted(pairs, key=lambda p: p[1].role is Role.master):
-                env = {
-                    **_guest_env(st),
-                    **(extra_env or {}),
-                    **rank.env(),
-                    "GCVM_ROLE": rank.role.value,
-                }
-                running.start(remotes[vm_name], vm_name, rank.role, commands[rank.role], env)
+            for node, rank in sorted(pairs, key=lambda p: p[1].role is Role.master):
+                seed_env = {**(extra_env or {}), **rank.env(), "GCVM_ROLE": rank.role.value}
+                env = {**_guest_env(st), **seed_env}
+                host_env = _host_env(hw, seed_env) if hw is not None else {}
+                argv = list(commands[rank.role])
+                _start_rank(running, st, remotes, node, rank.role, argv, env, host_env)
             running.watch(time.monotonic() + timeout)
         except BaseException:
             running.kill_all()
@@ -360,7 +465,103 @@ def run_exec(
                 r.close()
 
 
+SEED_ENV = {"FORCE_TCP": "1"}  # `gcvm run seed`: TCP only between machines, as bench's --force-tcp
 SEED_COMMANDS = {
     Role.worker: ["tee_test_transformer_worker.py"],
     Role.master: ["tee_test_transformer_master.py"],
 }
+
+
+MICRO_READY = "GROUPCOVER_MICRO_SERVING"
+MICRO_PORT_OFFSET = 100  # the micro worker listens on --port + this
+
+
+def _wait_ready(proc: Any, what: str, timeout: float) -> None:
+    """Until the micro worker says it serves (torch's import takes ~30 s under TCG)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(line.startswith(MICRO_READY) for line in proc.tail(200)):
+            return
+        rc = proc.poll()
+        if rc is not None:
+            tail = "\n".join(f"    {line}" for line in proc.tail(10))
+            raise RankFailed(f"the micro worker on {what} exited with status {rc}:\n{tail}")
+        time.sleep(0.3)
+    raise Timeout(f"the micro worker on {what} did not start within {timeout:.0f} s")
+
+
+def run_transport_micro(name: str, settings: BenchSettings, out_dir: Path | None = None) -> Path:
+    """`gcvm run bench --transport-micro`: the wire per call from master 0's VM to the host worker
+    and to a VM (a worker VM, else another master VM), for MiniLM and BERT-base payloads."""
+    with state.locked(name):
+        st = state.load(name)
+        run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        results_dir = (out_dir or results_root(name)) / f"{run_id}-transport-micro"
+        results_dir.mkdir(parents=True, exist_ok=True)
+        guest_python = st.image.get("python", "/opt/gcvm/venv/bin/python")
+        by_rank = sorted(st.vms, key=lambda v: v.rank)
+        client = next((vm for vm in by_rank if vm.role == Role.master), None)
+        if client is None:
+            raise UsageError(f"cluster {name} has no master VM to measure from")
+        hw = st.worker_host
+        vm_target = next((vm for vm in by_rank if vm.role == Role.worker), None) or next(
+            (vm for vm in by_rank if vm is not client), None
+        )
+        targets: list[tuple[str, str]] = []  # (node, address)
+        if hw is not None:
+            targets.append((hw.name, hw.address))
+        if vm_target is not None:
+            targets.append((vm_target.name, vm_target.address))
+        if not targets:
+            raise UsageError(f"cluster {name} has nothing to measure to",
+                             hint="a host worker, a worker VM or a second VM")  # fmt: skip
+        port = settings.port + MICRO_PORT_OFFSET
+        names = [client.name] + [n for n, _ in targets if vm_target and n == vm_target.name]
+        remotes = _connect_all(st, names)
+        documents: dict[str, Any] = {}
+        env = _guest_env(st)
+        try:
+            for target, address in targets:
+                serve = ["-m", "groupcover.transport_micro", "--serve", f"{address}:{port}",
+                         "--seconds", str(int(settings.timeout))]  # fmt: skip
+                running = _Ranks()
+                try:
+                    if hw is not None and target == hw.name:
+                        running.start_on_host(hw, Role.worker, [hw.python, *serve], _host_env(hw))
+                    else:
+                        running.start(remotes[target], target, Role.worker,
+                                      [guest_python, *serve], env)  # fmt: skip
+                    with step(f"start a micro worker on {target} ({address}:{port})"):
+                        _wait_ready(running.procs[target], target, settings.rpc_timeout)
+                    label = f"{client.name} -> {target}" + (" (host)" if target == hw_name(st)
+                                                            else " (VM)")  # fmt: skip
+                    guest_json = f"/var/tmp/gcvm-results/{run_id}-micro-{target}.json"
+                    argv = [guest_python, "-m", "groupcover", "bench", "--transport-micro",
+                            "--target", f"{address}:{port}", "--label", label,
+                            "--batch", str(settings.batch), "--seq", str(settings.seq),
+                            "--repeat", str(settings.repeat), "--threads", "1",
+                            "--timeout", str(int(settings.rpc_timeout)),
+                            "--json", guest_json]  # fmt: skip
+                    with step(f"measure {label}"):
+                        remotes[client.name].run(["mkdir", "-p", "/var/tmp/gcvm-results"],
+                                                 timeout=30)  # fmt: skip
+                        remotes[client.name].run(argv, timeout=settings.timeout, env=env,
+                                                 on_line=_printer(client.name))  # fmt: skip
+                        local = results_dir / f"{target}.json"
+                        remotes[client.name].get(guest_json, local)
+                        documents[label] = json.loads(local.read_text())
+                finally:
+                    running.kill_all()
+        finally:
+            for r in remotes.values():
+                r.close()
+    document = {"settings": asdict(settings), "cluster": cluster_facts(st), "runs": documents}
+    path = results_dir / "transport-micro.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    out.print(f"results: {path}")
+    return results_dir
+
+
+def hw_name(st: state.ClusterState) -> str | None:
+    hw = st.worker_host
+    return hw.name if hw is not None else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import typer
 
@@ -83,6 +83,17 @@ def run_bench_cmd(
         False, help="Check every worker result with a secret random vector per layer."
     ),
     port: int = typer.Option(29500, help="Rendezvous port on master 0."),
+    masters: int | None = typer.Option(
+        None,
+        "--masters",
+        help="Run on the first M master VMs (default: all); they share the worker(s).",
+    ),
+    transport_micro: bool = typer.Option(
+        False,
+        "--transport-micro",
+        help="Measure the wire per call instead (MiniLM and BERT-base payloads): master 0's VM "
+        "to the host worker and to a VM.",
+    ),
     timeout: float = typer.Option(3600.0, help="Seconds before the whole run is stopped."),
     rpc_timeout: float = typer.Option(
         600.0, help="Seconds each rank waits for the world to assemble and for each worker call."
@@ -103,9 +114,13 @@ def run_bench_cmd(
         audit=audit,
         verify=verify,
         port=port,
+        masters=masters,
         timeout=timeout,
         rpc_timeout=rpc_timeout,
     )
+    if transport_micro:
+        bench.run_transport_micro(name, settings, out)
+        return
     bench.run_bench(name, settings, out)
 
 
@@ -156,7 +171,10 @@ def run_seed_cmd(
                 f"--set {item!r} is not KEY=VALUE", hint="e.g. --set MODES=plain-offload"
             )
         extra[key] = value
-    bench.run_exec(name, bench.SEED_COMMANDS, port=port, timeout=timeout, extra_env=extra)
+    # between machines every transport runs over TCP (TensorPipe's shared memory is useless
+    # across them): the seed's scripts read FORCE_TCP
+    bench.run_exec(name, bench.SEED_COMMANDS, port=port, timeout=timeout,
+                   extra_env={**bench.SEED_ENV, **extra})  # fmt: skip
 
 
 # --- gcvm up / down / status / ssh / logs: the cluster's life ------------------------------
@@ -180,8 +198,20 @@ def up_cmd(
         "none",
         help="TEE of the masters (and of the workers unless --worker-tee): none, tdx or sev-snp.",
     ),
-    workers: int = typer.Option(1, help="Number of worker VMs."),
+    workers: int | None = typer.Option(
+        None, help="Number of worker VMs (default 1; not with --worker host)."
+    ),
     masters: int = typer.Option(1, help="Number of master VMs."),
+    worker: str = typer.Option(
+        "vm",
+        "--worker",
+        help="vm: the workers are VMs; host: one worker process on this host (its GPU when "
+        "present, else its CPU threads), bound to the cluster bridge, serving every master.",
+    ),
+    worker_threads: int | None = typer.Option(
+        None,
+        help="--worker host: its CPU threads (default: the host's CPUs less the masters' vCPUs).",
+    ),
     worker_tee: str | None = typer.Option(None, help="TEE of the workers (default: --tee)."),
     name: str = typer.Option("gcvm", "--name", help="Cluster name."),
     accel: str = typer.Option("auto", help="auto, kvm or tcg (auto: KVM when it works)."),
@@ -208,15 +238,31 @@ def up_cmd(
 ) -> None:
     """Create a cluster: masters and workers on one private network, ready for `gcvm run`."""
     from orchestrator import cluster
+    from orchestrator.errors import UsageError
     from orchestrator.spec import Accel, ClusterSpec, Tee
 
+    if worker not in ("vm", "host"):
+        raise UsageError(f"unknown --worker {worker!r}", hint="choose vm or host")
+    on_host = worker == "host"
+    if on_host and workers is not None:
+        raise UsageError(
+            f"--worker host with --workers {workers}: the host runs the one worker",
+            hint="leave out --workers (or use --worker vm --workers N for worker VMs)",
+        )
+    if not on_host and worker_threads is not None:
+        raise UsageError(
+            "--worker-threads is for --worker host",
+            hint="worker VMs take --vcpus; add --worker host for a worker on this host",
+        )
     spec = ClusterSpec(
         name=name,
         tee=_choice(Tee, "--tee", tee),
         worker_tee=_choice(Tee, "--worker-tee", worker_tee) if worker_tee else None,
         accel=_choice(Accel, "--accel", accel),
         masters=masters,
-        workers=workers,
+        workers=0 if on_host else (1 if workers is None else workers),
+        worker_host=on_host,
+        worker_threads=worker_threads,
         vcpus=vcpus,
         memory_mib=memory,
         image=image,
@@ -244,20 +290,28 @@ def down_cmd(
 
 
 def _print_vms(name: str) -> None:
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     from orchestrator import cluster
     from orchestrator.ui import out
 
     report = cluster.status(name)
+    # In a pipe rich assumes 80 columns and would cut names; scripts read this output.
+    target = out if out.is_terminal else Console(width=120, highlight=False)
+    for renderable in status_renderables(report):
+        target.print(renderable, soft_wrap=True)
+
+
+def status_renderables(report: Any) -> list[Any]:
+    """`gcvm status`'s lines and table (a pure function of the status, for tests)."""
+    from rich import box
+    from rich.table import Table
+
     st = report.state
-    out.print(
+    lines: list[Any] = [
         f"cluster {st.name}: {st.phase}, accel {st.host.get('accel', '?')}, libvirt "
-        f"{st.uri} (daemon {report.daemon})",
-        soft_wrap=True,
-    )
+        f"{st.uri} (daemon {report.daemon})"
+    ]
     table = Table(box=box.SIMPLE, pad_edge=False)
     for column in ("VM", "role", "rank", "address", "state", "TEE", "verified"):
         table.add_column(column, no_wrap=True)
@@ -272,8 +326,32 @@ def _print_vms(name: str) -> None:
             str(vm.tee),
             vm.tee_verified or "-",
         )
-    # In a pipe rich assumes 80 columns and would cut names; scripts read this output.
-    (out if out.is_terminal else Console(width=120, highlight=False)).print(table)
+    hws = report.host_worker
+    if hws is not None:
+        hw = hws.worker
+        table.add_row(hw.name, "worker (host)", str(hw.rank), hw.address, hws.state, "none",
+                      "host process")  # fmt: skip
+    lines.append(table)
+    if hws is not None:
+        hw = hws.worker
+        device = f"{hw.device or '?'} ({hw.device_name or '?'})"
+        if hw.device == "cpu":
+            device += f", {hw.threads} threads"
+        lines.append(
+            f"host worker {hw.name}: {hws.state}, pid {hw.pid}, device {device}, "
+            f"listens on {hw.address} ({hw.ifname}), up {format_uptime(hws.uptime_s)}, "
+            f"log {hw.log}"
+        )
+    return lines
+
+
+def format_uptime(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 @app.command("status")
@@ -315,20 +393,27 @@ def ssh_cmd(
 
 @app.command("logs")
 def logs_cmd(
-    node: str = typer.Argument(..., help="VM name, short name (master0) or rank."),
+    node: str = typer.Argument(..., help="VM name, short name (master0), rank or worker-host."),
     name: str = typer.Option("gcvm", "--name", help="Cluster name."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
 ) -> None:
-    """Print a VM's serial console log."""
+    """Print a VM's serial console log, or the host worker's output (`worker-host`)."""
     import time
 
     from orchestrator import state
     from orchestrator.errors import GcvmError
 
-    vm = state.load(name).vm(node)
-    path = Path(vm.serial_log)
-    if not path.exists():
-        raise GcvmError(f"{vm.name} has no serial log yet ({path})")
+    st = state.load(name)
+    hw = st.worker_host
+    if hw is not None and st.is_host_worker(node):
+        path = Path(hw.log)
+        if not path.exists():
+            raise GcvmError(f"the host worker has no log yet ({path})")
+    else:
+        vm = st.vm(node)
+        path = Path(vm.serial_log)
+        if not path.exists():
+            raise GcvmError(f"{vm.name} has no serial log yet ({path})")
     with open(path, errors="replace") as f:
         while True:
             chunk = f.read()
@@ -338,6 +423,21 @@ def logs_cmd(
             if not follow:
                 return
             time.sleep(0.5)
+
+
+@app.command("top")
+def top_cmd(
+    name: str = typer.Option("gcvm", "--name", help="Cluster name."),
+    once: bool = typer.Option(False, "--once", help="One sample, then exit."),
+    interval: float = typer.Option(1.0, help="Seconds between samples."),
+) -> None:
+    """Each VM's and the host worker's CPU and memory, live (libvirt's statistics, /proc)."""
+    from orchestrator import top
+    from orchestrator.errors import UsageError
+
+    if not 0.1 <= interval <= 3600:
+        raise UsageError(f"--interval {interval:g} is out of range", hint="give 0.1..3600 s")
+    top.top(name, once=once, interval=interval)
 
 
 # --- gcvm doctor / gcvm render: host facts, and the XML without touching a VM ---------------

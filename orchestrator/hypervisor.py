@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -24,6 +25,14 @@ class DomainInfo:
     cluster: str | None  # from gcvm's metadata; None for a domain gcvm did not create
     state: str  # running, shut off, ...
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DomainStats:
+    cpu_ns: int  # cumulative CPU time of the whole domain (vCPUs and QEMU's own threads)
+    rss_kib: int  # resident memory of its QEMU process (0: libvirt did not say)
+    memory_kib: int  # memory given to the guest
+    vcpus: int
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,10 @@ class Hypervisor(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def domain_stats(self) -> dict[str, DomainStats]:
+        """Running domains' cumulative CPU time and memory (libvirt's domain statistics)."""
+        return {}
 
     def cluster_domains(self, cluster: str) -> list[DomainInfo]:
         return [d for d in self.domains() if d.cluster == cluster]
@@ -280,6 +293,33 @@ class LibvirtHypervisor(Hypervisor):
             "driver": str(self._conn.getType()),
         }
 
+    def domain_stats(self) -> dict[str, DomainStats]:
+        lv = self._libvirt
+        groups = (
+            lv.VIR_DOMAIN_STATS_CPU_TOTAL | lv.VIR_DOMAIN_STATS_BALLOON | lv.VIR_DOMAIN_STATS_VCPU
+        )
+        records = self._call(
+            "read domain statistics",
+            lambda: self._conn.getAllDomainStats(
+                groups, lv.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+            ),
+        )
+        out = {}
+        for dom, rec in records:
+            vcpus = int(rec.get("vcpu.current", 0))
+            # without cgroups (a private daemon in a namespace) there may be no cpu.time:
+            # then the vCPU threads' own times (QEMU's other threads not counted)
+            cpu = rec.get("cpu.time")
+            if cpu is None:
+                cpu = sum(int(rec.get(f"vcpu.{i}.time", 0)) for i in range(vcpus))
+            out[dom.name()] = DomainStats(
+                cpu_ns=int(cpu),
+                rss_kib=int(rec.get("balloon.rss", 0)),
+                memory_kib=int(rec.get("balloon.maximum") or rec.get("balloon.current") or 0),
+                vcpus=vcpus,
+            )
+        return out
+
     def close(self) -> None:
         with contextlib.suppress(self._libvirt.libvirtError):
             self._conn.close()
@@ -297,6 +337,7 @@ class FakeHypervisor(Hypervisor):
         self.fail_start: set[str] = set()
         self.closed = False
         self._lock = threading.Lock()
+        self._born = time.monotonic()
 
     def network_exists(self, name: str) -> bool:
         return name in self.networks
@@ -374,6 +415,13 @@ class FakeHypervisor(Hypervisor):
 
     def versions(self) -> dict[str, str]:
         return {"libvirt": "0.0.0", "hypervisor": "0.0.0", "driver": "fake"}
+
+    def domain_stats(self) -> dict[str, DomainStats]:
+        """Every running domain busy on one core since the fake started, 1 GiB resident."""
+        with self._lock:
+            running = sorted(self.running)
+        spent = int((time.monotonic() - self._born) * 1e9)
+        return {name: DomainStats(spent, 1 << 20, 2 << 20, 1) for name in running}
 
     def close(self) -> None:
         self.closed = True

@@ -70,6 +70,8 @@ class ClusterSpec:
     subnet: str | None = None  # None: a free /24 chosen for the cluster (orchestrator.subnets)
     network: str | None = None  # an existing libvirt network (with --connect); None: gcvm's own
     connect: str | None = None  # libvirt URI; None: a private daemon in a network namespace
+    worker_host: bool = False  # the one worker is a process on the host, not a VM (`--worker host`)
+    worker_threads: int | None = None  # the host worker's CPU threads (None: see host_threads)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,7 +80,9 @@ class ClusterSpec:
         check_name(self.name)
         if self.masters < 1:
             raise UsageError(f"--masters must be at least 1, not {self.masters}")
-        if self.workers < 1:
+        if self.worker_host:
+            self._validate_worker_host()
+        elif self.workers < 1:
             raise UsageError(
                 f"--workers must be at least 1, not {self.workers}",
                 hint="GroupCover offloads to at least one worker; use --workers 1",
@@ -123,6 +127,34 @@ class ClusterSpec:
         ):
             raise UsageError(f"--subnet {self.subnet} has too few IPv4 addresses for the cluster")
 
+    def _validate_worker_host(self) -> None:
+        if self.workers != 0:
+            raise UsageError(
+                f"--worker host with --workers {self.workers}: the host runs the one worker",
+                hint="leave out --workers (or use --worker vm --workers N for worker VMs)",
+            )
+        if self.worker_tee is not None:
+            raise UsageError(
+                f"--worker host with --worker-tee {self.worker_tee}: the host worker is a "
+                "process, not a VM, and has no TEE",
+                hint="leave out --worker-tee (the worker is untrusted by design)",
+            )
+        if self.network is not None:
+            raise UsageError(
+                f"--worker host with --network {self.network}: the host worker binds the "
+                "bridge of the cluster's own network",
+                hint="leave out --network",
+            )
+        if self.worker_threads is not None and not 1 <= self.worker_threads <= 1024:
+            raise UsageError(f"--worker-threads {self.worker_threads} is out of range (1..1024)")
+
+    def host_threads(self, cpus: int) -> int:
+        """The host worker's intra-op threads: as given, else the host's CPUs less one per
+        master vCPU (the masters' QEMU threads run on the same cores), at least one."""
+        if self.worker_threads is not None:
+            return self.worker_threads
+        return max(1, cpus - self.masters * self.vcpus)
+
     @property
     def tee_of_workers(self) -> Tee:
         return self.worker_tee if self.worker_tee is not None else self.tee
@@ -130,6 +162,8 @@ class ClusterSpec:
     @property
     def tees(self) -> tuple[Tee, ...]:
         """The TEEs the cluster's VMs use, masters' first, without repeats."""
+        if self.worker_host:
+            return (self.tee,)
         return tuple(dict.fromkeys((self.tee, self.tee_of_workers)))
 
     @property

@@ -15,11 +15,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import paths
 from orchestrator.errors import ClusterNotFound, GcvmError
 from orchestrator.spec import Tee, check_name
+
+if TYPE_CHECKING:
+    from orchestrator.hostworker import HostWorkerState
 
 STATE_FILE = "state.json"
 FORMAT = 1
@@ -73,6 +76,7 @@ class ClusterState:
     image: dict[str, Any] = field(default_factory=dict)  # recipe hash, guest python, paths
     host: dict[str, Any] = field(default_factory=dict)  # QEMU/libvirt versions, accel
     vms: list[VmState] = field(default_factory=list)
+    host_worker: dict[str, Any] | None = None  # `--worker host`: orchestrator.hostworker's record
     phase: str = "creating"  # creating, ready
     created: float = field(default_factory=time.time)
     format: int = FORMAT
@@ -87,7 +91,23 @@ class ClusterState:
             if name in (vm.name, vm.name.removeprefix(f"{self.name}-"), str(vm.rank)):
                 return vm
         known = ", ".join(v.name for v in self.vms) or "none"
+        if self.is_host_worker(name):
+            raise GcvmError(
+                f"{name} is the host worker, a process on this host, not a VM",
+                hint="`gcvm logs worker-host` shows its output; `gcvm status` its pid",
+            )
         raise GcvmError(f"cluster {self.name} has no VM {name!r}", hint=f"VMs: {known}")
+
+    @property
+    def worker_host(self) -> HostWorkerState | None:
+        """The host worker (`gcvm up --worker host`), or None when the workers are VMs."""
+        from orchestrator.hostworker import HostWorkerState
+
+        return None if self.host_worker is None else HostWorkerState.from_dict(self.host_worker)
+
+    def is_host_worker(self, name: str) -> bool:
+        hw = self.worker_host
+        return hw is not None and name in (hw.name, hw.short, str(hw.rank))
 
     def with_vms(self, vms: list[VmState]) -> ClusterState:
         return replace(self, vms=list(vms))

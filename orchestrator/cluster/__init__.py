@@ -16,7 +16,7 @@ from orchestrator.cluster.backend import Backend, Guest, HostFacts, bridge_name,
 from orchestrator.cluster.backend import _host as _host
 from orchestrator.cluster.boot import DEFAULT_TIMEOUT, up
 from orchestrator.cluster.guestfacts import GUEST_FACTS, parse_guest_facts, serial_tail
-from orchestrator.cluster.query import ClusterStatus, VmStatus, guest, status
+from orchestrator.cluster.query import ClusterStatus, HostWorkerStatus, VmStatus, guest, status
 from orchestrator.cluster.teardown import down
 from orchestrator.errors import GcvmError, HypervisorError
 
@@ -28,6 +28,7 @@ __all__ = [
     "GcvmError",
     "Guest",
     "HostFacts",
+    "HostWorkerStatus",
     "HypervisorError",
     "VmStatus",
     "bridge_name",

@@ -15,6 +15,7 @@ from orchestrator.errors import (
     GcvmError,
     HypervisorError,
 )
+from orchestrator.hostworker import HostWorkerState
 from orchestrator.hypervisor import Hypervisor, LibvirtHypervisor
 from orchestrator.privilege import GuestUser, guest_user, require_reachable
 from orchestrator.spec import Accel, ClusterSpec, VmSpec
@@ -181,6 +182,25 @@ class Backend:
 
     def build_wheel(self, out_dir: Path) -> Path:
         return deploy.build_wheel(out_dir)
+
+    # the host worker (`--worker host`): a process of this host, not a VM
+    def start_host_worker(self, hw: HostWorkerState) -> HostWorkerState:
+        from orchestrator import hostworker
+
+        try:
+            return hostworker.start(hw)
+        except hostworker.HostWorkerError as exc:
+            raise GcvmError(exc.message, hint=exc.hint) from None
+
+    def host_worker_alive(self, hw: HostWorkerState) -> bool:
+        from orchestrator import hostworker
+
+        return hostworker.alive(hw)
+
+    def stop_host_worker(self, hw: HostWorkerState | None, control_dir: Path) -> bool:
+        from orchestrator import hostworker
+
+        return hostworker.stop(hw, control_dir)
 
 
 def _is_local(uri: str) -> bool:

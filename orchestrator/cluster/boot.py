@@ -208,4 +208,41 @@ def _up(run: _Up) -> ClusterState:
         f"QEMU {host.facts.get('qemu', '?')}"
     )
     _create(run, vms, image, host, host_keys)
+    if spec.worker_host:
+        _start_host_worker(run)  # probes its device while the VMs boot
     return _ready(run, vms, image)
+
+
+def _start_host_worker(run: _Up) -> None:
+    """The worker as a process on the host, bound to the bridge's host-side address, inside the
+    cluster's namespace; recorded before it starts, so a failure from here on stops it."""
+    import os
+
+    from orchestrator import deploy, hostworker
+    from orchestrator.cluster.backend import bridge_name
+
+    assert run.st is not None
+    spec, cdir = run.spec, run.dir
+    root = deploy.project_root()
+    hw = hostworker.HostWorkerState(
+        name=f"{spec.name}-{hostworker.NAME}",
+        rank=spec.masters,
+        address=spec.gateway,
+        ifname=bridge_name(spec),
+        python=hostworker.venv_python(root),
+        root=str(root),
+        threads=spec.host_threads(os.cpu_count() or 1),
+        dir=str(cdir / hostworker.NAME),
+        log=str(cdir / "logs" / f"{hostworker.NAME}.log"),
+        netns=run.st.netns,
+    )
+    run.st = replace(run.st, host_worker=hw.to_dict())
+    state.save(run.st)
+    with ui.step(f"start the host worker on {hw.ifname} {hw.address} ({hw.python})"):
+        hw = run.backend.start_host_worker(hw)
+        run.st = replace(run.st, host_worker=hw.to_dict())
+        state.save(run.st)
+        ui.info(
+            f"host worker: pid {hw.pid}, {hw.device} ({hw.device_name}), torch {hw.torch}"
+            + (f", {hw.threads} CPU threads" if hw.device == "cpu" else "")
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ from orchestrator.cluster.backend import Backend
 from orchestrator.errors import (
     HypervisorError,
 )
+from orchestrator.hostworker import HostWorkerState
 from orchestrator.state import ClusterState, VmState
 
 
@@ -22,10 +24,18 @@ class VmStatus:
 
 
 @dataclass(frozen=True)
+class HostWorkerStatus:
+    worker: HostWorkerState
+    state: str  # running or dead
+    uptime_s: float  # since `up` started it (0 when dead)
+
+
+@dataclass(frozen=True)
 class ClusterStatus:
     state: ClusterState
     daemon: str  # running, dead, external
     vms: list[VmStatus]
+    host_worker: HostWorkerStatus | None = None
 
 
 def status(name: str, *, backend: Backend | None = None) -> ClusterStatus:
@@ -45,7 +55,16 @@ def status(name: str, *, backend: Backend | None = None) -> ClusterStatus:
         VmStatus(vm, states.get(vm.name, "missing" if daemon != "dead" else "unknown"))
         for vm in st.vms
     ]
-    return ClusterStatus(st, daemon, rows)
+    return ClusterStatus(st, daemon, rows, host_worker_status(st, backend))
+
+
+def host_worker_status(st: ClusterState, backend: Backend) -> HostWorkerStatus | None:
+    hw = st.worker_host
+    if hw is None:
+        return None
+    running = backend.host_worker_alive(hw)
+    uptime = max(0.0, time.time() - hw.started) if running and hw.started else 0.0
+    return HostWorkerStatus(hw, "running" if running else "dead", uptime)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import shutil
 import signal
 import time
 
-from orchestrator import privatelibvirt, state, ui
+from orchestrator import hostworker, privatelibvirt, state, ui
 from orchestrator.cluster.backend import Backend
 from orchestrator.cluster.parallel import _parallel
 from orchestrator.errors import (
@@ -64,6 +64,9 @@ def _teardown(
         if st is not None
         else (connect or privatelibvirt.uri_for(privatelibvirt.run_dir_for(name)))
     )
+    control = state.cluster_dir(name) / hostworker.NAME
+    if backend.stop_host_worker(st.worker_host if st is not None else None, control):
+        removed.append("host worker")
     if not private or backend.daemon_leftover(name):
         removed += _remove_from_libvirt(name, st, uri, backend, shared=not private)
     if private:

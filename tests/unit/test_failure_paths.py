@@ -77,7 +77,7 @@ def test_run_bench_stops_started_ranks_on_any_error(
 ) -> None:
     st = cluster.up(ClusterSpec(name="rb"), backend=backend)
     remotes = {vm.name: FakeRemote(vm.name, fail_mkdir=vm.role == Role.master) for vm in st.vms}
-    monkeypatch.setattr(bench, "_connect_all", lambda _st: remotes)
+    monkeypatch.setattr(bench, "_connect_all", lambda _st, _names=None: remotes)
     with pytest.raises(RemoteError, match="mkdir failed"):
         bench.run_bench("rb", bench.BenchSettings(batch=1, seq=8, repeat=1), tmp_path / "out")
     worker = remotes["rb-worker0"]
