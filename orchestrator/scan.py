@@ -562,18 +562,25 @@ def scan(model: Path, paths: list[Path], tensors: str | None = None,
 # ---- what gcvm writes on the host --------------------------------------------------------------
 
 
+# state keys that name paths gcvm does not write: the checkout and its venv (the host worker's)
+NOT_WRITTEN = frozenset({"python", "root"})
+
+
 def host_files(cluster: str) -> list[Path]:
     """Every folder and file gcvm writes on the host for a cluster: its state folder (state,
     overlays, seed disks, serial logs, keys, the host worker's folder), its results folder,
-    the image it runs (disk, kernel, initrd), and every path its state names."""
+    the image it runs (disk, kernel, initrd), and every path its state names (but the checkout
+    and its venv, which the host worker runs from). Not here: the model package the user gave
+    `gcvm run` (name it to the scan) and the owner's folder (source checkpoint, key, broker)."""
     from orchestrator import paths, state
 
     found: dict[Path, None] = {}
 
     def add(value: object) -> None:
         if isinstance(value, dict):
-            for item in value.values():
-                add(item)
+            for key, item in value.items():
+                if key not in NOT_WRITTEN:
+                    add(item)
         elif isinstance(value, list | tuple):
             for item in value:
                 add(item)
@@ -585,7 +592,11 @@ def host_files(cluster: str) -> list[Path]:
     add(state.cluster_dir(cluster))
     add(paths.state_root() / "results" / cluster)
     if state.exists(cluster):
-        add(state.load(cluster).to_dict())
+        st = state.load(cluster)
+        add(st.to_dict())
+        disk = Path(str(st.image.get("disk") or "/nonexistent"))
+        if disk.parent.parent == paths.images_dir():  # the image's folder: kernel, initrd
+            add(disk.parent)
     return list(found)
 
 

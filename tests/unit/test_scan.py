@@ -4,6 +4,7 @@ files, obfuscated weights and a protected package are clean; bad input is one li
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -290,9 +291,15 @@ def test_host_files_lists_what_gcvm_writes(tmp_path: Path, monkeypatch: pytest.M
                             image={"disk": str(image / "disk.qcow2"), "python": "/usr/bin/python3"},
                             vms=[vm])  # fmt: skip
     state.save(st)
+    (cluster / "hostworker").mkdir()
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    record = {"dir": str(cluster / "hostworker"), "root": str(checkout), "python": sys.executable}
+    state.save(dataclasses.replace(st, host_worker=record))
     listed = S.host_files("c1")
     assert cluster in listed and paths.state_root() / "results" / "c1" in listed
-    assert image / "disk.qcow2" in listed and Path("/usr/bin/python3") not in listed
+    assert image / "disk.qcow2" in listed and image in listed
+    assert checkout not in listed and Path(sys.executable) not in listed
     files = S.expand(listed)
     assert {overlay, results / "bench.json", image / "disk.qcow2", state.state_path("c1")} <= set(
         files
