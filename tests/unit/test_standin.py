@@ -88,3 +88,21 @@ def test_write_checkpoint_folder(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert written.keys() == expected.keys()
     assert all(np.array_equal(written[n], expected[n]) for n in expected)
     assert main(["--out", str(out)]) == 2  # never overwrites
+
+
+def test_no_row_or_column_of_the_standin_is_in_the_public_checkpoint(
+    public: dict[str, np.ndarray],
+) -> None:
+    from orchestrator import scan
+
+    state = perturb(public, seed=2)
+    index = scan.build_index(scan.select_targets(state))
+    assert set(index.targets) == set(perturbed_names(public))
+    hits, _ = scan.scan_file(model_dir() / "model.safetensors", index)
+    assert hits == []  # float32, float16, bfloat16, rows and columns: no public copy
+    # the same scan finds the public weights in the public file
+    query = {"q": public["encoder.layer.0.attention.self.query.weight"]}
+    found, _ = scan.scan_file(model_dir() / "model.safetensors", scan.build_index(query))
+    assert {h.index for h in found if h.orientation == "row" and h.dtype == "float32"} == set(
+        range(384)
+    )
