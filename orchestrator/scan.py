@@ -364,7 +364,7 @@ def is_qcow2(path: Path) -> bool:
 def qcow2_extents(path: Path) -> list[dict[str, Any]] | None:
     """`qemu-img map` of the whole backing chain; None when some data cannot be read in place
     (compressed or encrypted clusters)."""
-    proc = subprocess.run(["qemu-img", "map", "--output=json", str(path)],
+    proc = subprocess.run(["qemu-img", "map", "-U", "--output=json", str(path)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     if proc.returncode != 0:
         raise ScanInputError(f"qemu-img cannot map {path}: {proc.stderr.strip()[:200]}")
