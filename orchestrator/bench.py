@@ -46,7 +46,7 @@ MODES = (
     "hardened",
     "hardened-nomask",
 )
-MODELS = ("minilm", "bert-base", "seed-transformer", "resnet18")
+MODELS = ("minilm", "minilm-standin", "bert-base", "seed-transformer", "resnet18")
 
 
 class RankFailed(GcvmError):

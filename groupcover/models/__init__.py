@@ -41,6 +41,18 @@ def _build_minilm(seed: int) -> tuple[nn.Module, ExampleInputFn]:
     return load_minilm(), example
 
 
+def _build_standin(seed: int, perturb_seed: int | None = None) -> tuple[nn.Module, ExampleInputFn]:
+    """`seed` (the random-weight seed of the synthetic models) is ignored: the perturbation comes
+    from the OS CSPRNG, fresh at every load, unless `perturb_seed` is given (then not secret)."""
+    from groupcover.models.minilm import example_sentences, tokenize
+    from groupcover.models.standin import load_standin
+
+    def example(batch: int, seq: int) -> tuple[torch.Tensor, ...]:
+        return tokenize(example_sentences(batch), seq)
+
+    return load_standin(perturb_seed), example
+
+
 def _build_bert(seed: int, **overrides: Any) -> tuple[nn.Module, ExampleInputFn]:
     from groupcover.models.bert import BertConfig, BertEncoder, random_token_inputs
 
@@ -83,6 +95,10 @@ def _build_resnet(seed: int, **overrides: Any) -> tuple[nn.Module, ExampleInputF
 
 MODELS: dict[str, ModelFactory] = {
     "minilm": ModelFactory("MiniLM-L6 sentence embeddings, real weights", _build_minilm),
+    "minilm-standin": ModelFactory(
+        "stand-in secret: MiniLM-L6 with every encoder Linear perturbed by 2% (fresh per load)",
+        _build_standin,
+    ),
     "bert-base": ModelFactory("BERT-base-sized encoder, random weights", _build_bert),
     "seed-transformer": ModelFactory(
         "the seed's encoder-decoder (12+12 layers, 1x1 Conv1d FFN), random weights", _build_seed

@@ -76,7 +76,7 @@ def _builtin(name: str) -> Source:
 
     module, _ = load_model(name, MODEL_SEED)
     config: Any = getattr(module, "config", None)
-    if name == "minilm":
+    if name in ("minilm", "minilm-standin"):  # the stand-in: MiniLM's config and tokenizer
         from groupcover.models.minilm import load_config, model_dir
 
         settings = dataclasses.asdict(load_config(model_dir()))

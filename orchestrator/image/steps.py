@@ -93,7 +93,8 @@ def _download_wheels(build: _Build) -> None:
         "--disable-pip-version-check",
     ]
     _run([*pip, *build.recipe.wheels], build.log)
-    _run([*pip, "--no-deps", *build.recipe.wheels_nodeps], build.log)
+    if build.recipe.wheels_nodeps:
+        _run([*pip, "--no-deps", *build.recipe.wheels_nodeps], build.log)
     ui.info(
         f"{len(list(build.wheels.glob('*.whl')))} wheels, "
         f"{_dir_bytes(build.wheels) / 2**20:.0f} MiB, for Python {_python_tag()}"
@@ -151,7 +152,8 @@ def _install_venv(build: _Build) -> str:
     try:
         build.chroot("python3", "-m", "venv", str(GUEST_VENV))
         build.chroot(*venv_pip, *build.recipe.wheels)
-        build.chroot(*venv_pip, "--no-deps", *build.recipe.wheels_nodeps)
+        if build.recipe.wheels_nodeps:
+            build.chroot(*venv_pip, "--no-deps", *build.recipe.wheels_nodeps)
         _byte_compile(build)
     finally:
         shutil.rmtree(target, ignore_errors=True)

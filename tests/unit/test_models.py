@@ -36,7 +36,7 @@ def embed(model: nn.Module, sentences: tuple[str, ...] | list[str], seq: int = 1
 
 
 def test_registry_and_unknown_name() -> None:
-    assert set(MODELS) == {"minilm", "bert-base", "seed-transformer", "resnet18"}
+    assert set(MODELS) == {"minilm", "minilm-standin", "bert-base", "seed-transformer", "resnet18"}
     with pytest.raises(UsageError, match="unknown model"):
         load_model("gpt-5")
 
