@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
@@ -658,9 +659,10 @@ def host_info() -> dict[str, Any]:
 
 
 def write_json(document: dict[str, Any], path: Path | None, settings: RankSettings) -> Path:
-    target = (
-        path if path is not None else Path(f"groupcover-{settings.model}-rank{settings.rank}.json")
-    )
+    if path is None:  # a package's folder name, never its path (no folders made in the cwd)
+        label = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(settings.model)).name).strip("-.")
+        path = Path(f"groupcover-{label or 'model'}-rank{settings.rank}.json")
+    target = path
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
     return target.resolve()

@@ -207,3 +207,16 @@ def test_two_masters_launch_against_one_worker(tmp_path: Path) -> None:
             (rank, 2, "groupcover"),
         ]
         assert all(r["rel_err"] < 1e-4 for r in results)
+
+
+def test_default_json_path_names_a_package_by_its_folder(tmp_path, monkeypatch) -> None:
+    """`bench --model /some/dir` without --json writes ./groupcover-dir-rank0.json, never
+    ./groupcover-/some/dir-rank0.json (folders created under the working directory)."""
+    from types import SimpleNamespace
+
+    from groupcover.bench import write_json
+
+    monkeypatch.chdir(tmp_path)
+    written = write_json({}, None, SimpleNamespace(model=str(tmp_path / "pkg x"), rank=0))
+    assert written == tmp_path / "groupcover-pkg-x-rank0.json"
+    assert not any(p.is_dir() for p in tmp_path.iterdir())
