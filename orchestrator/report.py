@@ -60,7 +60,11 @@ def aggregate(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(runs: dict[str, dict[str, Any]], title: str) -> Table:
-    t = Table(title=title, title_justify="left")
+    labels = {str(r.get("key_release") or "-") for r in rows(runs)}
+    shared = len(labels) == 1  # one label for every row (the usual case): say it once
+    t = Table(title=title, title_justify="left",
+              caption=f"key release: {next(iter(labels))}" if shared else None,
+              caption_justify="left")  # fmt: skip
     t.add_column("master")
     t.add_column("mode")
     for col in (
@@ -75,7 +79,8 @@ def table(runs: dict[str, dict[str, Any]], title: str) -> Table:
         "worker",
     ):
         t.add_column(col, justify="right")
-    t.add_column("key release")
+    if not shared:
+        t.add_column("key release")
     for r in rows(runs):
         lat, parts = r["latency_ms"], r.get("breakdown_ms", {})
         t.add_row(
@@ -84,7 +89,7 @@ def table(runs: dict[str, dict[str, Any]], title: str) -> Table:
             "-" if r["overhead"] is None else f"{r['overhead']:.3f}x",
             *(_fmt(parts.get(key)) for key in ("master_compute", "deobfuscation", "transfer",
                                                "worker_compute")),
-            str(r.get("key_release") or "-"),
+            *(() if shared else (str(r.get("key_release") or "-"),)),
         )  # fmt: skip
     return t
 

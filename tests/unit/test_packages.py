@@ -322,3 +322,12 @@ def test_owner_folder_default_is_outside_the_cluster(monkeypatch: pytest.MonkeyP
     assert owner.name == "c1" and owner.parent.name == "owner"
     assert state.cluster_dir("c1") not in owner.parents  # `down` does not remove the keys
     assert packages.owner_dir("c1", tmp_path / "mine") == tmp_path / "mine"
+
+
+def test_key_release_label_once_when_shared_else_per_row() -> None:
+    one = _render(report.table({"master0": _doc(1e-6), "master1": _doc(2e-6)}, "t"))
+    assert f"key release: {packages.INSECURE_LABEL}" in one and one.count("without") == 1
+    other = _doc(1e-6)
+    other["results"][0]["key_release"] = "model key released after tdx attestation"
+    mixed = _render(report.table({"master0": _doc(1e-6), "master1": other}, "t"))
+    assert "after tdx attestation" in mixed and packages.INSECURE_LABEL in mixed
