@@ -47,10 +47,12 @@ def _modes(text: str) -> tuple[str, ...]:
 
 def _add_workload(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--model", default="minilm",
-        help="a model package folder (see `protect`), or a built-in model: minilm, bert-base, "
-        "seed-transformer, resnet18 (protected on the fly)")  # fmt: skip
-    add("--key-file", type=Path, default=None, help="(package) the model key file")
+    add("--model", dest="models", action="append", default=None,
+        help="a model package folder (see `protect`; repeatable: the modes are spread over the "
+        "packages by scheme), or a built-in model: minilm, bert-base, seed-transformer, resnet18 "
+        "(protected on the fly); default minilm")  # fmt: skip
+    add("--key-file", dest="key_files", type=Path, action="append", default=None,
+        help="(package) the model key file (repeatable: one per --model, in order)")  # fmt: skip
     add("--broker", default=None,
         help="(package) release the model key from this KBS broker, http://HOST:PORT")  # fmt: skip
     add("--tee", choices=["none", "snp", "tdx"], default=None,
@@ -271,6 +273,14 @@ def _worker_rank(args: argparse.Namespace, env: Mapping[str, str]) -> int | None
         raise UsageError(f"WORKER={env['WORKER']!r} is not an integer") from None
 
 
+def _models(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(args.models or ("minilm",))
+
+
+def _key_files(args: argparse.Namespace) -> tuple[Path, ...]:
+    return tuple(args.key_files or ())
+
+
 def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> RankSettings:
     rendezvous = _rendezvous(args, env)
     return RankSettings(
@@ -281,7 +291,8 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> RankSettings:
         master_port=rendezvous.master_port,
         worker=_worker_rank(args, env),
         ifname=rendezvous.ifname,
-        model=args.model,
+        model=_models(args)[0],
+        extra_models=_models(args)[1:],
         modes=args.modes,
         batch=args.batch,
         seq=args.seq,
@@ -296,7 +307,8 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> RankSettings:
         verify=args.verify,
         threads=args.threads,
         transport=args.transport,
-        key_file=args.key_file,
+        key_file=_key_files(args)[0] if _key_files(args) else None,
+        extra_key_files=_key_files(args)[1:],
         broker=args.broker,
         tee=args.tee,
         packages=tuple(args.packages or ()),
@@ -306,7 +318,8 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> RankSettings:
 
 
 def _workload_argv(args: argparse.Namespace) -> tuple[str, ...]:
-    argv = ["--model", args.model, "--modes", ",".join(args.modes), "--batch", str(args.batch),
+    argv = [*(a for m in _models(args) for a in ("--model", m)), "--modes", ",".join(args.modes),
+            "--batch", str(args.batch),
             "--seq", str(args.seq), "--repeat", str(args.repeat), "--warmup", str(args.warmup),
             "--threads", str(args.threads)]  # fmt: skip
     if args.seed is not None:
@@ -317,8 +330,8 @@ def _workload_argv(args: argparse.Namespace) -> tuple[str, ...]:
         argv += ["--audit", "--audit-forwards", str(args.audit_forwards)]
     if args.verify:
         argv.append("--verify")
-    if args.key_file is not None:
-        argv += ["--key-file", str(args.key_file)]
+    for key_file in _key_files(args):
+        argv += ["--key-file", str(key_file)]
     if args.broker is not None:
         argv += ["--broker", args.broker, "--tee", str(args.tee)]
     argv += ["--mask-budget", "none" if args.mask_budget is None else str(args.mask_budget)]
@@ -339,16 +352,18 @@ def _bench(args: argparse.Namespace) -> int:
                                    args.target, args.label, args.timeout)  # fmt: skip
     # Validate here too, so bad input fails before two processes start.
     probe = RankSettings(
-        role=Role.master, rank=0, world_size=2, worker=1, model=args.model, modes=args.modes,
+        role=Role.master, rank=0, world_size=2, worker=1, model=_models(args)[0],
+        extra_models=_models(args)[1:], modes=args.modes,
         batch=args.batch, seq=args.seq, repeat=args.repeat, warmup=args.warmup,
         threads=args.threads, timeout_s=args.timeout, transport=args.transport,
-        key_file=args.key_file, broker=args.broker, tee=args.tee,
+        key_file=_key_files(args)[0] if _key_files(args) else None,
+        extra_key_files=_key_files(args)[1:], broker=args.broker, tee=args.tee,
         mask_budget_mb=args.mask_budget, pool_compare=args.pool_compare,
     )  # fmt: skip
     probe.validate()
     from groupcover.package.runtime import is_package
 
-    worker_argv = ("--package", args.model) if is_package(args.model) else ()
+    worker_argv = tuple(a for m in _models(args) if is_package(m) for a in ("--package", m))
     local = bench.LocalRun(_workload_argv(args), not args.allow_shm, args.timeout,
                            transport=args.transport, worker_args=worker_argv)  # fmt: skip
     return bench.run_local(local)

@@ -135,14 +135,30 @@ def _masked(mode: str) -> bool:
 
 
 def _prepare_package(settings: RankSettings) -> Prepared:
-    from groupcover.package.keys import KeySource, obtain_key
-    from groupcover.package.runtime import open_package
+    from groupcover.package.keys import DEFAULT_RESOURCE, KeySource, obtain_key
+    from groupcover.package.runtime import assign_modes, key_resource, open_package
 
-    files = open_package(settings.model)
-    files.check_modes(settings.modes)
-    release = obtain_key(KeySource(settings.key_file, settings.broker, settings.tee))
-    package = files.unseal(release.key)
-    return _from_packages(settings, {m: package for m in settings.modes}, release.facts)
+    files = [open_package(path) for path in settings.models]
+    chosen = assign_modes(files, settings.modes)
+    used = sorted(set(chosen.values()))
+    keys = settings.key_files
+    unsealed: dict[int, Any] = {}
+    facts: list[dict[str, Any]] = []
+    for index in used:  # a package no mode needs is neither released nor opened
+        # one package: the broker's gcvm/model/key (as before); several: gcvm/<package_id>/key
+        resource = (DEFAULT_RESOURCE if len(files) == 1
+                    else key_resource(files[index].manifest["package_id"]))  # fmt: skip
+        source = KeySource(keys[index] if keys else None, settings.broker, settings.tee,
+                           resource)  # fmt: skip
+        release = obtain_key(source)
+        unsealed[index] = files[index].unseal(release.key)
+        facts.append({**release.facts, "package": str(files[index].root)})
+    merged = dict(facts[0])
+    if len(facts) > 1:
+        merged["seconds"] = round(sum(float(f.get("seconds") or 0.0) for f in facts), 4)
+        merged["per_package"] = facts
+    packages = {mode: unsealed[chosen[mode]] for mode in settings.modes}
+    return _from_packages(settings, packages, merged)
 
 
 def _from_packages(settings: RankSettings, packages: dict[str, Any],

@@ -66,8 +66,20 @@ class RankSettings:
     broker: str | None = None  # (master, package) ... or released by this KBS broker
     tee: str | None = None  # the evidence given to the broker: none, snp or tdx
     packages: tuple[Path, ...] = ()  # (worker) package folders or published.safetensors files
+    extra_models: tuple[str, ...] = ()  # (master) further package folders, after `model`
+    extra_key_files: tuple[Path, ...] = ()  # (master) their key files, after `key_file`
     mask_budget_mb: float | None = DEFAULT_MASK_BUDGET_MB  # None: no bound (one pair per layer)
     pool_compare: bool = False  # also run each masked mode with the unbounded pool
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Every model package of this master (or the one built-in name)."""
+        return (self.model, *self.extra_models)
+
+    @property
+    def key_files(self) -> tuple[Path, ...]:
+        """Their key files, in the same order (empty: the broker releases them)."""
+        return () if self.key_file is None else (self.key_file, *self.extra_key_files)
 
     def rendezvous(self) -> rpc.Rendezvous:
         return rpc.Rendezvous(
@@ -112,18 +124,34 @@ class RankSettings:
 
     def _validate_key(self) -> None:
         from groupcover.package.keys import KeySource
-        from groupcover.package.runtime import is_package, open_package
+        from groupcover.package.runtime import assign_modes, is_package, open_package
 
         source = KeySource(self.key_file, self.broker, self.tee)
         source.validate()
         if self.mask_budget_mb is not None and self.mask_budget_mb < 0:
             raise UsageError(f"--mask-budget {self.mask_budget_mb} is negative")
         if not is_package(self.model):
+            if self.extra_models:
+                raise UsageError(f"--model {self.model} is a built-in model: it cannot be given "
+                                 "with other --model", hint="give package folders only, or "
+                                 "one built-in name")  # fmt: skip
             if source.given:
                 raise UsageError(f"--model {self.model} is a built-in model, not a package: it "
                                  "needs no key", hint="drop --key-file/--broker")  # fmt: skip
             return
-        open_package(self.model).check_modes(self.modes)
+        if self.extra_key_files and self.key_file is None:
+            raise UsageError("--key-file given for some packages only")
+        not_packages = [m for m in self.models if not is_package(m)]
+        if not_packages:
+            raise UsageError(f"--model {not_packages[0]} is not a model package folder",
+                             hint="several --model must all be package folders (protect them "
+                             "with `python -m groupcover protect`)")  # fmt: skip
+        if self.key_files and len(self.key_files) != len(self.models):
+            raise UsageError(
+                f"{len(self.models)} packages but {len(self.key_files)} --key-file",
+                hint="give one --key-file per --model, in the same order (or --broker)",
+            )
+        assign_modes([open_package(m) for m in self.models], self.modes)
         if not source.given:
             raise UsageError(
                 f"package {self.model} needs its model key",

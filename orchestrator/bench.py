@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator import hostworker, paths, report, state, top
+from orchestrator import hostworker, packages, paths, report, state, top
 from orchestrator.errors import GcvmError, Timeout, UsageError
 from orchestrator.hostworker import HostWorkerState
 from orchestrator.remote import Remote, RemoteProcess
@@ -68,12 +68,34 @@ class BenchSettings:
     masters: int | None = None  # the first M master VMs (None: all of them)
     timeout: float = 3600.0  # the whole run, enforced here
     rpc_timeout: float = 600.0  # each rank's rendezvous and per-call deadline (TCG is slow)
+    # model packages (issue 11): `model` is a built-in name (protected on the host) or DIR[,DIR..]
+    keys: tuple[str, ...] = ()  # the given packages' key files (default DIR/model.key)
+    owner: str | None = None  # the owner folder (keys of built-in names; default owner_dir)
+    policy: str | None = None  # the broker's policy file (needed with snp/tdx)
+
+    @property
+    def builtin(self) -> bool:
+        return self.model in MODELS
+
+    @property
+    def package_dirs(self) -> tuple[Path, ...]:
+        return () if self.builtin else tuple(Path(p) for p in self.model.split(",") if p)
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise UsageError(
-                f"unknown model {self.model!r}", hint=f"choose one of {', '.join(MODELS)}"
+        if not self.builtin and not all(
+            (d / packages.MANIFEST).is_file() for d in self.package_dirs or (Path(self.model),)
+        ):
+            missing = next(
+                (d for d in self.package_dirs if not (d / packages.MANIFEST).is_file()),
+                Path(self.model),
             )
+            raise UsageError(
+                f"unknown model {str(missing)!r}: neither a built-in model nor a package folder",
+                hint=f"choose one of {', '.join(MODELS)}, or a folder from `gcvm model protect`",
+            )
+        if self.keys and self.builtin:
+            raise UsageError(f"--key is for package folders; {self.model} is a built-in model",
+                             hint="its keys are made here, in the owner folder")  # fmt: skip
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise UsageError(
@@ -94,10 +116,12 @@ class BenchSettings:
             raise UsageError(f"--masters {self.masters} is out of range (at least 1)",
                              hint="leave it out to run on every master VM")  # fmt: skip
 
-    def launch_args(self, json_path: str | None, threads: int) -> tuple[str, ...]:
+    def launch_args(self, json_path: str | None, threads: int,
+                    model_args: Sequence[str] = ()) -> tuple[str, ...]:  # fmt: skip
+        """A rank's workload flags; `model_args` its package flags (--model DIR ... --broker URL
+        --tee T for a master, --package DIR ... for a worker)."""
         args = [
-            "--model",
-            self.model,
+            *model_args,
             "--modes",
             ",".join(self.modes),
             "--batch",
@@ -346,28 +370,121 @@ def _start_rank(running: _Ranks, st: state.ClusterState, remotes: Mapping[str, R
         running.start(remotes[node.name], node.name, role, argv, env)
 
 
+def prepare_packages(st: state.ClusterState, settings: BenchSettings
+                     ) -> tuple[list[packages.HostPackage], dict[str, Any]]:  # fmt: skip
+    """The run's packages on the host: a built-in name protected here (one per scheme the modes
+    need, into the cluster's state folder, keys into the owner folder), or the folders given."""
+    owner = packages.owner_dir(st.name, Path(settings.owner) if settings.owner else None)
+    if settings.builtin:
+        plan = packages.plan_protect(settings.model, settings.modes, settings.audit,
+                                     settings.batch, settings.seq)  # fmt: skip
+        console.print(f"owner folder (model keys, broker log; nothing else writes here): {owner}")
+        with step(
+            f"protect {settings.model} on the host ({', '.join(plan.schemes)}"
+            f"{', baselines' if any(plan.baselines) else ''}, reference {plan.reference})"
+        ):
+            pkgs = packages.protect_builtin(plan, state.cluster_dir(st.name), owner,
+                                            settings.seed)  # fmt: skip
+    else:
+        pkgs = packages.given_packages(settings.package_dirs, [Path(k) for k in settings.keys])
+    chosen = packages.assign_modes(pkgs, settings.modes)
+    used = [p for p in pkgs if p in chosen.values()]  # packages no mode needs are not deployed
+    if not settings.builtin and settings.audit and not all(p.has_baselines for p in used):
+        console.print(
+            "[yellow]note:[/] a package without --baselines: the framework skips the "
+            "payload audit for its modes (it holds no plaintext to compare with)"
+        )
+    facts = {"owner": str(owner), "builtin": settings.builtin,
+             "packages": [p.facts() for p in used],
+             "modes": {m: p.package_id for m, p in chosen.items()}}  # fmt: skip
+    return used, facts
+
+
+def _copy_packages(ranks: Sequence[tuple[Node, RankSpec]], remotes: Mapping[str, Remote],
+                   pkgs: Sequence[packages.HostPackage],
+                   baselines: bool) -> list[dict[str, Any]]:  # fmt: skip
+    """Every VM rank gets its files of every package (in parallel, one thread per VM)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(node: Node) -> list[dict[str, Any]]:
+        return [packages.copy_to(remotes[node.name], pkg,
+                                 packages.copy_plan(pkg, node.role.value, baselines))
+                for pkg in pkgs]  # fmt: skip
+
+    vms = [node for node, _ in ranks if not node.host]
+    with ThreadPoolExecutor(max_workers=max(1, len(vms))) as pool:
+        futures = [pool.submit(one, node) for node in vms]
+        return [item for future in futures for item in future.result()]
+
+
+def _model_args(node: Node, role: Role, pkgs: Sequence[packages.HostPackage],
+                broker: packages.RunBroker | None, tee: str) -> list[str]:  # fmt: skip
+    if role is Role.master:
+        args = [a for p in pkgs for a in ("--model", packages.guest_folder(p))]
+        if broker is not None:
+            args += ["--broker", broker.url, "--tee", tee]
+        return args
+    if node.host:  # the host worker reads the host's own copy
+        return [a for p in pkgs for a in ("--package", str(p.folder))]
+    return [a for p in pkgs for a in ("--package", packages.guest_folder(p))]
+
+
+def framework_tee(st: state.ClusterState) -> str:
+    """The evidence a master gives the broker: the cluster's TEE in the framework's words."""
+    tee = str(st.spec.get("tee", "none"))
+    return {"sev-snp": "snp"}.get(tee, tee)
+
+
 def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -> Path:
     """Run the benchmark across the cluster; returns the folder holding JSON, table and chart."""
     with state.locked(name):
         st = state.load(name)
+        tee = framework_tee(st)
+        packages.check_policy(tee, Path(settings.policy) if settings.policy else None)
         run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         results_dir = (out_dir or results_root(name)) / run_id
         results_dir.mkdir(parents=True, exist_ok=True)
         guest_dir = f"/var/tmp/gcvm-results/{run_id}"
         guest_python = st.image.get("python", "/opt/gcvm/venv/bin/python")
         hw = st.worker_host
-        ranks: list[tuple[Node, RankSpec]] = []
-        for node, rank in plan_world(st, settings.port, settings.masters):
-            json_path = f"{guest_dir}/{node.name}.json" if rank.role is Role.master else None
-            ranks.append((node, replace(rank, extra=settings.launch_args(json_path, node.cpus))))
-        vm_names = [node.name for node, _ in ranks if not node.host]
+        world = plan_world(st, settings.port, settings.masters)
+        pkgs, package_facts = prepare_packages(st, settings)
+        baselines = packages.needs_baselines(settings.modes, settings.audit)
+        vm_names = [node.name for node, _ in world if not node.host]
         with step(f"connect to {len(vm_names)} VMs over SSH"):
             remotes = _connect_all(st, vm_names)
         running = _Ranks()
         env = _guest_env(st)
-        sampler, hv = _open_sampler(st)
-        masters = [node.name for node, rank in ranks if rank.role is Role.master]
+        sampler, hv = None, None
+        broker: packages.RunBroker | None = None
+        broker_url: str | None = None
+        masters = [node.name for node, rank in world if rank.role is Role.master]
         try:
+            with step(f"copy {len(pkgs)} package(s) into {len(vm_names)} VM(s)"):
+                copies = _copy_packages(world, remotes, pkgs, baselines)
+            owner = Path(package_facts["owner"])
+            broker = packages.RunBroker(
+                st.netns,
+                packages.bridge_address(st),
+                packages.broker_resources(pkgs),
+                tee,
+                Path(settings.policy) if settings.policy else None,
+                owner / "broker.log",
+            )
+            with step("start the key broker"):
+                broker.start()
+            broker_url = broker.url
+            console.print(f"broker: {broker.url} in namespace {st.netns or '(host)'} "
+                          f"(as `{shlex.join(broker.argv())}`)")  # fmt: skip
+            if broker.insecure:
+                console.print(f"[yellow]warning:[/] --tee none: {packages.INSECURE_LABEL}")
+            ranks: list[tuple[Node, RankSpec]] = []
+            for node, rank in world:
+                json_path = f"{guest_dir}/{node.name}.json" if rank.role is Role.master else None
+                model_args = _model_args(node, rank.role, pkgs, broker, tee)
+                extra = settings.launch_args(json_path, node.cpus, model_args)
+                ranks.append((node, replace(rank, extra=extra)))
+            sampler, hv = _open_sampler(st)
             with step(
                 f"run {settings.model} ({', '.join(settings.modes)}) batch {settings.batch} "
                 f"seq {settings.seq} x{settings.repeat} on {len(masters)} master(s)"
@@ -394,7 +511,10 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
             running.kill_all()
             raise
         finally:
-            sampler.stop()
+            if broker is not None:
+                broker.stop()
+            if sampler is not None:
+                sampler.stop()
             if hv is not None:
                 hv.close()
             for r in remotes.values():
@@ -404,8 +524,18 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
         "settings": asdict(settings),
         "cluster": cluster_facts(st),
         "masters": masters,
+        "packages": {**package_facts, "copies": copies},
+        "broker": {
+            "url": broker_url,
+            "argv": broker.argv() if broker else None,
+            "insecure": tee == "none",
+            "tee": tee,
+            "policy": settings.policy,
+        },
         "runs": runs,
         "aggregate": report.aggregate(runs),
+        "key_release": report.key_releases(runs),
+        "peak_rss_mb": report.peak_rss(runs),
         "resources": usage,
         "resources_note": "CPU in cores (1.0 = one core busy) averaged over the run, and its "
         "peak over 1 s intervals; memory: resident MiB of each VM's QEMU process and of the host "
@@ -421,8 +551,10 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
     out.print(report.table(runs, title))
     if len(runs) > 1:
         out.print(report.aggregate_table(runs))
+    out.print(report.key_release_table(runs))
     host_cpus = os.cpu_count() or 1
     out.print(top.usage_table(usage, host_cpus, "Resources over the run (per VM, host worker)"))
+    out.print(report.peak_rss_table(runs))
     png = report.chart(runs, results_dir / "bench.png", title)
     out.print(f"results: {results_dir / 'bench.json'}")
     out.print(f"chart:   {png}")

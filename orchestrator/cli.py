@@ -63,7 +63,27 @@ def push_cmd(name: str = typer.Option("gcvm", "--name", help="Cluster name.")) -
 @run_app.command("bench")
 def run_bench_cmd(
     name: str = typer.Option("gcvm", "--name", help="Cluster name."),
-    model: str = typer.Option("minilm", help="minilm, bert-base, seed-transformer or resnet18."),
+    model: str = typer.Option(
+        "minilm",
+        help="A built-in model (minilm, bert-base, seed-transformer, resnet18: protected on "
+        "this host into the cluster's state folder, keys into the owner folder), or model "
+        "package folder(s) DIR[,DIR..] from `gcvm model protect`, used as they are.",
+    ),
+    key: list[Path] = typer.Option(
+        [],
+        "--key",
+        help="A given package's model key (repeatable, in --model's order; "
+        "default DIR/model.key). It stays on this host: the broker releases it.",
+    ),
+    owner: Path | None = typer.Option(
+        None,
+        "--owner",
+        help="The owner folder for keys made here and the broker's log "
+        "(default /var/lib/gcvm/owner/<cluster>/).",
+    ),
+    policy: Path | None = typer.Option(
+        None, "--policy", help="The broker's policy file (needed with --tee snp/tdx clusters)."
+    ),
     modes: str = typer.Option(
         "plain-offload,groupcover",
         help="Comma-separated: tee-only, plain-offload, mask-only, groupcover, "
@@ -117,6 +137,9 @@ def run_bench_cmd(
         masters=masters,
         timeout=timeout,
         rpc_timeout=rpc_timeout,
+        keys=tuple(str(k) for k in key),
+        owner=str(owner) if owner else None,
+        policy=str(policy) if policy else None,
     )
     if transport_micro:
         bench.run_transport_micro(name, settings, out)

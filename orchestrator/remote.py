@@ -292,10 +292,11 @@ class Remote:
             )
         return result
 
-    def put(self, local: Path, remote: str) -> None:
+    def put(self, local: Path, remote: str,
+            progress: Callable[[int, int], None] | None = None) -> None:  # fmt: skip
         try:
             with self._client.open_sftp() as sftp:
-                sftp.put(str(local), remote)
+                sftp.put(str(local), remote, callback=progress)
         except (OSError, paramiko.SSHException) as exc:
             raise RemoteError(f"{self.name}: cannot copy {local} to {remote}: {exc}") from None
 

@@ -50,14 +50,21 @@ def aggregate(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "masters": len(items),
                 "throughput": sum(i["throughput"] for i in items),
                 "latency_median_ms": statistics.median(i["latency_ms"]["median"] for i in items),
-                "rel_err": max(i.get("rel_err", 0.0) for i in items),
+                # None: no master checked exactness (no sealed reference for the shape)
+                "rel_err": max(
+                    (i["rel_err"] for i in items if i.get("rel_err") is not None), default=None
+                ),
             }
         )
     return agg
 
 
 def table(runs: dict[str, dict[str, Any]], title: str) -> Table:
-    t = Table(title=title, title_justify="left")
+    labels = {str(r.get("key_release") or "-") for r in rows(runs)}
+    shared = len(labels) == 1  # one label for every row (the usual case): say it once
+    t = Table(title=title, title_justify="left",
+              caption=f"key release: {next(iter(labels))}" if shared else None,
+              caption_justify="left")  # fmt: skip
     t.add_column("master")
     t.add_column("mode")
     for col in (
@@ -72,15 +79,65 @@ def table(runs: dict[str, dict[str, Any]], title: str) -> Table:
         "worker",
     ):
         t.add_column(col, justify="right")
+    if not shared:
+        t.add_column("key release")
     for r in rows(runs):
         lat, parts = r["latency_ms"], r.get("breakdown_ms", {})
         t.add_row(
             r["master"], r["mode"], _fmt(lat["median"]), f"{lat['p10']:.0f}-{lat['p90']:.0f}",
-            _fmt(r["throughput"], ".2f"), _fmt(r.get("rel_err"), ".1e"),
+            _fmt(r["throughput"], ".2f"), rel_err_text(r),
             "-" if r["overhead"] is None else f"{r['overhead']:.3f}x",
             *(_fmt(parts.get(key)) for key in ("master_compute", "deobfuscation", "transfer",
                                                "worker_compute")),
+            *(() if shared else (str(r.get("key_release") or "-"),)),
         )  # fmt: skip
+    return t
+
+
+def rel_err_text(row: dict[str, Any]) -> str:
+    """The error against the sealed reference, or why there is none (`rel_err` null)."""
+    value = row.get("rel_err")
+    if value is None:
+        return "not checked" if "rel_err" in row else "-"
+    return format(value, ".1e")
+
+
+def key_releases(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per master: how its model key came (the framework's settings.key_release)."""
+    return {m: (doc.get("settings") or {}).get("key_release") for m, doc in sorted(runs.items())}
+
+
+def key_release_table(runs: dict[str, dict[str, Any]]) -> Table:
+    t = Table(title="Model key release", title_justify="left")
+    for col in ("master", "how", "source", "attested", "TEE", "seconds"):
+        t.add_column(col, justify="right" if col == "seconds" else "left")
+    for master, facts in key_releases(runs).items():
+        facts = facts or {}
+        seconds = facts.get("seconds")
+        t.add_row(master, str(facts.get("label", "-")), str(facts.get("source", "-")),
+                  "yes" if facts.get("attested") else "no", str(facts.get("tee") or "-"),
+                  "-" if seconds is None else f"{float(seconds):.3f}")  # fmt: skip
+    return t
+
+
+def peak_rss(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per master and mode: the framework's peak RSS per rank (MiB; `peak_rss_mb`)."""
+    found: dict[str, dict[str, Any]] = {}
+    for row in rows(runs):
+        if row.get("peak_rss_mb") is not None:
+            found.setdefault(row["master"], {})[row["mode"]] = row["peak_rss_mb"]
+    return found
+
+
+def peak_rss_table(runs: dict[str, dict[str, Any]]) -> Table:
+    t = Table(title="Peak RSS per rank (the processes' own ru_maxrss, MiB; cumulative over the "
+              "modes of one run)", title_justify="left")  # fmt: skip
+    for col in ("master", "mode", "master rank", "worker rank"):
+        t.add_column(col, justify="left" if col in ("master", "mode") else "right")
+    for master, modes in peak_rss(runs).items():
+        for mode, value in modes.items():
+            value = value if isinstance(value, dict) else {"master": value}
+            t.add_row(master, mode, _fmt(value.get("master")), _fmt(value.get("worker")))
     return t
 
 
@@ -97,7 +154,7 @@ def aggregate_table(runs: dict[str, dict[str, Any]]) -> Table:
             str(a["masters"]),
             f"{a['throughput']:.2f}",
             f"{a['latency_median_ms']:.1f}",
-            f"{a['rel_err']:.2e}",
+            "not checked" if a["rel_err"] is None else f"{a['rel_err']:.2e}",
         )
     return t
 

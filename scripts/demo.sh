@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# `make demo`: build the guest image if it is missing, boot a master and one worker with the
-# no-TEE default, run the MiniLM benchmark across them, print the table and the chart's path,
-# and tear the cluster down whatever happened. The sizes are small because under TCG (no usable
-# KVM) a guest runs torch at about 0.1-0.3 GFLOP/s; on KVM hosts pass bigger ones to gcvm run bench.
+# `make demo`: build the guest image if it is missing, boot one master VM with the no-TEE default
+# and the host worker (the seed's deployment), protect MiniLM on the host into model packages
+# (keys in the owner folder), copy them into the master, release the keys through the run's
+# broker (without attestation: --tee none, and every result says so), run the benchmark from
+# the packages, print the tables and the chart's path, and tear the cluster down whatever
+# happened. The sizes are small because under TCG (no usable KVM) a guest runs torch at about
+# 0.1-0.3 GFLOP/s; on KVM hosts pass bigger ones to gcvm run bench.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 GCVM=${GCVM:-.venv/bin/gcvm}
@@ -21,7 +24,7 @@ finish() {
 "$GCVM" image build || exit $?
 trap finish EXIT
 trap 'exit 130' INT TERM
-"$GCVM" up --tee none --workers 1 --name "$NAME" || exit $?
+"$GCVM" up --tee none --masters 1 --worker host --name "$NAME" || exit $?
 "$GCVM" run bench --name "$NAME" --model minilm \
   --modes tee-only,plain-offload,mask-only,groupcover,hardened --batch 2 --seq 16 --repeat 3 \
   --out "$OUT"

@@ -298,3 +298,37 @@ def protected_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 
 __all__ = ["PackageFiles", "UnsealedPackage", "is_package", "open_package", "read_key"]
+
+
+# ---- several packages in one run (a master given --model DIR1 --model DIR2 ...) -------------
+
+
+def key_resource(package_id: str) -> str:
+    """The broker resource holding one package's model key (`gcvm/<package_id>/key`)."""
+    return f"gcvm/{package_id}/key"
+
+
+def assign_modes(packages: Sequence[PackageFiles], modes: Sequence[str]) -> dict[str, int]:
+    """For each mode, the index of the package that runs it: the first whose scheme is the
+    mode's own, else (baseline modes) the first protected with --baselines. A mode no package
+    runs is refused in one line, naming what each package runs."""
+    from groupcover.modes import mode_settings
+
+    if len(packages) == 1:
+        packages[0].check_modes(modes)
+        return dict.fromkeys(modes, 0)
+    chosen: dict[str, int] = {}
+    for mode in modes:
+        scheme = mode_settings(mode)[0]
+        able = [i for i, p in enumerate(packages) if mode in p.modes]
+        same = [i for i in able if packages[i].manifest.get("scheme") == scheme]
+        if not able:
+            runs = "; ".join(f"{p.root}: {', '.join(p.modes)}" for p in packages)
+            hint = (
+                "protect a package with --baselines for tee-only, plain-offload and mask-only"
+                if mode in BASELINE_MODES
+                else f"protect a package with --scheme {scheme} for {mode}"
+            )
+            raise ModeUnavailable(f"no package given can run {mode} ({runs})", hint=hint)
+        chosen[mode] = (same or able)[0]
+    return chosen

@@ -11,9 +11,9 @@ from orchestrator.errors import UsageError
 
 def test_launch_args_carry_the_workload_and_force_tcp_between_vms() -> None:
     s = BenchSettings(model="bert-base", modes=("groupcover",), batch=2, seq=16, repeat=3)
-    args = s.launch_args("/var/tmp/r/m0.json", threads=1)
+    args = s.launch_args("/var/tmp/r/m0.json", threads=1, model_args=("--model", "/p/x"))
     flags = dict(zip(args[::2], args[1::2], strict=False))
-    assert flags["--model"] == "bert-base" and flags["--modes"] == "groupcover"
+    assert flags["--model"] == "/p/x" and flags["--modes"] == "groupcover"  # a package folder
     assert (flags["--batch"], flags["--seq"], flags["--repeat"]) == ("2", "16", "3")
     assert "--force-tcp" in args and "--audit" in args
     assert args[-2:] == ("--json", "/var/tmp/r/m0.json")

@@ -72,17 +72,41 @@ class FakeRemote:
         self.closed = True
 
 
+class FakeBroker:
+    url = "http://192.0.2.1:1"
+    insecure = True
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def start(self) -> FakeBroker:
+        return self
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def argv(self) -> list[str]:
+        return ["gcvm", "broker", "serve"]
+
+
 def test_run_bench_stops_started_ranks_on_any_error(
     backend: FakeBackend, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     st = cluster.up(ClusterSpec(name="rb"), backend=backend)
     remotes = {vm.name: FakeRemote(vm.name, fail_mkdir=vm.role == Role.master) for vm in st.vms}
     monkeypatch.setattr(bench, "_connect_all", lambda _st, _names=None: remotes)
+    # no protect, copy or namespace here (tests/unit/test_packages.py has those): a fake broker
+    monkeypatch.setattr(bench, "prepare_packages", lambda _st, _s: ([], {"owner": str(tmp_path)}))
+    monkeypatch.setattr(bench, "_copy_packages", lambda *_a: [])
+    brokers: list[FakeBroker] = []
+    monkeypatch.setattr(bench.packages, "RunBroker", lambda *a: brokers.append(FakeBroker()) or
+                        brokers[-1])  # fmt: skip
     with pytest.raises(RemoteError, match="mkdir failed"):
         bench.run_bench("rb", bench.BenchSettings(batch=1, seq=8, repeat=1), tmp_path / "out")
     worker = remotes["rb-worker0"]
     assert worker.procs and all(p.killed for p in worker.procs)  # started first, then stopped
     assert all(r.closed for r in remotes.values())
+    assert brokers and brokers[0].stopped  # the run's broker stops with it
     cluster.down("rb", backend=backend)
 
 

@@ -1,0 +1,504 @@
+"""Model packages for `gcvm run bench` (issue 11): protect on the host, copy into the VMs, release
+the keys through the owner's broker for the run.
+
+- Planning (`plan_protect`): which schemes the modes need (one package per scheme), whether the
+  plaintext baselines must be sealed (a baseline mode, or the audit), and the reference shape (the
+  run's batch x seq). Pure: tested without a daemon.
+- Protecting a built-in name (`protect_builtin`): `python -m groupcover protect ...` with the
+  checkout's venv, as `gcvm model protect` does; packages go into the cluster's state folder,
+  keys into the owner folder (`owner_dir`), which nothing else of gcvm writes to. A package whose
+  manifest and key are already there (same model, scheme, baselines, reference) is reused.
+- Copying (`copy_plan`, `copy_to`): over the VMs' SFTP into GUEST_ROOT/<package_id>/, never the
+  key, baselines.sealed only where a baseline mode or the audit runs, workers only the manifest
+  and the published weights; a file whose SHA-256 the guest's digest list already names is skipped.
+- The broker (`RunBroker`): orchestrator.attest's Broker and HTTP server in this process, its
+  listening socket made inside the cluster's network namespace and bound to the bridge's
+  host-side address only; it serves this run's keys and stops with the run.
+
+The orchestrator never imports the framework: it reads the public manifest.json (JSON) only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from orchestrator import paths
+from orchestrator.errors import GcvmError, UsageError
+from orchestrator.ui import console, log
+
+GUEST_ROOT = "/var/lib/gcvm/packages"  # in every VM: persistent, never /tmp
+DIGESTS = ".gcvm-digests"  # in each guest package folder: "sha256  name" per complete file
+MANIFEST, PUBLISHED, SEALED, BASELINES, KEY = (
+    "manifest.json", "published.safetensors", "master.sealed", "baselines.sealed", "model.key",
+)  # fmt: skip
+BASELINE_MODES = ("tee-only", "plain-offload", "mask-only")
+SCHEME_OF = {  # the framework's modes and their schemes (groupcover.modes; a test keeps them equal)
+    "groupcover": "groupcover",
+    "groupcover-nomask": "groupcover",
+    "hardened": "hardened",
+    "hardened-nomask": "hardened",
+}
+DEFAULT_SCHEME = "hardened"  # the framework's default (groupcover.package.build.DEFAULT_SCHEME)
+SINGLE_RESOURCE = "gcvm/model/key"  # the framework's resource when a master has one package
+INSECURE_LABEL = "model key released without attestation"
+
+
+class PackageError(GcvmError):
+    pass
+
+
+def owner_dir(cluster: str, given: Path | None = None) -> Path:
+    """The owner's folder: source checkpoints it names, the key files, the broker's log.
+    Default <state root>/owner/<cluster>/ (/var/lib/gcvm/owner/<cluster>/ as root); it is not
+    under the cluster's folder, so `gcvm down` leaves the keys where the owner put them."""
+    return given if given is not None else paths.state_root() / "owner" / cluster
+
+
+def key_resource(package_id: str) -> str:
+    """The broker resource of one package's key when a master holds several (the framework's
+    groupcover.package.runtime.key_resource)."""
+    return f"gcvm/{package_id}/key"
+
+
+# ---- planning -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProtectPlan:
+    model: str
+    schemes: tuple[str, ...]  # one package per scheme
+    baselines: tuple[bool, ...]  # per package: seal the plaintext baselines
+    reference: str  # BxS
+
+    def folder_name(self, index: int) -> str:
+        base = "-baselines" if self.baselines[index] else ""
+        return f"{self.model}-{self.schemes[index]}{base}-{self.reference}"
+
+
+def needs_baselines(modes: Sequence[str], audit: bool) -> bool:
+    return audit or any(m in BASELINE_MODES for m in modes)
+
+
+def plan_protect(
+    model: str, modes: Sequence[str], audit: bool, batch: int, seq: int
+) -> ProtectPlan:
+    """One package per scheme the modes name (a baseline-only run: the default scheme's); the
+    baselines sealed into every package when the audit runs (it compares each mode's payloads
+    with the plaintext weights), else into the first package only when a baseline mode runs."""
+    unknown = [m for m in modes if m not in SCHEME_OF and m not in BASELINE_MODES]
+    if unknown:
+        known = ", ".join((*BASELINE_MODES, *SCHEME_OF))
+        raise UsageError(f"unknown mode(s) {', '.join(unknown)}", hint=f"choose from {known}")
+    schemes = tuple(sorted({SCHEME_OF[m] for m in modes if m in SCHEME_OF})) or (DEFAULT_SCHEME,)
+    baseline_modes = any(m in BASELINE_MODES for m in modes)
+    flags = tuple(audit or (baseline_modes and i == 0) for i in range(len(schemes)))
+    return ProtectPlan(model, schemes, flags, f"{batch}x{seq}")
+
+
+# ---- packages on the host -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostPackage:
+    folder: Path
+    key: Path  # stays on the host
+    manifest: dict[str, Any] = field(repr=False)
+    protect_s: float | None = None  # protected for this run (None: given, or reused)
+
+    @property
+    def package_id(self) -> str:
+        return str(self.manifest["package_id"])
+
+    @property
+    def scheme(self) -> str:
+        return str(self.manifest.get("scheme"))
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return tuple(self.manifest.get("modes") or ())
+
+    @property
+    def has_baselines(self) -> bool:
+        return bool(self.manifest.get("baselines")) and (self.folder / BASELINES).is_file()
+
+    def facts(self) -> dict[str, Any]:
+        return {"folder": str(self.folder), "package_id": self.package_id, "scheme": self.scheme,
+                "modes": list(self.modes), "baselines": self.has_baselines,
+                "protect_s": self.protect_s, "key": str(self.key)}  # fmt: skip
+
+
+def load_package(folder: Path, key: Path | None = None, protect_s: float | None = None
+                 ) -> HostPackage:  # fmt: skip
+    """A package folder on the host and its key file (default DIR/model.key)."""
+    key = key if key is not None else folder / KEY
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except OSError as exc:
+        raise UsageError(f"--model {folder} is not a model package: {exc.strerror or exc}",
+                         hint="make one with `gcvm model protect SRC --out DIR`, or give a "
+                         "built-in model name") from None  # fmt: skip
+    except ValueError:
+        raise UsageError(f"{folder / MANIFEST} is not JSON") from None
+    if not isinstance(manifest, dict) or "package_id" not in manifest:
+        raise UsageError(f"{folder / MANIFEST} is not a model package's manifest")
+    for name in (PUBLISHED, SEALED):
+        if not (folder / name).is_file():
+            raise UsageError(f"package {folder} has no {name}",
+                             hint="copy the whole folder `protect` wrote")  # fmt: skip
+    if not key.is_file():
+        raise UsageError(f"package {folder}: no model key at {key}",
+                         hint="pass --key FILE (the key `protect` wrote; it stays on this "
+                         "host, the broker releases it)")  # fmt: skip
+    return HostPackage(folder, key, manifest, protect_s)
+
+
+def assign_modes(pkgs: Sequence[HostPackage], modes: Sequence[str]) -> dict[str, HostPackage]:
+    """Which package runs each mode (the framework's rule: the mode's own scheme first, baseline
+    modes from a package sealed with --baselines); a mode none runs is one line with a hint."""
+    chosen: dict[str, HostPackage] = {}
+    for mode in modes:
+        able = [p for p in pkgs if mode in p.modes]
+        if mode in BASELINE_MODES:
+            able = [p for p in able if p.has_baselines]
+        same = [p for p in able if p.scheme == SCHEME_OF.get(mode)]
+        if not able:
+            what = "; ".join(f"{p.folder} runs {', '.join(p.modes) or 'nothing'}" for p in pkgs)
+            hint = ("protect it with --baselines (plaintext weights: benchmarks only)"
+                    if mode in BASELINE_MODES
+                    else f"protect one with --scheme {SCHEME_OF.get(mode, '?')}")  # fmt: skip
+            raise UsageError(f"no package given can run {mode} ({what})", hint=hint)
+        chosen[mode] = (same or able)[0]
+    return chosen
+
+
+def framework_python() -> tuple[str, Path]:
+    """The checkout's venv interpreter (else gcvm's own) and the checkout itself."""
+    from orchestrator import deploy, hostworker
+
+    root = deploy.project_root()
+    return hostworker.venv_python(root), root
+
+
+def protect_argv(python: str, model: str, out: Path, scheme: str, key_out: Path, baselines: bool,
+                 reference: str, seed: int | None) -> list[str]:  # fmt: skip
+    argv = [python, "-m", "groupcover", "protect", model, "--out", str(out), "--scheme", scheme,
+            "--key-out", str(key_out), "--reference", reference]  # fmt: skip
+    if baselines:
+        argv.append("--baselines")
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    return argv
+
+
+def protect_builtin(plan: ProtectPlan, state_dir: Path, owner: Path, seed: int | None = None,
+                    timeout: float = 900) -> list[HostPackage]:  # fmt: skip
+    """Protect a built-in model on the host, one package per planned scheme (reused when the same
+    package and its key are already there)."""
+    python, root = framework_python()
+    out_root = state_dir / "packages"
+    out_root.mkdir(parents=True, exist_ok=True)
+    owner.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pkgs = []
+    for i, scheme in enumerate(plan.schemes):
+        name = plan.folder_name(i)
+        folder, key = out_root / name, owner / f"{name}.key"
+        if seed is None and (folder / MANIFEST).is_file() and key.is_file():
+            try:
+                pkg = load_package(folder, key)
+                console.print(f"package {name}: reusing {folder} ({pkg.package_id[:12]})")
+                pkgs.append(pkg)
+                continue
+            except UsageError:
+                pass
+        shutil.rmtree(folder, ignore_errors=True)  # a stale one (no key): protect it again
+        key.unlink(missing_ok=True)
+        argv = protect_argv(python, plan.model, folder, scheme, key, plan.baselines[i],
+                            plan.reference, seed)  # fmt: skip
+        console.print(f"[dim]protect on the host: {shlex.join(argv)}[/]")
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise PackageError(
+                f"protecting {plan.model} ({scheme}) took over {timeout:.0f} s"
+            ) from None
+        seconds = time.monotonic() - start
+        if proc.returncode != 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            key.unlink(missing_ok=True)
+            tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+            raise PackageError(f"protecting {plan.model} ({scheme}) on the host failed:\n{tail}")
+        pkg = load_package(folder, key, round(seconds, 2))
+        console.print(f"package {name}: protected in {seconds:.1f} s -> {folder} "
+                      f"(key {key})")  # fmt: skip
+        pkgs.append(pkg)
+    return pkgs
+
+
+def given_packages(dirs: Sequence[Path], keys: Sequence[Path]) -> list[HostPackage]:
+    """Packages the user gave (`--model DIR[,DIR..]`), used as they are."""
+    if keys and len(keys) != len(dirs):
+        raise UsageError(
+            f"{len(dirs)} package(s) but {len(keys)} --key",
+            hint="one --key FILE per package, in order (default DIR/model.key)",
+        )
+    return [load_package(d, keys[i] if keys else None) for i, d in enumerate(dirs)]
+
+
+# ---- copying into the VMs -------------------------------------------------------------------
+
+
+def guest_folder(pkg: HostPackage) -> str:
+    return f"{GUEST_ROOT}/{pkg.package_id}"
+
+
+def copy_plan(pkg: HostPackage, role: str, baselines: bool) -> list[str]:
+    """The files of `pkg` a VM of `role` gets: a master everything but the key (baselines.sealed
+    only when `baselines`), a worker the manifest and the published weights."""
+    if role == "worker":
+        return [MANIFEST, PUBLISHED]
+    files = [MANIFEST, PUBLISHED, SEALED]
+    if baselines and pkg.has_baselines:
+        files.append(BASELINES)
+    return files
+
+
+_digest_cache: dict[tuple[str, float, int], str] = {}
+_digest_lock = threading.Lock()
+
+
+def file_digest(path: Path) -> str:
+    st = path.stat()
+    cache_key = (str(path), st.st_mtime, st.st_size)
+    with _digest_lock:
+        if cache_key in _digest_cache:
+            return _digest_cache[cache_key]
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    with _digest_lock:
+        _digest_cache[cache_key] = h.hexdigest()
+    return h.hexdigest()
+
+
+class CopyTarget(Protocol):
+    name: str
+
+    def run(self, argv: list[str], *, timeout: float, check: bool = True) -> Any: ...
+
+    def put(self, local: Path, remote: str,
+            progress: Callable[[int, int], None] | None = None) -> None: ...  # fmt: skip
+
+
+def parse_digests(text: str) -> dict[str, str]:
+    found = {}
+    for line in text.splitlines():
+        digest, _, name = line.strip().partition("  ")
+        if len(digest) == 64 and name:
+            found[name] = digest
+    return found
+
+
+def _progress_printer(vm: str, name: str, size: int) -> Callable[[int, int], None]:
+    marks = iter((25, 50, 75))
+    next_mark = [next(marks, 101)]
+
+    def show(done: int, total: int) -> None:
+        pct = 100 * done // max(total, 1)
+        if pct >= next_mark[0] and done < total:
+            console.print(f"[dim]\\[{vm}] {name}: {pct}% of {size / 2**20:.1f} MiB[/]")
+            next_mark[0] = next(marks, 101)
+
+    return show
+
+
+def copy_to(target: CopyTarget, pkg: HostPackage, files: Sequence[str]) -> dict[str, Any]:
+    """Copy `files` of `pkg` into the VM, skipping those whose digest is already there; returns
+    what was copied and skipped, bytes and seconds."""
+    folder = guest_folder(pkg)
+    target.run(["mkdir", "-p", "-m", "0700", folder], timeout=30)
+    listed = target.run(["cat", f"{folder}/{DIGESTS}"], timeout=30, check=False)
+    there = parse_digests(getattr(listed, "stdout", "") or "") if getattr(listed, "rc", 1) == 0 \
+        else {}  # fmt: skip
+    copied, skipped, nbytes = [], [], 0
+    start = time.monotonic()
+    digests = {name: file_digest(pkg.folder / name) for name in files}
+    try:
+        for name in files:
+            if there.get(name) == digests[name]:
+                skipped.append(name)
+                continue
+            local = pkg.folder / name
+            size = local.stat().st_size
+            t0 = time.monotonic()
+            part = f"{folder}/.{name}.part"
+            target.put(local, part, progress=_progress_printer(target.name, name, size))
+            target.run(["mv", "-f", part, f"{folder}/{name}"], timeout=60)
+            there[name] = digests[name]
+            lines = "".join(f"{d}  {n}\n" for n, d in sorted(there.items()))
+            target.run(["sh", "-c", f"printf %s {shlex.quote(lines)} > {folder}/{DIGESTS}"],
+                       timeout=30)  # fmt: skip
+            dt = time.monotonic() - t0
+            console.print(f"[dim]\\[{target.name}] {name}: {size / 2**20:.1f} MiB in {dt:.1f} s "
+                          f"({size / 2**20 / max(dt, 1e-3):.0f} MiB/s)[/]")  # fmt: skip
+            copied.append(name)
+            nbytes += size
+    except BaseException:
+        # a half-copied file never stays under a real name; remove the partial one
+        target.run(["sh", "-c", f"rm -f {folder}/.*.part"], timeout=30, check=False)
+        raise
+    return {"vm": target.name, "package_id": pkg.package_id, "copied": copied,
+            "skipped": skipped, "bytes": nbytes,
+            "seconds": round(time.monotonic() - start, 2)}  # fmt: skip
+
+
+# ---- the broker -----------------------------------------------------------------------------
+
+
+def bridge_address(st: Any) -> str:
+    """The bridge's host-side address (the cluster network's gateway)."""
+    hw = st.worker_host
+    if hw is not None:
+        return str(hw.address)
+    subnet = (st.spec or {}).get("subnet")
+    if subnet:
+        net = ipaddress.ip_network(subnet, strict=False)
+        return str(net.network_address + 1)
+    if st.vms:  # the gateway of a VM's /24 (gcvm's own networks are /24s)
+        net = ipaddress.ip_network(f"{st.vms[0].address}/24", strict=False)
+        return str(net.network_address + 1)
+    raise PackageError(f"cluster {st.name}: cannot tell the bridge's host address")
+
+
+def broker_resources(pkgs: Sequence[HostPackage]) -> dict[str, Path]:
+    """What the broker serves: each package's key as gcvm/<package_id>/key, and with a single
+    package also as gcvm/model/key (the resource a one-package master asks for)."""
+    resources = {key_resource(p.package_id): p.key for p in pkgs}
+    if len(pkgs) == 1:
+        resources[SINGLE_RESOURCE] = pkgs[0].key
+    return resources
+
+
+def check_policy(tee: str, policy: Path | None) -> None:
+    if tee != "none" and policy is None:
+        raise UsageError(f"--tee {tee}: the broker needs a policy file to release keys",
+                         hint="pass --policy FILE (accepted measurements / MRTD and RTMRs, "
+                         "minimum TCB; see `gcvm broker serve --help`)")  # fmt: skip
+    if policy is not None and not policy.is_file():
+        raise UsageError(f"--policy {policy}: no such file")
+
+
+class RunBroker:
+    """The owner's KBS broker for one run, in this process: `Broker` + the stdlib HTTP server
+    from orchestrator.attest.broker, on a socket made inside the cluster's namespace."""
+
+    def __init__(self, netns_name: str | None, host: str, resources: dict[str, Path], tee: str,
+                 policy: Path | None = None, log_file: Path | None = None,
+                 port: int = 0) -> None:  # fmt: skip
+        check_policy(tee, policy)
+        self.netns, self.host, self.port = netns_name, host, port
+        self.resources, self.tee, self.policy, self.log_file = resources, tee, policy, log_file
+        self.server: Any = None
+        self.thread: threading.Thread | None = None
+        self._handlers: list[logging.Handler] = []
+
+    @property
+    def insecure(self) -> bool:
+        return self.tee == "none"
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None, "broker not started"
+        return f"http://{self.host}:{self.server.server_address[1]}"
+
+    def argv(self) -> list[str]:
+        """The equivalent `gcvm broker serve` command line (printed, and in the results)."""
+        argv = ["gcvm", "broker", "serve", "--listen", f"{self.host}:{self.port}"]
+        if self.policy is not None:
+            argv += ["--policy", str(self.policy)]
+        for name, path in sorted(self.resources.items()):
+            argv += ["--resource", f"{name}={path}"]
+        if self.insecure:
+            argv.append("--insecure-no-attestation")
+        if self.log_file is not None:
+            argv += ["--log", str(self.log_file)]
+        return argv
+
+    def start(self) -> RunBroker:
+        from orchestrator import netns
+        from orchestrator.attest.broker import Broker, _Server
+        from orchestrator.attest.policy import Policy, load_policy
+
+        pol = load_policy(self.policy) if self.policy is not None else Policy()
+        pol.resources.update(self.resources)
+        broker = Broker(pol, insecure_no_attestation=self.insecure)
+        broker_log = logging.getLogger("gcvm.broker")
+        broker_log.setLevel(logging.INFO)
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            handler: logging.Handler = logging.FileHandler(self.log_file)
+            handler.setFormatter(logging.Formatter("%(asctime)s broker %(levelname)s %(message)s"))
+            broker_log.addHandler(handler)
+            self._handlers.append(handler)
+        try:
+            sock = netns.listen_tcp(self.netns, self.host, self.port)
+        except OSError as exc:
+            self._drop_handlers()
+            raise PackageError(f"the broker cannot listen on {self.host}:{self.port}: "
+                               f"{exc.strerror or exc}") from None  # fmt: skip
+        server = _Server((self.host, 0), _handler_class(), bind_and_activate=False)
+        server.socket.close()
+        server.socket = sock
+        server.server_address = sock.getsockname()
+        server.broker = broker
+        self.server = server
+        self.thread = threading.Thread(target=server.serve_forever, name="gcvm-run-broker",
+                                       kwargs={"poll_interval": 0.2}, daemon=True)  # fmt: skip
+        self.thread.start()
+        log.debug("broker: %s", shlex.join(self.argv()))
+        return self
+
+    def _drop_handlers(self) -> None:
+        broker_log = logging.getLogger("gcvm.broker")
+        for handler in self._handlers:
+            broker_log.removeHandler(handler)
+            handler.close()
+        self._handlers.clear()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+            self.thread = None
+        self._drop_handlers()
+
+    def __enter__(self) -> RunBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _handler_class() -> Any:
+    from orchestrator.attest.broker import _Handler
+
+    return _Handler
