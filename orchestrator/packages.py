@@ -203,14 +203,47 @@ def protect_argv(python: str, model: str, out: Path, scheme: str, key_out: Path,
     return argv
 
 
+STANDIN = "minilm-standin"  # the stand-in secret: its checkpoint lives in the owner folder
+
+
+def owner_checkpoint(python: str, root: Path, owner: Path, timeout: float = 300) -> Path:
+    """The stand-in secret's checkpoint in the owner folder, written once (a fresh perturbation
+    from the OS CSPRNG) and protected from there: every scheme's package is the same secret
+    model, and the owner keeps what `gcvm scan --model` searches the host for."""
+    folder = owner / STANDIN
+    if (folder / "model.safetensors").is_file():
+        return folder
+    part = owner / f".{STANDIN}.part"
+    shutil.rmtree(part, ignore_errors=True)
+    argv = [python, "-m", "groupcover.models.standin", "--out", str(part)]
+    console.print(f"[dim]the owner's stand-in secret: {shlex.join(argv)}[/]")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(part, ignore_errors=True)
+        raise PackageError(f"writing the stand-in secret took over {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        shutil.rmtree(part, ignore_errors=True)
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise PackageError(f"writing the stand-in secret failed:\n{tail}")
+    part.rename(folder)
+    console.print(f"stand-in secret model: {folder} (the owner's checkpoint)")
+    return folder
+
+
 def protect_builtin(plan: ProtectPlan, state_dir: Path, owner: Path, seed: int | None = None,
                     timeout: float = 900) -> list[HostPackage]:  # fmt: skip
     """Protect a built-in model on the host, one package per planned scheme (reused when the same
-    package and its key are already there)."""
+    package and its key are already there). The stand-in secret is protected from its checkpoint
+    in the owner folder (`owner_checkpoint`)."""
     python, root = framework_python()
     out_root = state_dir / "packages"
     out_root.mkdir(parents=True, exist_ok=True)
     owner.mkdir(parents=True, exist_ok=True, mode=0o700)
+    source = plan.model
+    if plan.model == STANDIN:
+        source = str(owner_checkpoint(python, root, owner))
     pkgs = []
     for i, scheme in enumerate(plan.schemes):
         name = plan.folder_name(i)
@@ -225,7 +258,7 @@ def protect_builtin(plan: ProtectPlan, state_dir: Path, owner: Path, seed: int |
                 pass
         shutil.rmtree(folder, ignore_errors=True)  # a stale one (no key): protect it again
         key.unlink(missing_ok=True)
-        argv = protect_argv(python, plan.model, folder, scheme, key, plan.baselines[i],
+        argv = protect_argv(python, source, folder, scheme, key, plan.baselines[i],
                             plan.reference, seed)  # fmt: skip
         console.print(f"[dim]protect on the host: {shlex.join(argv)}[/]")
         env = {**os.environ, "PYTHONPATH": str(root)}

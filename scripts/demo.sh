@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: build the guest image if it is missing, boot one master VM with the no-TEE default
-# and the host worker (the seed's deployment), protect MiniLM on the host into model packages
-# (keys in the owner folder), copy them into the master, release the keys through the run's
+# and the host worker (the seed's deployment), write a stand-in secret (MiniLM perturbed from
+# the OS CSPRNG: no copy of it exists) into the owner folder, protect it on the host into model
+# packages (keys in the owner folder), copy them into the master, release the keys through the run's
 # broker (without attestation: --tee none, and every result says so), run the benchmark from
 # the packages, print the tables and the chart's path, and tear the cluster down whatever
 # happened. The sizes are small because under TCG (no usable KVM) a guest runs torch at about
@@ -25,6 +26,6 @@ finish() {
 trap finish EXIT
 trap 'exit 130' INT TERM
 "$GCVM" up --tee none --masters 1 --worker host --name "$NAME" || exit $?
-"$GCVM" run bench --name "$NAME" --model minilm \
+"$GCVM" run bench --name "$NAME" --model minilm-standin \
   --modes tee-only,plain-offload,mask-only,groupcover,hardened --batch 2 --seq 16 --repeat 3 \
   --out "$OUT"

@@ -22,7 +22,7 @@ from tests.integration.conftest import Env, assert_nothing_left, cluster_name
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 INSECURE = "model key released without attestation"
-RUN = ["--model", "minilm", "--modes", "hardened,groupcover", "--batch", "2", "--seq", "16",
+RUN = ["--model", "minilm-standin", "--modes", "hardened,groupcover", "--batch", "2", "--seq", "16",
        "--repeat", "2", "--warmup", "0", "--no-audit"]  # fmt: skip
 
 
@@ -87,14 +87,33 @@ def test_minilm_package_released_by_the_broker(
                                   "find", "/tmp", "/var/tmp", "-name", "*.sealed", "-o",
                                   "-name", "*.safetensors", "-o", "-name", "model.key")  # fmt: skip
         written = gcvm_written_paths(name)
-        # ---- SCAN HOOK (h-scan / integrator): scan `written` (and the image and the VMs'
-        # overlays under the cluster folder) for MiniLM's plaintext tensors here, before `down`
-        # removes the cluster folder; the owner folder (first["packages"]["owner"]) is excluded.
+        # nothing secret on the host: every file gcvm wrote for the cluster (state, overlays,
+        # seeds, logs, packages, results, the image: raw and guest-visible) holds no plaintext
+        # row or column of the stand-in secret, in float32, float16 or bfloat16 ...
+        checkpoint = Path(first["packages"]["owner"]) / "minilm-standin"
+        scanned = gcvm_env.gcvm("scan", "--model", str(checkpoint), "--cluster", name,
+                                "--json", timeout=1800)  # fmt: skip
+        # ... and a planted plaintext row in the cluster's folder would have been caught
+        planted = gcvm_env.home / "state" / "clusters" / name / "planted.bin"
+        from orchestrator.scan import read_safetensors
+
+        weights = read_safetensors(checkpoint / "model.safetensors")
+        row = next(v for k, v in sorted(weights.items()) if v.ndim == 2 and "query" in k)[3]
+        planted.write_bytes(b"\x01" * 4099 + row.astype("<f4").tobytes() + b"\x02" * 999)
+        caught = gcvm_env.gcvm("scan", "--model", str(checkpoint), "--paths", str(planted),
+                               timeout=600)  # fmt: skip
     finally:
         down = gcvm_env.gcvm("down", "--name", name, timeout=300)
     assert down.returncode == 0, down.stderr
     assert_nothing_left(name)
-    assert written  # what the scan hook gets
+    assert written
+    assert scanned.returncode == 0, (scanned.stdout[-4000:], scanned.stderr[-2000:])
+    report = json.loads(scanned.stdout)
+    assert report["hits"] == [] and len(report["scanned"]) >= 3, report
+    print(f"plaintext scan of the host ({len(report['scanned'])} files and views): clean in "
+          f"{report.get('seconds', 0):.0f} s")  # fmt: skip
+    assert caught.returncode == 1, (caught.stdout[-2000:], caught.stderr[-2000:])
+    assert "planted.bin" in caught.stdout
 
     # protected on the host: one package per scheme, keys in the owner folder only
     facts = first["packages"]

