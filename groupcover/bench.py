@@ -56,6 +56,7 @@ class Prepared:
     mask_budget: int | None = None  # bytes per masked mode's pool (packages)
     cleanup: list[Path] = field(default_factory=list)  # temporary packages (built-in names)
     protect_s: float = 0.0  # built-in names: protecting on the fly
+    model_name: str | None = None  # what results call the model (a package: its manifest's name)
 
     def close(self) -> None:
         import shutil
@@ -163,6 +164,8 @@ def _prepare_package(settings: RankSettings) -> Prepared:
 
 def _from_packages(settings: RankSettings, packages: dict[str, Any],
                    key_release: dict[str, Any] | None) -> Prepared:  # fmt: skip
+    from groupcover.package.runtime import is_package, open_package
+
     first = next(iter(packages.values()))
     inputs = tuple(first.inputs(settings.batch, settings.seq))
     reference = first.reference(settings.batch, settings.seq)
@@ -170,7 +173,11 @@ def _from_packages(settings: RankSettings, packages: dict[str, Any],
     if reference is None:
         note = (f"exactness not checked: no sealed reference for "
                 f"{first.reference_label(settings.batch, settings.seq)}")  # fmt: skip
-    return Prepared(None, inputs, reference, 0.0, packages, key_release, note)
+    prepared = Prepared(None, inputs, reference, 0.0, packages, key_release, note)
+    if is_package(settings.model):  # a folder: name the model, not where it was copied
+        name = (open_package(settings.model).manifest.get("model") or {}).get("name")
+        prepared.model_name = str(name) if name else None
+    return prepared
 
 
 def _prepare_builtin(settings: RankSettings) -> Prepared:
@@ -591,7 +598,7 @@ def run_master(
         prepared,
         modes,
         make_transport,
-        model_name=settings.model,
+        model_name=prepared.model_name or str(settings.model),
         batch=settings.batch,
         seq=settings.seq,
         repeat=settings.repeat,

@@ -435,3 +435,21 @@ def test_a_package_with_baselines_can_be_audited(tmp_path: Path) -> None:
     )  # fmt: skip
     assert plain["audit"]["leaks"] and hardened["audit"]["leaks"] == []
     assert hardened["rel_err"] < 1e-4
+
+
+def test_results_name_the_model_not_the_folder_it_was_copied_to(tmp_path: Path) -> None:
+    """A VM's master runs /var/lib/gcvm/packages/<id>: its results still say "minilm"-style
+    names (the manifest's), which the orchestrator's tables group by."""
+    from groupcover import bench as fw_bench
+    from groupcover.launch import RankSettings, Role
+
+    pkg = make_package(tmp_path)
+    name = json.loads((pkg / "manifest.json").read_text())["model"]["name"]
+    settings = RankSettings(role=Role.master, rank=0, world_size=2, worker=1, model=str(pkg),
+                            modes=("hardened-nomask",), batch=2, seq=16,
+                            key_file=pkg / "model.key")  # fmt: skip
+    prepared = fw_bench.prepare(settings)
+    try:
+        assert prepared.model_name == name and name not in ("", str(pkg))
+    finally:
+        prepared.close()
