@@ -20,7 +20,7 @@ import torch
 
 from groupcover.errors import UsageError
 from groupcover.master import NothingToOffload, offloadable_layers
-from groupcover.package import container, fastobf, secrets
+from groupcover.package import container, secrets
 from groupcover.package.published import dtype_name, tensor_digest, write_published
 from groupcover.package.seal import new_key, seal_file
 from groupcover.package.source import Source, load_source, spec_to_json
@@ -125,7 +125,7 @@ def protect_source(source: Source, out: Path, options: ProtectOptions) -> dict[s
             weight = layer.weight.detach()
             bias = None if layer.bias is None else layer.bias.detach()
             worker_op = scheme.worker_op(op)
-            obfuscated, secret = fastobf.obfuscate(scheme, weight, bias, obfuscation.spawn(name))
+            obfuscated, secret = scheme.obfuscate(weight, bias, obfuscation.spawn(name))
             obfuscated = obfuscated.to(weight.dtype).contiguous()
             published[index] = obfuscated
             entry = {

@@ -100,10 +100,37 @@ class Butterfly:
     def dense(self) -> torch.Tensor:
         return self.apply_table(torch.eye(self.size, dtype=torch.float64))
 
+    # A butterfly's inverse is another butterfly (inverse blocks, inverse permutations, reverse
+    # order) and its inverse-transpose has the forward structure with the blocks'
+    # inverse-transposes: `obfuscate` costs a few block products per side instead of dense
+    # solves (about 34 GFLOP for a 3072-wide side in float64).
+
+    def inverse_transpose_apply(self, table: torch.Tensor) -> torch.Tensor:
+        """B^-T table (float64): the forward structure, every block its inverse-transpose."""
+        for perm, blocks in zip(self.perms, self.blocks, strict=False):
+            table = _block_product(table.index_select(0, perm),
+                                   torch.linalg.inv(blocks).transpose(-2, -1))  # fmt: skip
+        return table.index_select(0, self.perms[-1])
+
+    def inverse_apply(self, table: torch.Tensor) -> torch.Tensor:
+        """A^-1 table (float64): undo the last permutation, then each stage in reverse."""
+        table = table.index_select(0, torch.argsort(self.perms[-1]))
+        for perm, blocks in zip(reversed(self.perms[:-1]), reversed(self.blocks), strict=True):
+            table = _block_product(table, torch.linalg.inv(blocks))
+            table = table.index_select(0, torch.argsort(perm))
+        return table
+
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         named = {f"{prefix} permutation {i}": p for i, p in enumerate(self.perms)}
         named.update({f"{prefix} blocks {i}": b for i, b in enumerate(self.blocks)})
         return named
+
+
+def _block_product(table: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """blockdiag(blocks) @ table, for an (n, count) table and (n/b, b, b) blocks."""
+    n, count = table.shape
+    groups, b, _ = blocks.shape
+    return torch.bmm(blocks, table.reshape(groups, b, count)).view(n, count)
 
 
 def _haar(rng: SecretRandomLike, count: int, b: int) -> torch.Tensor:
@@ -197,13 +224,13 @@ class HardenedScheme(Scheme):
                 rng, in_features, self.rounds, self.cond, self._block(in_features)
             )
             last = w.movedim(1, -1)  # (out, *kernel, in): W B^-1 at every kernel position
-            solved = torch.linalg.solve(inputs.dense().t(), last.reshape(-1, in_features).t())
-            w = solved.t().reshape(last.shape).movedim(-1, 1)
+            rows = last.reshape(-1, in_features).t().contiguous()  # (W B^-1)^T = B^-T W^T
+            w = inputs.inverse_transpose_apply(rows).t().reshape(last.shape).movedim(-1, 1)
         if self.sides in ("both", "out"):
             outputs = draw_butterfly(
                 rng, out_features, self.rounds, self.cond, self._block(out_features)
             )
-            rows = torch.linalg.solve(outputs.dense(), w.reshape(out_features, -1))
+            rows = outputs.inverse_apply(w.reshape(out_features, -1).contiguous())
             w = rows.reshape(w.shape)  # A^-1 W B^-1
         kept = None if bias is None else bias.detach().to(torch.float32).clone()
         dim = -1 if weight.dim() == 2 else 1
