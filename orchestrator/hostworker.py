@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -246,20 +246,24 @@ def live_jobs(folder: Path) -> list[int]:
     return found
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Every process in the process group `pgid` (the supervisor, its job, their children)."""
-    found = []
-    for entry in Path("/proc").iterdir():
+def group_stats(pgid: int, proc: Path = Path("/proc")) -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command) of every live (not zombie)
+    process in the process group `pgid`; `gcvm top` reads its CPU and memory from them."""
+    for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        rest = stat.rpartition(")")[2].split()
+        rest = stat.rpartition(")")[2].split()  # state ppid pgrp session ...
         if len(rest) > 3 and rest[0] != "Z" and int(rest[2]) == pgid:
-            found.append(int(entry.name))
-    return sorted(found)
+            yield int(entry.name), rest
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Every process in the process group `pgid` (the supervisor, its job, their children)."""
+    return sorted(pid for pid, _ in group_stats(pgid))
 
 
 def _group_alive(pgid: int) -> bool:

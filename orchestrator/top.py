@@ -49,21 +49,16 @@ def proc_group_usage(pgid: int, proc: Path = Path("/proc")) -> tuple[float, floa
 
 def proc_group_parts(pgid: int, proc: Path = Path("/proc")) -> tuple[dict[int, float], float]:
     """({pid: CPU seconds}, resident MiB) of every live process in group `pgid`."""
+    from orchestrator.hostworker import group_stats
+
     per_pid: dict[int, float] = {}
     rss_pages = 0
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields_ = stat.rpartition(")")[2].split()
+    for pid, fields_ in group_stats(pgid, proc):
         # after the command: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
         # utime stime cutime cstime priority nice threads itrealvalue starttime vsize rss
-        if len(fields_) < 22 or int(fields_[2]) != pgid or fields_[0] == "Z":
+        if len(fields_) < 22:
             continue
-        per_pid[int(entry.name)] = (int(fields_[11]) + int(fields_[12])) / CLOCK_TICKS
+        per_pid[pid] = (int(fields_[11]) + int(fields_[12])) / CLOCK_TICKS
         rss_pages += int(fields_[21])
     return per_pid, rss_pages * PAGE_KIB / 1024
 
