@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -226,9 +227,8 @@ def launch(settings: RankSettings) -> int:
                             on_ready=lambda text: progress(settings, text))  # fmt: skip
             progress(settings, "every rank has finished")
             return 0
-        if settings.transport == "torch-rpc":
-            return _run_master(settings)
-        return _run_master_tcp(settings)
+        rpc_master = _run_master_rpc if settings.transport == "torch-rpc" else _run_master_wire
+        return _run_master(settings, rpc_master)
     except GroupCoverError as exc:
         print_error(exc)
         return exc.exit_code
@@ -249,12 +249,13 @@ def worker_state(settings: RankSettings) -> WorkerState:
     return state
 
 
-def _run_master(settings: RankSettings) -> int:
+def _run_master(settings: RankSettings, run: Callable[[RankSettings, object], int]) -> int:
+    """Prepare the model, then run the master over the chosen transport (`run`)."""
     from groupcover import bench
 
     prepared = bench.prepare(settings)  # load the model before joining: a bad model exits early
     try:
-        return _run_master_rpc(settings, prepared)
+        return run(settings, prepared)
     finally:
         prepared.close()
 
@@ -295,18 +296,8 @@ def _run_master_rpc(settings: RankSettings, prepared: object) -> int:
             rpc.leave(graceful=False)
 
 
-def _run_master_tcp(settings: RankSettings) -> int:
-    """A master over the default wire: tensors only, every reply checked."""
-    from groupcover import bench
-
-    prepared = bench.prepare(settings)  # load the model before joining: a bad model exits early
-    try:
-        return _run_master_wire(settings, prepared)
-    finally:
-        prepared.close()
-
-
 def _run_master_wire(settings: RankSettings, prepared: object) -> int:
+    """A master over the default wire: tensors only, every reply checked."""
     from groupcover import bench
     from groupcover.wire import world
 
