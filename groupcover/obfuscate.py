@@ -8,7 +8,11 @@ kernels, the permuted axis is the input channel.
 Online (`demix`): the de-mixing is stored in output order as an `(out, k)` gather index and
 coefficient table (tail groups padded with zero coefficients), so one `embedding_bag` pass
 computes every output feature as a weighted sum of k features of the worker's result: no loop over
-groups, no tiny matmuls. The gather table needs one contiguous row per feature. For linear layers
+groups, no tiny matmuls. That is the fastest kernel where torch has its AVX2 path for it; on a
+CPU without AVX2 (a TCG guest's baseline model, old hosts) torch's generic `embedding_bag` is
+10-15x slower than gathering each group's rows, one batched k x k product and a scatter back
+(`GroupedDemix`), so `demix` takes that path there. The gather table needs one contiguous row
+per feature. For linear layers
 the worker computes `W'' @ x^T` (same FLOPs as `x @ W''^T`) and hands back features-first memory,
 so the table is its result as is, and the restored output is returned features-first too (a
 transposed view, shape `(..., out)`): no transposed copy on the master. Convolution results
@@ -168,6 +172,52 @@ def restore_tables(
     return index, coef
 
 
+@dataclass(frozen=True)
+class GroupedDemix:
+    """The de-mixing as whole groups: gather each group's k rows (`order`, padding slots read
+    row 0), one batched (k x k) product with `inverse` (float32, zero on padding columns) that
+    also adds the bias (`bias`, in the same group order), then each output feature's row of the
+    product (`position`)."""
+
+    order: torch.Tensor  # (G * k,) rows of the worker's result, group by group
+    inverse: torch.Tensor  # (G, k, k) float32
+    position: torch.Tensor  # (out,) row of the (G * k) product that is output feature i
+    bias: torch.Tensor | None  # (G, k, 1) float32, zero on padding slots
+
+    @classmethod
+    def from_groups(
+        cls, groups: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> GroupedDemix:
+        valid = groups >= 0
+        slots = torch.nonzero(valid.reshape(-1)).flatten()
+        position = torch.empty(int(valid.sum()), dtype=torch.long)
+        position[groups[valid]] = slots
+        coefficients = (inverse * valid.unsqueeze(1)).to(torch.float32).contiguous()
+        grouped_bias = None
+        if bias is not None:
+            grouped_bias = torch.zeros(groups.shape, dtype=torch.float32)
+            grouped_bias[valid] = bias.to(torch.float32)[groups[valid]]
+            grouped_bias = grouped_bias.unsqueeze(-1)
+        order = groups.clamp(min=0).reshape(-1).contiguous()
+        return cls(order, coefficients, position, grouped_bias)
+
+    def apply_rows(self, table: torch.Tensor) -> torch.Tensor:
+        """(out, N) rows -> (out, N) de-mixed rows plus the bias."""
+        n_groups, k, _ = self.inverse.shape
+        gathered = table.index_select(0, self.order).view(n_groups, k, -1)
+        inverse = self.inverse.to(table.dtype)
+        if self.bias is None:
+            product = torch.bmm(inverse, gathered)
+        else:
+            product = torch.baddbmm(self.bias.to(table.dtype), inverse, gathered)
+        return product.view(n_groups * k, -1).index_select(0, self.position)
+
+
+def gather_kernel_is_vectorised() -> bool:
+    """Whether torch runs `embedding_bag` with its AVX2 (or wider) kernels on this CPU."""
+    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "")
+
+
 def demix(
     y: torch.Tensor,
     index: torch.Tensor,
@@ -177,6 +227,7 @@ def demix(
     mask_u: torch.Tensor | None = None,
     *,
     features_first_out: bool = False,
+    grouped: GroupedDemix | None = None,
 ) -> torch.Tensor:
     """The layer's output from the worker's result: unmask, de-mix and add the bias.
 
@@ -185,11 +236,12 @@ def demix(
     transposed op returns; a row-major result is transposed first). With `features_first_out`
     the result stays features-first (a transposed view, shape `(..., out)`), else it is made
     row-major with one blocked transpose. Convolution results (N, C, *spatial) already hold one
-    row per channel.
+    row per channel. With `grouped` (the same de-mixing as `GroupedDemix`) the batched
+    product replaces `embedding_bag`: same values, the faster kernel where AVX2 is missing.
     """
     if channel_dim == -1:
-        return _demix_last(y, index, coef, bias, mask_u, features_first_out)
-    return _demix_channels(y, index, coef, bias, mask_u)
+        return _demix_last(y, index, coef, bias, mask_u, features_first_out, grouped)
+    return _demix_channels(y, index, coef, bias, mask_u, grouped)
 
 
 def permute_input(x: torch.Tensor, perm: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -224,6 +276,7 @@ def _demix_last(
     bias: torch.Tensor | None,
     mask_u: torch.Tensor | None,
     features_first_out: bool,
+    grouped: GroupedDemix | None = None,
 ) -> torch.Tensor:
     """Linear outputs (..., out): one `embedding_bag` over the rows of the (out, N) table.
 
@@ -236,9 +289,12 @@ def _demix_last(
     table = features_first(y)
     if table is None:
         table = y.reshape(-1, features).t().contiguous()
-    restored = F.embedding_bag(index, table, per_sample_weights=coef, mode="sum")
-    if bias is not None:
-        restored.add_(bias.view(-1, 1))
+    if grouped is not None:
+        restored = grouped.apply_rows(table)  # the bias included
+    else:
+        restored = F.embedding_bag(index, table, per_sample_weights=coef, mode="sum")
+        if bias is not None:
+            restored.add_(bias.view(-1, 1))
     if features_first_out:
         return restored.t().view(y.shape)
     out = torch.empty(restored.shape[1], restored.shape[0], dtype=restored.dtype)
@@ -252,21 +308,30 @@ def _demix_channels(
     coef: torch.Tensor,
     bias: torch.Tensor | None,
     mask_u: torch.Tensor | None,
+    grouped: GroupedDemix | None = None,
 ) -> torch.Tensor:
     """Convolution outputs (N, C, *spatial): rows of the (N * C, spatial) view are gathered."""
     batch, channels = y.shape[0], y.shape[1]
     rows = batch * channels
     if mask_u is not None:
         y = y.sub_(mask_u)
+    if grouped is not None:
+        # channels first: one (C, N * spatial) table, de-mixed as rows, moved back
+        table = y.reshape(batch, channels, -1).transpose(0, 1).reshape(channels, -1)
+        mixed = grouped.apply_rows(table).view(channels, batch, -1).transpose(0, 1)
+        return mixed.reshape(y.shape)  # the bias included
     table = y.reshape(rows, -1)
     offsets = (torch.arange(batch) * channels).view(batch, 1, 1)
     batch_index = (index + offsets).view(rows, -1)
     batch_coef = coef.expand(batch, -1, -1).reshape(rows, -1)
     restored = F.embedding_bag(batch_index, table, per_sample_weights=batch_coef, mode="sum")
-    restored = restored.view(y.shape)
+    return _add_channel_bias(restored.view(y.shape), bias)
+
+
+def _add_channel_bias(restored: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if bias is None:
         return restored
-    shape = [1] * y.dim()
+    shape = [1] * restored.dim()
     shape[1] = -1
     return restored.add_(bias.view(shape))
 

@@ -8,6 +8,7 @@ master (`prepare_input`) and turns the worker's result back into the layer's tru
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 
@@ -158,6 +159,10 @@ class GroupCoverScheme(Scheme):
             raise UsageError(f"group size k={k} is not a power of two", hint="use k = 2, 4 or 8")
         self.k = k
         self.cond_bound = cond_bound
+        # None: embedding_bag (torch's AVX2 kernel); else each secret's GroupedDemix, built once
+        self._grouped: weakref.WeakKeyDictionary[LayerSecret, obfuscate.GroupedDemix] | None = (
+            None if obfuscate.gather_kernel_is_vectorised() else weakref.WeakKeyDictionary()
+        )
 
     def obfuscate(
         self, weight: torch.Tensor, bias: torch.Tensor | None, rng: SecretRandom
@@ -205,7 +210,21 @@ class GroupCoverScheme(Scheme):
             secret.channel_dim,
             mask_u,
             features_first_out=features_first,
+            grouped=self._grouped_tables(secret),
         )
+
+    def use_grouped_kernel(self, grouped: bool) -> None:
+        """Force the de-mixing kernel (tests, benchmarks); the default follows the CPU."""
+        self._grouped = weakref.WeakKeyDictionary() if grouped else None
+
+    def _grouped_tables(self, secret: LayerSecret) -> obfuscate.GroupedDemix | None:
+        if self._grouped is None or secret.groups is None or secret.inverse is None:
+            return None
+        tables = self._grouped.get(secret)
+        if tables is None:
+            tables = obfuscate.GroupedDemix.from_groups(secret.groups, secret.inverse, secret.bias)
+            self._grouped[secret] = tables
+        return tables
 
 
 SCHEMES: dict[str, type[Scheme]] = {

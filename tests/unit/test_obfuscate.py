@@ -243,3 +243,59 @@ def test_features_first_results_cross_the_transport(transport: Transport) -> Non
     y = transport.run("fc", x)
     assert is_features_first(y)  # the de-mixing gathers from it without a transposed copy
     assert torch.allclose(y, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("out", [1, 3, 6, 33, 64])
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_grouped_kernel_gives_the_embedding_bag_values(out: int, k: int) -> None:
+    """The batched-product de-mixing (chosen where torch has no AVX2 embedding_bag) restores
+    the same outputs: row-major and features-first, masked and not, tails included."""
+    weight, bias = torch.randn(out, 20, generator=gen(out)), torch.randn(out, generator=gen(46))
+    x, r = torch.randn(3, 7, 20, generator=gen(47)), torch.randn(3, 7, 20, generator=gen(48))
+    grouped, gathered = GroupCoverScheme(k), GroupCoverScheme(k)
+    grouped.use_grouped_kernel(True)
+    gathered.use_grouped_kernel(False)
+    published, secret = grouped.obfuscate(weight, bias, secrets(49))
+    op = grouped.worker_op(LayerOp("linear"))
+    reference = F.linear(x, weight, bias)
+    for features_first in (False, True):
+        for masked in (False, True):
+            outputs = []
+            for scheme in (grouped, gathered):
+                sent = scheme.prepare_input(x, secret) + (r if masked else 0)
+                u = apply_op(op, r, published) if masked else None
+                y = apply_op(op, sent, published)
+                outputs.append(scheme.restore(y, secret, u, features_first=features_first))
+            assert rel_error(outputs[0], reference) < 1e-5
+            assert rel_error(outputs[0], outputs[1]) < 1e-6
+            if out > 1:
+                assert is_features_first(outputs[0]) == features_first
+
+
+def test_grouped_kernel_restores_convolutions() -> None:
+    scheme = GroupCoverScheme(4)
+    scheme.use_grouped_kernel(True)
+    weight2d, bias = torch.randn(10, 6, 3, 3, generator=gen(50)), torch.randn(10, generator=gen(51))
+    x = torch.randn(2, 6, 9, 9, generator=gen(52))
+    published, secret = scheme.obfuscate(weight2d, bias, secrets(53))
+    r = torch.randn_like(x)
+    u = F.conv2d(r, published, stride=2, padding=1)
+    y = F.conv2d(scheme.prepare_input(x, secret) + r, published, stride=2, padding=1)
+    ref = F.conv2d(x, weight2d, bias, stride=2, padding=1)
+    assert rel_error(scheme.restore(y, secret, mask_u=u), ref) < 1e-5
+    weight1d, bias1d = torch.randn(13, 6, 1, generator=gen(54)), torch.randn(13, generator=gen(55))
+    x1 = torch.randn(3, 6, 11, generator=gen(56))
+    published, secret = scheme.obfuscate(weight1d, bias1d, secrets(57))
+    y = F.conv1d(scheme.prepare_input(x1, secret), published)
+    assert rel_error(scheme.restore(y, secret), F.conv1d(x1, weight1d, bias1d)) < 1e-5
+
+
+@pytest.mark.parametrize(("capability", "grouped"), [("DEFAULT", True), ("AVX2", False),
+                                                      ("AVX512", False)])  # fmt: skip
+def test_the_kernel_follows_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, capability: str, grouped: bool
+) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    scheme = GroupCoverScheme(4)
+    _published, secret = scheme.obfuscate(torch.randn(8, 5, generator=gen(58)), None, secrets(59))
+    assert (scheme._grouped_tables(secret) is not None) == grouped
