@@ -16,6 +16,7 @@ import torch
 
 from groupcover import obfuscate
 from groupcover.errors import UsageError
+from groupcover.obfuscate import GroupedDemix
 from groupcover.rng import SecretRandom
 from groupcover.transport import LayerOp, OpKind
 
@@ -160,7 +161,7 @@ class GroupCoverScheme(Scheme):
         self.k = k
         self.cond_bound = cond_bound
         # None: embedding_bag (torch's AVX2 kernel); else each secret's GroupedDemix, built once
-        self._grouped: weakref.WeakKeyDictionary[LayerSecret, obfuscate.GroupedDemix] | None = (
+        self._grouped: weakref.WeakKeyDictionary[LayerSecret, GroupedDemix] | None = (
             None if obfuscate.gather_kernel_is_vectorised() else weakref.WeakKeyDictionary()
         )
 
@@ -217,12 +218,12 @@ class GroupCoverScheme(Scheme):
         """Force the de-mixing kernel (tests, benchmarks); the default follows the CPU."""
         self._grouped = weakref.WeakKeyDictionary() if grouped else None
 
-    def _grouped_tables(self, secret: LayerSecret) -> obfuscate.GroupedDemix | None:
+    def _grouped_tables(self, secret: LayerSecret) -> GroupedDemix | None:
         if self._grouped is None or secret.groups is None or secret.inverse is None:
             return None
         tables = self._grouped.get(secret)
         if tables is None:
-            tables = obfuscate.GroupedDemix.from_groups(secret.groups, secret.inverse, secret.bias)
+            tables = GroupedDemix.from_groups(secret.groups, secret.inverse, secret.bias)
             self._grouped[secret] = tables
         return tables
 
