@@ -470,6 +470,7 @@ def assemble(
     mask_pool: int = DEFAULT_MASK_POOL,
     mask_budget: int | None = None,
     audit_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    audit_verdicts: dict[str, dict[str, Any]] | None = None,
     example_inputs: Sequence[torch.Tensor] | None = None,
     mask_policy: MaskPolicy | str = MaskPolicy.REFILL,
     mode: str = "",
@@ -480,7 +481,8 @@ def assemble(
     `module` is the model with its non-offloaded parameters loaded; each layer's proxy replaces
     its name and aliases there. Published weights are never all held: `load` reads one when the
     transport, the mask pool or the integrity check needs it. `audit_weights` (plaintext weights,
-    from a package's sealed baselines only) lets the payload audit run.
+    from a package's sealed baselines only) lets the payload audit run; `audit_verdicts` are the
+    publish checks the package's protect made (`Audit.accept_verdicts`).
     """
     rng = SecretRandom.create(seed)
     check_rng = rng.spawn("integrity")
@@ -490,6 +492,7 @@ def assemble(
     auditor = None
     if audit_weights is not None:
         auditor = Audit(mode=mode or scheme.name)
+        auditor.accept_verdicts(audit_verdicts or {})
         transport.add_observer(auditor.observe)
     compute = MASK_DTYPE if masked else None
     proxies: dict[str, OffloadedLayer] = {}

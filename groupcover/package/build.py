@@ -112,6 +112,7 @@ def protect_source(source: Source, out: Path, options: ProtectOptions) -> dict[s
     bundle: dict[str, torch.Tensor] = {}
     plain: dict[str, torch.Tensor] = {}
     layers: list[dict[str, Any]] = []
+    audited: list[tuple[str, torch.Tensor, torch.Tensor | None, Any, torch.Tensor]] = []
     by_module: dict[int, dict[str, Any]] = {}
     removed: set[str] = set()
     with torch.no_grad():
@@ -140,6 +141,7 @@ def protect_source(source: Source, out: Path, options: ProtectOptions) -> dict[s
                 plain[f"plain/{index}/weight"] = weight.contiguous().clone()
                 if bias is not None:
                     plain[f"plain/{index}/bias"] = bias.contiguous().clone()
+                audited.append((name, weight, bias, secret, obfuscated))
         state_keys = []
         for entry_name, value in module.state_dict(keep_vars=False).items():
             if entry_name in removed:
@@ -184,8 +186,12 @@ def protect_source(source: Source, out: Path, options: ProtectOptions) -> dict[s
                                   label=f"gcvm master bundle {package_id}")  # fmt: skip
         baselines = None
         if options.baselines:
+            audit_start = time.perf_counter()
+            verdicts = publish_audit(audited, options.scheme)
+            baselines_meta = {"package_id": package_id, "publish_audit": verdicts,
+                              "publish_audit_s": time.perf_counter() - audit_start}  # fmt: skip
             baselines = seal_file(staging / BASELINES,
-                                  container.pack(plain, {"package_id": package_id}), key,
+                                  container.pack(plain, baselines_meta), key,
                                   label=f"gcvm baselines {package_id}")  # fmt: skip
         manifest = _manifest(spec, options, package_id, layers, modes, sealed_digest, baselines,
                              references, state_keys, time.perf_counter() - start)  # fmt: skip
@@ -201,6 +207,23 @@ def protect_source(source: Source, out: Path, options: ProtectOptions) -> dict[s
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def publish_audit(
+    layers: list[tuple[str, torch.Tensor, torch.Tensor | None, Any, torch.Tensor]], mode: str
+) -> dict[str, dict[str, Any]]:
+    """The payload audit's publish checks on every published weight, made here once (the
+    plaintext is at hand) and sealed with the baselines: a master's audit takes each verdict
+    for a published payload with the same SHA-256 (see `groupcover.audit`). Every layer is
+    registered first, so each weight is checked against every layer's plaintext and secrets."""
+    from groupcover.audit import Audit
+
+    audit = Audit(mode=mode)
+    with torch.no_grad():
+        for name, weight, bias, secret, _ in layers:
+            audit.register_layer(name, weight, bias, secret)
+        return {name: audit.publish_verdict(name, published)
+                for name, _, _, _, published in layers}  # fmt: skip
 
 
 def _write_key(path: Path, key: bytes) -> None:

@@ -136,6 +136,7 @@ class UnsealedPackage:
     tensors: dict[str, torch.Tensor] = field(repr=False)
     published: PublishedFile
     _plain: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _publish_verdicts: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.spec: ModelSpec = spec_from_json(self.meta["model"], self.tensors)
@@ -197,6 +198,7 @@ class UnsealedPackage:
             if meta.get("package_id") != self.package_id:
                 raise PackageError(f"{path} belongs to another package")
             self._plain = tensors
+            self._publish_verdicts = dict(meta.get("publish_audit") or {})
         return self._plain
 
     def _plain_weight(self, entry: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -248,8 +250,11 @@ class UnsealedPackage:
         scheme: Scheme = IdentityScheme() if baseline else self.scheme
         layers = []
         audit_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        verdicts: dict[str, dict[str, Any]] = {}
         if audit and self.meta.get("baselines"):
             audit_weights = {e["name"]: self._plain_weight(e) for e in self.layers}
+            if not baseline:  # baseline modes publish the plaintext, not the package's weights
+                verdicts = self._publish_verdicts
         for entry in self.layers:
             op = _op(entry["plain_op"] if baseline else entry["op"])
             shape = tuple(entry["shape"])
@@ -278,7 +283,8 @@ class UnsealedPackage:
         built = assemble(
             module, layers, transport, scheme=scheme, masked=masked, seed=seed,
             mask_pool=mask_pool, mask_budget=mask_budget, audit_weights=audit_weights,
-            example_inputs=example if masked else None, mode=chosen, verify=verify,
+            audit_verdicts=verdicts, example_inputs=example if masked else None, mode=chosen,
+            verify=verify,
         )  # fmt: skip
         if audit and audit_weights is None:
             built.audit_note = AUDIT_SKIPPED

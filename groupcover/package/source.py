@@ -9,10 +9,11 @@ plus what the bundle needs (the tokenizer, the factory's source, fixed example i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,8 +171,31 @@ def build_skeleton(spec: ModelSpec) -> nn.Module:
         from groupcover.models import load_model
 
         return load_model(spec.name, MODEL_SEED)[0].eval()
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         return _make(spec).eval()
+
+
+_INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                   "xavier_uniform_", "xavier_normal_", "orthogonal_")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Modules built inside skip their random initialisation (the bundle's values replace every
+    parameter). On meta tensors torch still runs the initialisers through its Python reference
+    implementations: seconds per model on a host, tens of seconds in an emulated guest."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+
+    def skip(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return tensor
+
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, skip)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 def _make(spec: ModelSpec) -> nn.Module:

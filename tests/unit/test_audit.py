@@ -399,3 +399,57 @@ def test_audits_of_one_model_share_the_plaintext_index_and_free_it() -> None:
     del first, second, ours, theirs, protected
     gc.collect()
     assert not any(key[0].startswith(leaked) for key in list(audit_module._SHARED_TABLES))
+
+
+def _layer(seed: int = 60) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    weight, bias = torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    from groupcover.rng import SecretRandom
+
+    published, secret = GroupCoverScheme(4).obfuscate(weight, bias, SecretRandom.from_seed(seed))
+    return weight, bias, secret, published
+
+
+def test_a_verdict_made_ahead_is_taken_only_for_the_bytes_it_checked() -> None:
+    """The publish checks a package's protect made stand in for the master's only when the
+    payload is those bytes: a swapped-in plaintext weight under the clean verdict is caught."""
+    weight, bias, secret, published = _layer()
+    ahead = Audit(mode="groupcover")
+    ahead.register_layer("l", weight, bias, secret)
+    verdict = ahead.publish_verdict("l", published)
+    assert verdict["leaks"] == [] and verdict["dtype"] == "float32"
+
+    taken = Audit(mode="groupcover")
+    taken.register_layer("l", weight, bias, secret)
+    taken.accept_verdicts({"l": verdict})
+    taken.observe("publish", "l", published.to(torch.float64))  # masked modes publish float64
+    assert taken.verdicts_taken == 1 and taken.leaks == []
+
+    swaps = {"plaintext": weight, "extra bits": published.to(torch.float64) + 1e-9,
+             "rows moved": published[torch.randperm(24)]}  # fmt: skip
+    for what, swapped in swaps.items():
+        hostile = Audit(mode="groupcover")
+        hostile.register_layer("l", weight, bias, secret)
+        hostile.accept_verdicts({"l": verdict})
+        hostile.observe("publish", "l", swapped)
+        assert hostile.verdicts_taken == 0, what  # checked in full
+        if what == "plaintext":
+            assert any("published weight equals the plaintext weight" in m for m in hostile.leaks)
+
+
+def test_a_verdict_made_ahead_carries_its_leaks() -> None:
+    """A leaking publish found at protect time is reported by the master that takes the verdict,
+    with the same messages the live checks raise."""
+    weight, bias, secret, _ = _layer(61)
+    ahead = Audit(mode="x")
+    ahead.register_layer("l", weight, bias, secret)
+    verdict = ahead.publish_verdict("l", weight)  # a scheme that publishes the plaintext
+    live = Audit(mode="x")
+    live.register_layer("l", weight, bias, secret)
+    live.observe("publish", "l", weight)
+    taken = Audit(mode="x")
+    taken.register_layer("l", weight, bias, secret)
+    taken.accept_verdicts({"l": verdict})
+    taken.observe("publish", "l", weight)
+    assert verdict["leaks"] and taken.verdicts_taken == 1
+    assert taken.leaks == live.leaks == verdict["leaks"]

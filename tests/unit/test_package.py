@@ -454,3 +454,36 @@ def test_results_name_the_model_not_the_folder_it_was_copied_to(tmp_path: Path) 
         assert prepared.model_name == name and name not in ("", str(pkg))
     finally:
         prepared.close()
+
+
+def test_the_publish_audit_is_made_at_protect_time(tmp_path: Path, monkeypatch) -> None:
+    """protect --baselines seals the publish checks' verdicts: the master's audit takes them
+    (no check repeated) and still reports a leak that protect found."""
+    clean = make_package(tmp_path, baselines=True)
+    original = HardenedScheme.obfuscate
+
+    def leaky(self, weight, bias, rng):  # a scheme that publishes the plaintext
+        _, secret = original(self, weight, bias, rng)
+        return weight.detach().clone(), secret
+
+    monkeypatch.setattr(HardenedScheme, "obfuscate", leaky)
+    leaking = protect_source(small_bert()[1], tmp_path / "leaky",
+                             ProtectOptions(scheme="hardened", baselines=True,
+                                            references=((2, 16),)))  # fmt: skip
+    assert leaking["layers"]
+    monkeypatch.setattr(HardenedScheme, "obfuscate", original)
+    reports = {}
+    for path in (clean, tmp_path / "leaky"):
+        settings = RankSettings(Role.master, 0, 2, worker=1, model=str(path), modes=("hardened",),
+                                batch=2, seq=16, key_file=path / "model.key")  # fmt: skip
+        prepared = bench.prepare(settings)
+        (result,) = bench.benchmark(
+            prepared, settings.modes, lambda mode: InProcessTransport(owner=mode), model_name="x",
+            batch=2, seq=16, repeat=1, warmup=0, seed=None, audit=True,
+        )  # fmt: skip
+        reports[path] = result["audit"]
+    layers = len(json.loads((clean / "manifest.json").read_text())["layers"])
+    assert reports[clean]["leaks"] == [] and reports[clean]["publish_verdicts_taken"] == layers
+    leaked = reports[tmp_path / "leaky"]
+    assert leaked["publish_verdicts_taken"] == layers
+    assert any("published weight equals the plaintext weight" in m for m in leaked["leaks"])
