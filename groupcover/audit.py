@@ -355,11 +355,13 @@ def noise_floor(tokens: int, features: int) -> float:
     return _FLOORS[key]
 
 
-def _fingerprint(t: torch.Tensor) -> tuple[int, float, float]:
-    flat = _f64(t).reshape(-1)
-    g = torch.Generator().manual_seed(NOISE_FLOOR_SEED)
-    w = torch.rand(flat.numel(), generator=g, dtype=torch.float64)
-    return flat.numel(), float(flat @ w), float(flat.abs().sum())
+def _fingerprint(t: torch.Tensor) -> tuple[str, tuple[int, ...], str]:
+    """A tensor's content (dtype, shape, BLAKE2b of its bytes): the shared-table cache's key and
+    the mask-reuse check's stamp. A hash, not a random projection: under emulation drawing a
+    projection vector as long as the tensor costs more than hashing it."""
+    data = t.detach().cpu().contiguous().reshape(-1)
+    raw = data.view(torch.uint8).numpy().data.cast("B") if data.numel() else memoryview(b"")
+    return _dtype_name(t.dtype), tuple(t.shape), hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
 @dataclass
@@ -374,7 +376,7 @@ class Audit:
     _index: _SignatureIndex = field(default_factory=_SignatureIndex)
     _calls: dict[str, _Call] = field(default_factory=dict)
     _leaks: dict[str, int] = field(default_factory=dict)
-    _mask_prints: dict[tuple[int, float, float], str] = field(default_factory=dict)
+    _mask_prints: dict[tuple[str, tuple[int, ...], str], str] = field(default_factory=dict)
     _leakage: dict[int, _Leakage] = field(default_factory=dict)
     _exposed: set[str] = field(default_factory=set)
     _audited_calls: int = 0
