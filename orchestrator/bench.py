@@ -520,6 +520,8 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
             for r in remotes.values():
                 r.close()
 
+    verdicts = report.broker_verdicts(broker.decisions if broker else [],
+                                      {str(vm.address): vm.name for vm in st.vms})  # fmt: skip
     document = {
         "settings": asdict(settings),
         "cluster": cluster_facts(st),
@@ -531,7 +533,9 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
             "insecure": tee == "none",
             "tee": tee,
             "policy": settings.policy,
+            "decisions": broker.decisions if broker else [],
         },
+        "attestation": verdicts,
         "runs": runs,
         "aggregate": report.aggregate(runs),
         "key_release": report.key_releases(runs),
@@ -552,6 +556,7 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
     if len(runs) > 1:
         out.print(report.aggregate_table(runs))
     out.print(report.key_release_table(runs))
+    out.print(report.broker_table(verdicts))
     host_cpus = os.cpu_count() or 1
     out.print(top.usage_table(usage, host_cpus, "Resources over the run (per VM, host worker)"))
     out.print(report.peak_rss_table(runs))

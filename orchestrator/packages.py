@@ -450,6 +450,7 @@ class RunBroker:
         self.server: Any = None
         self.thread: threading.Thread | None = None
         self._handlers: list[logging.Handler] = []
+        self.decisions: list[dict[str, Any]] = []  # the broker's, kept after `stop`
 
     @property
     def insecure(self) -> bool:
@@ -516,6 +517,7 @@ class RunBroker:
 
     def stop(self) -> None:
         if self.server is not None:
+            self.decisions = list(self.server.broker.decisions)
             self.server.shutdown()
             self.server.server_close()
             self.server = None

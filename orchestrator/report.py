@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,52 @@ def key_release_table(runs: dict[str, dict[str, Any]]) -> Table:
         t.add_row(master, str(facts.get("label", "-")), str(facts.get("source", "-")),
                   "yes" if facts.get("attested") else "no", str(facts.get("tee") or "-"),
                   "-" if seconds is None else f"{float(seconds):.3f}")  # fmt: skip
+    return t
+
+
+_CLAIMS = ("measurement", "reported_tcb", "vmpl", "signing_key", "chip_id", "mr_td", "rtmrs",
+           "tcb_status", "debug", "policy")  # fmt: skip
+
+
+def broker_verdicts(decisions: Sequence[dict[str, Any]],
+                    names: dict[str, str]) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Per master (by the address its requests came from): the broker's own record of what it
+    decided — the keys it released, whether it verified evidence, the verified claims it
+    released them on (measurement, TCB, ...), under which policy file — and any refusal."""
+    found: dict[str, dict[str, Any]] = {}
+    for d in decisions:
+        who = names.get(str(d.get("peer") or ""), str(d.get("peer") or "unknown client"))
+        entry = found.setdefault(who, {"released": [], "refused": [], "attested": None,
+                                       "tee": None, "claims": {}, "policy": d.get("policy"),
+                                       "policy_sha256": d.get("policy_sha256")})  # fmt: skip
+        if d.get("outcome") == "released":
+            entry["released"].append(d.get("resource"))
+            entry["attested"] = bool(d.get("attested")) and entry["attested"] is not False
+            entry["tee"] = d.get("tee")
+            evaluation = d.get("evaluation") or {}
+            entry["claims"] = {k: evaluation[k] for k in _CLAIMS if k in evaluation}
+            if not d.get("attested"):
+                entry["claims"] = {"warning": evaluation.get("warning", "no evidence")}
+        elif d.get("outcome") == "refused":
+            entry["refused"].append(f"{d.get('step')}: {d.get('reason')}")
+    return found
+
+
+def broker_table(verdicts: dict[str, dict[str, Any]]) -> Table:
+    t = Table(title="The key broker's decisions (its own record, per master)",
+              title_justify="left")  # fmt: skip
+    for col in ("master", "keys released", "evidence", "claims it released on", "policy",
+                "refused"):  # fmt: skip
+        t.add_column(col)
+    for master, v in sorted(verdicts.items()):
+        evidence = ("verified " + str(v.get("tee")) if v.get("attested")
+                    else "none (insecure broker)" if v["released"] else "-")  # fmt: skip
+        claims = ", ".join(f"{k} {str(val)[:24]}" for k, val in v["claims"].items()) or "-"
+        policy = "-" if not v.get("policy") else (
+            f"{v['policy']}" + (f" ({str(v['policy_sha256'])[:12]}...)"
+                                if v.get("policy_sha256") else ""))  # fmt: skip
+        t.add_row(master, str(len(v["released"])), evidence, claims, policy,
+                  "; ".join(v["refused"]) or "-")  # fmt: skip
     return t
 
 

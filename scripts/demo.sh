@@ -27,5 +27,6 @@ trap finish EXIT
 trap 'exit 130' INT TERM
 "$GCVM" up --tee none --masters 1 --worker host --name "$NAME" || exit $?
 "$GCVM" run bench --name "$NAME" --model minilm-standin \
-  --modes tee-only,plain-offload,mask-only,groupcover,hardened --batch 2 --seq 16 --repeat 3 \
+  --modes tee-only,plain-offload,groupcover-nomask,mask-only,groupcover,hardened --batch 2 --seq 16 \
+  --repeat 3 \
   --out "$OUT"

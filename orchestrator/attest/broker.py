@@ -31,11 +31,13 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from orchestrator.attest import snp, tdx
@@ -84,6 +86,7 @@ class Session:
     tee_pubkey: dict[str, Any] | None = None
     claims: dict[str, Any] = field(default_factory=dict)
     attested: bool = False  # False: released without attestation (insecure mode)
+    peer: str = ""  # the client's address (from the HTTP connection)
 
 
 def _b64decode(text: Any, what: str) -> bytes:
@@ -122,6 +125,10 @@ class Broker:
         self.tdx_verifier = tdx_verifier
         self.verify_time = verify_time  # fixed "now" for certificates and collateral (tests)
         self._sessions: dict[str, Session] = {}
+        # every decision (attest accepted/refused, resource released/refused), newest last
+        self.decisions: deque[dict[str, Any]] = deque(maxlen=MAX_SESSIONS)
+        self.policy_digest = _file_digest(policy.source)
+        self._request = threading.local()  # .peer: the address of this thread's request
         self._seen: dict[str, float] = {}  # digest of verified evidence -> when first seen
         self._lock = threading.Lock()
         self._token_key = jwk.JWK.generate(kty="EC", crv="P-256")
@@ -149,7 +156,8 @@ class Broker:
         return json.loads(self._token_key.export_public())
 
     # --- /kbs/v0/auth ----------------------------------------------------------------------
-    def auth(self, body: bytes) -> tuple[Session, dict[str, Any]]:
+    def auth(self, body: bytes, peer: str = "") -> tuple[Session, dict[str, Any]]:
+        self._request.peer = peer
         request = self._json(body, "Request")
         version = request.get("version")
         tee = request.get("tee")
@@ -181,6 +189,7 @@ class Broker:
             tee=tee,
             nonce=base64.b64encode(secrets.token_bytes(32)).decode(),
             created=now,
+            peer=peer,
         )
         with self._lock:
             self._purge(now)
@@ -202,7 +211,10 @@ class Broker:
                 del self._seen[digest]
 
     # --- /kbs/v0/attest --------------------------------------------------------------------
-    def attest(self, session_id: str | None, body: bytes) -> tuple[Session, dict[str, Any]]:
+    def attest(
+        self, session_id: str | None, body: bytes, peer: str = ""
+    ) -> tuple[Session, dict[str, Any]]:
+        self._request.peer = peer
         now = self.clock()
         with self._lock:
             session = self._sessions.get(session_id or "")
@@ -254,6 +266,7 @@ class Broker:
             session.attested = attested
             session.attested_until = now + self.policy.token_ttl_s
         token = self._token(session, now)
+        self._decide("attest", "accepted", session, attested=attested, evaluation=claims)
         if attested:
             log.info(
                 "attest ACCEPTED: session %s, %s, %s",
@@ -392,7 +405,10 @@ class Broker:
         return str(token.serialize())
 
     # --- /kbs/v0/resource/<repository>/<type>/<tag> ----------------------------------------
-    def resource(self, session_id: str | None, bearer: str | None, name: str) -> dict[str, Any]:
+    def resource(
+        self, session_id: str | None, bearer: str | None, name: str, peer: str = ""
+    ) -> dict[str, Any]:
+        self._request.peer = peer
         now = self.clock()
         pubkey, attested, who, claims = self._authorized(session_id, bearer, now)
         path = self.policy.resources.get(name)
@@ -403,6 +419,12 @@ class Broker:
             )  # fmt: skip
         payload = path.read_bytes()
         response = _jwe(payload, pubkey)
+        self.decisions.append({
+            "time": now, "step": "resource", "outcome": "released", "resource": name,
+            "who": who, "peer": peer, "tee": claims.get("tee") if attested else "sample",
+            "attested": attested, "evaluation": claims, "policy": self.policy.source,
+            "policy_sha256": self.policy_digest,
+        })  # fmt: skip
         if attested:
             log.info("resource RELEASED: %s to %s (%s %s)", name, who, claims.get("tee"),
                      _summary(str(claims.get("tee")), claims))  # fmt: skip
@@ -459,13 +481,31 @@ class Broker:
             raise Refusal(HTTPStatus.UNAUTHORIZED, "InvalidRequest", f"{what} is not an object")
         return value
 
-    @staticmethod
     def _refuse(
-        step: str, status: HTTPStatus, kind: str, detail: str, session: Session | None = None
+        self, step: str, status: HTTPStatus, kind: str, detail: str, session: Session | None = None
     ) -> Refusal:
         who = f"session {session.id[:8]} ({session.tee})" if session else "no session"
         log.warning("%s REFUSED: %s: %s", step, who, detail)
+        self._decide(step, "refused", session, reason=detail)
         return Refusal(status, kind, detail)
+
+    def _decide(self, step: str, outcome: str, session: Session | None, **facts: Any) -> None:
+        self.decisions.append({
+            "time": self.clock(), "step": step, "outcome": outcome,
+            "who": f"session {session.id[:8]}" if session else "no session",
+            "peer": (session.peer if session and session.peer
+                     else getattr(self._request, "peer", "")),
+            "tee": session.tee if session else None, "policy": self.policy.source,
+            "policy_sha256": self.policy_digest, **facts,
+        })  # fmt: skip
+
+
+def _file_digest(source: str) -> str | None:
+    path = Path(source)
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    except OSError:
+        return None
 
 
 def _summary(tee: str, claims: dict[str, Any]) -> str:
@@ -573,10 +613,10 @@ class _Handler(BaseHTTPRequestHandler):
         def run() -> tuple[int, dict[str, Any], Session | None]:
             body = self._body()
             if self.path == "/kbs/v0/auth":
-                session, challenge = broker.auth(body)
+                session, challenge = broker.auth(body, self.client_address[0])
                 return 200, challenge, session
             if self.path == "/kbs/v0/attest":
-                session, token = broker.attest(self._session_id(), body)
+                session, token = broker.attest(self._session_id(), body, self.client_address[0])
                 return 200, token, session
             raise Refusal(HTTPStatus.NOT_FOUND, "InvalidRequestPath", f"no POST {self.path}")
 
@@ -591,7 +631,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise Refusal(HTTPStatus.NOT_FOUND, "InvalidRequestPath", f"no GET {self.path}")
             auth = self.headers.get("Authorization", "")
             bearer = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-            return 200, broker.resource(self._session_id(), bearer, self.path[len(prefix) :]), None
+            name = self.path[len(prefix) :]
+            peer = self.client_address[0]
+            return 200, broker.resource(self._session_id(), bearer, name, peer), None
 
         self._handle(run)
 

@@ -352,6 +352,12 @@ def test_insecure_release_is_labelled(tmp_path, caplog) -> None:
     assert release.claims["attestation"] == "none"
     assert f"resource RELEASED: {RESOURCE} to session" in caplog.text
     assert INSECURE_LABEL in caplog.text
+    from orchestrator import report
+
+    (decision,) = [d for d in server.broker.decisions if d["outcome"] == "released"]
+    assert decision["attested"] is False and decision["peer"] == "127.0.0.1"
+    verdict = report.broker_verdicts(server.broker.decisions, {"127.0.0.1": "m0"})["m0"]
+    assert verdict["attested"] is False and verdict["claims"] == {"warning": INSECURE_LABEL}
 
 
 def test_protocol_errors(world) -> None:
@@ -608,3 +614,29 @@ def test_rsa_tee_pubkey_gets_rsa_oaep_256() -> None:
     assert json.loads(base64.urlsafe_b64decode(response["protected"] + "=="))["alg"] == (
         "RSA-OAEP-256"
     )
+
+
+def test_the_broker_records_each_decision_with_its_client(world, chain) -> None:
+    """What the results show per master comes from the broker's own record (client address,
+    verified claims, policy), not from the guest's word: an accepted release and a refused
+    replay, both from 127.0.0.1, over real HTTP."""
+    from orchestrator import report
+
+    first = Recorder(tsm(world["tmp"], chain))
+    KbsClient(world["url"], first).get_resource(RESOURCE)
+    refused(world["url"], Replay(first.last), "replayed evidence")
+    decisions = list(world["broker"].decisions)
+    released = [d for d in decisions if d["outcome"] == "released"]
+    assert len(released) == 1 and released[0]["peer"] == "127.0.0.1"
+    assert released[0]["attested"] and released[0]["tee"] == "snp"
+    assert released[0]["evaluation"]["measurement"] == GOOD_MEASUREMENT.hex()
+    assert released[0]["policy_sha256"] is None  # a policy built in the test, not a file
+    refusal = [d for d in decisions if d["outcome"] == "refused"]
+    assert refusal and "replayed evidence" in refusal[0]["reason"]
+    assert refusal[0]["peer"] == "127.0.0.1" and refusal[0]["step"] == "attest"
+    verdicts = report.broker_verdicts(decisions, {"127.0.0.1": "c-master0"})
+    mine = verdicts["c-master0"]
+    assert mine["released"] == [RESOURCE] and mine["attested"] is True and mine["tee"] == "snp"
+    assert mine["claims"]["measurement"] == GOOD_MEASUREMENT.hex()
+    assert any("replayed evidence" in r for r in mine["refused"])
+    assert report.broker_table(verdicts).row_count == 1
