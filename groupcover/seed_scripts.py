@@ -8,6 +8,12 @@
 The master runs the seed's transformer with
 GroupCover against worker WORKER (never itself) and prints latency and throughput for the batch
 it really ran. Several masters may name the same worker.
+
+Model packages (`protect`): `MODEL` names the master's package folders (comma-separated; the
+default is the seed's built-in transformer, protected in memory), opened with the key in
+`KEY_FILE` (comma-separated, one per package) or released by the KBS broker at `BROKER` for the
+evidence of `TEE` (none, snp or tdx); a worker loads the published weights of the folders in
+`PACKAGE` (comma-separated).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ def settings_from_env(role: Role, env: Mapping[str, str]) -> RankSettings:
             raise UsageError(f"WORKER={env['WORKER']!r} is not an integer") from None
     modes = tuple(m for m in env.get("MODES", "groupcover").split(",") if m)
     json_path = Path(env.get("JSON") or f"groupcover-{SEED_MODEL}-rank{rendezvous.rank}.json")
+    models = _list(env, "MODEL") or [SEED_MODEL]
+    keys = [Path(k) for k in _list(env, "KEY_FILE")]
     return RankSettings(
         role=role,
         rank=rendezvous.rank,
@@ -56,7 +64,13 @@ def settings_from_env(role: Role, env: Mapping[str, str]) -> RankSettings:
         master_port=rendezvous.master_port,
         worker=worker,
         ifname=rendezvous.ifname,
-        model=SEED_MODEL,
+        model=models[0],
+        extra_models=tuple(models[1:]),
+        key_file=keys[0] if keys else None,
+        extra_key_files=tuple(keys[1:]),
+        broker=env.get("BROKER") or None,
+        tee=env.get("TEE") or None,
+        packages=tuple(Path(p) for p in _list(env, "PACKAGE")),
         modes=modes,
         batch=_int(env, "BATCH"),
         seq=_int(env, "SEQ"),
@@ -69,6 +83,10 @@ def settings_from_env(role: Role, env: Mapping[str, str]) -> RankSettings:
     )
 
 
+def _list(env: Mapping[str, str], name: str) -> list[str]:
+    return [item.strip() for item in env.get(name, "").split(",") if item.strip()]
+
+
 def summary_lines(document: dict) -> list[str]:
     """The seed's printout, with the batch that was really run (the public code printed 512)."""
     lines = []
@@ -77,7 +95,8 @@ def summary_lines(document: dict) -> list[str]:
             f"{r['model']} {r['mode']}: rank {r['rank']} -> worker{r['worker']}, "
             f"batch {r['batch']} x seq {r['seq']}: latency {r['latency_ms']['median']:.1f} ms "
             f"(p10 {r['latency_ms']['p10']:.1f}, p90 {r['latency_ms']['p90']:.1f}), "
-            f"throughput {r['throughput']:.3f} samples/s, rel err {r['rel_err']:.1e}"
+            f"throughput {r['throughput']:.3f} samples/s, rel err "
+            + ("not checked" if r.get("rel_err") is None else f"{r['rel_err']:.1e}")
         )
     return lines
 

@@ -573,22 +573,49 @@ def run_exec(
     port: int,
     timeout: float,
     extra_env: Mapping[str, str] | None = None,
+    packages_for: BenchSettings | None = None,
 ) -> None:
     """Run a command per role on its VMs (and the host worker) with each rank's seed environment
     (RANK, WORLD_SIZE, WORKER, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME, TP_SOCKET_IFNAME,
-    GCVM_ROLE): workers first, then masters, as the seed's instructions start them."""
+    GCVM_ROLE): workers first, then masters, as the seed's instructions start them.
+
+    With `packages_for` (`gcvm run seed --model`), the model's packages are protected on the
+    host (or taken as given), copied into the VMs and released by the run's broker as in `run
+    bench`, and each rank's environment names them: MODEL, BROKER and TEE for masters, PACKAGE
+    for workers (what the seed scripts read)."""
     if not any(commands.values()):
         raise UsageError("no command given", hint="gcvm run exec -- CMD ARGS...")
     check_timeout("--timeout", timeout)
     with state.locked(name):
         st = state.load(name)
         hw = st.worker_host
+        tee = framework_tee(st)
+        if packages_for is not None:
+            policy = Path(packages_for.policy) if packages_for.policy else None
+            packages.check_policy(tee, policy)
         pairs = [(n, r) for n, r in plan_world(st, port) if commands.get(r.role)]
+        pkgs: list[packages.HostPackage] = []
+        if packages_for is not None:
+            pkgs, package_facts = prepare_packages(st, packages_for)
         remotes = _connect_all(st, [n.name for n, _ in pairs if not n.host])
         running = _Ranks()
+        broker: packages.RunBroker | None = None
         try:
+            if packages_for is not None:
+                with step(f"copy {len(pkgs)} package(s) into the VMs"):
+                    _copy_packages(pairs, remotes, pkgs, packages.needs_baselines(
+                        packages_for.modes, False))  # fmt: skip
+                broker = packages.RunBroker(
+                    st.netns, packages.bridge_address(st), packages.broker_resources(pkgs), tee,
+                    policy, Path(package_facts["owner"]) / "broker.log",
+                )  # fmt: skip
+                with step("start the key broker"):
+                    broker.start()
+                if broker.insecure:
+                    console.print(f"[yellow]warning:[/] --tee none: {packages.INSECURE_LABEL}")
             for node, rank in sorted(pairs, key=lambda p: p[1].role is Role.master):
-                seed_env = {**(extra_env or {}), **rank.env(), "GCVM_ROLE": rank.role.value}
+                seed_env = {**(extra_env or {}), **rank.env(), "GCVM_ROLE": rank.role.value,
+                            **_package_env(node, rank.role, pkgs, broker, tee)}  # fmt: skip
                 env = {**_guest_env(st), **seed_env}
                 host_env = _host_env(hw, seed_env) if hw is not None else {}
                 argv = list(commands[rank.role])
@@ -598,8 +625,46 @@ def run_exec(
             running.kill_all()
             raise
         finally:
+            if broker is not None:
+                broker.stop()
             for r in remotes.values():
                 r.close()
+    if broker is not None:
+        verdicts = report.broker_verdicts(broker.decisions,
+                                          {str(vm.address): vm.name for vm in st.vms})  # fmt: skip
+        out.print(report.broker_table(verdicts))
+
+
+def _package_env(node: Node, role: Role, pkgs: Sequence[packages.HostPackage],
+                 broker: packages.RunBroker | None, tee: str) -> dict[str, str]:  # fmt: skip
+    """The seed scripts' package variables for one rank (none without packages)."""
+    if not pkgs:
+        return {}
+    if role is Role.master:
+        env = {"MODEL": ",".join(packages.guest_folder(p) for p in pkgs), "TEE": tee}
+        if broker is not None:
+            env["BROKER"] = broker.url
+        return env
+    folders = [str(p.folder) if node.host else packages.guest_folder(p) for p in pkgs]
+    return {"PACKAGE": ",".join(folders)}
+
+
+def seed_package_settings(model: str, variables: Mapping[str, str], keys: tuple[str, ...],
+                          owner: str | None, policy: str | None) -> BenchSettings:  # fmt: skip
+    """What `gcvm run seed --model` protects and deploys: the modes and the reference shape
+    come from the scripts' own variables (MODES, BATCH, SEQ; the scripts' defaults)."""
+    from groupcover.seed_scripts import DEFAULTS
+
+    def number(key: str) -> int:
+        text = variables.get(key) or str(DEFAULTS[key])
+        try:
+            return int(text)
+        except ValueError:
+            raise UsageError(f"--set {key}={text!r} is not an integer") from None
+
+    modes = tuple(m for m in variables.get("MODES", "groupcover").split(",") if m)
+    return BenchSettings(model=model, modes=modes, batch=number("BATCH"), seq=number("SEQ"),
+                         audit=False, keys=keys, owner=owner, policy=policy)  # fmt: skip
 
 
 SEED_ENV = {"FORCE_TCP": "1"}  # `gcvm run seed`: TCP only between machines, as bench's --force-tcp

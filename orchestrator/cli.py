@@ -181,8 +181,24 @@ def run_seed_cmd(
     ),
     port: int = typer.Option(29500, help="MASTER_PORT for the ranks."),
     timeout: float = typer.Option(3600.0, help="Seconds before the scripts are stopped."),
+    model: str = typer.Option(
+        "seed-transformer",
+        "--model",
+        help="A built-in model (protected on the host into packages) or package folders "
+        "DIR[,DIR...] from `gcvm model protect`; the scripts run it from its packages.",
+    ),
+    key_files: list[str] = typer.Option(
+        [], "--key", help="A given package's model key (default DIR/model.key); repeatable."
+    ),
+    owner: str | None = typer.Option(
+        None, "--owner", help="The owner folder for keys made here and the broker's log."
+    ),
+    policy: str | None = typer.Option(
+        None, "--policy", help="The broker's policy file (needed with --tee snp/tdx clusters)."
+    ),
 ) -> None:
-    """Run the seed's tee_test_transformer_{worker,master}.py with the seed's variables."""
+    """Run the seed's tee_test_transformer_{worker,master}.py with the seed's variables, the
+    model coming as packages released by the run's key broker."""
     from orchestrator import bench
     from orchestrator.errors import UsageError
 
@@ -196,8 +212,9 @@ def run_seed_cmd(
         extra[key] = value
     # between machines every transport runs over TCP (TensorPipe's shared memory is useless
     # across them): the seed's scripts read FORCE_TCP
+    packages_for = bench.seed_package_settings(model, extra, tuple(key_files), owner, policy)
     bench.run_exec(name, bench.SEED_COMMANDS, port=port, timeout=timeout,
-                   extra_env={**bench.SEED_ENV, **extra})  # fmt: skip
+                   extra_env={**bench.SEED_ENV, **extra}, packages_for=packages_for)  # fmt: skip
 
 
 # --- gcvm up / down / status / ssh / logs: the cluster's life ------------------------------

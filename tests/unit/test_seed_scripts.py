@@ -68,3 +68,46 @@ def test_seed_scripts_on_loopback(tmp_path: Path) -> None:
     assert (result["worker"], result["rank"], result["mode"]) == (1, 0, "groupcover")
     assert result["rel_err"] < 1e-4
     assert result["rpc_calls"] > 0 and result["breakdown_ms"]["worker_compute"] > 0
+
+
+def test_package_variables_map_onto_rank_settings(tmp_path: Path) -> None:
+    env = {**SEED_ENV, "RANK": "0", "WORKER": "1", "MODEL": "/p/a,/p/b", "KEY_FILE": "/k/a,/k/b",
+           "BROKER": "http://10.0.0.1:8080", "TEE": "snp"}  # fmt: skip
+    master = settings_from_env(Role.master, env)
+    assert (master.model, master.extra_models) == ("/p/a", ("/p/b",))
+    assert (master.key_file, master.extra_key_files) == (Path("/k/a"), (Path("/k/b"),))
+    assert (master.broker, master.tee) == ("http://10.0.0.1:8080", "snp")
+    worker = settings_from_env(Role.worker, {**SEED_ENV, "RANK": "1", "PACKAGE": "/p/a, /p/b"})
+    assert worker.packages == (Path("/p/a"), Path("/p/b"))
+
+
+def test_seed_scripts_run_a_package(tmp_path: Path) -> None:
+    """MODEL/KEY_FILE for the master, PACKAGE for the worker: the seed's scripts run the
+    package protected offline (nothing obfuscated at start-up), exact against its sealed
+    reference for the batch they run."""
+    package = tmp_path / "pkg"
+    protect = subprocess.run([sys.executable, "-m", "groupcover", "protect", "seed-transformer",
+                              "--out", str(package), "--scheme", "groupcover", "--reference",
+                              "1x8"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert protect.returncode == 0, protect.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "lo",
+           "TP_SOCKET_IFNAME": "lo", "BATCH": "1", "SEQ": "8", "REPEAT": "1", "WARMUP": "0",
+           "TIMEOUT": "120", "JSON": str(tmp_path / "seed.json")}  # fmt: skip
+    worker = subprocess.Popen([BIN / "tee_test_transformer_worker.py"],
+                              env={**env, "RANK": "1", "PACKAGE": str(package)})  # fmt: skip
+    try:
+        master = subprocess.run([BIN / "tee_test_transformer_master.py"],
+                                env={**env, "RANK": "0", "WORKER": "1", "MODEL": str(package),
+                                     "KEY_FILE": str(package / "model.key")},
+                                capture_output=True, text=True, timeout=400)  # fmt: skip
+        assert master.returncode == 0, master.stderr
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    document = json.loads((tmp_path / "seed.json").read_text())
+    (result,) = document["results"]
+    assert result["mode"] == "groupcover" and result["rel_err"] < 1e-4
+    assert "key file" in document["settings"]["key_release"]["label"]
