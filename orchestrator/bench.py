@@ -418,7 +418,8 @@ def _copy_packages(ranks: Sequence[tuple[Node, RankSpec]], remotes: Mapping[str,
 
 
 def _model_args(node: Node, role: Role, pkgs: Sequence[packages.HostPackage],
-                broker: packages.RunBroker | None, tee: str) -> list[str]:  # fmt: skip
+                broker: packages.RunBroker | packages.ClusterBrokerUse | None,
+                tee: str) -> list[str]:  # fmt: skip
     if role is Role.master:
         args = [a for p in pkgs for a in ("--model", packages.guest_folder(p))]
         if broker is not None:
@@ -440,7 +441,8 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
     with state.locked(name):
         st = state.load(name)
         tee = framework_tee(st)
-        packages.check_policy(tee, Path(settings.policy) if settings.policy else None)
+        if st.cluster_broker is None:
+            packages.check_policy(tee, Path(settings.policy) if settings.policy else None)
         run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         results_dir = (out_dir or results_root(name)) / run_id
         results_dir.mkdir(parents=True, exist_ok=True)
@@ -456,22 +458,18 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
         running = _Ranks()
         env = _guest_env(st)
         sampler, hv = None, None
-        broker: packages.RunBroker | None = None
+        broker: packages.RunBroker | packages.ClusterBrokerUse | None = None
         broker_url: str | None = None
         masters = [node.name for node, rank in world if rank.role is Role.master]
         try:
             with step(f"copy {len(pkgs)} package(s) into {len(vm_names)} VM(s)"):
                 copies = _copy_packages(world, remotes, pkgs, baselines)
             owner = Path(package_facts["owner"])
-            broker = packages.RunBroker(
-                st.netns,
-                packages.bridge_address(st),
-                packages.broker_resources(pkgs),
-                tee,
-                Path(settings.policy) if settings.policy else None,
-                owner / "broker.log",
-            )
-            with step("start the key broker"):
+            broker = packages.broker_for(st, packages.broker_resources(pkgs), tee,
+                                         Path(settings.policy) if settings.policy else None,
+                                         owner / "broker.log")  # fmt: skip
+            with step("start the key broker" if st.cluster_broker is None
+                      else "give the cluster's key broker the run's keys"):  # fmt: skip
                 broker.start()
             broker_url = broker.url
             console.print(f"broker: {broker.url} in namespace {st.netns or '(host)'} "
@@ -592,23 +590,23 @@ def run_exec(
         tee = framework_tee(st)
         if packages_for is not None:
             policy = Path(packages_for.policy) if packages_for.policy else None
-            packages.check_policy(tee, policy)
+            if st.cluster_broker is None:
+                packages.check_policy(tee, policy)
         pairs = [(n, r) for n, r in plan_world(st, port) if commands.get(r.role)]
         pkgs: list[packages.HostPackage] = []
         if packages_for is not None:
             pkgs, package_facts = prepare_packages(st, packages_for)
         remotes = _connect_all(st, [n.name for n, _ in pairs if not n.host])
         running = _Ranks()
-        broker: packages.RunBroker | None = None
+        broker: packages.RunBroker | packages.ClusterBrokerUse | None = None
         try:
             if packages_for is not None:
                 with step(f"copy {len(pkgs)} package(s) into the VMs"):
                     _copy_packages(pairs, remotes, pkgs, packages.needs_baselines(
                         packages_for.modes, False))  # fmt: skip
-                broker = packages.RunBroker(
-                    st.netns, packages.bridge_address(st), packages.broker_resources(pkgs), tee,
-                    policy, Path(package_facts["owner"]) / "broker.log",
-                )  # fmt: skip
+                owner_log = Path(package_facts["owner"]) / "broker.log"
+                broker = packages.broker_for(st, packages.broker_resources(pkgs), tee, policy,
+                                             owner_log)  # fmt: skip
                 with step("start the key broker"):
                     broker.start()
                 if broker.insecure:
@@ -636,7 +634,8 @@ def run_exec(
 
 
 def _package_env(node: Node, role: Role, pkgs: Sequence[packages.HostPackage],
-                 broker: packages.RunBroker | None, tee: str) -> dict[str, str]:  # fmt: skip
+                 broker: packages.RunBroker | packages.ClusterBrokerUse | None,
+                 tee: str) -> dict[str, str]:  # fmt: skip
     """The seed scripts' package variables for one rank (none without packages)."""
     if not pkgs:
         return {}

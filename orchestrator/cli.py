@@ -273,6 +273,15 @@ def up_cmd(
     ),
     vcpus: int = typer.Option(1, help="vCPUs per VM."),
     memory: int = typer.Option(2048, help="Memory per VM in MiB."),
+    broker: bool = typer.Option(
+        False,
+        "--broker",
+        help="Start the owner's key broker for the cluster's lifetime (on the bridge, in the "
+        "cluster's namespace); `run bench|seed` release the model keys through it.",
+    ),
+    policy: str | None = typer.Option(
+        None, "--policy", help="--broker: its policy file (needed with --tee tdx or sev-snp)."
+    ),
     keep_on_failure: bool = typer.Option(False, help="Keep what was created if `up` fails."),
     timeout: float = typer.Option(300.0, help="Seconds for the VMs to become ready."),
 ) -> None:
@@ -309,6 +318,8 @@ def up_cmd(
         network=network,
         connect=connect,
         subnet=subnet,
+        broker=broker,
+        broker_policy=policy,
     )
     st = cluster.up(spec, keep_on_failure=keep_on_failure, image_path=image, timeout=timeout)
     _print_vms(st.name)
@@ -381,6 +392,19 @@ def status_renderables(report: Any) -> list[Any]:
             f"host worker {hw.name}: {hws.state}, pid {hw.pid}, device {device}, "
             f"listens on {hw.address} ({hw.ifname}), up {format_uptime(hws.uptime_s)}, "
             f"log {hw.log}"
+        )
+    broker = report.state.cluster_broker
+    if broker is not None:
+        import time as _time
+
+        from orchestrator import clusterbroker
+
+        running = clusterbroker.alive(broker)
+        uptime = _time.time() - broker.started if running and broker.started else 0.0
+        lines.append(
+            f"key broker: {'running' if running else 'dead'}, pid {broker.pid}, {broker.url}, "
+            + (f"policy {broker.policy}" if broker.policy else "without attestation")
+            + f", up {format_uptime(uptime)}, log {broker.log}"
         )
     return lines
 

@@ -533,6 +533,59 @@ class RunBroker:
         self.stop()
 
 
+class ClusterBrokerUse:
+    """A run's use of the cluster's own broker (`gcvm up --broker`), with RunBroker's interface:
+    `start` installs the run's keys where the broker serves them, `stop` reads back the
+    decisions it made during the run."""
+
+    def __init__(self, broker: Any, resources: dict[str, Path], policy: Path | None) -> None:
+        if policy is not None:
+            raise UsageError(f"--policy {policy}: the cluster's key broker has its own policy",
+                             hint="leave out --policy (the broker's is the one `gcvm up "
+                             "--broker --policy` gave)")  # fmt: skip
+        self.broker, self.resources = broker, resources
+        self.decisions: list[dict[str, Any]] = []
+        self.since = 0.0
+
+    @property
+    def insecure(self) -> bool:
+        return bool(self.broker.insecure)
+
+    @property
+    def url(self) -> str:
+        return str(self.broker.url)
+
+    def argv(self) -> list[str]:
+        from orchestrator import clusterbroker
+
+        return clusterbroker.argv(self.broker)
+
+    def start(self) -> ClusterBrokerUse:
+        from orchestrator import clusterbroker
+
+        if not clusterbroker.alive(self.broker):
+            raise PackageError(f"the cluster's key broker (pid {self.broker.pid}) is not running",
+                               hint=f"its output: {self.broker.log.with_suffix('.out')}; "
+                               "`gcvm down` and `gcvm up --broker` again")  # fmt: skip
+        self.since = time.time() - 1.0
+        for name, key in self.resources.items():
+            clusterbroker.install_key(self.broker, name, key)
+        return self
+
+    def stop(self) -> None:
+        from orchestrator import clusterbroker
+
+        self.decisions = clusterbroker.decisions_since(self.broker, self.since)
+
+
+def broker_for(st: Any, resources: dict[str, Path], tee: str, policy: Path | None,
+               log_file: Path) -> RunBroker | ClusterBrokerUse:  # fmt: skip
+    """The cluster's broker when `up --broker` started one, else a broker for this run."""
+    if st.cluster_broker is not None:
+        return ClusterBrokerUse(st.cluster_broker, resources, policy)
+    return RunBroker(st.netns, bridge_address(st), resources, tee, policy, log_file)
+
+
 def _handler_class() -> Any:
     from orchestrator.attest.broker import _Handler
 

@@ -72,6 +72,8 @@ class ClusterSpec:
     connect: str | None = None  # libvirt URI; None: a private daemon in a network namespace
     worker_host: bool = False  # the one worker is a process on the host, not a VM (`--worker host`)
     worker_threads: int | None = None  # the host worker's CPU threads (None: see host_threads)
+    broker: bool = False  # `--broker`: the owner's key broker for the cluster's lifetime
+    broker_policy: str | None = None  # its policy file (needed with a TEE)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -87,6 +89,7 @@ class ClusterSpec:
                 f"--workers must be at least 1, not {self.workers}",
                 hint="GroupCover offloads to at least one worker; use --workers 1",
             )
+        self._validate_broker()
         if self.masters + self.workers > MAX_VMS:
             raise UsageError(
                 f"at most {MAX_VMS} VMs per cluster, asked for {self.masters + self.workers}"
@@ -126,6 +129,23 @@ class ClusterSpec:
             FIRST_HOST + self.masters + self.workers + 2
         ):
             raise UsageError(f"--subnet {self.subnet} has too few IPv4 addresses for the cluster")
+
+    def _validate_broker(self) -> None:
+        if self.broker_policy is not None and not self.broker:
+            raise UsageError("--policy is for the cluster's broker", hint="add --broker")
+        if not self.broker:
+            return
+        if self.connect is not None:
+            raise UsageError("--broker with --connect: the broker binds the bridge of the "
+                             "cluster's own network, in its namespace",
+                             hint="leave out --connect (or run `gcvm broker serve` "
+                             "yourself)")  # fmt: skip
+        if self.tee != Tee.none and self.broker_policy is None:
+            raise UsageError(f"--broker with --tee {self.tee}: the broker needs a policy file",
+                             hint="pass --policy FILE (accepted measurements / MRTD and RTMRs, "
+                             "minimum TCB; see `gcvm broker serve --help`)")  # fmt: skip
+        if self.broker_policy is not None and not Path(self.broker_policy).is_file():
+            raise UsageError(f"--policy {self.broker_policy}: no such file")
 
     def _validate_worker_host(self) -> None:
         if self.workers != 0:

@@ -22,6 +22,7 @@ from orchestrator.errors import ClusterNotFound, GcvmError
 from orchestrator.spec import Tee, check_name
 
 if TYPE_CHECKING:
+    from orchestrator.clusterbroker import ClusterBrokerState
     from orchestrator.hostworker import HostWorkerState
 
 STATE_FILE = "state.json"
@@ -77,6 +78,7 @@ class ClusterState:
     host: dict[str, Any] = field(default_factory=dict)  # QEMU/libvirt versions, accel
     vms: list[VmState] = field(default_factory=list)
     host_worker: dict[str, Any] | None = None  # `--worker host`: orchestrator.hostworker's record
+    broker: dict[str, Any] | None = None  # `--broker`: orchestrator.clusterbroker's record
     phase: str = "creating"  # creating, ready
     created: float = field(default_factory=time.time)
     format: int = FORMAT
@@ -104,6 +106,13 @@ class ClusterState:
         from orchestrator.hostworker import HostWorkerState
 
         return None if self.host_worker is None else HostWorkerState.from_dict(self.host_worker)
+
+    @property
+    def cluster_broker(self) -> ClusterBrokerState | None:
+        """The cluster's key broker (`gcvm up --broker`), or None (runs start their own)."""
+        from orchestrator.clusterbroker import ClusterBrokerState
+
+        return None if self.broker is None else ClusterBrokerState.from_dict(self.broker)
 
     def is_host_worker(self, name: str) -> bool:
         hw = self.worker_host

@@ -28,6 +28,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -60,6 +61,7 @@ MAX_BODY = 4 << 20
 MAX_SESSIONS = 4096
 MAX_SEEN = 1 << 16  # digests of verified reports remembered to name replays
 KNOWN_TEES = ("snp", "tdx", "sample")
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one part of <repo>/<type>/<tag>
 
 
 class Refusal(Exception):
@@ -116,10 +118,16 @@ class Broker:
         clock: Callable[[], float] = time.time,
         tdx_verifier: tdx.QuoteVerifier = tdx.dcap_qvl_verifier,
         verify_time: int | None = None,
+        repository: Path | None = None,
+        on_decision: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         from jwcrypto import jwk
 
         self.policy = policy
+        # resources not named in the policy: REPOSITORY/<repo>/<type>/<tag> files, looked up at
+        # each request (Trustee's local file system repository), so that keys added later serve
+        self.repository = repository
+        self.on_decision = on_decision
         self.insecure = insecure_no_attestation
         self.clock = clock
         self.tdx_verifier = tdx_verifier
@@ -411,7 +419,7 @@ class Broker:
         self._request.peer = peer
         now = self.clock()
         pubkey, attested, who, claims = self._authorized(session_id, bearer, now)
-        path = self.policy.resources.get(name)
+        path = self.policy.resources.get(name) or self._from_repository(name)
         if path is None:
             raise self._refuse(
                 "resource", HTTPStatus.NOT_FOUND, "ResourceNotFound",
@@ -419,7 +427,7 @@ class Broker:
             )  # fmt: skip
         payload = path.read_bytes()
         response = _jwe(payload, pubkey)
-        self.decisions.append({
+        self._record({
             "time": now, "step": "resource", "outcome": "released", "resource": name,
             "who": who, "peer": peer, "tee": claims.get("tee") if attested else "sample",
             "attested": attested, "evaluation": claims, "policy": self.policy.source,
@@ -489,8 +497,30 @@ class Broker:
         self._decide(step, "refused", session, reason=detail)
         return Refusal(status, kind, detail)
 
+    def _from_repository(self, name: str) -> Path | None:
+        if self.repository is None:
+            return None
+        parts = name.split("/")
+        if len(parts) != 3 or not all(_SEGMENT.fullmatch(p) for p in parts):
+            return None
+        root = self.repository.resolve()
+        path = root.joinpath(*parts)
+        try:
+            inside = path.resolve().is_relative_to(root)
+        except OSError:
+            return None
+        return path if inside and path.is_file() else None
+
+    def _record(self, decision: dict[str, Any]) -> None:
+        self.decisions.append(decision)
+        if self.on_decision is not None:
+            try:
+                self.on_decision(decision)
+            except Exception:  # a full disk must not stop the broker's answers
+                log.exception("cannot record a decision")
+
     def _decide(self, step: str, outcome: str, session: Session | None, **facts: Any) -> None:
-        self.decisions.append({
+        self._record({
             "time": self.clock(), "step": step, "outcome": outcome,
             "who": f"session {session.id[:8]}" if session else "no session",
             "peer": (session.peer if session and session.peer

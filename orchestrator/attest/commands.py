@@ -146,6 +146,15 @@ def serve_cmd(
         help="Release keys to guests without a TEE (tee 'sample'); for --tee none only.",
     ),
     log_file: Path | None = typer.Option(None, "--log", help="Also append decisions here."),
+    repository: Path | None = typer.Option(
+        None,
+        "--repository",
+        help="Also serve <repo>/<type>/<tag> from the file DIR/<repo>/<type>/<tag>, looked up "
+        "at each request (keys added while it runs are served).",
+    ),
+    decisions: Path | None = typer.Option(
+        None, "--decisions", help="Append every decision here as one JSON line."
+    ),
 ) -> None:
     """Serve the KBS protocol (auth, attest, resource/<repo>/<type>/<tag>) on HOST:PORT."""
     from orchestrator.attest.broker import INSECURE_LABEL, Broker, make_server
@@ -158,8 +167,11 @@ def serve_cmd(
         if not sep or len(name.split("/")) != 3:
             raise UsageError(f"--resource {item!r} is not REPO/TYPE/TAG=FILE")
         pol.resources[name] = Path(path)
-    if not pol.resources:
-        raise UsageError("the broker has nothing to release", hint="--resource gcvm/model/key=FILE")
+    if repository is not None and not repository.is_dir():
+        raise UsageError(f"--repository {repository}: no such folder")
+    if not pol.resources and repository is None:
+        raise UsageError("the broker has nothing to release",
+                         hint="--resource gcvm/model/key=FILE or --repository DIR")  # fmt: skip
     if pol.snp is None and pol.tdx is None and not insecure_no_attestation:
         raise UsageError(
             "the policy accepts no TEE (no snp or tdx section)",
@@ -177,14 +189,25 @@ def serve_cmd(
         file_handler = logging.FileHandler(log_file)
         file_handler.setFormatter(handler.formatter)
         broker_log.addHandler(file_handler)
-    broker = Broker(pol, insecure_no_attestation=insecure_no_attestation)
+    record = None
+    if decisions is not None:
+
+        def record(decision: dict[str, object]) -> None:
+            with decisions.open("a") as f:
+                f.write(json.dumps(decision, default=str) + "\n")
+
+    broker = Broker(pol, insecure_no_attestation=insecure_no_attestation,
+                    repository=repository, on_decision=record)  # fmt: skip
     server = make_server(broker, host.strip("[]"), int(port_text))
     bound_host, bound_port = server.server_address[:2]
     if isinstance(bound_host, bytes):
         bound_host = bound_host.decode()
     console.print(
         f"broker listening on http://{bound_host}:{bound_port} (policy {pol.source}; "
-        f"resources {', '.join(sorted(pol.resources))})"
+        f"resources {', '.join(sorted(pol.resources)) or '-'}"
+        + (f"; repository {repository}" if repository is not None else "")
+        + ")",
+        soft_wrap=True,
     )
     if insecure_no_attestation:
         console.print(f"[yellow]warning:[/] --insecure-no-attestation: {INSECURE_LABEL}")

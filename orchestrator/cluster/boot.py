@@ -210,7 +210,35 @@ def _up(run: _Up) -> ClusterState:
     _create(run, vms, image, host, host_keys)
     if spec.worker_host:
         _start_host_worker(run)  # probes its device while the VMs boot
+    if spec.broker:
+        _start_broker(run)
     return _ready(run, vms, image)
+
+
+def _start_broker(run: _Up) -> None:
+    """The owner's key broker for the cluster's lifetime, on the bridge's host-side address in
+    the cluster's namespace; recorded before it starts, so a failure from here on stops it."""
+    from orchestrator import clusterbroker
+    from orchestrator.packages import owner_dir
+
+    assert run.st is not None
+    spec = run.spec
+    broker = clusterbroker.ClusterBrokerState(
+        owner=str(owner_dir(spec.name)), address=spec.gateway, netns=run.st.netns,
+        policy=str(Path(spec.broker_policy).resolve()) if spec.broker_policy else None,
+    )  # fmt: skip
+    run.st = replace(run.st, broker=broker.to_dict())
+    state.save(run.st)
+    with ui.step(f"start the key broker on {broker.address}"):
+        try:
+            broker = clusterbroker.start(broker)
+        finally:
+            run.st = replace(run.st, broker=broker.to_dict())
+            state.save(run.st)
+        ui.info(f"key broker: {broker.url}, pid {broker.pid}, "
+                + (f"policy {broker.policy}" if broker.policy else
+                   "without attestation (--tee none)")
+                + f"; keys served from {broker.repository}")  # fmt: skip
 
 
 def _start_host_worker(run: _Up) -> None:

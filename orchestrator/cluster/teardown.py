@@ -8,7 +8,7 @@ import shutil
 import signal
 import time
 
-from orchestrator import hostworker, privatelibvirt, state, ui
+from orchestrator import clusterbroker, hostworker, privatelibvirt, state, ui
 from orchestrator.cluster.backend import Backend
 from orchestrator.cluster.parallel import _parallel
 from orchestrator.errors import (
@@ -67,6 +67,11 @@ def _teardown(
     control = state.cluster_dir(name) / hostworker.NAME
     if backend.stop_host_worker(st.worker_host if st is not None else None, control):
         removed.append("host worker")
+    broker = st.cluster_broker if st is not None else None
+    if broker is not None:
+        if clusterbroker.stop(broker):
+            removed.append("key broker")
+        clusterbroker.remove_repository(broker)
     if not private or backend.daemon_leftover(name):
         removed += _remove_from_libvirt(name, st, uri, backend, shared=not private)
     if private:

@@ -2,7 +2,8 @@
 on the host, bound to the cluster bridge's host-side address inside the cluster's namespace.
 
 1. one master: `up --worker host`, `status`, `logs worker-host`, `top --once`, `run bench` with the
-   audit (no leak), the resources in bench.json, then `down` leaves no process, namespace or file;
+   audit (no leak), the resources in bench.json, `run seed --model` (the seed's scripts from a
+   package released by the broker), then `down` leaves no process, namespace or file;
 2. two masters sharing the worker: per-master and aggregate throughput, one master against two.
 Run them under `flock /tmp/gcvm-vm.lock` (they boot VMs).
 """
@@ -58,6 +59,11 @@ def test_master_vm_with_the_host_worker(gcvm_env: Env, tmp_path: Path) -> None:
         assert f"{name}-master0" in top.stdout and f"{name}-worker-host" in top.stdout
 
         doc = _bench(gcvm_env, name, out, "--modes", "plain-offload,groupcover")
+        seed = gcvm_env.gcvm("run", "seed", "--name", name, "--model", "minilm",
+                             "--set", "MODES=groupcover-nomask", "--set", "BATCH=2",
+                             "--set", "SEQ=16", "--set", "REPEAT=1", "--set", "WARMUP=0",
+                             timeout=1800)  # fmt: skip
+        assert seed.returncode == 0, (seed.stdout[-3000:], seed.stderr[-3000:])
         logs = gcvm_env.gcvm("logs", "worker-host", "--name", name)
         assert logs.returncode == 0 and "ready:" in logs.stdout
     finally:
@@ -88,6 +94,17 @@ def test_master_vm_with_the_host_worker(gcvm_env: Env, tmp_path: Path) -> None:
     assert res[hw["name"]]["kind"] == "host" and res[hw["name"]]["cpu_mean_cores"] > 0
     assert res[hw["name"]]["mem_peak_mib"] > 50
     assert "Resources over the run" in doc["_stdout"]
+    # the broker's own record of the release, per master, beside the master's account
+    verdict = doc["attestation"][master]
+    assert verdict["released"] and verdict["attested"] is False and verdict["refused"] == []
+
+    # run seed: the seed's master script ran the package (by reference on the host worker)
+    seed_text = seed.stdout + seed.stderr
+    line = next(x for x in seed_text.splitlines() if "groupcover-nomask: rank 0 -> worker1" in x)
+    assert "batch 2 x seq 16" in line
+    assert float(line.rsplit("rel err ", 1)[1].split()[0]) <= 1e-4, line
+    assert "model key released without attestation" in seed_text
+    assert "holds package" in seed_text and "The key broker's decisions" in seed_text
 
 
 def test_two_masters_share_the_host_worker(gcvm_env: Env, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Model packages end to end, for real (issue 11): MiniLM protected on the host, a master VM and a
-worker VM (TCG here), the model keys released by the run's broker inside the cluster's namespace
-(insecure mode under TCG, and every result says so), the benchmark run from the packages, the
+worker VM (TCG here), the model keys released by the cluster's broker (`up --broker`: a `gcvm
+broker serve` process inside the cluster's namespace for the cluster's lifetime; insecure mode
+under TCG, and every result says so), the benchmark run from the packages, the
 embeddings checked against the references sealed at protect time (<= 1e-4).
 
 A second run reuses the packages (same model, schemes, reference) and skips every copy whose
@@ -77,10 +78,14 @@ def test_minilm_package_released_by_the_broker(
     out = tmp_path / "results"
     out.mkdir()
     tmp_before = _tmp_entries()
-    up = gcvm_env.gcvm("up", "--tee", "none", "--masters", "1", "--workers", "1",
+    up = gcvm_env.gcvm("up", "--tee", "none", "--masters", "1", "--workers", "1", "--broker",
                        "--name", name, timeout=900)  # fmt: skip
     try:
         assert up.returncode == 0, up.stderr[-3000:]
+        status = gcvm_env.gcvm("status", "--name", name)
+        status_text = " ".join(status.stdout.split())
+        assert "key broker: running, pid" in status_text, status_text
+        broker_pid = int(status_text.split("key broker: running, pid ")[1].split(",")[0])
         first = _run(gcvm_env, name, out)
         second = _run(gcvm_env, name, out)
         guest_tmp = gcvm_env.gcvm("run", "exec", "--name", name, "--timeout", "120", "--",
@@ -105,7 +110,9 @@ def test_minilm_package_released_by_the_broker(
     finally:
         down = gcvm_env.gcvm("down", "--name", name, timeout=300)
     assert down.returncode == 0, down.stderr
+    assert "key broker" in down.stderr + down.stdout
     assert_nothing_left(name)
+    assert not Path(f"/proc/{broker_pid}").exists()
     assert written
     assert scanned.returncode == 0, (scanned.stdout[-4000:], scanned.stderr[-2000:])
     report = json.loads(scanned.stdout)
@@ -145,6 +152,12 @@ def test_minilm_package_released_by_the_broker(
     # the broker released the keys without attestation, and every result says so
     assert first["broker"]["insecure"] is True and first["broker"]["url"].startswith("http://")
     assert "--insecure-no-attestation" in first["broker"]["argv"]
+    assert "--repository" in first["broker"]["argv"]  # the cluster's broker, not a run's
+    assert first["broker"]["url"] == second["broker"]["url"]  # one broker for both runs
+    for doc in (first, second):  # the broker's own record, per master
+        verdict = doc["attestation"][f"{name}-master0"]
+        assert len(verdict["released"]) == 2 and verdict["attested"] is False
+    assert not (owner / "repository").exists()  # down removed the keys it served
     log = (owner / "broker.log").read_text()
     assert log.count("RELEASED") == 4 and INSECURE in log  # 2 packages x 2 runs
     for doc in (first, second):
