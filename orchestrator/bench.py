@@ -648,18 +648,22 @@ def _package_env(node: Node, role: Role, pkgs: Sequence[packages.HostPackage],
     return {"PACKAGE": ",".join(folders)}
 
 
-def seed_package_settings(model: str, variables: Mapping[str, str], keys: tuple[str, ...],
+SEED_SHAPE = {"BATCH": "2", "SEQ": "32"}  # the seed scripts' defaults, passed to them explicitly
+
+
+def seed_package_settings(model: str, variables: dict[str, str], keys: tuple[str, ...],
                           owner: str | None, policy: str | None) -> BenchSettings:  # fmt: skip
     """What `gcvm run seed --model` protects and deploys: the modes and the reference shape
-    come from the scripts' own variables (MODES, BATCH, SEQ; the scripts' defaults)."""
-    from groupcover.seed_scripts import DEFAULTS
+    come from the scripts' variables (MODES, BATCH, SEQ), which get the shape explicitly, so
+    the package's sealed reference is for the batch they run."""
+    for key, default in SEED_SHAPE.items():
+        variables.setdefault(key, default)
 
     def number(key: str) -> int:
-        text = variables.get(key) or str(DEFAULTS[key])
         try:
-            return int(text)
+            return int(variables[key])
         except ValueError:
-            raise UsageError(f"--set {key}={text!r} is not an integer") from None
+            raise UsageError(f"--set {key}={variables[key]!r} is not an integer") from None
 
     modes = tuple(m for m in variables.get("MODES", "groupcover").split(",") if m)
     return BenchSettings(model=model, modes=modes, batch=number("BATCH"), seq=number("SEQ"),
