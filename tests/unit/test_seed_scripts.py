@@ -46,7 +46,9 @@ def test_seed_scripts_on_loopback(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "lo",
            "TP_SOCKET_IFNAME": "lo", "BATCH": "1", "SEQ": "8", "REPEAT": "1", "WARMUP": "0",
-           "TIMEOUT": "120", "JSON": str(tmp_path / "seed.json")}  # fmt: skip
+           "TIMEOUT": "400", "JSON": str(tmp_path / "seed.json")}  # fmt: skip
+    # TIMEOUT covers the worker's wait while the master protects the seed's transformer on the
+    # fly (25 s alone here, minutes on a loaded host)
     worker = subprocess.Popen([BIN / "tee_test_transformer_worker.py"], env={**env, "RANK": "1"})
     try:
         master = subprocess.run([BIN / "tee_test_transformer_master.py"],
