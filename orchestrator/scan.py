@@ -562,8 +562,10 @@ def scan(model: Path, paths: list[Path], tensors: str | None = None,
 # ---- what gcvm writes on the host --------------------------------------------------------------
 
 
-# state keys that name paths gcvm does not write: the checkout and its venv (the host worker's)
-NOT_WRITTEN = frozenset({"python", "root"})
+# state keys that name paths gcvm does not write for the cluster: the checkout and its venv (the
+# host worker's), and the owner's own folder and policy file (the cluster broker's record: the
+# source checkpoint, the keys and the broker's log live there, by design)
+NOT_WRITTEN = frozenset({"python", "root", "owner", "policy"})
 
 
 def host_files(cluster: str) -> list[Path]:

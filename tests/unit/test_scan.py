@@ -295,11 +295,18 @@ def test_host_files_lists_what_gcvm_writes(tmp_path: Path, monkeypatch: pytest.M
     checkout = tmp_path / "checkout"
     checkout.mkdir()
     record = {"dir": str(cluster / "hostworker"), "root": str(checkout), "python": sys.executable}
-    state.save(dataclasses.replace(st, host_worker=record))
+    owner = paths.state_root() / "owner" / "c1"  # the checkpoint, keys, broker: the owner's
+    (owner / "minilm-standin").mkdir(parents=True)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("{}")
+    broker = {"owner": str(owner), "address": "10.0.0.1", "netns": "gcvm-c1",
+              "policy": str(policy), "pid": 1, "url": "http://h:1", "started": 0.0}  # fmt: skip
+    state.save(dataclasses.replace(st, host_worker=record, broker=broker))
     listed = S.host_files("c1")
     assert cluster in listed and paths.state_root() / "results" / "c1" in listed
     assert image / "disk.qcow2" in listed and image in listed
     assert checkout not in listed and Path(sys.executable) not in listed
+    assert not [p for p in listed if p == policy or p.is_relative_to(owner)]
     files = S.expand(listed)
     assert {overlay, results / "bench.json", image / "disk.qcow2", state.state_path("c1")} <= set(
         files
