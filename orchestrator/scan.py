@@ -565,7 +565,7 @@ def scan(model: Path, paths: list[Path], tensors: str | None = None,
 # state keys that name paths gcvm does not write for the cluster: the checkout and its venv (the
 # host worker's), and the owner's own folder and policy file (the cluster broker's record: the
 # source checkpoint, the keys and the broker's log live there, by design)
-NOT_WRITTEN = frozenset({"python", "root", "owner", "policy"})
+NOT_WRITTEN = frozenset({"python", "root", "owner", "policy", "broker_policy"})
 
 
 def host_files(cluster: str) -> list[Path]:
