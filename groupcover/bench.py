@@ -206,7 +206,8 @@ def _prepare_builtin(settings: RankSettings) -> Prepared:
             folder = Path(tempfile.mkdtemp(prefix=f"gcvm-{settings.model}-{scheme}-"))
             cleanup.append(folder)
             options = ProtectOptions(scheme=scheme, baselines=True, seed=settings.seed,
-                                     references=((settings.batch, settings.seq),))  # fmt: skip
+                                     references=((settings.batch, settings.seq),),
+                                     publish_audit=settings.audit)  # fmt: skip
             try:
                 protect_source(source, folder / "package", options)
             except UsageError as exc:
