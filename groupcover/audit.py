@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from groupcover import leakage
 from groupcover.leakage import CorrelationMeter
+from groupcover.package.published import tensor_digest
 from groupcover.scheme import LayerSecret
 
 ROW_COSINE_LIMIT = 0.999  # a published row this close to a plaintext row of its layer is a leak
@@ -448,7 +449,7 @@ class Audit:
         before = dict(self._leaks)
         self.observe("publish", layer_id, tensor)
         leaks = [m for m, n in self._leaks.items() if n != before.get(m, 0)]
-        return {"sha256": _digest(tensor), "dtype": _dtype_name(tensor.dtype), "leaks": leaks}
+        return {"sha256": tensor_digest(tensor), "dtype": _dtype_name(tensor.dtype), "leaks": leaks}
 
     def accept_verdicts(self, verdicts: dict[str, dict[str, Any]]) -> None:
         """Publish checks made ahead (see the module's docstring), by layer id."""
@@ -465,7 +466,9 @@ class Audit:
         if dtype is None or not payload.is_floating_point():
             return False
         as_checked = payload.detach().to(dtype)
-        if not torch.equal(as_checked.to(payload.dtype), payload) or _digest(as_checked) != digest:
+        if not torch.equal(as_checked.to(payload.dtype), payload):
+            return False  # the payload carries bits the checked bytes do not
+        if tensor_digest(as_checked) != digest:
             return False
         for message in leaks:
             self._flag(message)
@@ -640,14 +643,6 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes in row-major order (the package's published digest)."""
-    data = tensor.detach().cpu().contiguous().reshape(-1)
-    if data.numel() == 0:
-        return hashlib.sha256(b"").hexdigest()
-    return hashlib.sha256(data.view(torch.uint8).numpy().data.cast("B")).hexdigest()
 
 
 def _max_row_cosine(payload: torch.Tensor, weight: torch.Tensor) -> float:

@@ -518,8 +518,7 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
             for r in remotes.values():
                 r.close()
 
-    verdicts = report.broker_verdicts(broker.decisions if broker else [],
-                                      {str(vm.address): vm.name for vm in st.vms})  # fmt: skip
+    verdicts = _broker_verdicts(st, broker)
     document = {
         "settings": asdict(settings),
         "cluster": cluster_facts(st),
@@ -628,9 +627,15 @@ def run_exec(
             for r in remotes.values():
                 r.close()
     if broker is not None:
-        verdicts = report.broker_verdicts(broker.decisions,
-                                          {str(vm.address): vm.name for vm in st.vms})  # fmt: skip
-        out.print(report.broker_table(verdicts))
+        out.print(report.broker_table(_broker_verdicts(st, broker)))
+
+
+def _broker_verdicts(st: state.ClusterState,
+                     broker: packages.RunBroker | packages.ClusterBrokerUse | None,
+                     ) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """The broker's decisions of a run, per master VM (by the address its requests came from)."""
+    return report.broker_verdicts(broker.decisions if broker else [],
+                                  {str(vm.address): vm.name for vm in st.vms})  # fmt: skip
 
 
 def _package_env(node: Node, role: Role, pkgs: Sequence[packages.HostPackage],

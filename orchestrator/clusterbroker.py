@@ -142,13 +142,11 @@ def stop(b: ClusterBrokerState | None) -> bool:
 
 def install_key(b: ClusterBrokerState, resource: str, key: Path) -> Path:
     """Puts a model key where the running broker serves `resource` (0600, atomically)."""
+    from orchestrator.keys import write_secret
+
     target = b.repository.joinpath(*resource.split("/"))
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.read_bytes())
-    os.replace(temp, target)
+    write_secret(target, key.read_bytes())
     return target
 
 

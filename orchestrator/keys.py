@@ -81,13 +81,13 @@ def fingerprint(public_openssh: str) -> str:
     return f"SHA256:{digest}"
 
 
-def write_secret(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write `text` atomically; the file never exists with a wider mode than `mode`."""
+def write_secret(path: Path, data: str | bytes, mode: int = 0o600) -> None:
+    """Write `data` atomically; the file never exists with a wider mode than `mode`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp: 0600
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as handle:
+            handle.write(data)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
