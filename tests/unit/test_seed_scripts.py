@@ -41,25 +41,34 @@ def test_summary_prints_the_real_batch() -> None:
 
 
 @pytest.mark.slow
-def test_seed_scripts_on_loopback(tmp_path: Path) -> None:
-    """The full-size seed transformer at batch 1 x seq 8, one timed forward, GroupCover mode."""
+def _run_seed_scripts(tmp_path: Path, timeout: int, worker_env: dict[str, str],
+                      master_env: dict[str, str]) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """The seed's worker and master scripts on loopback at batch 1 x seq 8, one timed forward
+    (results in tmp_path/seed.json); the master's completed process, both having exited 0."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "lo",
            "TP_SOCKET_IFNAME": "lo", "BATCH": "1", "SEQ": "8", "REPEAT": "1", "WARMUP": "0",
-           "TIMEOUT": "400", "JSON": str(tmp_path / "seed.json")}  # fmt: skip
-    # TIMEOUT covers the worker's wait while the master protects the seed's transformer on the
-    # fly (25 s alone here, minutes on a loaded host)
-    worker = subprocess.Popen([BIN / "tee_test_transformer_worker.py"], env={**env, "RANK": "1"})
+           "TIMEOUT": str(timeout), "JSON": str(tmp_path / "seed.json")}  # fmt: skip
+    worker = subprocess.Popen([BIN / "tee_test_transformer_worker.py"],
+                              env={**env, "RANK": "1", **worker_env})  # fmt: skip
     try:
         master = subprocess.run([BIN / "tee_test_transformer_master.py"],
-                                env={**env, "RANK": "0", "WORKER": "1"}, capture_output=True,
-                                text=True, timeout=400)  # fmt: skip
+                                env={**env, "RANK": "0", "WORKER": "1", **master_env},
+                                capture_output=True, text=True, timeout=400)  # fmt: skip
         assert master.returncode == 0, master.stderr
         assert worker.wait(timeout=60) == 0
     finally:
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+    return master
+
+
+def test_seed_scripts_on_loopback(tmp_path: Path) -> None:
+    """The full-size seed transformer at batch 1 x seq 8, one timed forward, GroupCover mode."""
+    # TIMEOUT covers the worker's wait while the master protects the seed's transformer on the
+    # fly (25 s alone here, minutes on a loaded host)
+    master = _run_seed_scripts(tmp_path, 400, {}, {})
     line = master.stdout.strip().splitlines()[-1]
     match = re.search(r"batch (\d+) x seq 8: latency ([\d.]+) ms .* throughput ([\d.]+)", line)
     assert match, master.stdout
@@ -92,23 +101,8 @@ def test_seed_scripts_run_a_package(tmp_path: Path) -> None:
                               "--out", str(package), "--scheme", "groupcover", "--reference",
                               "1x8"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert protect.returncode == 0, protect.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "lo",
-           "TP_SOCKET_IFNAME": "lo", "BATCH": "1", "SEQ": "8", "REPEAT": "1", "WARMUP": "0",
-           "TIMEOUT": "120", "JSON": str(tmp_path / "seed.json")}  # fmt: skip
-    worker = subprocess.Popen([BIN / "tee_test_transformer_worker.py"],
-                              env={**env, "RANK": "1", "PACKAGE": str(package)})  # fmt: skip
-    try:
-        master = subprocess.run([BIN / "tee_test_transformer_master.py"],
-                                env={**env, "RANK": "0", "WORKER": "1", "MODEL": str(package),
-                                     "KEY_FILE": str(package / "model.key")},
-                                capture_output=True, text=True, timeout=400)  # fmt: skip
-        assert master.returncode == 0, master.stderr
-        assert worker.wait(timeout=60) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+    _run_seed_scripts(tmp_path, 120, {"PACKAGE": str(package)},
+                      {"MODEL": str(package), "KEY_FILE": str(package / "model.key")})  # fmt: skip
     document = json.loads((tmp_path / "seed.json").read_text())
     (result,) = document["results"]
     assert result["mode"] == "groupcover" and result["rel_err"] < 1e-4
