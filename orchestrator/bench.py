@@ -468,8 +468,7 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
             broker = packages.broker_for(st, packages.broker_resources(pkgs), tee,
                                          Path(settings.policy) if settings.policy else None,
                                          owner / "broker.log")  # fmt: skip
-            with step("start the key broker" if st.cluster_broker is None
-                      else "give the cluster's key broker the run's keys"):  # fmt: skip
+            with step(_broker_step(st)):
                 broker.start()
             broker_url = broker.url
             console.print(f"broker: {broker.url} in namespace {st.netns or '(host)'} "
@@ -606,7 +605,7 @@ def run_exec(
                 owner_log = Path(package_facts["owner"]) / "broker.log"
                 broker = packages.broker_for(st, packages.broker_resources(pkgs), tee, policy,
                                              owner_log)  # fmt: skip
-                with step("start the key broker"):
+                with step(_broker_step(st)):
                     broker.start()
                 if broker.insecure:
                     console.print(f"[yellow]warning:[/] --tee none: {packages.INSECURE_LABEL}")
@@ -628,6 +627,13 @@ def run_exec(
                 r.close()
     if broker is not None:
         out.print(report.broker_table(_broker_verdicts(st, broker)))
+
+
+def _broker_step(st: state.ClusterState) -> str:
+    """The step that gives a run's keys to a broker: its own, or the cluster's (`up --broker`)."""
+    if st.cluster_broker is None:
+        return "start the key broker"
+    return "give the cluster's key broker the run's keys"
 
 
 def _broker_verdicts(st: state.ClusterState,
