@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 PID_MARK = "gcvm-pgid:"
 USER = "root"
+OUTPUT_GRACE_S = 5.0  # after the exit status, how long output may still come
 TAIL_LINES = 200
 
 
@@ -127,6 +128,7 @@ class RemoteProcess:
             if final and rest:
                 self._emit(rest, stream)
 
+        exited_at: float | None = None
         try:
             while True:
                 busy = False
@@ -136,16 +138,18 @@ class RemoteProcess:
                 if chan.recv_stderr_ready():
                     feed(chan.recv_stderr(65536), self._err)
                     busy = True
-                if not busy:
-                    if (
-                        chan.exit_status_ready()
-                        and not chan.recv_ready()
-                        and not chan.recv_stderr_ready()
-                    ):
+                if busy:
+                    continue
+                drained = not chan.recv_ready() and not chan.recv_stderr_ready()
+                if drained and (chan.closed or (chan.eof_received and chan.exit_status_ready())):
+                    break
+                # sshd may send the exit status before the last of the output: read on until
+                # the output's end, but not for ever (a child left holding it open)
+                if chan.exit_status_ready():
+                    exited_at = time.monotonic() if exited_at is None else exited_at
+                    if drained and time.monotonic() - exited_at > OUTPUT_GRACE_S:
                         break
-                    if chan.closed and not chan.recv_ready():
-                        break
-                    time.sleep(0.02)
+                time.sleep(0.02)
             feed(b"", self._out, final=True)
             feed(b"", self._err, final=True)
             self._rc = chan.recv_exit_status() if chan.exit_status_ready() else -1

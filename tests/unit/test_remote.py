@@ -20,7 +20,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from orchestrator import keys, netns
+from orchestrator import keys, netns, remote
 from orchestrator.errors import RemoteError, Timeout
 from orchestrator.remote import Endpoint, HostKeyMismatch, Remote, command_line
 
@@ -76,6 +76,9 @@ class _LocalSftp(paramiko.SFTPServerInterface):
     lstat = stat
 
 
+LATE_OUTPUT = "GCVM_TEST_LATE_OUTPUT"  # in a command: the exit status goes before the output
+
+
 def _execute(channel: paramiko.Channel, command: str) -> None:
     """What sshd does without a pty: the command's shell leads a new session."""
     proc = subprocess.Popen(
@@ -93,12 +96,26 @@ def _execute(channel: paramiko.Channel, command: str) -> None:
         threading.Thread(target=pump, args=(proc.stdout, channel.sendall)),
         threading.Thread(target=pump, args=(proc.stderr, channel.sendall_stderr)),
     ]
+    if LATE_OUTPUT in command:  # sshd may report the exit before the child's last output
+        late = proc.stdout.read()  # type: ignore[union-attr]
+        rc = proc.wait()
+        threads[1].start()
+        threads[1].join()
+        channel.send_exit_status(rc)
+        time.sleep(0.3)
+        channel.sendall(late)
+        channel.shutdown_write()
+        channel.close()
+        return
     for t in threads:
         t.start()
     rc = proc.wait()
+    # as sshd: the status when the command exits, the channel's end when its output ends (a
+    # child of the command may still hold it open)
+    channel.send_exit_status(rc if rc >= 0 else 128 - rc)
     for t in threads:
         t.join()
-    channel.send_exit_status(rc if rc >= 0 else 128 - rc)
+    channel.shutdown_write()
     channel.close()
 
 
@@ -215,6 +232,26 @@ def test_run_returns_output_and_status(server: SshServer) -> None:
         )
         assert lines == ["a b", "$HOME"]
         assert r.run(["sh", "-c", 'echo "$K"'], timeout=10, env={"K": "v w"}).stdout == "v w\n"
+
+
+def test_output_after_the_exit_status_is_not_lost(server: SshServer) -> None:
+    """OpenSSH can send a command's exit status before the last of its output; reading must go
+    on until the output's end, or a command's answer is lost (`systemctl is-system-running`
+    printed nothing, its status 0, once in `gcvm up`)."""
+    with Remote.open(server.endpoint(), timeout=10) as r:
+        res = r.run(["sh", "-c", "echo running; exit 0"], env={LATE_OUTPUT: "1"}, timeout=10)
+        assert (res.rc, res.stdout) == (0, "running\n")
+
+
+def test_a_child_holding_the_output_open_delays_the_result_only_briefly(
+    server: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(remote, "OUTPUT_GRACE_S", 0.5)
+    with Remote.open(server.endpoint(), timeout=10) as r:
+        start = time.monotonic()
+        res = r.run(["sh", "-c", "(sleep 5) & echo started; exit 2"], timeout=10, check=False)
+        assert (res.rc, res.stdout) == (2, "started\n")
+        assert time.monotonic() - start < 3
 
 
 def test_run_failure_names_vm_command_and_stderr(server: SshServer) -> None:
