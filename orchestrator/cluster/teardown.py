@@ -112,8 +112,14 @@ def _remove_from_libvirt(
         removed += [f"domain {d}" for d, ok in zip(doms, gone, strict=True) if ok]
         network = st.network if st is not None else f"gcvm-{name}"
         if st is None or st.own_network:
-            if hv.remove_network(network):
-                removed.append(f"network {network}")
+            try:
+                if hv.remove_network(network):
+                    removed.append(f"network {network}")
+            except HypervisorError as exc:
+                if shared:
+                    raise
+                # a private daemon's network goes with the daemon and the namespace, next
+                ui.warn(f"{exc.message}; the network goes with the cluster's daemon")
         elif hv.network_exists(network):
             for vm in st.vms:
                 hv.remove_dhcp_host(network, DhcpHost(vm.mac, vm.name, vm.address))

@@ -17,7 +17,13 @@ import pytest
 
 from orchestrator import cluster, hostcaps, paths, render, state
 from orchestrator.cluster import Backend, HostFacts
-from orchestrator.errors import ClusterExists, HostUnsupported, Interrupted, Timeout
+from orchestrator.errors import (
+    ClusterExists,
+    HostUnsupported,
+    HypervisorError,
+    Interrupted,
+    Timeout,
+)
 from orchestrator.hypervisor import DhcpHost, FakeHypervisor, Hypervisor
 from orchestrator.image import Image
 from orchestrator.spec import ClusterSpec, Tee
@@ -187,9 +193,10 @@ def backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBac
     yield FakeBackend(tmp_path)
 
 
-def _nothing_left(backend: FakeBackend, name: str) -> None:
+def _nothing_left(backend: FakeBackend, name: str, *, network_kept: bool = False) -> None:
+    """`network_kept`: the fake daemon's network outlives it (a real one dies with it)."""
     assert backend.hv.domains() == []
-    assert backend.hv.networks == {}
+    assert network_kept or backend.hv.networks == {}
     assert backend.namespaces == set()
     assert backend.daemons == set()
     assert not state.cluster_dir(name).exists()
@@ -298,6 +305,24 @@ def test_down_finds_leftovers_without_state_file(backend: FakeBackend) -> None:
     state.remove("t7")  # as if `up` crashed before writing it
     assert cluster.down("t7", backend=backend) is True
     _nothing_left(backend, "t7")
+
+
+def test_down_of_a_private_cluster_goes_on_when_libvirt_cannot_remove_the_network(
+    backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The private daemon's network dies with the daemon and the namespace, so an error from
+    libvirt there (seen: its config file already gone) must not leave them running."""
+    cluster.up(ClusterSpec(name="t7b"), backend=backend)
+
+    def refuse(name: str) -> bool:
+        raise HypervisorError(
+            f"libvirt failed to undefine network {name}: cannot remove config "
+            f"file '/etc/libvirt/qemu/networks/{name}.xml': No such file"
+        )
+
+    monkeypatch.setattr(backend.hv, "remove_network", refuse)
+    assert cluster.down("t7b", backend=backend) is True
+    _nothing_left(backend, "t7b", network_kept=True)
 
 
 def test_tee_mismatch_in_guest_fails(backend: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
