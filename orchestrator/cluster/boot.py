@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import threading
@@ -93,6 +94,9 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_WAIT_FOR_CLEANUP = "cleaning up; wait for it to finish (it stops by itself)"
+
+
 @contextlib.contextmanager
 def _shielded() -> Iterator[list[int]]:
     """Cleanup runs to its end: Ctrl-C and SIGTERM are noted and said to wait, not raised.
@@ -103,8 +107,11 @@ def _shielded() -> Iterator[list[int]]:
         return
 
     def note(signum: int, frame: object) -> None:
+        # the handler may run inside a write of the log or the console (interrupted there):
+        # nothing buffered here, or that writer is re-entered; the log hears of it afterwards
         arrived.append(signum)
-        ui.warn("cleaning up; wait for it to finish (it stops by itself)")
+        with contextlib.suppress(OSError):
+            os.write(2, f"warning: {_WAIT_FOR_CLEANUP}\n".encode())
 
     previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -112,6 +119,8 @@ def _shielded() -> Iterator[list[int]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if arrived:
+            ui.log.warning("%s (%d signal(s) during the cleanup)", _WAIT_FOR_CLEANUP, len(arrived))
 
 
 def _fail(run: _Up, exc: BaseException, keep: bool) -> None:
