@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 import typer
 
-from orchestrator import packages
 from orchestrator.errors import UsageError
 from orchestrator.spec import MAX_TIMEOUT_S
 
@@ -289,6 +288,9 @@ class BenchSettings:
         return () if self.builtin else tuple(Path(p) for p in self.model.split(",") if p)
 
     def __post_init__(self) -> None:
+        # here, not at the top: `gcvm --help` builds the verbs' options from this module
+        from orchestrator import packages
+
         if not self.builtin and not all(
             (d / packages.MANIFEST).is_file() for d in self.package_dirs or (Path(self.model),)
         ):
