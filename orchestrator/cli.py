@@ -463,7 +463,7 @@ def eval_security_cmd(ctx: typer.Context) -> None:
 from orchestrator.model import model_app  # noqa: E402
 
 app.add_typer(model_app, name="model")
-from orchestrator.scan import scan_cmd  # noqa: E402  (gcvm scan, issue 11)
+from orchestrator.scan.command import scan_cmd  # noqa: E402
 
 app.command("scan")(scan_cmd)
 
