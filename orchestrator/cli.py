@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import typer
 
 from orchestrator.errors import GcvmError
+from orchestrator.run.settings import options_of
 from orchestrator.ui import console, log
 
 app = typer.Typer(
@@ -61,149 +62,71 @@ def push_cmd(name: str = typer.Option("gcvm", "--name", help="Cluster name.")) -
 
 
 @run_app.command("bench")
-def run_bench_cmd(
-    name: str = typer.Option("gcvm", "--name", help="Cluster name."),
-    model: str = typer.Option(
-        "minilm",
-        help="A built-in model (minilm, bert-base, seed-transformer, resnet18: protected on "
-        "this host into the cluster's state folder, keys into the owner folder), or model "
-        "package folder(s) DIR[,DIR..] from `gcvm model protect`, used as they are.",
-    ),
-    key: list[Path] = typer.Option(
-        [],
-        "--key",
-        help="A given package's model key (repeatable, in --model's order; "
-        "default DIR/model.key). It stays on this host: the broker releases it.",
-    ),
-    owner: Path | None = typer.Option(
-        None,
-        "--owner",
-        help="The owner folder for keys made here and the broker's log "
-        "(default /var/lib/gcvm/owner/<cluster>/).",
-    ),
-    policy: Path | None = typer.Option(
-        None, "--policy", help="The broker's policy file (needed with --tee snp/tdx clusters)."
-    ),
-    modes: str = typer.Option(
-        "plain-offload,groupcover",
-        help="Comma-separated: tee-only, plain-offload, mask-only, groupcover, "
-        "groupcover-nomask, hardened, hardened-nomask.",
-    ),
-    batch: int = typer.Option(8, help="Batch size (real samples per forward)."),
-    seq: int = typer.Option(128, help="Sequence length (image side for resnet18)."),
-    repeat: int = typer.Option(5, help="Timed forwards per mode."),
-    warmup: int = typer.Option(1, help="Untimed forwards per mode first."),
-    seed: int | None = typer.Option(
-        None,
-        help="Make the secrets reproducible from this seed (benchmarks only: then not secret). "
-        "Default: every secret from the guest's CSPRNG.",
-    ),
-    audit: bool = typer.Option(True, help="Inspect every payload sent to a worker for secrets."),
-    verify: bool = typer.Option(
-        False, help="Check every worker result with a secret random vector per layer."
-    ),
-    port: int = typer.Option(29500, help="Rendezvous port on master 0."),
-    masters: int | None = typer.Option(
-        None,
-        "--masters",
-        help="Run on the first M master VMs (default: all); they share the worker(s).",
-    ),
-    transport_micro: bool = typer.Option(
-        False,
-        "--transport-micro",
-        help="Measure the wire per call instead (MiniLM and BERT-base payloads): master 0's VM "
-        "to the host worker and to a VM.",
-    ),
-    timeout: float = typer.Option(3600.0, help="Seconds before the whole run is stopped."),
-    rpc_timeout: float = typer.Option(
-        600.0, help="Seconds each rank waits for the world to assemble and for each worker call."
-    ),
-    out: Path | None = typer.Option(None, help="Folder for results (default: gcvm's state dir)."),
-) -> None:
+@options_of("name", "model", "keys", "owner", "policy", "modes", "batch", "seq", "repeat",
+            "warmup", "seed", "audit", "verify", "port", "masters", "transport_micro", "timeout",
+            "rpc_timeout", "out")  # fmt: skip
+def run_bench_cmd(**options: Any) -> None:
     """Benchmark the modes side by side across the VMs; print a table, write JSON and a chart."""
-    from orchestrator import bench
+    from orchestrator.run.settings import BenchSettings
 
-    settings = bench.BenchSettings(
-        model=model,
-        modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
-        batch=batch,
-        seq=seq,
-        repeat=repeat,
-        warmup=warmup,
-        seed=seed,
-        audit=audit,
-        verify=verify,
-        port=port,
-        masters=masters,
-        timeout=timeout,
-        rpc_timeout=rpc_timeout,
-        keys=tuple(str(k) for k in key),
-        owner=str(owner) if owner else None,
-        policy=str(policy) if policy else None,
-    )
-    if transport_micro:
-        bench.run_transport_micro(name, settings, out)
+    settings = BenchSettings.from_options(options)
+    if options["transport_micro"]:
+        from orchestrator.run.micro import run_transport_micro
+
+        run_transport_micro(options["name"], settings, options["out"])
         return
-    bench.run_bench(name, settings, out)
+    from orchestrator.run.bench import run_bench
+
+    run_bench(options["name"], settings, options["out"])
 
 
 @run_app.command(
     "exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
 )
-def run_exec_cmd(
-    ctx: typer.Context,
-    name: str = typer.Option("gcvm", "--name", help="Cluster name."),
-    role: str = typer.Option("all", help="Run on: all, master or worker VMs."),
-    port: int = typer.Option(29500, help="MASTER_PORT for the ranks."),
-    timeout: float = typer.Option(3600.0, help="Seconds before the command is stopped."),
-) -> None:
+@options_of("name", "role", "port", "timeout",
+            port={"help": "MASTER_PORT for the ranks."},
+            timeout={"help": "Seconds before the command is stopped."})  # fmt: skip
+def run_exec_cmd(ctx: typer.Context, **options: Any) -> None:
     """Run `-- CMD ARGS...` on the VMs with each rank's seed variables set.
 
     RANK, WORLD_SIZE, WORKER (masters), MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME,
     TP_SOCKET_IFNAME and GCVM_ROLE (master or worker) come from the cluster's state.
     """
-    from orchestrator import bench
     from orchestrator.errors import UsageError
+    from orchestrator.run.exec import run_exec
     from orchestrator.spec import Role
 
+    role = options["role"]
     if role not in ("all", "master", "worker"):
         raise UsageError(f"unknown --role {role!r}", hint="use all, master or worker")
     argv = list(ctx.args)
     roles = [Role.master, Role.worker] if role == "all" else [Role(role)]
-    bench.run_exec(name, {r: argv for r in roles}, port=port, timeout=timeout)
+    run_exec(options["name"], {r: argv for r in roles}, port=options["port"],
+             timeout=options["timeout"])  # fmt: skip
 
 
 @run_app.command("seed")
-def run_seed_cmd(
-    name: str = typer.Option("gcvm", "--name", help="Cluster name."),
-    setting: list[str] = typer.Option(
-        [], "--set", help="KEY=VALUE for the scripts (BATCH, SEQ, REPEAT, WARMUP, MODES, ...)."
-    ),
-    port: int = typer.Option(29500, help="MASTER_PORT for the ranks."),
-    timeout: float = typer.Option(3600.0, help="Seconds before the scripts are stopped."),
-    model: str = typer.Option(
-        "seed-transformer",
-        "--model",
-        help="A built-in model (protected on the host into packages) or package folders "
-        "DIR[,DIR...] from `gcvm model protect`; the scripts run it from its packages.",
-    ),
-    key_files: list[str] = typer.Option(
-        [], "--key", help="A given package's model key (default DIR/model.key); repeatable."
-    ),
-    owner: str | None = typer.Option(
-        None, "--owner", help="The owner folder for keys made here and the broker's log."
-    ),
-    policy: str | None = typer.Option(
-        None, "--policy", help="The broker's policy file (needed with --tee snp/tdx clusters)."
-    ),
-) -> None:
+@options_of(
+    "name", "variables", "port", "timeout", "model", "keys", "owner", "policy",
+    port={"help": "MASTER_PORT for the ranks."},
+    timeout={"help": "Seconds before the scripts are stopped."},
+    model={"default": "seed-transformer", "decls": ("--model",),
+           "help": "A built-in model (protected on the host into packages) or package folders "
+           "DIR[,DIR...] from `gcvm model protect`; the scripts run it from its packages."},
+    keys={"type": list[str],
+          "help": "A given package's model key (default DIR/model.key); repeatable."},
+    owner={"type": str | None,
+           "help": "The owner folder for keys made here and the broker's log."},
+    policy={"type": str | None},
+)  # fmt: skip
+def run_seed_cmd(**options: Any) -> None:
     """Run the seed's tee_test_transformer_{worker,master}.py with the seed's variables, the
     model coming as packages released by the run's key broker."""
-    from orchestrator import bench
     from orchestrator.errors import UsageError
+    from orchestrator.run.exec import SEED_COMMANDS, SEED_ENV, run_exec, seed_package_settings
 
     extra = {}
-    for item in setting:
+    for item in options["variables"]:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
             raise UsageError(
@@ -212,9 +135,10 @@ def run_seed_cmd(
         extra[key] = value
     # between machines every transport runs over TCP (TensorPipe's shared memory is useless
     # across them): the seed's scripts read FORCE_TCP
-    packages_for = bench.seed_package_settings(model, extra, tuple(key_files), owner, policy)
-    bench.run_exec(name, bench.SEED_COMMANDS, port=port, timeout=timeout,
-                   extra_env={**bench.SEED_ENV, **extra}, packages_for=packages_for)  # fmt: skip
+    packages_for = seed_package_settings(options["model"], extra, tuple(options["keys"]),
+                                         options["owner"], options["policy"])  # fmt: skip
+    run_exec(options["name"], SEED_COMMANDS, port=options["port"], timeout=options["timeout"],
+             extra_env={**SEED_ENV, **extra}, packages_for=packages_for)  # fmt: skip
 
 
 # --- gcvm up / down / status / ssh / logs: the cluster's life ------------------------------
@@ -539,7 +463,7 @@ def eval_security_cmd(ctx: typer.Context) -> None:
 from orchestrator.model import model_app  # noqa: E402
 
 app.add_typer(model_app, name="model")
-from orchestrator.scan import scan_cmd  # noqa: E402  (gcvm scan, issue 11)
+from orchestrator.scan.command import scan_cmd  # noqa: E402
 
 app.command("scan")(scan_cmd)
 

@@ -476,7 +476,8 @@ class RunBroker:
 
     def start(self) -> RunBroker:
         from orchestrator import netns
-        from orchestrator.attest.broker import Broker, _Server
+        from orchestrator.attest.broker import _Server
+        from orchestrator.attest.kbs import Broker
         from orchestrator.attest.policy import Policy, load_policy
 
         pol = load_policy(self.policy) if self.policy is not None else Policy()

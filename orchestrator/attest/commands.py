@@ -157,7 +157,8 @@ def serve_cmd(
     ),
 ) -> None:
     """Serve the KBS protocol (auth, attest, resource/<repo>/<type>/<tag>) on HOST:PORT."""
-    from orchestrator.attest.broker import INSECURE_LABEL, Broker, make_server
+    from orchestrator.attest.broker import make_server
+    from orchestrator.attest.kbs import INSECURE_LABEL, Broker
     from orchestrator.attest.policy import Policy, load_policy
     from orchestrator.ui import console
 

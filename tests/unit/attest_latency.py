@@ -15,7 +15,8 @@ from pathlib import Path
 
 from groupcover.keyrelease import ConfigfsTsm, KbsClient
 from orchestrator.attest import snp, tdx
-from orchestrator.attest.broker import Broker, serve_in_thread
+from orchestrator.attest.broker import serve_in_thread
+from orchestrator.attest.kbs import Broker
 from orchestrator.attest.policy import parse_policy
 from tests.unit.attest_testchain import GOOD_MEASUREMENT, FakeTsm, SnpTestChain
 

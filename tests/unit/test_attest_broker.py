@@ -27,8 +27,9 @@ from groupcover.keyrelease import (
     report_data_for,
 )
 from groupcover.keyrelease.jwe import EphemeralKey
-from orchestrator.attest import broker as broker_mod
-from orchestrator.attest.broker import Broker, serve_in_thread
+from orchestrator.attest import kbs
+from orchestrator.attest.broker import serve_in_thread
+from orchestrator.attest.kbs import Broker
 from orchestrator.attest.policy import parse_policy
 from tests.unit.attest_testchain import (
     GOOD_MEASUREMENT,
@@ -441,7 +442,7 @@ def test_synthetic_tdx_quotes_with_a_fake_quote_verifier(tmp_path) -> None:
 
 def test_broker_serves_only_the_given_address(world) -> None:
     assert world["url"].startswith("http://127.0.0.1:")
-    assert broker_mod.INSECURE_LABEL == INSECURE_LABEL
+    assert kbs.INSECURE_LABEL == INSECURE_LABEL
 
 
 # --- the commands, as processes -----------------------------------------------------------
@@ -607,7 +608,7 @@ def test_rsa_tee_pubkey_gets_rsa_oaep_256() -> None:
     from jwcrypto import jwe, jwk
 
     private = jwk.JWK.generate(kty="RSA", size=2048)
-    response = broker_mod._jwe(b"key", json.loads(private.export_public()))
+    response = kbs._jwe(b"key", json.loads(private.export_public()))
     token = jwe.JWE()
     token.deserialize(json.dumps(response), key=private)
     assert token.payload == b"key"

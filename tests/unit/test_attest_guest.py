@@ -22,8 +22,8 @@ from groupcover.keyrelease import evidence as ev
 from groupcover.keyrelease.jwe import EphemeralKey, JweError, b64url
 from groupcover.keyrelease.kbs import canonical_json as guest_canonical
 from groupcover.keyrelease.kbs import report_data_for
-from orchestrator.attest.broker import _jwe
 from orchestrator.attest.common import canonical_json, expected_report_data
+from orchestrator.attest.kbs import _jwe
 from tests.unit.attest_testchain import FakeTsm, SnpTestChain
 
 ROOT = Path(__file__).resolve().parents[2]

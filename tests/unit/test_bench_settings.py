@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.bench import BenchSettings
 from orchestrator.errors import UsageError
+from orchestrator.run.settings import BenchSettings
 
 
 def test_launch_args_carry_the_workload_and_force_tcp_between_vms() -> None:
@@ -57,3 +57,81 @@ def test_ranks_masters_first_each_offloading_to_worker_i_mod_n(tmp_path) -> None
         "MASTER_PORT": "29600", "GLOO_SOCKET_IFNAME": "enp1s0", "TP_SOCKET_IFNAME": "enp1s0",
     }  # fmt: skip
     assert "WORKER" not in ranks[3].env()
+
+
+# The framework's argv as the orchestrator produced it before its settings were declared in one
+# table (captured from that code): the declarations must give exactly these.
+GOLDEN_ARGV = [
+    (
+        {},
+        ("/var/tmp/gcvm-results/r/master0.json", 2, ("--model", "/var/tmp/gcvm-packages/p")),
+        ("--model", "/var/tmp/gcvm-packages/p", "--modes", "plain-offload,groupcover",
+         "--batch", "8", "--seq", "128", "--repeat", "5", "--warmup", "1", "--threads", "2",
+         "--timeout", "600", "--force-tcp", "--audit",
+         "--json", "/var/tmp/gcvm-results/r/master0.json"),
+    ),
+    (
+        {"model": "bert-base", "modes": ("tee-only", "hardened"), "batch": 3, "seq": 17,
+         "repeat": 9, "warmup": 0, "seed": 42, "audit": False, "verify": True,
+         "rpc_timeout": 99.7},
+        (None, 4, ("--package", "/x")),
+        ("--package", "/x", "--modes", "tee-only,hardened", "--batch", "3", "--seq", "17",
+         "--repeat", "9", "--warmup", "0", "--threads", "4", "--timeout", "99", "--force-tcp",
+         "--seed", "42", "--verify"),
+    ),
+    (
+        {"audit": True, "verify": True, "seed": 0},
+        (None, 1, ()),
+        ("--modes", "plain-offload,groupcover", "--batch", "8", "--seq", "128", "--repeat", "5",
+         "--warmup", "1", "--threads", "1", "--timeout", "600", "--force-tcp", "--seed", "0",
+         "--audit", "--verify"),
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kwargs", "call", "argv"), GOLDEN_ARGV)
+def test_launch_args_are_exactly_what_they_were(kwargs: dict, call: tuple, argv: tuple) -> None:
+    assert BenchSettings(**kwargs).launch_args(*call) == argv
+
+
+def test_transport_micro_client_flags_are_exactly_what_they_were() -> None:
+    from orchestrator.run.micro import MICRO_SETTINGS
+    from orchestrator.run.settings import framework_args
+
+    s = BenchSettings(batch=4, seq=64, repeat=7, rpc_timeout=120.5)
+    assert framework_args(s, MICRO_SETTINGS, threads=1) == [
+        "--batch", "4", "--seq", "64", "--repeat", "7", "--threads", "1", "--timeout", "120",
+    ]  # fmt: skip
+
+
+def test_defaults_come_from_the_declarations() -> None:
+    from dataclasses import fields
+
+    from orchestrator.run.settings import SETTING
+
+    s = BenchSettings()
+    for f in fields(BenchSettings):
+        if f.name != "keys":  # typer's default is a list; the settings hold a tuple
+            assert getattr(s, f.name) == SETTING[f.name].parse(SETTING[f.name].default), f.name
+
+
+def test_verb_options_come_from_the_declarations() -> None:
+    """`run bench` and `run seed` parse their flags into the same settings."""
+    from typer.testing import CliRunner
+
+    from orchestrator import cli
+    from orchestrator.run import bench
+
+    seen: list[BenchSettings] = []
+    runner = CliRunner()
+    original = bench.run_bench
+    try:
+        bench.run_bench = lambda name, settings, out: seen.append(settings)  # type: ignore
+        result = runner.invoke(cli.app, ["run", "bench", "--batch", "2", "--seq", "16",
+                                         "--modes", "groupcover, hardened", "--no-audit",
+                                         "--seed", "3", "--rpc-timeout", "30"])  # fmt: skip
+    finally:
+        bench.run_bench = original
+    assert result.exit_code == 0, result.output
+    assert seen == [BenchSettings(batch=2, seq=16, modes=("groupcover", "hardened"),
+                                  audit=False, seed=3, rpc_timeout=30.0)]  # fmt: skip

@@ -10,7 +10,8 @@ import pytest
 
 from groupcover.keyrelease import KbsClient, KeyReleaseRefused, NoEvidence
 from orchestrator import clusterbroker
-from orchestrator.attest.broker import Broker, serve_in_thread
+from orchestrator.attest.broker import serve_in_thread
+from orchestrator.attest.kbs import Broker
 from orchestrator.attest.policy import parse_policy
 from orchestrator.errors import UsageError
 from orchestrator.spec import ClusterSpec, Tee

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import bench, cluster, hostcaps, render, state, tee
+from orchestrator import cluster, hostcaps, packages, render, state, tee
 from orchestrator.cluster.parallel import _parallel, check
 from orchestrator.errors import (
     HostUnsupported,
@@ -25,6 +25,10 @@ from orchestrator.errors import (
 )
 from orchestrator.hypervisor import Hypervisor
 from orchestrator.image import user_image
+from orchestrator.run import deploy, session
+from orchestrator.run.bench import run_bench
+from orchestrator.run.exec import run_exec
+from orchestrator.run.settings import BenchSettings
 from orchestrator.spec import Accel, ClusterSpec, Role, Tee
 from tests.unit.test_cluster import FIXTURES, FakeBackend, _nothing_left
 
@@ -94,15 +98,15 @@ def test_run_bench_stops_started_ranks_on_any_error(
 ) -> None:
     st = cluster.up(ClusterSpec(name="rb"), backend=backend)
     remotes = {vm.name: FakeRemote(vm.name, fail_mkdir=vm.role == Role.master) for vm in st.vms}
-    monkeypatch.setattr(bench, "_connect_all", lambda _st, _names=None: remotes)
+    monkeypatch.setattr(session, "connect_all", lambda _st, _names=None: remotes)
     # no protect, copy or namespace here (tests/unit/test_packages.py has those): a fake broker
-    monkeypatch.setattr(bench, "prepare_packages", lambda _st, _s: ([], {"owner": str(tmp_path)}))
-    monkeypatch.setattr(bench, "_copy_packages", lambda *_a: [])
+    monkeypatch.setattr(deploy, "prepare_packages", lambda _st, _s: ([], {"owner": str(tmp_path)}))
+    monkeypatch.setattr(deploy, "copy_packages", lambda *_a: [])
     brokers: list[FakeBroker] = []
-    monkeypatch.setattr(bench.packages, "RunBroker", lambda *a: brokers.append(FakeBroker()) or
+    monkeypatch.setattr(packages, "RunBroker", lambda *a: brokers.append(FakeBroker()) or
                         brokers[-1])  # fmt: skip
     with pytest.raises(RemoteError, match="mkdir failed"):
-        bench.run_bench("rb", bench.BenchSettings(batch=1, seq=8, repeat=1), tmp_path / "out")
+        run_bench("rb", BenchSettings(batch=1, seq=8, repeat=1), tmp_path / "out")
     worker = remotes["rb-worker0"]
     assert worker.procs and all(p.killed for p in worker.procs)  # started first, then stopped
     assert all(r.closed for r in remotes.values())
@@ -215,9 +219,9 @@ def test_up_timeout_is_validated_first(backend: FakeBackend, value: float) -> No
 @pytest.mark.parametrize("value", [-1.0, 0.0, float("nan")])
 def test_bench_and_exec_timeouts_are_validated(value: float) -> None:
     with pytest.raises(UsageError, match="--timeout"):
-        bench.BenchSettings(timeout=value)
+        BenchSettings(timeout=value)
     with pytest.raises(UsageError, match="--timeout"):
-        bench.run_exec("nosuch", {Role.master: ["true"]}, port=29500, timeout=value)
+        run_exec("nosuch", {Role.master: ["true"]}, port=29500, timeout=value)
 
 
 # --- --image: junk is refused, real disks are taken -------------------------------------------

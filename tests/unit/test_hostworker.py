@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from orchestrator import bench, cluster, hostworker, state
+from orchestrator import cluster, hostworker, state
 from orchestrator.cli import format_uptime, status_renderables
 from orchestrator.errors import GcvmError, Timeout, UsageError
+from orchestrator.run import world as run_world
 from orchestrator.spec import ClusterSpec, Role, plan_vms
 from tests.unit.test_cluster import FakeBackend
 
@@ -150,7 +151,7 @@ def test_a_host_worker_that_fails_to_start_rolls_back_the_whole_up(backend: Host
 def test_ranks_of_a_host_worker_cluster(backend: HostBackend) -> None:
     st = cluster.up(ClusterSpec(name="hr", masters=3, workers=0, worker_host=True),
                     backend=backend)  # fmt: skip
-    world = bench.plan_world(st, 29500)
+    world = run_world.plan_world(st, 29500)
     assert [(n.name, n.role, n.host, r.rank) for n, r in world] == [
         ("hr-master0", Role.master, False, 0), ("hr-master1", Role.master, False, 1),
         ("hr-master2", Role.master, False, 2), ("hr-worker-host", Role.worker, True, 3),
@@ -162,25 +163,25 @@ def test_ranks_of_a_host_worker_cluster(backend: HostBackend) -> None:
     assert "--ifname virbr0" in " ".join(host_rank.argv(sys.executable))
 
     # two of the three masters share the worker: ranks renumbered, the worker right after them
-    two = bench.plan_world(st, 29500, masters=2)
+    two = run_world.plan_world(st, 29500, masters=2)
     assert [(n.name, r.rank) for n, r in two] == [
         ("hr-master0", 0), ("hr-master1", 1), ("hr-worker-host", 2),
     ]  # fmt: skip
     assert all(r.worker == 2 and r.world_size == 3 for n, r in two if n.role is Role.master)
     with pytest.raises(UsageError, match="--masters 4: cluster hr has 3 master VM") as info:
-        bench.plan_world(st, 29500, masters=4)
+        run_world.plan_world(st, 29500, masters=4)
     assert info.value.hint == "choose 1..3 (default: all of them)"
-    env = bench._host_env(st.worker_host)  # type: ignore[arg-type]
+    env = run_world.host_env(st.worker_host)  # type: ignore[arg-type]
     assert env["GLOO_SOCKET_IFNAME"] == env["TP_SOCKET_IFNAME"] == "virbr0"
     assert env["PYTHONPATH"] == st.worker_host.root  # type: ignore[union-attr]
-    facts = bench.cluster_facts(st)["host_worker"]
+    facts = run_world.cluster_facts(st)["host_worker"]
     assert facts["device"] == "cpu" and facts["tee"] == "none (host process)"
     cluster.down("hr", backend=backend)
 
 
 def test_ranks_of_vm_workers_are_unchanged(backend: HostBackend) -> None:
     st = cluster.up(ClusterSpec(name="hv", masters=3, workers=2), backend=backend)
-    world = bench.plan_world(st, 29500)
+    world = run_world.plan_world(st, 29500)
     assert [(n.name, r.rank, r.worker) for n, r in world] == [
         ("hv-master0", 0, 3), ("hv-master1", 1, 4), ("hv-master2", 2, 3),
         ("hv-worker0", 3, None), ("hv-worker1", 4, None),

@@ -51,7 +51,7 @@ def test_the_orchestrator_knows_the_frameworks_modes_and_models() -> None:
     """The orchestrator validates names without importing the framework: its lists must match."""
     from groupcover.models import MODELS as FRAMEWORK_MODELS
     from groupcover.modes import MODES as FRAMEWORK_MODES
-    from orchestrator import bench
+    from orchestrator.run import settings
 
-    assert tuple(bench.MODES) == tuple(FRAMEWORK_MODES)
-    assert set(bench.MODELS) == set(FRAMEWORK_MODELS)
+    assert tuple(settings.MODES) == tuple(FRAMEWORK_MODES)
+    assert set(settings.MODELS) == set(FRAMEWORK_MODELS)

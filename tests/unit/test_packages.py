@@ -18,8 +18,10 @@ from groupcover.launch import RankSettings, Role
 from groupcover.package.runtime import ModeUnavailable, assign_modes, open_package
 from groupcover.transport import InProcessTransport
 from orchestrator import packages, report
-from orchestrator.bench import MODES, BenchSettings, _model_args, framework_tee
 from orchestrator.errors import UsageError
+from orchestrator.run.deploy import model_args
+from orchestrator.run.settings import MODES, BenchSettings
+from orchestrator.run.world import framework_tee
 from tests.unit.test_package import make_package
 
 DEMO_MODES = ("tee-only", "plain-offload", "mask-only", "groupcover", "hardened")
@@ -214,19 +216,19 @@ def test_copies_skip_what_is_there_and_leave_no_partial_file(two: tuple[Path, Pa
 
 
 def test_rank_flags_for_packages(two: tuple[Path, Path]) -> None:
-    from orchestrator.bench import Node
+    from orchestrator.run.world import Node
     from orchestrator.spec import Role
 
     pkgs = packages.given_packages(list(two), [])
     broker = type("B", (), {"url": "http://10.9.0.1:4444"})()
-    master = _model_args(Node("m0", Role.master, False, 1), Role.master, pkgs, broker, "none")
+    master = model_args(Node("m0", Role.master, False, 1), Role.master, pkgs, broker, "none")
     assert master == ["--model", packages.guest_folder(pkgs[0]), "--model",
                       packages.guest_folder(pkgs[1]), "--broker", "http://10.9.0.1:4444",
                       "--tee", "none"]  # fmt: skip
-    vm = _model_args(Node("w0", Role.worker, False, 1), Role.worker, pkgs, None, "none")
+    vm = model_args(Node("w0", Role.worker, False, 1), Role.worker, pkgs, None, "none")
     assert vm == ["--package", packages.guest_folder(pkgs[0]), "--package",
                   packages.guest_folder(pkgs[1])]  # fmt: skip
-    host = _model_args(Node("h", Role.worker, True, 1), Role.worker, pkgs, None, "none")
+    host = model_args(Node("h", Role.worker, True, 1), Role.worker, pkgs, None, "none")
     assert host == ["--package", str(two[0]), "--package", str(two[1])]  # the host's own copy
     st = type("S", (), {"spec": {"tee": "sev-snp"}})()
     assert framework_tee(st) == "snp"

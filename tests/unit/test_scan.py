@@ -17,6 +17,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from orchestrator import scan as S
+from orchestrator.scan import index as scan_index
+from orchestrator.scan import stream
 
 HIDDEN, INTER, LAYERS = 64, 128, 2
 QEMU = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
@@ -112,11 +114,11 @@ def test_planted_rows_and_columns_are_found_and_named(
     assert scanned[0].bytes == len(data)
     # across read chunks: a small chunk puts the plants on chunk boundaries
     for chunk in (4096, 1 << 16):
-        old, S.CHUNK = S.CHUNK, chunk
+        old, stream.CHUNK = stream.CHUNK, chunk
         try:
             assert named(S.scan_file(target, index)[0]) == expected
         finally:
-            S.CHUNK = old
+            stream.CHUNK = old
 
 
 def test_a_whole_tensor_and_its_transpose(tmp_path: Path, weights: dict[str, np.ndarray],
@@ -136,7 +138,8 @@ def test_a_whole_tensor_and_its_transpose(tmp_path: Path, weights: dict[str, np.
 def test_a_partial_row_is_found_but_a_short_or_perturbed_one_is_not(
     tmp_path: Path, weights: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(S, "ANCHOR", 128)  # fingerprints every 128 bytes: pieces >= 152 found
+    # fingerprints every 128 bytes: pieces >= 152 found
+    monkeypatch.setattr(scan_index, "ANCHOR", 128)
     name = "encoder.layer.0.intermediate.dense.weight"
     index = S.build_index({name: weights[name]})
     column = weights[name].T[3].astype("<f4").tobytes()
