@@ -21,7 +21,7 @@ from groupcover.launch import (
     Role,
     launch,
 )
-from groupcover.rpc import DEFAULT_TIMEOUT_S, Rendezvous
+from groupcover.rendezvous import DEFAULT_TIMEOUT_S, Rendezvous
 
 
 class Parser(argparse.ArgumentParser):
