@@ -75,7 +75,7 @@ def _quantile(values: list[float], q: float) -> float:
 def measure_one(address: tuple[str, int], p: Payload, dtype: str, repeat: int,
                 timeout_s: float) -> dict[str, object]:  # fmt: skip
     from groupcover.transport import LayerOp
-    from groupcover.wire.tcp import TcpTransport
+    from groupcover.wire.client import TcpTransport
 
     kind = DTYPES[dtype]
     transport = TcpTransport(address, "worker", f"micro/{p.model}/{p.layer}/{dtype}", timeout_s)
@@ -139,7 +139,7 @@ def render(rows: list[dict[str, object]], title: str) -> str:
 
 def serve(host: str, port: int, seconds: float, timeout_s: float) -> int:
     """A worker for the micro-benchmark on host:port until `seconds` pass (or it is killed)."""
-    from groupcover.wire.tcp import Limits, WorkerServer
+    from groupcover.wire.server import Limits, WorkerServer
     from groupcover.worker import WorkerState
 
     server = WorkerServer(host, port, WorkerState(), Limits(timeout_s=timeout_s), "micro-worker")

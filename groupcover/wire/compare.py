@@ -35,7 +35,7 @@ def _forward(transport: Transport, x: torch.Tensor, wide: torch.Tensor) -> tuple
 
 def _serve() -> int:
     """The TCP worker: prints `port N`, serves until stdin closes."""
-    from groupcover.wire.tcp import WorkerServer
+    from groupcover.wire.server import WorkerServer
     from groupcover.worker import WorkerState
 
     torch.set_num_threads(1)
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from groupcover import rpc
     from groupcover.bench import free_port
-    from groupcover.wire.tcp import TcpTransport
+    from groupcover.rendezvous import Rendezvous
+    from groupcover.wire.client import TcpTransport
 
     torch.set_num_threads(1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         assert tcp_worker.stdout is not None and tcp_worker.stdin is not None
         address = ("127.0.0.1", int(tcp_worker.stdout.readline().split()[1]))
-        rdv = rpc.Rendezvous(0, 2, "127.0.0.1", port, ifname="lo", force_tcp=True, timeout_s=120)
+        rdv = Rendezvous(0, 2, "127.0.0.1", port, ifname="lo", force_tcp=True, timeout_s=120)
         rpc.join(rdv, "master")
         transports: dict[str, Transport] = {
             "tcp": TcpTransport(address, "worker1", timeout_s=120),

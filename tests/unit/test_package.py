@@ -26,7 +26,8 @@ from groupcover.package.source import ModelSpec, Source
 from groupcover.rng import SecretRandom
 from groupcover.schemes.hardened import HardenedScheme
 from groupcover.transport import InProcessTransport
-from groupcover.wire.tcp import TcpTransport, WorkerServer
+from groupcover.wire.client import TcpTransport
+from groupcover.wire.server import WorkerServer
 from groupcover.worker import WorkerState
 from tests.unit.conftest import SMALL_BERT, rel_error
 

@@ -34,12 +34,14 @@ from groupcover.errors import (
     WorkerProtocolError,
     WorkerUnavailable,
 )
-from groupcover.rpc import Rendezvous
+from groupcover.rendezvous import Rendezvous
 from groupcover.transport import LayerOp
-from groupcover.wire import schema, store, tcp, world
+from groupcover.wire import client as wire_client
+from groupcover.wire import schema, store, world
+from groupcover.wire.client import TcpTransport
 from groupcover.wire.schema import BYTES, HEADER, ErrorCode, Header, Op
+from groupcover.wire.server import Limits, WorkerServer
 from groupcover.wire.store import StoreClient, StoreError, StoreServer
-from groupcover.wire.tcp import Limits, TcpTransport, WorkerServer
 from groupcover.worker import WorkerState, apply_op
 from tests.unit.hostile_worker import raw, read_request, recv_exact, tensor_of
 from tests.unit.transports import free_port
@@ -148,17 +150,17 @@ def u64(v: int) -> bytes:
 
 
 class Allocations:
-    """Counts the master's reply buffers (tcp.allocate is the only place they are made)."""
+    """Counts the master's reply buffers (wire_client.allocate is the only place they are made)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.shapes: list[tuple[int, ...]] = []
-        real = tcp.allocate
+        real = wire_client.allocate
 
         def counted(dtype: int, shape: tuple[int, ...], order: tuple[int, ...]) -> torch.Tensor:
             self.shapes.append(shape)
             return real(dtype, shape, order)
 
-        monkeypatch.setattr(tcp, "allocate", counted)
+        monkeypatch.setattr(wire_client, "allocate", counted)
 
 
 def victim(address: tuple[str, int], weight: torch.Tensor | None = None,
@@ -761,7 +763,7 @@ def test_connect_and_close_in_a_loop_leaves_no_trace_on_the_worker(
 
 FUZZ_WORKER = r"""
 import sys, torch
-from groupcover.wire.tcp import Limits, WorkerServer
+from groupcover.wire.server import Limits, WorkerServer
 from groupcover.worker import WorkerState
 torch.set_num_threads(1)
 limits = Limits(max_tensor_bytes=1 << 20, max_session_bytes=4 << 20, timeout_s=2)
@@ -840,7 +842,7 @@ def test_fuzzed_op_blocks_and_shapes_never_take_the_worker_down() -> None:
 
 LOW_FD_SERVERS = r"""
 import os, resource, sys, torch
-from groupcover.wire.tcp import Limits, WorkerServer
+from groupcover.wire.server import Limits, WorkerServer
 from groupcover.wire.store import StoreServer
 from groupcover.worker import WorkerState
 torch.set_num_threads(1)

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from groupcover.errors import RendezvousError
-from groupcover.rpc import Rendezvous
+from groupcover.rendezvous import Rendezvous
+from groupcover.rpc import backend_options
 from tests.unit.transports import free_port, worker_argv
 
 pytestmark = pytest.mark.slow
@@ -28,11 +29,12 @@ MASTER = r"""
 import sys, time, torch
 from groupcover import rpc
 from groupcover.errors import WorkerUnavailable
+from groupcover.rendezvous import Rendezvous
 from groupcover.transport import LayerOp
 port, rank, world, target, timeout, script = sys.argv[1:7]
 rank, world, target, timeout = int(rank), int(world), int(target), float(timeout)
 torch.set_num_threads(1)
-rdv = rpc.Rendezvous(rank, world, "127.0.0.1", int(port), ifname="lo", force_tcp=True,
+rdv = Rendezvous(rank, world, "127.0.0.1", int(port), ifname="lo", force_tcp=True,
                      timeout_s=timeout)
 rpc.join(rdv, "master")
 transport = rpc.RpcTransport(target, owner=f"{rank}/test", timeout_s=timeout)
@@ -187,7 +189,7 @@ def test_rendezvous_from_the_seed_variables() -> None:
            "TP_SOCKET_IFNAME": "eth1"}  # fmt: skip
     rdv = Rendezvous.from_env(env, timeout_s=5.0)
     assert (rdv.rank, rdv.world_size, rdv.url, rdv.ifname) == (2, 3, "tcp://10.0.0.1:29501", "eth1")
-    options = Rendezvous(0, 2, force_tcp=True).backend_options()
+    options = backend_options(Rendezvous(0, 2, force_tcp=True))
     assert options.init_method == "tcp://127.0.0.1:29500"
 
 

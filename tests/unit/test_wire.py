@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from groupcover.errors import RendezvousError, UnknownLayer, UsageError
 from groupcover.layer_op import LayerOp
 from groupcover.wire import schema
+from groupcover.wire.client import TcpTransport
 from groupcover.wire.netif import interface_address
 from groupcover.wire.schema import HEADER, OP_BLOCK, ErrorCode, Header, Op, SchemaError
+from groupcover.wire.server import Limits, WorkerServer
 from groupcover.wire.store import StoreClient, StoreError, StoreServer
-from groupcover.wire.tcp import Limits, TcpTransport, WorkerServer
 from groupcover.worker import WorkerState
 
 # ---- schema ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 MASTER = r"""
 import sys, time, torch
 from groupcover.errors import WorkerError, WorkerUnavailable
-from groupcover.rpc import Rendezvous
+from groupcover.rendezvous import Rendezvous
 from groupcover.transport import LayerOp
 from groupcover.wire import world
 port, rank, size, target, timeout, script = sys.argv[1:7]

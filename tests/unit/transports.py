@@ -62,6 +62,7 @@ def wire_worker() -> Iterator[tuple[str, int]]:
 def rpc_world() -> Iterator[int]:
     """This process as master rank 0, one worker process as rank 1; yields the worker's rank."""
     from groupcover import rpc
+    from groupcover.rendezvous import Rendezvous
 
     torch.set_num_threads(1)
     port = free_port()
@@ -69,7 +70,7 @@ def rpc_world() -> Iterator[int]:
     worker = subprocess.Popen(worker_argv(1, 2, port, transport="torch-rpc"), env=env)
     try:
         rpc.join(
-            rpc.Rendezvous(0, 2, "127.0.0.1", port, ifname="lo", force_tcp=True,
+            Rendezvous(0, 2, "127.0.0.1", port, ifname="lo", force_tcp=True,
                            timeout_s=RPC_TIMEOUT_S),
             "master",
         )  # fmt: skip
@@ -89,7 +90,7 @@ def transport(request: pytest.FixtureRequest) -> Iterator[Transport]:
     if request.param == "inprocess":
         made = InProcessTransport()
     elif request.param == "tcp":
-        from groupcover.wire.tcp import TcpTransport
+        from groupcover.wire.client import TcpTransport
 
         address = request.getfixturevalue("wire_worker")
         made = TcpTransport(address, "worker1", owner=f"0/test{next(_owners)}",

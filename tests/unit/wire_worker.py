@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from groupcover.wire.tcp import Limits, WorkerServer
+from groupcover.wire.server import Limits, WorkerServer
 from groupcover.worker import WorkerState
 
 
