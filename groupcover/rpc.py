@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -203,7 +202,6 @@ class RpcTransport(Transport):
         self.owner = owner
         self.timeout_s = timeout_s
         self.published_bytes = 0
-        self._lock = threading.Lock()
 
     def _sync(self, func: Callable[..., Any], args: tuple[Any, ...], what: str) -> Any:
         try:
@@ -221,7 +219,7 @@ class RpcTransport(Transport):
         sent = _wire(x)
         self._emit("run", layer_id, sent)
         result: Future[torch.Tensor] = Future()
-        start = time.perf_counter()
+        start = self.timings.start()
         try:
             pending = rpc.rpc_async(
                 self.to,
@@ -239,13 +237,7 @@ class RpcTransport(Transport):
             except Exception as exc:
                 result.set_exception(_translate(exc, self.worker_rank, f"run {layer_id}"))
                 return
-            with self._lock:
-                timings = self.timings
-                timings.roundtrip_s += time.perf_counter() - start
-                timings.worker_s += worker_s
-                timings.calls += 1
-                timings.bytes_sent += payload_bytes(sent)
-                timings.bytes_received += payload_bytes(y)
+            self.timings.record(start, worker_s, payload_bytes(sent), payload_bytes(y))
             result.set_result(y)
 
         pending.add_done_callback(arrived)

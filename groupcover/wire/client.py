@@ -350,7 +350,7 @@ class TcpTransport(Transport):
             header = Header(Op.RUN, request, layer.number, code, shape, order, payload_bytes(sent))
             out_order = schema.output_order(layer.op, len(out_shape))
             out_bytes = schema.tensor_nbytes(layer.dtype, out_shape)
-            start = time.perf_counter()
+            start = self.timings.start()
             deadline = time.monotonic() + self.timeout_s
             try:
                 if self._pending and self._pending_bytes + out_bytes > PIPELINE_BYTES:
@@ -392,13 +392,7 @@ class TcpTransport(Transport):
             return
         self._pending.popleft()
         self._pending_bytes -= pending.nbytes
-        timings = self.timings
-        roundtrip = time.perf_counter() - pending.start
-        timings.roundtrip_s += roundtrip
-        timings.worker_s += min(worker_s, roundtrip)
-        timings.calls += 1
-        timings.bytes_sent += pending.sent_bytes
-        timings.bytes_received += pending.nbytes
+        self.timings.record(pending.start, worker_s, pending.sent_bytes, pending.nbytes)
         pending.future.set_result(y)
 
     def _receive_result(self, p: _Pending, deadline: float) -> tuple[torch.Tensor, float]:

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from groupcover.errors import UnknownLayer
+from groupcover.inprocess import InProcessTransport
 from groupcover.models import load_model
 from groupcover.modes import MODES, build_for_mode
-from groupcover.transport import InProcessTransport, LayerOp, Transport
+from groupcover.transport import LayerOp, Transport
 from groupcover.worker import WorkerState
 from tests.unit.conftest import SMALL_BERT, SMALL_SEED, rel_error
 

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from groupcover.transport import InProcessTransport, Transport
+from groupcover.inprocess import InProcessTransport
+from groupcover.transport import Transport
 
 RPC_TIMEOUT_S = 30.0
 _owners = itertools.count()
