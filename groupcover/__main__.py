@@ -21,7 +21,7 @@ from groupcover.launch import (
     Role,
     launch,
 )
-from groupcover.rpc import DEFAULT_TIMEOUT_S, Rendezvous
+from groupcover.rendezvous import DEFAULT_TIMEOUT_S, Rendezvous
 
 
 class Parser(argparse.ArgumentParser):
@@ -346,7 +346,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.micro:
         return bench.run_micro(args.batch, args.seq, args.repeat, args.json, args.threads)
     if args.transport_micro:
-        from groupcover import transport_micro
+        from groupcover.measure import transport_micro
 
         return transport_micro.run(args.batch, args.seq, args.repeat, args.json, args.threads,
                                    args.target, args.label, args.timeout)  # fmt: skip

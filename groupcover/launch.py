@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 from groupcover import rpc
 from groupcover.errors import GroupCoverError, UsageError, WorkerUnavailable, print_error
+from groupcover.rendezvous import DEFAULT_TIMEOUT_S, Rendezvous, rank_name
 
 DEFAULT_MASK_BUDGET_MB = 256.0  # all masked modes' pools together (a package's master)
 MAX_BATCH = 1024
@@ -54,7 +55,7 @@ class RankSettings:
     seed: int | None = None  # None: secrets from the OS; a seed is for reproducible runs only
     json_path: Path | None = None
     force_tcp: bool = False
-    timeout_s: float = rpc.DEFAULT_TIMEOUT_S
+    timeout_s: float = DEFAULT_TIMEOUT_S
     audit: bool = False
     audit_forwards: int = 1  # untimed forwards per mode the audit watches (before the timed ones)
     verify: bool = False  # check every worker result (Freivalds-style, secret vector per layer)
@@ -82,8 +83,8 @@ class RankSettings:
         """Their key files, in the same order (empty: the broker releases them)."""
         return () if self.key_file is None else (self.key_file, *self.extra_key_files)
 
-    def rendezvous(self) -> rpc.Rendezvous:
-        return rpc.Rendezvous(
+    def rendezvous(self) -> Rendezvous:
+        return Rendezvous(
             rank=self.rank,
             world_size=self.world_size,
             master_addr=self.master_addr,
@@ -280,7 +281,7 @@ def _run_master_rpc(settings: RankSettings, prepared: object) -> int:
     try:
         assert settings.worker is not None
         device = _check_target(settings.worker, settings.timeout_s)
-        progress(settings, f"offloading to {rpc.rank_name(settings.worker)} ({device})")
+        progress(settings, f"offloading to {rank_name(settings.worker)} ({device})")
         document = bench.run_master(settings, prepared, lambda text: progress(settings, text))
         path = bench.write_json(document, settings.json_path, settings)
         bench.print_table(document)

@@ -12,11 +12,9 @@ import contextlib
 import os
 import re
 import threading
-import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,85 +23,21 @@ import torch.distributed.rpc as rpc
 from groupcover import errors, worker
 from groupcover.errors import (
     GroupCoverError,
-    RendezvousError,
     WorkerError,
     WorkerUnavailable,
     print_error,
 )
+from groupcover.rendezvous import DEFAULT_TIMEOUT_S, PEER_GONE, PEER_HINT, Rendezvous, rank_name
 from groupcover.transport import LayerOp, Transport, payload_bytes
 
-DEFAULT_TIMEOUT_S = 60.0
-PEER_GONE = "a peer rank went away before the whole world had finished"
-PEER_HINT = "another rank's process died or its host went away; see its output"
-RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 
-
-def rank_name(rank: int) -> str:
-    return f"worker{rank}"
-
-
-@dataclass(frozen=True)
-class Rendezvous:
-    """How one rank joins the RPC world. `init_method` (e.g. file://) overrides address and port."""
-
-    rank: int
-    world_size: int
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    ifname: str | None = None
-    force_tcp: bool = False
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    init_method: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.world_size < 2:
-            raise RendezvousError(
-                f"world size must be at least 2 (a master and a worker), not {self.world_size}"
-            )
-        if not 0 <= self.rank < self.world_size:
-            raise RendezvousError(f"rank {self.rank} is outside the world (size {self.world_size})")
-        if not 0 < self.master_port < 65536:
-            raise RendezvousError(f"master port {self.master_port} is not a TCP port")
-        if self.timeout_s <= 0:
-            raise RendezvousError(f"timeout must be positive, not {self.timeout_s}")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Rendezvous:
-        """The seed's variables: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (+ *_SOCKET_IFNAME)."""
-        missing = [name for name in RENDEZVOUS_VARIABLES if not env.get(name)]
-        if missing:
-            raise RendezvousError(
-                f"missing rendezvous variable(s): {', '.join(missing)}",
-                hint="set MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE",
-            )
-        values: dict[str, Any] = {
-            "master_addr": env["MASTER_ADDR"],
-            "master_port": _env_int(env, "MASTER_PORT"),
-            "rank": _env_int(env, "RANK"),
-            "world_size": _env_int(env, "WORLD_SIZE"),
-            "ifname": env.get("TP_SOCKET_IFNAME") or env.get("GLOO_SOCKET_IFNAME") or None,
-        }
-        values.update(overrides)
-        return cls(**values)
-
-    @property
-    def url(self) -> str:
-        return self.init_method or f"tcp://{self.master_addr}:{self.master_port}"
-
-    def backend_options(self) -> rpc.TensorPipeRpcBackendOptions:
-        return rpc.TensorPipeRpcBackendOptions(
-            init_method=self.url,
-            rpc_timeout=self.timeout_s,
-            _transports=["uv"] if self.force_tcp else None,
-            _channels=["basic"] if self.force_tcp else None,
-        )
-
-
-def _env_int(env: Mapping[str, str], name: str) -> int:
-    try:
-        return int(env[name])
-    except ValueError:
-        raise RendezvousError(f"{name}={env[name]!r} is not an integer") from None
+def backend_options(rendezvous: Rendezvous) -> rpc.TensorPipeRpcBackendOptions:
+    return rpc.TensorPipeRpcBackendOptions(
+        init_method=rendezvous.url,
+        rpc_timeout=rendezvous.timeout_s,
+        _transports=["uv"] if rendezvous.force_tcp else None,
+        _channels=["basic"] if rendezvous.force_tcp else None,
+    )
 
 
 def join(rendezvous: Rendezvous, role: str) -> None:
@@ -130,7 +64,7 @@ def join(rendezvous: Rendezvous, role: str) -> None:
                 rank_name(rendezvous.rank),
                 rank=rendezvous.rank,
                 world_size=rendezvous.world_size,
-                rpc_backend_options=rendezvous.backend_options(),
+                rpc_backend_options=backend_options(rendezvous),
             )
         except (RuntimeError, ValueError) as exc:
             raise WorkerUnavailable(
@@ -268,7 +202,6 @@ class RpcTransport(Transport):
         self.owner = owner
         self.timeout_s = timeout_s
         self.published_bytes = 0
-        self._lock = threading.Lock()
 
     def _sync(self, func: Callable[..., Any], args: tuple[Any, ...], what: str) -> Any:
         try:
@@ -286,7 +219,7 @@ class RpcTransport(Transport):
         sent = _wire(x)
         self._emit("run", layer_id, sent)
         result: Future[torch.Tensor] = Future()
-        start = time.perf_counter()
+        start = self.timings.start()
         try:
             pending = rpc.rpc_async(
                 self.to,
@@ -304,13 +237,7 @@ class RpcTransport(Transport):
             except Exception as exc:
                 result.set_exception(_translate(exc, self.worker_rank, f"run {layer_id}"))
                 return
-            with self._lock:
-                timings = self.timings
-                timings.roundtrip_s += time.perf_counter() - start
-                timings.worker_s += worker_s
-                timings.calls += 1
-                timings.bytes_sent += payload_bytes(sent)
-                timings.bytes_received += payload_bytes(y)
+            self.timings.record(start, worker_s, payload_bytes(sent), payload_bytes(y))
             result.set_result(y)
 
         pending.add_done_callback(arrived)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from groupcover.errors import GroupCoverError, UsageError, print_error
 from groupcover.launch import RankSettings, Role, launch
-from groupcover.rpc import Rendezvous
+from groupcover.rendezvous import Rendezvous
 
 SEED_MODEL = "seed-transformer"
 DEFAULTS = {"BATCH": 2, "SEQ": 32, "REPEAT": 3, "WARMUP": 1, "TIMEOUT": 300, "THREADS": 1}

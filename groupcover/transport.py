@@ -2,12 +2,14 @@
 
 The protocol code only ever calls `publish` once per layer at setup and `run`/`run_async` per
 forward. Every tensor that leaves the master goes through `_emit`, so observers (the payload
-audit, tests) see exactly what the worker sees.
+audit, tests) see exactly what the worker sees. Each completed call goes to `self.timings.record`
+(`groupcover.timing`): a transport moves bytes, the bookkeeping is done once, the same way for all.
+The implementations: `groupcover.inprocess` (the worker in this process), `groupcover.wire.client`
+(the default TCP wire) and `groupcover.rpc` (opt-in torch-rpc).
 """
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -16,10 +18,8 @@ import torch
 
 from groupcover.layer_op import LayerOp, OpKind, PublishedRef
 from groupcover.timing import Timings
-from groupcover.worker import WorkerState
 
-__all__ = ["InProcessTransport", "LayerOp", "Observer", "OpKind", "PublishedRef", "Transport",
-           "payload_bytes"]  # fmt: skip
+__all__ = ["LayerOp", "Observer", "OpKind", "PublishedRef", "Transport", "payload_bytes"]
 
 
 # what every result made over torch.distributed.rpc says (launch, bench, seed scripts)
@@ -75,46 +75,3 @@ class Transport(ABC):
 
 def payload_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-class InProcessTransport(Transport):
-    """The worker's store lives in this process; tensors are still copied both ways.
-
-    Copies on send and receive mean that a protocol which mutates a tensor after handing it over,
-    or mutates a result it got back, behaves here as it would over the wire. Timing fields are
-    filled like the RPC transport's, with a zero-cost link.
-    """
-
-    def __init__(self, state: WorkerState | None = None, owner: str = "inprocess") -> None:
-        super().__init__()
-        self.state = state if state is not None else WorkerState(torch.device("cpu"))
-        self.owner = owner
-        self.published_bytes = 0
-
-    def publish(self, layer_id: str, weight: torch.Tensor, op: LayerOp) -> None:
-        sent = weight.detach().clone()
-        self._emit("publish", layer_id, sent)
-        self.state.publish(self.owner, layer_id, sent, op)
-        self.published_bytes += payload_bytes(sent)
-
-    def run_async(self, layer_id: str, x: torch.Tensor) -> Future[torch.Tensor]:
-        sent = x.detach().clone()
-        self._emit("run", layer_id, sent)
-        future: Future[torch.Tensor] = Future()
-        start = time.perf_counter()
-        try:
-            y, worker_s = self.state.run(self.owner, layer_id, sent)
-        except Exception as exc:  # delivered through the future, as a remote failure would be
-            future.set_exception(exc)
-            return future
-        timings = self.timings
-        timings.roundtrip_s += time.perf_counter() - start
-        timings.worker_s += worker_s
-        timings.calls += 1
-        timings.bytes_sent += payload_bytes(sent)
-        timings.bytes_received += payload_bytes(y)
-        future.set_result(y)
-        return future
-
-    def close(self) -> None:
-        self.state.release(self.owner)

@@ -33,9 +33,9 @@ from groupcover.attacks.victim import (
     load_victim,
     public_encoder,
 )
+from groupcover.inprocess import InProcessTransport
 from groupcover.models.bert import BertEncoder
 from groupcover.scheme import SCHEMES, Scheme, make_scheme
-from groupcover.transport import InProcessTransport
 
 Log = Callable[[str], None]
 

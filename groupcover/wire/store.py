@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 
-from groupcover.wire.tcp import _Closed, _Deadline, accept_forever, recv_exact, send_all
+from groupcover.wire.sockets import Closed, Deadline, accept_forever, recv_exact, send_all
 
 MAGIC = b"GCVS"
 VERSION = 1
@@ -83,9 +83,9 @@ def _read(sock: socket.socket, deadline: float | None) -> tuple[int, int, list[s
             data = bytearray(length)
             recv_exact(sock, memoryview(data), deadline)
             items.append(_printable(bytes(data)))
-    except _Deadline:
+    except Deadline:
         raise StoreError("silent past the deadline") from None
-    except _Closed:
+    except Closed:
         raise StoreError("its connection closed") from None
     return op, timeout_ms, items
 
@@ -201,7 +201,7 @@ class StoreServer:
     def _reply(self, conn: socket.socket, op: int, items: list[str]) -> None:
         try:
             send_all(conn, [_pack(op, items)], time.monotonic() + self.timeout_s)
-        except (_Deadline, _Closed):
+        except (Deadline, Closed):
             raise StoreError("cannot reply") from None
 
     def linger(self, seconds: float) -> None:
@@ -269,7 +269,7 @@ class StoreClient:
                 deadline = min(deadline, self.until)
             try:
                 send_all(self._sock, [_pack(op, items, timeout_ms)], deadline)
-            except (_Deadline, _Closed):
+            except (Deadline, Closed):
                 raise StoreError("the store went away") from None
             reply, _, answer = _read(self._sock, deadline)
         if reply == ERR:

@@ -19,10 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from groupcover.errors import RendezvousError, UsageError, WorkerUnavailable
-from groupcover.rpc import PEER_GONE, PEER_HINT, Rendezvous, rank_name
+from groupcover.rendezvous import PEER_GONE, PEER_HINT, Rendezvous, rank_name
+from groupcover.wire.client import TcpTransport
 from groupcover.wire.netif import interface_address
+from groupcover.wire.server import Limits, WorkerServer
 from groupcover.wire.store import StoreClient, StoreError, StoreServer
-from groupcover.wire.tcp import Limits, TcpTransport, WorkerServer
 from groupcover.worker import WorkerState
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from groupcover.inprocess import InProcessTransport
 from groupcover.master import protect
-from groupcover.transport import InProcessTransport
 from groupcover.worker import WorkerState
 
 pytestmark = pytest.mark.gpu

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from groupcover.transport import InProcessTransport, LayerOp
+from groupcover.inprocess import InProcessTransport
+from groupcover.transport import LayerOp
 from groupcover.worker import WorkerState
 
 pytestmark = pytest.mark.gpu

@@ -28,4 +28,4 @@ def _one_thread() -> None:
 
 
 # `transport` (in-process, TCP wire, real RPC; parametrized), the session's worker processes.
-from tests.unit.transports import rpc_world, transport, wire_worker  # noqa: E402, F401
+from tests.unit.transports import rpc_world, transport, two_sessions, wire_worker  # noqa: E402, F401

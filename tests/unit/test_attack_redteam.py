@@ -110,8 +110,8 @@ def test_unmasked_payloads_link_the_transforms_across_a_layernorm() -> None:
     independent per layer (a finding; the masked mode's payloads hide it)."""
     from groupcover.attacks.adaptive_hardened import layernorm_link
     from groupcover.attacks.harness import Recorder
+    from groupcover.inprocess import InProcessTransport
     from groupcover.master import protect
-    from groupcover.transport import InProcessTransport
 
     torch.set_num_threads(1)
     model, example = load_model("bert-base", 0, layers=1, hidden=32, heads=4, intermediate=64,

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from groupcover.audit import Audit, noise_floor
+from groupcover.inprocess import InProcessTransport
 from groupcover.masks import MaskPair
 from groupcover.master import ProtectedModel, protect
 from groupcover.models import load_model
 from groupcover.modes import MODES, build_for_mode
 from groupcover.scheme import GroupCoverScheme, IdentityScheme
-from groupcover.transport import InProcessTransport, LayerOp
+from groupcover.transport import LayerOp
 from tests.unit.conftest import SMALL_BERT
 
 

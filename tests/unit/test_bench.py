@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from groupcover import bench
+from groupcover.inprocess import InProcessTransport
 from groupcover.models import load_model
-from groupcover.transport import InProcessTransport
 from tests.unit.conftest import SMALL_BERT
 from tests.unit.transports import free_port
 

@@ -21,8 +21,8 @@ import torch
 
 from groupcover.errors import WorkerError, WorkerLost, WorkerProtocolError
 from groupcover.transport import LayerOp
-from groupcover.wire import tcp
-from groupcover.wire.tcp import TcpTransport
+from groupcover.wire import client
+from groupcover.wire.client import TcpTransport
 from tests.unit.transports import free_port, worker_argv
 
 DEADLINE_S = 1.5
@@ -59,13 +59,13 @@ class Allocations:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.shapes: list[tuple[int, ...]] = []
-        real = tcp.allocate
+        real = client.allocate
 
         def counted(dtype: int, shape: tuple[int, ...], order: tuple[int, ...]) -> torch.Tensor:
             self.shapes.append(shape)
             return real(dtype, shape, order)
 
-        monkeypatch.setattr(tcp, "allocate", counted)
+        monkeypatch.setattr(client, "allocate", counted)
 
 
 def _session(address: tuple[str, int], behaviour: str) -> TcpTransport:
@@ -201,9 +201,10 @@ def test_a_2_62_length_is_refused_before_any_allocation(monkeypatch: pytest.Monk
 ATTACKER = r"""
 import os, sys
 from groupcover import rpc
+from groupcover.rendezvous import Rendezvous
 import torch.distributed.rpc as trpc
 port, marker = sys.argv[1:3]
-rdv = rpc.Rendezvous(1, 2, "127.0.0.1", int(port), ifname="lo", force_tcp=True, timeout_s=60)
+rdv = Rendezvous(1, 2, "127.0.0.1", int(port), ifname="lo", force_tcp=True, timeout_s=60)
 rpc.join(rdv, "worker")
 trpc.rpc_sync("worker0", os.system, (f"touch {marker}",))  # runs in the master
 rpc.finish(rdv)

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from groupcover.errors import IntegrityError, WorkerError
+from groupcover.inprocess import InProcessTransport
 from groupcover.integrity import LayerCheck, bench_integrity
 from groupcover.models import load_model
 from groupcover.modes import build_for_mode
 from groupcover.rng import SecretRandom
-from groupcover.transport import InProcessTransport, LayerOp
+from groupcover.transport import LayerOp
 from groupcover.worker import WorkerState, apply_op
 from tests.unit.conftest import SMALL_BERT, SMALL_RESNET, SMALL_SEED, rel_error
 

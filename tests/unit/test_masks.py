@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from groupcover.inprocess import InProcessTransport
 from groupcover.masks import (
     MASK_BITS,
     MaskPair,
@@ -15,7 +16,7 @@ from groupcover.masks import (
 from groupcover.master import protect
 from groupcover.models import load_model
 from groupcover.rng import SecretRandom
-from groupcover.transport import InProcessTransport, LayerOp
+from groupcover.transport import LayerOp
 from tests.unit.conftest import SMALL_BERT, rel_error
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from groupcover.inprocess import InProcessTransport
 from groupcover.master import NothingToOffload, OffloadedLayer, protect
 from groupcover.models import load_model
 from groupcover.modes import MODES, UnknownMode, build_for_mode, mode_settings
-from groupcover.transport import InProcessTransport
 from tests.unit.conftest import SMALL_BERT, SMALL_RESNET, SMALL_SEED, rel_error
 
 

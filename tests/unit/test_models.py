@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from groupcover.errors import UsageError
+from groupcover.inprocess import InProcessTransport
 from groupcover.models import MODELS, load_model
 from groupcover.models.minilm import tokenize
 from groupcover.modes import MODES, build_for_mode
-from groupcover.transport import InProcessTransport
 from tests.unit.conftest import rel_error
 
 PARAPHRASES = (

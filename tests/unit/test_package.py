@@ -16,6 +16,7 @@ import torch
 from groupcover import bench
 from groupcover.__main__ import main
 from groupcover.errors import WorkerError
+from groupcover.inprocess import InProcessTransport
 from groupcover.launch import RankSettings, Role
 from groupcover.models import load_model
 from groupcover.package.build import ProtectOptions, protect, protect_source
@@ -25,8 +26,8 @@ from groupcover.package.seal import SealError
 from groupcover.package.source import ModelSpec, Source
 from groupcover.rng import SecretRandom
 from groupcover.schemes.hardened import HardenedScheme
-from groupcover.transport import InProcessTransport
-from groupcover.wire.tcp import TcpTransport, WorkerServer
+from groupcover.wire.client import TcpTransport
+from groupcover.wire.server import WorkerServer
 from groupcover.worker import WorkerState
 from tests.unit.conftest import SMALL_BERT, rel_error
 

@@ -14,9 +14,9 @@ import pytest
 from rich.console import Console
 
 from groupcover import bench as fw_bench
+from groupcover.inprocess import InProcessTransport
 from groupcover.launch import RankSettings, Role
 from groupcover.package.runtime import ModeUnavailable, assign_modes, open_package
-from groupcover.transport import InProcessTransport
 from orchestrator import packages, report
 from orchestrator.errors import UsageError
 from orchestrator.run.deploy import model_args

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from groupcover import transport_micro
 from groupcover.errors import UsageError
+from groupcover.measure import transport_micro
 from tests.hardware import gpu_ratios
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,3 +92,15 @@ def test_gpu_check_runs_up_to_cuda_and_skips(tmp_path: Path) -> None:
     assert "SKIP bench --local on cuda: no CUDA device" in proc.stdout
     assert "done, status 0" in proc.stdout
     assert (tmp_path / "hardware-tests.txt").exists()
+
+
+def test_the_orchestrators_command_line_still_serves() -> None:
+    """`gcvm run bench --transport-micro` starts the worker as `python -m
+    groupcover.transport_micro --serve ADDR:PORT`: that name keeps working."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "groupcover.transport_micro", "--serve", "127.0.0.1:0",
+         "--seconds", "0"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(transport_micro.READY_MARK + " 127.0.0.1:")

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from groupcover.errors import RendezvousError, UnknownLayer, UsageError
 from groupcover.layer_op import LayerOp
 from groupcover.wire import schema
+from groupcover.wire.client import TcpTransport
 from groupcover.wire.netif import interface_address
 from groupcover.wire.schema import HEADER, OP_BLOCK, ErrorCode, Header, Op, SchemaError
+from groupcover.wire.server import Limits, WorkerServer
 from groupcover.wire.store import StoreClient, StoreError, StoreServer
-from groupcover.wire.tcp import Limits, TcpTransport, WorkerServer
 from groupcover.worker import WorkerState
 
 # ---- schema ----------------------------------------------------------------------------------
@@ -119,27 +120,13 @@ def server() -> Iterator[WorkerServer]:
     made.stop()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_every_dtype_is_carried_and_computed_in_the_weights_dtype(
-    server: WorkerServer, dtype: torch.dtype
-) -> None:
-    transport = TcpTransport(server.address, "worker1", timeout_s=5)
-    weight = torch.randn(6, 4).to(dtype)
-    transport.publish("l0", weight, LayerOp("linear"))
-    x = torch.randn(3, 4)  # float32 input: the worker computes in the weight's dtype
-    y = transport.run("l0", x.to(dtype))
-    assert y.dtype == dtype
-    torch.testing.assert_close(y, F.linear(x.to(dtype), weight))
-    transport.close()
-
-
-def test_sessions_are_separate_and_released_on_disconnect(server: WorkerServer) -> None:
+def test_a_session_is_released_when_its_master_vanishes(server: WorkerServer) -> None:
+    """(Sessions being separate is in test_transport.py, for every transport.)"""
     a = TcpTransport(server.address, "worker1", "a", timeout_s=5)
     b = TcpTransport(server.address, "worker1", "b", timeout_s=5)
     a.publish("l0", torch.eye(3), LayerOp("linear"))
     b.publish("l0", 2 * torch.eye(3), LayerOp("linear"))
     x = torch.ones(1, 3)
-    assert torch.equal(a.run("l0", x), x) and torch.equal(b.run("l0", x), 2 * x)
     assert a.worker_sessions() == 2
     a._sock.close()  # a master that vanishes without RELEASE
     deadline = time.monotonic() + 5
@@ -186,18 +173,6 @@ def test_unknown_layer_and_a_misfit_input_are_worker_errors(server: WorkerServer
     with pytest.raises(UsageError, match="does not fit"):
         transport.run("l0", torch.ones(1, 2))
     torch.testing.assert_close(transport.run("l0", torch.ones(1, 3)), torch.ones(1, 3))
-    transport.close()
-
-
-def test_pipelined_calls_on_one_connection(server: WorkerServer) -> None:
-    transport = TcpTransport(server.address, "worker1", timeout_s=5)
-    weight = torch.randn(16, 8)
-    transport.publish("l0", weight, LayerOp("linear"))
-    xs = [torch.randn(4, 8) for _ in range(50)]
-    futures = [transport.run_async("l0", x) for x in xs]
-    for future, x in zip(reversed(futures), reversed(xs), strict=True):
-        torch.testing.assert_close(future.result(), F.linear(x, weight))
-    assert transport.timings.calls == 50
     transport.close()
 
 

@@ -1,5 +1,5 @@
-"""`python -m groupcover.wire.compare`: the default wire against torch-rpc (TCP forced), in one
-run, on loopback, with MiniLM's offloaded shapes (plain offload: 6 layers x Q, K, V, O, FFN1,
+"""`python -m groupcover.measure.wire_compare`: the default wire against torch-rpc (TCP forced),
+in one run, on loopback, with MiniLM's offloaded shapes (plain offload: 6 layers x Q, K, V, O, FFN1,
 FFN2 at batch x seq tokens). This process is the master of both; one worker process per
 transport. Forwards alternate between the transports, so both see the same machine; it prints
 the median forward and its transfer part (round trips minus the worker's own compute).
@@ -16,7 +16,11 @@ import time
 
 import torch
 
+from groupcover.rendezvous import Rendezvous
 from groupcover.transport import LayerOp, Transport
+from groupcover.wire.client import TcpTransport
+from groupcover.wire.server import WorkerServer
+from groupcover.worker import WorkerState
 
 HIDDEN, FFN, LAYERS = 384, 1536, 6
 SHAPES = [(HIDDEN, HIDDEN)] * 4 + [(FFN, HIDDEN), (HIDDEN, FFN)]
@@ -29,15 +33,11 @@ def _forward(transport: Transport, x: torch.Tensor, wide: torch.Tensor) -> tuple
         for i, (_, fan_in) in enumerate(SHAPES):
             transport.run(f"{layer}.{i}", x if fan_in == HIDDEN else wide)
     total = time.perf_counter() - start
-    t = transport.timings
-    return total, max(t.roundtrip_s - t.worker_s, 0.0)
+    return total, transport.timings.transfer_s
 
 
 def _serve() -> int:
     """The TCP worker: prints `port N`, serves until stdin closes."""
-    from groupcover.wire.tcp import WorkerServer
-    from groupcover.worker import WorkerState
-
     torch.set_num_threads(1)
     server = WorkerServer("127.0.0.1", 0, WorkerState(torch.device("cpu"))).start()
     print(f"port {server.address[1]}", flush=True)
@@ -47,7 +47,9 @@ def _serve() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m groupcover.wire.compare", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m groupcover.measure.wire_compare", description=__doc__
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=10)
@@ -56,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         return _serve()
 
+    # torch.distributed.rpc and the bench load slowly: only the master's side needs them
     from groupcover import rpc
     from groupcover.bench import free_port
-    from groupcover.wire.tcp import TcpTransport
 
     torch.set_num_threads(1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -70,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         env=env,
     )  # fmt: skip
     tcp_worker = subprocess.Popen(
-        [sys.executable, "-m", "groupcover.wire.compare", "--serve"], env=env,
+        [sys.executable, "-m", "groupcover.measure.wire_compare", "--serve"], env=env,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert tcp_worker.stdout is not None and tcp_worker.stdin is not None
         address = ("127.0.0.1", int(tcp_worker.stdout.readline().split()[1]))
-        rdv = rpc.Rendezvous(0, 2, "127.0.0.1", port, ifname="lo", force_tcp=True, timeout_s=120)
+        rdv = Rendezvous(0, 2, "127.0.0.1", port, ifname="lo", force_tcp=True, timeout_s=120)
         rpc.join(rdv, "master")
         transports: dict[str, Transport] = {
             "tcp": TcpTransport(address, "worker1", timeout_s=120),
