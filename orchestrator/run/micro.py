@@ -77,7 +77,7 @@ def run_transport_micro(name: str, settings: BenchSettings, out_dir: Path | None
         documents: dict[str, Any] = {}
         env = guest_env(st)
         for target, address in targets:
-            serve = ["-m", "groupcover.transport_micro", "--serve", f"{address}:{port}",
+            serve = ["-m", "groupcover.measure.transport_micro", "--serve", f"{address}:{port}",
                      "--seconds", str(int(settings.timeout))]  # fmt: skip
             on_host = hw is not None and target == hw.name
             try:

@@ -96,9 +96,9 @@ def test_gpu_check_runs_up_to_cuda_and_skips(tmp_path: Path) -> None:
 
 def test_the_orchestrators_command_line_still_serves() -> None:
     """`gcvm run bench --transport-micro` starts the worker as `python -m
-    groupcover.transport_micro --serve ADDR:PORT`: that name keeps working."""
+    groupcover.measure.transport_micro --serve ADDR:PORT` (orchestrator/run/micro.py)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "groupcover.transport_micro", "--serve", "127.0.0.1:0",
+        [sys.executable, "-m", "groupcover.measure.transport_micro", "--serve", "127.0.0.1:0",
          "--seconds", "0"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
