@@ -37,9 +37,9 @@ from enum import StrEnum
 import torch
 
 from groupcover.errors import GroupCoverError
+from groupcover.layer_op import apply_op
 from groupcover.rng import SecretRandom
 from groupcover.transport import LayerOp
-from groupcover.worker import apply_op
 
 MASK_BITS = 24  # R = 2^24 x the input bound: per-element statistical distance <= 2^-24
 DEFAULT_INPUT_BOUND = 64.0  # B when a layer was never calibrated (a power of two)

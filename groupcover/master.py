@@ -30,11 +30,11 @@ from torch.utils import _pytree as pytree
 from groupcover.audit import Audit
 from groupcover.errors import UsageError
 from groupcover.integrity import LayerCheck
+from groupcover.layer_op import apply_op
 from groupcover.masks import MASK_DTYPE, MaskPair, MaskPolicy, MaskPool
 from groupcover.rng import SecretRandom
 from groupcover.scheme import LayerSecret, Scheme, make_scheme, op_for
 from groupcover.transport import LayerOp, PublishedRef, Transport
-from groupcover.worker import apply_op
 
 DEFAULT_MASK_POOL = 2  # pairs per layer and input shape filled ahead of time
 

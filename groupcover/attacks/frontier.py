@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 from groupcover.attacks import core
 from groupcover.attacks.methods import default_suite
+from groupcover.layer_op import apply_op
 from groupcover.scheme import Scheme
 from groupcover.schemes._rng import seeded
 from groupcover.schemes.baselines import PaperGroupCoverScheme
 from groupcover.schemes.hardened import HardenedScheme
 from groupcover.transport import LayerOp
-from groupcover.worker import apply_op
 
 MINILM_SHAPES = ((1152, 384), (384, 384), (1536, 384), (384, 1536))  # (out, in): qkv, out, ffn
 

@@ -34,13 +34,14 @@ from groupcover.errors import (
     WorkerProtocolError,
     WorkerUnavailable,
 )
+from groupcover.layer_op import apply_op
 from groupcover.rpc import Rendezvous
 from groupcover.transport import LayerOp
 from groupcover.wire import schema, store, tcp, world
 from groupcover.wire.schema import BYTES, HEADER, ErrorCode, Header, Op
 from groupcover.wire.store import StoreClient, StoreError, StoreServer
 from groupcover.wire.tcp import Limits, TcpTransport, WorkerServer
-from groupcover.worker import WorkerState, apply_op
+from groupcover.worker import WorkerState
 from tests.unit.hostile_worker import raw, read_request, recv_exact, tensor_of
 from tests.unit.transports import free_port
 
