@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from groupcover import leakage
 from groupcover.leakage import CorrelationMeter
 from groupcover.package.published import tensor_digest
-from groupcover.scheme import LayerSecret
+from groupcover.schemes.base import LayerSecret
 
 ROW_COSINE_LIMIT = 0.999  # a published row this close to a plaintext row of its layer is a leak
 EXACT_COSINE = 0.99999  # signature matches are confirmed above this cosine

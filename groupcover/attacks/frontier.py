@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from groupcover.attacks import core
 from groupcover.attacks.methods import default_suite
 from groupcover.layer_op import apply_op
-from groupcover.scheme import Scheme
+from groupcover.schemes import Scheme
 from groupcover.schemes._rng import seeded
 from groupcover.schemes.baselines import PaperGroupCoverScheme
 from groupcover.schemes.hardened import HardenedScheme

@@ -34,7 +34,7 @@ from groupcover.attacks.victim import (
     public_encoder,
 )
 from groupcover.models.bert import BertEncoder
-from groupcover.scheme import SCHEMES, Scheme, make_scheme
+from groupcover.schemes import SCHEMES, Scheme, make_scheme
 from groupcover.transport import InProcessTransport
 
 Log = Callable[[str], None]
@@ -78,8 +78,7 @@ def scheme_labels(settings: EvalSettings) -> list[tuple[str, str, int | None]]:
         cls = SCHEMES.get(name)
         if cls is None:
             make_scheme(name)  # raises the registry's UsageError
-        takes_k = name == "groupcover" or bool(getattr(cls, "takes_k", False))
-        if takes_k:
+        if cls is not None and cls.takes_k:
             entries += [(f"{name} k={k}", name, k) for k in settings.ks]
         else:
             entries.append((name, name, None))

@@ -25,7 +25,7 @@ from groupcover.package.published import dtype_name, tensor_digest, write_publis
 from groupcover.package.seal import new_key, seal_file
 from groupcover.package.source import Source, load_source, spec_to_json
 from groupcover.rng import SecretRandom
-from groupcover.scheme import make_scheme
+from groupcover.schemes import make_scheme
 
 FORMAT_VERSION = 1
 DEFAULT_SCHEME = "hardened"  # DESIGN.md, issue 9: the scheme gcvm recommends

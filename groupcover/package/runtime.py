@@ -35,7 +35,7 @@ from groupcover.package.build import (
 from groupcover.package.published import PublishedFile
 from groupcover.package.seal import KEY_BYTES, SealError, open_file_into
 from groupcover.package.source import ModelSpec, build_skeleton, example_inputs, spec_from_json
-from groupcover.scheme import IdentityScheme, LayerSecret, Scheme, channel_dim_of, make_scheme
+from groupcover.schemes import IdentityScheme, LayerSecret, Scheme, channel_dim_of, make_scheme
 from groupcover.transport import Transport
 
 AUDIT_SKIPPED = (

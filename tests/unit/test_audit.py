@@ -20,7 +20,7 @@ from groupcover.masks import MaskPair
 from groupcover.master import ProtectedModel, protect
 from groupcover.models import load_model
 from groupcover.modes import MODES, build_for_mode
-from groupcover.scheme import GroupCoverScheme, IdentityScheme
+from groupcover.schemes import GroupCoverScheme, IdentityScheme
 from groupcover.transport import InProcessTransport, LayerOp
 from tests.unit.conftest import SMALL_BERT
 

@@ -16,7 +16,7 @@ from groupcover.obfuscate import (
     obfuscate_layer,
 )
 from groupcover.rng import SecretRandom
-from groupcover.scheme import SCHEMES, GroupCoverScheme, IdentityScheme, make_scheme
+from groupcover.schemes import SCHEMES, GroupCoverScheme, IdentityScheme, make_scheme
 from groupcover.transport import LayerOp, Transport
 from tests.unit.conftest import rel_error
 

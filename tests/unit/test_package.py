@@ -220,7 +220,7 @@ def test_the_master_never_obfuscates_at_run_time(tmp_path: Path, monkeypatch) ->
         raise AssertionError("obfuscation called at run time")
 
     from groupcover import obfuscate
-    from groupcover.scheme import GroupCoverScheme
+    from groupcover.schemes import GroupCoverScheme
 
     monkeypatch.setattr(HardenedScheme, "obfuscate", refuse)
     monkeypatch.setattr(GroupCoverScheme, "obfuscate", refuse)
