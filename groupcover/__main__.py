@@ -5,12 +5,19 @@ line, exit 2 or 3."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn, cast
 
+import torch
+
+from groupcover.attacks import harness, report
+from groupcover.bench.local import LocalRun, run_local
+from groupcover.bench.micro import run_micro
 from groupcover.errors import GroupCoverError, RendezvousError, UsageError, print_error
 from groupcover.launch import (
     DEFAULT_MASK_BUDGET_MB,
@@ -21,6 +28,14 @@ from groupcover.launch import (
     Role,
     launch,
 )
+from groupcover.package.build import (
+    DEFAULT_SCHEME,
+    PACKAGE_SCHEMES,
+    ProtectOptions,
+    parse_references,
+    protect,
+)
+from groupcover.package.layout import is_package
 from groupcover.rpc import DEFAULT_TIMEOUT_S, Rendezvous
 
 
@@ -134,8 +149,6 @@ def _build_parser() -> Parser:
 
 
 def _add_protect(sub: argparse._SubParsersAction) -> None:
-    from groupcover.package.build import DEFAULT_SCHEME, PACKAGE_SCHEMES
-
     protect_p = sub.add_parser("protect", help="protect a model offline into a model package")
     add = protect_p.add_argument
     add("src", metavar="SRC",
@@ -161,13 +174,6 @@ def _add_protect(sub: argparse._SubParsersAction) -> None:
 
 
 def _protect(args: argparse.Namespace) -> int:
-    import json
-    import time
-
-    import torch
-
-    from groupcover.package.build import ProtectOptions, parse_references, protect
-
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be at least 1, not {args.threads}")
@@ -216,8 +222,6 @@ def _add_attack(sub: argparse._SubParsersAction) -> None:
 
 
 def _attack(args: argparse.Namespace) -> int:
-    from groupcover.attacks import harness, report
-
     settings = harness.EvalSettings(
         schemes=args.schemes, ks=args.k, layers=args.layers, attacks=args.attacks,
         queries=args.queries, steal_seeds=tuple(range(args.seeds)), steal=args.steal,
@@ -341,10 +345,8 @@ def _workload_argv(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from groupcover import bench
-
     if args.micro:
-        return bench.run_micro(args.batch, args.seq, args.repeat, args.json, args.threads)
+        return run_micro(args.batch, args.seq, args.repeat, args.json, args.threads)
     if args.transport_micro:
         from groupcover import transport_micro
 
@@ -361,12 +363,10 @@ def _bench(args: argparse.Namespace) -> int:
         mask_budget_mb=args.mask_budget, pool_compare=args.pool_compare,
     )  # fmt: skip
     probe.validate()
-    from groupcover.package.runtime import is_package
-
     worker_argv = tuple(a for m in _models(args) if is_package(m) for a in ("--package", m))
-    local = bench.LocalRun(_workload_argv(args), not args.allow_shm, args.timeout,
+    local = LocalRun(_workload_argv(args), not args.allow_shm, args.timeout,
                            transport=args.transport, worker_args=worker_argv)  # fmt: skip
-    return bench.run_local(local)
+    return run_local(local)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

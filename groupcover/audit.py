@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from groupcover import leakage
 from groupcover.leakage import CorrelationMeter
-from groupcover.package.published import tensor_digest
+from groupcover.published import tensor_digest
 from groupcover.schemes.base import LayerSecret
 
 ROW_COSINE_LIMIT = 0.999  # a published row this close to a plaintext row of its layer is a leak

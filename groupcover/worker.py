@@ -14,15 +14,12 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from groupcover.errors import GroupCoverError, UnknownLayer
 from groupcover.layer_op import LayerOp, PublishedRef, apply_op
-
-if TYPE_CHECKING:
-    from groupcover.package.published import PublishedFile
+from groupcover.published import DigestMismatch, PublishedError, PublishedFile
 
 
 def exact_math() -> None:
@@ -86,8 +83,6 @@ class WorkerState:
     ) -> int:
         """Loads a layer from this worker's own copy of its package (checked against the
         digest the master names); returns its bytes. `NoPackage` / `PublishedMismatch`."""
-        from groupcover.package.published import DigestMismatch, PublishedError
-
         published = self.packages.get(ref.package_id)
         if published is None:
             raise NoPackage(f"no copy of package {ref.package_id} on this worker")

@@ -26,6 +26,17 @@ class ModelFactory:
     build: Callable[..., tuple[nn.Module, ExampleInputFn]]
 
 
+def as_tensor(output: Any) -> torch.Tensor:
+    """A model's main output tensor (the first one of a tuple, list or mapping)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        return as_tensor(next(iter(output.values())))
+    if isinstance(output, list | tuple) and output:
+        return as_tensor(output[0])
+    raise TypeError(f"cannot take a tensor from a model output of type {type(output).__name__}")
+
+
 def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve()
 
     from groupcover import rpc
-    from groupcover.bench import free_port
+    from groupcover.bench.local import free_port  # layering: moves to groupcover.measure
     from groupcover.wire.tcp import TcpTransport
 
     torch.set_num_threads(1)

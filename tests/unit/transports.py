@@ -20,7 +20,7 @@ _owners = itertools.count()
 
 
 def free_port() -> int:
-    from groupcover.bench import free_port as pick
+    from groupcover.bench.local import free_port as pick
 
     return pick()
 
