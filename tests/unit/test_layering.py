@@ -231,3 +231,20 @@ def test_no_import_circle_among_the_orchestrators_modules() -> None:
     graph = _module_graph("orchestrator")
     cycles = _cycles(graph)
     assert not cycles, _describe(graph, cycles)
+
+
+def test_the_public_api_names_what_exists_and_stays_light() -> None:
+    """`groupcover.__all__` resolves, and `import groupcover` alone imports no torch (guests run
+    `python -m groupcover.keyrelease`, which needs none, on a slow CPU)."""
+    import subprocess
+    import sys
+
+    import groupcover
+
+    assert set(groupcover.__all__) == set(groupcover._EXPORTS)
+    for name in groupcover.__all__:
+        assert getattr(groupcover, name) is not None, name
+    probe = "import sys, groupcover; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=ROOT)  # fmt: skip
+    assert out.stdout.strip() == "False"
