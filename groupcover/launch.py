@@ -30,16 +30,10 @@ from groupcover.package.prepare import ModelRequest, Prepared, prepare
 from groupcover.package.runtime import assign_modes, open_package
 from groupcover.published import PublishedFile
 from groupcover.rpc import RpcTransport
+from groupcover.settings import DEFAULT_MODEL, TRANSPORTS, check_ranges, default
 from groupcover.transport import TORCH_RPC_WARNING, Transport
 from groupcover.wire import world
 from groupcover.worker import WorkerState
-
-DEFAULT_MASK_BUDGET_MB = 256.0  # all masked modes' pools together (a package's master)
-MAX_BATCH = 1024
-MAX_SEQ = 512
-DEFAULT_MODES = ("plain-offload", "groupcover")
-TRANSPORTS = ("tcp", "torch-rpc")  # the first is the default
-DEFAULT_TRANSPORT = TRANSPORTS[0]
 
 
 class Role(StrEnum):
@@ -56,22 +50,23 @@ class RankSettings:
     master_port: int = 29500
     worker: int | None = None  # the rank a master offloads to (the seed's WORKER)
     ifname: str | None = None
-    model: str = "minilm"
-    modes: tuple[str, ...] = DEFAULT_MODES
-    batch: int = 8
-    seq: int = 128
-    repeat: int = 5
-    warmup: int = 1
-    seed: int | None = None  # None: secrets from the OS; a seed is for reproducible runs only
-    json_path: Path | None = None
+    # the workload's defaults are declared once, with their flags (groupcover.settings)
+    model: str = DEFAULT_MODEL
+    modes: tuple[str, ...] = default("modes")
+    batch: int = default("batch")
+    seq: int = default("seq")
+    repeat: int = default("repeat")
+    warmup: int = default("warmup")
+    seed: int | None = default("seed")  # None: secrets from the OS; a seed: reproducible runs
+    json_path: Path | None = default("json_path")  # noqa: RUF009 (None: immutable)
     force_tcp: bool = False
-    timeout_s: float = rpc.DEFAULT_TIMEOUT_S
-    audit: bool = False
-    audit_forwards: int = 1  # untimed forwards per mode the audit watches (before the timed ones)
-    verify: bool = False  # check every worker result (Freivalds-style, secret vector per layer)
-    threads: int = 1
+    timeout_s: float = default("timeout_s")
+    audit: bool = default("audit")
+    audit_forwards: int = default("audit_forwards")  # untimed forwards the audit watches, first
+    verify: bool = default("verify")  # check every worker result (Freivalds, secret vectors)
+    threads: int = default("threads")
     init_method: str | None = None  # overrides address and port (file:// on one host)
-    transport: str = DEFAULT_TRANSPORT  # "tcp" (tensors only) or "torch-rpc" (the seed's)
+    transport: str = default("transport")  # "tcp" (tensors only) or "torch-rpc" (the seed's)
     extra: dict[str, str] = field(default_factory=dict)  # recorded in the JSON as given
     # model packages (issue 11): `model` is a package folder or a built-in name
     key_file: Path | None = None  # (master, package) the model key
@@ -80,8 +75,10 @@ class RankSettings:
     packages: tuple[Path, ...] = ()  # (worker) package folders or published.safetensors files
     extra_models: tuple[str, ...] = ()  # (master) further package folders, after `model`
     extra_key_files: tuple[Path, ...] = ()  # (master) their key files, after `key_file`
-    mask_budget_mb: float | None = DEFAULT_MASK_BUDGET_MB  # None: no bound (one pair per layer)
-    pool_compare: bool = False  # also run each masked mode with the unbounded pool
+    mask_budget_mb: float | None = default("mask_budget_mb")  # None: no bound (a pair per layer)
+    pool_compare: bool = default(
+        "pool_compare"
+    )  # also run each masked mode with the unbounded pool
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -133,11 +130,7 @@ class RankSettings:
             self._validate_packages()
             return
         self._validate_target()
-        _check_range("--batch", self.batch, 1, MAX_BATCH)
-        _check_range("--seq", self.seq, 1, MAX_SEQ)
-        _check_range("--repeat", self.repeat, 1, 100_000)
-        _check_range("--warmup", self.warmup, 0, 100_000)
-        _check_range("--audit-forwards", self.audit_forwards, 1, 100_000)
+        check_ranges(self)  # --batch, --seq, --repeat, --warmup, --audit-forwards
         _validate_names(self.model, self.modes)
         self._validate_key()
 
@@ -197,11 +190,6 @@ class RankSettings:
             raise UsageError(
                 f"worker rank {self.worker} is outside the world (ranks 0..{self.world_size - 1})"
             )
-
-
-def _check_range(flag: str, value: int, lo: int, hi: int) -> None:
-    if not lo <= value <= hi:
-        raise UsageError(f"{flag} {value} is out of range ({lo}..{hi})")
 
 
 def _validate_names(model: str, modes: tuple[str, ...]) -> None:
