@@ -55,7 +55,7 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
 
 def write_published(path: Path, tensors: dict[str, torch.Tensor], package_id: str) -> None:
     """Writes the safetensors file (metadata: format, package id)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # only the writer (protect) needs it, not the worker
 
     ready = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     save_file(ready, str(path), metadata={"format": FORMAT, "package_id": package_id})
