@@ -4,8 +4,9 @@ The public API for researchers; everything else is reachable through its module.
 
 - Schemes: `Scheme` (subclass it and set `name` to register a new one), `LayerSecret`, the
   registry `SCHEMES` and `make_scheme(name, k)`.
-- One rank of a run: `RankSettings` -> `launch(settings)` -> exit code (`Role`: master or
-  worker); the command line is `python -m groupcover`.
+- One rank of a run: `RankSettings` -> `groupcover.launch.launch(settings)` -> exit code
+  (`Role`: master or worker); the command line is `python -m groupcover`. (The function is not
+  re-exported here: it would shadow the module `groupcover.launch`.)
 - Model packages: `protect(src, out, ProtectOptions(...))` writes one, `open_package(dir)` reads
   its manifest and `.unseal(key)` opens it; `read_key(path)` reads a model key file.
 - Attacks: `EvalSettings` -> `evaluate(settings)`, the security evaluation of the schemes.
@@ -30,7 +31,6 @@ _EXPORTS = {
     "make_scheme": "groupcover.schemes",
     "RankSettings": "groupcover.launch",
     "Role": "groupcover.launch",
-    "launch": "groupcover.launch",
     "ProtectOptions": "groupcover.package.build",
     "protect": "groupcover.package.build",
     "open_package": "groupcover.package.runtime",
@@ -52,7 +52,6 @@ __all__ = [
     "TcpTransport",
     "WorkerServer",
     "evaluate",
-    "launch",
     "make_scheme",
     "open_package",
     "protect",
@@ -61,7 +60,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from groupcover.attacks.harness import EvalSettings, evaluate
-    from groupcover.launch import RankSettings, Role, launch
+    from groupcover.launch import RankSettings, Role
     from groupcover.package.build import ProtectOptions, protect
     from groupcover.package.keys import read_key
     from groupcover.package.runtime import open_package

@@ -242,6 +242,9 @@ def test_the_public_api_names_what_exists_and_stays_light() -> None:
     import groupcover
 
     assert set(groupcover.__all__) == set(groupcover._EXPORTS)
+    # a re-exported name equal to a submodule's would replace the module attribute
+    modules = {path.stem for path in (ROOT / "groupcover").iterdir()}
+    assert not modules & set(groupcover.__all__)
     for name in groupcover.__all__:
         assert getattr(groupcover, name) is not None, name
     probe = "import sys, groupcover; print('torch' in sys.modules)"
