@@ -1,27 +1,39 @@
-"""`python -m groupcover launch|bench|protect|attack`: the framework's command line (argparse:
-it runs in guests that hold only the framework's own dependencies). Expected failures print one
-line, exit 2 or 3."""
+"""`python -m groupcover launch|bench|attack|protect|standin|frontier|keyrelease`: the
+framework's command line, one verb per entry of `VERBS` (argparse: it runs in guests that hold
+only the framework's own dependencies). A run's workload flags are declared once, in
+`groupcover.settings`. Expected failures print one line, exit 2 or 3."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, cast
 
+import torch
+
+from groupcover.attacks import frontier
+from groupcover.bench.local import LocalRun, run_local
+from groupcover.bench.micro import run_micro
 from groupcover.errors import GroupCoverError, RendezvousError, UsageError, print_error
-from groupcover.launch import (
-    DEFAULT_MASK_BUDGET_MB,
-    DEFAULT_MODES,
-    DEFAULT_TRANSPORT,
-    TRANSPORTS,
-    RankSettings,
-    Role,
-    launch,
+from groupcover.keyrelease import cli as keyrelease
+from groupcover.launch import RankSettings, Role, launch
+from groupcover.models import standin
+from groupcover.package.build import (
+    DEFAULT_SCHEME,
+    PACKAGE_SCHEMES,
+    ProtectOptions,
+    parse_references,
+    protect,
 )
-from groupcover.rendezvous import DEFAULT_TIMEOUT_S, Rendezvous
+from groupcover.package.layout import is_package
+from groupcover.rendezvous import Rendezvous
+from groupcover.settings import DEFAULT_MODEL, add_workload
 
 
 class Parser(argparse.ArgumentParser):
@@ -32,65 +44,7 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _budget(text: str) -> float | None:
-    if text.strip().lower() in ("none", "unbounded"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB or 'none'") from None
-
-
-def _modes(text: str) -> tuple[str, ...]:
-    return tuple(mode.strip() for mode in text.split(",") if mode.strip())
-
-
-def _add_workload(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--model", dest="models", action="append", default=None,
-        help="a model package folder (see `protect`; repeatable: the modes are spread over the "
-        "packages by scheme), or a built-in model: minilm, bert-base, seed-transformer, resnet18 "
-        "(protected on the fly); default minilm")  # fmt: skip
-    add("--key-file", dest="key_files", type=Path, action="append", default=None,
-        help="(package) the model key file (repeatable: one per --model, in order)")  # fmt: skip
-    add("--broker", default=None,
-        help="(package) release the model key from this KBS broker, http://HOST:PORT")  # fmt: skip
-    add("--tee", choices=["none", "snp", "tdx"], default=None,
-        help="(with --broker) the evidence this guest gives; none: an insecure broker")  # fmt: skip
-    add("--mask-budget", type=_budget, default=DEFAULT_MASK_BUDGET_MB,
-        help="MiB of one-time masks drawn ahead, all masked modes together (packages; "
-        "'none': one pair per layer and shape, unbounded)")  # fmt: skip
-    add("--pool-compare", action="store_true",
-        help="also run each masked mode with the unbounded mask pool, interleaved")  # fmt: skip
-    add("--modes", type=_modes, default=DEFAULT_MODES, help="comma-separated modes to run")
-    add("--batch", type=int, default=8, help="samples per forward")
-    add("--seq", type=int, default=128, help="sequence length (token models)")
-    add("--repeat", type=int, default=5, help="timed forwards per mode (interleaved)")
-    add("--warmup", type=int, default=1, help="untimed forwards per mode first")
-    add("--seed", type=int, default=None,
-        help="secrets reproducible from this seed (benchmarks only: not secret); "
-        "default: secrets from the OS")  # fmt: skip
-    add("--threads", type=int, default=1, help="torch intra-op threads in each process")
-    add("--json", type=Path, default=None, help="where the master writes its results")
-    add("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="RPC and rendezvous timeout (s)")
-    add("--audit", action="store_true", help="check every payload the worker sees (untimed)")
-    add("--audit-forwards", type=int, default=1,
-        help="untimed forwards per mode the audit watches, before the timed ones")  # fmt: skip
-    add(
-        "--verify",
-        action="store_true",
-        help="check every worker result with a secret random vector per layer (Freivalds)",
-    )
-    add("--transport", choices=TRANSPORTS, default=DEFAULT_TRANSPORT,
-        help="tcp: tensors only, every reply checked (default); torch-rpc: the seed's "
-        "torch.distributed.rpc, which lets the worker execute code in the master")  # fmt: skip
-
-
-def _build_parser() -> Parser:
-    parser = Parser(prog="python -m groupcover", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    launch_p = sub.add_parser("launch", help="run one rank (master or worker)")
+def _add_launch(launch_p: argparse.ArgumentParser) -> None:
     add = launch_p.add_argument
     add("--role", choices=[role.value for role in Role], required=True)
     add("--rank", type=int, help="this process's rank (default: $RANK)")
@@ -106,9 +60,10 @@ def _build_parser() -> Parser:
         "its own copy (repeatable)")  # fmt: skip
     add("--published", dest="packages", type=Path, action="append",
         help="(worker) a published.safetensors file, the same without the folder")  # fmt: skip
-    _add_workload(launch_p)
+    add_workload(launch_p)
 
-    bench_p = sub.add_parser("bench", help="benchmark on this host (--local or --micro)")
+
+def _add_bench(bench_p: argparse.ArgumentParser) -> None:
     kind = bench_p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--local", action="store_true", help="master + worker processes, loopback")
     kind.add_argument("--micro", action="store_true", help="de-obfuscation vs plain linear")
@@ -124,19 +79,13 @@ def _build_parser() -> Parser:
         action="store_true",
         help="(--local, torch-rpc) let TensorPipe use shared memory",
     )
-    _add_workload(bench_p)
-    _add_attack(sub)
-    _add_protect(sub)
-    return parser
+    add_workload(bench_p)
 
 
 # ---- `protect`: a model package (issue 11; groupcover/package/) -------------------------------
 
 
-def _add_protect(sub: argparse._SubParsersAction) -> None:
-    from groupcover.package.build import DEFAULT_SCHEME, PACKAGE_SCHEMES
-
-    protect_p = sub.add_parser("protect", help="protect a model offline into a model package")
+def _add_protect(protect_p: argparse.ArgumentParser) -> None:
     add = protect_p.add_argument
     add("src", metavar="SRC",
         help="a Hugging Face BERT checkpoint folder, FILE.py:FUNCTION returning (module, "
@@ -161,13 +110,6 @@ def _add_protect(sub: argparse._SubParsersAction) -> None:
 
 
 def _protect(args: argparse.Namespace) -> int:
-    import json
-    import time
-
-    import torch
-
-    from groupcover.package.build import ProtectOptions, parse_references, protect
-
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be at least 1, not {args.threads}")
@@ -196,8 +138,7 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _add_attack(sub: argparse._SubParsersAction) -> None:
-    attack_p = sub.add_parser("attack", help="security evaluation: every attack on every scheme")
+def _add_attack(attack_p: argparse.ArgumentParser) -> None:
     add = attack_p.add_argument
     add("--victim", default="minilm-finetuned", choices=["minilm-finetuned"])
     add("--schemes", type=_csv, default=("all",), help="comma-separated scheme names, or all")
@@ -216,6 +157,8 @@ def _add_attack(sub: argparse._SubParsersAction) -> None:
 
 
 def _attack(args: argparse.Namespace) -> int:
+    # Here, not at the top: the attack harness costs start-up time that no other verb (and no
+    # guest, which runs `launch`) should pay.
     from groupcover.attacks import harness, report
 
     settings = harness.EvalSettings(
@@ -274,7 +217,7 @@ def _worker_rank(args: argparse.Namespace, env: Mapping[str, str]) -> int | None
 
 
 def _models(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(args.models or ("minilm",))
+    return tuple(args.models or (DEFAULT_MODEL,))
 
 
 def _key_files(args: argparse.Namespace) -> tuple[Path, ...]:
@@ -341,10 +284,8 @@ def _workload_argv(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from groupcover import bench
-
     if args.micro:
-        return bench.run_micro(args.batch, args.seq, args.repeat, args.json, args.threads)
+        return run_micro(args.batch, args.seq, args.repeat, args.json, args.threads)
     if args.transport_micro:
         from groupcover.measure import transport_micro
 
@@ -361,24 +302,49 @@ def _bench(args: argparse.Namespace) -> int:
         mask_budget_mb=args.mask_budget, pool_compare=args.pool_compare,
     )  # fmt: skip
     probe.validate()
-    from groupcover.package.runtime import is_package
-
     worker_argv = tuple(a for m in _models(args) if is_package(m) for a in ("--package", m))
-    local = bench.LocalRun(_workload_argv(args), not args.allow_shm, args.timeout,
+    local = LocalRun(_workload_argv(args), not args.allow_shm, args.timeout,
                            transport=args.transport, worker_args=worker_argv)  # fmt: skip
-    return bench.run_local(local)
+    return run_local(local)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    return launch(_settings(args, os.environ))
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One verb of the command line: its help line, its flags and what runs it."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# Every verb, in the order --help lists them; `main` dispatches through this dict only.
+VERBS: dict[str, Verb] = {
+    "launch": Verb("run one rank (master or worker)", _add_launch, _launch),
+    "bench": Verb("benchmark on this host (--local or --micro)", _add_bench, _bench),
+    "attack": Verb("security evaluation: every attack on every scheme", _add_attack, _attack),
+    "protect": Verb("protect a model offline into a model package", _add_protect, _protect),
+    "standin": Verb(standin.DESCRIPTION, standin.add_arguments, standin.run),
+    "frontier": Verb(frontier.DESCRIPTION, frontier.add_arguments, frontier.run),
+    "keyrelease": Verb(keyrelease.DESCRIPTION, keyrelease.add_arguments, keyrelease.run),
+}
+
+
+def _build_parser() -> Parser:
+    parser = Parser(prog="python -m groupcover", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for name, verb in VERBS.items():
+        verb.add_arguments(sub.add_parser(name, help=verb.help))
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        if args.command == "launch":
-            return launch(_settings(args, os.environ))
-        if args.command == "attack":
-            return _attack(args)
-        if args.command == "protect":
-            return _protect(args)
-        return _bench(args)
+        return VERBS[args.command].run(args)
     except GroupCoverError as exc:
         print_error(exc)
         return exc.exit_code

@@ -37,15 +37,15 @@ in full. Call payloads are always checked live.
 Cost: the checks run where `observe` runs. `enabled` switches the audit off for the benchmark's
 timed forwards, which then pay one attribute test per payload; audited forwards are separate
 and untimed, and `report()["check_s"]` says what the checks cost.
+
+The matching itself (signature index of weight rows, bank of secret vectors) is
+`groupcover.payload_match`; this module keeps the bookkeeping: layers, calls, verdicts, report.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,16 +54,22 @@ import torch.nn.functional as F
 
 from groupcover import leakage
 from groupcover.leakage import CorrelationMeter
-from groupcover.package.published import tensor_digest
-from groupcover.scheme import LayerSecret
+from groupcover.payload_match import (
+    NOISE_FLOOR_SEED,
+    SecretBank,
+    SignatureIndex,
+    as_matrix,
+    dtype_name,
+    f64,
+    fingerprint,
+    nearly_equal,
+    payload_views,
+)
+from groupcover.published import tensor_digest
+from groupcover.schemes.base import LayerSecret
 
 ROW_COSINE_LIMIT = 0.999  # a published row this close to a plaintext row of its layer is a leak
-EXACT_COSINE = 0.99999  # signature matches are confirmed above this cosine
-AFFINE_LIMIT = 0.9999  # |Pearson| of a payload row/column with a secret vector
-SIGNATURE_TOL = 1e-4
-SHORT_VECTOR = 16  # shorter secret vectors are only matched exactly (correlation means little)
 WEAK_MASK_SIGMAS = 8.0  # payload/input correlation above this many standard errors: weak mask
-NOISE_FLOOR_SEED = 20240721  # the audit's own randomness (signatures, noise floors): not secret
 
 
 class MaskLike(Protocol):
@@ -88,227 +94,8 @@ class _LayerRecord:
     matrices: dict[str, torch.Tensor]  # (G, k, k) or (rows, k) secret tables, float64
 
 
-def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float64)
-
-
-def _as_matrix(t: torch.Tensor) -> torch.Tensor:
-    t = _f64(t)
-    return t.reshape(1, -1) if t.dim() <= 1 else t.reshape(t.shape[0], -1)
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.numel() != b.numel() or a.numel() == 0:
-        return False
-    x, y = _f64(a).reshape(-1), _f64(b).reshape(-1)
-    scale = max(float(y.abs().max()), 1e-12)
-    return bool((x - y).abs().max() <= 1e-5 * scale)
-
-
-def _informative(m: torch.Tensor) -> torch.Tensor:
-    """Rows that can identify something: not (nearly) constant, not zero."""
-    spread = m.amax(dim=1) - m.amin(dim=1)
-    return spread > 1e-9 * m.abs().amax(dim=1).clamp(min=1e-300)
-
-
-@dataclass(frozen=True, eq=False)
-class _Table:
-    kind: str
-    width: int
-    canon: torch.Tensor  # canonical unit rows, float32, in signature order
-    sig: torch.Tensor  # (rows, 2) float64 signatures, sorted by the first
-    label: str
-
-
-class _TableSet:
-    """One matrix's tables (weak-referenceable, so the process-wide cache can share them)."""
-
-    def __init__(self, tables: list[_Table]) -> None:
-        self.tables = tables
-
-
-_PROJECTIONS: dict[int, torch.Tensor] = {}
-_SHARED_TABLES: weakref.WeakValueDictionary[tuple[object, ...], _TableSet] = (
-    weakref.WeakValueDictionary()
-)
-
-
-class _SignatureIndex:
-    """Rows of plaintext matrices by two random projections of a canonical form of each row.
-
-    `direct`: the unit row with its sign fixed, so a scaled or negated copy has the same
-    signature. `sorted`: the unit vector of the row's sorted magnitudes, the same for any
-    permutation of its entries. A query row whose signature lies within `SIGNATURE_TOL` of an
-    indexed one is confirmed by the cosine of the canonical vectors themselves.
-    """
-
-    def __init__(self) -> None:
-        # per (kind, width): one sorted table per added matrix (no rebuild when layers join)
-        self._tables: dict[tuple[str, int], list[_Table]] = {}
-        self._held: list[_TableSet] = []  # keeps the shared tables alive while this index lives
-
-    @staticmethod
-    def _projection(width: int) -> torch.Tensor:
-        if width not in _PROJECTIONS:
-            g = torch.Generator().manual_seed(NOISE_FLOOR_SEED + width)
-            _PROJECTIONS[width] = torch.randn(width, 2, generator=g, dtype=torch.float64)
-        return _PROJECTIONS[width]
-
-    @staticmethod
-    def canonical(kind: str, rows: torch.Tensor) -> torch.Tensor:
-        if kind == "sorted":
-            rows = rows.abs().sort(dim=1).values
-        unit = F.normalize(rows, dim=1)
-        if kind == "direct":
-            first = unit.gather(1, unit.abs().argmax(dim=1, keepdim=True))
-            unit = unit * torch.where(first < 0, -1.0, 1.0)
-        return unit
-
-    def add(self, label: str, matrix: torch.Tensor) -> None:
-        """Index `matrix`'s rows; the tables are shared with every other audit in the process
-        that indexes the same matrix under the same label (the benchmark audits several modes
-        of one model), and freed when the last audit holding them goes."""
-        key = (label, tuple(matrix.shape), *_fingerprint(matrix))
-        tables = _SHARED_TABLES.get(key)
-        if tables is None:
-            tables = _TableSet(self._build(label, matrix))
-            _SHARED_TABLES[key] = tables
-        for table in tables.tables:
-            self._tables.setdefault((table.kind, table.width), []).append(table)
-        self._held.append(tables)
-
-    def _build(self, label: str, matrix: torch.Tensor) -> list[_Table]:
-        m = _as_matrix(matrix)
-        m = m[_informative(m)]
-        if m.shape[0] == 0:
-            return []
-        built = []
-        for kind in ("direct", "sorted"):
-            canon = self.canonical(kind, m)
-            sig = canon @ self._projection(m.shape[1])
-            order = sig[:, 0].argsort()
-            # unit rows in float32 (half the memory; the confirming cosine is taken in float64
-            # against the float64 query, off by < 1e-6 for rows of a few thousand entries)
-            canon32 = canon[order].to(torch.float32)
-            built.append(_Table(kind, m.shape[1], canon32, sig[order].contiguous(), label))
-            del canon
-        return built
-
-    def matches(self, kind: str, rows: torch.Tensor) -> set[str]:
-        """Labels of indexed matrices one of whose rows some query row reproduces."""
-        rows = rows[_informative(rows)] if rows.numel() else rows
-        if rows.shape[0] == 0:
-            return set()
-        tables = self._tables.get((kind, rows.shape[1]))
-        if not tables:
-            return set()
-        query = self.canonical(kind, rows)
-        qsig = query @ self._projection(rows.shape[1])
-        low = (qsig[:, 0] - SIGNATURE_TOL).contiguous()
-        high = (qsig[:, 0] + SIGNATURE_TOL).contiguous()
-        found: set[str] = set()
-        for table in tables:
-            canon, sig, label = table.canon, table.sig, table.label
-            if label in found:
-                continue
-            lo = torch.searchsorted(sig[:, 0].contiguous(), low)
-            hi = torch.searchsorted(sig[:, 0].contiguous(), high)
-            counts = (hi - lo).clamp(min=0)
-            total = int(counts.sum())
-            if total == 0:
-                continue
-            # every (query, candidate) pair of the windows, vectorised: the sorted signatures
-            # of a weight's rows lie close together, so windows can hold many candidates
-            qi = torch.repeat_interleave(torch.arange(len(counts)), counts)
-            starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-            ji = lo[qi] + (torch.arange(total) - starts)
-            near = (sig[ji, 1] - qsig[qi, 1]).abs() <= SIGNATURE_TOL
-            qi, ji = qi[near], ji[near]
-            cos = (canon[ji].to(torch.float64) * query[qi]).sum(dim=1)
-            if qi.numel() and bool((cos > EXACT_COSINE).any()):
-                found.add(label)
-        return found
-
-
-def _views(payload: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """The payload's rows, and its columns (a transposed copy of something)."""
-    m = _as_matrix(payload)
-    yield "rows", m
-    if m.shape[0] > 1:
-        yield "columns", m.t()
-    if payload.dim() > 2:  # a convolution input: channels are axis 1
-        channels = _f64(payload).movedim(1, -1).reshape(-1, payload.shape[1])
-        yield "channels", channels.t()
-
-
-class _SecretBank:
-    """Every registered secret vector by length, centred and normalised, so that one matrix
-    product per payload view finds any row or column that is an affine image of one of them;
-    short vectors and (G, k, k) tables are matched exactly."""
-
-    def __init__(self) -> None:
-        self._vectors: dict[int, list[tuple[torch.Tensor, tuple[str, str]]]] = {}
-        self._tables: dict[int, list[tuple[torch.Tensor, tuple[str, str]]]] = {}
-        self._dense: dict[int, tuple[torch.Tensor, list[tuple[str, str]]]] = {}
-
-    def add_vector(self, owner: str, name: str, vector: torch.Tensor) -> None:
-        v = vector.reshape(-1)
-        if v.numel() < 2 or bool((v == v[0]).all()):
-            return
-        self._vectors.setdefault(v.numel(), []).append((v, (owner, name)))
-        self._dense.pop(v.numel(), None)
-
-    def add_table(self, owner: str, name: str, table: torch.Tensor) -> None:
-        k = table.shape[-1]
-        rows = table.reshape(-1, k)
-        rows = rows[(rows != 0).sum(dim=1) > 1]  # identity rows of padded slots match too much
-        if k >= 2 and rows.numel():
-            self._tables.setdefault(k, []).append((rows, (owner, name)))
-
-    def table_widths(self) -> set[int]:
-        return set(self._tables)
-
-    def _centred(self, n: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
-        if n not in self._dense:
-            entries = self._vectors[n]
-            bank = torch.stack([v for v, _ in entries])
-            bank = F.normalize(bank - bank.mean(dim=1, keepdim=True), dim=1)
-            self._dense[n] = (bank, [label for _, label in entries])
-        return self._dense[n]
-
-    def hits(self, m: torch.Tensor) -> set[tuple[str, str]]:
-        n = m.shape[1]
-        entries = self._vectors.get(n)
-        if not entries:
-            return set()
-        found: set[tuple[str, str]] = set()
-        if n < SHORT_VECTOR:
-            for v, label in entries:
-                scale = max(float(v.abs().max()), 1e-12) * 1e-5
-                if bool(((m - v).abs().amax(dim=1) <= scale).any()):
-                    found.add(label)
-            return found
-        bank, labels = self._centred(n)
-        rows = F.normalize(m - m.mean(dim=1, keepdim=True), dim=1)
-        corr = (rows @ bank.t()).abs().amax(dim=0)
-        for j in torch.nonzero(corr > AFFINE_LIMIT).flatten().tolist():
-            found.add(labels[j])
-        return found
-
-    def table_hits(self, payload: torch.Tensor) -> set[tuple[str, str]]:
-        k = payload.shape[-1]
-        candidates = _f64(payload).reshape(-1, k)
-        found: set[tuple[str, str]] = set()
-        for rows, label in self._tables.get(k, []):
-            distance = torch.cdist(candidates, rows)
-            scale = rows.abs().amax(dim=1).clamp(min=1e-12)
-            if bool((distance <= 1e-5 * scale).any()):
-                found.add(label)
-        return found
-
-
 def _flat_features(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    t = _f64(t)
+    t = f64(t)
     if channel_dim != -1 and t.dim() > 2:
         t = t.movedim(channel_dim, -1)
     return t.reshape(-1, t.shape[-1])
@@ -356,15 +143,6 @@ def noise_floor(tokens: int, features: int) -> float:
     return _FLOORS[key]
 
 
-def _fingerprint(t: torch.Tensor) -> tuple[str, tuple[int, ...], str]:
-    """A tensor's content (dtype, shape, BLAKE2b of its bytes): the shared-table cache's key and
-    the mask-reuse check's stamp. A hash, not a random projection: under emulation drawing a
-    projection vector as long as the tensor costs more than hashing it."""
-    data = t.detach().cpu().contiguous().reshape(-1)
-    raw = data.view(torch.uint8).numpy().data.cast("B") if data.numel() else memoryview(b"")
-    return _dtype_name(t.dtype), tuple(t.shape), hashlib.blake2b(raw, digest_size=16).hexdigest()
-
-
 @dataclass
 class Audit:
     mode: str = ""
@@ -374,14 +152,14 @@ class Audit:
     bytes: int = 0
     check_s: float = 0.0
     _layers: dict[str, _LayerRecord] = field(default_factory=dict)
-    _index: _SignatureIndex = field(default_factory=_SignatureIndex)
+    _index: SignatureIndex = field(default_factory=SignatureIndex)
     _calls: dict[str, _Call] = field(default_factory=dict)
     _leaks: dict[str, int] = field(default_factory=dict)
     _mask_prints: dict[tuple[str, tuple[int, ...], str], str] = field(default_factory=dict)
     _leakage: dict[int, _Leakage] = field(default_factory=dict)
     _exposed: set[str] = field(default_factory=set)
     _audited_calls: int = 0
-    _secret_bank: _SecretBank | None = None
+    _secret_bank: SecretBank | None = None
     # layer id -> (SHA-256, dtype name, leak messages) of publish checks made ahead
     _verdicts: dict[str, tuple[str, str, list[str]]] = field(default_factory=dict)
     verdicts_taken: int = 0
@@ -410,9 +188,9 @@ class Audit:
         if bias is not None:
             named["bias"] = bias
         if secret.inverse is not None:
-            named["mixing"] = torch.linalg.inv(_f64(secret.inverse))
+            named["mixing"] = torch.linalg.inv(f64(secret.inverse))
         for name, tensor in named.items():
-            t = _f64(tensor)
+            t = f64(tensor)
             if t.dim() <= 1:
                 vectors[name] = t.reshape(-1)
             elif t.dim() == 2 and name.startswith("restore"):
@@ -449,7 +227,7 @@ class Audit:
         before = dict(self._leaks)
         self.observe("publish", layer_id, tensor)
         leaks = [m for m, n in self._leaks.items() if n != before.get(m, 0)]
-        return {"sha256": tensor_digest(tensor), "dtype": _dtype_name(tensor.dtype), "leaks": leaks}
+        return {"sha256": tensor_digest(tensor), "dtype": dtype_name(tensor.dtype), "leaks": leaks}
 
     def accept_verdicts(self, verdicts: dict[str, dict[str, Any]]) -> None:
         """Publish checks made ahead (see the module's docstring), by layer id."""
@@ -499,7 +277,7 @@ class Audit:
     def _check_weights(self, event: str, layer_id: str, payload: torch.Tensor) -> None:
         record = self._layers.get(layer_id)
         if event == "publish" and record is not None:
-            if _close(payload, record.weight):
+            if nearly_equal(payload, record.weight):
                 self._flag(f"{layer_id}: published weight equals the plaintext weight")
                 return
             cosine = _max_row_cosine(payload, record.weight)
@@ -508,14 +286,14 @@ class Audit:
                     f"{layer_id}: a published row matches a plaintext weight row (cos {cosine:.4f})"
                 )
                 return
-        for view, m in _views(payload):
+        for view, m in payload_views(payload):
             for kind, how in (("direct", "up to scale"), ("sorted", "up to scale and order")):
                 for label in sorted(self._index.matches(kind, m)):
                     self._flag(f"{layer_id}: {event} payload {view} reproduce {label} ({how})")
 
     def _check_secrets(self, event: str, layer_id: str, payload: torch.Tensor) -> None:
-        views = [m for _, m in _views(payload)]
-        flat = _f64(payload).reshape(1, -1)
+        views = [m for _, m in payload_views(payload)]
+        flat = f64(payload).reshape(1, -1)
         for view in [*views, flat]:
             for owner, name in self._bank().hits(view):
                 where = "" if owner == layer_id else f" of layer {owner}"
@@ -525,9 +303,9 @@ class Audit:
                 where = "" if owner == layer_id else f" of layer {owner}"
                 self._flag(f"{layer_id}: {event} payload contains rows of the {name}{where}")
 
-    def _bank(self) -> _SecretBank:
+    def _bank(self) -> SecretBank:
         if self._secret_bank is None:
-            bank = _SecretBank()
+            bank = SecretBank()
             for owner, record in self._layers.items():
                 for name, vector in record.vectors.items():
                     bank.add_vector(owner, name, vector)
@@ -551,14 +329,14 @@ class Audit:
             stat.add(p, x)
 
     def _check_unmasked(self, layer_id: str, payload: torch.Tensor, call: _Call) -> None:
-        if _close(payload, call.plain):
+        if nearly_equal(payload, call.plain):
             self._exposed.add(layer_id)
             self._flag(f"{layer_id}: input exposed: run payload is the plaintext input")
             return
-        plain = _as_matrix(call.plain)
-        rows = _as_matrix(payload)
+        plain = as_matrix(call.plain)
+        rows = as_matrix(payload)
         if rows.shape[1] == plain.shape[1] and rows.shape[0] == plain.shape[0]:
-            index = _SignatureIndex()
+            index = SignatureIndex()
             index.add("input", plain)
             if index.matches("sorted", rows):
                 self._exposed.add(layer_id)
@@ -574,14 +352,14 @@ class Audit:
     def _check_masked(self, layer_id: str, payload: torch.Tensor, call: _Call) -> None:
         assert call.mask is not None
         r, u = call.mask.r, call.mask.u
-        if _close(payload, call.plain) or _close(payload, call.prepared):
+        if nearly_equal(payload, call.plain) or nearly_equal(payload, call.prepared):
             self._flag(f"{layer_id}: run payload equals the unmasked input")
             return
         if r.shape == payload.shape and _max_abs(payload, r) <= 1e-3 * _max_abs(call.prepared):
             self._flag(f"{layer_id}: run payload equals the mask r (the input is not in it)")
-        if _close(payload, u):
+        if nearly_equal(payload, u):
             self._flag(f"{layer_id}: run payload equals the mask product u")
-        stamp = _fingerprint(r)
+        stamp = fingerprint(r)
         first = self._mask_prints.get(stamp)
         if first is not None:
             self._flag(f"{layer_id}: a mask was used twice (first by {first})")
@@ -641,15 +419,11 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
            "bfloat16": torch.bfloat16}  # fmt: skip
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _max_row_cosine(payload: torch.Tensor, weight: torch.Tensor) -> float:
     """The largest |cosine| of a payload row with a weight row. The unit rows are normalised in
     float64 and multiplied in float32: the product's error (< 1e-6 for rows of a few thousand
     entries) is far below the 1e-3 margin of `ROW_COSINE_LIMIT`, at half the cost."""
-    rows, reference = _as_matrix(payload), _as_matrix(weight)
+    rows, reference = as_matrix(payload), as_matrix(weight)
     if rows.shape[1] != reference.shape[1]:
         return 0.0
     unit_rows = F.normalize(rows, dim=1).to(torch.float32)
@@ -658,14 +432,14 @@ def _max_row_cosine(payload: torch.Tensor, weight: torch.Tensor) -> float:
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
-    d = _f64(a) if b is None else _f64(a) - _f64(b)
+    d = f64(a) if b is None else f64(a) - f64(b)
     return float(d.abs().max()) if d.numel() else 0.0
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     """|Pearson| of two same-shaped tensors taken as flat samples."""
-    x = _f64(a).reshape(-1)
-    y = _f64(b).reshape(-1)
+    x = f64(a).reshape(-1)
+    y = f64(b).reshape(-1)
     x = x - x.mean()
     y = y - y.mean()
     denom = float(x.norm() * y.norm())

@@ -30,9 +30,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from groupcover.errors import IntegrityError
+from groupcover.layer_op import apply_op
 from groupcover.rng import SecretRandom
 from groupcover.transport import LayerOp
-from groupcover.worker import apply_op
 
 SLACK = 8.0
 

@@ -13,23 +13,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from groupcover.worker import WorkerState
-
 from groupcover import rpc
+from groupcover.bench import report
+from groupcover.bench.run import benchmark
+from groupcover.bench.stats import UNBOUNDED
 from groupcover.errors import GroupCoverError, UsageError, WorkerUnavailable, print_error
-from groupcover.rendezvous import DEFAULT_TIMEOUT_S, Rendezvous, rank_name
-
-DEFAULT_MASK_BUDGET_MB = 256.0  # all masked modes' pools together (a package's master)
-MAX_BATCH = 1024
-MAX_SEQ = 512
-DEFAULT_MODES = ("plain-offload", "groupcover")
-TRANSPORTS = ("tcp", "torch-rpc")  # the first is the default
-DEFAULT_TRANSPORT = TRANSPORTS[0]
+from groupcover.models import MODELS
+from groupcover.modes import MODES, mode_settings
+from groupcover.package.keys import KeySource
+from groupcover.package.layout import is_package
+from groupcover.package.prepare import ModelRequest, Prepared, prepare
+from groupcover.package.runtime import assign_modes, open_package
+from groupcover.published import PublishedFile
+from groupcover.rendezvous import Rendezvous, rank_name
+from groupcover.rpc import RpcTransport
+from groupcover.settings import DEFAULT_MODEL, TRANSPORTS, check_ranges, default
+from groupcover.transport import TORCH_RPC_WARNING, Transport
+from groupcover.wire import world
+from groupcover.worker import WorkerState
 
 
 class Role(StrEnum):
@@ -46,22 +51,23 @@ class RankSettings:
     master_port: int = 29500
     worker: int | None = None  # the rank a master offloads to (the seed's WORKER)
     ifname: str | None = None
-    model: str = "minilm"
-    modes: tuple[str, ...] = DEFAULT_MODES
-    batch: int = 8
-    seq: int = 128
-    repeat: int = 5
-    warmup: int = 1
-    seed: int | None = None  # None: secrets from the OS; a seed is for reproducible runs only
-    json_path: Path | None = None
+    # the workload's defaults are declared once, with their flags (groupcover.settings)
+    model: str = DEFAULT_MODEL
+    modes: tuple[str, ...] = default("modes")
+    batch: int = default("batch")
+    seq: int = default("seq")
+    repeat: int = default("repeat")
+    warmup: int = default("warmup")
+    seed: int | None = default("seed")  # None: secrets from the OS; a seed: reproducible runs
+    json_path: Path | None = default("json_path")  # noqa: RUF009 (None: immutable)
     force_tcp: bool = False
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    audit: bool = False
-    audit_forwards: int = 1  # untimed forwards per mode the audit watches (before the timed ones)
-    verify: bool = False  # check every worker result (Freivalds-style, secret vector per layer)
-    threads: int = 1
+    timeout_s: float = default("timeout_s")
+    audit: bool = default("audit")
+    audit_forwards: int = default("audit_forwards")  # untimed forwards the audit watches, first
+    verify: bool = default("verify")  # check every worker result (Freivalds, secret vectors)
+    threads: int = default("threads")
     init_method: str | None = None  # overrides address and port (file:// on one host)
-    transport: str = DEFAULT_TRANSPORT  # "tcp" (tensors only) or "torch-rpc" (the seed's)
+    transport: str = default("transport")  # "tcp" (tensors only) or "torch-rpc" (the seed's)
     extra: dict[str, str] = field(default_factory=dict)  # recorded in the JSON as given
     # model packages (issue 11): `model` is a package folder or a built-in name
     key_file: Path | None = None  # (master, package) the model key
@@ -70,8 +76,10 @@ class RankSettings:
     packages: tuple[Path, ...] = ()  # (worker) package folders or published.safetensors files
     extra_models: tuple[str, ...] = ()  # (master) further package folders, after `model`
     extra_key_files: tuple[Path, ...] = ()  # (master) their key files, after `key_file`
-    mask_budget_mb: float | None = DEFAULT_MASK_BUDGET_MB  # None: no bound (one pair per layer)
-    pool_compare: bool = False  # also run each masked mode with the unbounded pool
+    mask_budget_mb: float | None = default("mask_budget_mb")  # None: no bound (a pair per layer)
+    pool_compare: bool = default(
+        "pool_compare"
+    )  # also run each masked mode with the unbounded pool
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -82,6 +90,21 @@ class RankSettings:
     def key_files(self) -> tuple[Path, ...]:
         """Their key files, in the same order (empty: the broker releases them)."""
         return () if self.key_file is None else (self.key_file, *self.extra_key_files)
+
+    def model_request(self) -> ModelRequest:
+        """What preparing this master's model needs, and nothing else of the settings."""
+        return ModelRequest(
+            models=self.models,
+            modes=self.modes,
+            batch=self.batch,
+            seq=self.seq,
+            seed=self.seed,
+            audit=self.audit,
+            key_files=self.key_files,
+            broker=self.broker,
+            tee=self.tee,
+            mask_budget_mb=self.mask_budget_mb,
+        )
 
     def rendezvous(self) -> Rendezvous:
         return Rendezvous(
@@ -108,11 +131,7 @@ class RankSettings:
             self._validate_packages()
             return
         self._validate_target()
-        _check_range("--batch", self.batch, 1, MAX_BATCH)
-        _check_range("--seq", self.seq, 1, MAX_SEQ)
-        _check_range("--repeat", self.repeat, 1, 100_000)
-        _check_range("--warmup", self.warmup, 0, 100_000)
-        _check_range("--audit-forwards", self.audit_forwards, 1, 100_000)
+        check_ranges(self)  # --batch, --seq, --repeat, --warmup, --audit-forwards
         _validate_names(self.model, self.modes)
         self._validate_key()
 
@@ -125,9 +144,6 @@ class RankSettings:
                                  hint="give a package folder or its weights file")  # fmt: skip
 
     def _validate_key(self) -> None:
-        from groupcover.package.keys import KeySource
-        from groupcover.package.runtime import assign_modes, is_package, open_package
-
         source = KeySource(self.key_file, self.broker, self.tee)
         source.validate()
         if self.mask_budget_mb is not None and self.mask_budget_mb < 0:
@@ -177,16 +193,7 @@ class RankSettings:
             )
 
 
-def _check_range(flag: str, value: int, lo: int, hi: int) -> None:
-    if not lo <= value <= hi:
-        raise UsageError(f"{flag} {value} is out of range ({lo}..{hi})")
-
-
 def _validate_names(model: str, modes: tuple[str, ...]) -> None:
-    from groupcover.models import MODELS
-    from groupcover.modes import MODES
-    from groupcover.package.runtime import is_package
-
     if model not in MODELS and not is_package(model):
         raise UsageError(
             f"unknown model {model!r}",
@@ -221,8 +228,6 @@ def launch(settings: RankSettings) -> int:
             if settings.transport == "torch-rpc":
                 rpc.serve(settings.rendezvous())
             else:
-                from groupcover.wire import world
-
                 state = worker_state(settings)
                 world.serve(settings.rendezvous(), state=state,
                             on_ready=lambda text: progress(settings, text))  # fmt: skip
@@ -237,9 +242,6 @@ def launch(settings: RankSettings) -> int:
 
 def worker_state(settings: RankSettings) -> WorkerState:
     """The worker's layer store, with the published weights of every package it was given."""
-    from groupcover.package.published import PublishedFile
-    from groupcover.worker import WorkerState
-
     state = WorkerState()
     for path in settings.packages:
         file = path / "published.safetensors" if path.is_dir() else path
@@ -250,31 +252,25 @@ def worker_state(settings: RankSettings) -> WorkerState:
     return state
 
 
-def _run_master(settings: RankSettings, run: Callable[[RankSettings, object], int]) -> int:
+def _run_master(settings: RankSettings, run: Callable[[RankSettings, Prepared], int]) -> int:
     """Prepare the model, then run the master over the chosen transport (`run`)."""
-    from groupcover import bench
-
-    prepared = bench.prepare(settings)  # load the model before joining: a bad model exits early
+    prepared = prepare(
+        settings.model_request()
+    )  # load the model before joining: a bad model exits early
     try:
         return run(settings, prepared)
     finally:
         prepared.close()
 
 
-def _announce(settings: RankSettings, prepared: object) -> None:
-    from groupcover import bench
-
-    assert isinstance(prepared, bench.Prepared)
+def _announce(settings: RankSettings, prepared: Prepared) -> None:
     what = "package" if prepared.packages and not prepared.cleanup else "model"
     label = f"; {prepared.key_release['label']}" if prepared.key_release else ""
     progress(settings, f"{what} {settings.model} ready in {prepared.load_s:.1f} s{label}; "
              f"joining a world of {settings.world_size}")  # fmt: skip
 
 
-def _run_master_rpc(settings: RankSettings, prepared: object) -> int:
-    from groupcover import bench
-
-    assert isinstance(prepared, bench.Prepared)
+def _run_master_rpc(settings: RankSettings, prepared: Prepared) -> int:
     _announce(settings, prepared)
     rpc.join(settings.rendezvous(), "master")
     graceful = True
@@ -282,10 +278,8 @@ def _run_master_rpc(settings: RankSettings, prepared: object) -> int:
         assert settings.worker is not None
         device = _check_target(settings.worker, settings.timeout_s)
         progress(settings, f"offloading to {rank_name(settings.worker)} ({device})")
-        document = bench.run_master(settings, prepared, lambda text: progress(settings, text))
-        path = bench.write_json(document, settings.json_path, settings)
-        bench.print_table(document)
-        print(f"{bench.RESULT_MARK} {path}", flush=True)
+        document = run_master(settings, prepared, lambda text: progress(settings, text))
+        _report(settings, document)
         return 0
     except WorkerUnavailable:
         graceful = False  # a dead peer cannot join the shutdown barrier
@@ -297,12 +291,8 @@ def _run_master_rpc(settings: RankSettings, prepared: object) -> int:
             rpc.leave(graceful=False)
 
 
-def _run_master_wire(settings: RankSettings, prepared: object) -> int:
+def _run_master_wire(settings: RankSettings, prepared: Prepared) -> int:
     """A master over the default wire: tensors only, every reply checked."""
-    from groupcover import bench
-    from groupcover.wire import world
-
-    assert isinstance(prepared, bench.Prepared)
     _announce(settings, prepared)
     membership = world.join(settings.rendezvous(), "master")
     ok = False
@@ -319,15 +309,13 @@ def _run_master_wire(settings: RankSettings, prepared: object) -> int:
         probe.close()
         progress(settings, f"offloading to {probe.label} ({probe.device})")
 
-        def make_transport(mode: str) -> bench.Transport:
+        def make_transport(mode: str) -> Transport:
             return membership.connect(target, f"{settings.rank}/{mode}", settings.timeout_s)
 
-        document = bench.run_master(
+        document = run_master(
             settings, prepared, lambda text: progress(settings, text), make_transport
         )
-        path = bench.write_json(document, settings.json_path, settings)
-        bench.print_table(document)
-        print(f"{bench.RESULT_MARK} {path}", flush=True)
+        _report(settings, document)
         ok = True
         return 0
     finally:
@@ -336,6 +324,88 @@ def _run_master_wire(settings: RankSettings, prepared: object) -> int:
         else:
             with contextlib.suppress(GroupCoverError):  # the first failure is the one to report
                 membership.finish(ok=False)
+
+
+def run_master(
+    settings: RankSettings,
+    prepared: Prepared,
+    on_progress: Callable[[str], None] | None = None,
+    make_transport: Callable[[str], Transport] | None = None,
+) -> dict[str, Any]:
+    """Runs the benchmark of this master's modes on the prepared model; returns the document
+    (results, host, settings) that `_report` writes. `make_transport(mode)` opens one session per
+    mode (default: torch-rpc, already joined)."""
+    assert settings.worker is not None
+    worker = settings.worker
+
+    if make_transport is None:
+
+        def make_transport(mode: str) -> Transport:
+            return RpcTransport(worker, owner=f"{settings.rank}/{mode}",
+                                timeout_s=settings.timeout_s)  # fmt: skip
+
+    transport_facts: dict[str, Any] = {"transport": settings.transport}
+    if settings.transport == "torch-rpc":
+        transport_facts["transport_warning"] = TORCH_RPC_WARNING
+
+    modes = list(settings.modes)
+    if settings.pool_compare:
+        modes += [m + UNBOUNDED for m in settings.modes if mode_settings(m)[1]]
+    results = benchmark(
+        prepared,
+        modes,
+        make_transport,
+        model_name=prepared.model_name or str(settings.model),
+        batch=settings.batch,
+        seq=settings.seq,
+        repeat=settings.repeat,
+        warmup=settings.warmup,
+        seed=settings.seed,
+        audit=settings.audit,
+        on_progress=on_progress,
+        audit_forwards=settings.audit_forwards,
+        verify=settings.verify,
+    )
+    for result in results:
+        result.update(rank=settings.rank, worker=worker, world_size=settings.world_size,
+                      **transport_facts)  # fmt: skip
+    return {
+        "results": results,
+        "host": report.host_info(),
+        "settings": {
+            "rank": settings.rank,
+            "world_size": settings.world_size,
+            "worker": worker,
+            **transport_facts,
+            "force_tcp": settings.force_tcp,
+            "threads": settings.threads,
+            "warmup": settings.warmup,
+            "seed": settings.seed,
+            "secrets": report.secrets_label(settings.seed),
+            "verify": settings.verify,
+            "audit_forwards": settings.audit_forwards if settings.audit else 0,
+            "model_load_s": prepared.load_s,
+            "model": settings.model,
+            "package": report.package_facts(prepared),
+            "key_release": prepared.key_release,
+            "mask_budget_bytes": prepared.mask_budget,
+            "exactness": prepared.reference_note or "against the sealed reference",
+            "peak_rss_mb": results[0].get("peak_rss_mb") if results else None,
+            **settings.extra,
+        },
+    }
+
+
+def write_json(document: dict[str, Any], settings: RankSettings) -> Path:
+    """The document as JSON at --json, by default ./groupcover-<model>-rank<rank>.json."""
+    return report.write_json(document, settings.json_path, settings.model, settings.rank)
+
+
+def _report(settings: RankSettings, document: dict[str, Any]) -> None:
+    """The JSON file, the table, and the line naming the file (what the orchestrator reads)."""
+    path = write_json(document, settings)
+    report.print_table(document)
+    print(f"{report.RESULT_MARK} {path}", flush=True)
 
 
 def _check_target(worker_rank: int, timeout_s: float) -> str:

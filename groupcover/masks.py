@@ -37,9 +37,10 @@ from enum import StrEnum
 import torch
 
 from groupcover.errors import GroupCoverError
+from groupcover.layer_op import apply_op
 from groupcover.rng import SecretRandom
 from groupcover.transport import LayerOp
-from groupcover.worker import apply_op
+from groupcover.wire.schema import output_shape
 
 MASK_BITS = 24  # R = 2^24 x the input bound: per-element statistical distance <= 2^-24
 DEFAULT_INPUT_BOUND = 64.0  # B when a layer was never calibrated (a power of two)
@@ -195,8 +196,6 @@ class MaskPool:
 
     def pair_bytes(self, layer_id: str, shape: tuple[int, ...]) -> int:
         """Bytes of one (r, u) pair for inputs of `shape` (float64 both)."""
-        from groupcover.wire.schema import output_shape
-
         layer = self._layers[layer_id]
         out = output_shape(layer.op, tuple(shape), layer.weight_shape)
         return (math.prod(shape) + math.prod(out)) * MASK_DTYPE.itemsize

@@ -30,11 +30,11 @@ from torch.utils import _pytree as pytree
 from groupcover.audit import Audit
 from groupcover.errors import UsageError
 from groupcover.integrity import LayerCheck
+from groupcover.layer_op import apply_op
 from groupcover.masks import MASK_DTYPE, MaskPair, MaskPolicy, MaskPool
 from groupcover.rng import SecretRandom
-from groupcover.scheme import LayerSecret, Scheme, make_scheme, op_for
+from groupcover.schemes import LayerSecret, Scheme, make_scheme, op_for
 from groupcover.transport import LayerOp, PublishedRef, Transport
-from groupcover.worker import apply_op
 
 DEFAULT_MASK_POOL = 2  # pairs per layer and input shape filled ahead of time
 
@@ -384,7 +384,7 @@ def protect(
 ) -> ProtectedModel:
     """A protected copy of `model` whose offloadable layers run on the worker behind `transport`.
 
-    `scheme` is a name from `groupcover.scheme.SCHEMES` or a `Scheme`. With `masked`, each call
+    `scheme` is a name from `groupcover.schemes.SCHEMES` or a `Scheme`. With `masked`, each call
     uses a fresh one-time mask; `example_inputs` (the model's forward arguments) lets the pool be
     filled ahead of time with `mask_pool` pairs per layer, otherwise every pair is drawn online.
     With `audit`, an `Audit` watches every payload (`ProtectedModel.audit.report()`).

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from groupcover.layer_op import apply_op
 from groupcover.rng import SecretRandom
 from groupcover.transport import LayerOp
-from groupcover.worker import apply_op
 
 DEFAULT_COND_BOUND = 100.0  # about 11% of 4x4 draws from 1..99 are redrawn
 MIX_LOW, MIX_HIGH = 1, 99  # the paper's integer entries

@@ -14,16 +14,12 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from groupcover.errors import GroupCoverError, UnknownLayer
-from groupcover.layer_op import LayerOp, PublishedRef
-
-if TYPE_CHECKING:
-    from groupcover.package.published import PublishedFile
+from groupcover.layer_op import LayerOp, PublishedRef, apply_op
+from groupcover.published import DigestMismatch, PublishedError, PublishedFile
 
 
 def exact_math() -> None:
@@ -36,33 +32,6 @@ def exact_math() -> None:
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def apply_op(op: LayerOp, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """op(x, weight) without a bias: what the worker computes for one call.
-
-    A linear op with `params["transposed"]` returns the same values and shape as `F.linear`, in
-    features-first memory: the GEMM `W @ x^T` (same FLOPs) fills an `(out, rows)` buffer and the
-    result is its transposed view.
-    """
-    groups = op.params.get("groups", 1)
-    if op.kind == "linear":
-        if op.params.get("transposed", 0):
-            return linear_features_first(x, weight)
-        return F.linear(x, weight)
-    if op.kind == "conv1d":
-        return F.conv1d(x, weight, None, op.stride, op.padding, op.dilation, groups)
-    if op.kind == "conv2d":
-        return F.conv2d(x, weight, None, op.stride, op.padding, op.dilation, groups)
-    raise ValueError(f"unknown layer op kind {op.kind!r}")
-
-
-def linear_features_first(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, weight)` computed as `weight @ x^T` into features-first memory."""
-    features = x.shape[-1]
-    rows = x.reshape(-1, features)
-    result = torch.mm(weight, rows.t())  # (out, rows), contiguous
-    return result.t().view(*x.shape[:-1], weight.shape[0])
 
 
 def peak_rss_bytes() -> int:
@@ -114,8 +83,6 @@ class WorkerState:
     ) -> int:
         """Loads a layer from this worker's own copy of its package (checked against the
         digest the master names); returns its bytes. `NoPackage` / `PublishedMismatch`."""
-        from groupcover.package.published import DigestMismatch, PublishedError
-
         published = self.packages.get(ref.package_id)
         if published is None:
             raise NoPackage(f"no copy of package {ref.package_id} on this worker")

@@ -14,6 +14,7 @@ a few seeds. `steal="head"` trains only a linear head on frozen features (fast, 
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -34,8 +35,9 @@ from groupcover.attacks.victim import (
     public_encoder,
 )
 from groupcover.inprocess import InProcessTransport
+from groupcover.master import protect
 from groupcover.models.bert import BertEncoder
-from groupcover.scheme import SCHEMES, Scheme, make_scheme
+from groupcover.schemes import SCHEMES, Scheme, make_scheme
 
 Log = Callable[[str], None]
 
@@ -78,8 +80,7 @@ def scheme_labels(settings: EvalSettings) -> list[tuple[str, str, int | None]]:
         cls = SCHEMES.get(name)
         if cls is None:
             make_scheme(name)  # raises the registry's UsageError
-        takes_k = name == "groupcover" or bool(getattr(cls, "takes_k", False))
-        if takes_k:
+        if cls is not None and cls.takes_k:
             entries += [(f"{name} k={k}", name, k) for k in settings.ks]
         else:
             entries.append((name, name, None))
@@ -144,8 +145,6 @@ def capture_inputs(encoder: nn.Module, names: Sequence[str], ids: torch.Tensor,
 def observe(encoder: nn.Module, scheme: Scheme, masked: bool, seed: int, ids: torch.Tensor,
             mask: torch.Tensor) -> tuple[Recorder, dict[str, Any]]:  # fmt: skip
     """Protect the encoder with the scheme, serve (ids, mask), record what the worker sees."""
-    from groupcover.master import protect
-
     transport = InProcessTransport()
     recorder = Recorder()
     transport.add_observer(recorder)
@@ -256,8 +255,6 @@ def evaluate_scheme(
 
 def encoder_with(public: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
     """The public encoder with some Linear weights replaced (biases stay public: never sent)."""
-    import copy
-
     model = copy.deepcopy(public)
     with torch.no_grad():
         for name, weight in weights.items():
@@ -307,8 +304,6 @@ def fine_tune(encoder: nn.Module, head: nn.Linear, ids: torch.Tensor, mask: torc
               labels: torch.Tensor, steps: int, batch: int, seed: int) -> Classifier:  # fmt: skip
     """The thief's fine-tuning: every layer of a copy of `encoder` and the head, AdamW with the
     victim's learning rates, `steps` batches drawn from its queries."""
-    import copy
-
     assert isinstance(encoder, BertEncoder)
     model = Classifier(copy.deepcopy(encoder), head.out_features)
     model.head.load_state_dict(head.state_dict())

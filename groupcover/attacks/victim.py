@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from groupcover.models.bert import BertEncoder
+from groupcover.models.minilm import load_minilm, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,6 @@ class TopicTask:
     """Deterministic samples: `sample(n, stream)` gives (ids, mask, labels) for a named stream."""
 
     def __init__(self, settings: TaskSettings) -> None:
-        from groupcover.models.minilm import load_tokenizer
-
         self.settings = settings
         vocab = load_tokenizer(settings.seq).get_vocab()
         words = sorted(
@@ -108,8 +108,6 @@ class Classifier(nn.Module):
 
 
 def public_encoder() -> BertEncoder:
-    from groupcover.models.minilm import load_minilm
-
     return load_minilm().encoder
 
 
@@ -164,8 +162,6 @@ def train_victim(settings: VictimSettings, log: bool = True) -> tuple[Classifier
 def load_victim(settings: VictimSettings = VictimSettings(), log: bool = True
                 ) -> tuple[Classifier, dict]:  # fmt: skip
     """The fine-tuned classifier for these settings, trained once and cached."""
-    from safetensors.torch import load_file, save_file
-
     folder = cache_dir() / "victims" / settings.key()
     weights, meta = folder / "model.safetensors", folder / "info.json"
     if weights.exists() and meta.exists():

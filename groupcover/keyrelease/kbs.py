@@ -23,7 +23,7 @@ from typing import Any
 
 from groupcover.errors import GroupCoverError
 from groupcover.keyrelease.evidence import EvidenceSource
-from groupcover.keyrelease.jwe import EphemeralKey
+from groupcover.keyrelease.jwe import EphemeralKey, b64url_decode
 
 PROTOCOL_VERSION = "0.1.1"  # the shape this project's broker documents (runtime-data binding)
 # 0.4.0: Trustee's current KBS (composite evidence: {"primary_evidence", "additional_evidence"})
@@ -170,8 +170,6 @@ def _detail(body: bytes) -> str:
 
 
 def _jwt_claims(token: str) -> dict[str, Any]:
-    from groupcover.keyrelease.jwe import b64url_decode
-
     try:
         claims = json.loads(b64url_decode(token.split(".")[1]))
     except (IndexError, ValueError):

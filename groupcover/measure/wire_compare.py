@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # torch.distributed.rpc and the bench load slowly: only the master's side needs them
     from groupcover import rpc
-    from groupcover.bench import free_port
+    from groupcover.bench.local import free_port
 
     torch.set_num_threads(1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -16,6 +16,11 @@ import torch
 from torch import nn
 
 from groupcover.errors import UsageError
+from groupcover.models.bert import BertConfig, BertEncoder, random_token_inputs
+from groupcover.models.minilm import example_sentences, load_minilm, tokenize
+from groupcover.models.resnet18 import ResNet18
+from groupcover.models.seed_transformer import SeedConfig, SeedTransformer
+from groupcover.models.standin import load_standin
 
 ExampleInputFn = Callable[[int, int], tuple[torch.Tensor, ...]]
 
@@ -26,6 +31,17 @@ class ModelFactory:
     build: Callable[..., tuple[nn.Module, ExampleInputFn]]
 
 
+def as_tensor(output: Any) -> torch.Tensor:
+    """A model's main output tensor (the first one of a tuple, list or mapping)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        return as_tensor(next(iter(output.values())))
+    if isinstance(output, list | tuple) and output:
+        return as_tensor(output[0])
+    raise TypeError(f"cannot take a tensor from a model output of type {type(output).__name__}")
+
+
 def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -33,8 +49,6 @@ def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
 
 
 def _build_minilm(seed: int) -> tuple[nn.Module, ExampleInputFn]:
-    from groupcover.models.minilm import example_sentences, load_minilm, tokenize
-
     def example(batch: int, seq: int) -> tuple[torch.Tensor, ...]:
         return tokenize(example_sentences(batch), seq)
 
@@ -44,8 +58,6 @@ def _build_minilm(seed: int) -> tuple[nn.Module, ExampleInputFn]:
 def _build_standin(seed: int, perturb_seed: int | None = None) -> tuple[nn.Module, ExampleInputFn]:
     """`seed` (the random-weight seed of the synthetic models) is ignored: the perturbation comes
     from the OS CSPRNG, fresh at every load, unless `perturb_seed` is given (then not secret)."""
-    from groupcover.models.minilm import example_sentences, tokenize
-    from groupcover.models.standin import load_standin
 
     def example(batch: int, seq: int) -> tuple[torch.Tensor, ...]:
         return tokenize(example_sentences(batch), seq)
@@ -54,8 +66,6 @@ def _build_standin(seed: int, perturb_seed: int | None = None) -> tuple[nn.Modul
 
 
 def _build_bert(seed: int, **overrides: Any) -> tuple[nn.Module, ExampleInputFn]:
-    from groupcover.models.bert import BertConfig, BertEncoder, random_token_inputs
-
     config = replace(BertConfig(), **overrides)
     model = _seeded(seed, lambda: BertEncoder(config))
 
@@ -67,8 +77,6 @@ def _build_bert(seed: int, **overrides: Any) -> tuple[nn.Module, ExampleInputFn]
 
 
 def _build_seed(seed: int, **overrides: Any) -> tuple[nn.Module, ExampleInputFn]:
-    from groupcover.models.seed_transformer import SeedConfig, SeedTransformer
-
     config = replace(SeedConfig(), **overrides)
     model = _seeded(seed, lambda: SeedTransformer(config))
 
@@ -82,8 +90,6 @@ def _build_seed(seed: int, **overrides: Any) -> tuple[nn.Module, ExampleInputFn]
 
 
 def _build_resnet(seed: int, **overrides: Any) -> tuple[nn.Module, ExampleInputFn]:
-    from groupcover.models.resnet18 import ResNet18
-
     model = _seeded(seed, lambda: ResNet18(**overrides))
 
     def example(batch: int, seq: int) -> tuple[torch.Tensor, ...]:

@@ -27,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
 
+from groupcover.models.bert import BertEncoder
+from groupcover.models.minilm import SentenceEncoder, convert_state_dict, load_config, model_dir
 from groupcover.rng import SecretRandom
 
 NAME = "minilm-standin"
@@ -61,24 +64,12 @@ def perturb(raw: dict[str, np.ndarray], seed: int | None = None) -> dict[str, np
 
 def standin_state(seed: int | None = None, path: Path | None = None) -> dict[str, np.ndarray]:
     """The stand-in's checkpoint tensors (Hugging Face names), from the public MiniLM files."""
-    from safetensors.numpy import load_file
-
-    from groupcover.models.minilm import model_dir
-
     source = path or model_dir()
     return perturb(load_file(str(source / "model.safetensors")), seed)
 
 
 def load_standin(seed: int | None = None, path: Path | None = None) -> torch.nn.Module:
     """The stand-in as a `SentenceEncoder` (fresh secret weights unless `seed` is given)."""
-    from groupcover.models.bert import BertEncoder
-    from groupcover.models.minilm import (
-        SentenceEncoder,
-        convert_state_dict,
-        load_config,
-        model_dir,
-    )
-
     source = path or model_dir()
     config = load_config(source)
     raw = {k: torch.from_numpy(np.ascontiguousarray(v))
@@ -91,10 +82,6 @@ def load_standin(seed: int | None = None, path: Path | None = None) -> torch.nn.
 def write_checkpoint(out: Path, seed: int | None = None) -> Path:
     """Writes a fresh stand-in as a Hugging Face folder (config.json, tokenizer.json,
     model.safetensors): the owner's secret checkpoint, to protect and to scan for."""
-    from safetensors.numpy import save_file
-
-    from groupcover.models.minilm import model_dir
-
     source = model_dir()
     out.mkdir(parents=True, exist_ok=False)
     for name in CHECKPOINT_FILES:
@@ -110,17 +97,19 @@ def write_checkpoint(out: Path, seed: int | None = None) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m groupcover.models.standin",
-        description="write a fresh minilm-standin checkpoint folder (the owner's secret model)",
-    )
+DESCRIPTION = "write a fresh minilm-standin checkpoint folder (the owner's secret model)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `python -m groupcover standin` (and of this module's own command line)."""
     parser.add_argument("--out", required=True, type=Path, help="new folder to write")
     parser.add_argument(
         "--seed", type=int, default=None,
         help="reproducible perturbation (NOT secret); default: the OS CSPRNG",
     )  # fmt: skip
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.out.exists():
         print(f"error: {args.out} exists (give a new folder)", file=sys.stderr)
         return 2
@@ -128,6 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     notice = SecretRandom.create(args.seed).notice
     print(json.dumps({"checkpoint": str(args.out), "model": NAME, "secrets": notice}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m groupcover.models.standin` (the orchestrator's command line): the `standin`
+    verb under its historical name."""
+    parser = argparse.ArgumentParser(prog="python -m groupcover.models.standin",
+                                     description=DESCRIPTION)  # fmt: skip
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,33 +18,38 @@ from typing import Any
 
 import torch
 
+from groupcover.audit import Audit
 from groupcover.errors import UsageError
 from groupcover.master import NothingToOffload, offloadable_layers
+from groupcover.models import as_tensor
+from groupcover.modes import MODES, mode_settings
 from groupcover.package import container, secrets
-from groupcover.package.published import dtype_name, tensor_digest, write_published
+from groupcover.package.layout import (
+    BASELINE_MODES,
+    BASELINES,
+    FORMAT_VERSION,
+    KEY,
+    MANIFEST,
+    PUBLISHED,
+    SEALED,
+)
 from groupcover.package.seal import new_key, seal_file
-from groupcover.package.source import Source, load_source, spec_to_json
+from groupcover.package.source import Source, example_inputs, load_source, spec_to_json
+from groupcover.published import dtype_name, tensor_digest, write_published
 from groupcover.rng import SecretRandom
-from groupcover.scheme import make_scheme
+from groupcover.schemes import make_scheme
 
-FORMAT_VERSION = 1
 DEFAULT_SCHEME = "hardened"  # DESIGN.md, issue 9: the scheme gcvm recommends
 PACKAGE_SCHEMES = ("hardened", "groupcover")  # the schemes that have benchmark modes
 DEFAULT_REFERENCES = ((8, 128), (2, 16))
-BASELINE_MODES = ("tee-only", "plain-offload", "mask-only")
 BASELINES_WARNING = (
     "baselines.sealed holds the plaintext weights of every offloaded layer, so that tee-only, "
     "plain-offload and mask-only can run from this package: for benchmarks only, never for a "
     "secret model"
 )
-MANIFEST, PUBLISHED, SEALED, BASELINES, KEY = (
-    "manifest.json", "published.safetensors", "master.sealed", "baselines.sealed", "model.key",
-)  # fmt: skip
 
 
 def scheme_modes(scheme: str) -> tuple[str, ...]:
-    from groupcover.modes import MODES, mode_settings
-
     return tuple(m for m in MODES if mode_settings(m)[0] == scheme)
 
 
@@ -83,9 +88,6 @@ def _op_json(op: Any) -> dict[str, Any]:
 def protect_source(source: Source, out: Path, options: ProtectOptions) -> dict[str, Any]:
     """Writes the package of `source` to `out` (which must not exist, or be empty); returns the
     manifest."""
-    from groupcover.bench import as_tensor
-    from groupcover.package.source import example_inputs
-
     start = time.perf_counter()
     if options.scheme not in PACKAGE_SCHEMES:
         raise UsageError(f"scheme {options.scheme!r} cannot make a package",
@@ -217,8 +219,6 @@ def publish_audit(
     plaintext is at hand) and sealed with the baselines: a master's audit takes each verdict
     for a published payload with the same SHA-256 (see `groupcover.audit`). Every layer is
     registered first, so each weight is checked against every layer's plaintext and secrets."""
-    from groupcover.audit import Audit
-
     audit = Audit(mode=mode)
     with torch.no_grad():
         for name, weight, bias, secret, _ in layers:

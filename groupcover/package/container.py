@@ -17,7 +17,7 @@ _DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16,
 
 
 def pack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
-    from safetensors.torch import save
+    from safetensors.torch import save  # only the writer (protect) needs it, not the master
 
     ready = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     return save(ready, metadata={"gcvm": json.dumps(meta, sort_keys=True)})

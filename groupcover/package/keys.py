@@ -8,10 +8,24 @@ from pathlib import Path
 from typing import Any
 
 from groupcover.errors import UsageError
-from groupcover.package.runtime import read_key
+from groupcover.keyrelease.evidence import detect
+from groupcover.keyrelease.kbs import KbsClient
+from groupcover.package.layout import KEY, PackageError
+from groupcover.package.seal import KEY_BYTES, SealError
 
 DEFAULT_RESOURCE = "gcvm/model/key"
 TEES = ("none", "snp", "tdx")
+
+
+def read_key(path: str | Path) -> bytes:
+    try:
+        key = Path(path).read_bytes()
+    except OSError as exc:
+        raise PackageError(f"cannot read the model key {path}: {exc.strerror or exc}") from None
+    if len(key) != KEY_BYTES:
+        raise SealError(f"{path} is not a model key ({len(key)} bytes, not {KEY_BYTES})",
+                        hint=f"use the {KEY} file written by `protect`")  # fmt: skip
+    return key
 
 
 @dataclass(frozen=True)
@@ -45,13 +59,8 @@ class KeyRelease:
 def obtain_key(source: KeySource) -> KeyRelease:
     source.validate()
     if source.broker is not None:
-        from groupcover.keyrelease.evidence import detect
-        from groupcover.keyrelease.kbs import KbsClient
-
         assert source.tee is not None
         release = KbsClient(source.broker, detect(source.tee)).get_resource(source.resource)
-        from groupcover.package.seal import KEY_BYTES, SealError
-
         if len(release.secret) != KEY_BYTES:
             raise SealError(f"the broker released {len(release.secret)} bytes for "
                             f"{source.resource}, not a {KEY_BYTES}-byte model key")  # fmt: skip

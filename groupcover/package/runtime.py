@@ -20,22 +20,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from groupcover.errors import GroupCoverError, UsageError
+from groupcover.audit import Audit
+from groupcover.errors import UsageError
 from groupcover.layer_op import LayerOp, PublishedRef
 from groupcover.master import PackagedLayer, ProtectedModel, _replace, assemble
+from groupcover.modes import MasterOnlyModel, mode_settings, parse_mode
 from groupcover.package import container, secrets
-from groupcover.package.build import (
+from groupcover.package.layout import (
     BASELINE_MODES,
     BASELINES,
-    KEY,
+    FORMAT_VERSION,
     MANIFEST,
     PUBLISHED,
     SEALED,
+    PackageError,
 )
-from groupcover.package.published import PublishedFile
-from groupcover.package.seal import KEY_BYTES, SealError, open_file_into
+from groupcover.package.seal import open_file_into
 from groupcover.package.source import ModelSpec, build_skeleton, example_inputs, spec_from_json
-from groupcover.scheme import IdentityScheme, LayerSecret, Scheme, channel_dim_of, make_scheme
+from groupcover.published import PublishedFile
+from groupcover.schemes import IdentityScheme, LayerSecret, Scheme, channel_dim_of, make_scheme
 from groupcover.transport import Transport
 
 AUDIT_SKIPPED = (
@@ -44,16 +47,8 @@ AUDIT_SKIPPED = (
 )
 
 
-class PackageError(GroupCoverError):
-    exit_code = 2
-
-
 class ModeUnavailable(UsageError):
     """A mode this package cannot run (another scheme, or a baseline without --baselines)."""
-
-
-def is_package(path: str | Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
 
 
 @dataclass
@@ -104,23 +99,12 @@ def open_package(path: str | Path) -> PackageFiles:
             from None  # fmt: skip
     except ValueError:
         raise PackageError(f"{root / MANIFEST} is not JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != 1:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         raise PackageError(f"{root / MANIFEST}: unknown package format")
     for name in (SEALED, PUBLISHED):
         if not (root / name).is_file():
             raise PackageError(f"package {root} has no {name}")
     return PackageFiles(root, manifest)
-
-
-def read_key(path: str | Path) -> bytes:
-    try:
-        key = Path(path).read_bytes()
-    except OSError as exc:
-        raise PackageError(f"cannot read the model key {path}: {exc.strerror or exc}") from None
-    if len(key) != KEY_BYTES:
-        raise SealError(f"{path} is not a model key ({len(key)} bytes, not {KEY_BYTES})",
-                        hint=f"use the {KEY} file written by `protect`")  # fmt: skip
-    return key
 
 
 def _op(data: dict[str, Any]) -> LayerOp:
@@ -233,16 +217,12 @@ class UnsealedPackage:
         by_reference: bool = True,
     ) -> nn.Module:
         """The model as `mode` runs it from this package (see `groupcover.modes`)."""
-        from groupcover.modes import MasterOnlyModel, mode_settings, parse_mode
-
         chosen = str(parse_mode(mode))
         self.files.check_modes([chosen])
         scheme_name, masked = mode_settings(chosen)
         if scheme_name is None:
             auditor = None
             if audit:
-                from groupcover.audit import Audit
-
                 auditor = Audit(mode=chosen)
                 transport.add_observer(auditor.observe)
             return MasterOnlyModel(self.plaintext_module(), auditor)
@@ -303,7 +283,7 @@ def protected_tensors(model: nn.Module) -> list[torch.Tensor]:
     return found
 
 
-__all__ = ["PackageFiles", "UnsealedPackage", "is_package", "open_package", "read_key"]
+__all__ = ["PackageFiles", "UnsealedPackage", "open_package"]
 
 
 # ---- several packages in one run (a master given --model DIR1 --model DIR2 ...) -------------
@@ -318,8 +298,6 @@ def assign_modes(packages: Sequence[PackageFiles], modes: Sequence[str]) -> dict
     """For each mode, the index of the package that runs it: the first whose scheme is the
     mode's own, else (baseline modes) the first protected with --baselines. A mode no package
     runs is refused in one line, naming what each package runs."""
-    from groupcover.modes import mode_settings
-
     if len(packages) == 1:
         packages[0].check_modes(modes)
         return dict.fromkeys(modes, 0)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from groupcover.scheme import LayerSecret
+from groupcover.schemes.base import LayerSecret
 from groupcover.schemes.baselines import RowSecret, SplitSecret
 from groupcover.schemes.hardened import Butterfly, HardenedSecret
 

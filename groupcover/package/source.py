@@ -19,9 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from torch import nn
 
 from groupcover.errors import UsageError
+from groupcover.models import MODELS, load_model
+from groupcover.models.bert import BertConfig, BertEncoder, random_token_inputs
+from groupcover.models.minilm import (
+    SentenceEncoder,
+    convert_state_dict,
+    example_sentences,
+    load_config,
+    model_dir,
+)
+from groupcover.models.resnet18 import ResNet18
+from groupcover.models.seed_transformer import SeedConfig, SeedTransformer
 
 MODEL_SEED = 0  # the built-in models' random weights (as the benchmark always had them)
 FACTORY_MODULE = "gcvm_model_factory"
@@ -49,15 +62,11 @@ class Source:
 
 
 def _bert_config(config: dict[str, Any]) -> Any:
-    from groupcover.models.bert import BertConfig
-
     return BertConfig(**config)
 
 
 def load_source(text: str) -> Source:
     """SRC -> the plaintext module and its spec; a bad SRC is one `UsageError`."""
-    from groupcover.models import MODELS
-
     if text in MODELS:
         return _builtin(text)
     path = Path(text)
@@ -73,13 +82,9 @@ def load_source(text: str) -> Source:
 
 
 def _builtin(name: str) -> Source:
-    from groupcover.models import load_model
-
     module, _ = load_model(name, MODEL_SEED)
     config: Any = getattr(module, "config", None)
     if name in ("minilm", "minilm-standin"):  # the stand-in: MiniLM's config and tokenizer
-        from groupcover.models.minilm import load_config, model_dir
-
         settings = dataclasses.asdict(load_config(model_dir()))
         tokenizer = (model_dir() / "tokenizer.json").read_text()
         return Source(module, ModelSpec("sentence-bert", settings, name, tokenizer=tokenizer))
@@ -94,11 +99,6 @@ def _builtin(name: str) -> Source:
 
 
 def _checkpoint(path: Path) -> Source:
-    from safetensors.torch import load_file
-
-    from groupcover.models.bert import BertEncoder
-    from groupcover.models.minilm import SentenceEncoder, convert_state_dict, load_config
-
     missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json")
                if not (path / n).is_file()]  # fmt: skip
     if missing:
@@ -168,8 +168,6 @@ def build_skeleton(spec: ModelSpec) -> nn.Module:
         module = _load_factory_module(spec.factory_source, spec.name.split(":")[0])
         return getattr(module, spec.factory_function)()[0].eval()
     if spec.kind == "builtin":
-        from groupcover.models import load_model
-
         return load_model(spec.name, MODEL_SEED)[0].eval()
     with torch.device("meta"), _no_init():
         return _make(spec).eval()
@@ -200,21 +198,12 @@ def _no_init() -> Iterator[None]:
 
 def _make(spec: ModelSpec) -> nn.Module:
     if spec.kind == "bert":
-        from groupcover.models.bert import BertEncoder
-
         return BertEncoder(_bert_config(spec.config))
     if spec.kind == "sentence-bert":
-        from groupcover.models.bert import BertEncoder
-        from groupcover.models.minilm import SentenceEncoder
-
         return SentenceEncoder(BertEncoder(_bert_config(spec.config)))
     if spec.kind == "seed-transformer":
-        from groupcover.models.seed_transformer import SeedConfig, SeedTransformer
-
         return SeedTransformer(SeedConfig(**spec.config))
     if spec.kind == "resnet18":
-        from groupcover.models.resnet18 import ResNet18
-
         return ResNet18(**spec.config)
     raise UsageError(f"unknown model kind {spec.kind!r} in the package")
 
@@ -224,10 +213,6 @@ def example_inputs(spec: ModelSpec, batch: int, seq: int) -> tuple[torch.Tensor,
     if spec.fixed_inputs is not None:
         return spec.fixed_inputs
     if spec.kind == "sentence-bert":
-        from tokenizers import Tokenizer
-
-        from groupcover.models.minilm import example_sentences
-
         assert spec.tokenizer is not None
         tokenizer = Tokenizer.from_str(spec.tokenizer)
         tokenizer.enable_truncation(max_length=seq)
@@ -237,8 +222,6 @@ def example_inputs(spec: ModelSpec, batch: int, seq: int) -> tuple[torch.Tensor,
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask
     if spec.kind == "bert":
-        from groupcover.models.bert import random_token_inputs
-
         generator = torch.Generator().manual_seed(MODEL_SEED)
         return random_token_inputs(int(spec.config["vocab_size"]), batch, seq, generator)
 
@@ -271,7 +254,6 @@ def _example_fn(name: str, overrides: dict[str, Any]) -> Callable[[int, int], tu
             return (torch.randn(batch, 3, seq, seq, generator=generator),)
 
         return images
-    from groupcover.models import load_model
 
     return load_model(name, MODEL_SEED)[1]
 

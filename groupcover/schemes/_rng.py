@@ -13,6 +13,8 @@ from typing import Any, Protocol, cast
 
 import torch
 
+from groupcover.rng import SecretRandom
+
 Shape = int | Sequence[int] | torch.Size
 
 
@@ -64,6 +66,4 @@ def as_secret_random(rng: Any) -> SecretRandomLike:
 
 def seeded(seed: int) -> SecretRandomLike:
     """`SecretRandom.from_seed(seed)`: reproducible, hence not secret (the evaluation's own)."""
-    from groupcover.rng import SecretRandom
-
     return cast(SecretRandomLike, SecretRandom.from_seed(seed))

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from groupcover import obfuscate
-from groupcover.scheme import GroupCoverScheme, LayerSecret, Scheme, _add_bias, channel_dim_of
 from groupcover.schemes._rng import SecretRandomLike, as_secret_random
+from groupcover.schemes.base import LayerSecret, Scheme, _add_bias, channel_dim_of
+from groupcover.schemes.core import GroupCoverScheme
 
 
 @dataclass(frozen=True, eq=False)

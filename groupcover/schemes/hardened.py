@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from groupcover.scheme import LayerSecret, Scheme
+from groupcover.layer_op import LayerOp
 from groupcover.schemes._rng import SecretRandomLike, as_secret_random
-from groupcover.transport import LayerOp
+from groupcover.schemes.base import LayerSecret, Scheme
 
 
 def block_size(n: int, rounds: int) -> int:

@@ -18,9 +18,9 @@ import time
 
 import torch
 
+from groupcover.layer_op import apply_op
 from groupcover.wire import schema
 from groupcover.wire.schema import HEADER, OP_BLOCK, Header, Op
-from groupcover.worker import apply_op
 
 MARKER = sys.argv[1] if len(sys.argv) > 1 else "/nonexistent/marker"
 _last_reply: dict[str, bytes] = {}  # "honest" sessions record theirs, for replays elsewhere

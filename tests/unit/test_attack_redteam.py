@@ -20,7 +20,7 @@ from groupcover.attacks import core
 from groupcover.attacks.adaptive_hardened import ButterflyFit, fit_two_sided, two_sided
 from groupcover.attacks.methods import default_suite
 from groupcover.models import load_model
-from groupcover.scheme import make_scheme
+from groupcover.schemes import make_scheme
 from groupcover.schemes._rng import seeded
 from groupcover.schemes.hardened import HardenedSecret
 from tests.unit.test_attacks import _synthetic_victim

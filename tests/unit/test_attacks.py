@@ -18,7 +18,7 @@ from groupcover.attacks.methods import assignment, default_suite
 from groupcover.inprocess import InProcessTransport
 from groupcover.master import protect
 from groupcover.models import load_model
-from groupcover.scheme import SCHEMES, make_scheme
+from groupcover.schemes import SCHEMES, make_scheme
 from groupcover.schemes._rng import GeneratorRandom, seeded
 from groupcover.schemes.hardened import HardenedScheme, block_size
 from tests.unit.conftest import rel_error

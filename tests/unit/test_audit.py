@@ -21,7 +21,7 @@ from groupcover.masks import MaskPair
 from groupcover.master import ProtectedModel, protect
 from groupcover.models import load_model
 from groupcover.modes import MODES, build_for_mode
-from groupcover.scheme import GroupCoverScheme, IdentityScheme
+from groupcover.schemes import GroupCoverScheme, IdentityScheme
 from groupcover.transport import LayerOp
 from tests.unit.conftest import SMALL_BERT
 
@@ -380,7 +380,7 @@ def test_audits_of_one_model_share_the_plaintext_index_and_free_it() -> None:
     a plaintext weight are built once (float32 unit rows) and go when the last audit goes."""
     import gc
 
-    from groupcover import audit as audit_module
+    from groupcover import payload_match
 
     model, _ = small_bert()
     first = protect(model, InProcessTransport(), scheme="groupcover", masked=True, audit=True)
@@ -399,7 +399,7 @@ def test_audits_of_one_model_share_the_plaintext_index_and_free_it() -> None:
         assert any("plaintext weight rows" in leak for leak in protected.audit.leaks)
     del first, second, ours, theirs, protected
     gc.collect()
-    assert not any(key[0].startswith(leaked) for key in list(audit_module._SHARED_TABLES))
+    assert not any(key[0].startswith(leaked) for key in list(payload_match._SHARED_TABLES))
 
 
 def _layer(seed: int = 60) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:

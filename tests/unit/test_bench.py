@@ -12,9 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from groupcover import bench
+from groupcover.bench import report, stats
+from groupcover.bench.run import benchmark, run_interleaved
 from groupcover.inprocess import InProcessTransport
-from groupcover.models import load_model
+from groupcover.models import as_tensor, load_model
+from groupcover.package.prepare import Prepared
 from tests.unit.conftest import SMALL_BERT
 from tests.unit.transports import free_port
 
@@ -26,29 +28,29 @@ BREAKDOWN_KEYS = {"master_compute", "transfer", "worker_compute", "deobfuscation
 
 def test_quantiles_interpolate() -> None:
     values = [4.0, 1.0, 3.0, 2.0, 5.0]
-    assert bench._quantile(values, 0.5) == 3.0
-    assert bench._quantile(values, 0.1) == pytest.approx(1.4)
-    assert bench._quantile(values, 0.9) == pytest.approx(4.6)
-    assert bench._quantile([7.0], 0.9) == 7.0
+    assert stats.quantile(values, 0.5) == 3.0
+    assert stats.quantile(values, 0.1) == pytest.approx(1.4)
+    assert stats.quantile(values, 0.9) == pytest.approx(4.6)
+    assert stats.quantile([7.0], 0.9) == 7.0
 
 
 def test_errors_against_the_reference() -> None:
     ref = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
     out = ref + torch.tensor([[0.0, 0.1], [0.0, -0.2]])
-    errs = bench.errors(out, ref)
+    errs = stats.errors(out, ref)
     assert errs["max_abs_err"] == pytest.approx(0.2)
     assert errs["rel_err"] == pytest.approx(0.2 / 4.0)
     assert 0.99 < errs["cosine_min"] < 1.0
-    assert bench.errors(ref, ref)["rel_err"] == 0.0
+    assert stats.errors(ref, ref)["rel_err"] == 0.0
 
 
 def test_model_outputs_are_reduced_to_their_main_tensor() -> None:
     t = torch.ones(2)
-    assert bench.as_tensor(t) is t
-    assert bench.as_tensor((t, torch.zeros(1))) is t
-    assert bench.as_tensor({"last_hidden_state": t}) is t
+    assert as_tensor(t) is t
+    assert as_tensor((t, torch.zeros(1))) is t
+    assert as_tensor({"last_hidden_state": t}) is t
     with pytest.raises(TypeError):
-        bench.as_tensor(3)
+        as_tensor(3)
 
 
 class _Recorder(nn.Module):
@@ -63,8 +65,8 @@ class _Recorder(nn.Module):
 
 def test_modes_are_interleaved_after_warmup() -> None:
     log: list[str] = []
-    runs = [bench.ModeRun(m, _Recorder(m, log), InProcessTransport(), 0.0) for m in "abc"]
-    bench.run_interleaved(runs, (torch.ones(1, 1),), repeat=2, warmup=2)
+    runs = [stats.ModeRun(m, _Recorder(m, log), InProcessTransport(), 0.0) for m in "abc"]
+    run_interleaved(runs, (torch.ones(1, 1),), repeat=2, warmup=2)
     assert log == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"] * 2
     assert all(len(run.latencies_s) == 2 for run in runs)  # warmup is not timed
 
@@ -74,9 +76,9 @@ def test_benchmark_document_over_the_in_process_transport() -> None:
     inputs = tuple(example(3, 16))
     with torch.no_grad():
         reference = model(*inputs)
-    prepared = bench.Prepared(model, inputs, reference, 0.0)
+    prepared = Prepared(model, inputs, reference, 0.0)
     modes = ("plain-offload", "groupcover", "tee-only")
-    results = bench.benchmark(
+    results = benchmark(
         prepared, modes, lambda mode: InProcessTransport(owner=mode), model_name="bert-base",
         batch=3, seq=16, repeat=3, warmup=1, seed=0, audit=True,
     )  # fmt: skip
@@ -98,7 +100,7 @@ def test_benchmark_document_over_the_in_process_transport() -> None:
     assert gc["masks"]["used"] == gc["masks"]["offline"]["pairs"] - gc["masks"]["left"]
     assert gc["masks"]["left"] == 4 * SMALL_BERT["layers"]  # one pair ahead per layer, no more
     assert gc["audit"]["leaks"] == [] and plain["audit"]["leaks"]
-    assert bench.overheads(results)["plain-offload"] == 1.0
+    assert report.overheads(results)["plain-offload"] == 1.0
     # the audit saw only its own untimed forward: none of the warmup or timed ones
     assert gc["audit"]["audited_calls"] == 4 * SMALL_BERT["layers"]
     assert gc["audit"]["check_s"] > 0
@@ -118,15 +120,15 @@ def test_verify_reports_the_integrity_checks_cost() -> None:
     inputs = tuple(example(2, 8))
     with torch.no_grad():
         reference = model(*inputs)
-    prepared = bench.Prepared(model, inputs, reference, 0.0)
-    [result] = bench.benchmark(
+    prepared = Prepared(model, inputs, reference, 0.0)
+    [result] = benchmark(
         prepared, ("groupcover",), lambda mode: InProcessTransport(owner=mode),
         model_name="bert-base", batch=2, seq=8, repeat=2, warmup=0, seed=None, audit=False,
         verify=True,
     )  # fmt: skip
     assert result["integrity_ms"] > 0
     assert result["integrity"]["checked"] >= 2 * 4 * SMALL_BERT["layers"]
-    assert result["secrets"] == bench.secrets_label(None) and "OS CSPRNG" in result["secrets"]
+    assert result["secrets"] == report.secrets_label(None) and "OS CSPRNG" in result["secrets"]
 
 
 def _groupcover(*args: str) -> subprocess.CompletedProcess[str]:
@@ -143,7 +145,7 @@ def test_bench_local_runs_two_processes_and_writes_the_document(tmp_path: Path) 
                        "--json", str(out), "--timeout", "60")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
-    assert last == f"{bench.RESULT_MARK} {out.resolve()}"
+    assert last == f"{report.RESULT_MARK} {out.resolve()}"
     document = json.loads(out.read_text())
     assert {"platform", "cpu_model", "threads", "torch", "hostname"} <= document["host"].keys()
     assert document["host"]["threads"] == 1
@@ -193,7 +195,7 @@ def test_two_masters_launch_against_one_worker(tmp_path: Path) -> None:
         for proc in procs[1:]:
             out, _ = proc.communicate(timeout=300)
             assert proc.returncode == 0
-            assert out.strip().splitlines()[-1].startswith(bench.RESULT_MARK)
+            assert out.strip().splitlines()[-1].startswith(report.RESULT_MARK)
         assert procs[0].wait(timeout=60) == 0
     finally:
         for proc in procs:
@@ -212,11 +214,7 @@ def test_two_masters_launch_against_one_worker(tmp_path: Path) -> None:
 def test_default_json_path_names_a_package_by_its_folder(tmp_path, monkeypatch) -> None:
     """`bench --model /some/dir` without --json writes ./groupcover-dir-rank0.json, never
     ./groupcover-/some/dir-rank0.json (folders created under the working directory)."""
-    from types import SimpleNamespace
-
-    from groupcover.bench import write_json
-
     monkeypatch.chdir(tmp_path)
-    written = write_json({}, None, SimpleNamespace(model=str(tmp_path / "pkg x"), rank=0))
+    written = report.write_json({}, None, str(tmp_path / "pkg x"), 0)
     assert written == tmp_path / "groupcover-pkg-x-rank0.json"
     assert not any(p.is_dir() for p in tmp_path.iterdir())

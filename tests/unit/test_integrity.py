@@ -6,11 +6,12 @@ import torch
 from groupcover.errors import IntegrityError, WorkerError
 from groupcover.inprocess import InProcessTransport
 from groupcover.integrity import LayerCheck, bench_integrity
+from groupcover.layer_op import apply_op
 from groupcover.models import load_model
 from groupcover.modes import build_for_mode
 from groupcover.rng import SecretRandom
 from groupcover.transport import LayerOp
-from groupcover.worker import WorkerState, apply_op
+from groupcover.worker import WorkerState
 from tests.unit.conftest import SMALL_BERT, SMALL_RESNET, SMALL_SEED, rel_error
 
 MODELS = [

@@ -16,7 +16,7 @@ from groupcover.leakage import (
 from groupcover.masks import MaskPool
 from groupcover.models import load_model
 from groupcover.rng import SecretRandom
-from groupcover.scheme import GroupCoverScheme
+from groupcover.schemes import GroupCoverScheme
 from groupcover.transport import LayerOp
 
 TOKENS = 100 * 1024

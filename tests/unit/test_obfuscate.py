@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from groupcover.errors import UsageError
+from groupcover.layer_op import apply_op
 from groupcover.obfuscate import (
     DEFAULT_COND_BOUND,
     bench_deobfuscation,
@@ -15,9 +16,8 @@ from groupcover.obfuscate import (
     obfuscate_layer,
 )
 from groupcover.rng import SecretRandom
-from groupcover.scheme import SCHEMES, GroupCoverScheme, IdentityScheme, make_scheme
+from groupcover.schemes import SCHEMES, GroupCoverScheme, IdentityScheme, make_scheme
 from groupcover.transport import LayerOp, Transport
-from groupcover.worker import apply_op
 from tests.unit.conftest import rel_error
 
 

@@ -13,17 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from groupcover import bench
+from groupcover import launch
 from groupcover.__main__ import main
+from groupcover.bench.run import benchmark
 from groupcover.errors import WorkerError
 from groupcover.inprocess import InProcessTransport
 from groupcover.launch import RankSettings, Role
 from groupcover.models import load_model
 from groupcover.package.build import ProtectOptions, protect, protect_source
-from groupcover.package.published import PublishedFile
-from groupcover.package.runtime import ModeUnavailable, open_package, read_key
+from groupcover.package.keys import read_key
+from groupcover.package.prepare import prepare
+from groupcover.package.runtime import ModeUnavailable, open_package
 from groupcover.package.seal import SealError
 from groupcover.package.source import ModelSpec, Source
+from groupcover.published import PublishedFile
 from groupcover.rng import SecretRandom
 from groupcover.schemes.hardened import HardenedScheme
 from groupcover.wire.client import TcpTransport
@@ -221,7 +224,7 @@ def test_the_master_never_obfuscates_at_run_time(tmp_path: Path, monkeypatch) ->
         raise AssertionError("obfuscation called at run time")
 
     from groupcover import obfuscate
-    from groupcover.scheme import GroupCoverScheme
+    from groupcover.schemes import GroupCoverScheme
 
     monkeypatch.setattr(HardenedScheme, "obfuscate", refuse)
     monkeypatch.setattr(GroupCoverScheme, "obfuscate", refuse)
@@ -229,8 +232,8 @@ def test_the_master_never_obfuscates_at_run_time(tmp_path: Path, monkeypatch) ->
     settings = RankSettings(Role.master, 0, 2, worker=1, model=str(path), modes=("hardened",),
                             batch=2, seq=16, key_file=path / "model.key")  # fmt: skip
     settings.validate()
-    prepared = bench.prepare(settings)
-    [result] = bench.benchmark(
+    prepared = prepare(settings.model_request())
+    [result] = benchmark(
         prepared, ("hardened",), lambda mode: InProcessTransport(owner=mode), model_name="x",
         batch=2, seq=16, repeat=1, warmup=0, seed=None, audit=False,
     )  # fmt: skip
@@ -241,9 +244,9 @@ def test_exactness_is_not_checked_without_a_sealed_reference(tmp_path: Path) -> 
     path = make_package(tmp_path)
     settings = RankSettings(Role.master, 0, 2, worker=1, model=str(path), modes=("hardened",),
                             batch=3, seq=8, key_file=path / "model.key")  # fmt: skip
-    prepared = bench.prepare(settings)
+    prepared = prepare(settings.model_request())
     assert prepared.reference is None
-    [result] = bench.benchmark(
+    [result] = benchmark(
         prepared, ("hardened",), lambda mode: InProcessTransport(owner=mode), model_name="x",
         batch=3, seq=8, repeat=1, warmup=0, seed=None, audit=True,
     )  # fmt: skip
@@ -266,13 +269,13 @@ def test_the_key_from_a_broker_over_loopback_labels_the_results(tmp_path: Path) 
                                 modes=("hardened-nomask",), batch=2, seq=16, repeat=1, warmup=0,
                                 broker=url, tee="none", json_path=out)  # fmt: skip
         settings.validate()
-        prepared = bench.prepare(settings)
+        prepared = prepare(settings.model_request())
     finally:
         server.shutdown()
         server.server_close()
-    document = bench.run_master(settings, prepared, None,
+    document = launch.run_master(settings, prepared, None,
                                 lambda mode: InProcessTransport(owner=mode))  # fmt: skip
-    bench.write_json(document, out, settings)
+    launch.write_json(document, settings)
     saved = json.loads(out.read_text())
     assert saved["settings"]["key_release"]["label"] == "model key released without attestation"
     assert saved["settings"]["key_release"]["attested"] is False
@@ -430,8 +433,8 @@ def test_a_package_with_baselines_can_be_audited(tmp_path: Path) -> None:
     settings = RankSettings(Role.master, 0, 2, worker=1, model=str(path),
                             modes=("plain-offload", "hardened"), batch=2, seq=16,
                             key_file=path / "model.key")  # fmt: skip
-    prepared = bench.prepare(settings)
-    plain, hardened = bench.benchmark(
+    prepared = prepare(settings.model_request())
+    plain, hardened = benchmark(
         prepared, settings.modes, lambda mode: InProcessTransport(owner=mode), model_name="x",
         batch=2, seq=16, repeat=1, warmup=0, seed=None, audit=True,
     )  # fmt: skip
@@ -442,7 +445,6 @@ def test_a_package_with_baselines_can_be_audited(tmp_path: Path) -> None:
 def test_results_name_the_model_not_the_folder_it_was_copied_to(tmp_path: Path) -> None:
     """A VM's master runs /var/lib/gcvm/packages/<id>: its results still say "minilm"-style
     names (the manifest's), which the orchestrator's tables group by."""
-    from groupcover import bench as fw_bench
     from groupcover.launch import RankSettings, Role
 
     pkg = make_package(tmp_path)
@@ -450,7 +452,7 @@ def test_results_name_the_model_not_the_folder_it_was_copied_to(tmp_path: Path) 
     settings = RankSettings(role=Role.master, rank=0, world_size=2, worker=1, model=str(pkg),
                             modes=("hardened-nomask",), batch=2, seq=16,
                             key_file=pkg / "model.key")  # fmt: skip
-    prepared = fw_bench.prepare(settings)
+    prepared = prepare(settings.model_request())
     try:
         assert prepared.model_name == name and name not in ("", str(pkg))
     finally:
@@ -477,8 +479,8 @@ def test_the_publish_audit_is_made_at_protect_time(tmp_path: Path, monkeypatch) 
     for path in (clean, tmp_path / "leaky"):
         settings = RankSettings(Role.master, 0, 2, worker=1, model=str(path), modes=("hardened",),
                                 batch=2, seq=16, key_file=path / "model.key")  # fmt: skip
-        prepared = bench.prepare(settings)
-        (result,) = bench.benchmark(
+        prepared = prepare(settings.model_request())
+        (result,) = benchmark(
             prepared, settings.modes, lambda mode: InProcessTransport(owner=mode), model_name="x",
             batch=2, seq=16, repeat=1, warmup=0, seed=None, audit=True,
         )  # fmt: skip

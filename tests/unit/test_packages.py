@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from groupcover import bench as fw_bench
+from groupcover import launch
 from groupcover.inprocess import InProcessTransport
 from groupcover.launch import RankSettings, Role
+from groupcover.package.prepare import prepare
 from groupcover.package.runtime import ModeUnavailable, assign_modes, open_package
 from orchestrator import packages, report
 from orchestrator.errors import UsageError
@@ -60,7 +61,8 @@ def test_plan_schemes_and_baselines(modes: tuple[str, ...], audit: bool, schemes
 def test_the_orchestrators_mode_table_is_the_frameworks() -> None:
     from groupcover.modes import MODES as FW_MODES
     from groupcover.modes import mode_settings
-    from groupcover.package.build import BASELINE_MODES, DEFAULT_SCHEME
+    from groupcover.package.build import DEFAULT_SCHEME
+    from groupcover.package.layout import BASELINE_MODES
 
     assert set(FW_MODES) == set(MODES) == set(packages.SCHEME_OF) | set(packages.BASELINE_MODES)
     for mode, scheme in packages.SCHEME_OF.items():
@@ -254,12 +256,12 @@ def test_run_broker_releases_this_runs_keys_and_stops(two: tuple[Path, Path],
                                 batch=2, seq=16, repeat=1, warmup=0, broker=url, tee="none",
                                 json_path=out)  # fmt: skip
         settings.validate()
-        prepared = fw_bench.prepare(settings)
+        prepared = prepare(settings.model_request())
     with pytest.raises(urllib.error.URLError):  # stopped with the run
         urllib.request.urlopen(f"{url}/kbs/v0/auth", timeout=2)
-    document = fw_bench.run_master(settings, prepared, None,
+    document = launch.run_master(settings, prepared, None,
                                    lambda mode: InProcessTransport(owner=mode))  # fmt: skip
-    fw_bench.write_json(document, out, settings)
+    launch.write_json(document, settings)
     saved = json.loads(out.read_text())
     release = saved["settings"]["key_release"]
     assert release["label"] == packages.INSECURE_LABEL and release["attested"] is False

@@ -27,6 +27,7 @@ from groupcover.errors import (
     WorkerLost,
     WorkerProtocolError,
 )
+from groupcover.layer_op import apply_op
 from groupcover.rendezvous import Rendezvous
 from groupcover.transport import LayerOp
 from groupcover.wire import client as wire_client
@@ -34,7 +35,6 @@ from groupcover.wire import schema
 from groupcover.wire.client import TcpTransport
 from groupcover.wire.schema import BYTES, HEADER, ErrorCode, Header, Op
 from groupcover.wire.store import StoreClient, StoreError
-from groupcover.worker import apply_op
 from tests.unit.hostile_worker import raw, read_request, recv_exact, tensor_of
 from tests.unit.test_redteam_wire_peers import _hostile_rank, _join_master
 from tests.unit.transports import free_port

@@ -39,7 +39,7 @@ class ClaimingState(WorkerState):
 
 
 def free_port() -> int:
-    from groupcover.bench import free_port as pick
+    from groupcover.bench.local import free_port as pick
 
     return pick()
 

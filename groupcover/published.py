@@ -6,6 +6,9 @@ master reads one layer when it needs it, and page-cache pages of a read file do 
 resident set, as touched pages of a mapping would), and its SHA-256 is checked against the digest
 the caller names (from the sealed bundle on the master, from the master's PUBLISH_REF on the
 worker) before the tensor is returned.
+
+A module of its own, below both `groupcover.package` (which writes the file) and the worker and
+the payload audit (which read it and its digests), so neither needs the package folder.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
 
 def write_published(path: Path, tensors: dict[str, torch.Tensor], package_id: str) -> None:
     """Writes the safetensors file (metadata: format, package id)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # only the writer (protect) needs it, not the worker
 
     ready = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     save_file(ready, str(path), metadata={"format": FORMAT, "package_id": package_id})

@@ -1,0 +1,62 @@
+"""`bench --local`: a master and a worker as two processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """`bench --local`: a master and a worker as two processes on loopback."""
+
+    launch_args: tuple[str, ...]  # model, modes, sizes, json... passed to the master
+    force_tcp: bool = True
+    timeout_s: float = 600.0
+    port: int = 0  # 0: pick a free one
+    transport: str = "tcp"
+    worker_args: tuple[str, ...] = ()  # e.g. --package DIR (the worker's copy of the package)
+
+    def argv(self, role: str, port: int) -> list[str]:
+        argv = [sys.executable, "-m", "groupcover", "launch", "--role", role,
+                "--rank", "0" if role == "master" else "1", "--world-size", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(port), "--ifname", "lo",
+                "--timeout", f"{self.timeout_s:g}", "--transport", self.transport]  # fmt: skip
+        if self.force_tcp:
+            argv.append("--force-tcp")
+        if role == "master":
+            argv += ["--worker", "1", *self.launch_args]
+        else:
+            argv += list(self.worker_args)
+        return argv
+
+
+def run_local(local: LocalRun) -> int:
+    port = local.port or free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen(local.argv("worker", port), env=env)
+    try:
+        master = subprocess.run(local.argv("master", port), env=env, check=False)
+        if master.returncode != 0:
+            return master.returncode
+        return worker.wait(timeout=local.timeout_s)
+    except subprocess.TimeoutExpired:
+        print("groupcover: error: the local worker did not exit after the master", file=sys.stderr)
+        return 3
+    finally:
+        if worker.poll() is None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
