@@ -82,7 +82,7 @@ def _add_bench(bench_p: argparse.ArgumentParser) -> None:
     add_workload(bench_p)
 
 
-# ---- `protect`: a model package (issue 11; groupcover/package/) -------------------------------
+# ---- `protect`: a model package (groupcover/package/) -----------------------------------------
 
 
 def _add_protect(protect_p: argparse.ArgumentParser) -> None:
@@ -131,7 +131,7 @@ def _protect(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- `attack`: the security evaluation (issue 9; groupcover/attacks/) --------------------------
+# ---- `attack`: the security evaluation (groupcover/attacks/) ----------------------------------
 
 
 def _csv(text: str) -> tuple[str, ...]:

@@ -69,7 +69,7 @@ class RankSettings:
     init_method: str | None = None  # overrides address and port (file:// on one host)
     transport: str = default("transport")  # "tcp" (tensors only) or "torch-rpc" (the seed's)
     extra: dict[str, str] = field(default_factory=dict)  # recorded in the JSON as given
-    # model packages (issue 11): `model` is a package folder or a built-in name
+    # model packages: `model` is a package folder or a built-in name
     key_file: Path | None = None  # (master, package) the model key
     broker: str | None = None  # (master, package) ... or released by this KBS broker
     tee: str | None = None  # the evidence given to the broker: none, snp or tdx

@@ -33,7 +33,7 @@ class Mode(StrEnum):
     MASK_ONLY = "mask-only"
     GROUPCOVER = "groupcover"
     GROUPCOVER_NOMASK = "groupcover-nomask"
-    HARDENED = "hardened"  # issue 9: groupcover/schemes/hardened.py
+    HARDENED = "hardened"  # groupcover/schemes/hardened.py
     HARDENED_NOMASK = "hardened-nomask"
 
 

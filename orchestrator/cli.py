@@ -459,7 +459,7 @@ def eval_security_cmd(ctx: typer.Context) -> None:
         raise typer.Exit(code)
 
 
-# --- gcvm model protect: a model package on this host (orchestrator.model, issue 11) ---------
+# --- gcvm model protect: a model package on this host (orchestrator.model) -------------------
 from orchestrator.model import model_app  # noqa: E402
 
 app.add_typer(model_app, name="model")

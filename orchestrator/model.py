@@ -1,4 +1,4 @@
-"""`gcvm model protect`: a model package on the owner's machine (issue 11).
+"""`gcvm model protect`: a model package on the owner's machine.
 
 The orchestrator never imports the framework: it starts `python -m groupcover protect` with the
 interpreter gcvm runs under (the checkout's venv holds both halves), as `gcvm eval security`

@@ -1,4 +1,4 @@
-"""Model packages for `gcvm run bench` (issue 11): protect on the host, copy into the VMs, release
+"""Model packages for `gcvm run bench`: protect on the host, copy into the VMs, release
 the keys through the owner's broker for the run.
 
 - Planning (`plan_protect`): which schemes the modes need (one package per scheme), whether the

@@ -1,4 +1,4 @@
-"""Security evaluation (issue 9): attacks against every obfuscation scheme on a fine-tuned victim.
+"""Security evaluation: attacks against every obfuscation scheme on a fine-tuned victim.
 
 `python -m groupcover attack --victim minilm-finetuned --schemes all --json PATH`. Modules:
 `victim` (the fine-tune and its task), `core` (what an attack sees and returns, the metrics),

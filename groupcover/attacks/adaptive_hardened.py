@@ -1,4 +1,4 @@
-"""Red team: an adaptive attack on the hardened scheme's public structure (issue 9).
+"""Red team: an adaptive attack on the hardened scheme's public structure.
 
 The hardened scheme publishes `W'' = A^-1 W B^-1` with secret two-sided block butterflies `A`,
 `B` whose *structure* is public (Kerckhoffs): `rounds` stages, the block size `b` a function of

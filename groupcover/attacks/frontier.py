@@ -1,4 +1,4 @@
-"""Robustness against latency, per design tried (issue 9): `python -m groupcover.attacks.frontier`.
+"""Robustness against latency, per design tried: `python -m groupcover.attacks.frontier`.
 
 Robustness: the lowest error ratio any weight-only attack of the suite reaches on the layers of
 one encoder block of the fine-tuned victim (the payload attacks run in the full evaluation).

@@ -39,7 +39,7 @@ from groupcover.published import dtype_name, tensor_digest, write_published
 from groupcover.rng import SecretRandom
 from groupcover.schemes import make_scheme
 
-DEFAULT_SCHEME = "hardened"  # DESIGN.md, issue 9: the scheme gcvm recommends
+DEFAULT_SCHEME = "hardened"  # the scheme gcvm recommends (docs/schemes.md)
 PACKAGE_SCHEMES = ("hardened", "groupcover")  # the schemes that have benchmark modes
 DEFAULT_REFERENCES = ((8, 128), (2, 16))
 BASELINES_WARNING = (

@@ -1,4 +1,4 @@
-"""gcvm's hardened scheme: two-sided, secret, structured-dense real transforms (issue 9).
+"""gcvm's hardened scheme: two-sided, secret, structured-dense real transforms.
 
 Published: `W'' = A^-1 W B^-1`, where the master keeps `B` (applied to every input before it
 leaves, `x'' = B x`) and `A` (applied to every result, `y = A y'' + b`), so `A W'' B = W`.
@@ -187,7 +187,7 @@ class HardenedScheme(Scheme):
     """Two-sided secret block-butterfly transforms (see the module docstring)."""
 
     name = "hardened"
-    source = "gcvm hardened scheme (issue 9): two-sided secret structured-dense real transforms"
+    source = "gcvm hardened scheme: two-sided secret structured-dense real transforms"
     takes_k = False
 
     def __init__(

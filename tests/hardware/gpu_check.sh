@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 12 in one run (< 5 minutes on a machine with a CUDA GPU):
+# The GPU checks in one run (< 5 minutes on a machine with a CUDA GPU):
 #   1. tests/hardware (CUDA worker: Linear, Conv1d, Conv2d and BERT-base within the CPU path's
 #      exactness bound, TF32 off);
 #   2. `python -m groupcover bench --local` for BERT-base (random weights) at batch 8 x 128 with

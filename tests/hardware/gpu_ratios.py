@@ -1,4 +1,4 @@
-"""Print what the GPU targets ask of a `bench --local` JSON (issue 12): speed-ups over
+"""Print what the GPU targets ask of a `bench --local` JSON: speed-ups over
 `tee-only`, the obfuscation ratios, the worst error. Used by tests/hardware/gpu_check.sh.
 
     python -m tests.hardware.gpu_ratios RESULT.json

@@ -1,4 +1,4 @@
-"""The seed's deployment, for real (issue 12): master VMs (TCG here) offload to one worker process
+"""The seed's deployment, for real: master VMs (TCG here) offload to one worker process
 on the host, bound to the cluster bridge's host-side address inside the cluster's namespace.
 
 1. one master: `up --worker host`, `status`, `logs worker-host`, `top --once`, `run bench` with the

@@ -1,4 +1,4 @@
-"""Model packages end to end, for real (issue 11): MiniLM protected on the host, a master VM and a
+"""Model packages end to end, for real: MiniLM protected on the host, a master VM and a
 worker VM (TCG here), the model keys released by the cluster's broker (`up --broker`: a `gcvm
 broker serve` process inside the cluster's namespace for the cluster's lifetime; insecure mode
 under TCG, and every result says so), the benchmark run from the packages, the

@@ -1,4 +1,4 @@
-"""Red team (issue 9): the adaptive butterfly-fit attack against the hardened scheme.
+"""Red team: the adaptive butterfly-fit attack against the hardened scheme.
 
 Real MiniLM-L6 layers with the synthetic 2% fine-tune of `test_attacks`. The attack fits the
 public two-sided butterfly family (its shape is public) to the public weight without the secret

@@ -1,4 +1,4 @@
-"""Issue 9: the scheme registry, the baseline and hardened schemes, and the regression that the
+"""The scheme registry, the baseline and hardened schemes, and the regression that the
 paper's GroupCover stays broken by the attack suite while the hardened scheme resists it.
 
 The CI regression runs on two real MiniLM-L6 layers with a synthetic fine-tune (2% move, low

@@ -32,7 +32,7 @@ GCVM: list[tuple[str, int, str]] = [
     ("up --accel hvf", 2, "unknown --accel 'hvf'"),
     ("up --tee tdx --worker-tee sev-snp", 2, "mixes two vendors' TEEs"),
     ("up --vcpus 0", 2, "--vcpus must be at least 1"),
-    # up: the host worker (issue 12)
+    # up: the host worker
     ("up --worker host --workers 2", 2, "--worker host with --workers 2: the host runs the one"),
     ("up --worker host --workers 1", 2, "leave out --workers"),
     ("up --worker gpu", 2, "unknown --worker 'gpu'"),

@@ -1,5 +1,5 @@
 """Failure paths of `up`, `down`, `run` and `render` that used to leave something behind or
-report the wrong thing (issue 10). Each runs against the fakes of test_cluster: no daemon, no VM."""
+report the wrong thing. Each runs against the fakes of test_cluster: no daemon, no VM."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The host worker (`gcvm up --worker host`, issue 12) without a daemon or a VM: its spec, its
+"""The host worker (`gcvm up --worker host`) without a daemon or a VM: its spec, its
 record in the state, the ranks of a run, `up`/`down` against the fake backend (recorded, rolled
 back, stopped), the real supervisor process and its jobs, and `gcvm status`'s rendering."""
 

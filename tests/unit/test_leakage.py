@@ -90,7 +90,7 @@ def test_weak_and_old_masks_score_far_above_the_floor(minilm_inputs: list[torch.
     x = torch.cat([c.reshape(-1, FEATURES) for c in minilm_inputs[:20]]).double()  # 20480
     r = torch.randn(x.shape, dtype=torch.float64)
     floor = noise_floor(x.shape[0], FEATURES)
-    weak = x + 1e-3 * r  # issue 8: "weak masks (x + 1e-3 r)"
+    weak = x + 1e-3 * r  # weak masks: too small to hide x
     assert max_abs_correlation(weak, x) > 0.99
     assert distinguisher_advantage(weak, -x + 1e-3 * torch.randn_like(r)) > 0.5
     old = x + r  # main's masks: N(0, 1) at scale 1

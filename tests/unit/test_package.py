@@ -1,4 +1,4 @@
-"""Model packages (issue 11): protect offline, run from the package, publish by reference.
+"""Model packages: protect offline, run from the package, publish by reference.
 
 Small BERTs and a two-layer factory model; the wire tests use a real `WorkerServer` on loopback.
 """

@@ -1,4 +1,4 @@
-"""`gcvm run bench` runs model packages (issue 11): planning, the copy plan, the run's broker, the
+"""`gcvm run bench` runs model packages: planning, the copy plan, the run's broker, the
 framework's several packages per master, and the report's new columns. No daemon, no VM: the
 broker is the real one over loopback, the copies go to a fake SFTP target."""
 
