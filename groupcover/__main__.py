@@ -33,7 +33,7 @@ from groupcover.package.build import (
 )
 from groupcover.package.layout import is_package
 from groupcover.rendezvous import Rendezvous
-from groupcover.settings import DEFAULT_MODEL, add_workload
+from groupcover.settings import DEFAULT_MODEL, add_workload, workload_argv
 
 
 class Parser(argparse.ArgumentParser):
@@ -260,29 +260,6 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> RankSettings:
     )
 
 
-def _workload_argv(args: argparse.Namespace) -> tuple[str, ...]:
-    argv = [*(a for m in _models(args) for a in ("--model", m)), "--modes", ",".join(args.modes),
-            "--batch", str(args.batch),
-            "--seq", str(args.seq), "--repeat", str(args.repeat), "--warmup", str(args.warmup),
-            "--threads", str(args.threads)]  # fmt: skip
-    if args.seed is not None:
-        argv += ["--seed", str(args.seed)]
-    if args.json is not None:
-        argv += ["--json", str(args.json)]
-    if args.audit:
-        argv += ["--audit", "--audit-forwards", str(args.audit_forwards)]
-    if args.verify:
-        argv.append("--verify")
-    for key_file in _key_files(args):
-        argv += ["--key-file", str(key_file)]
-    if args.broker is not None:
-        argv += ["--broker", args.broker, "--tee", str(args.tee)]
-    argv += ["--mask-budget", "none" if args.mask_budget is None else str(args.mask_budget)]
-    if args.pool_compare:
-        argv.append("--pool-compare")
-    return tuple(argv)
-
-
 def _bench(args: argparse.Namespace) -> int:
     if args.micro:
         return run_micro(args.batch, args.seq, args.repeat, args.json, args.threads)
@@ -303,8 +280,9 @@ def _bench(args: argparse.Namespace) -> int:
     )  # fmt: skip
     probe.validate()
     worker_argv = tuple(a for m in _models(args) if is_package(m) for a in ("--package", m))
-    local = LocalRun(_workload_argv(args), not args.allow_shm, args.timeout,
-                           transport=args.transport, worker_args=worker_argv)  # fmt: skip
+    master_argv = workload_argv(args, leave_out=LocalRun.BOTH_RANKS)
+    local = LocalRun(master_argv, not args.allow_shm, args.timeout, transport=args.transport,
+                     worker_args=worker_argv)  # fmt: skip
     return run_local(local)
 
 

@@ -66,6 +66,18 @@ class Setting:
             options["choices"] = list(self.choices)
         parser.add_argument(self.flag, **options)
 
+    def argv(self, value: Any) -> list[str]:
+        """This setting's value back on a command line that `add_to`'s flag parses again."""
+        if self.action == "store_true":
+            return [self.flag] if value else []
+        if value is None:
+            return [] if self.type is not parse_budget else [self.flag, "none"]
+        if self.action == "append":
+            return [text for item in value for text in (self.flag, str(item))]
+        if self.type is parse_modes:
+            return [self.flag, ",".join(value)]
+        return [self.flag, str(value)]
+
 
 WORKLOAD: tuple[Setting, ...] = (
     Setting("--model", "models", None, action="append",
@@ -124,6 +136,13 @@ def add_workload(parser: argparse.ArgumentParser) -> None:
     """The workload flags, in their declared order (so --help lists them so)."""
     for setting in WORKLOAD:
         setting.add_to(parser)
+
+
+def workload_argv(args: argparse.Namespace, leave_out: Sequence[str] = ()) -> tuple[str, ...]:
+    """The workload of parsed arguments as flags again (a local run hands it to its master):
+    what `add_workload` parses back into the same values; `leave_out` flags the caller gives."""
+    chosen = (s for s in WORKLOAD if s.flag not in leave_out)
+    return tuple(text for s in chosen for text in s.argv(getattr(args, s.dest)))
 
 
 def check_ranges(values: Any) -> None:

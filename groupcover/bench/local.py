@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 def free_port() -> int:
@@ -25,6 +26,8 @@ class LocalRun:
     port: int = 0  # 0: pick a free one
     transport: str = "tcp"
     worker_args: tuple[str, ...] = ()  # e.g. --package DIR (the worker's copy of the package)
+
+    BOTH_RANKS: ClassVar[tuple[str, ...]] = ("--timeout", "--transport")  # given to both, below
 
     def argv(self, role: str, port: int) -> list[str]:
         argv = [sys.executable, "-m", "groupcover", "launch", "--role", role,
