@@ -138,3 +138,27 @@ def test_bench_integrity_reports_ms_with_and_without_the_check() -> None:
     for row in rows:
         assert row["layer_ms"] > 0 and row["check_ms"] > 0
         assert row["ratio"] == pytest.approx(row["check_ms"] / row["layer_ms"])
+
+
+@pytest.mark.xfail(strict=True, reason="results are not checked by default yet")
+def test_a_default_run_catches_a_one_element_change_of_a_masked_result() -> None:
+    """A master with default settings, a worker that moves ONE element of one masked result by
+    1e-9 of the result's largest magnitude: the run must stop with `IntegrityError`, not report
+    a silently wrong output."""
+    from groupcover import launch
+    from groupcover.launch import RankSettings, Role
+    from groupcover.package.prepare import Prepared
+
+    model, example = load_model("bert-base", 0, **SMALL_BERT)
+    inputs = tuple(example(2, 8))
+    with torch.no_grad():
+        reference = model(*inputs)
+    prepared = Prepared(model, inputs, reference, 0.0)
+    settings = RankSettings(Role.master, 0, 2, worker=1, modes=("groupcover",), batch=2, seq=8,
+                            repeat=1, warmup=0)  # fmt: skip
+
+    def hostile(mode: str) -> InProcessTransport:
+        return InProcessTransport(PerturbingWorker("layer.1.ffn2", relative=1e-9), owner=mode)
+
+    with pytest.raises(IntegrityError, match=r"layer\.1\.ffn2.*integrity check failed"):
+        launch.run_master(settings, prepared, None, hostile)
