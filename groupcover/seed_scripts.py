@@ -4,7 +4,8 @@
     RANK=i WORLD_SIZE=j MASTER_ADDR=A MASTER_PORT=P tee_test_transformer_worker.py
 
 `GLOO_SOCKET_IFNAME`/`TP_SOCKET_IFNAME` name the interface; optional `BATCH`, `SEQ`, `REPEAT`,
-`WARMUP`, `MODES`, `TIMEOUT`, `THREADS`, `JSON`, `FORCE_TCP` (1: no shared-memory transport).
+`WARMUP`, `MODES`, `TIMEOUT`, `THREADS`, `JSON`, `FORCE_TCP` (1: no shared-memory transport),
+`VERIFY` (0: the worker's results are NOT checked; by default every one is).
 The master runs the seed's transformer with
 GroupCover against worker WORKER (never itself) and prints latency and throughput for the batch
 it really ran. Several masters may name the same worker.
@@ -80,6 +81,7 @@ def settings_from_env(role: Role, env: Mapping[str, str]) -> RankSettings:
         force_tcp=env.get("FORCE_TCP", "") not in ("", "0"),  # gcvm run seed: TCP between VMs
         timeout_s=rendezvous.timeout_s,
         threads=_int(env, "THREADS"),
+        verify=env.get("VERIFY", "1").strip() not in ("0", "false", "no"),
     )
 
 

@@ -52,13 +52,15 @@ class Setting:
     help: str
     type: Callable[[str], Any] | None = None
     choices: Sequence[str] | None = None
-    action: str | None = None  # "store_true" or "append"
+    action: str | None = None  # "store_true", "append" or "bool" (--flag / --no-flag)
     bounds: tuple[int, int] | None = None  # a master's value must lie in lo..hi
     field: str | None = None
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         options: dict[str, Any] = {"dest": self.dest, "default": self.default, "help": self.help}
-        if self.action is not None:
+        if self.action == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        elif self.action is not None:
             options["action"] = self.action
         if self.type is not None:
             options["type"] = self.type
@@ -70,6 +72,8 @@ class Setting:
         """This setting's value back on a command line that `add_to`'s flag parses again."""
         if self.action == "store_true":
             return [self.flag] if value else []
+        if self.action == "bool":  # always explicit: the other side's default may differ
+            return [self.flag if value else "--no-" + self.flag.removeprefix("--")]
         if value is None:
             return [] if self.type is not parse_budget else [self.flag, "none"]
         if self.action == "append":
@@ -117,8 +121,9 @@ WORKLOAD: tuple[Setting, ...] = (
             help="check every payload the worker sees (untimed)"),
     Setting("--audit-forwards", "audit_forwards", 1, type=int, bounds=(1, 100_000),
             help="untimed forwards per mode the audit watches, before the timed ones"),
-    Setting("--verify", "verify", False, action="store_true",
-            help="check every worker result with a secret random vector per layer (Freivalds)"),
+    Setting("--verify", "verify", True, action="bool",
+            help="check every worker result with a secret random vector per layer (Freivalds; "
+            "on by default, --no-verify: results NOT checked)"),
     Setting("--transport", "transport", DEFAULT_TRANSPORT, choices=TRANSPORTS,
             help="tcp: tensors only, every reply checked (default); torch-rpc: the seed's "
             "torch.distributed.rpc, which lets the worker execute code in the master"),

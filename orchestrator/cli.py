@@ -107,7 +107,7 @@ def run_exec_cmd(ctx: typer.Context, **options: Any) -> None:
 
 @run_app.command("seed")
 @options_of(
-    "name", "variables", "port", "timeout", "model", "keys", "owner", "policy",
+    "name", "variables", "port", "timeout", "model", "keys", "owner", "policy", "verify",
     port={"help": "MASTER_PORT for the ranks."},
     timeout={"help": "Seconds before the scripts are stopped."},
     model={"default": "seed-transformer", "decls": ("--model",),
@@ -137,8 +137,10 @@ def run_seed_cmd(**options: Any) -> None:
     # across them): the seed's scripts read FORCE_TCP
     packages_for = seed_package_settings(options["model"], extra, tuple(options["keys"]),
                                          options["owner"], options["policy"])  # fmt: skip
+    # the scripts check every result unless VERIFY=0: the choice is written either way
+    checked = {"VERIFY": "1" if options["verify"] else "0"}
     run_exec(options["name"], SEED_COMMANDS, port=options["port"], timeout=options["timeout"],
-             extra_env={**SEED_ENV, **extra}, packages_for=packages_for)  # fmt: skip
+             extra_env={**SEED_ENV, **checked, **extra}, packages_for=packages_for)  # fmt: skip
 
 
 # --- gcvm up / down / status / ssh / logs: the cluster's life ------------------------------

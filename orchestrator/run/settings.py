@@ -56,6 +56,7 @@ class Setting:
     render: Callable[[Any], str] = str  # a value as the framework's argv carries it
     parse: Callable[[Any], Any] = _as_is  # the flag's value as BenchSettings holds it
     cli: bool = True  # False: no verb offers it; the orchestrator sets it per rank
+    negation: str | None = None  # a bool's framework flag for False (None: the flag left out)
 
     @property
     def flag(self) -> str:
@@ -179,9 +180,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "verify",
         bool,
-        False,
-        "Check every worker result with a secret random vector per layer.",
+        True,
+        "Check every worker result with a secret random vector per layer (Freivalds); "
+        "--no-verify: results are NOT checked.",
         framework="--verify",
+        negation="--no-verify",  # written either way: the guest's default is not relied on
     ),
     Setting("port", int, DEFAULT_PORT, "Rendezvous port on master 0.", bounds=(1024, 65535)),
     Setting(
@@ -245,6 +248,8 @@ def framework_args(settings: BenchSettings, only: Iterable[str] | None = None,
         if s.type is bool:
             if value:
                 args.append(s.framework)
+            elif s.negation is not None:
+                args.append(s.negation)
         elif value is not None:
             args += [s.framework, s.render(value)]
     return args

@@ -15,7 +15,7 @@ def test_launch_args_carry_the_workload_and_force_tcp_between_vms() -> None:
     flags = dict(zip(args[::2], args[1::2], strict=False))
     assert flags["--model"] == "/p/x" and flags["--modes"] == "groupcover"  # a package folder
     assert (flags["--batch"], flags["--seq"], flags["--repeat"]) == ("2", "16", "3")
-    assert "--force-tcp" in args and "--audit" in args
+    assert "--force-tcp" in args and "--audit" in args and "--verify" in args
     assert args[-2:] == ("--json", "/var/tmp/r/m0.json")
     assert "--json" not in s.launch_args(None, threads=1)  # workers write nothing
 
@@ -60,14 +60,15 @@ def test_ranks_masters_first_each_offloading_to_worker_i_mod_n(tmp_path) -> None
 
 
 # The framework's argv as the orchestrator produced it before its settings were declared in one
-# table (captured from that code): the declarations must give exactly these.
+# table (captured from that code): the declarations must give exactly these. One change since:
+# checking results is the default, and the choice is always written (--verify or --no-verify).
 GOLDEN_ARGV = [
     (
         {},
         ("/var/tmp/gcvm-results/r/master0.json", 2, ("--model", "/var/tmp/gcvm-packages/p")),
         ("--model", "/var/tmp/gcvm-packages/p", "--modes", "plain-offload,groupcover",
          "--batch", "8", "--seq", "128", "--repeat", "5", "--warmup", "1", "--threads", "2",
-         "--timeout", "600", "--force-tcp", "--audit",
+         "--timeout", "600", "--force-tcp", "--audit", "--verify",
          "--json", "/var/tmp/gcvm-results/r/master0.json"),
     ),
     (
@@ -85,6 +86,12 @@ GOLDEN_ARGV = [
         ("--modes", "plain-offload,groupcover", "--batch", "8", "--seq", "128", "--repeat", "5",
          "--warmup", "1", "--threads", "1", "--timeout", "600", "--force-tcp", "--seed", "0",
          "--audit", "--verify"),
+    ),
+    (
+        {"verify": False, "audit": False},
+        (None, 1, ()),
+        ("--modes", "plain-offload,groupcover", "--batch", "8", "--seq", "128", "--repeat", "5",
+         "--warmup", "1", "--threads", "1", "--timeout", "600", "--force-tcp", "--no-verify"),
     ),
 ]  # fmt: skip
 
@@ -130,8 +137,12 @@ def test_verb_options_come_from_the_declarations() -> None:
         result = runner.invoke(cli.app, ["run", "bench", "--batch", "2", "--seq", "16",
                                          "--modes", "groupcover, hardened", "--no-audit",
                                          "--seed", "3", "--rpc-timeout", "30"])  # fmt: skip
+        unchecked = runner.invoke(cli.app, ["run", "bench", "--no-verify"])
     finally:
         bench.run_bench = original
     assert result.exit_code == 0, result.output
+    assert unchecked.exit_code == 0, unchecked.output
     assert seen == [BenchSettings(batch=2, seq=16, modes=("groupcover", "hardened"),
-                                  audit=False, seed=3, rpc_timeout=30.0)]  # fmt: skip
+                                  audit=False, seed=3, rpc_timeout=30.0),
+                    BenchSettings(verify=False)]  # fmt: skip
+    assert seen[0].verify  # checking is the default

@@ -140,7 +140,6 @@ def test_bench_integrity_reports_ms_with_and_without_the_check() -> None:
         assert row["ratio"] == pytest.approx(row["check_ms"] / row["layer_ms"])
 
 
-@pytest.mark.xfail(strict=True, reason="results are not checked by default yet")
 def test_a_default_run_catches_a_one_element_change_of_a_masked_result() -> None:
     """A master with default settings, a worker that moves ONE element of one masked result by
     1e-9 of the result's largest magnitude: the run must stop with `IntegrityError`, not report

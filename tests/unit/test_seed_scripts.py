@@ -28,6 +28,8 @@ def test_environment_maps_onto_rank_settings() -> None:
                                                                              "virbr0")  # fmt: skip
     assert (settings.model, settings.modes) == ("seed-transformer", ("groupcover",))
     assert (settings.batch, settings.seq, settings.repeat) == (4, 16, 7)
+    assert settings.verify  # every result checked unless VERIFY=0
+    assert not settings_from_env(Role.master, {**env, "VERIFY": "0"}).verify
     worker = settings_from_env(Role.worker, {**SEED_ENV, "RANK": "2"})
     assert (worker.role, worker.worker) == (Role.worker, None)
 

@@ -34,6 +34,7 @@ def _workload_parser() -> argparse.ArgumentParser:
          "--pool-compare", "--broker", "https://b:8443", "--tee", "snp", "--timeout", "9.5",
          "--transport", "torch-rpc", "--json", "/r/m.json", "--threads", "3"],
         ["--mask-budget", "12.5", "--repeat", "9", "--warmup", "0"],
+        ["--no-verify"],
     ],
 )  # fmt: skip
 def test_the_workload_flags_parse_back_into_the_same_values(argv: list[str]) -> None:
@@ -41,6 +42,15 @@ def test_the_workload_flags_parse_back_into_the_same_values(argv: list[str]) -> 
     first = parser.parse_args(argv)
     again = parser.parse_args(list(framework.workload_argv(first)))
     assert vars(again) == vars(first)
+
+
+def test_results_are_checked_unless_no_verify() -> None:
+    parser = _workload_parser()
+    assert parser.parse_args([]).verify is True
+    assert parser.parse_args(["--verify"]).verify is True
+    assert parser.parse_args(["--no-verify"]).verify is False
+    assert "--verify" in framework.workload_argv(parser.parse_args([]))
+    assert "--no-verify" in framework.workload_argv(parser.parse_args(["--no-verify"]))
 
 
 def test_a_left_out_flag_is_not_written() -> None:
@@ -55,7 +65,7 @@ def test_every_flag_the_orchestrator_writes_is_one_the_framework_launch_takes() 
         model="bert-base", modes=orchestrator.MODES, batch=1024, seq=512, repeat=10_000,
         warmup=0, seed=7, audit=True, verify=True, rpc_timeout=86_400,
     )  # fmt: skip
-    for settings in (BenchSettings(), extreme):
+    for settings in (BenchSettings(), extreme, BenchSettings(verify=False)):
         argv = settings.launch_args("/r/m0.json", threads=2, model_args=("--model", "/p/x"))
         args = launch.parse_args([*RANK, *argv])  # an unknown flag exits 2 here
         assert args.batch == settings.batch and args.seq == settings.seq
