@@ -22,6 +22,7 @@ plus passes over x and y), no second matmul.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -66,6 +67,7 @@ class LayerCheck:
     checked: int = 0
     seconds: float = 0.0
     worst: float = 0.0  # the largest residual / tolerance seen on passing calls
+    loosest: float = 0.0  # the largest tolerance / max |y| of its result seen (passing calls)
 
     @classmethod
     def create(
@@ -111,6 +113,8 @@ class LayerCheck:
         bound = self._one_output(x.abs(), self.v_abs)
         eps = torch.finfo(y.dtype).eps
         tolerance = bound.mul_(self.slack * eps).add_(torch.finfo(y.dtype).tiny)
+        scale = float(y.abs().max()) if y.numel() else 0.0
+        loosest = float(tolerance.max()) / scale if scale > 0 and tolerance.numel() else 0.0
         residual = lhs.sub_(rhs).abs_()
         ratio = residual.div_(tolerance)
         worst = float(ratio.max()) if ratio.numel() else 0.0
@@ -122,9 +126,28 @@ class LayerCheck:
                 hint="the worker computed something else than the published layer",
             )
         self.worst = max(self.worst, worst)
+        self.loosest = max(self.loosest, loosest)
 
     def stats(self) -> dict[str, float]:
-        return {"checked": self.checked, "seconds": self.seconds, "worst_ratio": self.worst}
+        return {"checked": self.checked, "seconds": self.seconds, "worst_ratio": self.worst,
+                "loosest_tolerance": self.loosest}  # fmt: skip
+
+
+NOT_CHECKED = "results NOT checked (--no-verify): a worker can change any result unnoticed"
+
+
+def checked_label(stats: dict[str, object]) -> str:
+    """What the checks of a run (`ProtectedModel.integrity_stats()`) guarantee, in one line."""
+    loosest = float(stats.get("loosest_tolerance") or 0.0)  # type: ignore[arg-type]
+    grid = float(stats.get("grid") or torch.finfo(torch.float32).eps)  # type: ignore[arg-type]
+    slack = float(stats.get("slack") or SLACK)  # type: ignore[arg-type]
+    return (
+        f"results checked (Freivalds: every element of every result; tolerance {slack:g} x eps "
+        f"x |x| |s|^T |W''| per output position, at most {loosest:.1e} of a result's largest "
+        f"value in this run; false-accept: 0 for one element changed by more than 2 x "
+        f"tolerance, <= 2 x tolerance / max|error| + 2^{round(math.log2(grid))} per output "
+        "position otherwise)"
+    )
 
 
 MINILM_SHAPES: tuple[tuple[int, int], ...] = ((384, 1152), (384, 384), (384, 1536), (1536, 384))

@@ -383,6 +383,7 @@ def run_master(
             "seed": settings.seed,
             "secrets": report.secrets_label(settings.seed),
             "verify": settings.verify,
+            "results_checked": settings.verify,  # per result: results_checked, integrity_check
             "audit_forwards": settings.audit_forwards if settings.audit else 0,
             "model_load_s": prepared.load_s,
             "model": settings.model,

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from groupcover.audit import Audit
 from groupcover.errors import UsageError
-from groupcover.integrity import LayerCheck
+from groupcover.integrity import LayerCheck, checked_label
 from groupcover.layer_op import apply_op
 from groupcover.masks import MASK_DTYPE, MaskPair, MaskPolicy, MaskPool
 from groupcover.rng import SecretRandom
@@ -340,12 +340,18 @@ class ProtectedModel(nn.Module):
         checks = [layer.check for layer in self.layers.values() if layer.check is not None]
         if not checks:
             return None
-        return {
+        stats: dict[str, object] = {
             "checked": sum(check.checked for check in checks),
             "seconds": sum(check.seconds for check in checks),
             "worst_ratio": max(check.worst for check in checks),
             "slack": checks[0].slack,
+            # the largest tolerance relative to its result's largest value (passing calls), and
+            # the secret vectors' grid (eps of their dtype): see `integrity.checked_label`
+            "loosest_tolerance": max(check.loosest for check in checks),
+            "grid": max(torch.finfo(check.s.dtype).eps for check in checks),
         }
+        stats["label"] = checked_label(stats)
+        return stats
 
 
 OffloadableModule = nn.Linear | nn.Conv1d | nn.Conv2d

@@ -63,8 +63,9 @@ def aggregate(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def table(runs: dict[str, dict[str, Any]], title: str) -> Table:
     labels = {str(r.get("key_release") or "-") for r in rows(runs)}
     shared = len(labels) == 1  # one label for every row (the usual case): say it once
-    t = Table(title=title, title_justify="left",
-              caption=f"key release: {next(iter(labels))}" if shared else None,
+    caption = [f"key release: {next(iter(labels))}"] if shared else []
+    caption += check_captions(runs)
+    t = Table(title=title, title_justify="left", caption="\n".join(caption) or None,
               caption_justify="left")  # fmt: skip
     t.add_column("master")
     t.add_column("mode")
@@ -93,6 +94,23 @@ def table(runs: dict[str, dict[str, Any]], title: str) -> Table:
             *(() if shared else (str(r.get("key_release") or "-"),)),
         )  # fmt: skip
     return t
+
+
+def check_captions(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Whether the workers' results were checked: one line per distinct verdict (`results_checked`
+    per result; a result from before the key existed counts as not checked)."""
+    lines: dict[str, None] = {}
+    for r in rows(runs):
+        if r.get("offloaded_layers") == 0:
+            continue  # tee-only: no worker results
+        if r.get("results_checked"):
+            lines[
+                "results checked (Freivalds: every element of every result; tolerance and "
+                "false-accept per mode: integrity_check in bench.json)"
+            ] = None
+        else:
+            lines[f"{r['mode']}: results NOT checked (--no-verify)"] = None
+    return list(lines)
 
 
 def rel_err_text(row: dict[str, Any]) -> str:

@@ -165,6 +165,21 @@ def audit_lines(results: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def check_lines(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Per offloading mode: whether its worker's results were checked, what that guarantees and
+    what it cost (`results_checked`, `integrity_check`, `integrity_ms`)."""
+    lines = []
+    for r in results:
+        if r.get("results_checked") is None:
+            continue  # nothing offloaded: no worker results
+        cost = ""
+        if r.get("integrity_ms") is not None:
+            share = r["integrity_ms"] / r["latency_ms"]["median"]
+            cost = f" [{r['integrity_ms']:.1f} ms per forward, {share:.1%} of its latency]"
+        lines.append(f"{r['mode']}: {r['integrity_check']}{cost}")
+    return lines
+
+
 def secrets_label(seed: int | None) -> str:
     return OS_NOTICE if seed is None else seed_notice(seed)
 
@@ -217,11 +232,7 @@ def print_table(document: dict[str, Any]) -> None:
         *mask_budget_lines(results),
         *audit_lines(results),
     ]
-    for r in results:
-        if r.get("integrity_ms") is not None:
-            share = r["integrity_ms"] / r["latency_ms"]["median"]
-            notes.append(f"integrity check {r['mode']}: {r['integrity_ms']:.1f} ms per forward "
-                         f"({share:.1%} of its latency), every worker result checked")  # fmt: skip
+    notes += check_lines(results)
     if "seed" in settings:
         notes.append(secrets_label(settings["seed"]))
     if settings.get("key_release"):

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from groupcover.integrity import NOT_CHECKED
 from groupcover.transport import Transport
 
 UNBOUNDED = " (unbounded pool)"  # a --pool-compare run: the same mode with today's mask pool
@@ -133,6 +134,7 @@ def summarise(run: ModeRun, reference: torch.Tensor | None, batch: int, seq: int
         "setup_s": run.setup_s,
         **protocol_facts(run.module),
     }
+    result.update(check_facts(result))
     audit = getattr(run.module, "audit", None)
     if audit is not None:
         result["audit"] = audit.report()
@@ -140,6 +142,17 @@ def summarise(run: ModeRun, reference: torch.Tensor | None, batch: int, seq: int
     if note:
         result["audit_note"] = note
     return result
+
+
+def check_facts(result: dict[str, Any]) -> dict[str, Any]:
+    """Whether the worker's results were checked (None: no worker results, nothing offloaded),
+    and what the check guarantees in one line (`integrity.checked_label`)."""
+    if not result.get("offloaded_layers"):
+        return {"results_checked": None, "integrity_check": "no worker results (nothing offloaded)"}
+    integrity = result.get("integrity")
+    if integrity is None:
+        return {"results_checked": False, "integrity_check": NOT_CHECKED}
+    return {"results_checked": True, "integrity_check": integrity["label"]}
 
 
 def protocol_facts(module: nn.Module) -> dict[str, Any]:

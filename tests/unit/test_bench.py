@@ -113,9 +113,13 @@ def test_benchmark_document_over_the_in_process_transport() -> None:
     assert gc["paired_ratios"]["plain-offload"]["pairs"] == 3
     assert gc["cpu_ms"]["median"] > 0
     assert gc["integrity_ms"] is None and gc["secrets"].startswith("secrets reproducible")
+    # unchecked results say so; tee-only has no worker results to check
+    assert gc["results_checked"] is False and plain["results_checked"] is False
+    assert gc["integrity_check"].startswith("results NOT checked (--no-verify)")
+    assert tee["results_checked"] is None
 
 
-def test_verify_reports_the_integrity_checks_cost() -> None:
+def test_verify_reports_the_integrity_checks_cost(capsys: pytest.CaptureFixture[str]) -> None:
     model, example = load_model("bert-base", 0, **SMALL_BERT)
     inputs = tuple(example(2, 8))
     with torch.no_grad():
@@ -128,6 +132,13 @@ def test_verify_reports_the_integrity_checks_cost() -> None:
     )  # fmt: skip
     assert result["integrity_ms"] > 0
     assert result["integrity"]["checked"] >= 2 * 4 * SMALL_BERT["layers"]
+    assert result["results_checked"] is True
+    label = result["integrity_check"]
+    assert label.startswith("results checked (Freivalds: every element of every result")
+    assert "false-accept" in label and "2^-52" in label  # masked: float64 secret vectors
+    assert 0 < result["integrity"]["loosest_tolerance"] < 1e-9  # float64, exact-grid payloads
+    report.print_table({"results": [result]})
+    assert f"groupcover: {label}" in capsys.readouterr().out
     assert result["secrets"] == report.secrets_label(None) and "OS CSPRNG" in result["secrets"]
 
 

@@ -161,3 +161,8 @@ def test_a_default_run_catches_a_one_element_change_of_a_masked_result() -> None
 
     with pytest.raises(IntegrityError, match=r"layer\.1\.ffn2.*integrity check failed"):
         launch.run_master(settings, prepared, None, hostile)
+    honest = launch.run_master(settings, prepared, None,
+                               lambda mode: InProcessTransport(owner=mode))  # fmt: skip
+    [result] = honest["results"]
+    assert honest["settings"]["results_checked"] is True and result["results_checked"] is True
+    assert result["integrity_check"].startswith("results checked (Freivalds")

@@ -72,3 +72,18 @@ def test_chart_is_a_png(tmp_path: Path) -> None:
     path = report.chart(RUNS, tmp_path / "sub" / "c.png", "title")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 5000
+
+
+def test_the_table_says_whether_results_were_checked() -> None:
+    def render(runs: dict) -> str:
+        buf = io.StringIO()
+        Console(file=buf, width=200).print(report.table(runs, "t"))
+        return buf.getvalue()
+
+    checked = {**_result("groupcover", 110.0, 72.7), "results_checked": True}
+    unchecked = {**_result("plain-offload", 100.0, 80.0), "results_checked": False}
+    assert "results checked (Freivalds" in render({"m": {"results": [checked]}})
+    text = render({"m": {"results": [checked, unchecked]}})
+    assert "plain-offload: results NOT checked (--no-verify)" in text
+    # a document from before results said so counts as not checked
+    assert "results NOT checked" in render(RUNS)
