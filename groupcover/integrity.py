@@ -17,7 +17,36 @@ y_b[j] + d moves the left side by d s_j, with |s_j| >= 1: any single error above
 is caught with certainty, and an error spread over several elements passes only if it is
 nearly orthogonal to the secret s, which the worker never sees. The check costs a contraction
 of the result with s and two one-output ops over the input (about 3/out of the layer's FLOPs,
-plus passes over x and y), no second matmul.
+plus passes over x and y), no second matmul. It is on by default (`--no-verify` turns it off).
+
+What it catches (tau_b: the tolerance of output position b, rho_b: the honest residual there,
+|rho_b| <= `worst` x tau_b, about 0.02 tau_b on a CPU):
+
+- Coverage: every element of every result enters the contraction, with weight |s_j| >= 1;
+  nothing is sampled (no row, no element).
+- One element changed by d: the residual moves by d s_j, so |d| > (1 + worst) tau_b, and any
+  |d| > 2 tau_b, is caught with certainty.
+- A change e spread over one output position's elements, chosen without knowing s, passes only
+  if s.e falls in an interval of length 2 tau_b. Given the rest of s, the entry k with the
+  largest |e_k| must fall in an interval of length 2 tau_b / |e_k|, and |s_k| is uniform on the
+  grid of [1, 2) in its dtype (spacing eps): P(pass) <= 2 tau_b / max|e| + eps (2^-23 float32,
+  2^-52 float64). A change over several positions passes with at most the smallest of their
+  bounds. (With exact arithmetic and continuous s, any e != 0 would be caught with probability
+  1; the tolerance is what costs the 2 tau_b / max|e|.)
+- How large tau is: tau_b <= 2 SLACK eps sum_j sum_i |x_bi W''_ji| (|s_j| < 2), so relative to
+  the result, tau_b / max|y| <= 16 eps x out x kappa, kappa = max_j sum_i |x_bi W''_ji| / max|y|
+  (the cancellation inside the sums, >= 1). Each run records the largest tau_b / max|y| it saw
+  (`loosest_tolerance`, printed with every result). MiniLM at batch 2 x 16: float32 unmasked
+  modes 4.5e-3, so a change of one element by up to ~0.5% of the result's largest value can
+  pass (measured: 1e-3 passes, 1e-2 is caught); masked float64 modes 1.3e-11 of the masked
+  result (1e-11 caught; 1e-12 passes and moves the output by at most 2.2e-5 of its largest
+  value, against 1.2e-5 from honest float rounding). `python -m
+  groupcover.measure.integrity_escape` measures this per mode.
+- The float32 gap is the worker's own float32 rounding, which the tolerance must admit: checking
+  in float64 would remove only the check's share of the rounding, not the worker's, so it does
+  not close it. A smaller SLACK would (honest residuals use ~2% of the tolerance on a CPU), but
+  needs GPU summation orders measured first. Where a 0.5% change of one element matters, use a
+  masked mode (float64, exact-grid payloads).
 """
 
 from __future__ import annotations
