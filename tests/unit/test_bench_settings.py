@@ -146,3 +146,20 @@ def test_verb_options_come_from_the_declarations() -> None:
                                   audit=False, seed=3, rpc_timeout=30.0),
                     BenchSettings(verify=False)]  # fmt: skip
     assert seen[0].verify  # checking is the default
+
+
+def test_run_seed_writes_the_check_choice_for_the_scripts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed's scripts check every result unless VERIFY=0; run seed writes it either way."""
+    from typer.testing import CliRunner
+
+    from orchestrator import cli
+    from orchestrator.run import exec as run_exec_module
+
+    seen: list[dict] = []
+    monkeypatch.setattr(run_exec_module, "run_exec",
+                        lambda *args, extra_env, **kw: seen.append(extra_env))  # fmt: skip
+    runner = CliRunner()
+    for argv in ([], ["--no-verify"]):
+        result = runner.invoke(cli.app, ["run", "seed", *argv])
+        assert result.exit_code == 0, result.output
+    assert [env["VERIFY"] for env in seen] == ["1", "0"]
