@@ -386,7 +386,7 @@ def protect(
     example_inputs: Sequence[torch.Tensor] | None = None,
     mask_policy: MaskPolicy | str = MaskPolicy.REFILL,
     mode: str = "",
-    verify: bool = False,
+    verify: bool = True,
 ) -> ProtectedModel:
     """A protected copy of `model` whose offloadable layers run on the worker behind `transport`.
 
@@ -398,8 +398,8 @@ def protect(
     Every secret (permutations, mixing, masks, integrity vectors) comes from one `SecretRandom`:
     the OS CSPRNG when `seed` is None, else reproducible from the seed, and then not secret
     (`ProtectedModel.secrets_notice` says so). Masked modes publish the weight in float64 and
-    send float64 payloads (see `groupcover.masks`). With `verify`, every result of the worker is
-    checked (`groupcover.integrity`) and a wrong one raises `IntegrityError`.
+    send float64 payloads (see `groupcover.masks`). Every result of the worker is checked
+    (`groupcover.integrity`; `verify=False` turns it off) and a wrong one raises `IntegrityError`.
     """
     chosen = make_scheme(scheme, k) if isinstance(scheme, str) else scheme
     module = copy.deepcopy(model).eval()
@@ -480,7 +480,7 @@ def assemble(
     example_inputs: Sequence[torch.Tensor] | None = None,
     mask_policy: MaskPolicy | str = MaskPolicy.REFILL,
     mode: str = "",
-    verify: bool = False,
+    verify: bool = True,
 ) -> ProtectedModel:
     """A protected model from a package's parts, without obfuscating anything.
 

@@ -102,13 +102,14 @@ def build_for_mode(
     audit: bool = False,
     example_inputs: Sequence[torch.Tensor] | None = None,
     mask_policy: MaskPolicy | str = MaskPolicy.REFILL,
-    verify: bool = False,
+    verify: bool = True,
 ) -> nn.Module:
     """The model as `mode` runs it; every returned module has `.layers`, `.masks` and `.audit`.
 
     `example_inputs` (forward arguments) fill the mask pools ahead of time in masked modes.
     `seed` None draws every secret from the OS CSPRNG; a seed makes them reproducible (and not
-    secret). `verify` checks every result of the worker (`groupcover.integrity`).
+    secret). Every result of the worker is checked (`groupcover.integrity`) unless `verify` is
+    False.
     """
     chosen = parse_mode(mode)
     scheme, masked = mode_settings(chosen)

@@ -44,7 +44,7 @@ def build_mode(
     transport: Transport,
     seed: int | None,
     audit: bool,
-    verify: bool = False,
+    verify: bool = True,
 ) -> ModeRun:
     """Builds the model for one mode: from its package (no obfuscation: the secrets are sealed,
     the published weights go by reference) or, for a plaintext model, obfuscated here; then one
@@ -168,7 +168,7 @@ def benchmark(
     audit: bool,
     on_progress: Callable[[str], None] | None = None,
     audit_forwards: int = 1,
-    verify: bool = False,
+    verify: bool = True,
 ) -> list[dict[str, Any]]:
     """Builds every mode, runs them interleaved, returns one result per mode, closes transports."""
     say = on_progress or (lambda _text: None)

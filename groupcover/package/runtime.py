@@ -212,7 +212,7 @@ class UnsealedPackage:
         mask_pool: int = 1,
         mask_budget: int | None = None,
         audit: bool = False,
-        verify: bool = False,
+        verify: bool = True,
         example: Sequence[torch.Tensor] | None = None,
         by_reference: bool = True,
     ) -> nn.Module:

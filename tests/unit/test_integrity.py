@@ -105,10 +105,18 @@ def test_an_honest_worker_never_trips_the_check(
     assert built.stats()["integrity"] == stats
 
 
+def test_the_library_checks_by_default() -> None:
+    model, example = load_model("bert-base", 0, **SMALL_BERT)
+    worker = PerturbingWorker("layer.0.ffn1", relative=1e-9)
+    built = build_for_mode(model, "groupcover", InProcessTransport(worker))
+    with pytest.raises(IntegrityError):
+        built(*example(2, 8))
+
+
 def test_no_check_without_verify() -> None:
     model, example = load_model("bert-base", 0, **SMALL_BERT)
     worker = PerturbingWorker("layer.0.ffn1", relative=1e-2)
-    built = build_for_mode(model, "groupcover", InProcessTransport(worker))
+    built = build_for_mode(model, "groupcover", InProcessTransport(worker), verify=False)
     built(*example(2, 8))  # a wrong result goes unnoticed: verify is off
     assert built.integrity_stats() is None
 
