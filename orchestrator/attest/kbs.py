@@ -10,7 +10,9 @@ Trustee can replace it (HTTP: `orchestrator.attest.broker`).
 
 The evidence's report data must be SHA-384 of the canonical JSON of {"nonce", "tee-pubkey"},
 zero-padded to 64 bytes (Trustee >= 0.4 also hashes "additional-evidence" with them; both forms are
-accepted). Nonces are single-use and expire after `nonce_ttl_s`. Errors are Trustee's
+accepted). Nonces are single-use and expire after `nonce_ttl_s`; a challenge is held by the client
+(a MAC'd token, `orchestrator.attest.challenge`), so the broker keeps state only for a guest whose
+evidence verified. Errors are Trustee's
 ErrorInformation JSON {"type", "detail"}: 401 for a refused request or attestation, 403 for a
 resource the session may not have, 404 for an unknown resource. Every decision is logged.
 
@@ -30,7 +32,6 @@ import hashlib
 import json
 import logging
 import re
-import secrets
 import threading
 import time
 from collections import deque
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.attest import snp, tdx
+from orchestrator.attest.challenge import Challenges
 from orchestrator.attest.common import (
     BadEvidence,
     Verdict,
@@ -57,7 +59,7 @@ PROTOCOL_VERSIONS = ("0.1.0", "0.1.1", "0.2.0", "0.3.0", "0.4.0")
 SESSION_COOKIE = "kbs-session-id"
 INSECURE_LABEL = "model key released without attestation"
 MAX_BODY = 4 << 20
-MAX_SESSIONS = 4096
+MAX_SESSIONS = 4096  # attested sessions (and nonces consumed) within their lifetime
 MAX_SEEN = 1 << 16  # digests of verified reports remembered to name replays
 KNOWN_TEES = ("snp", "tdx", "sample")
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one part of <repo>/<type>/<tag>
@@ -78,11 +80,10 @@ class Refusal(Exception):
 
 @dataclass
 class Session:
-    id: str
+    id: str  # the challenge token (the kbs-session-id cookie)
     tee: str
     nonce: str
-    created: float
-    nonce_used: bool = False
+    created: float  # when the nonce was issued
     attested_until: float | None = None
     tee_pubkey: dict[str, Any] | None = None
     claims: dict[str, Any] = field(default_factory=dict)
@@ -131,7 +132,8 @@ class Broker:
         self.clock = clock
         self.tdx_verifier = tdx_verifier
         self.verify_time = verify_time  # fixed "now" for certificates and collateral (tests)
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[str, Session] = {}  # attested sessions only
+        self._challenges = Challenges(MAX_SESSIONS)
         # every decision (attest accepted/refused, resource released/refused), newest last
         self.decisions: deque[dict[str, Any]] = deque(maxlen=MAX_SESSIONS)
         self.policy_digest = _file_digest(policy.source)
@@ -190,28 +192,13 @@ class Broker:
                 "auth", HTTPStatus.UNAUTHORIZED, "RcarAuthFailed",
                 f"the broker's policy has no {tee} section: no {tee} guest is accepted",
             )  # fmt: skip
-        now = self.clock()
-        session = Session(
-            id=secrets.token_urlsafe(24),
-            tee=tee,
-            nonce=base64.b64encode(secrets.token_bytes(32)).decode(),
-            created=now,
-            peer=peer,
-        )
-        with self._lock:
-            self._purge(now)
-            if len(self._sessions) >= MAX_SESSIONS:
-                raise self._refuse(
-                    "auth", HTTPStatus.SERVICE_UNAVAILABLE, "RcarAuthFailed",
-                    "too many open sessions",
-                )  # fmt: skip
-            self._sessions[session.id] = session
+        challenge = self._challenges.issue(tee, self.clock())  # held by the client, not here
+        session = Session(challenge.token, tee, challenge.nonce, challenge.issued, peer=peer)
         log.info("auth: session %s for a %s guest, nonce issued", session.id[:8], tee)
         return session, {"nonce": session.nonce, "extra-params": ""}
 
     def _purge(self, now: float) -> None:
-        horizon = self.policy.nonce_ttl_s + self.policy.token_ttl_s + 60
-        for sid in [s.id for s in self._sessions.values() if now - s.created > horizon]:
+        for sid in [s.id for s in self._sessions.values() if now > (s.attested_until or 0) + 60]:
             del self._sessions[sid]
         if len(self._seen) > MAX_SEEN:  # old reports cannot bind a new nonce anyway
             for digest in list(self._seen)[: MAX_SEEN // 2]:
@@ -223,27 +210,27 @@ class Broker:
     ) -> tuple[Session, dict[str, Any]]:
         self._request.peer = peer
         now = self.clock()
-        with self._lock:
-            session = self._sessions.get(session_id or "")
-            if session is None:
-                raise self._refuse(
-                    "attest", HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
-                    "no such session: POST /kbs/v0/auth first (cookie kbs-session-id)",
-                )  # fmt: skip
-            if session.nonce_used:
-                raise self._refuse(
-                    "attest", HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
-                    "nonce already used: each challenge takes one attestation, ask for a new one",
-                    session,
-                )  # fmt: skip
-            session.nonce_used = True  # single use, whatever the outcome
-            if now - session.created > self.policy.nonce_ttl_s:
-                raise self._refuse(
-                    "attest", HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
-                    f"nonce expired ({now - session.created:.0f} s old, lifetime "
-                    f"{self.policy.nonce_ttl_s:.0f} s)",
-                    session,
-                )  # fmt: skip
+        challenge = self._challenges.open(session_id)
+        if challenge is None:
+            raise self._refuse(
+                "attest", HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
+                "no such session: POST /kbs/v0/auth first (cookie kbs-session-id)",
+            )  # fmt: skip
+        session = Session(challenge.token, challenge.tee, challenge.nonce, challenge.issued,
+                          peer=peer)  # fmt: skip
+        if self._challenges.consumed(challenge.nonce):
+            raise self._refuse(
+                "attest", HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
+                "nonce already used: each challenge takes one attestation, ask for a new one",
+                session,
+            )  # fmt: skip
+        if not now - session.created <= self.policy.nonce_ttl_s:
+            raise self._refuse(
+                "attest", HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
+                f"nonce expired ({now - session.created:.0f} s old, lifetime "
+                f"{self.policy.nonce_ttl_s:.0f} s)",
+                session,
+            )  # fmt: skip
         try:
             attestation = self._json(body, "Attestation")
             runtime = attestation.get("runtime-data")
@@ -267,11 +254,25 @@ class Broker:
             ) from None
         except Refusal as exc:
             raise self._refuse("attest", exc.status, exc.kind, exc.detail, session) from None
+        # state only now that the evidence verified: the nonce consumed, the attested session
+        used = self._challenges.consume(challenge, session.created + self.policy.nonce_ttl_s, now)
+        if used is not None:
+            status = HTTPStatus.SERVICE_UNAVAILABLE
+            if "already" in used:
+                status = HTTPStatus.UNAUTHORIZED
+            raise self._refuse("attest", status, "RcarAttestFailed", used, session)
+        session.tee_pubkey = pubkey
+        session.claims = claims
+        session.attested = attested
+        session.attested_until = now + self.policy.token_ttl_s
         with self._lock:
-            session.tee_pubkey = pubkey
-            session.claims = claims
-            session.attested = attested
-            session.attested_until = now + self.policy.token_ttl_s
+            self._purge(now)
+            if len(self._sessions) >= MAX_SESSIONS:
+                raise self._refuse(
+                    "attest", HTTPStatus.SERVICE_UNAVAILABLE, "RcarAttestFailed",
+                    "too many attested sessions: try again later", session,
+                )  # fmt: skip
+            self._sessions[session.id] = session
         token = self._token(session, now)
         self._decide("attest", "accepted", session, attested=attested, evaluation=claims)
         if attested:
