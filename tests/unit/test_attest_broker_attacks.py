@@ -6,23 +6,24 @@ traceback)."""
 from __future__ import annotations
 
 import json
+import select
+import socket
+import threading
+import time
 
 from groupcover.keyrelease import KbsClient
 from orchestrator.attest import kbs
+from orchestrator.attest.broker import make_server, serve_in_thread
+from tests.unit import test_attest_broker as base
+from tests.unit.test_attest_broker import MODEL_KEY, RESOURCE, tsm
 
-# the fixtures world and chain (a parameter of the same name is their use: noqa F811)
-from tests.unit.test_attest_broker import (  # noqa: F401
-    MODEL_KEY,
-    RESOURCE,
-    chain,
-    tsm,
-    world,
-)
+chain = base.chain  # the fixtures, shared with the protocol's own tests
+world = base.world
 
 AUTH = json.dumps({"version": "0.1.1", "tee": "snp", "extra-params": ""}).encode()
 
 
-def test_an_auth_flood_holds_no_state_and_a_guest_still_gets_its_key(world, chain) -> None:  # noqa: F811
+def test_an_auth_flood_holds_no_state_and_a_guest_still_gets_its_key(world, chain) -> None:
     broker = world["broker"]
     for _ in range(kbs.MAX_SESSIONS + 1000):  # more challenges than any table would hold
         broker.auth(AUTH, "127.0.0.1")
@@ -31,7 +32,7 @@ def test_an_auth_flood_holds_no_state_and_a_guest_still_gets_its_key(world, chai
     assert release.secret == MODEL_KEY and release.attested
 
 
-def test_a_forged_or_altered_challenge_is_no_session(world) -> None:  # noqa: F811
+def test_a_forged_or_altered_challenge_is_no_session(world) -> None:
     from tests.unit.test_attest_broker import auth, post
 
     _, cookie = auth(world["url"])
@@ -41,3 +42,89 @@ def test_a_forged_or_altered_challenge_is_no_session(world) -> None:  # noqa: F8
         status, error, _ = post(world["url"], "/kbs/v0/attest", {}, f"{name}={value}")
         assert status == 401 and error["detail"].startswith("no such session"), error
     assert not world["broker"]._sessions and not world["broker"]._challenges._consumed
+
+
+# --- slow and many connections ----------------------------------------------------------------
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the server has closed this connection (EOF or reset)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(4096) == b""  # a 503 or 408 still means it was cut: read again later
+    except OSError:
+        return True
+
+
+def test_slow_clients_are_cut_at_the_deadline_and_a_guest_gets_through(
+    world,
+    chain,
+    capfd,
+) -> None:
+    server = serve_in_thread(world["broker"], "127.0.0.1", 0)
+    server.request_deadline_s = 2.0
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    head = b"POST /kbs/v0/auth HTTP/1.1\r\nHost: b\r\nContent-Length: 64\r\n\r\n" + b"{" * 64
+    slow = [socket.create_connection(server.server_address, timeout=5) for _ in range(6)]
+    start = time.monotonic()
+    cut: dict[int, float] = {}
+    try:
+        for second in range(8):  # one byte a second on each socket, never finishing
+            for i, sock in enumerate(slow):
+                if i in cut:
+                    continue
+                if _closed(sock):
+                    cut[i] = time.monotonic() - start
+                    continue
+                try:
+                    sock.send(head[second : second + 1])
+                except OSError:
+                    cut[i] = time.monotonic() - start
+            if second == 1:  # meanwhile a genuine guest gets its key
+                release = KbsClient(url, tsm(world["tmp"], chain), timeout=10).get_resource(
+                    RESOURCE
+                )
+                assert release.secret == MODEL_KEY
+            if len(cut) == len(slow):
+                break
+            time.sleep(1)
+    finally:
+        for sock in slow:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+    assert len(cut) == len(slow), f"slow clients still connected after 8 s: cut {cut}"
+    assert max(cut.values()) < 2.0 + 3.0  # the deadline, and the test's one-second steps
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_connections_beyond_the_cap_are_refused_and_threads_stay_bounded(
+    world,
+    chain,
+    capfd,
+) -> None:
+    server = make_server(world["broker"], "127.0.0.1", 0, max_connections=4)
+    server.request_deadline_s = 2.0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    before = threading.active_count()
+    held = [socket.create_connection(server.server_address, timeout=5) for _ in range(4)]
+    extra = [socket.create_connection(server.server_address, timeout=5) for _ in range(20)]
+    try:
+        time.sleep(0.5)
+        assert threading.active_count() <= before + 4
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and not all(_closed(s) for s in extra):
+            time.sleep(0.2)  # refused at once or after a brief wait, never served
+        assert all(_closed(s) for s in extra)
+        time.sleep(2.5)  # the held ones reach their deadline: their slots come back
+        release = KbsClient(url, tsm(world["tmp"], chain), timeout=10).get_resource(RESOURCE)
+        assert release.secret == MODEL_KEY
+    finally:
+        for sock in held + extra:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+    assert "Traceback" not in capfd.readouterr().err
