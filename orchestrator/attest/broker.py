@@ -28,15 +28,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from orchestrator.attest.kbs import (
-    ERROR_TYPE_PREFIX,
     INSECURE_LABEL,
     MAX_BODY,
     SESSION_COOKIE,
     Broker,
-    Refusal,
     Session,
     log,
 )
+from orchestrator.attest.request import ERROR_TYPE_PREFIX, Refusal
 from orchestrator.errors import GcvmError
 
 __all__ = ["INSECURE_LABEL", "Broker", "make_server", "serve_in_thread"]
@@ -168,8 +167,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> bytes:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None:
             raise Refusal(HTTPStatus.LENGTH_REQUIRED, "InvalidRequest", "Content-Length required")
+        if not (length.isascii() and length.isdigit() and len(length) <= 12):
+            raise Refusal(HTTPStatus.BAD_REQUEST, "InvalidRequest", "Content-Length is malformed")
         if int(length) > MAX_BODY:
             raise Refusal(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "InvalidRequest", "request body too large"
@@ -183,7 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             status, body, session = fn()
         except Refusal as exc:
-            if exc.status in (HTTPStatus.LENGTH_REQUIRED, HTTPStatus.REQUEST_ENTITY_TOO_LARGE):
+            if exc.status in (411, 413) or exc.detail.startswith("Content-Length"):
                 self.close_connection = True
             self._send(exc.status, exc.body())
             return

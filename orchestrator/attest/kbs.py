@@ -26,7 +26,6 @@ Evidence (`tee-evidence`, or its `primary_evidence`):
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime as dt
 import hashlib
 import json
@@ -50,11 +49,16 @@ from orchestrator.attest.common import (
     expected_report_data,
 )
 from orchestrator.attest.policy import Policy
+from orchestrator.attest.request import (
+    Refusal,
+    b64decode,
+    json_object,
+    tee_pubkey,
+)
 from orchestrator.errors import UsageError
 
 log = logging.getLogger("gcvm.broker")
 
-ERROR_TYPE_PREFIX = "https://github.com/confidential-containers/kbs/errors"
 PROTOCOL_VERSIONS = ("0.1.0", "0.1.1", "0.2.0", "0.3.0", "0.4.0")
 SESSION_COOKIE = "kbs-session-id"
 INSECURE_LABEL = "model key released without attestation"
@@ -63,19 +67,6 @@ MAX_SESSIONS = 4096  # attested sessions (and nonces consumed) within their life
 MAX_SEEN = 1 << 16  # digests of verified reports remembered to name replays
 KNOWN_TEES = ("snp", "tdx", "sample")
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one part of <repo>/<type>/<tag>
-
-
-class Refusal(Exception):
-    """A request the broker refuses: HTTP status, ErrorInformation type, reason for the client."""
-
-    def __init__(self, status: HTTPStatus, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.kind = kind
-        self.detail = detail
-
-    def body(self) -> dict[str, str]:
-        return {"type": f"{ERROR_TYPE_PREFIX}/{self.kind}", "detail": self.detail}
 
 
 @dataclass
@@ -89,18 +80,6 @@ class Session:
     claims: dict[str, Any] = field(default_factory=dict)
     attested: bool = False  # False: released without attestation (insecure mode)
     peer: str = ""  # the client's address (from the HTTP connection)
-
-
-def _b64decode(text: Any, what: str) -> bytes:
-    if not isinstance(text, str):
-        raise BadEvidence(f"{what} must be a base64 string")
-    try:
-        padded = text + "=" * (-len(text) % 4)
-        if "-" in text or "_" in text:
-            return base64.urlsafe_b64decode(padded)
-        return base64.b64decode(padded, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadEvidence(f"{what} is not base64") from None
 
 
 def _b64url(data: bytes) -> str:
@@ -167,7 +146,7 @@ class Broker:
     # --- /kbs/v0/auth ----------------------------------------------------------------------
     def auth(self, body: bytes, peer: str = "") -> tuple[Session, dict[str, Any]]:
         self._request.peer = peer
-        request = self._json(body, "Request")
+        request = json_object(body, "Request")
         version = request.get("version")
         tee = request.get("tee")
         if version not in PROTOCOL_VERSIONS:
@@ -232,7 +211,7 @@ class Broker:
                 session,
             )  # fmt: skip
         try:
-            attestation = self._json(body, "Attestation")
+            attestation = json_object(body, "Attestation")
             runtime = attestation.get("runtime-data")
             if not isinstance(runtime, dict):
                 raise BadEvidence("Attestation has no runtime-data object")
@@ -241,7 +220,7 @@ class Broker:
                     HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
                     "the nonce in runtime-data is not this session's nonce",
                 )  # fmt: skip
-            pubkey = self._tee_pubkey(runtime.get("tee-pubkey"))
+            pubkey = tee_pubkey(runtime.get("tee-pubkey"))
             if session.tee == "sample":
                 claims: dict[str, Any] = {"attestation": "none", "warning": INSECURE_LABEL}
                 attested = False
@@ -285,24 +264,6 @@ class Broker:
                         INSECURE_LABEL)  # fmt: skip
         return session, {"token": token}
 
-    def _tee_pubkey(self, value: Any) -> dict[str, Any]:
-        from jwcrypto import jwk
-
-        if not isinstance(value, dict):
-            raise BadEvidence("runtime-data has no tee-pubkey JWK")
-        if "d" in value or "p" in value:
-            raise BadEvidence("tee-pubkey holds private key material")
-        kty = value.get("kty")
-        if kty == "EC" and value.get("crv") not in ("P-256", "P-384", "P-521"):
-            raise BadEvidence(f"tee-pubkey curve {value.get('crv')!r} is not P-256/384/521")
-        if kty not in ("EC", "RSA"):
-            raise BadEvidence(f"tee-pubkey kty {kty!r} is not EC or RSA")
-        try:
-            jwk.JWK(**{k: v for k, v in value.items() if k in ("kty", "crv", "x", "y", "n", "e")})
-        except Exception as exc:  # jwcrypto raises several types for a bad key
-            raise BadEvidence(f"tee-pubkey is not a valid JWK ({exc})") from None
-        return value
-
     def _verify(
         self, session: Session, runtime: dict[str, Any], pubkey: dict[str, Any], evidence: Any
     ) -> dict[str, Any]:
@@ -317,11 +278,11 @@ class Broker:
             if not isinstance(evidence, dict):
                 raise BadEvidence("primary_evidence is not an object")
         if session.tee == "snp":
-            raw = _b64decode(evidence.get("attestation_report"), "attestation_report")
+            raw = b64decode(evidence.get("attestation_report"), "attestation_report")
             self._replay_check(raw)
             verdict = self._verify_snp(raw, evidence.get("cert_chain"))
         else:
-            raw = _b64decode(evidence.get("quote"), "quote")
+            raw = b64decode(evidence.get("quote"), "quote")
             self._replay_check(raw)
             verdict = self._verify_tdx(raw)
         if verdict.verified:  # its signature holds: a second presentation is a replay
@@ -366,7 +327,7 @@ class Broker:
                 if not isinstance(entry, dict):
                     raise BadEvidence("cert_chain entries are objects {cert_type, data}")
                 kind = str(entry.get("cert_type", "")).upper()
-                entries.append((kind, _b64decode(entry.get("data"), f"cert_chain {kind}")))
+                entries.append((kind, b64decode(entry.get("data"), f"cert_chain {kind}")))
             certs.extend(snp.SnpCerts.from_table(entries))
         now = (
             dt.datetime.fromtimestamp(self.verify_time, dt.UTC)
@@ -477,18 +438,6 @@ class Broker:
         return session.tee_pubkey, session.attested, f"session {session.id[:8]}", session.claims
 
     # --- helpers -----------------------------------------------------------------------------
-    @staticmethod
-    def _json(body: bytes, what: str) -> dict[str, Any]:
-        try:
-            value = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise Refusal(
-                HTTPStatus.UNAUTHORIZED, "InvalidRequest", f"{what} is not JSON"
-            ) from None
-        if not isinstance(value, dict):
-            raise Refusal(HTTPStatus.UNAUTHORIZED, "InvalidRequest", f"{what} is not an object")
-        return value
-
     def _refuse(
         self, step: str, status: HTTPStatus, kind: str, detail: str, session: Session | None = None
     ) -> Refusal:

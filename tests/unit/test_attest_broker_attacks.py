@@ -5,11 +5,14 @@ traceback)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import select
 import socket
 import threading
 import time
+
+import pytest
 
 from groupcover.keyrelease import KbsClient
 from orchestrator.attest import kbs
@@ -128,3 +131,94 @@ def test_connections_beyond_the_cap_are_refused_and_threads_stay_bounded(
         server.shutdown()
         server.server_close()
     assert "Traceback" not in capfd.readouterr().err
+
+
+# --- malformed input: a 400 and one line, never a 500 or a traceback ---------------------------
+
+
+def _raw(url: str, head: bytes, body: bytes = b"") -> int:
+    """Send bytes as they are (no client library would send these) and return the status."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize(
+    ("length", "body"),
+    [
+        ("²".encode("latin-1"), b""),  # str.isdigit() says yes, int() says no
+        (b"9" * 5000, b""),  # more digits than int() converts
+        (str(200_000 * 2).encode(), b"[" * 200_000 + b"]" * 200_000),  # nested 200,000 deep
+    ],
+    ids=["unicode-digit", "5000-digits", "deep-json"],
+)
+def test_malformed_requests_get_a_400_without_a_traceback(world, length, body, capfd) -> None:
+    head = b"POST /kbs/v0/auth HTTP/1.1\r\nHost: b\r\nContent-Length: " + length + b"\r\n\r\n"
+    assert _raw(world["url"], head, body) == 400
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_tee_pubkey_off_its_curve_is_refused_at_attest(world, chain) -> None:
+    from groupcover.keyrelease import report_data_for
+    from groupcover.keyrelease.jwe import EphemeralKey
+    from tests.unit.test_attest_broker import auth, post
+
+    nonce, cookie = auth(world["url"])
+    pubkey = EphemeralKey().public_jwk
+    y = int.from_bytes(base64.urlsafe_b64decode(pubkey["y"] + "=="), "big") ^ 1
+    pubkey["y"] = base64.urlsafe_b64encode(y.to_bytes(32, "big")).rstrip(b"=").decode()
+    report = chain.report(report_data_for(nonce, pubkey))  # genuine evidence for a bad key
+    body = {
+        "runtime-data": {"nonce": nonce, "tee-pubkey": pubkey},
+        "tee-evidence": {"attestation_report": base64.b64encode(report).decode()},
+    }
+    status, error, _ = post(world["url"], "/kbs/v0/attest", body, cookie)
+    assert status == 400 and "not on the curve" in error["detail"], error
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"nonce_ttl_s": float("nan")}, "nonce_ttl_s must be a positive number"),
+        ({"nonce_ttl_s": "soon"}, "nonce_ttl_s must be a positive number"),
+        ({"token_ttl_s": -1}, "token_ttl_s must be a positive number"),
+        ({"snp": {"vmpl": None}}, "snp.vmpl must be a list"),
+        ({"snp": {"vmpl": 0}}, "snp.vmpl must be a list"),
+        ({"snp": {"vmpl": [7]}}, "snp.vmpl must be a list"),
+        ({"snp": {"min_tcb": {"tee": "x"}}}, "snp.min_tcb.tee must be an integer"),
+        ({"snp": "yes"}, "snp must be a mapping"),
+        ({"snp": {"measurements": [1]}}, "snp.measurements"),
+        ({"tdx": {"accepted_tcb_status": 5}}, "tdx.accepted_tcb_status must be a list"),
+        ({"tdx": {"rtmrs": "x"}}, "tdx.rtmrs must be a list"),
+        ({"resources": ["a/b/c"]}, "resources must be a mapping"),
+        ({"snp": {"certs": 5}}, "snp.certs must be a path"),
+    ],
+)
+def test_policy_values_of_the_wrong_type_are_usage_errors(tmp_path, data, message) -> None:
+    from orchestrator.attest.policy import parse_policy
+    from orchestrator.errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        parse_policy(data, tmp_path)
+    assert message in info.value.message
+
+
+def test_broker_serve_exits_2_on_a_bad_policy(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "policy.yaml").write_text("nonce_ttl_s: .nan\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "broker", "serve", "--listen", "127.0.0.1:0",
+         "--policy", str(tmp_path / "policy.yaml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and "nonce_ttl_s" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
