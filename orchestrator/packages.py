@@ -451,6 +451,7 @@ class RunBroker:
         self.thread: threading.Thread | None = None
         self._handlers: list[logging.Handler] = []
         self.decisions: list[dict[str, Any]] = []  # the broker's, kept after `stop`
+        self._url: str | None = None  # where it listened, kept after `stop` (for the record)
 
     @property
     def insecure(self) -> bool:
@@ -458,8 +459,8 @@ class RunBroker:
 
     @property
     def url(self) -> str:
-        assert self.server is not None, "broker not started"
-        return f"http://{self.host}:{self.server.server_address[1]}"
+        assert self._url is not None, "broker not started"
+        return self._url
 
     def argv(self) -> list[str]:
         """The equivalent `gcvm broker serve` command line (printed, and in the results)."""
@@ -503,6 +504,7 @@ class RunBroker:
         server.server_address = sock.getsockname()
         server.broker = broker
         self.server = server
+        self._url = f"http://{self.host}:{server.server_address[1]}"
         self.thread = threading.Thread(target=server.serve_forever, name="gcvm-run-broker",
                                        kwargs={"poll_interval": 0.2}, daemon=True)  # fmt: skip
         self.thread.start()

@@ -5,12 +5,22 @@ its endpoints, evidence and errors, is `orchestrator.attest.kbs`).
 
 A refused request gets Trustee's ErrorInformation JSON with its status; a bug in a handler gets a
 500, never the server's end. The session is the `kbs-session-id` cookie.
+
+Limits against slow or many clients: a request (its line, headers and body) must arrive within
+`REQUEST_DEADLINE_S` of the server starting to wait for it, whatever the pace of its bytes; at most
+`MAX_CONNECTIONS` connections are served at once (one thread each), a connection beyond waits
+`QUEUE_WAIT_S` for a slot and is then refused with a 503. A client that goes away or runs out of
+time costs one log line, never a traceback.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import socket
+import sys
 import threading
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
@@ -18,31 +28,114 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from orchestrator.attest.kbs import (
-    ERROR_TYPE_PREFIX,
     INSECURE_LABEL,
     MAX_BODY,
     SESSION_COOKIE,
     Broker,
-    Refusal,
     Session,
     log,
 )
+from orchestrator.attest.request import ERROR_TYPE_PREFIX, Refusal
 from orchestrator.errors import GcvmError
 
 __all__ = ["INSECURE_LABEL", "Broker", "make_server", "serve_in_thread"]
+
+
+REQUEST_DEADLINE_S = 10.0  # request line + headers + body, in all
+MAX_CONNECTIONS = 64  # served at once, one thread each
+QUEUE_WAIT_S = 0.5  # how long a connection beyond the cap waits for a slot
+WRITE_TIMEOUT_S = 10.0  # per send of an answer
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\n\r\n"
+)
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     broker: Broker
+    request_deadline_s = REQUEST_DEADLINE_S
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler] | None = None,
+        bind_and_activate: bool = True,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        super().__init__(address, handler or _Handler, bind_and_activate)
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(timeout=QUEUE_WAIT_S):
+            log.warning("connection from %s refused: every connection slot is busy",
+                        client_address[0])  # fmt: skip
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One line, no traceback: a client that went away or ran out of time is routine."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.info("connection from %s ended: %s", client_address[0], type(exc).__name__)
+        else:
+            log.error("connection from %s failed: %s: %s", client_address[0],
+                      type(exc).__name__, str(exc)[:200])  # fmt: skip
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket's bytes, each read bounded by what is left of the request's deadline."""
+
+    def __init__(self, sock: socket.socket, handler: _Handler) -> None:
+        self._sock = sock
+        self._handler = handler
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._handler.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request's deadline passed")
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(WRITE_TIMEOUT_S)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
-    timeout = 30  # seconds a client may take to send its request
+    timeout = WRITE_TIMEOUT_S  # the socket's timeout between reads (a read sets its own)
     server_version = "gcvm-broker"
+    deadline = 0.0  # time.monotonic() by which the current request must have arrived
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
+
+    def handle_one_request(self) -> None:
+        self.deadline = time.monotonic() + self.server.request_deadline_s
+        super().handle_one_request()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -74,21 +167,30 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> bytes:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None:
             raise Refusal(HTTPStatus.LENGTH_REQUIRED, "InvalidRequest", "Content-Length required")
+        if not (length.isascii() and length.isdigit() and len(length) <= 12):
+            raise Refusal(HTTPStatus.BAD_REQUEST, "InvalidRequest", "Content-Length is malformed")
         if int(length) > MAX_BODY:
             raise Refusal(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "InvalidRequest", "request body too large"
             )
-        return self.rfile.read(int(length))
+        body = self.rfile.read(int(length))
+        if len(body) != int(length):
+            raise ConnectionError("the client closed before sending its whole body")
+        return body
 
     def _handle(self, fn: Callable[[], tuple[int, dict[str, Any], Session | None]]) -> None:
         try:
             status, body, session = fn()
         except Refusal as exc:
-            if exc.status in (HTTPStatus.LENGTH_REQUIRED, HTTPStatus.REQUEST_ENTITY_TOO_LARGE):
+            if exc.status in (411, 413) or exc.detail.startswith("Content-Length"):
                 self.close_connection = True
             self._send(exc.status, exc.body())
+            return
+        except (TimeoutError, ConnectionError) as exc:  # the client's doing: drop it, quietly
+            log.info("request from %s dropped: %s", self.client_address[0], exc)
+            self.close_connection = True
             return
         except Exception as exc:  # a bug must not kill the server; the client gets a 500
             log.exception("internal error")
@@ -127,10 +229,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle(run)
 
 
-def make_server(broker: Broker, host: str, port: int) -> _Server:
+def make_server(
+    broker: Broker, host: str, port: int, max_connections: int = MAX_CONNECTIONS
+) -> _Server:
     """An HTTP server bound to `host:port` only (port 0: any free port)."""
     try:
-        server = _Server((host, port), _Handler)
+        server = _Server((host, port), max_connections=max_connections)
     except OSError as exc:
         raise GcvmError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     server.broker = broker

@@ -10,7 +10,9 @@ Trustee can replace it (HTTP: `orchestrator.attest.broker`).
 
 The evidence's report data must be SHA-384 of the canonical JSON of {"nonce", "tee-pubkey"},
 zero-padded to 64 bytes (Trustee >= 0.4 also hashes "additional-evidence" with them; both forms are
-accepted). Nonces are single-use and expire after `nonce_ttl_s`. Errors are Trustee's
+accepted). Nonces are single-use and expire after `nonce_ttl_s`; a challenge is held by the client
+(a MAC'd token, `orchestrator.attest.challenge`), so the broker keeps state only for a guest whose
+evidence verified. Errors are Trustee's
 ErrorInformation JSON {"type", "detail"}: 401 for a refused request or attestation, 403 for a
 resource the session may not have, 404 for an unknown resource. Every decision is logged.
 
@@ -24,13 +26,11 @@ Evidence (`tee-evidence`, or its `primary_evidence`):
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime as dt
 import hashlib
 import json
 import logging
 import re
-import secrets
 import threading
 import time
 from collections import deque
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.attest import snp, tdx
+from orchestrator.attest.challenge import Challenges
 from orchestrator.attest.common import (
     BadEvidence,
     Verdict,
@@ -48,58 +49,37 @@ from orchestrator.attest.common import (
     expected_report_data,
 )
 from orchestrator.attest.policy import Policy
+from orchestrator.attest.request import (
+    Refusal,
+    b64decode,
+    json_object,
+    tee_pubkey,
+)
 from orchestrator.errors import UsageError
 
 log = logging.getLogger("gcvm.broker")
 
-ERROR_TYPE_PREFIX = "https://github.com/confidential-containers/kbs/errors"
 PROTOCOL_VERSIONS = ("0.1.0", "0.1.1", "0.2.0", "0.3.0", "0.4.0")
 SESSION_COOKIE = "kbs-session-id"
 INSECURE_LABEL = "model key released without attestation"
 MAX_BODY = 4 << 20
-MAX_SESSIONS = 4096
+MAX_SESSIONS = 4096  # attested sessions (and nonces consumed) within their lifetime
 MAX_SEEN = 1 << 16  # digests of verified reports remembered to name replays
 KNOWN_TEES = ("snp", "tdx", "sample")
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one part of <repo>/<type>/<tag>
 
 
-class Refusal(Exception):
-    """A request the broker refuses: HTTP status, ErrorInformation type, reason for the client."""
-
-    def __init__(self, status: HTTPStatus, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.kind = kind
-        self.detail = detail
-
-    def body(self) -> dict[str, str]:
-        return {"type": f"{ERROR_TYPE_PREFIX}/{self.kind}", "detail": self.detail}
-
-
 @dataclass
 class Session:
-    id: str
+    id: str  # the challenge token (the kbs-session-id cookie)
     tee: str
     nonce: str
-    created: float
-    nonce_used: bool = False
+    created: float  # when the nonce was issued
     attested_until: float | None = None
     tee_pubkey: dict[str, Any] | None = None
     claims: dict[str, Any] = field(default_factory=dict)
     attested: bool = False  # False: released without attestation (insecure mode)
     peer: str = ""  # the client's address (from the HTTP connection)
-
-
-def _b64decode(text: Any, what: str) -> bytes:
-    if not isinstance(text, str):
-        raise BadEvidence(f"{what} must be a base64 string")
-    try:
-        padded = text + "=" * (-len(text) % 4)
-        if "-" in text or "_" in text:
-            return base64.urlsafe_b64decode(padded)
-        return base64.b64decode(padded, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadEvidence(f"{what} is not base64") from None
 
 
 def _b64url(data: bytes) -> str:
@@ -131,7 +111,8 @@ class Broker:
         self.clock = clock
         self.tdx_verifier = tdx_verifier
         self.verify_time = verify_time  # fixed "now" for certificates and collateral (tests)
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[str, Session] = {}  # attested sessions only
+        self._challenges = Challenges(MAX_SESSIONS)
         # every decision (attest accepted/refused, resource released/refused), newest last
         self.decisions: deque[dict[str, Any]] = deque(maxlen=MAX_SESSIONS)
         self.policy_digest = _file_digest(policy.source)
@@ -165,7 +146,7 @@ class Broker:
     # --- /kbs/v0/auth ----------------------------------------------------------------------
     def auth(self, body: bytes, peer: str = "") -> tuple[Session, dict[str, Any]]:
         self._request.peer = peer
-        request = self._json(body, "Request")
+        request = json_object(body, "Request")
         version = request.get("version")
         tee = request.get("tee")
         if version not in PROTOCOL_VERSIONS:
@@ -190,28 +171,13 @@ class Broker:
                 "auth", HTTPStatus.UNAUTHORIZED, "RcarAuthFailed",
                 f"the broker's policy has no {tee} section: no {tee} guest is accepted",
             )  # fmt: skip
-        now = self.clock()
-        session = Session(
-            id=secrets.token_urlsafe(24),
-            tee=tee,
-            nonce=base64.b64encode(secrets.token_bytes(32)).decode(),
-            created=now,
-            peer=peer,
-        )
-        with self._lock:
-            self._purge(now)
-            if len(self._sessions) >= MAX_SESSIONS:
-                raise self._refuse(
-                    "auth", HTTPStatus.SERVICE_UNAVAILABLE, "RcarAuthFailed",
-                    "too many open sessions",
-                )  # fmt: skip
-            self._sessions[session.id] = session
+        challenge = self._challenges.issue(tee, self.clock())  # held by the client, not here
+        session = Session(challenge.token, tee, challenge.nonce, challenge.issued, peer=peer)
         log.info("auth: session %s for a %s guest, nonce issued", session.id[:8], tee)
         return session, {"nonce": session.nonce, "extra-params": ""}
 
     def _purge(self, now: float) -> None:
-        horizon = self.policy.nonce_ttl_s + self.policy.token_ttl_s + 60
-        for sid in [s.id for s in self._sessions.values() if now - s.created > horizon]:
+        for sid in [s.id for s in self._sessions.values() if now > (s.attested_until or 0) + 60]:
             del self._sessions[sid]
         if len(self._seen) > MAX_SEEN:  # old reports cannot bind a new nonce anyway
             for digest in list(self._seen)[: MAX_SEEN // 2]:
@@ -223,29 +189,29 @@ class Broker:
     ) -> tuple[Session, dict[str, Any]]:
         self._request.peer = peer
         now = self.clock()
-        with self._lock:
-            session = self._sessions.get(session_id or "")
-            if session is None:
-                raise self._refuse(
-                    "attest", HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
-                    "no such session: POST /kbs/v0/auth first (cookie kbs-session-id)",
-                )  # fmt: skip
-            if session.nonce_used:
-                raise self._refuse(
-                    "attest", HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
-                    "nonce already used: each challenge takes one attestation, ask for a new one",
-                    session,
-                )  # fmt: skip
-            session.nonce_used = True  # single use, whatever the outcome
-            if now - session.created > self.policy.nonce_ttl_s:
-                raise self._refuse(
-                    "attest", HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
-                    f"nonce expired ({now - session.created:.0f} s old, lifetime "
-                    f"{self.policy.nonce_ttl_s:.0f} s)",
-                    session,
-                )  # fmt: skip
+        challenge = self._challenges.open(session_id)
+        if challenge is None:
+            raise self._refuse(
+                "attest", HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
+                "no such session: POST /kbs/v0/auth first (cookie kbs-session-id)",
+            )  # fmt: skip
+        session = Session(challenge.token, challenge.tee, challenge.nonce, challenge.issued,
+                          peer=peer)  # fmt: skip
+        if self._challenges.consumed(challenge.nonce):
+            raise self._refuse(
+                "attest", HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
+                "nonce already used: each challenge takes one attestation, ask for a new one",
+                session,
+            )  # fmt: skip
+        if not now - session.created <= self.policy.nonce_ttl_s:
+            raise self._refuse(
+                "attest", HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
+                f"nonce expired ({now - session.created:.0f} s old, lifetime "
+                f"{self.policy.nonce_ttl_s:.0f} s)",
+                session,
+            )  # fmt: skip
         try:
-            attestation = self._json(body, "Attestation")
+            attestation = json_object(body, "Attestation")
             runtime = attestation.get("runtime-data")
             if not isinstance(runtime, dict):
                 raise BadEvidence("Attestation has no runtime-data object")
@@ -254,7 +220,7 @@ class Broker:
                     HTTPStatus.UNAUTHORIZED, "RcarAttestFailed",
                     "the nonce in runtime-data is not this session's nonce",
                 )  # fmt: skip
-            pubkey = self._tee_pubkey(runtime.get("tee-pubkey"))
+            pubkey = tee_pubkey(runtime.get("tee-pubkey"))
             if session.tee == "sample":
                 claims: dict[str, Any] = {"attestation": "none", "warning": INSECURE_LABEL}
                 attested = False
@@ -267,11 +233,25 @@ class Broker:
             ) from None
         except Refusal as exc:
             raise self._refuse("attest", exc.status, exc.kind, exc.detail, session) from None
+        # state only now that the evidence verified: the nonce consumed, the attested session
+        used = self._challenges.consume(challenge, session.created + self.policy.nonce_ttl_s, now)
+        if used is not None:
+            status = HTTPStatus.SERVICE_UNAVAILABLE
+            if "already" in used:
+                status = HTTPStatus.UNAUTHORIZED
+            raise self._refuse("attest", status, "RcarAttestFailed", used, session)
+        session.tee_pubkey = pubkey
+        session.claims = claims
+        session.attested = attested
+        session.attested_until = now + self.policy.token_ttl_s
         with self._lock:
-            session.tee_pubkey = pubkey
-            session.claims = claims
-            session.attested = attested
-            session.attested_until = now + self.policy.token_ttl_s
+            self._purge(now)
+            if len(self._sessions) >= MAX_SESSIONS:
+                raise self._refuse(
+                    "attest", HTTPStatus.SERVICE_UNAVAILABLE, "RcarAttestFailed",
+                    "too many attested sessions: try again later", session,
+                )  # fmt: skip
+            self._sessions[session.id] = session
         token = self._token(session, now)
         self._decide("attest", "accepted", session, attested=attested, evaluation=claims)
         if attested:
@@ -283,24 +263,6 @@ class Broker:
             log.warning("attest ACCEPTED without evidence: session %s (%s)", session.id[:8],
                         INSECURE_LABEL)  # fmt: skip
         return session, {"token": token}
-
-    def _tee_pubkey(self, value: Any) -> dict[str, Any]:
-        from jwcrypto import jwk
-
-        if not isinstance(value, dict):
-            raise BadEvidence("runtime-data has no tee-pubkey JWK")
-        if "d" in value or "p" in value:
-            raise BadEvidence("tee-pubkey holds private key material")
-        kty = value.get("kty")
-        if kty == "EC" and value.get("crv") not in ("P-256", "P-384", "P-521"):
-            raise BadEvidence(f"tee-pubkey curve {value.get('crv')!r} is not P-256/384/521")
-        if kty not in ("EC", "RSA"):
-            raise BadEvidence(f"tee-pubkey kty {kty!r} is not EC or RSA")
-        try:
-            jwk.JWK(**{k: v for k, v in value.items() if k in ("kty", "crv", "x", "y", "n", "e")})
-        except Exception as exc:  # jwcrypto raises several types for a bad key
-            raise BadEvidence(f"tee-pubkey is not a valid JWK ({exc})") from None
-        return value
 
     def _verify(
         self, session: Session, runtime: dict[str, Any], pubkey: dict[str, Any], evidence: Any
@@ -316,11 +278,11 @@ class Broker:
             if not isinstance(evidence, dict):
                 raise BadEvidence("primary_evidence is not an object")
         if session.tee == "snp":
-            raw = _b64decode(evidence.get("attestation_report"), "attestation_report")
+            raw = b64decode(evidence.get("attestation_report"), "attestation_report")
             self._replay_check(raw)
             verdict = self._verify_snp(raw, evidence.get("cert_chain"))
         else:
-            raw = _b64decode(evidence.get("quote"), "quote")
+            raw = b64decode(evidence.get("quote"), "quote")
             self._replay_check(raw)
             verdict = self._verify_tdx(raw)
         if verdict.verified:  # its signature holds: a second presentation is a replay
@@ -365,7 +327,7 @@ class Broker:
                 if not isinstance(entry, dict):
                     raise BadEvidence("cert_chain entries are objects {cert_type, data}")
                 kind = str(entry.get("cert_type", "")).upper()
-                entries.append((kind, _b64decode(entry.get("data"), f"cert_chain {kind}")))
+                entries.append((kind, b64decode(entry.get("data"), f"cert_chain {kind}")))
             certs.extend(snp.SnpCerts.from_table(entries))
         now = (
             dt.datetime.fromtimestamp(self.verify_time, dt.UTC)
@@ -476,18 +438,6 @@ class Broker:
         return session.tee_pubkey, session.attested, f"session {session.id[:8]}", session.claims
 
     # --- helpers -----------------------------------------------------------------------------
-    @staticmethod
-    def _json(body: bytes, what: str) -> dict[str, Any]:
-        try:
-            value = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise Refusal(
-                HTTPStatus.UNAUTHORIZED, "InvalidRequest", f"{what} is not JSON"
-            ) from None
-        if not isinstance(value, dict):
-            raise Refusal(HTTPStatus.UNAUTHORIZED, "InvalidRequest", f"{what} is not an object")
-        return value
-
     def _refuse(
         self, step: str, status: HTTPStatus, kind: str, detail: str, session: Session | None = None
     ) -> Refusal:

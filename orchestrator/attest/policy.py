@@ -18,11 +18,13 @@ resources:
   gcvm/model/key: model.key                    # <repository>/<type>/<tag>: file
 ```
 Debug guests are always refused (there is no switch). Relative paths are from the file's folder.
+Every value is checked on load (type, range): a wrong one is a one-line error naming its field.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +73,9 @@ def _hexes(values: Any, what: str, size: int = 48) -> list[str]:
         raise UsageError(f"policy: {what} must be a list of hex strings")
     out = []
     for v in values:
-        text = str(v).strip().lower().removeprefix("0x")
+        if not isinstance(v, str):
+            raise UsageError(f"policy: {what} entry {v!r} is not a hex string")
+        text = v.strip().lower().removeprefix("0x")
         try:
             raw = bytes.fromhex(text)
         except ValueError:
@@ -80,6 +84,39 @@ def _hexes(values: Any, what: str, size: int = 48) -> list[str]:
             raise UsageError(f"policy: {what} entry has {len(raw)} bytes, expected {size}")
         out.append(raw.hex())
     return out
+
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise UsageError(f"policy: {what} must be a mapping")
+    return value
+
+
+def _list(value: Any, what: str, kind: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise UsageError(f"policy: {what} must be a list of {kind}")
+    return value
+
+
+def _integer(value: Any, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UsageError(f"policy: {what} must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def _seconds(data: dict[str, Any], key: str, default: float) -> float:
+    value = data.get(key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or not 0 < value <= 86400:
+        raise UsageError(f"policy: {key} must be a positive number of seconds (at most a day), "
+                         f"not {value!r}")  # fmt: skip
+    return float(value)
+
+
+def _path(value: Any, what: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"policy: {what} must be a path, not {value!r}")
+    return value
 
 
 def _only(section: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -104,43 +141,59 @@ def parse_policy(data: Any, base: Path, source: str = "<dict>") -> Policy:
     if not isinstance(data, dict):
         raise UsageError(f"policy {source} is not a mapping")
     _only(data, {"snp", "tdx", "resources", "nonce_ttl_s", "token_ttl_s"}, "the policy")
-    rel = lambda v: None if v is None else (base / str(v))  # noqa: E731
+
+    def rel(section: dict[str, Any], key: str, where: str) -> Path | None:
+        value = _path(section.get(key), f"{where}.{key}")
+        return None if value is None else base / value
+
     policy = Policy(source=source)
     if (snp := data.get("snp")) is not None:
-        _only(snp, {"measurements", "min_tcb", "vmpl", "certs", "roots", "allow_debug"}, "snp")
+        _only(_mapping(snp, "snp"), {"measurements", "min_tcb", "vmpl", "certs", "roots",
+                                     "allow_debug"}, "snp")  # fmt: skip
         min_tcb = snp.get("min_tcb") or {}
         if not isinstance(min_tcb, dict) or set(min_tcb) - _TCB_KEYS:
             raise UsageError(f"policy: snp.min_tcb takes {', '.join(sorted(_TCB_KEYS))}")
-        vmpl = snp.get("vmpl", [0])
+        vmpls = snp.get("vmpl", [0])
+        if not isinstance(vmpls, list) or not vmpls:  # an empty `vmpl:` would accept any VMPL
+            raise UsageError(f"policy: snp.vmpl must be a list of accepted VMPLs (0-3), not "
+                             f"{vmpls!r}")  # fmt: skip
+        for v in vmpls:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 3:
+                raise UsageError(f"policy: snp.vmpl must be a list of VMPLs 0-3, not {vmpls!r}")
         policy.snp = SnpPolicy(
             measurements=_hexes(snp.get("measurements"), "snp.measurements"),
-            min_tcb={str(k): int(v) for k, v in min_tcb.items()},
-            vmpl=None if vmpl is None else [int(v) for v in vmpl],
-            certs=rel(snp.get("certs")),
-            roots=rel(snp.get("roots")),
+            min_tcb={str(k): _integer(v, f"snp.min_tcb.{k}", 0, 255) for k, v in min_tcb.items()},
+            vmpl=list(vmpls),
+            certs=rel(snp, "certs", "snp"),
+            roots=rel(snp, "roots", "snp"),
             allow_debug=_debug(snp, "snp"),
         )
     if (tdx := data.get("tdx")) is not None:
-        _only(tdx, {"mrtd", "rtmrs", "accepted_tcb_status", "collateral", "allow_debug"}, "tdx")
+        _only(_mapping(tdx, "tdx"), {"mrtd", "rtmrs", "accepted_tcb_status", "collateral",
+                                     "allow_debug"}, "tdx")  # fmt: skip
         rtmrs = []
-        for entry in tdx.get("rtmrs") or []:
+        for entry in _list(tdx.get("rtmrs") or [], "tdx.rtmrs", "4-entry lists"):
             if not isinstance(entry, list) or len(entry) != 4:
                 raise UsageError("policy: each tdx.rtmrs entry is a list of 4 (hex or null)")
             rtmrs.append([None if v is None else _hexes([v], "tdx.rtmrs")[0] for v in entry])
+        statuses = _list(tdx.get("accepted_tcb_status", ["UpToDate"]),
+                         "tdx.accepted_tcb_status", "TCB status names")  # fmt: skip
+        if not all(isinstance(v, str) for v in statuses):
+            raise UsageError("policy: tdx.accepted_tcb_status must be a list of TCB status names")
         policy.tdx = TdxPolicy(
             mrtd=_hexes(tdx.get("mrtd"), "tdx.mrtd"),
             rtmrs=rtmrs,
-            accepted_tcb_status=[str(s) for s in tdx.get("accepted_tcb_status", ["UpToDate"])],
-            collateral=rel(tdx.get("collateral")),
+            accepted_tcb_status=list(statuses),
+            collateral=rel(tdx, "collateral", "tdx"),
             allow_debug=_debug(tdx, "tdx"),
         )
-    for name, path in (data.get("resources") or {}).items():
+    for name, path in _mapping(data.get("resources") or {}, "resources").items():
         parts = str(name).split("/")
         if len(parts) != 3 or not all(p and p not in (".", "..") for p in parts):
             raise UsageError(f"policy: resource {name!r} is not <repository>/<type>/<tag>")
-        policy.resources[str(name)] = base / str(path)
-    policy.nonce_ttl_s = float(data.get("nonce_ttl_s", policy.nonce_ttl_s))
-    policy.token_ttl_s = float(data.get("token_ttl_s", policy.token_ttl_s))
+        policy.resources[str(name)] = base / str(_path(path, f"resource {name}"))
+    policy.nonce_ttl_s = _seconds(data, "nonce_ttl_s", policy.nonce_ttl_s)
+    policy.token_ttl_s = _seconds(data, "token_ttl_s", policy.token_ttl_s)
     return policy
 
 

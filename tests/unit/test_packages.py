@@ -259,6 +259,8 @@ def test_run_broker_releases_this_runs_keys_and_stops(two: tuple[Path, Path],
         prepared = prepare(settings.model_request())
     with pytest.raises(urllib.error.URLError):  # stopped with the run
         urllib.request.urlopen(f"{url}/kbs/v0/auth", timeout=2)
+    # the run's record names where it listened, written after the session has stopped it
+    assert broker.url == url and broker.argv()[:3] == ["gcvm", "broker", "serve"]
     document = launch.run_master(settings, prepared, None,
                                    lambda mode: InProcessTransport(owner=mode))  # fmt: skip
     launch.write_json(document, settings)
