@@ -183,6 +183,10 @@ class Sampler:
         return self
 
     def stop(self) -> dict[str, dict[str, Any]]:
+        """Ends the readings with a last one and sums them up; stopping again (a run verb stops
+        it for its results, its session once more on the way out) reads nothing more."""
+        if self._stop.is_set():
+            return self.usage()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.interval + 5)

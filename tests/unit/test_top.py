@@ -111,6 +111,22 @@ def test_a_reader_that_fails_does_not_stop_the_sampler() -> None:
     assert sampler.stop() == {} and len(calls) >= 2 and "went away" in sampler.error
 
 
+def test_a_second_stop_reads_nothing_more() -> None:
+    """A run verb stops the sampler for its results and its session stops it again on the way
+    out: the second stop must neither read again nor change the usage already reported."""
+    calls: list[int] = []
+
+    def reader() -> dict[str, top.Reading]:
+        calls.append(1)
+        return {}
+
+    sampler = top.Sampler(reader, interval=0.02).start()
+    time.sleep(0.06)
+    first = sampler.stop()
+    read = len(calls)
+    assert sampler.stop() == first and len(calls) == read
+
+
 def test_fake_hypervisor_statistics_grow() -> None:
     hv = FakeHypervisor()
     hv.running.add("a")
