@@ -55,6 +55,8 @@ class Setting:
     action: str | None = None  # "store_true", "append" or "bool" (--flag / --no-flag)
     bounds: tuple[int, int] | None = None  # a master's value must lie in lo..hi
     field: str | None = None
+    render: Callable[[Any], str] = str  # a value as its flag's argument (`type` parses it back)
+    none: str | None = None  # the argument that means None, where None is a choice, not unset
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         options: dict[str, Any] = {"dest": self.dest, "default": self.default, "help": self.help}
@@ -75,12 +77,10 @@ class Setting:
         if self.action == "bool":  # always explicit: the other side's default may differ
             return [self.flag if value else "--no-" + self.flag.removeprefix("--")]
         if value is None:
-            return [] if self.type is not parse_budget else [self.flag, "none"]
+            return [] if self.none is None else [self.flag, self.none]
         if self.action == "append":
-            return [text for item in value for text in (self.flag, str(item))]
-        if self.type is parse_modes:
-            return [self.flag, ",".join(value)]
-        return [self.flag, str(value)]
+            return [text for item in value for text in (self.flag, self.render(item))]
+        return [self.flag, self.render(value)]
 
 
 WORKLOAD: tuple[Setting, ...] = (
@@ -95,12 +95,12 @@ WORKLOAD: tuple[Setting, ...] = (
     Setting("--tee", "tee", None, choices=TEES,
             help="(with --broker) the evidence this guest gives; none: an insecure broker"),
     Setting("--mask-budget", "mask_budget", DEFAULT_MASK_BUDGET_MB, type=parse_budget,
-            field="mask_budget_mb",
+            none="none", field="mask_budget_mb",
             help="MiB of one-time masks drawn ahead, all masked modes together (packages; "
             "'none': one pair per layer and shape, unbounded)"),
     Setting("--pool-compare", "pool_compare", False, action="store_true",
             help="also run each masked mode with the unbounded mask pool, interleaved"),
-    Setting("--modes", "modes", DEFAULT_MODES, type=parse_modes,
+    Setting("--modes", "modes", DEFAULT_MODES, type=parse_modes, render=",".join,
             help="comma-separated modes to run"),
     Setting("--batch", "batch", 8, type=int, bounds=(1, MAX_BATCH), help="samples per forward"),
     Setting("--seq", "seq", 128, type=int, bounds=(1, MAX_SEQ),
