@@ -254,6 +254,8 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> RankSettings:
         extra_key_files=_key_files(args)[1:],
         broker=args.broker,
         tee=args.tee,
+        broker_cert=args.broker_cert,
+        owner_key=args.owner_key,
         packages=tuple(args.packages or ()),
         mask_budget_mb=args.mask_budget,
         pool_compare=args.pool_compare,
@@ -276,6 +278,7 @@ def _bench(args: argparse.Namespace) -> int:
         threads=args.threads, timeout_s=args.timeout, transport=args.transport,
         key_file=_key_files(args)[0] if _key_files(args) else None,
         extra_key_files=_key_files(args)[1:], broker=args.broker, tee=args.tee,
+        broker_cert=args.broker_cert, owner_key=args.owner_key,
         mask_budget_mb=args.mask_budget, pool_compare=args.pool_compare,
     )  # fmt: skip
     probe.validate()

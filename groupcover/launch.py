@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from groupcover import rpc
+from groupcover import rpc, trust
 from groupcover.bench import report
 from groupcover.bench.run import benchmark
 from groupcover.bench.stats import UNBOUNDED
@@ -73,6 +73,9 @@ class RankSettings:
     key_file: Path | None = None  # (master, package) the model key
     broker: str | None = None  # (master, package) ... or released by this KBS broker
     tee: str | None = None  # the evidence given to the broker: none, snp or tdx
+    # (master) pins where the measured boot has none (groupcover.trust: the measured ones win)
+    broker_cert: Path | None = default("broker_cert")  # noqa: RUF009 (None: immutable)
+    owner_key: Path | None = default("owner_key")  # noqa: RUF009 (None: immutable)
     packages: tuple[Path, ...] = ()  # (worker) package folders or published.safetensors files
     extra_models: tuple[str, ...] = ()  # (master) further package folders, after `model`
     extra_key_files: tuple[Path, ...] = ()  # (master) their key files, after `key_file`
@@ -104,6 +107,7 @@ class RankSettings:
             broker=self.broker,
             tee=self.tee,
             mask_budget_mb=self.mask_budget_mb,
+            pins=trust.resolve(self.broker_cert, self.owner_key),
         )
 
     def rendezvous(self) -> Rendezvous:
@@ -146,6 +150,7 @@ class RankSettings:
     def _validate_key(self) -> None:
         source = KeySource(self.key_file, self.broker, self.tee)
         source.validate()
+        trust.resolve(self.broker_cert, self.owner_key)  # a pin the host may not give: now
         if self.mask_budget_mb is not None and self.mask_budget_mb < 0:
             raise UsageError(f"--mask-budget {self.mask_budget_mb} is negative")
         if not is_package(self.model):

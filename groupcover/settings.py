@@ -94,6 +94,13 @@ WORKLOAD: tuple[Setting, ...] = (
             help="(package) release the model key from this KBS broker, http://HOST:PORT"),
     Setting("--tee", "tee", None, choices=TEES,
             help="(with --broker) the evidence this guest gives; none: an insecure broker"),
+    Setting("--broker-cert", "broker_cert", None, type=Path,
+            help="(package) the broker's certificate (PEM/DER) to trust, where the measured "
+            "boot pins none (a VM's kernel command line gcvm.broker_cert= wins; a different one "
+            "is refused)"),
+    Setting("--owner-key", "owner_key", None, type=Path,
+            help="(package) the owner's Ed25519 public key (PEM) every package must be signed "
+            "by, where the measured boot pins none (gcvm.owner_key= wins)"),
     Setting("--mask-budget", "mask_budget", DEFAULT_MASK_BUDGET_MB, type=parse_budget,
             none="none", field="mask_budget_mb",
             help="MiB of one-time masks drawn ahead, all masked modes together (packages; "

@@ -27,6 +27,7 @@ from groupcover.package.keys import DEFAULT_RESOURCE, KeySource, in_memory, obta
 from groupcover.package.layout import is_package
 from groupcover.package.runtime import assign_modes, key_resource, open_package
 from groupcover.package.source import load_source
+from groupcover.trust import Pins
 
 MODEL_SEED = 0  # the synthetic models' random weights: fixed, independent of the secrets' seed
 MiB = 1 << 20
@@ -47,6 +48,7 @@ class ModelRequest:
     broker: str | None = None
     tee: str | None = None
     mask_budget_mb: float | None = None  # all masked modes' pools together; None: unbounded
+    pins: Pins = Pins()  # noqa: RUF009 (frozen: immutable); the broker and owner identities this master trusts (groupcover.trust)
 
     @property
     def model(self) -> str:
