@@ -208,6 +208,12 @@ def up_cmd(
     policy: str | None = typer.Option(
         None, "--policy", help="--broker: its policy file (needed with --tee tdx or sev-snp)."
     ),
+    owner: Path | None = typer.Option(
+        None, "--owner",
+        help="The owner folder: the broker's identity and the package-signing key, pinned in "
+        "every guest's kernel command line (made on first use; default "
+        "/var/lib/gcvm/owner/<name>/). In production it is the owner's machine's.",
+    ),
     keep_on_failure: bool = typer.Option(False, help="Keep what was created if `up` fails."),
     timeout: float = typer.Option(300.0, help="Seconds for the VMs to become ready."),
 ) -> None:
@@ -246,6 +252,7 @@ def up_cmd(
         subnet=subnet,
         broker=broker,
         broker_policy=policy,
+        owner=str(owner.resolve()) if owner else None,
     )
     st = cluster.up(spec, keep_on_failure=keep_on_failure, image_path=image, timeout=timeout)
     _print_vms(st.name)

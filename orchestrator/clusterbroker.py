@@ -29,7 +29,7 @@ from orchestrator.errors import GcvmError
 
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
-_LISTENING = re.compile(r"broker listening on (http://[^\s]+) ")
+_LISTENING = re.compile(r"broker listening on (https?://[^\s]+) ")
 
 
 class BrokerError(GcvmError):
@@ -42,6 +42,7 @@ class ClusterBrokerState:
     address: str  # the bridge's host-side address it binds
     netns: str | None
     policy: str | None  # None: --insecure-no-attestation (clusters without a TEE)
+    identity: str | None = None  # its TLS certificate and token key (orchestrator.ownerid)
     pid: int | None = None
     url: str | None = None
     started: float | None = None
@@ -76,6 +77,8 @@ def argv(b: ClusterBrokerState) -> list[str]:
            f"{b.address}:0", "--repository", str(b.repository), "--decisions",
            str(b.decisions), "--log", str(b.log)]  # fmt: skip
     cmd += ["--policy", b.policy] if b.policy else ["--insecure-no-attestation"]
+    if b.identity:
+        cmd += ["--identity", b.identity]
     return cmd
 
 

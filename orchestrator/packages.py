@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from orchestrator import paths
+from orchestrator import ownerid, paths
 from orchestrator.errors import GcvmError, UsageError
 from orchestrator.ui import console, log
 
@@ -44,6 +44,7 @@ DIGESTS = ".gcvm-digests"  # in each guest package folder: "sha256  name" per co
 MANIFEST, PUBLISHED, SEALED, BASELINES, KEY = (
     "manifest.json", "published.safetensors", "master.sealed", "baselines.sealed", "model.key",
 )  # fmt: skip
+SIGNATURE = "signature.json"  # the owner's signature (groupcover.package: a test keeps it equal)
 BASELINE_MODES = ("tee-only", "plain-offload", "mask-only")
 SCHEME_OF = {  # the framework's modes and their schemes (groupcover.modes; a test keeps them equal)
     "groupcover": "groupcover",
@@ -193,9 +194,12 @@ def framework_python() -> tuple[str, Path]:
 
 
 def protect_argv(python: str, model: str, out: Path, scheme: str, key_out: Path, baselines: bool,
-                 reference: str, seed: int | None) -> list[str]:  # fmt: skip
+                 reference: str, seed: int | None,
+                 sign_key: Path | None = None) -> list[str]:  # fmt: skip
     argv = [python, "-m", "groupcover", "protect", model, "--out", str(out), "--scheme", scheme,
             "--key-out", str(key_out), "--reference", reference]  # fmt: skip
+    if sign_key is not None:
+        argv += ["--sign-key", str(sign_key)]
     if baselines:
         argv.append("--baselines")
     if seed is not None:
@@ -241,6 +245,7 @@ def protect_builtin(plan: ProtectPlan, state_dir: Path, owner: Path, seed: int |
     out_root = state_dir / "packages"
     out_root.mkdir(parents=True, exist_ok=True)
     owner.mkdir(parents=True, exist_ok=True, mode=0o700)
+    sign_key = ownerid.ensure(owner).signing_key  # the owner signs every package it protects
     source = plan.model
     if plan.model == STANDIN:
         source = str(owner_checkpoint(python, root, owner))
@@ -248,7 +253,8 @@ def protect_builtin(plan: ProtectPlan, state_dir: Path, owner: Path, seed: int |
     for i, scheme in enumerate(plan.schemes):
         name = plan.folder_name(i)
         folder, key = out_root / name, owner / f"{name}.key"
-        if seed is None and (folder / MANIFEST).is_file() and key.is_file():
+        signed = (folder / SIGNATURE).is_file()  # one from before the owner signed: again
+        if seed is None and (folder / MANIFEST).is_file() and key.is_file() and signed:
             try:
                 pkg = load_package(folder, key)
                 console.print(f"package {name}: reusing {folder} ({pkg.package_id[:12]})")
@@ -259,7 +265,7 @@ def protect_builtin(plan: ProtectPlan, state_dir: Path, owner: Path, seed: int |
         shutil.rmtree(folder, ignore_errors=True)  # a stale one (no key): protect it again
         key.unlink(missing_ok=True)
         argv = protect_argv(python, source, folder, scheme, key, plan.baselines[i],
-                            plan.reference, seed)  # fmt: skip
+                            plan.reference, seed, sign_key)  # fmt: skip
         console.print(f"[dim]protect on the host: {shlex.join(argv)}[/]")
         env = {**os.environ, "PYTHONPATH": str(root)}
         start = time.monotonic()
@@ -306,6 +312,8 @@ def copy_plan(pkg: HostPackage, role: str, baselines: bool) -> list[str]:
     if role == "worker":
         return [MANIFEST, PUBLISHED]
     files = [MANIFEST, PUBLISHED, SEALED]
+    if (pkg.folder / SIGNATURE).is_file():
+        files.append(SIGNATURE)
     if baselines and pkg.has_baselines:
         files.append(BASELINES)
     return files
@@ -582,11 +590,14 @@ class ClusterBrokerUse:
 
 
 def broker_for(st: Any, resources: dict[str, Path], tee: str, policy: Path | None,
-               log_file: Path) -> RunBroker | ClusterBrokerUse:  # fmt: skip
-    """The cluster's broker when `up --broker` started one, else a broker for this run."""
+               log_file: Path, identity: Path | None = None
+               ) -> RunBroker | ClusterBrokerUse:  # fmt: skip
+    """The cluster's broker when `up --broker` started one, else a broker for this run (with
+    the owner's broker identity: the one the cluster's guests pin)."""
     if st.cluster_broker is not None:
         return ClusterBrokerUse(st.cluster_broker, resources, policy)
-    return RunBroker(st.netns, bridge_address(st), resources, tee, policy, log_file)
+    return RunBroker(st.netns, bridge_address(st), resources, tee, policy, log_file,
+                     identity=identity)  # fmt: skip
 
 
 def _handler_class() -> Any:

@@ -74,6 +74,7 @@ class ClusterSpec:
     worker_threads: int | None = None  # the host worker's CPU threads (None: see host_threads)
     broker: bool = False  # `--broker`: the owner's key broker for the cluster's lifetime
     broker_policy: str | None = None  # its policy file (needed with a TEE)
+    owner: str | None = None  # the owner folder (identities, keys); default owner_dir(name)
 
     def __post_init__(self) -> None:
         self.validate()

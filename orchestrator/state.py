@@ -79,6 +79,7 @@ class ClusterState:
     vms: list[VmState] = field(default_factory=list)
     host_worker: dict[str, Any] | None = None  # `--worker host`: orchestrator.hostworker's record
     broker: dict[str, Any] | None = None  # `--broker`: orchestrator.clusterbroker's record
+    trust: dict[str, Any] | None = None  # the owner's identities pinned in every guest's boot
     phase: str = "creating"  # creating, ready
     created: float = field(default_factory=time.time)
     format: int = FORMAT

@@ -159,10 +159,11 @@ class Backend:
 
         return render.render_network(spec, list(vms), bridge=bridge_name(spec))
 
-    def render_domain(self, vm: VmSpec, image: Any, host: HostFacts, network: str) -> str:
+    def render_domain(self, vm: VmSpec, image: Any, host: HostFacts, network: str,
+                      pins: str = "") -> str:  # fmt: skip
         from orchestrator import render
 
-        return render.render_domain(vm, render_inputs(image, host, network))
+        return render.render_domain(vm, render_inputs(image, host, network, pins))
 
     def check_guest_access(self, files: list[Path], host: HostFacts, spec: ClusterSpec) -> None:
         """Every file QEMU opens must be reachable by the user it runs as (libvirt's DAC driver
@@ -216,8 +217,9 @@ def bridge_name(spec: ClusterSpec) -> str:
     return "gcvm" + hashlib.sha256(spec.name.encode()).hexdigest()[:8]
 
 
-def render_inputs(image: Any, host: HostFacts, network: str) -> Any:
-    """The renderer's inputs for this image on this host and network."""
+def render_inputs(image: Any, host: HostFacts, network: str, pins: str = "") -> Any:
+    """The renderer's inputs for this image on this host and network; `pins`: kernel command
+    line parameters appended to the image's (the owner's identities, `orchestrator.ownerid`)."""
     from orchestrator import render
 
     return render.RenderInputs(
@@ -225,7 +227,7 @@ def render_inputs(image: Any, host: HostFacts, network: str) -> Any:
         accel=host.accel,
         kernel=image.kernel,
         initrd=image.initrd,
-        cmdline=image.cmdline or render.DEFAULT_CMDLINE,
+        cmdline=" ".join(filter(None, (image.cmdline or render.DEFAULT_CMDLINE, pins))),
         network=network,
         run_as=host.run_as,
     )

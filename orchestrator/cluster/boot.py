@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from orchestrator import paths, state, ui
 from orchestrator.cluster.addressing import allocation_lock, resolve_subnet
@@ -200,6 +201,7 @@ def _up(run: _Up) -> ClusterState:
     ui.attach_debug_log(run.dir / "debug.log")
     ui.log.debug("up: %s", spec)
     host_keys = _write_keys(run.st, vms)
+    run.st = replace(run.st, trust=_owner_identity(spec).facts())
     state.save(run.st)
     if spec.connect is None:
         with ui.step(f"start a private libvirt in network namespace {spec.netns}"):
@@ -224,16 +226,33 @@ def _up(run: _Up) -> ClusterState:
     return _ready(run, vms, image)
 
 
+def _owner_identity(spec: ClusterSpec) -> Any:
+    """The owner's identities (made on first use in the owner folder), pinned in every guest's
+    kernel command line: its masters trust that broker and that package signer only."""
+    from orchestrator import ownerid
+    from orchestrator.packages import owner_dir
+
+    with ui.step("the owner's identities (broker certificate, package-signing key)"):
+        ident = ownerid.ensure(owner_dir(spec.name, Path(spec.owner) if spec.owner else None))
+        facts = ident.facts()
+        ui.info(f"owner folder {ident.folder}: broker certificate sha256 "
+                f"{facts['broker_cert_sha256'][:16]}..., package signer {facts['owner_key']}; "
+                "both pinned in the guests' kernel command line")  # fmt: skip
+    return ident
+
+
 def _start_broker(run: _Up) -> None:
     """The owner's key broker for the cluster's lifetime, on the bridge's host-side address in
     the cluster's namespace; recorded before it starts, so a failure from here on stops it."""
-    from orchestrator import clusterbroker
+    from orchestrator import clusterbroker, ownerid
     from orchestrator.packages import owner_dir
 
     assert run.st is not None
     spec = run.spec
+    owner = Path((run.st.trust or {}).get("owner") or owner_dir(spec.name))
     broker = clusterbroker.ClusterBrokerState(
-        owner=str(owner_dir(spec.name)), address=spec.gateway, netns=run.st.netns,
+        owner=str(owner), address=spec.gateway, netns=run.st.netns,
+        identity=str(owner / ownerid.BROKER_DIR),
         policy=str(Path(spec.broker_policy).resolve()) if spec.broker_policy else None,
     )  # fmt: skip
     run.st = replace(run.st, broker=broker.to_dict())
@@ -244,7 +263,8 @@ def _start_broker(run: _Up) -> None:
         finally:
             run.st = replace(run.st, broker=broker.to_dict())
             state.save(run.st)
-        ui.info(f"key broker: {broker.url}, pid {broker.pid}, "
+        ui.info(f"key broker (a demo broker: it runs on this TEE host; in production the "
+                f"owner's machine runs it): {broker.url}, pid {broker.pid}, "
                 + (f"policy {broker.policy}" if broker.policy else
                    "without attestation (--tee none)")
                 + f"; keys served from {broker.repository}")  # fmt: skip

@@ -106,11 +106,12 @@ def _create(
         backend.check_guest_access([*shared, *mine], host, spec)
     with ui.step(f"define and start {', '.join(vm.name for vm in vms)}"):
         network = run.st.network
+        pins = str((run.st.trust or {}).get("cmdline", ""))
         cancel = threading.Event()
 
         def start(vm: VmSpec) -> str:
             check(cancel)  # another start failed: define nothing more
-            return hv.start_domain(backend.render_domain(vm, image, host, network))
+            return hv.start_domain(backend.render_domain(vm, image, host, network, pins))
 
         # a start in flight is waited for: teardown must see every domain it defines
         _parallel(start, vms, "start", cancel=cancel, grace=START_GRACE_S)

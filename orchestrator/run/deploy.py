@@ -22,7 +22,7 @@ def prepare_packages(st: state.ClusterState, settings: BenchSettings
                      ) -> tuple[list[packages.HostPackage], dict[str, Any]]:  # fmt: skip
     """The run's packages on the host: a built-in name protected here (one per scheme the modes
     need, into the cluster's state folder, keys into the owner folder), or the folders given."""
-    owner = packages.owner_dir(st.name, Path(settings.owner) if settings.owner else None)
+    owner = run_owner(st, settings.owner)
     if settings.builtin:
         plan = packages.plan_protect(settings.model, settings.modes, settings.audit,
                                      settings.batch, settings.seq)  # fmt: skip
@@ -46,6 +46,27 @@ def prepare_packages(st: state.ClusterState, settings: BenchSettings
              "packages": [p.facts() for p in used],
              "modes": {m: p.package_id for m, p in chosen.items()}}  # fmt: skip
     return used, facts
+
+
+def run_owner(st: state.ClusterState, given: str | None) -> Path:
+    """The owner folder of a run: the cluster's (whose identities its guests pin), or one given
+    that holds the same identities (any other's packages and broker its masters refuse)."""
+    pinned = (st.trust or {}).get("owner")
+    owner = packages.owner_dir(st.name, Path(given) if given else None)
+    if given is None and pinned:
+        return Path(pinned)
+    if pinned and owner.resolve() != Path(pinned).resolve():
+        from orchestrator import ownerid
+
+        ident = ownerid.ensure(owner) if owner.is_dir() else None
+        if ident is None or ident.cmdline != st.trust.get("cmdline"):  # type: ignore[union-attr]
+            raise packages.PackageError(
+                f"--owner {owner}: the cluster's guests pin the identities of {pinned} "
+                "(broker certificate, package signer); packages signed and keys served from "
+                "another owner folder are refused by its masters",
+                hint=f"leave out --owner (or give {pinned})",
+            )
+    return owner
 
 
 def copy_packages(ranks: Sequence[tuple[Node, RankSpec]], remotes: Mapping[str, Remote],

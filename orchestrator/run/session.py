@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from orchestrator import packages, state, top
+from orchestrator import ownerid, packages, state, top
 from orchestrator.cluster import Backend
 from orchestrator.errors import HypervisorError
 from orchestrator.hostworker import HostWorkerState
@@ -117,9 +117,10 @@ class RunSession:
                      owner: Path, announce: bool = False) -> Broker:  # fmt: skip
         """The run's keys to a broker (stopped with the session); `announce`: say where it
         listens and what it runs."""
+        identity = owner / ownerid.BROKER_DIR if self.st.trust else None
         self.broker = packages.broker_for(self.st, packages.broker_resources(pkgs), self.tee,
                                           Path(policy) if policy else None,
-                                          owner / "broker.log")  # fmt: skip
+                                          owner / "broker.log", identity)  # fmt: skip
         broker = self.broker
         with step(broker_step(self.st)):
             broker.start()
