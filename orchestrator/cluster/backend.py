@@ -219,13 +219,15 @@ def bridge_name(spec: ClusterSpec) -> str:
 def render_inputs(image: Any, host: HostFacts, network: str) -> Any:
     """The renderer's inputs for this image on this host and network."""
     from orchestrator import render
+    from orchestrator.image.model import guest_cmdline
 
     return render.RenderInputs(
         caps=host.caps,
         accel=host.accel,
         kernel=image.kernel,
         initrd=image.initrd,
-        cmdline=image.cmdline or render.DEFAULT_CMDLINE,
+        # the same composition `gcvm attest policy` measures (SEV-SNP hashes it byte for byte)
+        cmdline=guest_cmdline(image.cmdline or render.DEFAULT_CMDLINE),
         network=network,
         run_as=host.run_as,
     )

@@ -33,6 +33,7 @@ def _metadata_to_image(root: Path) -> Image:
         tee_guest_support=dict(data["tee_guest_support"]),
         disk_format=data.get("disk_format", "qcow2"),
         python_version=data.get("python_version", ""),
+        files_sha256=dict(data.get("files_sha256") or {}),
     )
 
 
