@@ -131,6 +131,103 @@ def measure_cmd(
     out.print(digest.hex(), soft_wrap=True)
 
 
+@attest_app.command("firmware")
+def firmware_cmd(
+    tee: str = typer.Option("sev-snp", help="sev-snp (ovmf-amdsev) or tdx (ovmf-inteltdx)."),
+) -> None:
+    """Download Debian's confidential-VM firmware (once; cached, never installed) and print its
+    path: the OVMF that `gcvm attest policy --firmware` measures against."""
+    from orchestrator.attest.firmware import PACKAGES, cached_firmware, fetch_firmware
+    from orchestrator.ui import console, out, step
+
+    if tee not in PACKAGES:
+        raise UsageError(f"unknown --tee {tee!r}", hint="sev-snp or tdx")
+    found = cached_firmware(tee)
+    if found is None:
+        with step(f"download Debian's {PACKAGES[tee].package} (apt-get download, dpkg-deb -x)"):
+            found = fetch_firmware(tee)
+    console.print(
+        f"{found.package} {found.version} (.deb sha256 {found.deb_sha256}); "
+        f"{found.path.name} sha256 {found.sha256}",
+        soft_wrap=True,
+    )
+    out.print(str(found.path), soft_wrap=True)
+
+
+@attest_app.command("policy")
+def policy_cmd(
+    image: Path = typer.Option(..., "--image", help="The image folder (gcvm image info: root)."),
+    firmware: Path = typer.Option(
+        ..., help="The OVMF the VM boots: OVMF.amdsev.fd (see 'gcvm attest firmware')."
+    ),
+    vcpus: int = typer.Option(..., help="vCPUs of the guest (each one's VMSA is measured)."),
+    out_path: Path = typer.Option(..., "--out", help="Write the policy here (YAML; .json: JSON)."),
+    tee: str = typer.Option("sev-snp", help="sev-snp or tdx."),
+    vcpu_type: str = typer.Option("EPYC-v4", help="QEMU CPU model the VM runs with."),
+    cmdline_extra: str = typer.Option(
+        "", help="What the VM's command line adds to the image's (gcvm.broker_cert=... ...)."
+    ),
+    min_tcb: str = typer.Option(
+        "", help="SNP TCB floor: bootloader=N,tee=N,snp=N,microcode=N (none: unpinned)."
+    ),
+    vmpl: int = typer.Option(0, help="The VMPL the guest's reports come from."),
+    guest_features: str = typer.Option(
+        "0x1", help="SNP VMSA SEV_FEATURES the host's QEMU sets (0x1; 0x21 with DebugSwap)."
+    ),
+    snp_policy: str = typer.Option(
+        "0x30000", help="The SNP guest policy the VM is launched with (gcvm's default)."
+    ),
+    td_attributes: str = typer.Option(
+        "0x10000000", help="TDX: the TD attributes the VM is launched with (sept-ve-disable)."
+    ),
+    mrtd: list[str] = typer.Option(
+        [], "--mrtd", help="TDX: an MRTD seen in a known-good launch (repeatable)."
+    ),
+) -> None:
+    """Compute a broker policy's reference values from an image and its firmware, on the
+    owner's machine: the SEV-SNP launch digest (sev-snp-measure), VMPL, guest policy bits, TCB
+    floor; for TDX the TD attributes. Exit 2 on a missing or changed input."""
+    import json as _json
+
+    from orchestrator.attest.policy import _hexes
+    from orchestrator.attest.reference import parse_min_tcb, reference_policy, render_policy
+    from orchestrator.ui import console, info, out, step, warn
+
+    tee = "sev-snp" if tee == "snp" else tee
+    numbers = {}
+    for name, text in (("--guest-features", guest_features), ("--snp-policy", snp_policy),
+                       ("--td-attributes", td_attributes)):  # fmt: skip
+        try:
+            numbers[name] = int(text, 0)
+        except ValueError:
+            raise UsageError(f"{name} {text!r} is not an integer") from None
+    if vcpus < 1:
+        raise UsageError(f"--vcpus {vcpus}: at least 1")
+    title = "measure the SEV-SNP launch" if tee == "sev-snp" else "pin the TD's attributes"
+    with step(f"{title} ({image}, {vcpus} vCPU)"):
+        ref = reference_policy(
+            image, firmware, tee=tee, vcpus=vcpus, vcpu_type=vcpu_type,
+            cmdline_extra=cmdline_extra, min_tcb=parse_min_tcb(min_tcb), vmpl=vmpl,
+            guest_features=numbers["--guest-features"], snp_policy=numbers["--snp-policy"],
+            td_attributes=numbers["--td-attributes"],
+            mrtd=tuple(_hexes(mrtd, "--mrtd")),
+        )  # fmt: skip
+    text = (
+        _json.dumps(ref.policy, indent=2) + "\n"
+        if out_path.suffix == ".json"
+        else render_policy(ref)
+    )
+    out_path.write_text(text)
+    for key, value in ref.inputs.items():
+        console.print(f"  {key:<17} {value}", soft_wrap=True, markup=False, highlight=False)
+    for note in ref.notes:
+        warn(note)
+    if "snp" in ref.policy:
+        info(f"measured in {ref.seconds:.2f} s")
+        out.print(ref.policy["snp"]["measurements"][0], soft_wrap=True)
+    console.print(f"wrote {out_path}", soft_wrap=True)
+
+
 @broker_app.command("serve")
 def serve_cmd(
     policy: Path | None = typer.Option(

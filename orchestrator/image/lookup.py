@@ -37,6 +37,19 @@ def _metadata_to_image(root: Path) -> Image:
     )
 
 
+def image_at(root: Path) -> Image:
+    """The built image in folder `root` (its image.json), for commands given an image folder."""
+    if not (root / METADATA).is_file():
+        raise UsageError(
+            f"{root} holds no built image (no {METADATA})",
+            hint="give a folder that 'gcvm image build' made (see 'gcvm image info')",
+        )
+    try:
+        return _metadata_to_image(root)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"the image in {root} is unreadable: {exc}") from None
+
+
 def find_image() -> Image:
     """The built image for the current recipe, or ImageMissing."""
     wanted = recipe_hash()
