@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -31,7 +32,9 @@ def _guess_tee(raw: bytes) -> str:
 
 @attest_app.command("verify")
 def verify_cmd(
-    file: Path = typer.Argument(..., help="An SEV-SNP report (raw or hex) or a TDX quote."),
+    files: list[Path] = typer.Argument(
+        None, help="SEV-SNP reports (raw or hex) or TDX quotes (none, with --policy: its pins)."
+    ),
     tee: str | None = typer.Option(None, help="snp or tdx (default: from the file)."),
     certs: Path | None = typer.Option(
         None, help="SNP: folder with the report's VCEK or VLEK (and AMD's chain, else built in)."
@@ -45,23 +48,52 @@ def verify_cmd(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print claims and verdict as JSON."),
 ) -> None:
-    """Verify one report or quote offline; print its claims and the verdict (exit 0 valid,
-    1 invalid, 2 bad input)."""
-    from orchestrator.attest import snp, tdx
-    from orchestrator.attest.common import BadEvidence, EvidenceRefused
-    from orchestrator.attest.policy import load_policy
-    from orchestrator.ui import out
+    """Verify reports or quotes offline; print each one's claims and verdict (exit 0 all valid,
+    1 one invalid, 2 bad input). With --policy, first name every claim it leaves unpinned."""
+    from orchestrator.attest.common import EvidenceRefused
+    from orchestrator.attest.policy import load_policy, unpinned
+    from orchestrator.ui import warn
 
     if tee == "sev-snp":
         tee = "snp"
     if tee not in (None, "snp", "tdx"):
         raise UsageError(f"unknown --tee {tee!r}", hint="snp or tdx")
+    if not files and policy is None:
+        raise UsageError("nothing to verify", hint="give a report or quote (or --policy FILE)")
+    pol = load_policy(policy) if policy else None
+    if pol is not None:
+        for item in unpinned(pol):
+            warn(f"unpinned: {item}")
+    refused = []
+    for file in files or []:
+        try:
+            _verify_one(file, tee, certs, collateral, now, pol, as_json)
+        except EvidenceRefused as exc:
+            if len(files) == 1:
+                raise
+            refused.append(f"{file}: {exc.message}")
+    if refused:
+        raise EvidenceRefused(f"{len(refused)} of {len(files)} refused: " + "; ".join(refused))
+
+
+def _verify_one(
+    file: Path,
+    tee: str | None,
+    certs: Path | None,
+    collateral: Path | None,
+    now: int | None,
+    pol: Any,
+    as_json: bool,
+) -> None:
+    from orchestrator.attest import snp, tdx
+    from orchestrator.attest.common import BadEvidence, EvidenceRefused
+    from orchestrator.ui import out
+
     try:
         raw = snp.read_report_file(file)
     except BadEvidence as exc:
         raise UsageError(exc.message) from None
     kind = tee or _guess_tee(raw)
-    pol = load_policy(policy) if policy else None
     if kind == "snp":
         snp.parse_report(raw)  # bad input before missing certificates
         when = dt.datetime.fromtimestamp(now, dt.UTC) if now is not None else None
