@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -31,7 +32,9 @@ def _guess_tee(raw: bytes) -> str:
 
 @attest_app.command("verify")
 def verify_cmd(
-    file: Path = typer.Argument(..., help="An SEV-SNP report (raw or hex) or a TDX quote."),
+    files: list[Path] = typer.Argument(
+        None, help="SEV-SNP reports (raw or hex) or TDX quotes (none, with --policy: its pins)."
+    ),
     tee: str | None = typer.Option(None, help="snp or tdx (default: from the file)."),
     certs: Path | None = typer.Option(
         None, help="SNP: folder with the report's VCEK or VLEK (and AMD's chain, else built in)."
@@ -45,23 +48,52 @@ def verify_cmd(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print claims and verdict as JSON."),
 ) -> None:
-    """Verify one report or quote offline; print its claims and the verdict (exit 0 valid,
-    1 invalid, 2 bad input)."""
-    from orchestrator.attest import snp, tdx
-    from orchestrator.attest.common import BadEvidence, EvidenceRefused
-    from orchestrator.attest.policy import load_policy
-    from orchestrator.ui import out
+    """Verify reports or quotes offline; print each one's claims and verdict (exit 0 all valid,
+    1 one invalid, 2 bad input). With --policy, first name every claim it leaves unpinned."""
+    from orchestrator.attest.common import EvidenceRefused
+    from orchestrator.attest.policy import load_policy, unpinned
+    from orchestrator.ui import warn
 
     if tee == "sev-snp":
         tee = "snp"
     if tee not in (None, "snp", "tdx"):
         raise UsageError(f"unknown --tee {tee!r}", hint="snp or tdx")
+    if not files and policy is None:
+        raise UsageError("nothing to verify", hint="give a report or quote (or --policy FILE)")
+    pol = load_policy(policy) if policy else None
+    if pol is not None:
+        for item in unpinned(pol):
+            warn(f"unpinned: {item}")
+    refused = []
+    for file in files or []:
+        try:
+            _verify_one(file, tee, certs, collateral, now, pol, as_json)
+        except EvidenceRefused as exc:
+            if len(files) == 1:
+                raise
+            refused.append(f"{file}: {exc.message}")
+    if refused:
+        raise EvidenceRefused(f"{len(refused)} of {len(files)} refused: " + "; ".join(refused))
+
+
+def _verify_one(
+    file: Path,
+    tee: str | None,
+    certs: Path | None,
+    collateral: Path | None,
+    now: int | None,
+    pol: Any,
+    as_json: bool,
+) -> None:
+    from orchestrator.attest import snp, tdx
+    from orchestrator.attest.common import BadEvidence, EvidenceRefused
+    from orchestrator.ui import out
+
     try:
         raw = snp.read_report_file(file)
     except BadEvidence as exc:
         raise UsageError(exc.message) from None
     kind = tee or _guess_tee(raw)
-    pol = load_policy(policy) if policy else None
     if kind == "snp":
         snp.parse_report(raw)  # bad input before missing certificates
         when = dt.datetime.fromtimestamp(now, dt.UTC) if now is not None else None
@@ -129,6 +161,103 @@ def measure_cmd(
         ovmf, kernel, initrd, append, vcpus=vcpus, vcpu_type=vcpu_type, guest_features=features
     )
     out.print(digest.hex(), soft_wrap=True)
+
+
+@attest_app.command("firmware")
+def firmware_cmd(
+    tee: str = typer.Option("sev-snp", help="sev-snp (ovmf-amdsev) or tdx (ovmf-inteltdx)."),
+) -> None:
+    """Download Debian's confidential-VM firmware (once; cached, never installed) and print its
+    path: the OVMF that `gcvm attest policy --firmware` measures against."""
+    from orchestrator.attest.firmware import PACKAGES, cached_firmware, fetch_firmware
+    from orchestrator.ui import console, out, step
+
+    if tee not in PACKAGES:
+        raise UsageError(f"unknown --tee {tee!r}", hint="sev-snp or tdx")
+    found = cached_firmware(tee)
+    if found is None:
+        with step(f"download Debian's {PACKAGES[tee].package} (apt-get download, dpkg-deb -x)"):
+            found = fetch_firmware(tee)
+    console.print(
+        f"{found.package} {found.version} (.deb sha256 {found.deb_sha256}); "
+        f"{found.path.name} sha256 {found.sha256}",
+        soft_wrap=True,
+    )
+    out.print(str(found.path), soft_wrap=True)
+
+
+@attest_app.command("policy")
+def policy_cmd(
+    image: Path = typer.Option(..., "--image", help="The image folder (gcvm image info: root)."),
+    firmware: Path = typer.Option(
+        ..., help="The OVMF the VM boots: OVMF.amdsev.fd (see 'gcvm attest firmware')."
+    ),
+    vcpus: int = typer.Option(..., help="vCPUs of the guest (each one's VMSA is measured)."),
+    out_path: Path = typer.Option(..., "--out", help="Write the policy here (YAML; .json: JSON)."),
+    tee: str = typer.Option("sev-snp", help="sev-snp or tdx."),
+    vcpu_type: str = typer.Option("EPYC-v4", help="QEMU CPU model the VM runs with."),
+    cmdline_extra: str = typer.Option(
+        "", help="What the VM's command line adds to the image's (gcvm.broker_cert=... ...)."
+    ),
+    min_tcb: str = typer.Option(
+        "", help="SNP TCB floor: bootloader=N,tee=N,snp=N,microcode=N (none: unpinned)."
+    ),
+    vmpl: int = typer.Option(0, help="The VMPL the guest's reports come from."),
+    guest_features: str = typer.Option(
+        "0x1", help="SNP VMSA SEV_FEATURES the host's QEMU sets (0x1; 0x21 with DebugSwap)."
+    ),
+    snp_policy: str = typer.Option(
+        "0x30000", help="The SNP guest policy the VM is launched with (gcvm's default)."
+    ),
+    td_attributes: str = typer.Option(
+        "0x10000000", help="TDX: the TD attributes the VM is launched with (sept-ve-disable)."
+    ),
+    mrtd: list[str] = typer.Option(
+        [], "--mrtd", help="TDX: an MRTD seen in a known-good launch (repeatable)."
+    ),
+) -> None:
+    """Compute a broker policy's reference values from an image and its firmware, on the
+    owner's machine: the SEV-SNP launch digest (sev-snp-measure), VMPL, guest policy bits, TCB
+    floor; for TDX the TD attributes. Exit 2 on a missing or changed input."""
+    import json as _json
+
+    from orchestrator.attest.policy import _hexes
+    from orchestrator.attest.reference import parse_min_tcb, reference_policy, render_policy
+    from orchestrator.ui import console, info, out, step, warn
+
+    tee = "sev-snp" if tee == "snp" else tee
+    numbers = {}
+    for name, text in (("--guest-features", guest_features), ("--snp-policy", snp_policy),
+                       ("--td-attributes", td_attributes)):  # fmt: skip
+        try:
+            numbers[name] = int(text, 0)
+        except ValueError:
+            raise UsageError(f"{name} {text!r} is not an integer") from None
+    if vcpus < 1:
+        raise UsageError(f"--vcpus {vcpus}: at least 1")
+    title = "measure the SEV-SNP launch" if tee == "sev-snp" else "pin the TD's attributes"
+    with step(f"{title} ({image}, {vcpus} vCPU)"):
+        ref = reference_policy(
+            image, firmware, tee=tee, vcpus=vcpus, vcpu_type=vcpu_type,
+            cmdline_extra=cmdline_extra, min_tcb=parse_min_tcb(min_tcb), vmpl=vmpl,
+            guest_features=numbers["--guest-features"], snp_policy=numbers["--snp-policy"],
+            td_attributes=numbers["--td-attributes"],
+            mrtd=tuple(_hexes(mrtd, "--mrtd")),
+        )  # fmt: skip
+    text = (
+        _json.dumps(ref.policy, indent=2) + "\n"
+        if out_path.suffix == ".json"
+        else render_policy(ref)
+    )
+    out_path.write_text(text)
+    for key, value in ref.inputs.items():
+        console.print(f"  {key:<17} {value}", soft_wrap=True, markup=False, highlight=False)
+    for note in ref.notes:
+        warn(note)
+    if "snp" in ref.policy:
+        info(f"measured in {ref.seconds:.2f} s")
+        out.print(ref.policy["snp"]["measurements"][0], soft_wrap=True)
+    console.print(f"wrote {out_path}", soft_wrap=True)
 
 
 @broker_app.command("serve")

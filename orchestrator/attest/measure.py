@@ -26,6 +26,7 @@ def snp_launch_digest(
     vcpus: int = 1,
     vcpu_type: str = "EPYC-v4",
     guest_features: int = DEFAULT_GUEST_FEATURES,
+    hint: str = "the firmware must be an SEV-SNP OVMF build (OVMF.amdsev.fd)",
 ) -> bytes:
     from sevsnpmeasure import guest, sev_mode, vcpu_types
 
@@ -50,8 +51,8 @@ def snp_launch_digest(
             guest_features,
         )
     except Exception as exc:  # sev-snp-measure parses the firmware with asserts, struct, ...
-        raise UsageError(
-            f"cannot measure with {ovmf}: {str(exc) or type(exc).__name__}",
-            hint="the firmware must be an SEV-SNP OVMF build (OVMF.amdsev.fd)",
-        ) from None
+        reason = str(exc) or type(exc).__name__
+        if "SNP_KERNEL_HASHES" in reason:
+            reason = f"it has no kernel-hashes table for a measured direct boot ({reason})"
+        raise UsageError(f"cannot measure with {ovmf}: {reason}", hint=hint) from None
     return bytes(digest)

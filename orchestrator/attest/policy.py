@@ -7,11 +7,17 @@ snp:
   measurements: [<96 hex>]   # accepted launch digests (sev-snp-measure); empty: refuse all
   min_tcb: {bootloader: 3, tee: 0, snp: 8, microcode: 115}
   vmpl: [0]                  # accepted VMPLs
+  guest_policy:              # the launch's SNP guest policy bits (absent: not checked)
+    smt: true                # bit 16 SMT allowed, must equal this
+    migrate_ma: false        # bit 18 migration agent allowed, must equal this
+    single_socket: false     # bit 20 single socket only, must equal this
+    abi_min: "0.0"           # bits 15..0 (major.minor): at least this
   certs: certs/              # VCEK/VLEK (and chain) when the evidence has no certificate table
   roots: ark.pem             # trusted ARKs; default AMD's (tests use their own)
 tdx:
   mrtd: [<96 hex>]
   rtmrs: [[<rtmr0>, <rtmr1>, <rtmr2>, null]]   # accepted sets; null: any value
+  td_attributes: "0x10000000"                  # the TD's ATTRIBUTES, exactly (bit 0 debug)
   accepted_tcb_status: [UpToDate]
   collateral: collateral.json                  # dcap-qvl QuoteCollateralV3 JSON
 resources:
@@ -35,6 +41,16 @@ from orchestrator.errors import UsageError
 
 
 @dataclass
+class SnpGuestPolicy:
+    """Pins on the SNP guest policy the guest was launched with (None: not checked)."""
+
+    smt: bool | None = None
+    migrate_ma: bool | None = None
+    single_socket: bool | None = None
+    abi_min: tuple[int, int] | None = None
+
+
+@dataclass
 class SnpPolicy:
     measurements: list[str] = field(default_factory=list)
     min_tcb: dict[str, int] = field(default_factory=dict)
@@ -42,6 +58,7 @@ class SnpPolicy:
     certs: Path | None = None
     roots: Path | None = None
     allow_debug: bool = False
+    guest_policy: SnpGuestPolicy = field(default_factory=SnpGuestPolicy)
 
 
 @dataclass
@@ -51,6 +68,7 @@ class TdxPolicy:
     accepted_tcb_status: list[str] = field(default_factory=lambda: ["UpToDate"])
     collateral: Path | None = None
     allow_debug: bool = False
+    td_attributes: int | None = None  # None: any (debug is refused regardless)
 
 
 @dataclass
@@ -137,6 +155,76 @@ def _debug(section: dict[str, Any], where: str) -> bool:
     return False
 
 
+_GUEST_POLICY_BITS = ("smt", "migrate_ma", "single_socket")
+
+
+def _guest_policy(value: Any) -> SnpGuestPolicy:
+    if value is None:
+        return SnpGuestPolicy()
+    section = _mapping(value, "snp.guest_policy")
+    _only(section, {*_GUEST_POLICY_BITS, "abi_min"}, "snp.guest_policy")
+    pins = SnpGuestPolicy()
+    for key in _GUEST_POLICY_BITS:
+        bit = section.get(key)
+        if bit is not None and not isinstance(bit, bool):
+            raise UsageError(f"policy: snp.guest_policy.{key} must be true or false, not {bit!r}")
+        setattr(pins, key, bit)
+    if (abi := section.get("abi_min")) is not None:
+        major, dot, minor = str(abi).partition(".")
+        ok = dot and major.isdigit() and minor.isdigit()
+        if not ok or int(major) > 255 or int(minor) > 255:
+            raise UsageError(f"policy: snp.guest_policy.abi_min must be \"MAJOR.MINOR\" (0-255 "
+                             f"each), not {abi!r}")  # fmt: skip
+        pins.abi_min = (int(major), int(minor))
+    return pins
+
+
+def _td_attributes(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value, 16) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 2**64:
+        raise UsageError(f"policy: tdx.td_attributes must be a 64-bit hex value such as "
+                         f"\"0x10000000\", not {value!r}")  # fmt: skip
+    if number & 1:
+        raise UsageError(
+            "policy: tdx.td_attributes has bit 0 (DEBUG) set",
+            hint="a debug TD's memory is readable by the host: never accepted",
+        )
+    return number
+
+
+def unpinned(policy: Policy) -> list[str]:
+    """The claims a policy leaves open: evidence passes whatever it says there."""
+    found = []
+    if (snp := policy.snp) is not None:
+        if not snp.measurements:
+            found.append("snp measurement (the broker then refuses every guest)")
+        if not snp.min_tcb:
+            found.append("snp tcb floor")
+        elif missing := sorted({"bootloader", "tee", "snp", "microcode"} - set(snp.min_tcb)):
+            found.append(f"snp tcb floor of {', '.join(missing)}")
+        if snp.vmpl is None:
+            found.append("snp vmpl")
+        gp = snp.guest_policy
+        found += [f"snp {name} policy bit" for name, pin in (("smt", gp.smt),
+                  ("migration agent", gp.migrate_ma), ("single socket", gp.single_socket))
+                  if pin is None]  # fmt: skip
+        if gp.abi_min is None:
+            found.append("snp abi minimum")
+    if (tdx := policy.tdx) is not None:
+        if not tdx.mrtd:
+            found.append("tdx mrtd (the broker then refuses every guest)")
+        if not tdx.rtmrs:
+            found.append("tdx rtmrs (kernel, initrd, command line)")
+        if tdx.td_attributes is None:
+            found.append("tdx td attributes")
+    return found
+
+
 def parse_policy(data: Any, base: Path, source: str = "<dict>") -> Policy:
     if not isinstance(data, dict):
         raise UsageError(f"policy {source} is not a mapping")
@@ -149,7 +237,7 @@ def parse_policy(data: Any, base: Path, source: str = "<dict>") -> Policy:
     policy = Policy(source=source)
     if (snp := data.get("snp")) is not None:
         _only(_mapping(snp, "snp"), {"measurements", "min_tcb", "vmpl", "certs", "roots",
-                                     "allow_debug"}, "snp")  # fmt: skip
+                                     "allow_debug", "guest_policy"}, "snp")  # fmt: skip
         min_tcb = snp.get("min_tcb") or {}
         if not isinstance(min_tcb, dict) or set(min_tcb) - _TCB_KEYS:
             raise UsageError(f"policy: snp.min_tcb takes {', '.join(sorted(_TCB_KEYS))}")
@@ -167,10 +255,11 @@ def parse_policy(data: Any, base: Path, source: str = "<dict>") -> Policy:
             certs=rel(snp, "certs", "snp"),
             roots=rel(snp, "roots", "snp"),
             allow_debug=_debug(snp, "snp"),
+            guest_policy=_guest_policy(snp.get("guest_policy")),
         )
     if (tdx := data.get("tdx")) is not None:
         _only(_mapping(tdx, "tdx"), {"mrtd", "rtmrs", "accepted_tcb_status", "collateral",
-                                     "allow_debug"}, "tdx")  # fmt: skip
+                                     "allow_debug", "td_attributes"}, "tdx")  # fmt: skip
         rtmrs = []
         for entry in _list(tdx.get("rtmrs") or [], "tdx.rtmrs", "4-entry lists"):
             if not isinstance(entry, list) or len(entry) != 4:
@@ -186,6 +275,7 @@ def parse_policy(data: Any, base: Path, source: str = "<dict>") -> Policy:
             accepted_tcb_status=list(statuses),
             collateral=rel(tdx, "collateral", "tdx"),
             allow_debug=_debug(tdx, "tdx"),
+            td_attributes=_td_attributes(tdx.get("td_attributes")),
         )
     for name, path in _mapping(data.get("resources") or {}, "resources").items():
         parts = str(name).split("/")

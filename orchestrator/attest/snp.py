@@ -33,7 +33,9 @@ from orchestrator.attest.common import BadEvidence, Verdict
 REPORT_SIZE = 1184
 SIGNED_END = 0x2A0
 POLICY_SMT = 1 << 16
+POLICY_MIGRATE_MA = 1 << 18
 POLICY_DEBUG = 1 << 19
+POLICY_SINGLE_SOCKET = 1 << 20
 PRODUCTS = ("Milan", "Genoa", "Turin")
 
 # VCEK/VLEK X.509 extensions (AMD's "Versioned Chip Endorsement Key" specification)
@@ -476,7 +478,8 @@ def _signer(report: SnpReport, keys: Sequence[x509.Certificate]) -> x509.Certifi
 
 
 def check_policy(verdict: Verdict, policy: Any) -> None:
-    """Reference values: accepted measurements, minimum TCB, accepted VMPLs (SnpPolicy)."""
+    """Reference values: accepted measurements, minimum TCB, accepted VMPLs, guest policy bits
+    (SnpPolicy)."""
     claims = verdict.claims
     if policy.measurements and claims["measurement"] not in policy.measurements:
         verdict.fail(f"unknown measurement {claims['measurement'][:16]}... (not in the policy)")
@@ -488,3 +491,18 @@ def check_policy(verdict: Verdict, policy: Any) -> None:
     ]
     if low:
         verdict.fail("TCB below the policy's minimum: " + ", ".join(low))
+    pins = getattr(policy, "guest_policy", None)
+    if pins is None:
+        return
+    bits = int(claims["policy"], 16)
+    for name, bit, pin in (("SMT", POLICY_SMT, pins.smt), ("migration agent", POLICY_MIGRATE_MA,
+                           pins.migrate_ma), ("single socket", POLICY_SINGLE_SOCKET,
+                           pins.single_socket)):  # fmt: skip
+        if pin is not None and bool(bits & bit) != pin:
+            verdict.fail(f"guest policy {claims['policy']}: {name} is "
+                         f"{'allowed' if bits & bit else 'not allowed'}, the policy pins "
+                         f"{'allowed' if pin else 'not allowed'}")  # fmt: skip
+    abi = ((bits >> 8) & 0xFF, bits & 0xFF)
+    if pins.abi_min is not None and abi < pins.abi_min:
+        verdict.fail(f"guest policy ABI minimum {abi[0]}.{abi[1]} is below the policy's "
+                     f"{pins.abi_min[0]}.{pins.abi_min[1]}")  # fmt: skip

@@ -169,8 +169,12 @@ def claims_of(quote: TdQuote) -> dict[str, Any]:
 
 
 def check_policy(verdict: Verdict, policy: Any) -> None:
-    """Reference values (TdxPolicy): accepted MRTDs and RTMR sets."""
+    """Reference values (TdxPolicy): accepted MRTDs and RTMR sets, the TD attributes."""
     claims = verdict.claims
+    want = getattr(policy, "td_attributes", None)
+    got = int.from_bytes(bytes.fromhex(claims["td_attributes"]), "little")
+    if want is not None and got != want:
+        verdict.fail(f"TD attributes 0x{got:x} differ from the policy's 0x{want:x}")
     if policy.mrtd and claims["mr_td"] not in policy.mrtd:
         verdict.fail(f"unknown MRTD {claims['mr_td'][:16]}... (not in the policy)")
     if policy.rtmrs:

@@ -221,13 +221,15 @@ def render_inputs(image: Any, host: HostFacts, network: str, pins: str = "") -> 
     """The renderer's inputs for this image on this host and network; `pins`: kernel command
     line parameters appended to the image's (the owner's identities, `orchestrator.ownerid`)."""
     from orchestrator import render
+    from orchestrator.image.model import guest_cmdline
 
     return render.RenderInputs(
         caps=host.caps,
         accel=host.accel,
         kernel=image.kernel,
         initrd=image.initrd,
-        cmdline=" ".join(filter(None, (image.cmdline or render.DEFAULT_CMDLINE, pins))),
+        # the same composition `gcvm attest policy` measures (SEV-SNP hashes it byte for byte)
+        cmdline=guest_cmdline(image.cmdline or render.DEFAULT_CMDLINE, pins),
         network=network,
         run_as=host.run_as,
     )

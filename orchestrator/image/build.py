@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -146,6 +147,7 @@ def _build_locked(folder: Path, wanted: str) -> Image:
                 kernel_version=kernel_version,
                 tee_guest_support=support,
                 python_version=python_version,
+                files_sha256=boot_file_digests(work),
             )
             _write_metadata(image, work)
             _publish(work, image.root)
@@ -157,6 +159,19 @@ def _build_locked(folder: Path, wanted: str) -> Image:
         f"built in {image.built_seconds:.0f} s"
     )
     return image
+
+
+def boot_file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of the direct-boot files in an image folder (KERNEL, INITRD): the build's record
+    of what it produced, which `gcvm attest policy` checks before it measures them."""
+    digests = {}
+    for name in (KERNEL, INITRD):
+        digest = hashlib.sha256()
+        with (folder / name).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digests[name] = digest.hexdigest()
+    return digests
 
 
 def _write_metadata(image: Image, work: Path) -> None:

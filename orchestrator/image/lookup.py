@@ -33,7 +33,21 @@ def _metadata_to_image(root: Path) -> Image:
         tee_guest_support=dict(data["tee_guest_support"]),
         disk_format=data.get("disk_format", "qcow2"),
         python_version=data.get("python_version", ""),
+        files_sha256=dict(data.get("files_sha256") or {}),
     )
+
+
+def image_at(root: Path) -> Image:
+    """The built image in folder `root` (its image.json), for commands given an image folder."""
+    if not (root / METADATA).is_file():
+        raise UsageError(
+            f"{root} holds no built image (no {METADATA})",
+            hint="give a folder that 'gcvm image build' made (see 'gcvm image info')",
+        )
+    try:
+        return _metadata_to_image(root)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"the image in {root} is unreadable: {exc}") from None
 
 
 def find_image() -> Image:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from orchestrator.spec import Tee
@@ -48,6 +48,9 @@ class Image:
     tee_guest_support: dict[str, bool]  # Tee value -> the guest kernel supports it ({}: unknown)
     disk_format: str = "qcow2"
     python_version: str = ""
+    # SHA-256 of the direct-boot files as the build wrote them (KERNEL, INITRD -> hex); what
+    # `gcvm attest policy` checks before measuring them ({}: a user image, or built before)
+    files_sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def direct_boot(self) -> bool:
@@ -70,3 +73,24 @@ def tee_guest_problem(image: Image, tee: Tee) -> str | None:
         f"the guest kernel {image.kernel_version} of image {image.recipe_hash or image.disk} "
         f"lacks {tee} guest support ({options} not enabled): it will not boot as a {tee} guest"
     )
+
+
+def guest_cmdline(image_cmdline: str, extra: str = "") -> str:
+    """The kernel command line a VM boots with: the image's, then what the orchestrator appends
+    (`gcvm.broker_cert=...`, `gcvm.owner_key=...`), one space between words.
+
+    SEV-SNP measures this string byte for byte (its SHA-256 is in the firmware's kernel-hashes
+    table) and TDX extends it into RTMR2: the domain renderer and `gcvm attest policy` both take
+    it from here so that the reference measurement is that of the boot. A `gcvm.*` parameter may
+    appear once: a guest that read the first of two pins would run with a pin the policy's author
+    never saw."""
+    words = image_cmdline.split() + extra.split()
+    if any(ord(c) < 0x20 or c == "\x7f" for word in words for c in word):
+        raise ValueError("a kernel command line holds no control characters")
+    seen: set[str] = set()
+    for word in words:
+        key = word.split("=", 1)[0]
+        if key.startswith("gcvm.") and key in seen:
+            raise ValueError(f"{key} appears twice in the kernel command line")
+        seen.add(key)
+    return " ".join(words)

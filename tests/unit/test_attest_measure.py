@@ -11,16 +11,12 @@ import pytest
 
 from orchestrator.attest.measure import snp_launch_digest
 from orchestrator.errors import UsageError
-from tests.schema import SchemaUnavailable
-from tests.unit.attest_firmware import fetch_ovmf_amdsev
+from tests.unit.attest_firmware import firmware_or_skip
 
 
 @pytest.fixture(scope="module")
 def ovmf() -> Path:
-    try:
-        return fetch_ovmf_amdsev()
-    except SchemaUnavailable as exc:
-        pytest.skip(f"no SEV-SNP OVMF: {exc}")
+    return firmware_or_skip("sev-snp")
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -387,3 +389,32 @@ def test_user_image_refuses_other_formats(tmp_path: Path) -> None:
 def test_user_image_refuses_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no such file"):
         image.user_image(tmp_path / "nope.qcow2")
+
+
+def test_build_records_the_boot_files_sha256(cache: Path) -> None:
+    from orchestrator.image.build import _write_metadata, boot_file_digests
+
+    root = cache / image.recipe_hash()
+    write_fake_build(root, {"tdx": False, "sev-snp": True})
+    (root / image.KERNEL).write_bytes(b"kernel bytes")
+    digests = boot_file_digests(root)
+    assert digests == {
+        "vmlinuz": hashlib.sha256(b"kernel bytes").hexdigest(),
+        "initrd.img": hashlib.sha256(b"x").hexdigest(),
+    }
+    found = dataclasses.replace(image.find_image(), files_sha256=digests)
+    _write_metadata(found, root)
+    assert image.find_image().files_sha256 == digests  # image.json carries the record
+
+
+def test_guest_cmdline_is_the_images_then_the_pins() -> None:
+    from orchestrator.image.model import guest_cmdline
+
+    assert guest_cmdline(image.CMDLINE) == image.CMDLINE
+    assert guest_cmdline("root=/dev/vda  rw ", " gcvm.owner_key=AA\tgcvm.broker_cert=BB") == (
+        "root=/dev/vda rw gcvm.owner_key=AA gcvm.broker_cert=BB"
+    )
+    with pytest.raises(ValueError, match=r"gcvm\.owner_key appears twice"):
+        guest_cmdline("root=/dev/vda gcvm.owner_key=AA", "gcvm.owner_key=BB")
+    with pytest.raises(ValueError, match="control characters"):
+        guest_cmdline("root=/dev/vda", "quiet\x00")
