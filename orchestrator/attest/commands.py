@@ -199,6 +199,11 @@ def policy_cmd(
     cmdline_extra: str = typer.Option(
         "", help="What the VM's command line adds to the image's (gcvm.broker_cert=... ...)."
     ),
+    owner: Path | None = typer.Option(
+        None, "--owner",
+        help="An owner folder whose identities the guests pin (broker certificate, package "
+        "signer): their kernel command line parameters, as `gcvm up --owner` appends them.",
+    ),
     min_tcb: str = typer.Option(
         "", help="SNP TCB floor: bootloader=N,tee=N,snp=N,microcode=N (none: unpinned)."
     ),
@@ -235,6 +240,16 @@ def policy_cmd(
             raise UsageError(f"{name} {text!r} is not an integer") from None
     if vcpus < 1:
         raise UsageError(f"--vcpus {vcpus}: at least 1")
+    if owner is not None:
+        from orchestrator import ownerid
+
+        if cmdline_extra:
+            raise UsageError("--owner and --cmdline-extra: give one",
+                             hint="--owner appends the owner's pins itself")  # fmt: skip
+        if not owner.is_dir():
+            raise UsageError(f"--owner {owner}: no such folder")
+        cmdline_extra = ownerid.ensure(owner).cmdline
+        info(f"pins of {owner}: {cmdline_extra[:60]}...")
     title = "measure the SEV-SNP launch" if tee == "sev-snp" else "pin the TD's attributes"
     with step(f"{title} ({image}, {vcpus} vCPU)"):
         ref = reference_policy(
