@@ -16,6 +16,10 @@ evidence verified. Errors are Trustee's
 ErrorInformation JSON {"type", "detail"}: 401 for a refused request or attestation, 403 for a
 resource the session may not have, 404 for an unknown resource. Every decision is logged.
 
+The token is an ES256 JWT signed with the broker identity's key (`kid`: its certificate's
+SHA-256), the key a master pins; without an identity (a demo broker) with a key made per process,
+which nothing can pin.
+
 Evidence (`tee-evidence`, or its `primary_evidence`):
   snp: {"attestation_report": base64 of the 1184-byte report,
         "cert_chain": [{"cert_type": "vcek"|"vlek"|"ask"|"ark", "data": base64 DER}] (optional)}
@@ -48,6 +52,7 @@ from orchestrator.attest.common import (
     canonical_json,
     expected_report_data,
 )
+from orchestrator.attest.identity import Identity
 from orchestrator.attest.policy import Policy
 from orchestrator.attest.request import (
     Refusal,
@@ -99,6 +104,7 @@ class Broker:
         verify_time: int | None = None,
         repository: Path | None = None,
         on_decision: Callable[[dict[str, Any]], None] | None = None,
+        identity: Identity | None = None,
     ) -> None:
         from jwcrypto import jwk
 
@@ -119,7 +125,13 @@ class Broker:
         self._request = threading.local()  # .peer: the address of this thread's request
         self._seen: dict[str, float] = {}  # digest of verified evidence -> when first seen
         self._lock = threading.Lock()
-        self._token_key = jwk.JWK.generate(kty="EC", crv="P-256")
+        self.identity = identity
+        self._token_key = (
+            jwk.JWK.from_pem(identity.key_pem)
+            if identity is not None
+            else jwk.JWK.generate(kty="EC", crv="P-256")
+        )
+        self._token_kid = identity.fingerprint if identity is not None else None
         self._snp_certs = (
             snp.SnpCerts.load_dir(policy.snp.certs) if policy.snp and policy.snp.certs else None
         )
@@ -369,7 +381,10 @@ class Broker:
             "attestation": "verified" if session.attested else "none",
             "evaluation": session.claims,
         }
-        token = jwt.JWT(header={"alg": "ES256", "typ": "JWT"}, claims=claims)
+        header = {"alg": "ES256", "typ": "JWT"}
+        if self._token_kid is not None:
+            header["kid"] = self._token_kid
+        token = jwt.JWT(header=header, claims=claims)
         token.make_signed_token(self._token_key)
         return str(token.serialize())
 
