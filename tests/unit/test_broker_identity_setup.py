@@ -124,3 +124,18 @@ def test_broker_serve_without_an_identity_says_it_is_unauthenticated(tmp_path: P
     _stop(proc)
     assert url.startswith("http://")
     assert "(no identity: plain HTTP, an unauthenticated demo/test broker;" in proc.listening
+
+
+def test_a_run_broker_with_an_identity_serves_https_to_a_pinned_master(tmp_path: Path) -> None:
+    from groupcover.keyrelease import KbsClient, NoEvidence
+    from orchestrator import packages
+
+    (tmp_path / "model.key").write_bytes(MODEL_KEY)
+    made = load_or_create(tmp_path / "id")
+    broker = packages.RunBroker(None, "127.0.0.1", {RESOURCE: tmp_path / "model.key"}, "none",
+                                identity=tmp_path / "id")  # fmt: skip
+    assert broker.argv()[-2:] == ["--identity", str(tmp_path / "id")]
+    with broker:
+        assert broker.url.startswith("https://127.0.0.1:")
+        release = KbsClient(broker.url, NoEvidence(), made.cert_der).get_resource(RESOURCE)
+    assert release.secret == MODEL_KEY and release.authenticated
