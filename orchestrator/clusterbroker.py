@@ -29,7 +29,7 @@ from orchestrator.errors import GcvmError
 
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
-_LISTENING = re.compile(r"broker listening on (http://[^\s]+) ")
+_LISTENING = re.compile(r"broker listening on (https?://[^\s]+) ")
 
 
 class BrokerError(GcvmError):
