@@ -451,9 +451,9 @@ class RunBroker:
 
     def __init__(self, netns_name: str | None, host: str, resources: dict[str, Path], tee: str,
                  policy: Path | None = None, log_file: Path | None = None,
-                 port: int = 0) -> None:  # fmt: skip
-        check_policy(tee, policy)
-        self.netns, self.host, self.port = netns_name, host, port
+                 port: int = 0, identity: Path | None = None) -> None:  # fmt: skip
+        check_policy(tee, policy)  # identity: the broker's folder (HTTPS, signed tokens)
+        self.netns, self.host, self.port, self.identity = netns_name, host, port, identity
         self.resources, self.tee, self.policy, self.log_file = resources, tee, policy, log_file
         self.server: Any = None
         self.thread: threading.Thread | None = None
@@ -481,17 +481,21 @@ class RunBroker:
             argv.append("--insecure-no-attestation")
         if self.log_file is not None:
             argv += ["--log", str(self.log_file)]
+        if self.identity is not None:
+            argv += ["--identity", str(self.identity)]
         return argv
 
     def start(self) -> RunBroker:
         from orchestrator import netns
         from orchestrator.attest.broker import _Server
+        from orchestrator.attest.identity import load_or_create
         from orchestrator.attest.kbs import Broker
         from orchestrator.attest.policy import Policy, load_policy
 
         pol = load_policy(self.policy) if self.policy is not None else Policy()
         pol.resources.update(self.resources)
-        broker = Broker(pol, insecure_no_attestation=self.insecure)
+        ident = load_or_create(self.identity) if self.identity is not None else None
+        broker = Broker(pol, insecure_no_attestation=self.insecure, identity=ident)
         broker_log = logging.getLogger("gcvm.broker")
         broker_log.setLevel(logging.INFO)
         if self.log_file is not None:
@@ -506,13 +510,14 @@ class RunBroker:
             self._drop_handlers()
             raise PackageError(f"the broker cannot listen on {self.host}:{self.port}: "
                                f"{exc.strerror or exc}") from None  # fmt: skip
-        server = _Server((self.host, 0), _handler_class(), bind_and_activate=False)
+        server = _Server((self.host, 0), _handler_class(), bind_and_activate=False,
+                         identity=ident)  # fmt: skip
         server.socket.close()
         server.socket = sock
         server.server_address = sock.getsockname()
         server.broker = broker
         self.server = server
-        self._url = f"http://{self.host}:{server.server_address[1]}"
+        self._url = server.url
         self.thread = threading.Thread(target=server.serve_forever, name="gcvm-run-broker",
                                        kwargs={"poll_interval": 0.2}, daemon=True)  # fmt: skip
         self.thread.start()

@@ -12,6 +12,8 @@ from groupcover.keyrelease.evidence import (
 )
 from groupcover.keyrelease.kbs import (
     INSECURE_LABEL,
+    UNAUTHENTICATED_LABEL,
+    BrokerNotAuthenticated,
     KbsClient,
     KeyReleaseError,
     KeyReleaseRefused,
@@ -21,6 +23,8 @@ from groupcover.keyrelease.kbs import (
 
 __all__ = [
     "INSECURE_LABEL",
+    "UNAUTHENTICATED_LABEL",
+    "BrokerNotAuthenticated",
     "ConfigfsTsm",
     "EvidenceError",
     "EvidenceSource",

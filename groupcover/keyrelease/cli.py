@@ -1,7 +1,9 @@
 """The `keyrelease` verb: fetch one resource from the key broker with this guest's evidence; print
 one JSON line (attested, tee, label, seconds; never the secret) and write the secret to FILE
-(mode 0600) if asked. `python -m groupcover keyrelease ...` and, in guests (without importing
-torch: start-up cost on a slow CPU), `python -m groupcover.keyrelease ...`."""
+(mode 0600) if asked. The broker is authenticated against the pinned certificate: the measured
+boot's (`gcvm.broker_cert=` on the kernel command line), else `--broker-cert FILE`.
+`python -m groupcover keyrelease ...` and, in guests (without importing torch: start-up cost on a
+slow CPU), `python -m groupcover.keyrelease ...`."""
 
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ DESCRIPTION = "fetch one resource from the key broker with this guest's evidence
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", required=True, help="http://HOST:PORT of the key broker")
+    parser.add_argument("--broker", required=True, help="https://HOST:PORT of the key broker")
+    parser.add_argument("--broker-cert", metavar="FILE",
+                        help="the broker's certificate (PEM or DER), where the measured boot "
+                        "pins none; never one that differs from it")  # fmt: skip
     parser.add_argument("--tee", required=True, choices=["snp", "tdx", "none"])
     parser.add_argument("--resource", default="gcvm/model/key", help="<repository>/<type>/<tag>")
     parser.add_argument("--out", help="write the released secret here (mode 0600)")
@@ -27,10 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from groupcover import trust
+
     try:
-        client = KbsClient(
-            args.broker, detect(args.tee), timeout=args.timeout, protocol=args.protocol
-        )
+        pins = trust.resolve(Path(args.broker_cert) if args.broker_cert else None)
+        client = KbsClient(args.broker, detect(args.tee), pins.broker_cert, timeout=args.timeout,
+                           protocol=args.protocol)  # fmt: skip
         release = client.get_resource(args.resource)
     except GroupCoverError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
@@ -49,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
                 "label": release.label,
                 "seconds": round(release.seconds, 4),
                 "bytes": len(release.secret),
+                "broker_authenticated": release.authenticated,
+                "broker_identity": pins.facts(),
             }
         )
     )

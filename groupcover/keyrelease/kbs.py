@@ -8,15 +8,24 @@ The report data bound into the evidence is SHA-384 of the canonical JSON of
 {"nonce", "tee-pubkey"}, zero-padded to 64 bytes (the KBS protocol's runtime-data binding), so a
 replayed report is useless without the ephemeral private key, which never leaves this process.
 Refusals come back as `KeyReleaseRefused` carrying the broker's reason.
+
+The broker is authenticated only with a pin (`broker_cert`, the DER certificate the measured boot
+names, `groupcover.trust`): then the URL must be https, the TLS channel trusts that certificate
+and nothing else, and the attestation token must be signed by its key (`keyrelease.token`). Only
+such a release can say `attested`. Without a pin the client still talks (plain HTTP, or TLS it
+cannot check), but whoever answers may be the host: the release is labelled as coming from an
+unauthenticated broker and is never `attested`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.cookiejar import CookieJar
 from typing import Any
@@ -24,11 +33,13 @@ from typing import Any
 from groupcover.errors import GroupCoverError
 from groupcover.keyrelease.evidence import EvidenceSource
 from groupcover.keyrelease.jwe import EphemeralKey, b64url_decode
+from groupcover.keyrelease.token import TokenRefused, verify_token
 
 PROTOCOL_VERSION = "0.1.1"  # the shape this project's broker documents (runtime-data binding)
 # 0.4.0: Trustee's current KBS (composite evidence: {"primary_evidence", "additional_evidence"})
 PROTOCOLS = ("0.1.1", "0.4.0")
 INSECURE_LABEL = "model key released without attestation"
+UNAUTHENTICATED_LABEL = "model key released by an unauthenticated broker (no pinned identity)"
 
 
 class KeyReleaseError(GroupCoverError):
@@ -39,6 +50,13 @@ class KeyReleaseError(GroupCoverError):
 
 class KeyReleaseRefused(GroupCoverError):
     """The broker refused: the message is its reason (bad evidence, policy, nonce, ...)."""
+
+
+class BrokerNotAuthenticated(KeyReleaseRefused):
+    """The broker's answers cannot be trusted: it is not the pinned broker (its certificate, or
+    its token's signature), or the channel cannot authenticate it (http with a pin)."""
+
+    exit_code = 3
 
 
 def canonical_json(value: Any) -> bytes:
@@ -60,16 +78,19 @@ def report_data_for(
 @dataclass
 class Release:
     secret: bytes
-    attested: bool
+    attested: bool  # the pinned broker's verified token says the evidence verified
     tee: str
-    claims: dict[str, Any]
+    claims: dict[str, Any]  # the token's (verified only where `authenticated`)
     seconds: float  # auth + evidence + attest + resource, wall time
+    authenticated: bool = False  # the broker was the pinned one (TLS and token)
 
     @property
     def label(self) -> str:
-        if not self.attested:
-            return INSECURE_LABEL
-        return f"model key released after {self.tee} attestation"
+        if self.attested:
+            return f"model key released after {self.tee} attestation"
+        if self.claims.get("attestation") == "verified":  # a claim nobody can vouch for
+            return UNAUTHENTICATED_LABEL
+        return INSECURE_LABEL
 
 
 class KbsClient:
@@ -77,8 +98,10 @@ class KbsClient:
         self,
         url: str,
         evidence: EvidenceSource,
+        broker_cert: bytes | None = None,
         timeout: float = 30.0,
         protocol: str = PROTOCOL_VERSION,
+        clock: Callable[[], float] = time.time,  # what a token's `exp` is checked against
     ) -> None:
         if protocol not in PROTOCOLS:
             raise KeyReleaseError(f"KBS protocol {protocol!r} is not one of {PROTOCOLS}")
@@ -86,11 +109,24 @@ class KbsClient:
         self.protocol = protocol
         self.evidence = evidence
         self.timeout = timeout
+        self.broker_cert = broker_cert
+        self.clock = clock
         self.token: str | None = None  # the attestation token of the last attest()
+        scheme = self.url.partition("://")[0].lower()
+        if broker_cert is not None and scheme != "https":
+            raise BrokerNotAuthenticated(
+                f"the broker is pinned; {scheme}:// cannot authenticate it ({self.url})",
+                hint="give the broker's https:// URL (`gcvm broker serve --identity DIR`)",
+            )
         self._opener = urllib.request.build_opener(
             urllib.request.HTTPCookieProcessor(CookieJar()),
             urllib.request.ProxyHandler({}),  # the broker is on the cluster's network: no proxy
+            urllib.request.HTTPSHandler(context=_tls_context(broker_cert)),
         )
+
+    @property
+    def pin_sha256(self) -> str | None:
+        return hashlib.sha256(self.broker_cert).hexdigest() if self.broker_cert else None
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()
@@ -107,6 +143,13 @@ class KbsClient:
             ) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLCertVerificationError) and self.broker_cert:
+                raise BrokerNotAuthenticated(
+                    f"the broker at {self.url} did not present the pinned certificate "
+                    f"(sha256 {self.pin_sha256}): {reason.verify_message}",
+                    hint="whoever answers there is not the owner's broker; the host may be "
+                    "impersonating it",
+                ) from None
             raise KeyReleaseError(
                 f"broker at {self.url} unreachable: {reason}",
                 hint="is `gcvm broker serve` running and listening on the cluster's network?",
@@ -120,7 +163,8 @@ class KbsClient:
         return value
 
     def attest(self) -> tuple[EphemeralKey, dict[str, Any]]:
-        """auth + attest: the ephemeral key and the token's claims (unverified: informative)."""
+        """auth + attest: the ephemeral key and the token's claims, verified against the pinned
+        broker (unverified, informative only, without a pin)."""
         challenge = self._call(
             "POST",
             "/kbs/v0/auth",
@@ -145,20 +189,46 @@ class KbsClient:
         if not isinstance(token, str):
             raise KeyReleaseError("broker's attestation response has no token")
         self.token = token
-        return key, _jwt_claims(token)
+        if self.broker_cert is None:
+            return key, _jwt_claims(token)
+        try:
+            return key, verify_token(token, self.broker_cert, pubkey, self.clock())
+        except TokenRefused as exc:
+            raise BrokerNotAuthenticated(f"{exc.message} (broker {self.url})") from None
 
     def get_resource(self, name: str) -> Release:
         start = time.monotonic()
         key, claims = self.attest()
         response = self._call("GET", f"/kbs/v0/resource/{name}")
         secret = key.decrypt(response)
+        authenticated = self.broker_cert is not None
         return Release(
             secret=secret,
-            attested=claims.get("attestation") == "verified",
+            attested=authenticated and claims.get("attestation") == "verified",
             tee=str(claims.get("tee", self.evidence.tee)),
             claims=claims,
             seconds=time.monotonic() - start,
+            authenticated=authenticated,
         )
+
+
+def _tls_context(broker_cert: bytes | None) -> ssl.SSLContext:
+    if broker_cert is None:
+        # nothing to check a certificate against: TLS without a pin authenticates no one, and
+        # the release says so (never `attested`); it still hides the traffic from onlookers
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        # the trust store holds exactly the pinned certificate, self-signed: a peer passes only
+        # by proving it holds that certificate's key. The host name adds nothing to that (the
+        # broker is reached by whatever address the cluster's network gives it), so it is not
+        # checked: the broker's identity is its key.
+        context = ssl.create_default_context(cadata=broker_cert)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def _detail(body: bytes) -> str:

@@ -12,6 +12,7 @@ from groupcover.keyrelease.evidence import detect
 from groupcover.keyrelease.kbs import KbsClient
 from groupcover.package.layout import KEY, PackageError
 from groupcover.package.seal import KEY_BYTES, SealError
+from groupcover.trust import Pins
 
 DEFAULT_RESOURCE = "gcvm/model/key"
 TEES = ("none", "snp", "tdx")
@@ -34,6 +35,7 @@ class KeySource:
     broker: str | None = None
     tee: str | None = None
     resource: str = DEFAULT_RESOURCE
+    pins: Pins = Pins()  # noqa: RUF009 (frozen: immutable); the broker's pinned certificate
 
     def validate(self) -> None:
         if self.key_file is not None and self.broker is not None:
@@ -60,13 +62,15 @@ def obtain_key(source: KeySource) -> KeyRelease:
     source.validate()
     if source.broker is not None:
         assert source.tee is not None
-        release = KbsClient(source.broker, detect(source.tee)).get_resource(source.resource)
+        client = KbsClient(source.broker, detect(source.tee), source.pins.broker_cert)
+        release = client.get_resource(source.resource)
         if len(release.secret) != KEY_BYTES:
             raise SealError(f"the broker released {len(release.secret)} bytes for "
                             f"{source.resource}, not a {KEY_BYTES}-byte model key")  # fmt: skip
         facts = {"source": "broker", "broker": source.broker, "resource": source.resource,
                  "label": release.label, "attested": release.attested, "tee": release.tee,
-                 "seconds": round(release.seconds, 4)}  # fmt: skip
+                 "seconds": round(release.seconds, 4), "broker_identity": source.pins.facts(),
+                 "broker_authenticated": release.authenticated}  # fmt: skip
         return KeyRelease(release.secret, facts)
     if source.key_file is not None:
         key = read_key(source.key_file)

@@ -105,7 +105,7 @@ def _prepare_package(request: ModelRequest) -> Prepared:
         resource = (DEFAULT_RESOURCE if len(files) == 1
                     else key_resource(files[index].manifest["package_id"]))  # fmt: skip
         source = KeySource(keys[index] if keys else None, request.broker, request.tee,
-                           resource)  # fmt: skip
+                           resource, request.pins)  # fmt: skip
         release = obtain_key(source)
         unsealed[index] = files[index].unseal(release.key)
         facts.append({**release.facts, "package": str(files[index].root)})

@@ -1,4 +1,5 @@
-"""`gcvm broker serve`: the key broker over HTTP, on one address only (the protocol core, with
+"""`gcvm broker serve`: the key broker over HTTPS (or, without an identity, plain HTTP: an
+unauthenticated demo or test broker), on one address only (the protocol core, with
 its endpoints, evidence and errors, is `orchestrator.attest.kbs`).
 
     POST /kbs/v0/auth, POST /kbs/v0/attest, GET /kbs/v0/resource/<repository>/<type>/<tag>
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import io
 import json
+import select
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -27,6 +30,7 @@ from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from orchestrator.attest.identity import Identity
 from orchestrator.attest.kbs import (
     INSECURE_LABEL,
     MAX_BODY,
@@ -63,17 +67,29 @@ class _Server(ThreadingHTTPServer):
         handler: type[BaseHTTPRequestHandler] | None = None,
         bind_and_activate: bool = True,
         max_connections: int = MAX_CONNECTIONS,
+        identity: Identity | None = None,
     ) -> None:
         super().__init__(address, handler or _Handler, bind_and_activate)
         self._slots = threading.BoundedSemaphore(max_connections)
+        self.identity = identity
+        self.tls = identity.ssl_context() if identity is not None else None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        if isinstance(host, bytes):
+            host = host.decode()
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(timeout=QUEUE_WAIT_S):
             log.warning("connection from %s refused: every connection slot is busy",
                         client_address[0])  # fmt: skip
             try:
-                request.setblocking(False)
-                request.send(_BUSY)
+                if self.tls is None:  # a TLS client would read these bytes as garbage
+                    request.setblocking(False)
+                    request.send(_BUSY)
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -129,9 +145,20 @@ class _Handler(BaseHTTPRequestHandler):
     deadline = 0.0  # time.monotonic() by which the current request must have arrived
 
     def setup(self) -> None:
+        if self.server.tls is not None:
+            self.request = _handshake(
+                self.server.tls, self.request, time.monotonic() + self.server.request_deadline_s
+            )
         super().setup()
         self.rfile.close()
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            if isinstance(self.connection, ssl.SSLSocket):  # the server closes the plain one
+                self.connection.close()
 
     def handle_one_request(self) -> None:
         self.deadline = time.monotonic() + self.server.request_deadline_s
@@ -229,19 +256,50 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle(run)
 
 
-def make_server(
-    broker: Broker, host: str, port: int, max_connections: int = MAX_CONNECTIONS
-) -> _Server:
-    """An HTTP server bound to `host:port` only (port 0: any free port)."""
+def _handshake(context: ssl.SSLContext, sock: socket.socket, deadline: float) -> ssl.SSLSocket:
+    """The TLS handshake of one connection, done by `deadline` however the client paces its
+    bytes (a socket timeout would bound each read, not the whole)."""
+    conn = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     try:
-        server = _Server((host, port), max_connections=max_connections)
+        conn.setblocking(False)
+        while True:
+            try:
+                conn.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                wanted = ([conn], [])
+            except ssl.SSLWantWriteError:
+                wanted = ([], [conn])
+            left = deadline - time.monotonic()
+            if left <= 0 or not any(select.select(*wanted, [], left)[:2]):
+                raise TimeoutError("no TLS handshake within the request's deadline")
+        conn.settimeout(WRITE_TIMEOUT_S)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def make_server(
+    broker: Broker,
+    host: str,
+    port: int,
+    max_connections: int = MAX_CONNECTIONS,
+    identity: Identity | None = None,
+) -> _Server:
+    """A server bound to `host:port` only (port 0: any free port): HTTPS with the broker's
+    identity, plain HTTP (unauthenticated) without."""
+    try:
+        server = _Server((host, port), max_connections=max_connections, identity=identity)
     except OSError as exc:
         raise GcvmError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     server.broker = broker
     return server
 
 
-def serve_in_thread(broker: Broker, host: str = "127.0.0.1", port: int = 0) -> _Server:
-    server = make_server(broker, host, port)
+def serve_in_thread(
+    broker: Broker, host: str = "127.0.0.1", port: int = 0, identity: Identity | None = None
+) -> _Server:
+    server = make_server(broker, host, port, identity=identity)
     threading.Thread(target=server.serve_forever, name="gcvm-broker", daemon=True).start()
     return server

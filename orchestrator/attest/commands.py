@@ -299,9 +299,16 @@ def serve_cmd(
     decisions: Path | None = typer.Option(
         None, "--decisions", help="Append every decision here as one JSON line."
     ),
+    identity: Path | None = typer.Option(
+        None,
+        "--identity",
+        help="The broker's identity folder (`gcvm broker identity DIR`; made if absent): serve "
+        "HTTPS with it and sign tokens with its key. Without: plain HTTP, unauthenticated.",
+    ),
 ) -> None:
     """Serve the KBS protocol (auth, attest, resource/<repo>/<type>/<tag>) on HOST:PORT."""
     from orchestrator.attest.broker import make_server
+    from orchestrator.attest.identity import load_or_create
     from orchestrator.attest.kbs import INSECURE_LABEL, Broker
     from orchestrator.attest.policy import Policy, load_policy
     from orchestrator.ui import console
@@ -341,18 +348,20 @@ def serve_cmd(
             with decisions.open("a") as f:
                 f.write(json.dumps(decision, default=str) + "\n")
 
+    ident = load_or_create(identity) if identity is not None else None
     broker = Broker(pol, insecure_no_attestation=insecure_no_attestation,
-                    repository=repository, on_decision=record)  # fmt: skip
-    server = make_server(broker, host.strip("[]"), int(port_text))
-    bound_host, bound_port = server.server_address[:2]
-    if isinstance(bound_host, bytes):
-        bound_host = bound_host.decode()
+                    repository=repository, on_decision=record, identity=ident)  # fmt: skip
+    server = make_server(broker, host.strip("[]"), int(port_text), identity=ident)
+    who = (f"identity sha256 {ident.fingerprint}" if ident is not None
+           else "no identity: plain HTTP, an unauthenticated demo/test broker")  # fmt: skip
     console.print(
-        f"broker listening on http://{bound_host}:{bound_port} (policy {pol.source}; "
+        f"broker listening on {server.url} ({who}; policy {pol.source}; "
         f"resources {', '.join(sorted(pol.resources)) or '-'}"
         + (f"; repository {repository}" if repository is not None else "")
         + ")",
         soft_wrap=True,
+        markup=False,
+        highlight=False,
     )
     if insecure_no_attestation:
         console.print(f"[yellow]warning:[/] --insecure-no-attestation: {INSECURE_LABEL}")
@@ -362,3 +371,22 @@ def serve_cmd(
         console.print("broker stopped")
     finally:
         server.server_close()
+
+
+@broker_app.command("identity")
+def identity_cmd(
+    folder: Path = typer.Argument(..., help="The identity folder (broker.key, broker.pem)."),
+) -> None:
+    """Make the broker's identity in FOLDER (or show the one there): its certificate's SHA-256
+    and the kernel command line parameter that pins it in a master's measured boot."""
+    from orchestrator.attest.identity import KEY_FILE, load_or_create
+    from orchestrator.ui import console
+
+    existed = (folder / KEY_FILE).exists()
+    ident = load_or_create(folder)
+    console.print(f"broker identity {folder} ({'existing' if existed else 'made'}): key "
+                  f"{ident.key_file} (keep it secret), certificate {ident.cert_file}",
+                  soft_wrap=True, markup=False, highlight=False)  # fmt: skip
+    console.print(f"certificate sha256 {ident.fingerprint}", soft_wrap=True, highlight=False)
+    console.print("pin it in the master's measured kernel command line:", highlight=False)
+    console.print(ident.cmdline_param, soft_wrap=True, markup=False, highlight=False)

@@ -16,6 +16,12 @@ evidence verified. Errors are Trustee's
 ErrorInformation JSON {"type", "detail"}: 401 for a refused request or attestation, 403 for a
 resource the session may not have, 404 for an unknown resource. Every decision is logged.
 
+The token is an ES256 JWT signed with the broker identity's key (`kid`: its certificate's
+SHA-256), the key a master pins; without an identity (a demo broker) with a key made per process,
+which nothing can pin. A resource may name the measurements it is released to (the policy's
+`resources` entry `{file, measurements}`, or a repository key's `.<tag>.measurements` beside it);
+a session whose verified measurement (SNP MEASUREMENT, TDX MRTD) is not one of them gets a 403.
+
 Evidence (`tee-evidence`, or its `primary_evidence`):
   snp: {"attestation_report": base64 of the 1184-byte report,
         "cert_chain": [{"cert_type": "vcek"|"vlek"|"ask"|"ark", "data": base64 DER}] (optional)}
@@ -48,7 +54,8 @@ from orchestrator.attest.common import (
     canonical_json,
     expected_report_data,
 )
-from orchestrator.attest.policy import Policy
+from orchestrator.attest.identity import Identity
+from orchestrator.attest.policy import Policy, parse_measurements
 from orchestrator.attest.request import (
     Refusal,
     b64decode,
@@ -99,6 +106,7 @@ class Broker:
         verify_time: int | None = None,
         repository: Path | None = None,
         on_decision: Callable[[dict[str, Any]], None] | None = None,
+        identity: Identity | None = None,
     ) -> None:
         from jwcrypto import jwk
 
@@ -119,7 +127,13 @@ class Broker:
         self._request = threading.local()  # .peer: the address of this thread's request
         self._seen: dict[str, float] = {}  # digest of verified evidence -> when first seen
         self._lock = threading.Lock()
-        self._token_key = jwk.JWK.generate(kty="EC", crv="P-256")
+        self.identity = identity
+        self._token_key = (
+            jwk.JWK.from_pem(identity.key_pem)
+            if identity is not None
+            else jwk.JWK.generate(kty="EC", crv="P-256")
+        )
+        self._token_kid = identity.fingerprint if identity is not None else None
         self._snp_certs = (
             snp.SnpCerts.load_dir(policy.snp.certs) if policy.snp and policy.snp.certs else None
         )
@@ -369,7 +383,10 @@ class Broker:
             "attestation": "verified" if session.attested else "none",
             "evaluation": session.claims,
         }
-        token = jwt.JWT(header={"alg": "ES256", "typ": "JWT"}, claims=claims)
+        header = {"alg": "ES256", "typ": "JWT"}
+        if self._token_kid is not None:
+            header["kid"] = self._token_kid
+        token = jwt.JWT(header=header, claims=claims)
         token.make_signed_token(self._token_key)
         return str(token.serialize())
 
@@ -386,6 +403,7 @@ class Broker:
                 "resource", HTTPStatus.NOT_FOUND, "ResourceNotFound",
                 f"no resource {name!r} at this broker",
             )  # fmt: skip
+        self._allowed(name, path, attested, claims)
         payload = path.read_bytes()
         response = _jwe(payload, pubkey)
         self._record({
@@ -436,6 +454,38 @@ class Broker:
                 "this session's attestation has expired: attest again",
             )  # fmt: skip
         return session.tee_pubkey, session.attested, f"session {session.id[:8]}", session.claims
+
+    def _allowed(self, name: str, path: Path, attested: bool, claims: dict[str, Any]) -> None:
+        """A resource bound to measurements goes only to a session that verified one of them."""
+        allowed = self.policy.resource_measurements.get(name)
+        if allowed is None and name not in self.policy.resources:
+            allowed = self._repository_measurements(name, path)
+        if allowed is None:  # not bound: any measurement the policy accepts
+            return
+        tee = str(claims.get("tee"))
+        measured = claims.get("measurement" if tee == "snp" else "mr_td") if attested else None
+        if not isinstance(measured, str) or measured.lower() not in allowed:
+            shown = measured if isinstance(measured, str) else "(none: no attested measurement)"
+            raise self._refuse(
+                "resource", HTTPStatus.FORBIDDEN, "PolicyDeny",
+                f"policy denies resource {name} to measurement {shown}",
+            )  # fmt: skip
+
+    def _repository_measurements(self, name: str, path: Path) -> list[str] | None:
+        sidecar = path.with_name(f".{path.name}.measurements")
+        try:
+            text = sidecar.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._refuse("resource", HTTPStatus.FORBIDDEN, "PolicyDeny",
+                               f"resource {name}: cannot read its measurement list "
+                               f"({exc.strerror})") from None  # fmt: skip
+        try:
+            return parse_measurements(text, str(sidecar))
+        except UsageError as exc:  # a list that does not parse releases to nobody
+            raise self._refuse("resource", HTTPStatus.FORBIDDEN, "PolicyDeny",
+                               exc.message) from None  # fmt: skip
 
     # --- helpers -----------------------------------------------------------------------------
     def _refuse(

@@ -22,6 +22,9 @@ tdx:
   collateral: collateral.json                  # dcap-qvl QuoteCollateralV3 JSON
 resources:
   gcvm/model/key: model.key                    # <repository>/<type>/<tag>: file
+  gcvm/other/key:                              # released only to these measurements (SNP
+    file: other.key                            # MEASUREMENT or TDX MRTD); without the list,
+    measurements: [<96 hex>]                   # to any the policy accepts
 ```
 Debug guests are always refused (there is no switch). Relative paths are from the file's folder.
 Every value is checked on load (type, range): a wrong one is a one-line error naming its field.
@@ -76,6 +79,8 @@ class Policy:
     snp: SnpPolicy | None = None
     tdx: TdxPolicy | None = None
     resources: dict[str, Path] = field(default_factory=dict)
+    # a resource named here goes only to a session with one of these measurements
+    resource_measurements: dict[str, list[str]] = field(default_factory=dict)
     nonce_ttl_s: float = 60.0
     token_ttl_s: float = 300.0
     source: str = "<built in>"
@@ -281,10 +286,26 @@ def parse_policy(data: Any, base: Path, source: str = "<dict>") -> Policy:
         parts = str(name).split("/")
         if len(parts) != 3 or not all(p and p not in (".", "..") for p in parts):
             raise UsageError(f"policy: resource {name!r} is not <repository>/<type>/<tag>")
-        policy.resources[str(name)] = base / str(_path(path, f"resource {name}"))
+        if isinstance(path, dict):
+            _only(path, {"file", "measurements"}, f"resource {name}")
+            measurements = path.get("measurements")
+            if measurements is not None:  # an empty list: released to nobody
+                allowed = _hexes(measurements, f"resource {name}.measurements")
+                policy.resource_measurements[str(name)] = allowed
+            path = path.get("file")
+        file = _path(path, f"resource {name}")
+        if not file:
+            raise UsageError(f"policy: resource {name} names no file")
+        policy.resources[str(name)] = base / file
     policy.nonce_ttl_s = _seconds(data, "nonce_ttl_s", policy.nonce_ttl_s)
     policy.token_ttl_s = _seconds(data, "token_ttl_s", policy.token_ttl_s)
     return policy
+
+
+def parse_measurements(text: str, source: str) -> list[str]:
+    """A repository key's measurement list: one hex measurement a line, `#` comments."""
+    words = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return _hexes([w for w in words if w], source)
 
 
 def load_policy(path: Path) -> Policy:

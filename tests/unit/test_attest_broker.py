@@ -29,6 +29,7 @@ from groupcover.keyrelease import (
 from groupcover.keyrelease.jwe import EphemeralKey
 from orchestrator.attest import kbs
 from orchestrator.attest.broker import serve_in_thread
+from orchestrator.attest.identity import load_or_create
 from orchestrator.attest.kbs import Broker
 from orchestrator.attest.policy import parse_policy
 from tests.unit.attest_testchain import (
@@ -78,14 +79,18 @@ def world(tmp_path: Path, chain: SnpTestChain):
         tmp_path,
     )
     clock = Clock()
-    broker = Broker(policy, clock=clock)
-    server = serve_in_thread(broker, "127.0.0.1", 0)
+    identity = load_or_create(tmp_path / "identity")
+    broker = Broker(policy, clock=clock, identity=identity)
+    server = serve_in_thread(broker, "127.0.0.1", 0)  # plain HTTP: raw protocol tests
+    tls = serve_in_thread(broker, "127.0.0.1", 0, identity=identity)  # what a master pins
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        yield {"broker": broker, "url": url, "clock": clock, "tmp": tmp_path, "certs": certs}
+        yield {"broker": broker, "url": url, "clock": clock, "tmp": tmp_path, "certs": certs,
+               "tls_url": tls.url, "pin": identity.cert_der}  # fmt: skip
     finally:
-        server.shutdown()
-        server.server_close()
+        for s in (server, tls):
+            s.shutdown()
+            s.server_close()
 
 
 def tsm(tmp_path: Path, chain: SnpTestChain, table: bool = True, **report_args: Any) -> ConfigfsTsm:
@@ -140,9 +145,10 @@ def refused(url: str, source, match: str) -> str:
 def test_snp_attest_and_jwe_release(world, chain, caplog) -> None:
     caplog.set_level(logging.INFO, logger="gcvm.broker")
     source = tsm(world["tmp"], chain)
-    release = KbsClient(world["url"], source, timeout=10).get_resource(RESOURCE)
+    client = KbsClient(world["tls_url"], source, world["pin"], timeout=10, clock=world["clock"])
+    release = client.get_resource(RESOURCE)
     assert release.secret == MODEL_KEY
-    assert release.attested and release.tee == "snp"
+    assert release.attested and release.authenticated and release.tee == "snp"
     assert release.label == "model key released after snp attestation"
     assert release.claims["evaluation"]["measurement"] == GOOD_MEASUREMENT.hex()
     assert release.claims["tee-pubkey"]["crv"] == "P-256"
@@ -387,8 +393,10 @@ class QuoteSource:
 def tdx_broker(tmp_path: Path, tdx_policy: dict[str, Any], **kwargs: Any):
     (tmp_path / "k").write_bytes(MODEL_KEY)
     policy = parse_policy({"tdx": tdx_policy, "resources": {RESOURCE: "k"}}, tmp_path)
-    server = serve_in_thread(Broker(policy, **kwargs), "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+    identity = load_or_create(tmp_path / "identity")
+    server = serve_in_thread(Broker(policy, identity=identity, **kwargs), "127.0.0.1", 0,
+                             identity=identity)  # fmt: skip
+    return server, server.url
 
 
 def test_real_tdx_quote_through_the_broker_is_refused_for_its_binding(tmp_path) -> None:
@@ -420,7 +428,8 @@ def test_synthetic_tdx_quotes_with_a_fake_quote_verifier(tmp_path) -> None:
         tdx_verifier=fake_quote_verifier,
     )  # fmt: skip
     try:
-        release = KbsClient(url, QuoteSource(lambda rd: tdx_quote(rd))).get_resource(RESOURCE)
+        pin = server.identity.cert_der
+        release = KbsClient(url, QuoteSource(lambda rd: tdx_quote(rd)), pin).get_resource(RESOURCE)
         assert release.secret == MODEL_KEY and release.attested and release.tee == "tdx"
         refused(url, QuoteSource(lambda rd: tdx_quote(rd, td_attributes=0x10000001)),
                 "TD attributes have DEBUG set")  # fmt: skip
@@ -466,7 +475,8 @@ def _start_broker(args: list[str]):
         ready, _, _ = select.select([proc.stderr], [], [], 1.0)
         if ready:
             line = proc.stderr.readline()
-            if "broker listening on http://" in line:
+            if "broker listening on http" in line:  # https with an identity
+                proc.listening = line  # type: ignore[attr-defined]
                 return proc, line.split("broker listening on ")[1].split()[0]
             if not line and proc.poll() is not None:
                 break

@@ -31,7 +31,10 @@ def test_an_auth_flood_holds_no_state_and_a_guest_still_gets_its_key(world, chai
     for _ in range(kbs.MAX_SESSIONS + 1000):  # more challenges than any table would hold
         broker.auth(AUTH, "127.0.0.1")
     assert not broker._sessions  # an unauthenticated peer leaves nothing behind
-    release = KbsClient(world["url"], tsm(world["tmp"], chain), timeout=10).get_resource(RESOURCE)
+    client = KbsClient(
+        world["tls_url"], tsm(world["tmp"], chain), world["pin"], timeout=10, clock=world["clock"]
+    )
+    release = client.get_resource(RESOURCE)
     assert release.secret == MODEL_KEY and release.attested
 
 
