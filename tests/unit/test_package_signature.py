@@ -492,3 +492,15 @@ def test_protect_sign_key_signs_the_package(
     assert main(["protect", f"{factory}:make", "--out", str(tmp_path / "p2"), "--sign-key",
                  str(private)]) == 2  # fmt: skip
     assert "chmod 600" in capsys.readouterr().err and not (tmp_path / "p2").exists()
+
+
+def test_the_orchestrator_copies_the_signature_to_a_master(world: World, tmp_path: Path) -> None:
+    from orchestrator import packages
+    from orchestrator.model import protect_argv
+
+    given = packages.given_packages([world.genuine], [])[0]
+    assert packages.copy_plan(given, "master", baselines=False)[-1] == "signature.json"
+    assert "signature.json" not in packages.copy_plan(given, "worker", baselines=True)
+    argv = protect_argv("minilm", tmp_path / "p", None, None, None, False, None, None, None,
+                        tmp_path / "owner.key")  # fmt: skip
+    assert argv[-2:] == ["--sign-key", str(tmp_path / "owner.key")]
