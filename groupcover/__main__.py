@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn, cast
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from groupcover import trust
 from groupcover.attacks import frontier
@@ -32,7 +33,8 @@ from groupcover.package.build import (
     parse_references,
     protect,
 )
-from groupcover.package.layout import SIGNATURE, is_package
+from groupcover.package.keys import read_key
+from groupcover.package.layout import KEY, SIGNATURE, is_package
 from groupcover.package.runtime import open_package
 from groupcover.package.signature import generate_owner_key, load_signing_key, sign_package
 from groupcover.rendezvous import Rendezvous
@@ -143,13 +145,12 @@ def _protect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _signer_facts(signer: object) -> str | None:
+def _signer_facts(signer: Ed25519PrivateKey | None) -> str | None:
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     if signer is None:
         return None
-    raw = signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)  # type: ignore[attr-defined]
-    return b64url(raw)
+    return b64url(signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
 
 
 # ---- `ownerkey` and `sign`: who made a package (groupcover/package/signature.py) --------------
@@ -175,14 +176,24 @@ def _add_sign(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("package", type=Path, metavar="DIR", help="the package folder to sign")
     parser.add_argument("--sign-key", type=Path, required=True, metavar="OWNER.key",
                         help="the owner's private key (mode 0600)")  # fmt: skip
+    parser.add_argument("--key-file", type=Path, default=None,
+                        help="the package's model key (default DIR/model.key where it is): the "
+                        "manifest is checked against the sealed bundle before signing")  # fmt: skip
 
 
 def _sign(args: argparse.Namespace) -> int:
     signer = load_signing_key(args.sign_key)
-    open_package(args.package)  # a package (format, files), not any folder
+    files = open_package(args.package)  # a package (format, files), not any folder
+    key_file = args.key_file or args.package / KEY
+    checked = key_file.is_file() or args.key_file is not None
+    if checked:  # never vouch for a manifest that disagrees with the bundle (no code runs)
+        files.check_sealed(read_key(key_file))
+    else:
+        print(f"groupcover: warning: no model key at {key_file}: the manifest was not checked "
+              "against the sealed bundle (give --key-file)", file=sys.stderr)  # fmt: skip
     document = sign_package(args.package, signer)
     print(json.dumps({"package": str(args.package), "signature": str(args.package / SIGNATURE),
-                      "signed_by": document["public_key"],
+                      "signed_by": document["public_key"], "manifest_checked": checked,
                       "files": document["statement"]["files"]}))  # fmt: skip
     return 0
 

@@ -111,6 +111,11 @@ class PackageFiles:
             hint=f"it runs {', '.join(self.modes)}",
         )
 
+    def check_sealed(self, key: bytes) -> None:
+        """The manifest against the sealed bundle, nothing built (the owner, before signing)."""
+        meta, _ = container.unpack(open_file_into(self.root / SEALED, key))
+        check_manifest(self.root, self.manifest, meta)
+
     def unseal(self, key: bytes) -> UnsealedPackage:
         buffer = open_file_into(self.root / SEALED, key, self.signed_digest(SEALED))
         meta, tensors = container.unpack(buffer)

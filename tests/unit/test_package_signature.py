@@ -472,6 +472,7 @@ def test_sign_refuses_a_key_others_can_read(
     assert main(["sign", str(package), "--sign-key", str(key)]) == 0
     said = json.loads(capsys.readouterr().out)
     assert said["signed_by"] == trust.b64url(trust.read_owner_key(tmp_path / "k" / "owner.pub"))
+    assert said["manifest_checked"] is True
     assert not [p for p in package.iterdir() if p.name.startswith(".")]  # no temporary left
     prepare(request(package, trust.read_owner_key(tmp_path / "k" / "owner.pub")))
 
@@ -504,3 +505,23 @@ def test_the_orchestrator_copies_the_signature_to_a_master(world: World, tmp_pat
     argv = protect_argv("minilm", tmp_path / "p", None, None, None, False, None, None, None,
                         tmp_path / "owner.key")  # fmt: skip
     assert argv[-2:] == ["--sign-key", str(tmp_path / "owner.key")]
+
+
+def test_sign_checks_the_manifest_against_the_bundle(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The owner never vouches for a relabelled manifest: with the model key at hand, `sign`
+    compares it with the sealed bundle first."""
+    private, _, _ = generate_owner_key(tmp_path / "k")
+    package = copy(world.genuine, tmp_path)
+    (package / "signature.json").unlink()
+    manifest = json.loads((package / "manifest.json").read_text())
+    manifest["scheme"] = "groupcover"
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["sign", str(package), "--sign-key", str(private)]) == 2
+    assert "disagrees with the sealed bundle on scheme" in capsys.readouterr().err
+    assert not (package / "signature.json").exists()
+    shutil.move(package / "model.key", tmp_path / "model.key")  # no key: signed, with a warning
+    assert main(["sign", str(package), "--sign-key", str(private)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["manifest_checked"] is False and "not checked" in err
