@@ -44,6 +44,7 @@ DIGESTS = ".gcvm-digests"  # in each guest package folder: "sha256  name" per co
 MANIFEST, PUBLISHED, SEALED, BASELINES, KEY = (
     "manifest.json", "published.safetensors", "master.sealed", "baselines.sealed", "model.key",
 )  # fmt: skip
+SIGNATURE = "signature.json"  # the owner's signature, where the package has one
 BASELINE_MODES = ("tee-only", "plain-offload", "mask-only")
 SCHEME_OF = {  # the framework's modes and their schemes (groupcover.modes; a test keeps them equal)
     "groupcover": "groupcover",
@@ -302,12 +303,15 @@ def guest_folder(pkg: HostPackage) -> str:
 
 def copy_plan(pkg: HostPackage, role: str, baselines: bool) -> list[str]:
     """The files of `pkg` a VM of `role` gets: a master everything but the key (baselines.sealed
-    only when `baselines`), a worker the manifest and the published weights."""
+    only when `baselines`; the owner's signature where there is one), a worker the manifest and
+    the published weights."""
     if role == "worker":
         return [MANIFEST, PUBLISHED]
     files = [MANIFEST, PUBLISHED, SEALED]
     if baselines and pkg.has_baselines:
         files.append(BASELINES)
+    if (pkg.folder / SIGNATURE).is_file():  # a master pinning its owner checks it first
+        files.append(SIGNATURE)
     return files
 
 
