@@ -1,4 +1,4 @@
-"""`python -m groupcover launch|bench|attack|protect|standin|frontier|keyrelease`: the
+"""`python -m groupcover launch|bench|attack|protect|ownerkey|sign|standin|frontier|keyrelease`: the
 framework's command line, one verb per entry of `VERBS` (argparse: it runs in guests that hold
 only the framework's own dependencies). A run's workload flags are declared once, in
 `groupcover.settings`. Expected failures print one line, exit 2 or 3."""
@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import NoReturn, cast
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from groupcover import trust
 from groupcover.attacks import frontier
 from groupcover.bench.local import LocalRun, run_local
 from groupcover.bench.micro import run_micro
@@ -31,9 +33,13 @@ from groupcover.package.build import (
     parse_references,
     protect,
 )
-from groupcover.package.layout import is_package
+from groupcover.package.keys import read_key
+from groupcover.package.layout import KEY, SIGNATURE, is_package
+from groupcover.package.runtime import open_package
+from groupcover.package.signature import generate_owner_key, load_signing_key, sign_package
 from groupcover.rendezvous import Rendezvous
 from groupcover.settings import DEFAULT_MODEL, add_workload, workload_argv
+from groupcover.trust import b64url
 
 
 class Parser(argparse.ArgumentParser):
@@ -107,16 +113,24 @@ def _add_protect(protect_p: argparse.ArgumentParser) -> None:
     add("--threads", type=int, default=1,
         help="torch threads (default 1: the many small batched factorisations run slower "
         "with more threads on a loaded host)")  # fmt: skip
+    add(
+        "--sign-key",
+        type=Path,
+        default=None,
+        metavar="OWNER.key",
+        help="sign the package with the owner's private key (mode 0600; see `ownerkey`)",
+    )
 
 
 def _protect(args: argparse.Namespace) -> int:
+    signer = load_signing_key(args.sign_key) if args.sign_key else None  # before minutes of work
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be at least 1, not {args.threads}")
         torch.set_num_threads(args.threads)
     options = ProtectOptions(scheme=args.scheme, k=args.k, baselines=args.baselines,
                              references=parse_references(args.reference), seed=args.seed,
-                             key_out=args.key_out)  # fmt: skip
+                             key_out=args.key_out, signer=signer)  # fmt: skip
     start = time.perf_counter()
     manifest = protect(args.src, args.out, options)
     seconds = time.perf_counter() - start
@@ -124,10 +138,63 @@ def _protect(args: argparse.Namespace) -> int:
     print(json.dumps({"package": str(args.out), "package_id": manifest["package_id"],
                       "scheme": manifest["scheme"], "modes": manifest["modes"],
                       "layers": len(manifest["layers"]), "key": str(key),
-                      "seconds": round(seconds, 2),
-                      "threads": torch.get_num_threads()}))  # fmt: skip
+                      "seconds": round(seconds, 2), "threads": torch.get_num_threads(),
+                      "signed_by": _signer_facts(signer)}))  # fmt: skip
     if manifest.get("baselines"):
         print(f"groupcover: warning: {manifest['baselines']['warning']}", file=sys.stderr)
+    return 0
+
+
+def _signer_facts(signer: Ed25519PrivateKey | None) -> str | None:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    if signer is None:
+        return None
+    return b64url(signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+
+# ---- `ownerkey` and `sign`: who made a package (groupcover/package/signature.py) --------------
+
+
+def _add_ownerkey(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for owner.key (private, 0600) and owner.pub; an existing "
+                        "key is never overwritten")  # fmt: skip
+
+
+def _ownerkey(args: argparse.Namespace) -> int:
+    private, public, raw = generate_owner_key(args.out)
+    print(json.dumps({"private": str(private), "public": str(public), "owner_key": b64url(raw),
+                      "kernel_cmdline": trust.cmdline_params(None, raw)}))  # fmt: skip
+    print(f"groupcover: keep {private} on this machine; pin {public} in the master "
+          "(the kernel_cmdline parameter, or --owner-key where nothing is measured)",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _add_sign(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("package", type=Path, metavar="DIR", help="the package folder to sign")
+    parser.add_argument("--sign-key", type=Path, required=True, metavar="OWNER.key",
+                        help="the owner's private key (mode 0600)")  # fmt: skip
+    parser.add_argument("--key-file", type=Path, default=None,
+                        help="the package's model key (default DIR/model.key where it is): the "
+                        "manifest is checked against the sealed bundle before signing")  # fmt: skip
+
+
+def _sign(args: argparse.Namespace) -> int:
+    signer = load_signing_key(args.sign_key)
+    files = open_package(args.package)  # a package (format, files), not any folder
+    key_file = args.key_file or args.package / KEY
+    checked = key_file.is_file() or args.key_file is not None
+    if checked:  # never vouch for a manifest that disagrees with the bundle (no code runs)
+        files.check_sealed(read_key(key_file))
+    else:
+        print(f"groupcover: warning: no model key at {key_file}: the manifest was not checked "
+              "against the sealed bundle (give --key-file)", file=sys.stderr)  # fmt: skip
+    document = sign_package(args.package, signer)
+    print(json.dumps({"package": str(args.package), "signature": str(args.package / SIGNATURE),
+                      "signed_by": document["public_key"], "manifest_checked": checked,
+                      "files": document["statement"]["files"]}))  # fmt: skip
     return 0
 
 
@@ -308,6 +375,8 @@ VERBS: dict[str, Verb] = {
     "bench": Verb("benchmark on this host (--local or --micro)", _add_bench, _bench),
     "attack": Verb("security evaluation: every attack on every scheme", _add_attack, _attack),
     "protect": Verb("protect a model offline into a model package", _add_protect, _protect),
+    "ownerkey": Verb("make the owner's package-signing key pair", _add_ownerkey, _ownerkey),
+    "sign": Verb("sign a model package with the owner's key", _add_sign, _sign),
     "standin": Verb(standin.DESCRIPTION, standin.add_arguments, standin.run),
     "frontier": Verb(frontier.DESCRIPTION, frontier.add_arguments, frontier.run),
     "keyrelease": Verb(keyrelease.DESCRIPTION, keyrelease.add_arguments, keyrelease.run),

@@ -209,7 +209,8 @@ def up_cmd(
         None, "--policy", help="--broker: its policy file (needed with --tee tdx or sev-snp)."
     ),
     owner: Path | None = typer.Option(
-        None, "--owner",
+        None,
+        "--owner",
         help="The owner folder: the broker's identity and the package-signing key, pinned in "
         "every guest's kernel command line (made on first use; default "
         "/var/lib/gcvm/owner/<name>/). In production it is the owner's machine's.",

@@ -5,7 +5,7 @@ It serves the model keys from a repository folder in the owner folder
 (`OWNER/repository/<repo>/<type>/<tag>`, Trustee's local file system layout), looked up at each
 request, so `gcvm run bench|seed` only add the keys of the packages they deploy; every decision
 is appended to `OWNER/broker-decisions.jsonl`, which the runs read back for their results. A
-per-run broker (`run bench` without one) is the in-process `orchestrator.packages.RunBroker`.
+per-run broker (`run bench` without one) is the in-process `orchestrator.runbroker.RunBroker`.
 Started detached (its own session), recorded in the cluster state before it starts, so `down`
 (and a failed `up`) stops it; `down` checks the pid still runs this broker before signalling.
 """

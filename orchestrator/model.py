@@ -23,7 +23,7 @@ model_app = typer.Typer(help="Protect a model offline into a model package.",
 
 def protect_argv(src: str, out: Path, scheme: str | None, key_out: Path | None, k: int | None,
                  baselines: bool, reference: str | None, seed: int | None,
-                 threads: int | None) -> list[str]:  # fmt: skip
+                 threads: int | None, sign_key: Path | None = None) -> list[str]:  # fmt: skip
     """The framework's command line for these options (what `gcvm model protect` runs)."""
     argv = [sys.executable, "-m", "groupcover", "protect", src, "--out", str(out)]
     if scheme is not None:
@@ -40,6 +40,8 @@ def protect_argv(src: str, out: Path, scheme: str | None, key_out: Path | None, 
         argv += ["--seed", str(seed)]
     if threads is not None:
         argv += ["--threads", str(threads)]
+    if sign_key is not None:
+        argv += ["--sign-key", str(sign_key)]
     return argv
 
 
@@ -69,9 +71,11 @@ def protect_cmd(
     reference: str | None = typer.Option(None, help="BxS[,BxS..] reference outputs to seal."),
     seed: int | None = typer.Option(None, help="Reproducible secrets (tests only: not secret)."),
     threads: int | None = typer.Option(None, help="Torch threads (default 1)."),
+    sign_key: Path | None = typer.Option(None, "--sign-key", help="Sign the package with the "
+                                         "owner's private key (python -m groupcover ownerkey)."),
 ) -> None:  # fmt: skip
     """Protect a model: published weights for workers, a sealed bundle for the master, its key."""
     code = run_protect(protect_argv(src, out, scheme, key_out, k, baselines, reference, seed,
-                                    threads))  # fmt: skip
+                                    threads, sign_key))  # fmt: skip
     if code:
         raise typer.Exit(code)

@@ -2,6 +2,7 @@
 
 Everything is written into a temporary folder beside DIR and renamed at the end, so a failure
 leaves nothing half-written; the key file (model.key, or --key-out) is written last, mode 0600.
+With the owner's signing key, signature.json is written with the rest, before the rename.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from groupcover.package.layout import (
     SEALED,
 )
 from groupcover.package.seal import new_key, seal_file
+from groupcover.package.signature import sign_package
 from groupcover.package.source import Source, example_inputs, load_source, spec_to_json
 from groupcover.published import dtype_name, tensor_digest, write_published
 from groupcover.rng import SecretRandom
@@ -51,6 +53,11 @@ BASELINES_WARNING = (
 
 def scheme_modes(scheme: str) -> tuple[str, ...]:
     return tuple(m for m in MODES if mode_settings(m)[0] == scheme)
+
+
+def package_modes(scheme: str, baselines: bool) -> tuple[str, ...]:
+    """The modes a package of `scheme` runs (what its manifest lists, in this order)."""
+    return (*BASELINE_MODES, *scheme_modes(scheme)) if baselines else scheme_modes(scheme)
 
 
 def parse_references(text: str) -> tuple[tuple[int, int], ...]:
@@ -78,6 +85,7 @@ class ProtectOptions:
     seed: int | None = None
     key_out: Path | None = None
     publish_audit: bool = True  # with baselines: make the audit's publish checks (see audit.py)
+    signer: Any = None  # the owner's Ed25519 private key: sign the package (signature.json)
 
 
 def _op_json(op: Any) -> dict[str, Any]:
@@ -170,9 +178,7 @@ def protect_source(source: Source, out: Path, options: ProtectOptions) -> dict[s
                                  hint="choose --reference shapes the model accepts",
                                  ) from None  # fmt: skip
             references[label] = f"ref/{label}"
-    modes = list(scheme_modes(options.scheme))
-    if options.baselines:
-        modes = [*BASELINE_MODES, *modes]
+    modes = list(package_modes(options.scheme, options.baselines))
     meta = {
         "format": FORMAT_VERSION, "package_id": package_id, "model": spec_to_json(spec),
         "scheme": options.scheme, "k": options.k, "layers": layers, "state_keys": state_keys,
@@ -199,6 +205,8 @@ def protect_source(source: Source, out: Path, options: ProtectOptions) -> dict[s
         manifest = _manifest(spec, options, package_id, layers, modes, sealed_digest, baselines,
                              references, state_keys, time.perf_counter() - start)  # fmt: skip
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if options.signer is not None:  # before the key is written: model.key is never signed
+            sign_package(staging, options.signer)
         if key_path is None:
             _write_key(staging / KEY, key)
         if out.exists():

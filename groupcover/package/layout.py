@@ -13,6 +13,8 @@ FORMAT_VERSION = 1
 MANIFEST, PUBLISHED, SEALED, BASELINES, KEY = (
     "manifest.json", "published.safetensors", "master.sealed", "baselines.sealed", "model.key",
 )  # fmt: skip
+SIGNATURE = "signature.json"  # the owner's signature over the other files (never model.key)
+SIGNED_FILES = (MANIFEST, PUBLISHED, SEALED, BASELINES)  # every one that exists is signed
 BASELINE_MODES = ("tee-only", "plain-offload", "mask-only")  # run from baselines.sealed
 
 

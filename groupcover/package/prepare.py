@@ -95,6 +95,9 @@ def prepare(request: ModelRequest) -> Prepared:
 
 def _prepare_package(request: ModelRequest) -> Prepared:
     files = [open_package(path) for path in request.models]
+    if request.pins.owner_key is not None:  # who made each: before any key is asked for
+        for package in files:
+            package.verify(request.pins.owner_key)
     chosen = assign_modes(files, request.modes)
     used = sorted(set(chosen.values()))
     keys = request.key_files
@@ -108,13 +111,17 @@ def _prepare_package(request: ModelRequest) -> Prepared:
                            resource, request.pins)  # fmt: skip
         release = obtain_key(source)
         unsealed[index] = files[index].unseal(release.key)
-        facts.append({**release.facts, "package": str(files[index].root)})
+        facts.append({**release.facts, "package": str(files[index].root),
+                      **files[index].facts()})  # fmt: skip
     merged = dict(facts[0])
     if len(facts) > 1:
         merged["seconds"] = round(sum(float(f.get("seconds") or 0.0) for f in facts), 4)
         merged["per_package"] = facts
     packages = {mode: unsealed[chosen[mode]] for mode in request.modes}
-    return _from_packages(request, packages, merged)
+    prepared = _from_packages(request, packages, merged)
+    name = (files[0].manifest.get("model") or {}).get("name")  # the bytes verified, not re-read
+    prepared.model_name = str(name) if name else None  # a folder: the model, not where it lies
+    return prepared
 
 
 def _from_packages(request: ModelRequest, packages: dict[str, Any],
@@ -126,11 +133,7 @@ def _from_packages(request: ModelRequest, packages: dict[str, Any],
     if reference is None:
         note = (f"exactness not checked: no sealed reference for "
                 f"{first.reference_label(request.batch, request.seq)}")  # fmt: skip
-    prepared = Prepared(None, inputs, reference, 0.0, packages, key_release, note)
-    if is_package(request.model):  # a folder: name the model, not where it was copied
-        name = (open_package(request.model).manifest.get("model") or {}).get("name")
-        prepared.model_name = str(name) if name else None
-    return prepared
+    return Prepared(None, inputs, reference, 0.0, packages, key_release, note)
 
 
 def _prepare_builtin(request: ModelRequest) -> Prepared:
@@ -165,7 +168,9 @@ def _prepare_builtin(request: ModelRequest) -> Prepared:
                     ) from None
                 raise
             key = read_key(folder / "package" / "model.key")
-            by_scheme[scheme] = open_package(folder / "package").unseal(key)
+            files = open_package(folder / "package")
+            files.authenticated = True  # written a moment ago by this very process
+            by_scheme[scheme] = files.unseal(key)
     except BaseException:
         for path in cleanup:
             shutil.rmtree(path, ignore_errors=True)
@@ -175,7 +180,7 @@ def _prepare_builtin(request: ModelRequest) -> Prepared:
     for mode in request.modes:
         wanted = mode_settings(mode)[0] or ""
         packages[mode] = by_scheme.get(wanted, next(iter(by_scheme.values())))
-    prepared = _from_packages(request, packages, in_memory(key).facts)
+    prepared = _from_packages(request, packages, {**in_memory(key).facts, **files.facts()})
     prepared.cleanup = cleanup
     prepared.protect_s = time.perf_counter() - start
     return prepared

@@ -7,6 +7,12 @@ anything and without holding the published weights: each is read from the master
 published.safetensors, checked against the digest sealed in the bundle, when the transport, the
 mask pool or the integrity check needs it. Baseline modes (tee-only, plain-offload, mask-only)
 open baselines.sealed, which only a package protected with --baselines has.
+
+Who made a package: `PackageFiles.verify(owner_key)` checks the owner's signature over its files
+(`groupcover.package.signature`) before the key is asked for; the sealed files are hashed again as
+they are decrypted. Whatever the signature, `unseal` refuses a manifest that disagrees with the
+sealed bundle (the bundle is authoritative), and runs a package's own code (a `FILE.py:FUNCTION`
+factory) only from an authenticated package.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from groupcover.errors import UsageError
 from groupcover.layer_op import LayerOp, PublishedRef
 from groupcover.master import PackagedLayer, ProtectedModel, _replace, assemble
 from groupcover.modes import MasterOnlyModel, mode_settings, parse_mode
-from groupcover.package import container, secrets
+from groupcover.package import container, secrets, signature
+from groupcover.package.build import package_modes
 from groupcover.package.layout import (
     BASELINE_MODES,
     BASELINES,
@@ -40,6 +47,7 @@ from groupcover.package.source import ModelSpec, build_skeleton, example_inputs,
 from groupcover.published import PublishedFile
 from groupcover.schemes import IdentityScheme, LayerSecret, Scheme, channel_dim_of, make_scheme
 from groupcover.transport import Transport
+from groupcover.trust import b64url
 
 AUDIT_SKIPPED = (
     "audit skipped: the payload audit compares payloads with the plaintext weights, which this "
@@ -55,6 +63,32 @@ class ModeUnavailable(UsageError):
 class PackageFiles:
     root: Path
     manifest: dict[str, Any]
+    manifest_bytes: bytes = field(default=b"", repr=False)  # what `manifest` was parsed from
+    signed: dict[str, str] | None = None  # the signed digests, once `verify` passed
+    signed_by: bytes | None = None  # the owner key that signed it (raw Ed25519)
+    # its code may run: signed by the pinned owner, or written by this very process
+    authenticated: bool = False
+
+    def verify(self, owner_key: bytes) -> None:
+        """Refuses this package unless `owner_key` signed exactly its files (before any key is
+        asked for, and before any sealed byte is decrypted)."""
+        self.signed = signature.verify_package(self.root, self.manifest_bytes, owner_key)
+        self.signed_by = owner_key
+        self.authenticated = True
+
+    def facts(self) -> dict[str, Any]:
+        """For the key_release facts: whether results come from a package the owner signed."""
+        return {"package_signed_by": b64url(self.signed_by) if self.signed_by else None,
+                "package_authenticated": self.authenticated}  # fmt: skip
+
+    def signed_digest(self, name: str) -> str | None:
+        """The digest `name` must have (None: the package was not verified)."""
+        if self.signed is None:
+            return None
+        if name not in self.signed:
+            raise signature.SignatureError(f"package {self.root} holds {name}, which the "
+                                           "owner's signature does not cover")  # fmt: skip
+        return self.signed[name]
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -77,9 +111,25 @@ class PackageFiles:
             hint=f"it runs {', '.join(self.modes)}",
         )
 
+    def check_sealed(self, key: bytes) -> None:
+        """The manifest against the sealed bundle, nothing built (the owner, before signing)."""
+        meta, _ = container.unpack(open_file_into(self.root / SEALED, key))
+        check_manifest(self.root, self.manifest, meta)
+
     def unseal(self, key: bytes) -> UnsealedPackage:
-        buffer = open_file_into(self.root / SEALED, key)
+        buffer = open_file_into(self.root / SEALED, key, self.signed_digest(SEALED))
         meta, tensors = container.unpack(buffer)
+        check_manifest(self.root, self.manifest, meta)
+        model = meta.get("model") or {}
+        if (model.get("kind") == "factory" or model.get("factory_source")) and \
+                not self.authenticated:  # fmt: skip
+            raise signature.SignatureError(
+                f"package {self.root} carries model code ({model.get('name')}), which this "
+                "master runs only from a package its owner signed",
+                hint="pin the owner's key (gcvm.owner_key= on the measured kernel command line, "
+                "or --owner-key OWNER.pub where nothing is measured) and sign the package with "
+                "`python -m groupcover sign DIR --sign-key owner.key`",
+            )
         published = PublishedFile(self.root / PUBLISHED)
         if meta.get("package_id") != published.package_id:
             raise PackageError(
@@ -92,7 +142,8 @@ class PackageFiles:
 def open_package(path: str | Path) -> PackageFiles:
     root = Path(path)
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        raw = (root / MANIFEST).read_bytes()
+        manifest = json.loads(raw)
     except OSError as exc:
         raise PackageError(f"{root} is not a model package: {exc.strerror or exc}",
                            hint="make one with `python -m groupcover protect SRC --out DIR`") \
@@ -104,7 +155,64 @@ def open_package(path: str | Path) -> PackageFiles:
     for name in (SEALED, PUBLISHED):
         if not (root / name).is_file():
             raise PackageError(f"package {root} has no {name}")
-    return PackageFiles(root, manifest)
+    return PackageFiles(root, manifest, raw)
+
+
+def _manifest_says(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "package_id": manifest.get("package_id"),
+        "model": manifest.get("model"),
+        "scheme": manifest.get("scheme"),
+        "k": manifest.get("k"),
+        "modes": manifest.get("modes"),
+        "baselines": bool(manifest.get("baselines")),
+        "layers": manifest.get("layers"),
+        "references": sorted(manifest.get("references") or ()),
+    }
+
+
+def _layer_says(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"id": entry["index"], "op": entry["op"]["kind"], "shape": entry["shape"],
+            "dtype": entry["dtype"], "sha256": entry["sha256"]}  # fmt: skip
+
+
+def _bundle_says(meta: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest must say, from the sealed meta (as `build._manifest` writes it)."""
+    model = meta.get("model") or {}
+    scheme, baselines = meta.get("scheme"), bool(meta.get("baselines"))
+    return {
+        "package_id": meta.get("package_id"),
+        "model": {k: model.get(k) for k in ("kind", "name", "config")},
+        "scheme": scheme,
+        "k": meta.get("k") if scheme == "groupcover" else None,
+        "modes": list(package_modes(str(scheme), baselines)),
+        "baselines": baselines,
+        "layers": [_layer_says(e) for e in meta.get("layers") or ()],
+        "references": sorted(meta.get("references") or ()),
+    }
+
+
+def check_manifest(root: Path, manifest: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The public manifest must say what the sealed bundle says (the bundle is authoritative:
+    only the key's holder could have written it). Refused for any package, signed or not: the
+    master chose its modes from the manifest, and results name the model from it."""
+    said, sealed = _manifest_says(manifest), _bundle_says(meta)
+    for name, value in sealed.items():
+        if said[name] == value:
+            continue
+        where = name
+        if name in ("scheme", "k", "modes", "baselines", "package_id"):
+            where = f"{name} (it says {said[name]!r}, the bundle {value!r})"
+        elif name == "layers" and isinstance(said[name], list) and len(said[name]) == len(value):
+            index = next(i for i, (a, b) in enumerate(zip(said[name], value, strict=True))
+                         if a != b)  # fmt: skip
+            theirs = said[name][index] if isinstance(said[name][index], dict) else {}
+            wrong = [f for f in value[index] if theirs.get(f) != value[index][f]]
+            where = f"layer {index}" + (f" ({wrong[0]})" if wrong else "")
+        raise PackageError(
+            f"{root / MANIFEST} disagrees with the sealed bundle on {where}",
+            hint="the manifest was altered after `protect` wrote it: use the package as written",
+        )
 
 
 def _op(data: dict[str, Any]) -> LayerOp:
@@ -178,7 +286,8 @@ class UnsealedPackage:
                     f"package {self.files.root} holds no baselines",
                     hint="protect it again with --baselines (benchmarks only)",
                 )
-            meta, tensors = container.unpack(open_file_into(path, self.key))
+            expected = self.files.signed_digest(BASELINES)
+            meta, tensors = container.unpack(open_file_into(path, self.key, expected))
             if meta.get("package_id") != self.package_id:
                 raise PackageError(f"{path} belongs to another package")
             self._plain = tensors

@@ -173,22 +173,28 @@ def open_file(path: Path, key: bytes) -> bytes:
     return open_bytes(sealed, key)
 
 
-def open_file_into(path: Path, key: bytes) -> bytearray:
+def open_file_into(path: Path, key: bytes, sha256: str | None = None) -> bytearray:
     """The plaintext of a sealed bundle file, decrypted chunk by chunk into one buffer: the
-    master never holds the sealed file and its plaintext (nor a second copy) at once."""
+    master never holds the sealed file and its plaintext (nor a second copy) at once. With
+    `sha256` (the digest the owner signed), the bytes decrypted must be the bytes signed: the
+    file is hashed as it is read, and a file changed since its signature was checked is refused
+    before the plaintext is returned."""
     _check_key(key)
+    read = hashlib.sha256()
     try:
         f = path.open("rb")
     except OSError as exc:
         raise SealError(f"cannot read the sealed bundle {path}: {exc.strerror}") from None
     with f:
         start = f.read(len(MAGIC) + 4)
+        read.update(start)
         if len(start) < len(MAGIC) + 4 or start[: len(MAGIC)] != MAGIC:
             raise SealError("not a sealed gcvm bundle (bad magic)")
         (length,) = struct.unpack_from("<I", start, len(MAGIC))
         if length > MAX_HEADER:
             raise SealError("sealed bundle header is truncated or too large")
         head = start + f.read(length)
+        read.update(head[len(start) :])
         header, offset, digest = _header(memoryview(head))
         size, chunk, last = header["plaintext_bytes"], header["chunk_bytes"], header["chunks"] - 1
         out = bytearray(size)
@@ -196,6 +202,7 @@ def open_file_into(path: Path, key: bytes) -> bytearray:
         for index in range(header["chunks"]):
             count = min(chunk, size - index * chunk) if size else 0
             body = f.read(NONCE_BYTES + count + TAG_BYTES)
+            read.update(body)
             if len(body) != NONCE_BYTES + count + TAG_BYTES:
                 raise SealError(f"sealed bundle is truncated at chunk {index}")
             try:
@@ -210,4 +217,7 @@ def open_file_into(path: Path, key: bytes) -> bytearray:
         if f.read(1):
             raise SealError("sealed bundle has trailing bytes after its last chunk")
         del offset
+    if sha256 is not None and read.hexdigest() != sha256:
+        raise SealError(f"{path} changed after its signature was checked",
+                        hint="the host altered the package while the master read it")  # fmt: skip
     return out

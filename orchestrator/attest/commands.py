@@ -200,7 +200,8 @@ def policy_cmd(
         "", help="What the VM's command line adds to the image's (gcvm.broker_cert=... ...)."
     ),
     owner: Path | None = typer.Option(
-        None, "--owner",
+        None,
+        "--owner",
         help="An owner folder whose identities the guests pin (broker certificate, package "
         "signer): their kernel command line parameters, as `gcvm up --owner` appends them.",
     ),

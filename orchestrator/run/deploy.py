@@ -8,14 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from orchestrator import packages, report, state
+from orchestrator import packages, report, runbroker, state
 from orchestrator.remote import Remote
 from orchestrator.run.settings import BenchSettings
 from orchestrator.run.world import Node
 from orchestrator.spec import RankSpec, Role
 from orchestrator.ui import console, step
 
-Broker = packages.RunBroker | packages.ClusterBrokerUse
+Broker = runbroker.RunBroker | runbroker.ClusterBrokerUse
 
 
 def prepare_packages(st: state.ClusterState, settings: BenchSettings

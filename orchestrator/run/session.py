@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from orchestrator import ownerid, packages, state, top
+from orchestrator import ownerid, packages, runbroker, state, top
 from orchestrator.cluster import Backend
 from orchestrator.errors import HypervisorError
 from orchestrator.hostworker import HostWorkerState
@@ -107,7 +107,7 @@ class RunSession:
     def check_policy(self, policy: str | None) -> None:
         """A run's own broker needs a policy on a TEE cluster (the cluster's has its own)."""
         if self.st.cluster_broker is None:
-            packages.check_policy(self.tee, Path(policy) if policy else None)
+            runbroker.check_policy(self.tee, Path(policy) if policy else None)
 
     def connect(self, names: Sequence[str] | None = None) -> dict[str, Remote]:
         self.remotes.update(connect_all(self.st, names))
@@ -118,7 +118,7 @@ class RunSession:
         """The run's keys to a broker (stopped with the session); `announce`: say where it
         listens and what it runs."""
         identity = owner / ownerid.BROKER_DIR if self.st.trust else None
-        self.broker = packages.broker_for(self.st, packages.broker_resources(pkgs), self.tee,
+        self.broker = runbroker.broker_for(self.st, packages.broker_resources(pkgs), self.tee,
                                           Path(policy) if policy else None,
                                           owner / "broker.log", identity)  # fmt: skip
         broker = self.broker

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from groupcover import trust
-from orchestrator import clusterbroker
+from orchestrator import clusterbroker, runbroker
 from orchestrator.attest import identity as ident_mod
 from orchestrator.attest.identity import load, load_or_create
 from orchestrator.errors import UsageError
@@ -132,7 +132,7 @@ def test_a_run_broker_with_an_identity_serves_https_to_a_pinned_master(tmp_path:
 
     (tmp_path / "model.key").write_bytes(MODEL_KEY)
     made = load_or_create(tmp_path / "id")
-    broker = packages.RunBroker(None, "127.0.0.1", {RESOURCE: tmp_path / "model.key"}, "none",
+    broker = runbroker.RunBroker(None, "127.0.0.1", {RESOURCE: tmp_path / "model.key"}, "none",
                                 identity=tmp_path / "id")  # fmt: skip
     assert broker.argv()[-2:] == ["--identity", str(tmp_path / "id")]
     with broker:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import cluster, hostcaps, packages, render, state, tee
+from orchestrator import cluster, hostcaps, packages, render, runbroker, state, tee
 from orchestrator.cluster.parallel import _parallel, check
 from orchestrator.errors import (
     HostUnsupported,
@@ -103,7 +103,7 @@ def test_run_bench_stops_started_ranks_on_any_error(
     monkeypatch.setattr(deploy, "prepare_packages", lambda _st, _s: ([], {"owner": str(tmp_path)}))
     monkeypatch.setattr(deploy, "copy_packages", lambda *_a: [])
     brokers: list[FakeBroker] = []
-    monkeypatch.setattr(packages, "RunBroker", lambda *a, **k: brokers.append(FakeBroker()) or
+    monkeypatch.setattr(runbroker, "RunBroker", lambda *a, **k: brokers.append(FakeBroker()) or
                         brokers[-1])  # fmt: skip
     with pytest.raises(RemoteError, match="mkdir failed"):
         run_bench("rb", BenchSettings(batch=1, seq=8, repeat=1), tmp_path / "out")

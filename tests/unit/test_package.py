@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from groupcover import launch
 from groupcover.__main__ import main
@@ -288,13 +290,16 @@ def test_a_factory_file_is_a_source(tmp_path: Path) -> None:
     factory = tmp_path / "factory.py"
     factory.write_text(FACTORY)
     out = tmp_path / "pkg"
-    protect(f"{factory}:make", out, ProtectOptions(baselines=True))
+    owner = Ed25519PrivateKey.generate()  # a package's code runs only from a signed package
+    protect(f"{factory}:make", out, ProtectOptions(baselines=True, signer=owner))
     namespace: dict[str, object] = {}
     exec(FACTORY, namespace)
     model, (x,) = namespace["make"]()  # type: ignore[operator]
     with torch.no_grad():
         reference = model(x)
-    package = unsealed(out)
+    files = open_package(out)
+    files.verify(owner.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+    package = files.unseal(read_key(out / "model.key"))
     assert package.reference(8, 128) is not None  # a factory's input is fixed: any shape
     for mode in ("hardened", "hardened-nomask", "tee-only", "mask-only"):
         built = package.build(mode, InProcessTransport(owner=mode), example=(x,))

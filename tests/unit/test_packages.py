@@ -18,7 +18,7 @@ from groupcover.inprocess import InProcessTransport
 from groupcover.launch import RankSettings, Role
 from groupcover.package.prepare import prepare
 from groupcover.package.runtime import ModeUnavailable, assign_modes, open_package
-from orchestrator import packages, report
+from orchestrator import packages, report, runbroker
 from orchestrator.errors import UsageError
 from orchestrator.run.deploy import model_args
 from orchestrator.run.settings import MODES, BenchSettings
@@ -126,11 +126,11 @@ def test_missing_key_and_not_a_package_are_one_line_errors(two: tuple[Path, Path
 
 def test_snp_or_tdx_without_a_policy_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--tee snp: the broker needs a policy file") as err:
-        packages.check_policy("snp", None)
+        runbroker.check_policy("snp", None)
     assert "--policy FILE" in (err.value.hint or "")
     with pytest.raises(UsageError, match="no such file"):
-        packages.check_policy("tdx", tmp_path / "nope.yaml")
-    packages.check_policy("none", None)
+        runbroker.check_policy("tdx", tmp_path / "nope.yaml")
+    runbroker.check_policy("none", None)
 
 
 def test_framework_refuses_mismatched_key_files(two: tuple[Path, Path]) -> None:
@@ -246,7 +246,7 @@ def test_run_broker_releases_this_runs_keys_and_stops(two: tuple[Path, Path],
     assert set(resources) == {f"gcvm/{p.package_id}/key" for p in pkgs}
     assert "gcvm/model/key" in packages.broker_resources(pkgs[:1])
     log = tmp_path / "owner" / "broker.log"
-    broker = packages.RunBroker(None, "127.0.0.1", resources, "none", log_file=log)
+    broker = runbroker.RunBroker(None, "127.0.0.1", resources, "none", log_file=log)
     assert "--insecure-no-attestation" in broker.argv()
     out = tmp_path / "r.json"
     with broker:
@@ -285,7 +285,7 @@ def test_run_broker_releases_this_runs_keys_and_stops(two: tuple[Path, Path],
 
 def test_a_policy_is_needed_for_a_tee_broker(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="needs a policy file"):
-        packages.RunBroker(None, "127.0.0.1", {}, "tdx")
+        runbroker.RunBroker(None, "127.0.0.1", {}, "tdx")
 
 
 # ---- the report with rel_err null -----------------------------------------------------------
