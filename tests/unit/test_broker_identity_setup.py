@@ -128,7 +128,6 @@ def test_broker_serve_without_an_identity_says_it_is_unauthenticated(tmp_path: P
 
 def test_a_run_broker_with_an_identity_serves_https_to_a_pinned_master(tmp_path: Path) -> None:
     from groupcover.keyrelease import KbsClient, NoEvidence
-    from orchestrator import packages
 
     (tmp_path / "model.key").write_bytes(MODEL_KEY)
     made = load_or_create(tmp_path / "id")

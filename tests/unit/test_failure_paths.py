@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import cluster, hostcaps, packages, render, runbroker, state, tee
+from orchestrator import cluster, hostcaps, render, runbroker, state, tee
 from orchestrator.cluster.parallel import _parallel, check
 from orchestrator.errors import (
     HostUnsupported,

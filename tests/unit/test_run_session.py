@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import cluster, packages, state
+from orchestrator import cluster, runbroker, state
 from orchestrator.errors import RemoteError
 from orchestrator.run import session
 from orchestrator.run.session import RunSession
@@ -53,7 +53,7 @@ def test_every_way_out_stops_ranks_then_releases_everything(
     remotes = {vm.name: FakeRemote(vm.name, fail_mkdir=False) for vm in st.vms}
     monkeypatch.setattr(session, "connect_all", lambda _st, _names=None: remotes)
     broker = FakeBroker()
-    monkeypatch.setattr(packages, "broker_for", lambda *_a: broker)
+    monkeypatch.setattr(runbroker, "broker_for", lambda *_a: broker)
     sampler, hv = FakeSampler(), FakeHypervisor()
     monkeypatch.setattr(session, "open_sampler", lambda _st: (sampler, hv))
     with pytest.raises(error), RunSession("rs") as run:
@@ -98,7 +98,7 @@ def test_a_failure_while_releasing_still_releases_the_rest(
         raise RemoteError("the broker would not stop")
 
     broker.stop = stop  # type: ignore[method-assign]
-    monkeypatch.setattr(packages, "broker_for", lambda *_a: broker)
+    monkeypatch.setattr(runbroker, "broker_for", lambda *_a: broker)
     with pytest.raises(RemoteError, match="would not stop"), RunSession("rf") as run:
         run.connect()
         run.start_broker([], None, tmp_path)
