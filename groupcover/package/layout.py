@@ -7,17 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from groupcover.errors import GroupCoverError
+from groupcover.errors import PackageError as PackageError  # where readers look for it
 
 FORMAT_VERSION = 1
 MANIFEST, PUBLISHED, SEALED, BASELINES, KEY = (
     "manifest.json", "published.safetensors", "master.sealed", "baselines.sealed", "model.key",
 )  # fmt: skip
 BASELINE_MODES = ("tee-only", "plain-offload", "mask-only")  # run from baselines.sealed
-
-
-class PackageError(GroupCoverError):
-    exit_code = 2
 
 
 def is_package(path: str | Path) -> bool:
