@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from orchestrator import paths
 from orchestrator.errors import GcvmError, UsageError
+from orchestrator.keys import check_private
 from orchestrator.ui import console, log
 
 GUEST_ROOT = "/var/lib/gcvm/packages"  # in every VM: persistent, never /tmp
@@ -162,6 +163,7 @@ def load_package(folder: Path, key: Path | None = None, protect_s: float | None 
         raise UsageError(f"package {folder}: no model key at {key}",
                          hint="pass --key FILE (the key `protect` wrote; it stays on this "
                          "host, the broker releases it)")  # fmt: skip
+    check_private(key)  # the broker would refuse to release a key others can read: say so now
     return HostPackage(folder, key, manifest, protect_s)
 
 

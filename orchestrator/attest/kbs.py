@@ -14,7 +14,9 @@ accepted). Nonces are single-use and expire after `nonce_ttl_s`; a challenge is 
 (a MAC'd token, `orchestrator.attest.challenge`), so the broker keeps state only for a guest whose
 evidence verified. Errors are Trustee's
 ErrorInformation JSON {"type", "detail"}: 401 for a refused request or attestation, 403 for a
-resource the session may not have, 404 for an unknown resource. Every decision is logged.
+resource the session may not have or whose file group or others may read or write (a repository
+file found so at request time; such a policy resource stops the broker at start), 404 for an
+unknown resource. Every decision is logged.
 
 Evidence (`tee-evidence`, or its `primary_evidence`):
   snp: {"attestation_report": base64 of the 1184-byte report,
@@ -30,6 +32,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -56,6 +59,7 @@ from orchestrator.attest.request import (
     tee_pubkey,
 )
 from orchestrator.errors import UsageError
+from orchestrator.keys import ExposedSecret, check_private, exposed
 
 log = logging.getLogger("gcvm.broker")
 
@@ -138,6 +142,10 @@ class Broker:
         for name, path in policy.resources.items():
             if not path.is_file():
                 raise UsageError(f"resource {name}: {path} is not a file")
+            try:  # a key others may read is not released: refuse to start rather than serve it
+                check_private(path)
+            except ExposedSecret as exc:
+                raise ExposedSecret(f"resource {name}: {exc.message}", hint=exc.hint) from None
 
     @property
     def token_public_key(self) -> dict[str, Any]:
@@ -386,7 +394,16 @@ class Broker:
                 "resource", HTTPStatus.NOT_FOUND, "ResourceNotFound",
                 f"no resource {name!r} at this broker",
             )  # fmt: skip
-        payload = path.read_bytes()
+        with path.open("rb") as f:  # the mode of the file actually read
+            why = exposed(os.fstat(f.fileno()))
+            payload = f.read() if why is None else b""
+        if why is not None:  # a repository file, found at this request, that others may read
+            log.warning("resource %s: %s is %s: not released (chmod 600 %s)", name, path, why,
+                        path)  # fmt: skip
+            raise self._refuse(
+                "resource", HTTPStatus.FORBIDDEN, "PolicyDeny",
+                f"resource {name!r} is not released: the broker's file for it is {why}",
+            )  # fmt: skip
         response = _jwe(payload, pubkey)
         self._record({
             "time": now, "step": "resource", "outcome": "released", "resource": name,
