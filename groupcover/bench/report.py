@@ -207,6 +207,22 @@ def secrets_label(seed: int | None) -> str:
     return OS_NOTICE if seed is None else seed_notice(seed)
 
 
+def mode_label(result: dict[str, Any]) -> str:
+    """The mode as the table prints it: an unmasked mode that offloads says UNPROTECTED."""
+    if result.get("protected") is False:
+        return f"{result['mode']} UNPROTECTED"
+    return str(result["mode"])
+
+
+def protection_lines(results: Sequence[dict[str, Any]]) -> list[str]:
+    return [
+        f"{r['mode']}: {r['protection']}: the worker sees the input in the clear or under a "
+        "fixed secret transform, which its payloads let it estimate"
+        for r in results
+        if r.get("protected") is False
+    ]
+
+
 def print_table(document: dict[str, Any]) -> None:
     results = document["results"]
     ratio = overheads(results)
@@ -236,7 +252,7 @@ def print_table(document: dict[str, Any]) -> None:
     for r in results:
         lat, parts = r["latency_ms"], r["breakdown_ms"]
         rows.append((
-            r["model"], r["mode"], str(r["batch"]), str(r["seq"]),
+            r["model"], mode_label(r), str(r["batch"]), str(r["seq"]),
             f"{lat['median']:.1f}", f"{lat['p10']:.1f}", f"{lat['p90']:.1f}",
             f"{r['throughput']:.2f}", f"{r.get('sustained_throughput', r['throughput']):.2f}",
             f"{r.get('mask_generation_ms', 0.0):.1f}",
@@ -252,6 +268,7 @@ def print_table(document: dict[str, Any]) -> None:
         "latency: wall time of a forward with the mask pool full; sustained: samples/s with "
         "the masks of each forward generated too (masks ms)",
         *ratio_lines(results),
+        *protection_lines(results),
         *mask_budget_lines(results),
         *audit_lines(results),
     ]
