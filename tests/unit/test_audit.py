@@ -354,7 +354,8 @@ def test_leakage_figure_sits_at_the_noise_floor_only_for_hiding_masks() -> None:
                 assert row["max_abs_correlation"] < 3 * row["noise_floor"]
                 assert row["distinguisher_advantage"] < 0.2  # few trials at this size
             else:
-                assert row["max_abs_correlation"] > 0.99 and row["above_null"]
+                # > 0.98: each call is put on its own scale before pooling
+                assert row["max_abs_correlation"] > 0.98 and row["above_null"]
                 assert row["distinguisher_advantage"] > 0.9
         assert report["correlation_above_null"] is not hides
 
