@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -26,12 +27,13 @@ from groupcover.wire.client import TcpTransport
 
 MIB = 1 << 20
 TENSOR_LIMIT = 16 * MIB  # the red team's worker
+RUN_MACS = 2 * 10**9  # about 0.1 s of one core: the compute bound of this worker
 WORKER = f"""
 import sys, torch
 from groupcover.wire.server import Limits, WorkerServer
 from groupcover.worker import WorkerState
 torch.set_num_threads(1)
-limits = Limits(max_tensor_bytes={TENSOR_LIMIT}, timeout_s=30)
+limits = Limits(max_tensor_bytes={TENSOR_LIMIT}, max_run_macs={RUN_MACS}, timeout_s=30)
 server = WorkerServer("127.0.0.1", 0, WorkerState(torch.device("cpu")), limits).start()
 print(f"port {{server.address[1]}}", flush=True)
 sys.stdin.read()
@@ -55,7 +57,6 @@ def worker() -> Iterator[tuple[str, int]]:
         proc.wait(timeout=10)
 
 
-@pytest.mark.xfail(strict=True, reason="the worker bounds tensors, not what a RUN allocates")
 def test_a_small_conv_request_cannot_make_the_worker_unfold_hundreds_of_mib(
     worker: tuple[str, int],
 ) -> None:
@@ -75,6 +76,26 @@ def test_a_small_conv_request_cannot_make_the_worker_unfold_hundreds_of_mib(
         assert after is not None
         grown = (after - before) / MIB
         assert grown < 16, f"the worker's peak RSS grew by {grown:.0f} MiB"
+    finally:
+        transport.close()
+
+
+def test_a_call_over_the_compute_bound_is_refused_before_it_starts(
+    worker: tuple[str, int],
+) -> None:
+    """No torch op can be interrupted, so a RUN's deadline is its price in multiply-accumulates:
+    a 3x3 conv2d of 512 channels on a 64x64 input (9 MiB weight, 8 MiB input, 88 MiB of
+    allocations, all under the worker's byte limits) is 9.7 GMAC, refused at once."""
+    transport = TcpTransport(worker, "worker1", timeout_s=30)
+    try:
+        op = LayerOp("conv2d", stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+        weight, x = torch.ones(512, 512, 3, 3), torch.ones(1, 512, 64, 64)
+        assert schema.run_cost(op, tuple(x.shape), tuple(weight.shape), 4).macs > 4 * RUN_MACS
+        transport.publish("conv", weight, op)
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match="multiply-accumulates is over the worker's limit"):
+            transport.run("conv", x)
+        assert time.monotonic() - started < 2.0
     finally:
         transport.close()
 
