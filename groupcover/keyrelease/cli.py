@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from groupcover.argtypes import output_file, positive_float
 from groupcover.errors import GroupCoverError
 from groupcover.keyrelease.evidence import detect
 from groupcover.keyrelease.kbs import PROTOCOL_VERSION, PROTOCOLS, KbsClient
@@ -21,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", required=True, help="http://HOST:PORT of the key broker")
     parser.add_argument("--tee", required=True, choices=["snp", "tdx", "none"])
     parser.add_argument("--resource", default="gcvm/model/key", help="<repository>/<type>/<tag>")
-    parser.add_argument("--out", help="write the released secret here (mode 0600)")
-    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--out", type=output_file("--out"),
+                        help="write the released secret here (mode 0600)")  # fmt: skip
+    parser.add_argument("--timeout", type=positive_float("--timeout"), default=30.0)
     parser.add_argument("--protocol", default=PROTOCOL_VERSION, choices=list(PROTOCOLS))
 
 
