@@ -16,6 +16,7 @@ import os
 import secrets
 import sys
 
+from groupcover.argtypes import output_file, positive_float
 from groupcover.errors import GroupCoverError
 from groupcover.keyrelease.evidence import detect
 from groupcover.keyrelease.kbs import PROTOCOL_VERSION, PROTOCOLS, KbsClient
@@ -30,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "pins none; never one that differs from it")  # fmt: skip
     parser.add_argument("--tee", required=True, choices=["snp", "tdx", "none"])
     parser.add_argument("--resource", default="gcvm/model/key", help="<repository>/<type>/<tag>")
-    parser.add_argument("--out", help="write the released secret here (mode 0600)")
-    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--out", type=output_file("--out"),
+                        help="write the released secret here (mode 0600)")  # fmt: skip
+    parser.add_argument("--timeout", type=positive_float("--timeout"), default=30.0)
     parser.add_argument("--protocol", default=PROTOCOL_VERSION, choices=list(PROTOCOLS))
 
 
