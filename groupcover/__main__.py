@@ -19,6 +19,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from groupcover import trust
+from groupcover.argtypes import int_in, non_negative_int, output_file, output_folder, positive_int
 from groupcover.attacks import frontier
 from groupcover.bench.local import LocalRun, run_local
 from groupcover.bench.micro import run_micro
@@ -38,7 +39,7 @@ from groupcover.package.layout import KEY, SIGNATURE, is_package
 from groupcover.package.runtime import open_package
 from groupcover.package.signature import generate_owner_key, load_signing_key, sign_package
 from groupcover.rendezvous import Rendezvous
-from groupcover.settings import DEFAULT_MODEL, add_workload, workload_argv
+from groupcover.settings import DEFAULT_MODEL, MAX_THREADS, add_workload, workload_argv
 from groupcover.trust import b64url
 
 
@@ -46,6 +47,10 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (and exit code 2), like every other."""
 
     def error(self, message: str) -> NoReturn:
+        # "argument --batch: --batch 0 is out of range": the settings' types name their flag
+        head, _, said = message.partition(": ")
+        if head.startswith("argument ") and said.startswith(head.removeprefix("argument ") + " "):
+            message = said
         print_error(UsageError(message, hint=f"see `{self.prog} --help`"))
         sys.exit(2)
 
@@ -53,11 +58,13 @@ class Parser(argparse.ArgumentParser):
 def _add_launch(launch_p: argparse.ArgumentParser) -> None:
     add = launch_p.add_argument
     add("--role", choices=[role.value for role in Role], required=True)
-    add("--rank", type=int, help="this process's rank (default: $RANK)")
-    add("--world-size", type=int, help="masters + workers (default: $WORLD_SIZE)")
+    add("--rank", type=non_negative_int("--rank"), help="this process's rank (default: $RANK)")
+    add("--world-size", type=int_in("--world-size", 2),
+        help="masters + workers (default: $WORLD_SIZE)")  # fmt: skip
     add("--worker", type=int, help="(master) the worker rank to offload to (default: $WORKER)")
     add("--master-addr", help="rendezvous address, rank 0's (default: $MASTER_ADDR)")
-    add("--master-port", type=int, help="rendezvous port (default: $MASTER_PORT)")
+    add("--master-port", type=int_in("--master-port", 1, 65535),
+        help="rendezvous port (default: $MASTER_PORT)")  # fmt: skip
     add("--ifname", help="interface for Gloo and TensorPipe (default: $TP_SOCKET_IFNAME)")
     add("--force-tcp", action="store_true",
         help="(torch-rpc) TensorPipe over TCP only, no shared memory; tcp always is")  # fmt: skip
@@ -76,7 +83,7 @@ def _add_bench(bench_p: argparse.ArgumentParser) -> None:
     kind.add_argument("--transport-micro", action="store_true",
                       help="per-call latency and bandwidth of the wire for MiniLM and BERT-base "
                       "layer payloads (loopback, or --target)")  # fmt: skip
-    bench_p.add_argument("--target", default=None,
+    bench_p.add_argument("--target", default=None, type=_address,
                          help="(--transport-micro) ADDR:PORT of a serving micro worker "
                          "(default: one on loopback)")  # fmt: skip
     bench_p.add_argument("--label", default=None, help="(--transport-micro) what the table says")
@@ -86,6 +93,17 @@ def _add_bench(bench_p: argparse.ArgumentParser) -> None:
         help="(--local, torch-rpc) let TensorPipe use shared memory",
     )
     add_workload(bench_p)
+
+
+def _address(text: str) -> str:
+    """--target ADDR:PORT, checked as it is parsed (kept as text: the table names it)."""
+    from groupcover.measure.transport_micro import parse_address
+
+    try:
+        parse_address(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(f"--target {exc.message}") from None
+    return text
 
 
 # ---- `protect`: a model package (groupcover/package/) -----------------------------------------
@@ -98,10 +116,11 @@ def _add_protect(protect_p: argparse.ArgumentParser) -> None:
         "example input), or a built-in model name")  # fmt: skip
     add("--scheme", default=DEFAULT_SCHEME, choices=list(PACKAGE_SCHEMES),
         help=f"obfuscation scheme (default: {DEFAULT_SCHEME}, gcvm's recommendation)")  # fmt: skip
-    add("--out", type=Path, required=True, help="the package folder to write (must not exist)")
-    add("--key-out", type=Path, default=None,
+    add("--out", type=output_folder("--out"), required=True,
+        help="the package folder to write (must not exist)")  # fmt: skip
+    add("--key-out", type=output_file("--key-out"), default=None,
         help="write the model key here instead of OUT/model.key (mode 0600)")  # fmt: skip
-    add("--k", type=int, default=4, help="group size (groupcover)")
+    add("--k", type=positive_int("--k"), default=4, help="group size (groupcover)")
     add("--baselines", action="store_true",
         help="also seal the plaintext offloaded weights, so that tee-only, plain-offload and "
         "mask-only can run from the package (benchmarks only)")  # fmt: skip
@@ -110,7 +129,7 @@ def _add_protect(protect_p: argparse.ArgumentParser) -> None:
         "master checks exactness without plaintext weights")  # fmt: skip
     add("--seed", type=int, default=None,
         help="secrets reproducible from this seed (tests only: not secret)")  # fmt: skip
-    add("--threads", type=int, default=1,
+    add("--threads", type=int_in("--threads", 1, MAX_THREADS), default=1,
         help="torch threads (default 1: the many small batched factorisations run slower "
         "with more threads on a loaded host)")  # fmt: skip
     add(
@@ -124,10 +143,7 @@ def _add_protect(protect_p: argparse.ArgumentParser) -> None:
 
 def _protect(args: argparse.Namespace) -> int:
     signer = load_signing_key(args.sign_key) if args.sign_key else None  # before minutes of work
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be at least 1, not {args.threads}")
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     options = ProtectOptions(scheme=args.scheme, k=args.k, baselines=args.baselines,
                              references=parse_references(args.reference), seed=args.seed,
                              key_out=args.key_out, signer=signer)  # fmt: skip
@@ -205,22 +221,39 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _ints(flag: str, lo: int) -> Callable[[str], tuple[int, ...]]:
+    """Comma-separated integers of at least `lo`, at least one."""
+    one = int_in(flag, lo)
+
+    def parse(text: str) -> tuple[int, ...]:
+        values = tuple(one(part) for part in _csv(text))
+        if not values:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} names no value")
+        return values
+
+    parse.__name__ = "int"
+    return parse
+
+
 def _add_attack(attack_p: argparse.ArgumentParser) -> None:
     add = attack_p.add_argument
     add("--victim", default="minilm-finetuned", choices=["minilm-finetuned"])
     add("--schemes", type=_csv, default=("all",), help="comma-separated scheme names, or all")
-    add("--k", type=lambda t: tuple(int(k) for k in _csv(t)), default=(4, 8),
+    add("--k", type=_ints("--k", 1), default=(4, 8),
         help="group sizes for the schemes that take one")  # fmt: skip
-    add("--layers", type=lambda t: tuple(int(k) for k in _csv(t)), default=None,
+    add("--layers", type=_ints("--layers", 0), default=None,
         help="encoder blocks to attack (default: all)")  # fmt: skip
     add("--attacks", type=_csv, default=None, help="attack names (default: the whole suite)")
-    add("--queries", type=int, default=200, help="victim labels the thief buys")
-    add("--seeds", type=int, default=3, help="stealing seeds")
+    add("--queries", type=positive_int("--queries"), default=200,
+        help="victim labels the thief buys")  # fmt: skip
+    add("--seeds", type=positive_int("--seeds"), default=3, help="stealing seeds")
     add("--steal", choices=("finetune", "head"), default="finetune",
         help="the thief fine-tunes every layer and a head (default), or a head only")  # fmt: skip
-    add("--steal-steps", type=int, default=24, help="fine-tuning steps of 16 queries")
-    add("--json", type=Path, default=None, help="write the full results here")
-    add("--chart", type=Path, default=None, help="write a PNG chart here (needs matplotlib)")
+    add("--steal-steps", type=positive_int("--steal-steps"), default=24,
+        help="fine-tuning steps of 16 queries")  # fmt: skip
+    add("--json", type=output_file("--json"), default=None, help="write the full results here")
+    add("--chart", type=output_file("--chart"), default=None,
+        help="write a PNG chart here (needs matplotlib)")  # fmt: skip
 
 
 def _attack(args: argparse.Namespace) -> int:

@@ -23,9 +23,10 @@ transport):
 
 It also measures, per input width, the leakage figure of masked payloads: the largest
 |correlation| between a payload feature and the same feature of the prepared input over every
-audited token, beside the same statistic for independent random data of the same size (the
-noise floor a perfect mask reaches), and the advantage of a simple distinguisher that guesses
-which of two inputs a payload masks by distance.
+audited token, judged against the exact null distribution of that statistic for this size
+(`groupcover.leakage`: flagged above the null's 99% quantile, with its p-value and the smallest
+correlation this many tokens detect with 95% power), and the advantage of a simple
+distinguisher that guesses which of two inputs a payload masks by distance.
 
 Publish checks made ahead: a published weight is fixed when its package is made, so `protect
 --baselines` runs the publish checks there, on the owner's machine, once (`publish_verdict`), and
@@ -55,7 +56,6 @@ import torch.nn.functional as F
 from groupcover import leakage
 from groupcover.leakage import CorrelationMeter
 from groupcover.payload_match import (
-    NOISE_FLOOR_SEED,
     SecretBank,
     SignatureIndex,
     as_matrix,
@@ -115,7 +115,13 @@ class _Leakage:
         return self.meter.tokens
 
     def add(self, payload: torch.Tensor, prepared: torch.Tensor) -> None:
-        self.meter.add(payload, prepared)
+        # Each call's payload is put on one scale (its own RMS) before it joins the pooled
+        # correlation: the mask range R differs between layers, and payloads of a large R
+        # joining the rows of inputs far from the pooled mean would widen the statistic's null
+        # well past the exact law the verdict uses (p ~ 1e-4 figures from perfect masks,
+        # measured). A scalar per call changes no payload's dependence on its input.
+        rms = float(payload.pow(2).mean().sqrt()) if payload.numel() else 0.0
+        self.meter.add(payload / rms if rms > 0 else payload, prepared)
         rows = payload.shape[0]
         if rows > 1:
             other = prepared.roll(1, dims=0)
@@ -131,16 +137,10 @@ class _Leakage:
         return 0.0 if self.trials == 0 else abs(2.0 * self.wins / self.trials - 1.0)
 
 
-_FLOORS: dict[tuple[int, int], float] = {}
-
-
 def noise_floor(tokens: int, features: int) -> float:
-    """The leakage figure of independent Gaussian data of this size (what a perfect mask
-    reaches), from `groupcover.leakage`, cached per size."""
-    key = (tokens, features)
-    if key not in _FLOORS:
-        _FLOORS[key] = leakage.noise_floor(tokens, features, seed=NOISE_FLOOR_SEED)
-    return _FLOORS[key]
+    """The leakage figure a perfect mask typically scores at this size (the median of the
+    null, `groupcover.leakage.noise_floor`; the verdict uses the null's high quantile)."""
+    return leakage.noise_floor(tokens, features)
 
 
 @dataclass
@@ -148,6 +148,9 @@ class Audit:
     mode: str = ""
     masked: bool | None = None  # None: taken from whether calls carry masks
     enabled: bool = True
+    # the leakage verdict's false-positive rate: a perfect mask's figure is above the null's
+    # (1 - alpha) quantile in a fraction alpha of audits (`groupcover.leakage`)
+    alpha: float = leakage.DEFAULT_ALPHA
     payloads: int = 0
     bytes: int = 0
     check_s: float = 0.0
@@ -384,16 +387,20 @@ class Audit:
         ]
 
     def leakage(self) -> list[dict[str, Any]]:
-        """Per input width: the leakage figure of the audited payloads beside its noise floor."""
+        """Per input width: the leakage figure of the audited payloads judged against the null
+        for this size (`leakage.correlation_verdict`: the null's median as `noise_floor`, its
+        (1 - alpha) quantile, the p-value, `above_null`, and the |correlation| this many tokens
+        detect with 95% power)."""
         out = []
         for width, stat in sorted(self._leakage.items()):
             if stat.n < 3:
                 continue
+            figure = stat.max_abs_correlation()
             out.append({
                 "features": width,
                 "tokens": stat.n,
-                "max_abs_correlation": stat.max_abs_correlation(),
-                "noise_floor": noise_floor(stat.n, width),
+                "max_abs_correlation": figure,
+                **leakage.correlation_verdict(figure, stat.n, width, self.alpha),
                 "distinguisher_advantage": stat.advantage(),
                 "distinguisher_trials": stat.trials,
             })  # fmt: skip
@@ -401,6 +408,7 @@ class Audit:
 
     def report(self) -> dict[str, object]:
         masked = self.masked
+        rows = self.leakage()
         return {
             "mode": self.mode,
             "payloads": self.payloads,
@@ -411,7 +419,10 @@ class Audit:
             "audited_calls": self._audited_calls,
             "check_s": self.check_s,
             "publish_verdicts_taken": self.verdicts_taken,
-            "leakage": self.leakage(),
+            "leakage": rows,
+            # a statistical verdict, apart from `leaks` (the exact checks): a perfect mask is
+            # above the null in a fraction `alpha` of audits per input width
+            "correlation_above_null": any(row["above_null"] for row in rows),
         }
 
 

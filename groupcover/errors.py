@@ -30,6 +30,13 @@ class UsageError(GroupCoverError):
     exit_code = 2
 
 
+class PackageError(GroupCoverError):
+    """A model package (or one of its files) that is missing, malformed or not this run's: one
+    line, never a traceback, whatever the host wrote into the files (exit 2)."""
+
+    exit_code = 2
+
+
 class RendezvousError(UsageError):
     """The rendezvous settings (address, port, rank, world size) are missing or invalid."""
 

@@ -1,14 +1,18 @@
 """The benchmark's modes: each names a scheme (or none) and whether inputs are masked.
 
-| mode                | what the worker gets                    | master keeps            |
-|---------------------|-----------------------------------------|-------------------------|
-| `tee-only`          | nothing                                 | the whole model         |
-| `plain-offload`     | plaintext weights, plaintext inputs     | biases, non-linear part |
-| `mask-only`         | plaintext weights, masked inputs        | + one-time masks        |
-| `groupcover`        | obfuscated weights, masked inputs       | + GroupCover secrets    |
-| `groupcover-nomask` | obfuscated weights, permuted inputs     | GroupCover secrets      |
-| `hardened`          | two-sided transformed weights, masked   | + hardened secrets      |
-| `hardened-nomask`   | two-sided transformed weights, inputs   | hardened secrets        |
+Every unmasked mode that offloads is UNPROTECTED: its results say `protected: false` and
+"unprotected (no masks)" (`protection`), whatever obfuscation its weights carry.
+
+| mode                | what the worker gets                  | master keeps            | inputs   |
+|---------------------|---------------------------------------|-------------------------|----------|
+| `tee-only`          | nothing                               | the whole model         | not sent |
+| `plain-offload`     | plaintext weights, plaintext inputs   | biases, non-linear part | EXPOSED  |
+| `mask-only`         | plaintext weights, masked inputs      | + one-time masks        | masked   |
+| `groupcover`        | obfuscated weights, masked inputs     | + GroupCover secrets    | masked   |
+| `groupcover-nomask` | obfuscated weights, permuted inputs   | GroupCover secrets      | EXPOSED  |
+| `hardened`          | two-sided transformed weights, masked | + hardened secrets      | masked   |
+| `hardened-nomask`   | two-sided transformed weights, inputs | hardened secrets        | EXPOSED  |
+
 """
 
 from __future__ import annotations
@@ -68,6 +72,26 @@ def parse_mode(mode: str) -> Mode:
         raise UnknownMode(
             f"unknown mode {mode!r}", hint=f"choose one of {', '.join(MODES)}"
         ) from None
+
+
+UNPROTECTED_LABEL = "unprotected (no masks)"
+PROTECTED_LABEL = "protected (one-time masks)"
+
+
+def protection(mode: str) -> dict[str, object]:
+    """What every result of `mode` says about the input's protection: `protected` is true only
+    where one-time masks hide the payloads. An unmasked mode sends the worker the input in the
+    clear or under a fixed secret transform (`groupcover-nomask`, `hardened-nomask`): its
+    payloads give an attacker an estimate of the transform, from which the block partition and
+    much of the transform follow (`groupcover.attacks.partition`): unprotected, whatever its
+    weights' obfuscation. `tee-only` offloads nothing (None: nothing to protect)."""
+    chosen = parse_mode(mode)
+    settings = _SETTINGS[chosen]
+    if settings.scheme is None:
+        return {"protected": None, "protection": "nothing offloaded"}
+    if settings.masked:
+        return {"protected": True, "protection": PROTECTED_LABEL}
+    return {"protected": False, "protection": UNPROTECTED_LABEL}
 
 
 def mode_settings(mode: str) -> tuple[str | None, bool]:

@@ -9,20 +9,28 @@ worker) before the tensor is returned.
 
 A module of its own, below both `groupcover.package` (which writes the file) and the worker and
 the payload audit (which read it and its digests), so neither needs the package folder.
+
+The header is the host's to write (the guest's disk is the host's), so it is validated before any
+of it is used: a header length within the file, UTF-8 JSON of bounded depth, string metadata,
+and per tensor a known dtype, non-negative integer dimensions whose product (in Python integers,
+no wrap-around) is exactly the length of its data, and offsets within the file. Anything else is
+one `PublishedError` line, as `safetensors` itself refuses such files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from groupcover.errors import GroupCoverError
+from groupcover.errors import PackageError
 
 FORMAT = "gcvm-published-1"
 MAX_HEADER = 1 << 26
@@ -30,7 +38,7 @@ _DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
-class PublishedError(GroupCoverError):
+class PublishedError(PackageError):
     """A published-weights file that is missing, malformed, or whose tensor does not match its
     digest."""
 
@@ -76,41 +84,59 @@ class PublishedFile:
         self.path = Path(path)
         try:
             with self.path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 raw = f.read(8)
                 if len(raw) != 8:
                     raise PublishedError(f"{self.path} is not a safetensors file (too short)")
                 (length,) = struct.unpack("<Q", raw)
-                if length > MAX_HEADER:
-                    raise PublishedError(f"{self.path}: safetensors header of {length} bytes")
-                header = json.loads(f.read(length))
-                size = self.path.stat().st_size
+                if length > MAX_HEADER or 8 + length > size:
+                    raise PublishedError(f"{self.path}: a safetensors header of {length} bytes "
+                                         f"in a file of {size}")  # fmt: skip
+                text = f.read(length)
         except OSError as exc:
             raise PublishedError(f"cannot read published weights {self.path}: "
                                  f"{exc.strerror or exc}") from None  # fmt: skip
-        except ValueError:
+        try:
+            header = json.loads(text.decode("utf-8"))
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past the stack
             raise PublishedError(f"{self.path}: the safetensors header is not JSON") from None
         if not isinstance(header, dict):
             raise PublishedError(f"{self.path}: the safetensors header is not an object")
         meta = header.pop("__metadata__", None) or {}
-        self.metadata: dict[str, str] = {str(k): str(v) for k, v in meta.items()}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise PublishedError(f"{self.path}: the safetensors metadata is not an object of "
+                                 "strings")  # fmt: skip
+        self.metadata: dict[str, str] = dict(meta)
         self.package_id = self.metadata.get("package_id", "")
         base = 8 + length
         self.entries: dict[str, Entry] = {}
         for name, info in header.items():
-            try:
-                dtype = _DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                start, end = (int(v) for v in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise PublishedError(
-                    f"{self.path}: tensor {name!r} has an unreadable entry"
-                ) from None
-            nbytes = (
-                int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+            self.entries[name] = self._entry(name, info, base, size)
+
+    def _entry(self, name: str, info: Any, base: int, size: int) -> Entry:
+        """One tensor's entry, refused unless its shape is exactly its data's length in the
+        file (a negative, boolean, fractional or astronomically large dimension included)."""
+
+        def integers(value: Any, count: int | None = None) -> list[int] | None:
+            if not isinstance(value, list) or (count is not None and len(value) != count):
+                return None
+            ok = all(type(v) is int and v >= 0 for v in value)  # bool is not a dimension
+            return value if ok else None
+
+        entry = info if isinstance(info, dict) else {}
+        dtype = _DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+        shape, offsets = integers(entry.get("shape")), integers(entry.get("data_offsets"), 2)
+        if dtype is None or shape is None or offsets is None:
+            raise PublishedError(f"{self.path}: tensor {name!r} has an unreadable entry "
+                                 "(dtype, shape or data offsets)")  # fmt: skip
+        start, end = offsets
+        nbytes = math.prod(shape) * dtype.itemsize  # Python integers: no wrap-around
+        if end - start != nbytes or start > end or base + end > size:
+            raise PublishedError(
+                f"{self.path}: tensor {name!r} of shape {_short(shape)} does not fit its data "
+                f"({start}..{end} of a {size}-byte file)"
             )
-            if end - start != nbytes or start < 0 or base + end > size:
-                raise PublishedError(f"{self.path}: tensor {name!r} does not fit the file")
-            self.entries[name] = Entry(dtype, shape, base + start, base + end)
+        return Entry(dtype, tuple(shape), base + start, base + end)
 
     def read(self, name: str, digest: str | None = None) -> torch.Tensor:
         """The tensor, in a fresh buffer; with `digest`, refused unless its SHA-256 matches."""
@@ -134,6 +160,11 @@ class PublishedFile:
                     "package; copy the package's own file again",
                 )
         return tensor
+
+
+def _short(shape: list[int]) -> str:
+    text = str(shape)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -8,11 +8,13 @@ checks the declared ranges (`check_ranges`). A new setting is one more `Setting`
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from groupcover.argtypes import int_in, output_file, positive_float
 from groupcover.errors import UsageError
 from groupcover.package.keys import TEES
 from groupcover.rendezvous import DEFAULT_TIMEOUT_S
@@ -22,18 +24,22 @@ DEFAULT_MODES = ("plain-offload", "groupcover")
 DEFAULT_MASK_BUDGET_MB = 256.0  # all masked modes' pools together (a package's master)
 MAX_BATCH = 1024
 MAX_SEQ = 512
+MAX_THREADS = 1024
 TRANSPORTS = ("tcp", "torch-rpc")  # the first is the default
 DEFAULT_TRANSPORT = TRANSPORTS[0]
 
 
 def parse_budget(text: str) -> float | None:
-    """--mask-budget: MiB, or none/unbounded."""
+    """--mask-budget: MiB (finite, not negative), or none/unbounded."""
     if text.strip().lower() in ("none", "unbounded"):
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB or 'none'") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"--mask-budget {text} is not a number of MiB >= 0")
+    return value
 
 
 def parse_modes(text: str) -> tuple[str, ...]:
@@ -64,7 +70,9 @@ class Setting:
             options["action"] = argparse.BooleanOptionalAction
         elif self.action is not None:
             options["action"] = self.action
-        if self.type is not None:
+        if self.bounds is not None:  # checked as it is parsed
+            options["type"] = int_in(self.flag, *self.bounds)
+        elif self.type is not None:
             options["type"] = self.type
         if self.choices is not None:
             options["choices"] = list(self.choices)
@@ -119,11 +127,12 @@ WORKLOAD: tuple[Setting, ...] = (
     Setting("--seed", "seed", None, type=int,
             help="secrets reproducible from this seed (benchmarks only: not secret); "
             "default: secrets from the OS"),
-    Setting("--threads", "threads", 1, type=int, help="torch intra-op threads in each process"),
-    Setting("--json", "json", None, type=Path, field="json_path",
+    Setting("--threads", "threads", 1, type=int, bounds=(1, MAX_THREADS),
+            help="torch intra-op threads in each process"),
+    Setting("--json", "json", None, type=output_file("--json"), field="json_path",
             help="where the master writes its results"),
-    Setting("--timeout", "timeout", DEFAULT_TIMEOUT_S, type=float, field="timeout_s",
-            help="RPC and rendezvous timeout (s)"),
+    Setting("--timeout", "timeout", DEFAULT_TIMEOUT_S, type=positive_float("--timeout"),
+            field="timeout_s", help="RPC and rendezvous timeout (s)"),
     Setting("--audit", "audit", False, action="store_true",
             help="check every payload the worker sees (untimed)"),
     Setting("--audit-forwards", "audit_forwards", 1, type=int, bounds=(1, 100_000),

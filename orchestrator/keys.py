@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -93,6 +94,27 @@ def write_secret(path: Path, data: str | bytes, mode: int = 0o600) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class ExposedSecret(UsageError):
+    """A secret file (a model key the broker would release) that group or others may read or
+    write: it is no longer only the owner's, so it is not used."""
+
+
+def exposed(info: os.stat_result) -> str | None:
+    """Why a file with this stat may not hold a secret (group or others may read or write it),
+    or None."""
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        return f"readable or writable by group or others (mode {mode:04o})"
+    return None
+
+
+def check_private(path: Path) -> None:
+    """Refuses (`ExposedSecret`, a hint to `chmod 600`) a secret file others may read or write."""
+    why = exposed(path.stat())
+    if why is not None:
+        raise ExposedSecret(f"{path} is {why}", hint=f"chmod 600 {path}")
 
 
 def write_keypair(pair: KeyPair, path: Path) -> None:

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from orchestrator import ownerid, paths
 from orchestrator.errors import GcvmError, UsageError
+from orchestrator.keys import check_private
 from orchestrator.ui import console
 
 GUEST_ROOT = "/var/lib/gcvm/packages"  # in every VM: persistent, never /tmp
@@ -144,12 +145,12 @@ def load_package(folder: Path, key: Path | None = None, protect_s: float | None 
     """A package folder on the host and its key file (default DIR/model.key)."""
     key = key if key is not None else folder / KEY
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / MANIFEST).read_bytes().decode("utf-8"))
     except OSError as exc:
         raise UsageError(f"--model {folder} is not a model package: {exc.strerror or exc}",
                          hint="make one with `gcvm model protect SRC --out DIR`, or give a "
                          "built-in model name") from None  # fmt: skip
-    except ValueError:
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past the stack
         raise UsageError(f"{folder / MANIFEST} is not JSON") from None
     if not isinstance(manifest, dict) or "package_id" not in manifest:
         raise UsageError(f"{folder / MANIFEST} is not a model package's manifest")
@@ -161,6 +162,7 @@ def load_package(folder: Path, key: Path | None = None, protect_s: float | None 
         raise UsageError(f"package {folder}: no model key at {key}",
                          hint="pass --key FILE (the key `protect` wrote; it stays on this "
                          "host, the broker releases it)")  # fmt: skip
+    check_private(key)  # the broker would refuse to release a key others can read: say so now
     return HostPackage(folder, key, manifest, protect_s)
 
 

@@ -15,12 +15,12 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
+from groupcover.argtypes import non_negative_int, output_file, positive_int
 from groupcover.attacks import core
 from groupcover.attacks.methods import default_suite
 from groupcover.layer_op import apply_op
@@ -124,9 +124,9 @@ DESCRIPTION = "robustness against the master's latency, per scheme design tried"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `python -m groupcover frontier` (and of this module's own command line)."""
-    parser.add_argument("--block", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--block", type=non_negative_int("--block"), default=2)
+    parser.add_argument("--repeat", type=positive_int("--repeat"), default=5)
+    parser.add_argument("--json", type=output_file("--json"), default=None)
 
 
 def run(args: argparse.Namespace) -> int:

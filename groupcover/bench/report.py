@@ -143,6 +143,25 @@ def mask_budget_lines(results: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def leakage_figure(row: dict[str, Any]) -> str:
+    """One width's leakage figure with its verdict: the null it is judged against (the null's
+    median as the noise floor, its (1 - alpha) quantile, the p-value) and what this many tokens
+    can detect at all (older documents without the verdict print the figure and floor only)."""
+    text = (
+        f"{row['features']} features x {row['tokens']} tokens: max |corr| "
+        f"{row['max_abs_correlation']:.4f} (noise floor {row['noise_floor']:.4f}"
+    )
+    if "null_quantile" in row:
+        judged = "ABOVE the null" if row["above_null"] else "within the null"
+        text += (
+            f", null {1 - row['alpha']:.0%} quantile {row['null_quantile']:.4f}, "
+            f"p = {row['p_value']:.3g}: {judged}; detects |corr| >= {row['detectable_corr']:.2g} "
+            f"with {row['power']:.0%} power; |corr| {row['target_corr']:g} needs "
+            f"{row['tokens_for_target']:,} tokens"
+        )
+    return text + f"), distinguisher advantage {row['distinguisher_advantage']:.4f}"
+
+
 def audit_lines(results: Sequence[dict[str, Any]]) -> list[str]:
     lines = [f"{r['mode']}: {r['audit_note']}" for r in results if r.get("audit_note")]
     for r in results:
@@ -150,14 +169,18 @@ def audit_lines(results: Sequence[dict[str, Any]]) -> list[str]:
         if not report or r["mode"] == "tee-only":
             continue
         leaks = report.get("leaks", [])
-        state = "no leak" if not leaks else f"{len(leaks)} leak(s), e.g. {leaks[0]}"
+        above = [row for row in report.get("leakage", []) if row.get("above_null")]
+        if leaks:
+            state = f"{len(leaks)} leak(s), e.g. {leaks[0]}"
+        elif above:
+            state = (
+                f"no leak found by the exact checks, but the payload/input correlation is above "
+                f"the null at {above[0]['features']} features (p = {above[0]['p_value']:.3g})"
+            )
+        else:
+            state = "no leak"
         exposed = "input exposed" if report.get("input_exposed") else "input hidden"
-        figures = [
-            f"{row['features']} features x {row['tokens']} tokens: max |corr| "
-            f"{row['max_abs_correlation']:.4f} (noise floor {row['noise_floor']:.4f}), "
-            f"distinguisher advantage {row['distinguisher_advantage']:.4f}"
-            for row in report.get("leakage", [])
-        ]
+        figures = [leakage_figure(row) for row in report.get("leakage", [])]
         lines.append(
             f"audit {r['mode']}: {state}; {exposed}; checks took {report.get('check_s', 0):.2f} s "
             "off the timed path" + (f"; leakage {figures[0]}" if figures else "")
@@ -182,6 +205,22 @@ def check_lines(results: Sequence[dict[str, Any]]) -> list[str]:
 
 def secrets_label(seed: int | None) -> str:
     return OS_NOTICE if seed is None else seed_notice(seed)
+
+
+def mode_label(result: dict[str, Any]) -> str:
+    """The mode as the table prints it: an unmasked mode that offloads says UNPROTECTED."""
+    if result.get("protected") is False:
+        return f"{result['mode']} UNPROTECTED"
+    return str(result["mode"])
+
+
+def protection_lines(results: Sequence[dict[str, Any]]) -> list[str]:
+    return [
+        f"{r['mode']}: {r['protection']}: the worker sees the input in the clear or under a "
+        "fixed secret transform, which its payloads let it estimate"
+        for r in results
+        if r.get("protected") is False
+    ]
 
 
 def print_table(document: dict[str, Any]) -> None:
@@ -213,7 +252,7 @@ def print_table(document: dict[str, Any]) -> None:
     for r in results:
         lat, parts = r["latency_ms"], r["breakdown_ms"]
         rows.append((
-            r["model"], r["mode"], str(r["batch"]), str(r["seq"]),
+            r["model"], mode_label(r), str(r["batch"]), str(r["seq"]),
             f"{lat['median']:.1f}", f"{lat['p10']:.1f}", f"{lat['p90']:.1f}",
             f"{r['throughput']:.2f}", f"{r.get('sustained_throughput', r['throughput']):.2f}",
             f"{r.get('mask_generation_ms', 0.0):.1f}",
@@ -229,6 +268,7 @@ def print_table(document: dict[str, Any]) -> None:
         "latency: wall time of a forward with the mask pool full; sustained: samples/s with "
         "the masks of each forward generated too (masks ms)",
         *ratio_lines(results),
+        *protection_lines(results),
         *mask_budget_lines(results),
         *audit_lines(results),
     ]

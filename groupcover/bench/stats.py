@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from groupcover.integrity import NOT_CHECKED
+from groupcover.modes import UnknownMode, protection
 from groupcover.transport import Transport
 
 UNBOUNDED = " (unbounded pool)"  # a --pool-compare run: the same mode with today's mask pool
@@ -135,6 +136,7 @@ def summarise(run: ModeRun, reference: torch.Tensor | None, batch: int, seq: int
         **protocol_facts(run.module),
     }
     result.update(check_facts(result))
+    result.update(mode_protection(run.mode))
     audit = getattr(run.module, "audit", None)
     if audit is not None:
         result["audit"] = audit.report()
@@ -142,6 +144,15 @@ def summarise(run: ModeRun, reference: torch.Tensor | None, batch: int, seq: int
     if note:
         result["audit_note"] = note
     return result
+
+
+def mode_protection(mode: str) -> dict[str, Any]:
+    """`protected` and its label (`groupcover.modes.protection`); a mode name the benchmark
+    does not know (a baseline of its own) says nothing."""
+    try:
+        return protection(mode)
+    except UnknownMode:
+        return {}
 
 
 def check_facts(result: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from groupcover.argtypes import output_folder
+from groupcover.errors import UsageError, print_error
 from groupcover.models.bert import BertEncoder
 from groupcover.models.minilm import SentenceEncoder, convert_state_dict, load_config, model_dir
 from groupcover.rng import SecretRandom
@@ -102,7 +104,8 @@ DESCRIPTION = "write a fresh minilm-standin checkpoint folder (the owner's secre
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `python -m groupcover standin` (and of this module's own command line)."""
-    parser.add_argument("--out", required=True, type=Path, help="new folder to write")
+    parser.add_argument("--out", required=True, type=output_folder("--out"),
+                        help="new folder to write")  # fmt: skip
     parser.add_argument(
         "--seed", type=int, default=None,
         help="reproducible perturbation (NOT secret); default: the OS CSPRNG",
@@ -111,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.out.exists():
-        print(f"error: {args.out} exists (give a new folder)", file=sys.stderr)
+        print_error(UsageError(f"{args.out} exists", hint="give a new --out folder"))
         return 2
     write_checkpoint(args.out, args.seed)
     notice = SecretRandom.create(args.seed).notice

@@ -3,6 +3,8 @@ the label every result made with it carries."""
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +21,33 @@ TEES = ("none", "snp", "tdx")
 
 
 def read_key(path: str | Path) -> bytes:
+    """The 32-byte model key in the file at `path`, refused (one line, a hint to `chmod 600`)
+    when group or others may read or write it, or when another user (not root) owns it: a key
+    others can read is no longer the owner's secret, one they can write not the owner's key."""
     try:
-        key = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            _check_private(path, info)
+            key = f.read(KEY_BYTES + 1)
     except OSError as exc:
         raise PackageError(f"cannot read the model key {path}: {exc.strerror or exc}") from None
     if len(key) != KEY_BYTES:
-        raise SealError(f"{path} is not a model key ({len(key)} bytes, not {KEY_BYTES})",
+        size = info.st_size if stat.S_ISREG(info.st_mode) else len(key)
+        raise SealError(f"{path} is not a model key ({size} bytes, not {KEY_BYTES})",
                         hint=f"use the {KEY} file written by `protect`")  # fmt: skip
     return key
+
+
+def _check_private(path: str | Path, info: os.stat_result) -> None:
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise PackageError(f"the model key {path} is readable or writable by group or others "
+                           f"(mode {mode:04o})", hint=f"chmod 600 {path}")  # fmt: skip
+    uid = os.geteuid()
+    if info.st_uid not in (uid, 0):
+        raise PackageError(f"the model key {path} is owned by uid {info.st_uid}, not by this "
+                           f"user (uid {uid})", hint="copy it into a file of your own, then "
+                           "chmod 600 it")  # fmt: skip
 
 
 @dataclass(frozen=True)

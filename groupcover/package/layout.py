@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from groupcover.errors import GroupCoverError
+from groupcover.errors import PackageError as PackageError  # where readers look for it
 
 FORMAT_VERSION = 1
 MANIFEST, PUBLISHED, SEALED, BASELINES, KEY = (
@@ -16,10 +16,6 @@ MANIFEST, PUBLISHED, SEALED, BASELINES, KEY = (
 SIGNATURE = "signature.json"  # the owner's signature over the other files (never model.key)
 SIGNED_FILES = (MANIFEST, PUBLISHED, SEALED, BASELINES)  # every one that exists is signed
 BASELINE_MODES = ("tee-only", "plain-offload", "mask-only")  # run from baselines.sealed
-
-
-class PackageError(GroupCoverError):
-    exit_code = 2
 
 
 def is_package(path: str | Path) -> bool:

@@ -143,15 +143,18 @@ def open_package(path: str | Path) -> PackageFiles:
     root = Path(path)
     try:
         raw = (root / MANIFEST).read_bytes()
-        manifest = json.loads(raw)
+        manifest = json.loads(raw.decode("utf-8"))
     except OSError as exc:
         raise PackageError(f"{root} is not a model package: {exc.strerror or exc}",
                            hint="make one with `python -m groupcover protect SRC --out DIR`") \
             from None  # fmt: skip
-    except ValueError:
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past the stack
         raise PackageError(f"{root / MANIFEST} is not JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         raise PackageError(f"{root / MANIFEST}: unknown package format")
+    modes = manifest.get("modes", [])
+    if not isinstance(modes, list) or not all(isinstance(m, str) for m in modes):
+        raise PackageError(f"{root / MANIFEST}: its modes are not a list of names")
     for name in (SEALED, PUBLISHED):
         if not (root / name).is_file():
             raise PackageError(f"package {root} has no {name}")

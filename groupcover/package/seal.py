@@ -15,6 +15,11 @@ moved, dropped, duplicated or taken from another bundle, the file cannot be trun
 extended at a chunk boundary, and the header cannot be edited. Nonces are random (96 bits from
 os.urandom): with one key per bundle, the number of chunks is far below the collision bound.
 Decryption happens in memory only; nothing is written back in the clear.
+
+Until a chunk authenticates, every number in the header is the attacker's: the sizes must add up
+to the file's own size exactly (and a chunk is at most MAX_CHUNK) before anything is read or
+allocated, and the plaintext's buffer is allocated only once chunk 0 (whose associated data binds
+the header) has authenticated.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -38,6 +44,7 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 DEFAULT_CHUNK = 4 << 20
 MAX_HEADER = 1 << 16
+MAX_CHUNK = 1 << 30  # protect writes 4 MiB chunks; a larger one is not ours
 
 
 class SealError(GroupCoverError):
@@ -94,7 +101,10 @@ def seal_bytes(plaintext: bytes, key: bytes, *, chunk_bytes: int = DEFAULT_CHUNK
     return b"".join(out)
 
 
-def _header(blob: memoryview) -> tuple[dict, int, bytes]:
+def _header(blob: memoryview, file_bytes: int | None = None) -> tuple[dict, int, bytes]:
+    """(header, offset of chunk 0, header digest). Its sizes are checked against the file's own
+    size (`file_bytes`, default the blob's) before anything of that size is read or allocated:
+    until a chunk authenticates, every number in the header is the attacker's."""
     if len(blob) < len(MAGIC) + 4 or bytes(blob[: len(MAGIC)]) != MAGIC:
         raise SealError("not a sealed gcvm bundle (bad magic)")
     (length,) = struct.unpack_from("<I", blob, len(MAGIC))
@@ -103,23 +113,51 @@ def _header(blob: memoryview) -> tuple[dict, int, bytes]:
         raise SealError("sealed bundle header is truncated or too large")
     raw = bytes(blob[start : start + length])
     try:
-        header = json.loads(raw)
-    except ValueError:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
         raise SealError("sealed bundle header is not JSON") from None
     fields = {"version", "chunk_bytes", "chunks", "plaintext_bytes", "label", "bundle"}
     if not isinstance(header, dict) or set(header) != fields or header["version"] != VERSION:
         raise SealError("sealed bundle header has an unknown version or fields")
     chunk, chunks, size = header["chunk_bytes"], header["chunks"], header["plaintext_bytes"]
-    if not all(isinstance(v, int) and v >= 0 for v in (chunk, chunks, size)) or chunk == 0:
+    if not all(type(v) is int and v >= 0 for v in (chunk, chunks, size)) or chunk == 0:
         raise SealError("sealed bundle header has invalid sizes")
+    if chunk > MAX_CHUNK:
+        raise SealError(f"sealed bundle header names chunks of {chunk} bytes (at most {MAX_CHUNK})")
     if chunks != max(1, -(-size // chunk)):
         raise SealError("sealed bundle header's chunk count does not match its size")
+    total = len(blob) if file_bytes is None else file_bytes
+    expected = start + length + chunks * (NONCE_BYTES + TAG_BYTES) + size
+    if expected > total:
+        raise SealError(f"sealed bundle is truncated: {total} bytes, its header says {expected}",
+                        hint="copy the package's master.sealed again")  # fmt: skip
+    if expected < total:
+        raise SealError(f"sealed bundle has trailing bytes after its last chunk: {total} bytes, "
+                        f"its header says {expected}")  # fmt: skip
     return header, start + length, hashlib.sha256(MAGIC + raw).digest()
 
 
 def header_of(path: Path) -> dict:
-    """The public header of a sealed bundle (no key needed)."""
-    return _header(memoryview(path.read_bytes()))[0]
+    """The public header of a sealed bundle (no key needed; only the header is read)."""
+    try:
+        with path.open("rb") as f:
+            return _read_header(f)[0]
+    except OSError as exc:
+        raise SealError(f"cannot read the sealed bundle {path}: {exc.strerror}") from None
+
+
+def _read_header(f: BinaryIO, read: Any = None) -> tuple[dict, int, bytes]:
+    """The header, every size bounded by the file's own size; `read`: a hash fed what was read."""
+    start = f.read(len(MAGIC) + 4)
+    if len(start) < len(MAGIC) + 4 or start[: len(MAGIC)] != MAGIC:
+        raise SealError("not a sealed gcvm bundle (bad magic)")
+    (length,) = struct.unpack_from("<I", start, len(MAGIC))
+    if length > MAX_HEADER:
+        raise SealError("sealed bundle header is truncated or too large")
+    head = start + f.read(length)
+    if read is not None:
+        read.update(head)
+    return _header(memoryview(head), os.fstat(f.fileno()).st_size)
 
 
 def _chunks(blob: memoryview, header: dict, offset: int) -> Iterator[tuple[int, bytes, bytes]]:
@@ -186,19 +224,10 @@ def open_file_into(path: Path, key: bytes, sha256: str | None = None) -> bytearr
     except OSError as exc:
         raise SealError(f"cannot read the sealed bundle {path}: {exc.strerror}") from None
     with f:
-        start = f.read(len(MAGIC) + 4)
-        read.update(start)
-        if len(start) < len(MAGIC) + 4 or start[: len(MAGIC)] != MAGIC:
-            raise SealError("not a sealed gcvm bundle (bad magic)")
-        (length,) = struct.unpack_from("<I", start, len(MAGIC))
-        if length > MAX_HEADER:
-            raise SealError("sealed bundle header is truncated or too large")
-        head = start + f.read(length)
-        read.update(head[len(start) :])
-        header, offset, digest = _header(memoryview(head))
+        header, _, digest = _read_header(f, read)  # every size bounded by the file's own size
         size, chunk, last = header["plaintext_bytes"], header["chunk_bytes"], header["chunks"] - 1
-        out = bytearray(size)
         aead = AESGCM(bytes(key))
+        out = bytearray()
         for index in range(header["chunks"]):
             count = min(chunk, size - index * chunk) if size else 0
             body = f.read(NONCE_BYTES + count + TAG_BYTES)
@@ -213,10 +242,11 @@ def open_file_into(path: Path, key: bytes, sha256: str | None = None) -> bytearr
                     f"sealed bundle chunk {index} failed authentication",
                     hint="the bundle was altered, or this is not its model key",
                 ) from None
+            if index == 0:  # chunk 0 authenticated the header (its digest is in the AAD)
+                out = bytearray(size)
             out[index * chunk : index * chunk + count] = plain
         if f.read(1):
             raise SealError("sealed bundle has trailing bytes after its last chunk")
-        del offset
     if sha256 is not None and read.hexdigest() != sha256:
         raise SealError(f"{path} changed after its signature was checked",
                         hint="the host altered the package while the master read it")  # fmt: skip

@@ -40,14 +40,33 @@ __all__ = ["Limits", "WorkerServer"]
 WEIGHT_DIMS = {"linear": 2, "conv1d": 3, "conv2d": 4}
 
 
+RUN_BYTES_PER_TENSOR_BYTE = 8  # the default bound of a RUN's allocations, x max_tensor_bytes
+MAX_RUN_MACS = 2_500 * 10**9  # twice bert-base's largest call at MAX_BATCH x MAX_SEQ
+SKIP_CHUNK = 1 << 16  # a refused payload is read into a buffer this size, never allocated
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Bounds a worker holds each session to before it allocates anything."""
+    """Bounds a worker holds each session to before it allocates anything.
+
+    A RUN is priced from the op and the shapes before its input is read (`schema.run_cost`):
+    `max_run_bytes` bounds everything its computation allocates (None: 8 x `max_tensor_bytes`),
+    `max_run_macs` its multiply-accumulates, which is the only deadline a computation can have
+    (a torch op cannot be interrupted).
+    """
 
     max_tensor_bytes: int = 8 << 30
     max_session_bytes: int = 64 << 30
     max_layers: int = 100_000
     timeout_s: float = DEFAULT_TIMEOUT_S  # to finish a message once its header arrived
+    max_run_bytes: int | None = None
+    max_run_macs: int = MAX_RUN_MACS
+
+    @property
+    def run_bytes(self) -> int:
+        if self.max_run_bytes is not None:
+            return self.max_run_bytes
+        return RUN_BYTES_PER_TENSOR_BYTE * self.max_tensor_bytes
 
 
 class _SessionEnd(Exception):
@@ -319,23 +338,16 @@ class _Session:
         self._reply(Op.OK, header.request, header.layer)
 
     def _run(self, header: Header, deadline: float) -> None:
+        if header.dtype == BYTES:
+            raise _SessionEnd("RUN without a tensor")
+        refusal = self._price(header)
+        if refusal is not None:  # the input is read past, never allocated
+            self._skip(header.nbytes, deadline)
+            self._error(header.request, *refusal)
+            return
         x = self._tensor(header, deadline)
-        layer = self.layers.get(header.layer)
-        if layer is None:
-            self._error(header.request, ErrorCode.UNKNOWN_LAYER,
-                        f"no layer {header.layer} in this session")  # fmt: skip
-            return
-        w_shape, op, _, w_dtype = layer
-        try:
-            out_shape = schema.output_shape(op, header.shape, w_shape)
-        except SchemaError as exc:
-            self._error(header.request, ErrorCode.BAD_REQUEST, str(exc))
-            return
-        out_bytes = schema.tensor_nbytes(w_dtype, out_shape)  # computed in the weight's dtype
-        if out_bytes > self.limits.max_tensor_bytes:  # a tiny input can ask for a huge output
-            self._error(header.request, ErrorCode.TOO_LARGE,
-                        f"a {out_bytes}-byte result is over the worker's limit")  # fmt: skip
-            return
+        w_shape, op, _, _ = self.layers[header.layer]
+        out_shape = schema.output_shape(op, header.shape, w_shape)
         try:
             y, worker_s = self.server.state.run(self.owner, str(header.layer), x)
         except Exception as exc:
@@ -352,6 +364,40 @@ class _Session:
         reply = Header(Op.RESULT, header.request, header.layer, code, out_shape, order,
                        payload_bytes(y), value=worker_s)  # fmt: skip
         self._send([reply.pack(), schema.byte_view(y, order)])
+
+    def _price(self, header: Header) -> tuple[ErrorCode, str] | None:
+        """Why this RUN is refused, from its header alone; None if it may run."""
+        layer = self.layers.get(header.layer)
+        if layer is None:
+            return ErrorCode.UNKNOWN_LAYER, f"no layer {header.layer} in this session"
+        w_shape, op, _, w_dtype = layer
+        try:
+            out_shape = schema.output_shape(op, header.shape, w_shape)
+            cost = schema.run_cost(op, header.shape, w_shape, schema.itemsize(w_dtype))
+        except SchemaError as exc:
+            return ErrorCode.BAD_REQUEST, str(exc)
+        out_bytes = schema.tensor_nbytes(w_dtype, out_shape)  # computed in the weight's dtype
+        if out_bytes > self.limits.max_tensor_bytes:  # a tiny input can ask for a huge output
+            return ErrorCode.TOO_LARGE, f"a {out_bytes}-byte result is over the worker's limit"
+        if cost.nbytes > self.limits.run_bytes:  # a convolution's unfolded input, say
+            return ErrorCode.TOO_LARGE, (
+                f"a {op.kind} that allocates up to {cost.nbytes} bytes is over the worker's "
+                f"limit of {self.limits.run_bytes} per call"
+            )
+        if cost.macs > self.limits.max_run_macs:  # what bounds a call's time
+            return ErrorCode.TOO_LARGE, (
+                f"a {op.kind} of {cost.macs} multiply-accumulates is over the worker's limit "
+                f"of {self.limits.max_run_macs} per call"
+            )
+        return None
+
+    def _skip(self, nbytes: int, deadline: float) -> None:
+        """Reads past a refused payload through one small buffer, so the session goes on."""
+        scratch = memoryview(bytearray(min(nbytes, SKIP_CHUNK)))
+        while nbytes > 0:
+            chunk = min(nbytes, len(scratch))
+            self._recv(scratch[:chunk], deadline)
+            nbytes -= chunk
 
 
 def _inverse(order: tuple[int, ...]) -> list[int]:

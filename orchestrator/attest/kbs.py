@@ -14,7 +14,9 @@ accepted). Nonces are single-use and expire after `nonce_ttl_s`; a challenge is 
 (a MAC'd token, `orchestrator.attest.challenge`), so the broker keeps state only for a guest whose
 evidence verified. Errors are Trustee's
 ErrorInformation JSON {"type", "detail"}: 401 for a refused request or attestation, 403 for a
-resource the session may not have, 404 for an unknown resource. Every decision is logged.
+resource the session may not have or whose file group or others may read or write (a repository
+file found so at request time; such a policy resource stops the broker at start), 404 for an
+unknown resource. Every decision is logged.
 
 The token is an ES256 JWT signed with the broker identity's key (`kid`: its certificate's
 SHA-256), the key a master pins; without an identity (a demo broker) with a key made per process,
@@ -36,6 +38,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -63,6 +66,7 @@ from orchestrator.attest.request import (
     tee_pubkey,
 )
 from orchestrator.errors import UsageError
+from orchestrator.keys import ExposedSecret, check_private, exposed
 
 log = logging.getLogger("gcvm.broker")
 
@@ -152,6 +156,10 @@ class Broker:
         for name, path in policy.resources.items():
             if not path.is_file():
                 raise UsageError(f"resource {name}: {path} is not a file")
+            try:  # a key others may read is not released: refuse to start rather than serve it
+                check_private(path)
+            except ExposedSecret as exc:
+                raise ExposedSecret(f"resource {name}: {exc.message}", hint=exc.hint) from None
 
     @property
     def token_public_key(self) -> dict[str, Any]:
@@ -404,7 +412,16 @@ class Broker:
                 f"no resource {name!r} at this broker",
             )  # fmt: skip
         self._allowed(name, path, attested, claims)
-        payload = path.read_bytes()
+        with path.open("rb") as f:  # the mode of the file actually read
+            why = exposed(os.fstat(f.fileno()))
+            payload = f.read() if why is None else b""
+        if why is not None:  # a repository file, found at this request, that others may read
+            log.warning("resource %s: %s is %s: not released (chmod 600 %s)", name, path, why,
+                        path)  # fmt: skip
+            raise self._refuse(
+                "resource", HTTPStatus.FORBIDDEN, "PolicyDeny",
+                f"resource {name!r} is not released: the broker's file for it is {why}",
+            )  # fmt: skip
         response = _jwe(payload, pubkey)
         self._record({
             "time": now, "step": "resource", "outcome": "released", "resource": name,

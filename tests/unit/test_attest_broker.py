@@ -46,6 +46,12 @@ MODEL_KEY = bytes(range(32))
 RESOURCE = "gcvm/model/key"
 
 
+def write_key(path: Path, key: bytes = MODEL_KEY) -> None:
+    """A key file as the owner keeps one: mode 0600 (the broker releases no key others can read)."""
+    path.write_bytes(key)
+    path.chmod(0o600)
+
+
 @pytest.fixture(scope="module")
 def chain() -> SnpTestChain:
     return SnpTestChain.make()
@@ -63,7 +69,7 @@ class Clock:
 def world(tmp_path: Path, chain: SnpTestChain):
     """A broker with an SNP policy (the test chain's ARK as root) on 127.0.0.1:<free port>."""
     certs, _ = chain.write(tmp_path)
-    (tmp_path / "model.key").write_bytes(MODEL_KEY)
+    write_key(tmp_path / "model.key")
     policy = parse_policy(
         {
             "nonce_ttl_s": 30,
@@ -166,7 +172,7 @@ def test_kbs_protocol_0_4_composite_evidence(world, chain) -> None:
 
 def test_evidence_without_cert_table_uses_the_brokers_certs(tmp_path, chain) -> None:
     chain.write(tmp_path)
-    (tmp_path / "k").write_bytes(MODEL_KEY)
+    write_key(tmp_path / "k")
     policy = parse_policy(
         {"snp": {"measurements": [GOOD_MEASUREMENT.hex()], "certs": "certs", "roots": "roots.pem"},
          "resources": {RESOURCE: "k"}},
@@ -271,7 +277,7 @@ def test_policy_refusals(world, chain, report_args, reason) -> None:
 
 
 def test_tcb_below_minimum_is_refused(tmp_path, chain) -> None:
-    (tmp_path / "k").write_bytes(MODEL_KEY)
+    write_key(tmp_path / "k")
     chain.write(tmp_path)
     policy = parse_policy(
         {"snp": {"measurements": [GOOD_MEASUREMENT.hex()], "roots": "roots.pem",
@@ -344,7 +350,7 @@ def test_sample_tee_is_refused_without_the_insecure_option(world) -> None:
 
 def test_insecure_release_is_labelled(tmp_path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="gcvm.broker")
-    (tmp_path / "k").write_bytes(MODEL_KEY)
+    write_key(tmp_path / "k")
     policy = parse_policy({"resources": {RESOURCE: "k"}}, tmp_path)
     server = serve_in_thread(Broker(policy, insecure_no_attestation=True), "127.0.0.1", 0)
     try:
@@ -391,7 +397,7 @@ class QuoteSource:
 
 
 def tdx_broker(tmp_path: Path, tdx_policy: dict[str, Any], **kwargs: Any):
-    (tmp_path / "k").write_bytes(MODEL_KEY)
+    write_key(tmp_path / "k")
     policy = parse_policy({"tdx": tdx_policy, "resources": {RESOURCE: "k"}}, tmp_path)
     identity = load_or_create(tmp_path / "identity")
     server = serve_in_thread(Broker(policy, identity=identity, **kwargs), "127.0.0.1", 0,
@@ -509,7 +515,7 @@ def _guest(url: str, *args: str):
 
 
 def test_broker_serve_and_guest_client_processes_insecure(tmp_path: Path) -> None:
-    (tmp_path / "model.key").write_bytes(MODEL_KEY)
+    write_key(tmp_path / "model.key")
     log_file = tmp_path / "broker.log"
     proc, url = _start_broker(
         ["--resource", f"{RESOURCE}={tmp_path / 'model.key'}", "--insecure-no-attestation",
@@ -531,7 +537,7 @@ def test_broker_serve_and_guest_client_processes_insecure(tmp_path: Path) -> Non
 
 def test_broker_serve_refuses_a_guest_without_tee(tmp_path: Path, chain) -> None:
     chain.write(tmp_path)
-    (tmp_path / "model.key").write_bytes(MODEL_KEY)
+    write_key(tmp_path / "model.key")
     (tmp_path / "policy.yaml").write_text(
         f"snp:\n  measurements: ['{GOOD_MEASUREMENT.hex()}']\n  roots: roots.pem\n"
         f"resources:\n  {RESOURCE}: model.key\n"

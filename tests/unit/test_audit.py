@@ -348,12 +348,16 @@ def test_leakage_figure_sits_at_the_noise_floor_only_for_hiding_masks() -> None:
         assert report["leakage"]
         for row in report["leakage"]:
             assert row["noise_floor"] > 0
+            assert 0 <= row["p_value"] <= 1 and row["alpha"] == 0.01
+            assert row["noise_floor"] < row["null_quantile"] < row["detectable_corr"]
             if hides:
                 assert row["max_abs_correlation"] < 3 * row["noise_floor"]
                 assert row["distinguisher_advantage"] < 0.2  # few trials at this size
             else:
-                assert row["max_abs_correlation"] > 0.99
+                # > 0.98: each call is put on its own scale before pooling
+                assert row["max_abs_correlation"] > 0.98 and row["above_null"]
                 assert row["distinguisher_advantage"] > 0.9
+        assert report["correlation_above_null"] is not hides
 
 
 def test_noise_floor_matches_the_known_figures() -> None:
@@ -454,3 +458,26 @@ def test_a_verdict_made_ahead_carries_its_leaks() -> None:
     taken.observe("publish", "l", weight)
     assert verdict["leaks"] and taken.verdicts_taken == 1
     assert taken.leaks == live.leaks == verdict["leaks"]
+
+
+def test_the_printed_verdict_judges_the_figure_against_the_null() -> None:
+    """The demo's figure (0.159 at 576 tokens x 384 features) prints beside the null's 99%
+    quantile and its p-value, within the null, and says what the audit could have detected; a
+    figure above the quantile is not called "no leak"."""
+    from groupcover import leakage
+    from groupcover.bench.report import audit_lines
+
+    def result(figure: float) -> dict[str, Any]:
+        row = {"features": 384, "tokens": 576, "max_abs_correlation": figure,
+               **leakage.correlation_verdict(figure, 576, 384),
+               "distinguisher_advantage": 0.01, "distinguisher_trials": 576}  # fmt: skip
+        audit = {"leaks": [], "input_exposed": False, "check_s": 0.1, "leakage": [row]}
+        return {"mode": "groupcover", "audit": audit}
+
+    (within,) = audit_lines([result(0.159)])
+    assert within.startswith("audit groupcover: no leak;")
+    assert "null 99% quantile 0.1742, p = 0.0476: within the null" in within
+    assert "detects |corr| >= 0.24 with 95% power" in within
+    assert "|corr| 0.01 needs 342,124 tokens" in within
+    (above,) = audit_lines([result(0.2)])
+    assert "no leak;" not in above and "above the null at 384 features" in above

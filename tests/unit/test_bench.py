@@ -100,6 +100,8 @@ def test_benchmark_document_over_the_in_process_transport() -> None:
     assert gc["masks"]["used"] == gc["masks"]["offline"]["pairs"] - gc["masks"]["left"]
     assert gc["masks"]["left"] == 4 * SMALL_BERT["layers"]  # one pair ahead per layer, no more
     assert gc["audit"]["leaks"] == [] and plain["audit"]["leaks"]
+    assert plain["protected"] is False and plain["protection"] == "unprotected (no masks)"
+    assert gc["protected"] is True and tee["protected"] is None
     assert report.overheads(results)["plain-offload"] == 1.0
     # the audit saw only its own untimed forward: none of the warmup or timed ones
     assert gc["audit"]["audited_calls"] == 4 * SMALL_BERT["layers"]
@@ -228,3 +230,25 @@ def test_default_json_path_names_a_package_by_its_folder(tmp_path, monkeypatch) 
     written = report.write_json({}, None, str(tmp_path / "pkg x"), 0)
     assert written == tmp_path / "groupcover-pkg-x-rank0.json"
     assert not any(p.is_dir() for p in tmp_path.iterdir())
+
+
+def test_every_unmasked_mode_says_unprotected_in_its_result_and_table() -> None:
+    """Each mode that offloads without masks (plain-offload, groupcover-nomask, hardened-nomask)
+    is labelled unprotected in its JSON (`protected: false`) and in the printed table and notes;
+    masked modes are protected; tee-only offloads nothing."""
+    from groupcover.bench.report import mode_label, protection_lines
+    from groupcover.bench.stats import mode_protection
+    from groupcover.modes import MODES, mode_settings
+
+    unmasked = {m for m in MODES if mode_settings(m)[0] is not None and not mode_settings(m)[1]}
+    assert unmasked == {"plain-offload", "groupcover-nomask", "hardened-nomask"}
+    for mode in MODES:
+        facts = mode_protection(mode)
+        row = {"mode": mode, **facts}
+        if mode in unmasked:
+            assert facts == {"protected": False, "protection": "unprotected (no masks)"}
+            assert mode_label(row) == f"{mode} UNPROTECTED"
+            assert protection_lines([row])[0].startswith(f"{mode}: unprotected (no masks)")
+        else:
+            assert facts["protected"] is (None if mode == "tee-only" else True)
+            assert mode_label(row) == mode and protection_lines([row]) == []

@@ -66,6 +66,7 @@ def other(tmp_path: Path) -> Identity:
 def genuine(tmp_path: Path, identity: Identity):
     """The owner's broker, with its identity, releasing to guests without a TEE."""
     (tmp_path / "model.key").write_bytes(KEY)
+    (tmp_path / "model.key").chmod(0o600)
     policy = parse_policy({"resources": {RESOURCE: "model.key"}}, tmp_path)
     broker = Broker(policy, insecure_no_attestation=True, identity=identity)
     server = serve_in_thread(broker, "127.0.0.1", 0, identity=identity)
@@ -211,6 +212,7 @@ def test_obtain_key_reports_the_brokers_identity(genuine, identity) -> None:
 
 def test_obtain_key_without_a_pin_from_an_http_broker(tmp_path) -> None:
     (tmp_path / "model.key").write_bytes(KEY)
+    (tmp_path / "model.key").chmod(0o600)
     policy = parse_policy({"resources": {RESOURCE: "model.key"}}, tmp_path)
     server = serve_in_thread(Broker(policy, insecure_no_attestation=True), "127.0.0.1", 0)
     try:

@@ -93,6 +93,7 @@ def test_the_cluster_broker_reads_an_https_listening_line() -> None:
 
 def test_broker_serve_with_an_identity_and_a_pinned_guest_process(tmp_path: Path) -> None:
     (tmp_path / "model.key").write_bytes(MODEL_KEY)
+    (tmp_path / "model.key").chmod(0o600)
     made = load_or_create(tmp_path / "id")
     key = tmp_path / "model.key"
     proc, url = _start_broker([
@@ -119,6 +120,7 @@ def test_broker_serve_with_an_identity_and_a_pinned_guest_process(tmp_path: Path
 
 def test_broker_serve_without_an_identity_says_it_is_unauthenticated(tmp_path: Path) -> None:
     (tmp_path / "model.key").write_bytes(MODEL_KEY)
+    (tmp_path / "model.key").chmod(0o600)
     proc, url = _start_broker(["--resource", f"{RESOURCE}={tmp_path / 'model.key'}",
                                "--insecure-no-attestation"])  # fmt: skip
     _stop(proc)
@@ -130,6 +132,8 @@ def test_a_run_broker_with_an_identity_serves_https_to_a_pinned_master(tmp_path:
     from groupcover.keyrelease import KbsClient, NoEvidence
 
     (tmp_path / "model.key").write_bytes(MODEL_KEY)
+
+    (tmp_path / "model.key").chmod(0o600)
     made = load_or_create(tmp_path / "id")
     broker = runbroker.RunBroker(None, "127.0.0.1", {RESOURCE: tmp_path / "model.key"}, "none",
                                 identity=tmp_path / "id")  # fmt: skip

@@ -29,11 +29,13 @@ def broker_url(tmp_path: Path, chain: SnpTestChain):
     chain.write(tmp_path)
     for name in ("free.key", "mine.key", "theirs.key", "nobody.key"):
         (tmp_path / name).write_bytes(MODEL_KEY)
+        (tmp_path / name).chmod(0o600)
     repo = tmp_path / "repository" / "gcvm"
     for tag, allowed in (("open", None), ("bound", f"# the owner's image\n{GOOD}\n"),
                          ("elsewhere", f"{OTHER}\n"), ("garbled", "not hex\n")):  # fmt: skip
         (repo / tag).mkdir(parents=True)
         (repo / tag / "key").write_bytes(MODEL_KEY)
+        (repo / tag / "key").chmod(0o600)
         if allowed is not None:
             (repo / tag / ".key.measurements").write_text(allowed)
     policy = parse_policy(

@@ -51,6 +51,7 @@ def test_the_repository_serves_only_its_own_files(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     (repo / "gcvm" / "x").mkdir(parents=True)
     (repo / "gcvm" / "x" / "key").write_bytes(KEY)
+    (repo / "gcvm" / "x" / "key").chmod(0o600)
     (tmp_path / "secret").write_bytes(b"not a resource")
     os.symlink(tmp_path / "secret", repo / "gcvm" / "x" / "link")
     broker = Broker(parse_policy({}, tmp_path), insecure_no_attestation=True, repository=repo)

@@ -55,8 +55,8 @@ def _run(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
         (("--batch", "0"), "--batch 0 is out of range"),
         (("--seq", "100000"), "--seq 100000 is out of range"),
         (("--repeat", "0"), "--repeat 0 is out of range"),
-        (("--threads", "0"), "--threads must be at least 1"),
-        (("--timeout", "-1"), "timeout must be positive"),
+        (("--threads", "0"), "--threads 0 is out of range (1..1024)"),
+        (("--timeout", "-1"), "--timeout -1 is not a finite positive number"),
     ],
 )
 def test_launch_rejects_bad_workload(extra: tuple[str, ...], needle: str) -> None:
@@ -70,7 +70,7 @@ def test_launch_rejects_bad_workload(extra: tuple[str, ...], needle: str) -> Non
         (0, 2, 2, "worker rank 2 is outside the world"),
         (0, 2, -1, "worker rank -1 is outside the world"),
         (2, 2, 1, "rank 2 is outside the world"),
-        (0, 1, 1, "world size must be at least 2"),
+        (0, 1, 1, "--world-size 1 is out of range (at least 2)"),
     ],
 )
 def test_launch_rejects_bad_ranks(rank: int, world: int, worker: int, needle: str) -> None:

@@ -6,12 +6,20 @@ import pytest
 import torch
 
 from groupcover.leakage import (
+    DEFAULT_ALPHA,
     CorrelationMeter,
+    batched_max_abs_correlation,
+    correlation_verdict,
+    detectable_correlation,
     distinguisher_advantage,
     expected_noise_floor,
     leakage_report,
     max_abs_correlation,
     noise_floor,
+    null_quantile,
+    p_value,
+    simulated_null,
+    tokens_to_detect,
 )
 from groupcover.masks import MaskPool
 from groupcover.models import load_model
@@ -82,6 +90,7 @@ def test_masks_reach_the_noise_floor_on_minilm(minilm_inputs: list[torch.Tensor]
     floor = report["noise_floor"]
     assert 0.007 < floor < 0.012  # "about 0.009 at 1e5 tokens, 384 features"
     assert report["max_abs_corr"] <= 1.75 * floor  # the max of 384 noisy estimates: ~ +-15%
+    assert not report["above_null"] and report["detectable_corr"] < 0.02
     assert report["advantage"] <= 0.01
 
 
@@ -96,3 +105,70 @@ def test_weak_and_old_masks_score_far_above_the_floor(minilm_inputs: list[torch.
     old = x + r  # main's masks: N(0, 1) at scale 1
     assert max_abs_correlation(old, x) > 20 * floor
     assert distinguisher_advantage(old, -x + torch.randn_like(r)) > 0.5
+
+
+# ---- the verdict: the exact null, its false-positive rate, and its power ---------------------
+
+SMALL = (576, 32)  # the demo's audited tokens; few features keep the simulations fast
+
+
+def test_the_analytic_null_matches_simulation() -> None:
+    tokens, features = SMALL
+    draws = simulated_null(tokens, features, trials=2000, seed=1)
+    assert float(draws.median()) == pytest.approx(noise_floor(tokens, features), rel=0.02)
+    assert float(draws.quantile(0.9)) == pytest.approx(
+        null_quantile(tokens, features, 0.1), rel=0.03
+    )
+    # the figures of the demo that printed "noise floor 0.122": within the null, not a leak
+    assert null_quantile(576, 384) == pytest.approx(0.174, abs=1e-3)
+    assert p_value(0.159, 576, 384) == pytest.approx(0.048, abs=2e-3)
+    assert p_value(0.167, 576, 384) > DEFAULT_ALPHA
+    assert noise_floor(576, 384) == pytest.approx(0.130, abs=1e-3)
+    assert p_value(null_quantile(576, 384), 576, 384) == pytest.approx(DEFAULT_ALPHA, rel=1e-6)
+
+
+def test_pure_noise_is_flagged_at_the_chosen_false_positive_rate() -> None:
+    """2000 perfect masks: about alpha of them above the null (20 +- 4.4); a uniform payload
+    against heavy-tailed inputs (the masked modes' case) is flagged no more often."""
+    tokens, features = SMALL
+    threshold = null_quantile(tokens, features)
+    gaussian = simulated_null(tokens, features, trials=2000, seed=2)
+    flagged = int((gaussian > threshold).sum())
+    assert 7 <= flagged <= 33, flagged
+    uniform = simulated_null(tokens, features, trials=1000, seed=3, uniform=True)
+    assert float((uniform > threshold).double().mean()) <= DEFAULT_ALPHA + 3 * (0.01 / 1000) ** 0.5
+
+
+def test_a_planted_leak_at_the_detectable_level_is_flagged_with_95_percent_power() -> None:
+    """A synthetic worker payload: independent noise except one feature that correlates with
+    the secret input at exactly the |correlation| the verdict says it detects. Flagged in at
+    least 95% of 2000 seeded trials; half that correlation is mostly missed."""
+    tokens, features = SMALL
+    rho = detectable_correlation(tokens, features)
+    assert 0.2 < rho < 0.25
+    threshold = null_quantile(tokens, features)
+    generator = torch.Generator().manual_seed(4)
+    rates = {}
+    for planted in (rho, rho / 2):
+        flagged = 0
+        for _ in range(4):
+            shape = (500, tokens, features)
+            secret = torch.randn(shape, generator=generator, dtype=torch.float64)
+            payload = torch.randn(shape, generator=generator, dtype=torch.float64)
+            payload[..., 0] = planted * secret[..., 0] + (1 - planted**2) ** 0.5 * payload[..., 0]
+            flagged += int((batched_max_abs_correlation(payload, secret) > threshold).sum())
+        rates[planted] = flagged / 2000
+    assert rates[rho] >= 0.95, rates
+    assert rates[rho / 2] < 0.5, rates
+    verdict = correlation_verdict(0.9, tokens, features)
+    assert verdict["above_null"] and verdict["p_value"] < 1e-12
+    assert verdict["detectable_corr"] == rho and verdict["null_quantile"] == threshold
+
+
+def test_the_tokens_needed_for_a_small_correlation() -> None:
+    """|corr| 0.01 over 384 features at 1% false positives and 95% power needs ~3.4e5 tokens;
+    at that size the detectable correlation is 0.01, at the demo's 576 tokens only 0.24."""
+    needed = tokens_to_detect(0.01, 384)
+    assert 330_000 < needed < 350_000
+    assert 0.01 <= detectable_correlation(needed, 384) <= 0.011  # rounded up: 2 digits
+    assert detectable_correlation(576, 384) == pytest.approx(0.24, abs=0.01)
