@@ -23,6 +23,36 @@ from tests.integration.conftest import Env, assert_nothing_left, cluster_name
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 INSECURE = "model key released without attestation"
+# The host's ways to point a pinned master elsewhere, tried in the master VM over SSH (the host's
+# own access): a plain-HTTP broker URL, another broker certificate on the command line, a package
+# without the owner's signature. Each must be refused before a key or package byte is used.
+HOST_ATTACKS = r"""
+PY=/opt/gcvm/venv/bin/python
+tr ' ' '\n' < /proc/cmdline | grep -o '^gcvm\.[a-z_]*=' | sort
+echo "== http"; $PY -m groupcover.keyrelease --broker "$HTTP_URL" --tee none; echo "rc=$?"
+$PY - <<'EOF'
+import datetime as dt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+key = ec.generate_private_key(ec.SECP256R1())
+name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "impostor")])
+now = dt.datetime.now(dt.timezone.utc)
+cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+open("/var/tmp/impostor.pem", "wb").write(cert.public_bytes(serialization.Encoding.PEM))
+EOF
+echo "== cert"; $PY -m groupcover.keyrelease --broker "$HTTPS_URL" --tee none \
+  --broker-cert /var/tmp/impostor.pem; echo "rc=$?"
+P=$(ls -d /var/lib/gcvm/packages/* | head -1)
+rm -rf /var/tmp/unsigned && cp -rl "$P" /var/tmp/unsigned && rm /var/tmp/unsigned/signature.json
+SCHEME=$($PY -c "import json; print(json.load(open('/var/tmp/unsigned/manifest.json'))['scheme'])")
+echo "== unsigned"; $PY -m groupcover launch --role master --model /var/tmp/unsigned \
+  --broker "$HTTPS_URL" --tee none --modes "$SCHEME" --batch 2 --seq 16; echo "rc=$?"
+rm -rf /var/tmp/unsigned /var/tmp/impostor.pem
+"""
 RUN = ["--model", "minilm-standin", "--modes", "hardened,groupcover", "--batch", "2", "--seq", "16",
        "--repeat", "2", "--warmup", "0", "--no-audit"]  # fmt: skip
 
@@ -88,6 +118,11 @@ def test_minilm_package_released_by_the_broker(
         broker_pid = int(status_text.split("key broker: running, pid ")[1].split(",")[0])
         first = _run(gcvm_env, name, out)
         second = _run(gcvm_env, name, out)
+        https_url = first["broker"]["url"]
+        attacks = gcvm_env.gcvm("run", "exec", "--name", name, "--role", "master", "--timeout",
+                                "600", "--", "env", f"HTTPS_URL={https_url}",
+                                f"HTTP_URL={https_url.replace('https://', 'http://')}", "sh",
+                                "-c", HOST_ATTACKS, timeout=900)  # fmt: skip
         guest_tmp = gcvm_env.gcvm("run", "exec", "--name", name, "--timeout", "120", "--",
                                   "find", "/tmp", "/var/tmp", "-name", "*.sealed", "-o",
                                   "-name", "*.safetensors", "-o", "-name", "model.key")  # fmt: skip
@@ -140,7 +175,8 @@ def test_minilm_package_released_by_the_broker(
     master, worker = f"{name}-master0", f"{name}-worker0"
     for p in pkgs.values():
         assert by_vm[(master, p["package_id"])]["copied"] == [
-            "manifest.json", "published.safetensors", "master.sealed"]  # fmt: skip
+            "manifest.json", "published.safetensors", "master.sealed",
+            "signature.json"]  # fmt: skip
         assert by_vm[(worker, p["package_id"])]["copied"] == [
             "manifest.json", "published.safetensors"]  # fmt: skip
     # the second run reuses the packages and copies nothing
@@ -150,7 +186,15 @@ def test_minilm_package_released_by_the_broker(
     assert all(p["protect_s"] is None for p in second["packages"]["packages"])
 
     # the broker released the keys without attestation, and every result says so
-    assert first["broker"]["insecure"] is True and first["broker"]["url"].startswith("http://")
+    # the host's attempts to point the pinned master elsewhere: each refused, none reached a key
+    text = attacks.stdout + attacks.stderr
+    assert "gcvm.broker_cert=" in text and "gcvm.owner_key=" in text, text[-3000:]
+    parts = {p.split("\n", 1)[0].strip(): p for p in text.split("== ")[1:]}
+    assert "cannot authenticate it" in parts["http"] and "rc=0" not in parts["http"], text
+    assert "pinned in the measured boot" in parts["cert"] and "rc=2" in parts["cert"], text
+    assert "not signed" in parts["unsigned"] and "rc=0" not in parts["unsigned"], text
+    assert "Traceback" not in text, text
+    assert first["broker"]["insecure"] is True and first["broker"]["url"].startswith("https://")
     assert "--insecure-no-attestation" in first["broker"]["argv"]
     assert "--repository" in first["broker"]["argv"]  # the cluster's broker, not a run's
     assert first["broker"]["url"] == second["broker"]["url"]  # one broker for both runs
@@ -166,6 +210,10 @@ def test_minilm_package_released_by_the_broker(
         release = run["settings"]["key_release"]
         assert release["source"] == "broker" and release["label"] == INSECURE
         assert release["attested"] is False and release["seconds"] > 0
+        # the broker and the packages authenticated against the pins of the measured boot
+        assert release["broker_authenticated"] is True, release
+        assert release["broker_identity"]["source"] == "kernel command line (measured)"
+        assert all(p["package_authenticated"] for p in release["per_package"]), release
         assert len(release["per_package"]) == 2
         print(f"key release (2 packages, auth+attest+JWE each): {release['seconds'] * 1000:.0f} ms")
         assert doc["key_release"][master]["label"] == INSECURE
