@@ -340,6 +340,13 @@ def status_renderables(report: Any) -> list[Any]:
             + (f"policy {broker.policy}" if broker.policy else "without attestation")
             + f", up {format_uptime(uptime)}, log {broker.log}"
         )
+    trust = report.state.trust
+    if trust:
+        lines.append(
+            f"pinned in every guest's boot: broker certificate sha256 "
+            f"{str(trust.get('broker_cert_sha256'))[:16]}..., package signer "
+            f"{trust.get('owner_key')} (owner folder {trust.get('owner')})"
+        )
     return lines
 
 
