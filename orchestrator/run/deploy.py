@@ -115,8 +115,10 @@ def package_env(node: Node, role: Role, pkgs: Sequence[packages.HostPackage],
 def broker_step(st: state.ClusterState) -> str:
     """The step that gives a run's keys to a broker: its own, or the cluster's (`up --broker`)."""
     if st.cluster_broker is None:
-        return ("start the key broker (a demo broker on this TEE host: in production the "
-                "owner's machine runs it)")
+        return (
+            "start the key broker (a demo broker on this TEE host: in production the "
+            "owner's machine runs it)"
+        )
     return "give the cluster's key broker the run's keys"
 
 
