@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from orchestrator import hostcaps, tee
+from orchestrator import doctor_guest, hostcaps, tee
 from orchestrator.errors import HostUnsupported
 from orchestrator.hostcaps import Check, HostCaps, fmt_version
 from orchestrator.spec import Accel, ClusterSpec, Tee
@@ -133,8 +133,8 @@ def facts(caps: HostCaps, kvm_fix: str | None, tcg: hostcaps.KvmProbe | None) ->
     return rows
 
 
-def facts_table(rows: list[Check]) -> Table:
-    table = Table(title="gcvm doctor: host facts", title_justify="left")
+def facts_table(rows: list[Check], title: str = "gcvm doctor: host facts") -> Table:
+    table = Table(title=title, title_justify="left")
     table.add_column("fact", no_wrap=True)
     table.add_column("", no_wrap=True)
     table.add_column("value")
@@ -165,6 +165,7 @@ def run(connect: str | None, tee_: Tee | None, reprobe: bool) -> None:
     if tcg is not None and not tcg.usable:
         caps = replace(caps, tcg_available=False)
     out.print(facts_table(facts(caps, kvm_fix, tcg)))
+    out.print(facts_table(doctor_guest.guest_checks(), "gcvm doctor: guest side"))
     verdicts = [verdict(caps, t) for t in Tee]
     out.print(verdict_table(verdicts))
     if tee_ is not None:

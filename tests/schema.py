@@ -25,6 +25,16 @@ KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 PACKAGE = "libvirt-common"
 
 
+STORED = Path(__file__).resolve().parent / "fixtures" / "libvirt-schema"
+
+
+def stored() -> Schemas:
+    """The copy of a current libvirt's schema kept in the repository (README.md there says where
+    it came from): the render tests validate against it offline, on any machine."""
+    version = (STORED / "VERSION").read_text().strip()
+    return Schemas(STORED, version)
+
+
 class SchemaUnavailable(Exception):
     """No package registry could be reached: the caller skips with this text."""
 

@@ -7,6 +7,7 @@ from groupcover.keyrelease.evidence import (
     EvidenceError,
     EvidenceSource,
     NoEvidence,
+    NoEvidenceProvider,
     SevGuestDevice,
     detect,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "KeyReleaseError",
     "KeyReleaseRefused",
     "NoEvidence",
+    "NoEvidenceProvider",
     "Release",
     "SevGuestDevice",
     "detect",

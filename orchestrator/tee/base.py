@@ -99,6 +99,7 @@ class TeeOptions:
 
     tdx_policy: int = 0x10000000  # bit 28 sept-ve-disable; QEMU's default; no debug
     tdx_qgs_socket: Path | None = None  # quote generation service, for attestation quotes
+    tdx_mr_config_id: str | None = None  # base64 of 48 bytes the TD's owner binds into MRCONFIGID
     snp_policy: int = 0x00030000  # SMT allowed + reserved bit 17; no debug
     snp_kernel_hashes: bool = True  # measure the direct-boot kernel, initrd and cmdline
 

@@ -19,6 +19,7 @@ from orchestrator.tee.base import (
 class TdxLaunch:
     policy: str  # 0x-hex, as libvirt writes it
     qgs_socket: Path | None
+    mr_config_id: str | None = None
 
 
 class Tdx(ConfidentialBackend):
@@ -57,6 +58,8 @@ class Tdx(ConfidentialBackend):
             on_reboot="destroy",  # a TD reboots by destroy + start
             launch_security=self.template,
             launch=TdxLaunch(
-                policy=f"0x{options.tdx_policy:08x}", qgs_socket=options.tdx_qgs_socket
+                policy=f"0x{options.tdx_policy:08x}",
+                qgs_socket=options.tdx_qgs_socket,
+                mr_config_id=options.tdx_mr_config_id,
             ),
         )

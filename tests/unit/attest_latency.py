@@ -58,8 +58,7 @@ def main() -> None:
 
     def release() -> None:
         fake = FakeTsm(tmp / "tsm", "sev_guest", chain.report, chain.cert_table())
-        source = ConfigfsTsm(root=tmp / "tsm", fs=fake)
-        source.tee = "snp"
+        source = ConfigfsTsm(root=tmp / "tsm", fs=fake, tee="snp")
         assert KbsClient(url, source).get_resource("gcvm/model/key").secret == b"k" * 32
 
     try:

@@ -7,7 +7,9 @@ accepts this ARK only because a test's policy names it as a root."""
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from groupcover.keyrelease.evidence import build_cert_table
+from groupcover.keyrelease.evidence import OsFs, build_cert_table
 
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 TCB = {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}
@@ -148,44 +150,59 @@ class SnpTestChain:
         return bytes(out)
 
 
-class FakeTsm:
-    """An in-memory configfs-tsm: mkdir makes an entry with provider and generation; writing
-    inblob bumps generation; outblob is a report made by `make(inblob)`; auxblob the table."""
+class FakeTsm(OsFs):
+    """configfs-tsm laid out in a real folder as Documentation/ABI/testing/configfs-tsm-report
+    documents it: `mkdir` of an entry makes `provider`, `generation` (0), `inblob`, `outblob`
+    (and for sev_guest `auxblob`, `privlevel`, `privlevel_floor`); every write bumps
+    `generation`; reading `outblob` makes the report from `inblob` with `make(inblob)`; an inblob
+    over 64 bytes is refused with EINVAL as the kernel does. The code under test uses OsFs's
+    real file operations on it; only what the kernel does on its own is simulated."""
 
-    def __init__(self, root: Path, provider: str, make, auxblob: bytes = b"") -> None:
+    def __init__(self, root: Path, provider: str, make, auxblob: bytes = b"", floor: int = 0):
         self.root = root
         self.provider = provider
         self.make = make
         self.auxblob = auxblob
-        self.entries: dict[Path, dict[str, bytes]] = {}
+        self.floor = floor
         self.removed: list[Path] = []
+        root.mkdir(parents=True, exist_ok=True)
 
-    def exists(self, path: Path) -> bool:
-        if path == self.root:
-            return True
-        entry = self.entries.get(path.parent)
-        return entry is not None and (path.name != "auxblob" or bool(self.auxblob))
+    @property
+    def entries(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if p.is_dir())
 
     def mkdir(self, path: Path) -> None:
-        assert path.parent == self.root
-        self.entries[path] = {"provider": self.provider.encode() + b"\n", "generation": b"0\n"}
+        super().mkdir(path)
+        (path / "provider").write_text(self.provider + "\n")
+        (path / "generation").write_text("0\n")
+        (path / "inblob").write_bytes(b"")
+        (path / "outblob").write_bytes(b"")
+        if self.provider == "sev_guest":
+            (path / "auxblob").write_bytes(b"")
+            (path / "privlevel").write_bytes(b"")
+            (path / "privlevel_floor").write_text(f"{self.floor}\n")
 
     def rmdir(self, path: Path) -> None:
-        del self.entries[path]
+        for child in path.iterdir():
+            child.unlink()  # configfs drops the attributes with the entry
+        super().rmdir(path)
         self.removed.append(path)
 
     def write(self, path: Path, data: bytes) -> None:
-        entry = self.entries[path.parent]
-        entry[path.name] = data
-        entry["generation"] = str(int(entry["generation"]) + 1).encode() + b"\n"
+        if path.name == "inblob" and len(data) > 64:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        if path.name == "privlevel" and not self.floor <= int(data) <= 3:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        super().write(path, data)
+        generation = path.parent / "generation"
+        generation.write_text(f"{int(generation.read_text()) + 1}\n")
 
     def read(self, path: Path) -> bytes:
-        entry = self.entries[path.parent]
         if path.name == "outblob":
-            return self.make(entry["inblob"])
-        if path.name == "auxblob":
-            return self.auxblob
-        return entry[path.name]
+            path.write_bytes(self.make((path.parent / "inblob").read_bytes()))
+        elif path.name == "auxblob":
+            path.write_bytes(self.auxblob)
+        return super().read(path)
 
 
 # --- synthetic TDX quotes, for a fake quote verifier (labelled as such in the tests) -------

@@ -106,8 +106,7 @@ def tsm(tmp_path: Path, chain: SnpTestChain, table: bool = True, **report_args: 
         lambda inblob: chain.report(inblob, **report_args),
         chain.cert_table() if table else b"",
     )
-    source = ConfigfsTsm(root=tmp_path / "tsm", fs=fake)
-    source.tee = "snp"
+    source = ConfigfsTsm(root=tmp_path / "tsm", fs=fake, tee="snp")
     return source
 
 

@@ -1,12 +1,11 @@
-"""The guest side (groupcover.keyrelease) against fakes of its narrow interfaces: configfs-tsm
-(an in-memory filesystem), /dev/sev-guest (a fake ioctl writing the firmware's response), the JWE
-it unwraps (from the broker's jwcrypto and in Trustee's layout), and the seams."""
+"""The guest side (groupcover.keyrelease): the JWE it unwraps (from the broker's jwcrypto and in
+Trustee's layout), the report data both sides bind, and the seams. The evidence sources have
+their own tests (test_guest_evidence.py)."""
 
 from __future__ import annotations
 
 import ast
 import base64
-import ctypes
 import json
 import struct
 from pathlib import Path
@@ -18,105 +17,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-from groupcover.keyrelease import evidence as ev
 from groupcover.keyrelease.jwe import EphemeralKey, JweError, b64url
 from groupcover.keyrelease.kbs import canonical_json as guest_canonical
 from groupcover.keyrelease.kbs import report_data_for
 from orchestrator.attest.common import canonical_json, expected_report_data
 from orchestrator.attest.kbs import _jwe
-from tests.unit.attest_testchain import FakeTsm, SnpTestChain
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def test_cert_table_round_trip() -> None:
-    table = ev.build_cert_table([("vcek", b"V" * 5), ("ask", b"A" * 7), ("ark", b"R" * 3)])
-    parsed = ev.parse_cert_table(table)
-    assert [e["cert_type"] for e in parsed] == ["vcek", "ask", "ark"]
-    assert base64.b64decode(parsed[1]["data"]) == b"A" * 7
-    with pytest.raises(ev.EvidenceError, match="truncated"):
-        ev.parse_cert_table(table[:-2])
-
-
-def test_configfs_tsm_snp_report_with_cert_table(tmp_path: Path) -> None:
-    chain = SnpTestChain.make()
-    fake = FakeTsm(tmp_path, "sev_guest", lambda inblob: chain.report(inblob), chain.cert_table())
-    source = ev.ConfigfsTsm(root=tmp_path, fs=fake)
-    evidence = source.collect(b"\x42" * 64)
-    report = base64.b64decode(evidence["attestation_report"])
-    assert len(report) == 1184 and report[0x50:0x90] == b"\x42" * 64
-    assert [c["cert_type"] for c in evidence["cert_chain"]] == ["vcek", "ask", "ark"]
-    assert source.tee == "snp" and not fake.entries and len(fake.removed) == 1
-
-
-def test_configfs_tsm_tdx_quote(tmp_path: Path) -> None:
-    fake = FakeTsm(tmp_path, "tdx_guest", lambda inblob: b"QUOTE" + inblob)
-    source = ev.ConfigfsTsm(root=tmp_path, fs=fake)
-    evidence = source.collect(bytes(64))
-    assert base64.b64decode(evidence["quote"]) == b"QUOTE" + bytes(64)
-    assert source.tee == "tdx"
-
-
-def test_configfs_tsm_detects_a_racing_writer(tmp_path: Path) -> None:
-    class Racy(FakeTsm):
-        def read(self, path: Path) -> bytes:
-            if path.name == "outblob":
-                self.write(path.parent / "inblob", bytes(64))  # someone else wrote meanwhile
-            return super().read(path)
-
-    source = ev.ConfigfsTsm(root=tmp_path, fs=Racy(tmp_path, "tdx_guest", lambda b: b))
-    with pytest.raises(ev.EvidenceError, match="raced"):
-        source.collect(bytes(64))
-
-
-def test_configfs_tsm_refuses_wrong_sizes_and_providers(tmp_path: Path) -> None:
-    source = ev.ConfigfsTsm(root=tmp_path, fs=FakeTsm(tmp_path, "arm_cca", lambda b: b))
-    with pytest.raises(ev.EvidenceError, match="64 bytes"):
-        source.collect(b"short")
-    with pytest.raises(ev.EvidenceError, match="neither TDX nor SEV-SNP"):
-        source.collect(bytes(64))
-
-
-def test_sev_guest_ioctl(tmp_path: Path) -> None:
-    chain = SnpTestChain.make()
-    calls = []
-
-    def ioctl(fd: int, request: int, arg: bytearray) -> int:
-        version, req_addr, resp_addr, _ = struct.unpack("<B7xQQQ", arg)
-        user_data = ctypes.string_at(req_addr, 64)
-        vmpl = struct.unpack("<I", ctypes.string_at(req_addr + 64, 4))[0]
-        calls.append((request, version, vmpl))
-        body = struct.pack("<II", 0, 1184) + bytes(24) + chain.report(user_data)
-        ctypes.memmove(resp_addr, body, len(body))
-        return 0
-
-    device = tmp_path / "sev-guest"
-    device.write_bytes(b"")
-    source = ev.SevGuestDevice(device, ioctl=ioctl)
-    evidence = source.collect(b"\x07" * 64)
-    report = base64.b64decode(evidence["attestation_report"])
-    assert report[0x50:0x90] == b"\x07" * 64
-    assert calls == [(0xC0205300, 1, 0)]
-
-    def failing(fd: int, request: int, arg: bytearray) -> int:
-        struct.pack_into("<II", arg, 24, 0x16, 0)
-        raise OSError(5, "Input/output error")
-
-    with pytest.raises(ev.EvidenceError, match="SNP_GET_REPORT failed: Input/output error"):
-        ev.SevGuestDevice(device, ioctl=failing).collect(bytes(64))
-
-
-def test_detect(monkeypatch, tmp_path: Path) -> None:
-    assert isinstance(ev.detect("none"), ev.NoEvidence)
-    monkeypatch.setattr(ev, "TSM_ROOT", tmp_path / "absent")
-    monkeypatch.setattr(ev, "SEV_GUEST", tmp_path / "absent-dev")
-    with pytest.raises(ev.EvidenceError, match="no tdx evidence"):
-        ev.detect("tdx")
-    (tmp_path / "dev").write_bytes(b"")
-    monkeypatch.setattr(ev, "SEV_GUEST", tmp_path / "dev")
-    assert isinstance(ev.detect("snp"), ev.SevGuestDevice)
-    monkeypatch.setattr(ev, "TSM_ROOT", tmp_path)
-    assert isinstance(ev.detect("snp"), ev.ConfigfsTsm)
 
 
 def test_guest_and_broker_bind_the_same_report_data() -> None:
