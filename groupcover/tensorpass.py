@@ -39,4 +39,5 @@ def abs_max(t: torch.Tensor) -> float:
     if t.numel() == 0:
         return 0.0
     flat = memory_flat(t)
-    return float(torch.maximum(flat.amax(), flat.amin().neg()))
+    high, low = float(flat.amax()), float(flat.amin())
+    return max(high, -low)  # a NaN makes both NaN, and max(nan, nan) is nan
