@@ -39,6 +39,7 @@ import torch
 from groupcover.errors import GroupCoverError
 from groupcover.layer_op import apply_op
 from groupcover.rng import SecretRandom
+from groupcover.tensorpass import abs_max, dense_layout
 from groupcover.transport import LayerOp
 from groupcover.wire.schema import output_shape
 
@@ -126,18 +127,6 @@ class _Layer:
 def power_of_two_at_least(value: float) -> float:
     """The smallest power of two >= value (value > 0), so that scaling by it is exact."""
     return 2.0 ** math.ceil(math.log2(value))
-
-
-def _dense_layout(t: torch.Tensor) -> bool:
-    """Dense and non-overlapping: its strides are a permutation of a contiguous layout's."""
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda p: p[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 class MaskPool:
@@ -245,7 +234,7 @@ class MaskPool:
         """
         payload = self.encode(layer_id, x).add_(r)
         radius = self.mask_range(layer_id)
-        if radius == 0 or float(torch.linalg.vector_norm(payload, ord=float("inf"))) < radius:
+        if radius == 0 or abs_max(payload) < radius:
             return payload, None
         k = payload.add(radius).mul_(0.5 / radius).floor_()  # exact: powers of two
         payload.sub_(k * (2 * radius))
@@ -263,7 +252,7 @@ class MaskPool:
         layer = self._layers[layer_id]
         if layer.calibrated:
             return
-        peak = float(x.detach().abs().max()) if x.numel() else 0.0
+        peak = abs_max(x.detach())
         layer.bound = power_of_two_at_least(max(peak, 2.0**-20))
         layer.calibrated = True
 
@@ -317,7 +306,7 @@ class MaskPool:
 
     @staticmethod
     def _note_layout(layer: _Layer, shape: tuple[int, ...], like: torch.Tensor) -> None:
-        if tuple(like.shape) == shape and _dense_layout(like):
+        if tuple(like.shape) == shape and dense_layout(like):
             layer.strides[shape] = tuple(like.stride())
 
     def take(
@@ -362,7 +351,7 @@ class MaskPool:
         bound = self.mask_range(layer_id)
         flat = self.rng.uniform(math.prod(shape), -bound, bound, dtype=MASK_DTYPE)
         stride = layer.strides.get(shape)
-        if like is not None and tuple(like.shape) == shape and _dense_layout(like):
+        if like is not None and tuple(like.shape) == shape and dense_layout(like):
             stride = tuple(like.stride())
         # iid entries: any dense layout will do
         r = flat.as_strided(shape, stride) if stride is not None else flat.view(shape)

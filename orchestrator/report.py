@@ -65,6 +65,7 @@ def table(runs: dict[str, dict[str, Any]], title: str) -> Table:
     shared = len(labels) == 1  # one label for every row (the usual case): say it once
     caption = [f"key release: {next(iter(labels))}"] if shared else []
     caption += check_captions(runs)
+    caption += bound_captions(runs)
     t = Table(title=title, title_justify="left", caption="\n".join(caption) or None,
               caption_justify="left")  # fmt: skip
     t.add_column("master")
@@ -79,6 +80,9 @@ def table(runs: dict[str, dict[str, Any]], title: str) -> Table:
         "deobf",
         "transfer",
         "worker",
+        "CPU ms",
+        "bound",
+        "sust. bound",
     ):
         t.add_column(col, justify="right")
     if not shared:
@@ -91,6 +95,8 @@ def table(runs: dict[str, dict[str, Any]], title: str) -> Table:
             "-" if r["overhead"] is None else f"{r['overhead']:.3f}x",
             *(_fmt(parts.get(key)) for key in ("master_compute", "deobfuscation", "transfer",
                                                "worker_compute")),
+            _fmt((r.get("cpu_ms") or {}).get("median")), bound_text(r.get("speedup_bound")),
+            bound_text(r.get("speedup_bound_sustained")),
             *(() if shared else (str(r.get("key_release") or "-"),)),
         )  # fmt: skip
     return t
@@ -111,6 +117,37 @@ def check_captions(runs: dict[str, dict[str, Any]]) -> list[str]:
         else:
             lines[f"{r['mode']}: results NOT checked (--no-verify)"] = None
     return list(lines)
+
+
+SLOWER = "slower than tee-only even with an infinitely fast worker"
+
+
+def bound_text(value: float | None) -> str:
+    """A speed-up bound over tee-only (the framework's `speedup_bound*`), * below 1."""
+    return "-" if value is None else f"{value:.2f}" + ("*" if value < 1 else "")
+
+
+def bound_captions(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """What the bounds mean, why any is missing (`speedup_bound_note`), and each (master, mode)
+    whose bound is below 1: it cannot beat tee-only however fast the worker."""
+    data = rows(runs)
+    if not any("speedup_bound" in r for r in data):
+        return []  # documents from before the bounds
+    lines = [
+        "CPU ms: the master's CPU per forward; bound: tee-only's CPU ms / the mode's (the most an "
+        "infinitely fast worker could speed a forward up over tee-only); sust. bound: with the "
+        "mode's mask generation added; * below 1"
+    ]
+    lines += list(dict.fromkeys(f"no speed-up bounds: {r['speedup_bound_note']}"
+                                for r in data if r.get("speedup_bound_note")))  # fmt: skip
+    for r in data:
+        bound, sustained = r.get("speedup_bound"), r.get("speedup_bound_sustained")
+        if bound is not None and bound < 1:
+            lines.append(f"{r['master']} {r['mode']}: bound {bound:.2f} < 1: {SLOWER}")
+        elif sustained is not None and sustained < 1:
+            lines.append(f"{r['master']} {r['mode']}: sustained bound {sustained:.2f} < 1: "
+                         f"{SLOWER} once its masks are generated too")  # fmt: skip
+    return lines
 
 
 def rel_err_text(row: dict[str, Any]) -> str:

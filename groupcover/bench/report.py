@@ -223,6 +223,42 @@ def protection_lines(results: Sequence[dict[str, Any]]) -> list[str]:
     ]
 
 
+SLOWER = "slower than tee-only even with an infinitely fast worker"
+BOUNDS_NOTE = (
+    "CPU ms: the master's CPU per forward; bound: tee-only's CPU ms / the mode's, the most an "
+    "infinitely fast worker could speed a forward up over tee-only; sust. bound: the same with "
+    "the mode's mask generation (masks ms) added; * below 1"
+)
+
+
+def cpu_text(result: dict[str, Any]) -> str:
+    cpu = result.get("cpu_ms")
+    return "-" if not cpu else f"{cpu['median']:.1f}"
+
+
+def bound_text(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" + ("*" if value < 1 else "")
+
+
+def bound_lines(results: Sequence[dict[str, Any]]) -> list[str]:
+    """The bounds' meaning, why any is missing, and every mode that cannot beat tee-only."""
+    if not any("speedup_bound" in r for r in results):
+        return []  # a document from before the bounds
+    lines = [BOUNDS_NOTE]
+    lines += list(dict.fromkeys(f"no speed-up bounds: {r['speedup_bound_note']}"
+                                for r in results if r.get("speedup_bound_note")))  # fmt: skip
+    for r in results:
+        bound, sustained = r.get("speedup_bound"), r.get("speedup_bound_sustained")
+        if bound is not None and bound < 1:
+            lines.append(f"{r['mode']}: bound {bound:.2f} < 1: {SLOWER}")
+        elif sustained is not None and sustained < 1:
+            lines.append(f"{r['mode']}: sustained bound {sustained:.2f} < 1: {SLOWER} once its "
+                         "masks are generated too")  # fmt: skip
+    return lines
+
+
 def print_table(document: dict[str, Any]) -> None:
     results = document["results"]
     ratio = overheads(results)
@@ -247,6 +283,9 @@ def print_table(document: dict[str, Any]) -> None:
         "worker",
         "calls",
         "MB/fwd",
+        "CPU ms",
+        "bound",
+        "sust. bound",
     )
     rows = []
     for r in results:
@@ -261,6 +300,8 @@ def print_table(document: dict[str, Any]) -> None:
             f"{parts['master_compute']:.1f}", f"{parts['deobfuscation']:.1f}",
             f"{parts['transfer']:.1f}", f"{parts['worker_compute']:.1f}",
             str(r["rpc_calls"]), f"{r['bytes_per_forward'] / 1e6:.2f}",
+            cpu_text(r), bound_text(r.get("speedup_bound")),
+            bound_text(r.get("speedup_bound_sustained")),
         ))  # fmt: skip
     print(texttable.render(title, headers, rows, left=2), flush=True)
     settings = document.get("settings", {})
@@ -268,6 +309,7 @@ def print_table(document: dict[str, Any]) -> None:
         "latency: wall time of a forward with the mask pool full; sustained: samples/s with "
         "the masks of each forward generated too (masks ms)",
         *ratio_lines(results),
+        *bound_lines(results),
         *protection_lines(results),
         *mask_budget_lines(results),
         *audit_lines(results),

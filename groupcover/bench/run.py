@@ -19,6 +19,7 @@ from groupcover.bench.stats import (
     paired_ratios,
     protocol_facts,
     ratio_summary,
+    speedup_bounds,
     summarise,
 )
 from groupcover.errors import GroupCoverError
@@ -209,6 +210,7 @@ def benchmark(
     if real_batch != batch:
         for result in results:
             result["requested_batch"] = batch
+    speedup_bounds(results)
     return results
 
 

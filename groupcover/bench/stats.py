@@ -183,3 +183,39 @@ def protocol_facts(module: nn.Module) -> dict[str, Any]:
         "secrets": facts.get("secrets"),
         "integrity": facts.get("integrity"),
     }
+
+
+TEE_ONLY = "tee-only"
+NO_TEE_ONLY = "tee-only did not run in this run (add it to --modes for the bounds)"
+NO_CPU = "no master CPU time recorded for this mode or for tee-only"
+
+
+def _ratio(top: float, bottom: float) -> float | None:
+    return top / bottom if bottom > 0 else None
+
+
+def speedup_bounds(results: Sequence[dict[str, Any]]) -> None:
+    """Adds to each result the most an infinitely fast worker could speed a forward up over
+    tee-only: `speedup_bound` = tee-only's master CPU per forward / this mode's, and
+    `speedup_bound_sustained` = the same with this mode's mask generation per forward added to
+    its CPU. Only against tee-only of the same run (model, batch, seq); else both are None and
+    `speedup_bound_note` says why. A bound below 1: slower than tee-only whatever the worker."""
+    tee = {
+        (r["model"], r["batch"], r["seq"]): (r.get("cpu_ms") or {}).get("median")
+        for r in results
+        if r["mode"] == TEE_ONLY
+    }
+    for r in results:
+        key = (r["model"], r["batch"], r["seq"])
+        base, own = tee.get(key), (r.get("cpu_ms") or {}).get("median")
+        bound = sustained = None
+        if key not in tee:
+            note: str | None = NO_TEE_ONLY
+        elif base is None or own is None:
+            note = NO_CPU
+        else:
+            bound = _ratio(base, own)
+            sustained = _ratio(base, own + (r.get("mask_generation_ms") or 0.0))
+            note = None if bound is not None else NO_CPU
+        r["speedup_bound"], r["speedup_bound_sustained"] = bound, sustained
+        r["speedup_bound_note"] = note

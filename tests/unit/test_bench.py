@@ -119,6 +119,13 @@ def test_benchmark_document_over_the_in_process_transport() -> None:
     assert gc["results_checked"] is False and plain["results_checked"] is False
     assert gc["integrity_check"].startswith("results NOT checked (--no-verify)")
     assert tee["results_checked"] is None
+    # the speed-up bounds over tee-only of the same run, from the master's CPU per forward
+    assert tee["speedup_bound"] == 1.0 and tee["speedup_bound_note"] is None
+    cpu = gc["cpu_ms"]["median"]
+    assert gc["speedup_bound"] == pytest.approx(tee["cpu_ms"]["median"] / cpu)
+    assert gc["speedup_bound_sustained"] == pytest.approx(
+        tee["cpu_ms"]["median"] / (cpu + gc["mask_generation_ms"])
+    )
 
 
 def test_verify_reports_the_integrity_checks_cost(capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,7 +146,12 @@ def test_verify_reports_the_integrity_checks_cost(capsys: pytest.CaptureFixture[
     assert "false-accept" in label and "2^-52" in label  # masked: float64 secret vectors
     assert 0 < result["integrity"]["loosest_tolerance"] < 1e-9  # float64, exact-grid payloads
     report.print_table({"results": [result]})
-    assert f"groupcover: {label}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"groupcover: {label}" in printed
+    # no tee-only in this run: no bounds, and the table says why
+    assert result["speedup_bound"] is None and result["speedup_bound_sustained"] is None
+    assert "tee-only did not run" in result["speedup_bound_note"]
+    assert "no speed-up bounds: tee-only did not run" in printed
     assert result["secrets"] == report.secrets_label(None) and "OS CSPRNG" in result["secrets"]
 
 
