@@ -39,7 +39,9 @@ LABEL = "gcvm.dev/"
 DEFAULT_PORT = 29500
 MASTER_SCRIPT = "/opt/gcvm/venv/bin/tee_test_transformer_master.py"
 WORKER_SCRIPT = "/opt/gcvm/venv/bin/tee_test_transformer_worker.py"
-CDH_BROKER = "cdh://"  # the framework's key source: the pod's Confidential Data Hub
+# a master that opens model packages (MODEL=...) in a CoCo pod sets BROKER to this: the key
+# comes from the pod's Confidential Data Hub (the seed's built-in model needs no key)
+CDH_BROKER = "cdh://"
 
 
 class Target(StrEnum):
@@ -185,7 +187,6 @@ def plan(spec: PodsSpec) -> tuple[list[PodPlan], initdata.Initdata | None]:
             runtime_class = spec.runtime_class
             annotations[KATA + "default_vcpus"] = str(spec.vcpus)
             annotations[KATA + "default_memory"] = str(spec.memory_mib)
-            env.append(("BROKER", CDH_BROKER))
         if master and data is not None:
             annotations[initdata.ANNOTATION] = data.annotation
         env += list(spec.extra_env)
