@@ -191,7 +191,7 @@ def plan(spec: PodsSpec) -> tuple[list[PodPlan], initdata.Initdata | None]:
             annotations[initdata.ANNOTATION] = data.annotation
         env += list(spec.extra_env)
         script = MASTER_SCRIPT if master else WORKER_SCRIPT
-        command = ["sleep", "infinity"] if spec.hold else [script]
+        command = ["/usr/bin/sleep", "infinity"] if spec.hold else [script]
         local_image = spec.image.startswith("localhost/")
         pods.append(PodPlan(
             name=vm.name, role=vm.role.value, rank=vm.rank, address=vm.address,
