@@ -70,6 +70,13 @@ def run_bench_cmd(**options: Any) -> None:
     from orchestrator.run.settings import BenchSettings
 
     settings = BenchSettings.from_options(options)
+    from orchestrator.pods import lifecycle
+
+    if lifecycle.is_pods(options["name"]):
+        from orchestrator.pods.bench import run_bench as run_bench_pods
+
+        run_bench_pods(options["name"], settings, options["out"])
+        return
     if options["transport_micro"]:
         from orchestrator.run.micro import run_transport_micro
 
