@@ -69,8 +69,9 @@ def test_bench_refuses_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         bench.run_bench("x", settings, tmp_path)
 
 
-def test_down_after_a_crash_removes_the_folder(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_down_after_a_crash_removes_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("GCVM_HOME", str(tmp_path))
     cdir = lifecycle.state.cluster_dir("crashed")
     (cdir / "podman").mkdir(parents=True)
