@@ -309,9 +309,9 @@ def _up_pods(name: str, tee: Any, masters: int, workers: int, worker: str, subne
         raise UsageError("--worker host is for --runtime vms", hint="pods run every rank")
     spec = PodsSpec(name=name, tee=tee, masters=masters, workers=workers, target=Target.podman,
                     hold=True, subnet=subnet, vcpus=vcpus, memory_mib=memory)  # fmt: skip
-    record = lifecycle.up(spec, keep_on_failure=keep, timeout=timeout)
-    for pod in record["pods"]:
-        out.print(f"{pod['name']}  {pod['role']}  rank {pod['rank']}  {pod['address']}")
+    lifecycle.up(spec, keep_on_failure=keep, timeout=timeout)
+    for line in lifecycle.status_lines(name):
+        out.print(line, soft_wrap=True)
 
 
 def _print_vms(name: str) -> None:
@@ -394,7 +394,16 @@ def format_uptime(seconds: float) -> str:
 
 @app.command("status")
 def status_cmd(name: str = typer.Option("gcvm", "--name", help="Cluster name.")) -> None:
-    """Show the cluster's VMs: role, rank, address, state, TEE requested and verified."""
+    """Show the cluster's VMs (or pods): role, rank, address, state, TEE requested and
+    verified."""
+    from orchestrator.pods import lifecycle
+
+    if lifecycle.is_pods(name):
+        from orchestrator.ui import out
+
+        for line in lifecycle.status_lines(name):
+            out.print(line, soft_wrap=True)
+        return
     _print_vms(name)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import netns, state, ui
+from orchestrator.cluster.boot import _shielded, _sigterm_interrupts
 from orchestrator.errors import ClusterExists, GcvmError, Interrupted, UsageError
 from orchestrator.pods import podman as pm
 from orchestrator.pods.manifests import Manifests, PodsSpec, Target, play_argv, render
@@ -80,6 +81,25 @@ def container_of(pod: dict[str, Any]) -> str:
     return f"{pod['name']}-{pod['role']}"
 
 
+def status_lines(name: str) -> list[str]:
+    """`gcvm status` of a pods cluster: its record, and each pod's state as podman reports it."""
+    record = load(name)
+    lines = [
+        f"cluster {name}: {record.get('phase')}, pods (podman, no TEE), namespace "
+        f"{record['netns']}, subnet {record.get('subnet')}, image {record.get('image')}"
+    ]
+    states: dict[str, str] = {}
+    if record.get("pods") and netns.exists(record["netns"]):
+        proc = podman_for(name, record).run(
+            "pod", "ps", "--format", "{{.Name}} {{.Status}}", check=False, timeout=30
+        )
+        states = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    for pod in record.get("pods", []):
+        lines.append(f"  {pod['name']:<20} {pod['role']:<7} rank {pod['rank']:<3} "
+                     f"{pod['address']:<16} {states.get(pod['name'], 'gone')}")  # fmt: skip
+    return lines
+
+
 def up(spec: PodsSpec, *, keep_on_failure: bool = False, timeout: float = 300) -> dict[str, Any]:
     if spec.tee is not Tee.none or spec.coco_dev:
         raise UsageError(
@@ -91,7 +111,8 @@ def up(spec: PodsSpec, *, keep_on_failure: bool = False, timeout: float = 300) -
         raise ValueError("pods up plays the podman target with held containers")
     pm.check_tools()
     started = time.monotonic()
-    with state.locked(spec.name):
+    # the VM clusters' rules: SIGTERM interrupts like Ctrl-C; the cleanup is not interrupted
+    with state.locked(spec.name), _sigterm_interrupts():
         ns = f"gcvm-{spec.name}"
         if state.exists(spec.name) or is_pods(spec.name) or netns.exists(ns):
             raise ClusterExists(f"cluster {spec.name!r} already exists (or left a namespace)",
@@ -113,7 +134,7 @@ def up(spec: PodsSpec, *, keep_on_failure: bool = False, timeout: float = 300) -
             if keep_on_failure:
                 ui.warn(f"kept the failed cluster; remove it with `gcvm down --name {spec.name}`")
             else:
-                with ui.step(f"clean up the failed cluster {spec.name}"):
+                with _shielded(), ui.step(f"clean up the failed cluster {spec.name}"):
                     _teardown(spec.name, record)
             if isinstance(exc, KeyboardInterrupt):
                 raise Interrupted("interrupted; the cluster was removed") from None

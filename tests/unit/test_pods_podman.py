@@ -81,3 +81,25 @@ def test_down_after_a_crash_removes_the_folder(
     removed = lifecycle.down("crashed")
     assert removed == [str(cdir)] and not cdir.exists()
     assert lifecycle.down("crashed") == []  # safe to repeat
+
+
+def test_a_failed_up_removes_what_it_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from orchestrator import image
+
+    monkeypatch.setenv("GCVM_HOME", str(tmp_path))
+    monkeypatch.setattr(pm, "check_tools", lambda: None)
+    fake = SimpleNamespace(recipe_hash="abc", disk=tmp_path / "disk.qcow2")
+    monkeypatch.setattr(image, "find_image", lambda: fake)
+    seen = []
+
+    def broken(disk: Path, recipe: str) -> Path:
+        seen.append(lifecycle.is_pods("failing"))  # recorded before anything is made
+        raise pm.PodmanError("import failed")
+
+    monkeypatch.setattr(pm, "ensure_image", broken)
+    with pytest.raises(pm.PodmanError, match="import failed"):
+        lifecycle.up(PodsSpec(name="failing", target=Target.podman, hold=True))
+    assert seen == [True]
+    assert not lifecycle.state.cluster_dir("failing").exists()
