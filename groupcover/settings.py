@@ -99,7 +99,8 @@ WORKLOAD: tuple[Setting, ...] = (
     Setting("--key-file", "key_files", None, type=Path, action="append",
             help="(package) the model key file (repeatable: one per --model, in order)"),
     Setting("--broker", "broker", None,
-            help="(package) release the model key from this KBS broker, http://HOST:PORT"),
+            help="(package) release the model key from this KBS broker, http://HOST:PORT, or "
+            "cdh:// for the Confidential Data Hub of the confidential pod this runs in"),
     Setting("--tee", "tee", None, choices=TEES,
             help="(with --broker) the evidence this guest gives; none: an insecure broker"),
     Setting("--broker-cert", "broker_cert", None, type=Path,

@@ -70,6 +70,13 @@ def run_bench_cmd(**options: Any) -> None:
     from orchestrator.run.settings import BenchSettings
 
     settings = BenchSettings.from_options(options)
+    from orchestrator.pods import lifecycle
+
+    if lifecycle.is_pods(options["name"]):
+        from orchestrator.pods.bench import run_bench as run_bench_pods
+
+        run_bench_pods(options["name"], settings, options["out"])
+        return
     if options["transport_micro"]:
         from orchestrator.run.micro import run_transport_micro
 
@@ -217,12 +224,24 @@ def up_cmd(
     ),
     keep_on_failure: bool = typer.Option(False, help="Keep what was created if `up` fails."),
     timeout: float = typer.Option(300.0, help="Seconds for the VMs to become ready."),
+    runtime: str = typer.Option(
+        "vms",
+        "--runtime",
+        help="vms: libvirt VMs; pods: one podman pod per rank in the cluster's namespace "
+        "(--tee none; TEE pods need Kubernetes: `gcvm render --runtime pods`).",
+    ),
 ) -> None:
     """Create a cluster: masters and workers on one private network, ready for `gcvm run`."""
     from orchestrator import cluster
     from orchestrator.errors import UsageError
     from orchestrator.spec import Accel, ClusterSpec, Tee
 
+    if runtime not in ("vms", "pods"):
+        raise UsageError(f"unknown --runtime {runtime!r}", hint="choose vms or pods")
+    if runtime == "pods":
+        _up_pods(name, _choice(Tee, "--tee", tee), masters, 1 if workers is None else workers,
+                 worker, subnet, vcpus, memory, keep_on_failure, timeout)  # fmt: skip
+        return
     if worker not in ("vm", "host"):
         raise UsageError(f"unknown --worker {worker!r}", hint="choose vm or host")
     on_host = worker == "host"
@@ -268,10 +287,31 @@ def down_cmd(
         "its state file is gone and it was not a private one.",
     ),
 ) -> None:
-    """Remove the cluster: VMs, disks, network, namespace, daemons, state. Safe to repeat."""
+    """Remove the cluster: VMs or pods, disks, network, namespace, daemons, state. Safe to
+    repeat."""
     from orchestrator import cluster
+    from orchestrator.pods import lifecycle
 
+    if lifecycle.is_pods(name):
+        lifecycle.down(name)
+        return
     cluster.down(name, connect=connect)
+
+
+def _up_pods(name: str, tee: Any, masters: int, workers: int, worker: str, subnet: str | None,
+             vcpus: int, memory: int, keep: bool, timeout: float) -> None:  # fmt: skip
+    from orchestrator.errors import UsageError
+    from orchestrator.pods import lifecycle
+    from orchestrator.pods.manifests import PodsSpec, Target
+    from orchestrator.ui import out
+
+    if worker != "vm":
+        raise UsageError("--worker host is for --runtime vms", hint="pods run every rank")
+    spec = PodsSpec(name=name, tee=tee, masters=masters, workers=workers, target=Target.podman,
+                    hold=True, subnet=subnet, vcpus=vcpus, memory_mib=memory)  # fmt: skip
+    lifecycle.up(spec, keep_on_failure=keep, timeout=timeout)
+    for line in lifecycle.status_lines(name):
+        out.print(line, soft_wrap=True)
 
 
 def _print_vms(name: str) -> None:
@@ -361,7 +401,16 @@ def format_uptime(seconds: float) -> str:
 
 @app.command("status")
 def status_cmd(name: str = typer.Option("gcvm", "--name", help="Cluster name.")) -> None:
-    """Show the cluster's VMs: role, rank, address, state, TEE requested and verified."""
+    """Show the cluster's VMs (or pods): role, rank, address, state, TEE requested and
+    verified."""
+    from orchestrator.pods import lifecycle
+
+    if lifecycle.is_pods(name):
+        from orchestrator.ui import out
+
+        for line in lifecycle.status_lines(name):
+            out.print(line, soft_wrap=True)
+        return
     _print_vms(name)
 
 

@@ -337,8 +337,71 @@ def render_command(
         str | None,
         typer.Option("--cmdline", help="Guest kernel command line (default: the image's)."),
     ] = None,
+    runtime: Annotated[
+        str, typer.Option("--runtime", help="vms: libvirt XML; pods: Kubernetes YAML.")
+    ] = "vms",
+    target: Annotated[
+        str, typer.Option("--target", help="--runtime pods: k8s or podman (podman kube play).")
+    ] = "k8s",
+    worker_gpu: Annotated[
+        bool, typer.Option("--worker-gpu", help="--runtime pods: one GPU per worker pod.")
+    ] = False,
+    coco_dev: Annotated[
+        bool,
+        typer.Option(
+            "--coco-dev",
+            help="--runtime pods --tee none: the CoCo runtime without a "
+            "hardware TEE (kata-qemu-coco-dev).",
+        ),
+    ] = False,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker", help="--runtime pods: the key broker (KBS) URL in the masters' initdata."
+        ),
+    ] = None,
+    owner: Annotated[
+        Path | None,
+        typer.Option(
+            "--owner",
+            help="--runtime pods: the owner folder whose pins go into the "
+            "masters' initdata (made on first use).",
+        ),
+    ] = None,
+    pod_image: Annotated[
+        str | None,
+        typer.Option(
+            "--image",
+            help="--runtime pods: the container image (default: the one "
+            "`gcvm up --runtime pods` makes from the guest image).",
+        ),
+    ] = None,
 ) -> None:
-    """Write every domain's XML and the network's XML for a cluster, without touching a VM."""
+    """Write a cluster's libvirt XML (domains, network) or, with --runtime pods, its Kubernetes
+    manifests, without touching a VM or a pod."""
+    if runtime not in ("vms", "pods"):
+        raise UsageError(f"unknown --runtime {runtime!r}", hint="choose vms or pods")
+    if runtime == "pods":
+        # only this path needs the pods modules
+        from orchestrator import ownerid, pods  # noqa: F401
+        from orchestrator.pods.manifests import PodsSpec, Target
+        from orchestrator.pods.render_cmd import default_image, render_pods
+
+        if target not in ("k8s", "podman"):
+            raise UsageError(f"unknown --target {target!r}", hint="choose k8s or podman")
+        pods_spec = PodsSpec(
+            name=name, tee=tee_, masters=masters, workers=workers, worker_gpu=worker_gpu,
+            target=Target(target), coco_dev=coco_dev, broker=broker,
+            owner=ownerid.ensure(owner.resolve()) if owner else None,
+            image=pod_image or default_image(), subnet=subnet, vcpus=vcpus, memory_mib=memory,
+        )  # fmt: skip
+        render_pods(pods_spec, out)
+        return
+    vm_only = {"--target": target != "k8s", "--worker-gpu": worker_gpu, "--coco-dev": coco_dev,
+               "--broker": broker, "--owner": owner, "--image": pod_image}  # fmt: skip
+    for flag, given in vm_only.items():
+        if given:
+            raise UsageError(f"{flag} is for --runtime pods", hint="add --runtime pods")
     spec = ClusterSpec(
         name=name,
         tee=tee_,

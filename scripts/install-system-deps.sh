@@ -8,6 +8,8 @@ PKGS=(
   dnsmasq-base iproute2 iptables openssh-client
   mmdebstrap e2fsprogs
   libxml2-utils gcc
+  # the pods runtime (`gcvm up --runtime pods`): podman with runc (crun fails on hybrid cgroups)
+  podman runc
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from groupcover.errors import UsageError
+from groupcover.keyrelease import cdh
 from groupcover.keyrelease.evidence import detect
 from groupcover.keyrelease.kbs import KbsClient
 from groupcover.package.layout import KEY, PackageError
@@ -61,7 +62,10 @@ class KeySource:
     def validate(self) -> None:
         if self.key_file is not None and self.broker is not None:
             raise UsageError("give --key-file or --broker, not both")
-        if self.broker is not None and self.tee not in TEES:
+        if cdh.is_cdh(self.broker):
+            cdh.endpoint(self.broker)  # the pod's CDH gathers the evidence itself: no --tee
+            cdh.resource_path(self.resource)
+        elif self.broker is not None and self.tee not in TEES:
             raise UsageError("--broker needs --tee none|snp|tdx (the evidence this guest gives)")
 
     @property
@@ -81,6 +85,17 @@ class KeyRelease:
 
 def obtain_key(source: KeySource) -> KeyRelease:
     source.validate()
+    if cdh.is_cdh(source.broker):
+        assert source.broker is not None
+        got = cdh.get_resource(source.broker, source.resource)
+        if len(got.secret) != KEY_BYTES:
+            raise SealError(f"the Confidential Data Hub released {len(got.secret)} bytes for "
+                            f"{source.resource}, not a {KEY_BYTES}-byte model key")  # fmt: skip
+        facts = {"source": "cdh", "broker": source.broker, "cdh": got.endpoint,
+                 "resource": source.resource, "label": cdh.LABEL, "attested": False,
+                 "attested_by": "the pod's Confidential Data Hub and the broker in its initdata",
+                 "tee": source.tee, "seconds": round(got.seconds, 4)}  # fmt: skip
+        return KeyRelease(got.secret, facts)
     if source.broker is not None:
         assert source.tee is not None
         client = KbsClient(source.broker, detect(source.tee), source.pins.broker_cert)
@@ -99,7 +114,8 @@ def obtain_key(source: KeySource) -> KeyRelease:
                                 "(no broker, no attestation)", "attested": False})  # fmt: skip
     raise UsageError(
         "a model package needs its model key",
-        hint="pass --key-file FILE, or --broker URL --tee none|snp|tdx to have it released",
+        hint="pass --key-file FILE, --broker URL --tee none|snp|tdx to have it released, or "
+        "--broker cdh:// in a confidential pod",
     )
 
 

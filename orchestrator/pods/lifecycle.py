@@ -1,0 +1,280 @@
+"""`gcvm up|down --runtime pods` on this host: one podman pod per rank in the cluster's network
+namespace, the framework's wheel installed into each, and everything removed again.
+
+`up`: refuse an existing cluster or namespace, record the cluster (`pods.json`) before creating
+anything, make (or reuse) the container image, create the namespace, a podman network on the
+cluster's subnet inside it, play the podman target's manifests (static addresses, host aliases,
+DNS at 127.0.0.1), copy the wheel into every pod with `podman cp` and install it (no host folder
+is mounted), and check that the pods' addresses route to the namespace's bridge and that the
+namespace has no default route. Any failure or Ctrl-C removes what was made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator import netns, state, ui
+from orchestrator.cluster.boot import _shielded, _sigterm_interrupts
+from orchestrator.errors import ClusterExists, GcvmError, Interrupted, UsageError
+from orchestrator.pods import podman as pm
+from orchestrator.pods.manifests import Manifests, PodsSpec, Target, play_argv, render
+from orchestrator.spec import Tee
+
+RECORD = "pods.json"
+CONTAINER_PYTHON = "/opt/gcvm/venv/bin/python"
+
+
+def record_path(name: str) -> Path:
+    return state.cluster_dir(name) / RECORD
+
+
+def is_pods(name: str) -> bool:
+    return record_path(name).exists()
+
+
+def load(name: str) -> dict[str, Any]:
+    try:
+        return json.loads(record_path(name).read_text())
+    except FileNotFoundError:
+        raise GcvmError(f"no pods cluster {name!r}", hint="gcvm up --runtime pods") from None
+
+
+def _save(name: str, record: dict[str, Any]) -> None:
+    path = record_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def podman_for(name: str, record: dict[str, Any]) -> pm.Podman:
+    stores = [Path(p) for p in record.get("image_stores", [])]
+    return pm.Podman(state.cluster_dir(name) / "podman", record["netns"], stores)
+
+
+@dataclass
+class PodTarget:
+    """One pod's container as deploy.install's target: `podman exec` and `podman cp`."""
+
+    podman: pm.Podman
+    name: str  # the pod's name
+    container: str
+
+    def run(self, argv: list[str], *, timeout: float, check: bool = True) -> object:
+        return self.podman.run("exec", self.container, *argv, timeout=timeout, check=check)
+
+    def put(self, local: Path, remote: str) -> None:
+        self.podman.run("cp", str(local), f"{self.container}:{remote}", timeout=120)
+
+
+def container_of(pod: dict[str, Any]) -> str:
+    """kube play names a container <pod>-<container>; the container is named after the role."""
+    return f"{pod['name']}-{pod['role']}"
+
+
+def status_lines(name: str) -> list[str]:
+    """`gcvm status` of a pods cluster: its record, and each pod's state as podman reports it."""
+    record = load(name)
+    lines = [
+        f"cluster {name}: {record.get('phase')}, pods (podman, no TEE), namespace "
+        f"{record['netns']}, subnet {record.get('subnet')}, image {record.get('image')}"
+    ]
+    states: dict[str, str] = {}
+    if record.get("pods") and netns.exists(record["netns"]):
+        proc = podman_for(name, record).run(
+            "pod", "ps", "--format", "{{.Name}} {{.Status}}", check=False, timeout=30
+        )
+        states = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    for pod in record.get("pods", []):
+        lines.append(f"  {pod['name']:<20} {pod['role']:<7} rank {pod['rank']:<3} "
+                     f"{pod['address']:<16} {states.get(pod['name'], 'gone')}")  # fmt: skip
+    return lines
+
+
+def up(spec: PodsSpec, *, keep_on_failure: bool = False, timeout: float = 300) -> dict[str, Any]:
+    if spec.tee is not Tee.none or spec.coco_dev:
+        raise UsageError(
+            f"--runtime pods runs --tee none here (podman has no Kata runtime); --tee {spec.tee}"
+            f"{' --coco-dev' if spec.coco_dev else ''} pods need a Kubernetes cluster with CoCo",
+            hint="gcvm render --runtime pods --tee tdx|sev-snp --broker URL --out DIR",
+        )
+    if spec.target is not Target.podman or not spec.hold:
+        raise ValueError("pods up plays the podman target with held containers")
+    pm.check_tools()
+    started = time.monotonic()
+    # the VM clusters' rules: SIGTERM interrupts like Ctrl-C; the cleanup is not interrupted
+    with state.locked(spec.name), _sigterm_interrupts():
+        ns = f"gcvm-{spec.name}"
+        if state.exists(spec.name) or is_pods(spec.name) or netns.exists(ns):
+            raise ClusterExists(f"cluster {spec.name!r} already exists (or left a namespace)",
+                                hint=f"gcvm down --name {spec.name}")  # fmt: skip
+        record: dict[str, Any] = {
+            "name": spec.name,
+            "runtime": "pods",
+            "netns": ns,
+            "network": ns,
+            "subnet": str(spec.cluster.ipv4),
+            "phase": "creating",
+            "created": time.time(),
+            "pods": [],
+        }
+        _save(spec.name, record)
+        try:
+            _up(spec, record, timeout)
+        except BaseException as exc:
+            if keep_on_failure:
+                ui.warn(f"kept the failed cluster; remove it with `gcvm down --name {spec.name}`")
+            else:
+                with _shielded(), ui.step(f"clean up the failed cluster {spec.name}"):
+                    _teardown(spec.name, record)
+            if isinstance(exc, KeyboardInterrupt):
+                raise Interrupted("interrupted; the cluster was removed") from None
+            raise
+    ui.info(f"cluster {spec.name} ready in {time.monotonic() - started:.1f} s "
+            f"({len(record['pods'])} pods)")  # fmt: skip
+    return record
+
+
+def _up(spec: PodsSpec, record: dict[str, Any], timeout: float) -> None:
+    from orchestrator import deploy, image
+
+    with ui.step("find the guest image"):
+        found = image.find_image()
+        if found.recipe_hash is None:
+            raise UsageError("the pods runtime makes its image from gcvm's own guest image",
+                             hint="gcvm image build")  # fmt: skip
+    store = pm.ensure_image(found.disk, found.recipe_hash)
+    record["image"] = pm.image_tag(found.recipe_hash)
+    record["image_stores"] = [str(pm.image_storage(store))]
+    _save(spec.name, record)
+    podman = podman_for(spec.name, record)
+    podman.write_config()
+    with ui.step(f"create namespace {record['netns']} and network {record['network']}"):
+        netns.create(record["netns"])
+        cluster = spec.cluster
+        podman.run("network", "create", "--subnet", str(cluster.ipv4), "--gateway",
+                   cluster.gateway, record["network"])  # fmt: skip
+    made = _render(spec, record)
+    record["pods"] = [{"name": p.name, "role": p.role, "rank": p.rank, "address": p.address}
+                      for p in made.pods]  # fmt: skip
+    _save(spec.name, record)
+    with ui.step(f"play {len(made.pods)} pods"):
+        argv = play_argv(made, record["network"], str(_manifests(spec.name) / "play.yaml"))
+        podman.run(*argv[1:], timeout=timeout)
+    with ui.step("build the project's wheel"):
+        wheel = deploy.build_wheel(state.cluster_dir(spec.name) / "wheels")
+    with ui.step(f"install {wheel.name} into {len(made.pods)} pods (podman cp, pip)"):
+        for pod in record["pods"]:
+            deploy.install(PodTarget(podman, pod["name"], container_of(pod)), wheel,
+                           CONTAINER_PYTHON, timeout=timeout)  # fmt: skip
+    with ui.step("check the pods' isolation"):
+        record["isolation"] = check_isolation(record)
+    record["phase"] = "ready"
+    _save(spec.name, record)
+
+
+def _manifests(name: str) -> Path:
+    return state.cluster_dir(name) / "manifests"
+
+
+def _render(spec: PodsSpec, record: dict[str, Any]) -> Manifests:
+    from dataclasses import replace
+
+    made = render(replace(spec, image=record["image"]))
+    folder = _manifests(spec.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file_name, text in made.files.items():
+        (folder / file_name).write_text(text)
+    return made
+
+
+def check_isolation(record: dict[str, Any]) -> dict[str, str]:
+    """Inside the namespace every pod address routes to the pods' bridge and nothing else is
+    routed (no default route): asked of the kernel with `ip route get`, no packet sent."""
+    routes: dict[str, str] = {}
+    for pod in record["pods"]:
+        out = _ip_in(record["netns"], "route", "get", pod["address"])
+        if " dev cni-podman" not in out:
+            raise GcvmError(f"pod {pod['name']} ({pod['address']}) does not route to the "
+                            f"namespace's bridge: {out}")  # fmt: skip
+        routes[pod["address"]] = out
+    table = _ip_in(record["netns"], "route", "show")
+    if "default" in table:
+        raise GcvmError(f"namespace {record['netns']} has a default route: {table}")
+    routes["table"] = table
+    return routes
+
+
+def _ip_in(ns: str, *args: str) -> str:
+    proc = subprocess.run(["ip", "-n", ns, *args], capture_output=True, text=True, timeout=30)
+    return (proc.stdout or proc.stderr).strip()
+
+
+def down(name: str) -> list[str]:
+    with state.locked(name):
+        try:
+            record = load(name)
+        except GcvmError:
+            record = {"name": name, "netns": f"gcvm-{name}", "network": f"gcvm-{name}"}
+        started = time.monotonic()
+        with ui.step(f"remove pods cluster {name}"):
+            removed = _teardown(name, record)
+        ui.info(f"removed {', '.join(removed) or 'nothing'} in {time.monotonic() - started:.1f} s")
+        return removed
+
+
+def _teardown(name: str, record: dict[str, Any]) -> list[str]:
+    """Pods, podman network, CNI leases, namespace, the cluster's folder; safe to repeat."""
+    removed: list[str] = []
+    cdir = state.cluster_dir(name)
+    ns = record["netns"]
+    podman = podman_for(name, {**record, "image_stores": record.get("image_stores", [])})
+    if (cdir / "podman" / "storage.conf").exists() and netns.exists(ns):
+        pods = podman.run("pod", "ps", "-q", check=False).stdout.split()
+        if pods:
+            podman.run("pod", "rm", "--force", "--all", "--time", "0", check=False, timeout=120)
+            removed.append(f"{len(pods)} pods")
+        if podman.run("network", "rm", "--force", record["network"], check=False).returncode == 0:
+            removed.append(f"network {record['network']}")
+    leases = Path("/var/lib/cni/networks") / record["network"]
+    if leases.exists():
+        shutil.rmtree(leases, ignore_errors=True)
+    if netns.exists(ns):
+        _kill(netns.pids(ns))
+        netns.delete(ns)
+        removed.append(f"namespace {ns}")
+    _unmount_under(cdir)
+    if cdir.exists():
+        shutil.rmtree(cdir)
+        removed.append(str(cdir))
+    return removed
+
+
+def _kill(pids: list[int]) -> None:
+    """What is left in the namespace (conmon, a container podman could not stop)."""
+    own = os.getpid()
+    for pid in pids:
+        if pid != own:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _unmount_under(folder: Path) -> None:
+    """Overlay and shm mounts podman left under the cluster's folder (a podman that died)."""
+    prefix = str(folder.resolve()) + "/"
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return
+    points = [line.split()[4] for line in lines if line.split()[4].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)

@@ -1,0 +1,105 @@
+"""The pods runtime without podman: its private configuration, the namespace every command runs
+in, the refusals of `up`, the bench's rank plan, and `down` on what a crash left."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import UsageError
+from orchestrator.pods import bench, lifecycle
+from orchestrator.pods import podman as pm
+from orchestrator.pods.manifests import PodsSpec, Target
+from orchestrator.run.settings import BenchSettings
+from orchestrator.spec import Tee
+
+
+def test_private_configuration(tmp_path: Path) -> None:
+    podman = pm.Podman(tmp_path / "p", "gcvm-x", [tmp_path / "store"])
+    podman.write_config()
+    conf = tomllib.loads((tmp_path / "p" / "containers.conf").read_text())
+    assert conf["engine"]["runtime"] == "runc"
+    assert conf["engine"]["cgroup_manager"] == "cgroupfs"
+    assert conf["engine"]["events_logger"] == "file"
+    assert conf["network"]["network_config_dir"] == str(tmp_path / "p" / "cni")
+    assert "nofile=20000:20000" in conf["containers"]["default_ulimits"]
+    storage = tomllib.loads((tmp_path / "p" / "storage.conf").read_text())
+    assert storage["storage"]["graphroot"].startswith(str(tmp_path / "p"))
+    assert storage["storage"]["options"]["additionalimagestores"] == [str(tmp_path / "store")]
+    assert podman.env["CONTAINERS_REGISTRIES_CONF"] == str(tmp_path / "p" / "registries.conf")
+
+
+def test_every_command_runs_in_the_namespace(tmp_path: Path) -> None:
+    assert pm.Podman(tmp_path, "gcvm-x").argv(["ps"]) == [
+        "nsenter", "--net=/run/netns/gcvm-x", "podman", "ps"]  # fmt: skip
+    assert pm.Podman(tmp_path, None).argv(["import"]) == ["podman", "import"]
+
+
+@pytest.mark.parametrize("kw", [{"tee": Tee.tdx, "broker": "https://kbs:8080"},
+                                {"coco_dev": True, "broker": "https://kbs:8080"}])  # fmt: skip
+def test_up_refuses_tee_pods_here(kw: dict) -> None:
+    with pytest.raises(UsageError, match="Kubernetes cluster with CoCo"):
+        lifecycle.up(PodsSpec(name="x", target=Target.podman, hold=True, **kw))
+
+
+def test_bench_plan_world_and_flags() -> None:
+    record = {"pods": [
+        {"name": "c-master0", "role": "master", "rank": 0, "address": "10.0.0.10"},
+        {"name": "c-master1", "role": "master", "rank": 1, "address": "10.0.0.11"},
+        {"name": "c-worker0", "role": "worker", "rank": 2, "address": "10.0.0.12"}]}  # fmt: skip
+    planned = bench.plan(record, BenchSettings(model="seed-transformer"), "/r")
+    argvs = {pod["name"]: argv for pod, argv in planned}
+    m1 = argvs["c-master1"]
+    assert m1[:4] == [lifecycle.CONTAINER_PYTHON, "-m", "groupcover", "launch"]
+    assert m1[m1.index("--worker") + 1] == "2" and m1[m1.index("--rank") + 1] == "1"
+    assert m1[m1.index("--master-addr") + 1] == "10.0.0.10"
+    assert m1[m1.index("--model") + 1] == "seed-transformer"
+    assert m1[-2:] == ["--json", "/r/c-master1.json"]
+    assert "--model" not in argvs["c-worker0"] and "--json" not in argvs["c-worker0"]
+    only_one = bench.plan(record, BenchSettings(model="seed-transformer", masters=1), "/r")
+    assert [p["name"] for p, _ in only_one] == ["c-master0", "c-worker0"]
+
+
+def test_bench_refuses_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = BenchSettings(model="seed-transformer")
+    monkeypatch.setattr(BenchSettings, "builtin", property(lambda self: False))
+    with pytest.raises(UsageError, match="built-in models only"):
+        bench.run_bench("x", settings, tmp_path)
+
+
+def test_down_after_a_crash_removes_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GCVM_HOME", str(tmp_path))
+    cdir = lifecycle.state.cluster_dir("crashed")
+    (cdir / "podman").mkdir(parents=True)
+    (cdir / lifecycle.RECORD).write_text('{"name": "crashed", "netns": "gcvm-crashed-none", '
+                                         '"network": "gcvm-crashed-none", "pods": []}')  # fmt: skip
+    assert lifecycle.is_pods("crashed")
+    removed = lifecycle.down("crashed")
+    assert removed == [str(cdir)] and not cdir.exists()
+    assert lifecycle.down("crashed") == []  # safe to repeat
+
+
+def test_a_failed_up_removes_what_it_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from orchestrator import image
+
+    monkeypatch.setenv("GCVM_HOME", str(tmp_path))
+    monkeypatch.setattr(pm, "check_tools", lambda: None)
+    fake = SimpleNamespace(recipe_hash="abc", disk=tmp_path / "disk.qcow2")
+    monkeypatch.setattr(image, "find_image", lambda: fake)
+    seen = []
+
+    def broken(disk: Path, recipe: str) -> Path:
+        seen.append(lifecycle.is_pods("failing"))  # recorded before anything is made
+        raise pm.PodmanError("import failed")
+
+    monkeypatch.setattr(pm, "ensure_image", broken)
+    with pytest.raises(pm.PodmanError, match="import failed"):
+        lifecycle.up(PodsSpec(name="failing", target=Target.podman, hold=True))
+    assert seen == [True]
+    assert not lifecycle.state.cluster_dir("failing").exists()
