@@ -62,6 +62,8 @@ class SnpPolicy:
     roots: Path | None = None
     allow_debug: bool = False
     guest_policy: SnpGuestPolicy = field(default_factory=SnpGuestPolicy)
+    # HOST_DATA the guest must carry (pods: the first 32 bytes of the initdata digest)
+    host_data: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class TdxPolicy:
     collateral: Path | None = None
     allow_debug: bool = False
     td_attributes: int | None = None  # None: any (debug is refused regardless)
+    mr_config_id: list[str] = field(default_factory=list)  # pods: the initdata digest (48 bytes)
 
 
 @dataclass
@@ -242,7 +245,8 @@ def parse_policy(data: Any, base: Path, source: str = "<dict>") -> Policy:
     policy = Policy(source=source)
     if (snp := data.get("snp")) is not None:
         _only(_mapping(snp, "snp"), {"measurements", "min_tcb", "vmpl", "certs", "roots",
-                                     "allow_debug", "guest_policy"}, "snp")  # fmt: skip
+                                     "allow_debug", "guest_policy", "host_data"},
+              "snp")  # fmt: skip
         min_tcb = snp.get("min_tcb") or {}
         if not isinstance(min_tcb, dict) or set(min_tcb) - _TCB_KEYS:
             raise UsageError(f"policy: snp.min_tcb takes {', '.join(sorted(_TCB_KEYS))}")
@@ -261,10 +265,12 @@ def parse_policy(data: Any, base: Path, source: str = "<dict>") -> Policy:
             roots=rel(snp, "roots", "snp"),
             allow_debug=_debug(snp, "snp"),
             guest_policy=_guest_policy(snp.get("guest_policy")),
+            host_data=_hexes(snp.get("host_data"), "snp.host_data", 32),
         )
     if (tdx := data.get("tdx")) is not None:
         _only(_mapping(tdx, "tdx"), {"mrtd", "rtmrs", "accepted_tcb_status", "collateral",
-                                     "allow_debug", "td_attributes"}, "tdx")  # fmt: skip
+                                     "allow_debug", "td_attributes", "mr_config_id"},
+              "tdx")  # fmt: skip
         rtmrs = []
         for entry in _list(tdx.get("rtmrs") or [], "tdx.rtmrs", "4-entry lists"):
             if not isinstance(entry, list) or len(entry) != 4:
@@ -281,6 +287,7 @@ def parse_policy(data: Any, base: Path, source: str = "<dict>") -> Policy:
             collateral=rel(tdx, "collateral", "tdx"),
             allow_debug=_debug(tdx, "tdx"),
             td_attributes=_td_attributes(tdx.get("td_attributes")),
+            mr_config_id=_hexes(tdx.get("mr_config_id"), "tdx.mr_config_id"),
         )
     for name, path in _mapping(data.get("resources") or {}, "resources").items():
         parts = str(name).split("/")

@@ -491,6 +491,10 @@ def check_policy(verdict: Verdict, policy: Any) -> None:
     ]
     if low:
         verdict.fail("TCB below the policy's minimum: " + ", ".join(low))
+    host_data = getattr(policy, "host_data", None)
+    if host_data and claims["host_data"] not in host_data:
+        verdict.fail(f"HOST_DATA {claims['host_data'][:16]}... is not the policy's (a pod's: "
+                     "the first 32 bytes of its initdata digest)")  # fmt: skip
     pins = getattr(policy, "guest_policy", None)
     if pins is None:
         return

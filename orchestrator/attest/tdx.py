@@ -175,6 +175,10 @@ def check_policy(verdict: Verdict, policy: Any) -> None:
     got = int.from_bytes(bytes.fromhex(claims["td_attributes"]), "little")
     if want is not None and got != want:
         verdict.fail(f"TD attributes 0x{got:x} differ from the policy's 0x{want:x}")
+    config_ids = getattr(policy, "mr_config_id", None)
+    if config_ids and claims["mr_config_id"] not in config_ids:
+        verdict.fail(f"MRCONFIGID {claims['mr_config_id'][:16]}... is not the policy's (a pod's: "
+                     "its initdata digest)")  # fmt: skip
     if policy.mrtd and claims["mr_td"] not in policy.mrtd:
         verdict.fail(f"unknown MRTD {claims['mr_td'][:16]}... (not in the policy)")
     if policy.rtmrs:

@@ -106,6 +106,7 @@ class Initdata:
             f"{self.tdx_mr_config_id.hex()}",
             f"  SEV-SNP hostdata holds its first {SNP_FIELD_BYTES} bytes: "
             f"{self.snp_hostdata.hex()}",
+            "  pin it in the broker's policy: tdx.mr_config_id or snp.host_data (a list of hex)",
         ]
 
 

@@ -327,3 +327,20 @@ def test_verify_names_the_unpinned_claims_and_applies_the_pins(tmp_path: Path) -
     assert "2 of 2 refused" in err(done) and "VMPL 0 is not accepted" in err(done)
     alone = gcvm("attest", "verify", "--policy", str(loose))
     assert alone.returncode == 0 and "unpinned: snp tcb floor" in err(alone)
+
+
+def test_a_pods_initdata_digest_pins_host_data_and_mr_config_id() -> None:
+    """A pod's initdata digest is in its evidence (SNP HOST_DATA, TDX MRCONFIGID): a policy pins
+    it, and evidence carrying another digest is refused."""
+    host_data = snp_verdict(snp_matching()).claims["host_data"]
+    assert snp_verdict({**snp_matching(), "host_data": [host_data]}).valid
+    other = ("f" if host_data[0] != "f" else "e") + host_data[1:]
+    verdict = snp_verdict({**snp_matching(), "host_data": [other]})
+    assert not verdict.valid and "HOST_DATA" in verdict.reason
+    config_id = tdx_verdict({"mrtd": [TDX_MRTD]}).claims["mr_config_id"]
+    assert tdx_verdict({"mrtd": [TDX_MRTD], "mr_config_id": [config_id]}).valid
+    other = ("f" if config_id[0] != "f" else "e") + config_id[1:]
+    verdict = tdx_verdict({"mrtd": [TDX_MRTD], "mr_config_id": [other]})
+    assert not verdict.valid and "MRCONFIGID" in verdict.reason
+    with pytest.raises(UsageError, match="32"):
+        parse_policy({"snp": {**snp_matching(), "host_data": ["00" * 48]}}, SNP)
