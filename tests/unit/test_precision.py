@@ -1,0 +1,78 @@
+"""`python -m groupcover.measure.precision`: the layers it times, its summaries, and the exactness
+reason masked payloads are float64 (a float32 worker loses the input under the mask)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from groupcover.integrity import MINILM_SHAPES
+from groupcover.masks import MASK_BITS
+from groupcover.measure import precision
+
+
+def test_shapes_are_minilms_offloaded_layers() -> None:
+    layers = precision.shapes(8, 128)
+    assert [(s.in_features, s.out_features) for s in layers] == list(MINILM_SHAPES)
+    assert {(384, 384), (384, 1536), (1536, 384), (384, 1152)} == {
+        (s.in_features, s.out_features) for s in layers
+    }
+    assert all(s.rows == 1024 and s.per_forward == 6 for s in layers)
+    assert layers[2].label == "ffn1 384->1536"
+    assert layers[2].flops == 2 * 1024 * 384 * 1536
+
+
+def test_spread_and_paired_ratio() -> None:
+    s = precision.spread([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert s == {"median": 3.0, "p25": 2.0, "p75": 4.0, "n": 5}
+    # ratios are taken round by round, not from the two medians
+    r = precision.paired_ratio([2.0, 6.0, 3.0], [1.0, 2.0, 1.0])
+    assert r["median"] == 3.0 and r["p25"] == 2.5 and r["p75"] == 3.0 and r["n"] == 3
+    with pytest.raises(ValueError):
+        precision.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_time_products_interleaves_both_dtypes_per_layer() -> None:
+    layers = precision.shapes(1, 4)[:2]
+    rows = precision.time_products(torch.device("cpu"), layers, repeat=3, warmup=0)
+    assert [row["layer"] for row in rows] == [s.label for s in layers]
+    for row in rows:
+        assert "call" not in row  # the whole call is timed on CUDA only
+        product = row["product"]
+        assert isinstance(product, dict)
+        assert product["float32_ms"]["n"] == product["float64_ms"]["n"] == 3
+        assert product["ratio"]["n"] == 3 and product["ratio"]["median"] > 0
+    totals = precision.per_forward_ms(rows)
+    assert set(totals) == {"float32", "float64"} and all(v > 0 for v in totals.values())
+    assert "float64/float32" in precision.render_times(rows, "t")
+
+
+def test_a_float32_worker_loses_the_masked_input() -> None:
+    layer = precision.Shape("small", 384, 384, 64)
+    f64 = precision.masked_error(layer, torch.float64)
+    f32 = precision.masked_error(layer, torch.float32)
+    assert f64["mask_bits"] == f32["mask_bits"] == MASK_BITS
+    # float64: as close to the float32 model as the float32 model is to the exact product
+    assert f64["rel_err"] < 1e-5 and f64["rel_err_vs_exact"] < 1e-6
+    # float32: the error is larger than the result itself; the input is gone
+    assert f32["rel_err"] > 1.0
+    # with masks as small as the input float32 would do, and hide nothing
+    assert precision.masked_error(layer, torch.float32, bits=0)["rel_err"] < 1e-4
+
+
+def test_main_prints_the_ratio_and_writes_json(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "p.json"
+    argv = ["--batch", "1", "--seq", "8", "--repeat", "2", "--warmup", "0", "--devices", "cpu",
+            "--json", str(out)]  # fmt: skip
+    assert precision.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "per MiniLM forward" in printed and "ratio" in printed
+    assert "rel. error vs float32 model" in printed
+    document = json.loads(out.read_text())
+    assert len(document["timings"]) == 4 and document["repeat"] == 2
+    assert {e["worker_dtype"] for e in document["errors"]} == {"float32", "float64"}
+    with pytest.raises(SystemExit):
+        precision.main(["--repeat", "0"])
