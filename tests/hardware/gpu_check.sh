@@ -2,8 +2,12 @@
 # The GPU checks in one run (< 5 minutes on a machine with a CUDA GPU):
 #   1. tests/hardware (CUDA worker: Linear, Conv1d, Conv2d and BERT-base within the CPU path's
 #      exactness bound, TF32 off);
-#   2. `python -m groupcover bench --local` for BERT-base (random weights) at batch 8 x 128 with
-#      a one-thread master and the worker on cuda, then the ratios the issue asks for.
+#   2. `python -m groupcover.measure.precision`: the masked modes' worker products (MiniLM's
+#      layers at batch 8 x 128) in float32 and float64, interleaved, on the CPU and on cuda, with
+#      the float64 / float32 ratio, and the error a float32 worker makes of a masked product
+#      (runs without CUDA too, CPU rows only);
+#   3. `python -m groupcover bench --local` for BERT-base (random weights) at batch 8 x 128 with
+#      a one-thread master and the worker on cuda, then the speed-up and error targets.
 # Run from the checkout's root, as it is: Python 3.12 with its own CUDA torch, no network, the
 # project installed with `pip install --no-deps -e .`. Random-weight models only (no download).
 # Without CUDA it runs up to where CUDA is needed and prints SKIP lines (exit 0), so the flow is
@@ -43,7 +47,7 @@ else
     say "no CUDA device here (torch.cuda.is_available() is False)"
 fi
 
-say "1/2 hardware tests"
+say "1/3 hardware tests"
 $PY -m pytest -q -p no:cacheprovider -rs tests/hardware/test_gpu_exact.py \
     tests/hardware/test_gpu_worker.py 2>&1 | tee "$OUT_DIR/hardware-tests.txt"
 rc=${PIPESTATUS[0]}
@@ -52,7 +56,16 @@ if [ "$CUDA" = 0 ]; then
     grep -q "SKIPPED" "$OUT_DIR/hardware-tests.txt" || { say "FAIL the hardware tests did not skip without CUDA"; status=1; }
 fi
 
-say "2/2 bench --local: bert-base batch 8 x 128, one-thread master, worker on cuda"
+say "2/3 the worker's precision: float32 vs float64 products on the masked modes' layers"
+timeout 180 $PY -m groupcover.measure.precision --batch 8 --seq 128 --repeat "$REPEAT" \
+    --json "$OUT_DIR/precision.json" 2>&1 | tee "$OUT_DIR/precision.txt"
+rc=${PIPESTATUS[0]}
+if [ "$rc" -ne 0 ]; then say "FAIL measure.precision exited $rc"; status=1; fi
+if [ "$CUDA" = 1 ]; then
+    grep -q "^cuda per MiniLM forward" "$OUT_DIR/precision.txt" || { say "FAIL measure.precision reported no cuda rows"; status=1; }
+fi
+
+say "3/3 bench --local: bert-base batch 8 x 128, one-thread master, worker on cuda"
 if [ "$CUDA" = 0 ]; then
     say "SKIP bench --local on cuda: no CUDA device (the worker would run on the CPU)"
     say "done, status $status"

@@ -92,6 +92,9 @@ def test_gpu_check_runs_up_to_cuda_and_skips(tmp_path: Path) -> None:
     assert "SKIP bench --local on cuda: no CUDA device" in proc.stdout
     assert "done, status 0" in proc.stdout
     assert (tmp_path / "hardware-tests.txt").exists()
+    # the worker's precision runs without CUDA too: CPU rows and the ratio, no cuda rows
+    assert "cpu per MiniLM forward" in proc.stdout and "cuda per MiniLM forward" not in proc.stdout
+    assert json.loads((tmp_path / "precision.json").read_text())["errors"]
 
 
 def test_the_orchestrators_command_line_still_serves() -> None:
