@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -102,12 +103,16 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 
 def time_products(device: torch.device, layers: Sequence[Shape], repeat: int, warmup: int = 1,
-                  seed: int = 0) -> list[dict[str, object]]:  # fmt: skip
-    """Per layer and dtype: seconds of the worker's product (and, on CUDA, of its whole call),
-    interleaved round by round; plus the paired float64 / float32 ratios."""
+                  seed: int = 0, calls_too: bool | None = None,
+                  ) -> list[dict[str, object]]:  # fmt: skip
+    """Per layer and dtype: seconds of the worker's product (and, with `calls_too`, by default
+    on CUDA only, of its whole call), interleaved round by round; plus the paired float64 /
+    float32 ratios."""
     generator = torch.Generator().manual_seed(seed)  # data, not secrets
     timed = _timer(device)
-    worker = WorkerState(device) if device.type == "cuda" else None
+    if calls_too is None:
+        calls_too = device.type == "cuda"  # on the CPU a call is the product
+    worker = WorkerState(device) if calls_too else None
     cases: dict[tuple[str, str], Callable[[], object]] = {}
     calls: dict[tuple[str, str], Callable[[], object]] = {}
     for layer in layers:
@@ -115,12 +120,11 @@ def time_products(device: torch.device, layers: Sequence[Shape], repeat: int, wa
         x = torch.randn(1, layer.rows, layer.in_features, generator=generator)
         for name, dtype in DTYPES.items():
             w_dev, x_dev = weight.to(device, dtype), x.to(device, dtype)
-            cases[layer.label, name] = lambda w=w_dev, x=x_dev: apply_op(WORKER_OP, x, w)
+            cases[layer.label, name] = partial(apply_op, WORKER_OP, x_dev, w_dev)
             if worker is not None:
                 layer_id = f"{layer.label}/{name}"
                 worker.publish("precision", layer_id, weight.to(dtype), WORKER_OP)
-                x_host, run = x.to(dtype), worker.run
-                calls[layer.label, name] = lambda i=layer_id, x=x_host, f=run: f("precision", i, x)
+                calls[layer.label, name] = partial(worker.run, "precision", layer_id, x.to(dtype))
     product: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
     call: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
     order = list(DTYPES)

@@ -50,6 +50,16 @@ def test_time_products_interleaves_both_dtypes_per_layer() -> None:
     assert "float64/float32" in precision.render_times(rows, "t")
 
 
+def test_the_whole_call_is_timed_through_the_worker() -> None:
+    """What CUDA machines time besides the product (here on the CPU, to run the code)."""
+    rows = precision.time_products(torch.device("cpu"), precision.shapes(1, 4)[:1], repeat=2,
+                                   warmup=1, calls_too=True)  # fmt: skip
+    call = rows[0]["call"]
+    assert isinstance(call, dict) and call["ratio"]["n"] == 2
+    assert precision.per_forward_ms(rows, "call")["float64"] > 0
+    assert "call" in precision.render_times(rows, "t")
+
+
 def test_a_float32_worker_loses_the_masked_input() -> None:
     layer = precision.Shape("small", 384, 384, 64)
     f64 = precision.masked_error(layer, torch.float64)
