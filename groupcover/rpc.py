@@ -9,6 +9,7 @@ carries an explicit timeout, and a worker that is gone surfaces as `WorkerUnavai
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
@@ -108,12 +109,19 @@ def finish(rendezvous: Rendezvous) -> None:
     gives up with `WorkerUnavailable`.
     """
     errors_seen: list[BaseException] = []
+    # torch logs a dead peer's failed barrier with a traceback of its own; this rank reports it
+    # in one line (WorkerUnavailable below), so that record is dropped
+    torch_log = logging.getLogger("torch.distributed.rpc.api")
+    quiet = logging.Filter("groupcover.never")  # passes only records of that (unused) name
 
     def barrier() -> None:
+        torch_log.addFilter(quiet)
         try:
             leave(graceful=True)
         except Exception as exc:  # reported by the calling thread
             errors_seen.append(exc)
+        finally:
+            torch_log.removeFilter(quiet)
 
     waiter = threading.Thread(target=barrier, name="groupcover-shutdown", daemon=True)
     waiter.start()

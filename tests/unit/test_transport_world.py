@@ -325,3 +325,28 @@ def test_rendezvous_from_the_seed_variables() -> None:
 def test_rendezvous_rejects_bad_variables(env: dict[str, str], message: str) -> None:
     with pytest.raises(RendezvousError, match=message):
         Rendezvous.from_env(env)
+
+
+def test_a_dead_peers_barrier_is_one_line_not_torchs_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torch logs a failed shutdown barrier with a traceback; the rank reports it in one line."""
+    import logging
+
+    from groupcover import rpc as gc_rpc
+    from groupcover.errors import WorkerUnavailable
+    from groupcover.rendezvous import Rendezvous
+
+    def failing_barrier(graceful: bool = True) -> None:
+        try:
+            raise RuntimeError("peer gone")
+        except RuntimeError:
+            logging.getLogger("torch.distributed.rpc.api").exception("Failed to respond")
+            raise
+
+    monkeypatch.setattr(gc_rpc, "leave", failing_barrier)
+    rendezvous = Rendezvous(rank=1, world_size=2, master_addr="127.0.0.1", master_port=1)
+    monkeypatch.setattr(gc_rpc, "_peers_alive", lambda *_a: True)
+    with caplog.at_level(logging.DEBUG), pytest.raises(WorkerUnavailable, match="peer gone"):
+        gc_rpc.finish(rendezvous)
+    assert not [r for r in caplog.records if r.name == "torch.distributed.rpc.api"]
