@@ -297,7 +297,11 @@ def test_no_tee_shapes() -> None:
     assert tcg.get("type") == "qemu" and kvm.get("type") == "kvm"
     assert tcg.find("cpu").get("mode") == "custom"
     assert tcg.findtext("cpu/model") == "Nehalem"
+    # QEMU 7.2's TCG CMPXCHG16B double-faults Linux 6.12: cx16 is off under TCG only
+    disabled = [(f.get("policy"), f.get("name")) for f in tcg.findall("cpu/feature")]
+    assert disabled == [("disable", "cx16")]
     assert kvm.find("cpu").get("mode") == "host-passthrough"
+    assert kvm.find("cpu/feature") is None
     for root in (tcg, kvm):
         assert root.find("launchSecurity") is None
         assert root.find("os/loader") is None
