@@ -31,6 +31,7 @@ from orchestrator.image.model import (
     TOOLS,
     Image,
 )
+from orchestrator.image.pinned import fetch_kernel
 from orchestrator.image.recipe import load_recipe, recipe_hash
 from orchestrator.image.steps import (
     _bootstrap,
@@ -119,12 +120,15 @@ def _build_locked(folder: Path, wanted: str) -> Image:
         with ui.step(f"build guest image {wanted} (Debian {SUITE}, log: {build.log})"):
             with ui.step("download wheels with the host's pip"):
                 _download_wheels(build)
+            pin = recipe.kernel
+            with ui.step(f"the pinned kernel {pin.package} {pin.version} ({pin.suite})"):
+                kernel_deb = fetch_kernel(pin, sources, build.log)
             with ui.step(
                 f"bootstrap Debian {SUITE} with mmdebstrap "
                 f"({len(recipe.packages)} packages, "
                 f"{len(sources)} apt sources from the host)"
             ):
-                _bootstrap(build, sources)
+                _bootstrap(build, sources, kernel_deb)
             with ui.step("configure the guest (images/customize.sh: units, host keys, ...)"):
                 _configure(build)
             with ui.step(f"install the Python venv {GUEST_VENV}"):

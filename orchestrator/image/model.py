@@ -14,21 +14,32 @@ CMDLINE = "root=/dev/vda rw console=ttyS0 fsck.mode=skip"
 ROOT_LABEL = "gcvm-root"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Bump when this module changes what a build produces; it is part of the recipe hash.
-BUILD_FORMAT = "1"
-RECIPE_FILES = ("packages.txt", "wheels.txt", "wheels-nodeps.txt", "dpkg.cfg", "customize.sh")
+BUILD_FORMAT = "2"
+RECIPE_FILES = (
+    "packages.txt",
+    "kernel.txt",
+    "wheels.txt",
+    "wheels-nodeps.txt",
+    "dpkg.cfg",
+    "customize.sh",
+)
 RECIPE_TREE = "rootfs"
 METADATA = "image.json"
 DISK, KERNEL, INITRD, KERNEL_CONFIG = "disk.qcow2", "vmlinuz", "initrd.img", "kernel.config"
 GUEST_WHEELS = "/var/tmp/gcvm-wheels"  # inside the tree, removed before the disk is made
-# Modules the initrd must hold to mount the root file system from a virtio disk.
+# Modules the initrd must hold (as a .ko, or built into the kernel: modules.builtin) to mount the
+# root file system from a virtio disk.
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 # Free space left in the guest's root file system beyond what the tree holds.
 FREE_BYTES = 1536 * 2**20
-TOOLS = ("mmdebstrap", "mkfs.ext4", "qemu-img", "chroot")
+TOOLS = ("mmdebstrap", "mkfs.ext4", "qemu-img", "chroot", "apt-get")
+# mmdebstrap's hook that makes a local .deb given to --include visible inside the chroot
+FILE_HOOKS = "/usr/share/mmdebstrap/hooks/file-mirror-automount"
 INSTALL_HINT = "run scripts/install-system-deps.sh (mmdebstrap, e2fsprogs, qemu-utils)"
-# Which kernel options make a guest kernel able to run inside each TEE.
+# Which kernel options make a guest kernel able to run inside each TEE and give its evidence:
+# a TDX quote only comes through configfs-tsm (TSM_REPORTS); SNP also has /dev/sev-guest.
 TEE_GUEST_OPTIONS: dict[Tee, tuple[str, ...]] = {
-    Tee.tdx: ("CONFIG_INTEL_TDX_GUEST",),
+    Tee.tdx: ("CONFIG_INTEL_TDX_GUEST", "CONFIG_TDX_GUEST_DRIVER", "CONFIG_TSM_REPORTS"),
     Tee.sev_snp: ("CONFIG_AMD_MEM_ENCRYPT", "CONFIG_SEV_GUEST"),
 }
 
