@@ -30,6 +30,7 @@ from orchestrator.image.model import (
     SUITE,
     TOOLS,
     Image,
+    verity_cmdline,
 )
 from orchestrator.image.pinned import fetch_kernel
 from orchestrator.image.recipe import load_recipe, recipe_hash
@@ -135,15 +136,15 @@ def _build_locked(folder: Path, wanted: str) -> Image:
                 python_version = _install_venv(build)
             with ui.step("export kernel and initrd for direct boot"):
                 kernel_version, support = _export_kernel(build)
-            with ui.step("make the qcow2 disk (mkfs.ext4 -d, qemu-img convert)"):
-                _make_disk(build)
+            with ui.step("make the disk (mkfs.ext4 -d, veritysetup format, qemu-img convert)"):
+                root_hash, hash_offset = _make_disk(build)
             remove_tree(build.wheels)
             image = Image(
                 root=folder / wanted,
                 disk=folder / wanted / DISK,
                 kernel=folder / wanted / KERNEL,
                 initrd=folder / wanted / INITRD,
-                cmdline=CMDLINE,
+                cmdline=f"{CMDLINE} {verity_cmdline(root_hash, hash_offset)}",
                 python=GUEST_PYTHON,
                 recipe_hash=wanted,
                 size_bytes=_dir_bytes(work),

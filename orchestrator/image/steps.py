@@ -26,6 +26,7 @@ from orchestrator.image.model import (
     GUEST_VENV,
     GUEST_WHEELS,
     INITRD,
+    INITRD_FILES,
     INITRD_MODULES,
     KERNEL,
     KERNEL_CONFIG,
@@ -209,6 +210,8 @@ def _check_initrd(build: _Build, initrd: Path, version: str) -> None:
     builtin_list = build.tree / "usr/lib/modules" / version / "modules.builtin"
     builtin = {_module_name(line) for line in builtin_list.read_text().split() if ".ko" in line}
     missing = [module for module in INITRD_MODULES if module not in present | builtin]
+    names = {Path(line).name for line in listing.splitlines()}
+    missing += [name for name in INITRD_FILES if name not in names]
     if missing:
         raise GcvmError(
             f"the guest's initrd lacks {', '.join(missing)}: it could not mount its root disk",
@@ -239,7 +242,9 @@ def _export_kernel(build: _Build) -> tuple[str, dict[str, bool]]:
     return version, support
 
 
-def _make_disk(build: _Build) -> None:
+def _make_disk(build: _Build) -> tuple[str, int]:
+    """The root file system (ext4, no journal: it is never written), followed on the same disk
+    by its dm-verity hash tree; returns the root hash and the hash tree's byte offset."""
     raw = build.work / "disk.raw"
     size_mib = (_tree_bytes(build.tree) * 11 // 10 + FREE_BYTES) // 2**20 + 1
     _run(
@@ -249,6 +254,8 @@ def _make_disk(build: _Build) -> None:
             "-F",
             "-L",
             ROOT_LABEL,
+            "-O",
+            "^has_journal",
             "-E",
             "root_owner=0:0",
             "-d",
@@ -259,10 +266,27 @@ def _make_disk(build: _Build) -> None:
         build.log,
     )
     remove_tree(build.tree)
+    offset = size_mib * 2**20
+    root_hash_file = build.work / "root.hash"
+    _run(
+        [
+            "veritysetup",
+            "format",
+            f"--data-blocks={offset // 4096}",
+            f"--hash-offset={offset}",
+            f"--root-hash-file={root_hash_file}",
+            str(raw),
+            str(raw),
+        ],
+        build.log,
+    )
+    root_hash = root_hash_file.read_text().strip()
+    root_hash_file.unlink()
     _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(build.work / DISK)], build.log)
     raw.unlink()
     os.chmod(build.work / DISK, 0o644)
     ui.info(
-        f"disk: {size_mib} MiB file system, qcow2 "
-        f"{(build.work / DISK).stat().st_blocks * 512 / 2**20:.0f} MiB"
+        f"disk: {size_mib} MiB file system + dm-verity hash tree, qcow2 "
+        f"{(build.work / DISK).stat().st_blocks * 512 / 2**20:.0f} MiB; root hash {root_hash}"
     )
+    return root_hash, offset

@@ -117,6 +117,28 @@ def test_initramfs_hook_holds_the_checked_modules() -> None:
     hook = (RECIPE / "rootfs/etc/initramfs-tools/hooks/gcvm").read_text()
     for module in image.INITRD_MODULES:
         assert module in hook
+    assert "copy_exec /usr/sbin/veritysetup" in hook
+    assert "cryptsetup-bin" in image.load_recipe().packages
+    scripts = RECIPE / "rootfs/etc/initramfs-tools/scripts"
+    for script in (scripts / "local-top/gcvm-verity", scripts / "local-bottom/gcvm-overlay"):
+        assert script.stat().st_mode & 0o111  # initramfs-tools skips a script it cannot run
+        subprocess.run(["sh", "-n", str(script)], check=True)
+
+
+def test_verity_parameters_on_the_command_line() -> None:
+    from orchestrator.image.model import guest_cmdline, verity_cmdline
+
+    line = verity_cmdline("0f" * 32, 4096 * 300)
+    assert line == f"gcvm.verity={'0f' * 32} gcvm.verity_offset={4096 * 300}"
+    for bad in (("0F" * 32, 4096), ("0f" * 31, 4096), ("0f" * 32, 0), ("0f" * 32, 4097)):
+        with pytest.raises(ValueError):
+            verity_cmdline(*bad)
+    # the image's line keeps its verity parameters once, whatever the orchestrator appends
+    with pytest.raises(ValueError, match=r"gcvm\.verity "):
+        guest_cmdline(f"{image.CMDLINE} {line}", f"gcvm.verity={'00' * 32}")
+    verity = (RECIPE / "rootfs/etc/initramfs-tools/scripts/local-top/gcvm-verity").read_text()
+    assert "gcvm.verity=*)" in verity and "gcvm.verity_offset=*)" in verity
+    assert "root=/dev/mapper/gcvm-root ro " in image.CMDLINE
 
 
 def test_seed_unit_runs_before_networkd_and_sshd() -> None:
@@ -309,7 +331,7 @@ def test_find_image_reads_the_current_recipes_build(cache: Path) -> None:
     assert found.disk == found.root / "disk.qcow2"
     assert found.kernel == found.root / "vmlinuz"
     assert found.direct_boot
-    assert found.cmdline.startswith("root=/dev/vda rw console=ttyS0")
+    assert found.cmdline.startswith("root=/dev/mapper/gcvm-root ro console=ttyS0")
     assert found.python == "/opt/gcvm/venv/bin/python"
     assert found.supports_tee_guest(Tee.tdx) is False
     assert found.supports_tee_guest(Tee.sev_snp) is True
