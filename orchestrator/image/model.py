@@ -13,7 +13,8 @@ GUEST_VENV = PurePosixPath("/opt/gcvm/venv")
 GUEST_PYTHON = str(GUEST_VENV / "bin" / "python")
 # The image's own kernel command line; the build appends the dm-verity root hash and hash-tree
 # offset (verity_cmdline), so that what a TEE measures pins the root disk's content too.
-CMDLINE = "root=/dev/mapper/gcvm-root ro console=ttyS0 fsck.mode=skip"
+# panic=10: a failure in the initrd reboots the guest instead of opening a shell on the console
+CMDLINE = "root=/dev/mapper/gcvm-root ro console=ttyS0 fsck.mode=skip panic=10"
 VERITY_DEVICE = "gcvm-root"  # the dm-verity device the initrd opens (/dev/mapper/...)
 ROOT_LABEL = "gcvm-root"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
