@@ -18,7 +18,9 @@ rm -f /etc/ssh/ssh_host_*
 echo gcvm > /etc/hostname
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tgcvm\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
     > /etc/hosts
-echo 'LABEL=gcvm-root / ext4 rw,noatime,errors=remount-ro 0 1' > /etc/fstab
+# The root is mounted by the initrd: the read-only, dm-verity-checked disk under an overlay whose
+# upper layer is a tmpfs. Nothing for systemd to mount or remount; no swap.
+echo '# / is an overlay made by the initrd (gcvm-verity, gcvm-overlay); no swap' > /etc/fstab
 # The host's resolver means nothing in the guest; the seed writes one when it names DNS servers.
 rm -f /etc/resolv.conf
 : > /etc/resolv.conf

@@ -19,8 +19,8 @@ from orchestrator.errors import GcvmError
 from orchestrator.hostcaps import Check
 
 KERNEL_HINT = (
-    "build the image with a 6.12 kernel (bookworm-backports linux-image-*-cloud-amd64 or trixie): "
-    "Debian 12's 6.1 has neither"
+    "run 'gcvm image build': the recipe pins bookworm-backports' 6.12 cloud kernel "
+    "(images/kernel.txt); Debian 12's 6.1 has neither"
 )
 GUEST_KERNEL: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("image kernel: TDX guest", ("CONFIG_INTEL_TDX_GUEST", "CONFIG_TDX_GUEST_DRIVER"), KERNEL_HINT),

@@ -90,6 +90,9 @@ class RenderInputs:
     # "user:group" QEMU runs as, through a static DAC <seclabel> (shared daemons); None: the
     # daemon's qemu.conf decides (a private daemon's names an unprivileged user)
     run_as: str | None = None
+    # the root disk is attached read-only: gcvm's image, whose root is checked by dm-verity and
+    # whose writable state lives in a tmpfs (a write to the disk would only break verification)
+    root_readonly: bool = False
 
     def __post_init__(self) -> None:
         if self.accel is Accel.auto:
@@ -174,6 +177,7 @@ def render_domain(vm: VmSpec, inputs: RenderInputs) -> str:
         emulator=inputs.emulator or inputs.caps.emulator or DEFAULT_EMULATOR,
         metadata_ns=METADATA_NS,
         run_as=inputs.run_as,
+        root_readonly=inputs.root_readonly,
     )
 
 

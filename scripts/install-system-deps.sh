@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages gcvm needs (QEMU, libvirt, dnsmasq, mmdebstrap, headers for
-# libvirt-python). Runs apt only when something is missing, so repeated `make` calls cost nothing.
+# libvirt-python, veritysetup for the image's dm-verity hash tree). Runs apt only when something
+# is missing, so repeated `make` calls cost nothing.
 set -euo pipefail
 PKGS=(
   qemu-system-x86 qemu-utils ovmf
   libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libvirt-dev pkg-config
   dnsmasq-base iproute2 iptables openssh-client
-  mmdebstrap e2fsprogs
+  mmdebstrap e2fsprogs cryptsetup-bin
   libxml2-utils gcc
   # the pods runtime (`gcvm up --runtime pods`): podman with runc (crun fails on hybrid cgroups)
   podman runc

@@ -221,7 +221,7 @@ def render_inputs(image: Any, host: HostFacts, network: str, pins: str = "") -> 
     """The renderer's inputs for this image on this host and network; `pins`: kernel command
     line parameters appended to the image's (the owner's identities, `orchestrator.ownerid`)."""
     from orchestrator import render
-    from orchestrator.image.model import guest_cmdline
+    from orchestrator.image.model import guest_cmdline, verity_root
 
     return render.RenderInputs(
         caps=host.caps,
@@ -232,6 +232,7 @@ def render_inputs(image: Any, host: HostFacts, network: str, pins: str = "") -> 
         cmdline=guest_cmdline(image.cmdline or render.DEFAULT_CMDLINE, pins),
         network=network,
         run_as=host.run_as,
+        root_readonly=verity_root(image),
     )
 
 

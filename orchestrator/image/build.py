@@ -30,7 +30,9 @@ from orchestrator.image.model import (
     SUITE,
     TOOLS,
     Image,
+    verity_cmdline,
 )
+from orchestrator.image.pinned import fetch_kernel
 from orchestrator.image.recipe import load_recipe, recipe_hash
 from orchestrator.image.steps import (
     _bootstrap,
@@ -119,27 +121,30 @@ def _build_locked(folder: Path, wanted: str) -> Image:
         with ui.step(f"build guest image {wanted} (Debian {SUITE}, log: {build.log})"):
             with ui.step("download wheels with the host's pip"):
                 _download_wheels(build)
+            pin = recipe.kernel
+            with ui.step(f"the pinned kernel {pin.package} {pin.version} ({pin.suite})"):
+                kernel_deb = fetch_kernel(pin, sources, build.log)
             with ui.step(
                 f"bootstrap Debian {SUITE} with mmdebstrap "
                 f"({len(recipe.packages)} packages, "
                 f"{len(sources)} apt sources from the host)"
             ):
-                _bootstrap(build, sources)
+                _bootstrap(build, sources, kernel_deb)
             with ui.step("configure the guest (images/customize.sh: units, host keys, ...)"):
                 _configure(build)
             with ui.step(f"install the Python venv {GUEST_VENV}"):
                 python_version = _install_venv(build)
             with ui.step("export kernel and initrd for direct boot"):
                 kernel_version, support = _export_kernel(build)
-            with ui.step("make the qcow2 disk (mkfs.ext4 -d, qemu-img convert)"):
-                _make_disk(build)
+            with ui.step("make the disk (mkfs.ext4 -d, veritysetup format, qemu-img convert)"):
+                root_hash, hash_offset = _make_disk(build)
             remove_tree(build.wheels)
             image = Image(
                 root=folder / wanted,
                 disk=folder / wanted / DISK,
                 kernel=folder / wanted / KERNEL,
                 initrd=folder / wanted / INITRD,
-                cmdline=CMDLINE,
+                cmdline=f"{CMDLINE} {verity_cmdline(root_hash, hash_offset)}",
                 python=GUEST_PYTHON,
                 recipe_hash=wanted,
                 size_bytes=_dir_bytes(work),

@@ -26,6 +26,7 @@ def _run(
     stdin: str | None = None,
     capture: bool = False,
     check: bool = True,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run `argv` with its output going to the build log as it comes (stdout is kept instead
     when `capture`); raise GcvmError with the log's tail when it fails and `check`."""
@@ -43,6 +44,7 @@ def _run(
                 check=False,
                 stdout=subprocess.PIPE if capture else log_file,
                 stderr=log_file,
+                cwd=cwd,
             )
         except subprocess.TimeoutExpired:
             raise GcvmError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from orchestrator import ui
 from orchestrator.image.model import (
     Image,
+    verity_root,
 )
 
 
@@ -20,6 +21,12 @@ def describe_image(image: Image) -> None:
         ("kernel", f"{image.kernel} ({image.kernel_version})" if image.kernel else "(own boot)"),
         ("initrd", str(image.initrd) if image.initrd else "-"),
         ("cmdline", image.cmdline or "-"),
+        (
+            "root",
+            "read-only, dm-verity (root hash in cmdline), writable state in a tmpfs overlay"
+            if verity_root(image)
+            else "read-write disk (unmeasured)",
+        ),
         ("python", f"{image.python} {image.python_version}".strip()),
         ("size", f"{image.size_bytes / 2**20:.0f} MiB"),
         ("built in", f"{image.built_seconds:.0f} s"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -10,25 +11,45 @@ from orchestrator.spec import Tee
 SUITE = "bookworm"
 GUEST_VENV = PurePosixPath("/opt/gcvm/venv")
 GUEST_PYTHON = str(GUEST_VENV / "bin" / "python")
-CMDLINE = "root=/dev/vda rw console=ttyS0 fsck.mode=skip"
+# The image's own kernel command line; the build appends the dm-verity root hash and hash-tree
+# offset (verity_cmdline), so that what a TEE measures pins the root disk's content too.
+# panic=10: a failure in the initrd reboots the guest instead of opening a shell on the console
+CMDLINE = "root=/dev/mapper/gcvm-root ro console=ttyS0 fsck.mode=skip panic=10"
+VERITY_DEVICE = "gcvm-root"  # the dm-verity device the initrd opens (/dev/mapper/...)
 ROOT_LABEL = "gcvm-root"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Bump when this module changes what a build produces; it is part of the recipe hash.
-BUILD_FORMAT = "1"
-RECIPE_FILES = ("packages.txt", "wheels.txt", "wheels-nodeps.txt", "dpkg.cfg", "customize.sh")
+BUILD_FORMAT = "2"
+RECIPE_FILES = (
+    "packages.txt",
+    "kernel.txt",
+    "wheels.txt",
+    "wheels-nodeps.txt",
+    "dpkg.cfg",
+    "customize.sh",
+)
 RECIPE_TREE = "rootfs"
 METADATA = "image.json"
 DISK, KERNEL, INITRD, KERNEL_CONFIG = "disk.qcow2", "vmlinuz", "initrd.img", "kernel.config"
 GUEST_WHEELS = "/var/tmp/gcvm-wheels"  # inside the tree, removed before the disk is made
-# Modules the initrd must hold to mount the root file system from a virtio disk.
-INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
-# Free space left in the guest's root file system beyond what the tree holds.
-FREE_BYTES = 1536 * 2**20
-TOOLS = ("mmdebstrap", "mkfs.ext4", "qemu-img", "chroot")
-INSTALL_HINT = "run scripts/install-system-deps.sh (mmdebstrap, e2fsprogs, qemu-utils)"
-# Which kernel options make a guest kernel able to run inside each TEE.
+# Modules the initrd must hold (as a .ko, or built into the kernel: modules.builtin) to mount the
+# root file system from a virtio disk.
+INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4", "dm_verity", "overlay")
+# Files the initrd must hold besides modules: veritysetup and the scripts that use it.
+INITRD_FILES = ("veritysetup", "gcvm-verity", "gcvm-overlay")
+# Free space left in the guest's root file system beyond what the tree holds: it is mounted
+# read-only (dm-verity), so only a little room for mkfs's own bookkeeping.
+FREE_BYTES = 64 * 2**20
+TOOLS = ("mmdebstrap", "mkfs.ext4", "qemu-img", "chroot", "apt-get", "veritysetup")
+# mmdebstrap's hook that makes a local .deb given to --include visible inside the chroot
+FILE_HOOKS = "/usr/share/mmdebstrap/hooks/file-mirror-automount"
+INSTALL_HINT = (
+    "run scripts/install-system-deps.sh (mmdebstrap, e2fsprogs, qemu-utils, cryptsetup-bin)"
+)
+# Which kernel options make a guest kernel able to run inside each TEE and give its evidence:
+# a TDX quote only comes through configfs-tsm (TSM_REPORTS); SNP also has /dev/sev-guest.
 TEE_GUEST_OPTIONS: dict[Tee, tuple[str, ...]] = {
-    Tee.tdx: ("CONFIG_INTEL_TDX_GUEST",),
+    Tee.tdx: ("CONFIG_INTEL_TDX_GUEST", "CONFIG_TDX_GUEST_DRIVER", "CONFIG_TSM_REPORTS"),
     Tee.sev_snp: ("CONFIG_AMD_MEM_ENCRYPT", "CONFIG_SEV_GUEST"),
 }
 
@@ -73,6 +94,21 @@ def tee_guest_problem(image: Image, tee: Tee) -> str | None:
         f"the guest kernel {image.kernel_version} of image {image.recipe_hash or image.disk} "
         f"lacks {tee} guest support ({options} not enabled): it will not boot as a {tee} guest"
     )
+
+
+def verity_root(image: Image) -> bool:
+    """Whether the image's root is a dm-verity disk (gcvm's image since the root is measured):
+    its VMs attach it read-only."""
+    words = image.cmdline.split()
+    return image.kernel is not None and any(w.startswith("gcvm.verity=") for w in words)
+
+
+def verity_cmdline(root_hash: str, hash_offset: int) -> str:
+    """The parameters the initrd's gcvm-verity script reads: the root disk's dm-verity root hash
+    and the byte offset of its hash tree on the same disk."""
+    if not re.fullmatch(r"[0-9a-f]{64}", root_hash) or hash_offset <= 0 or hash_offset % 4096:
+        raise ValueError(f"not a dm-verity root hash and offset: {root_hash!r} {hash_offset}")
+    return f"gcvm.verity={root_hash} gcvm.verity_offset={hash_offset}"
 
 
 def guest_cmdline(image_cmdline: str, extra: str = "") -> str:

@@ -16,6 +16,7 @@ from orchestrator.image.model import (
     RECIPE_TREE,
     SUITE,
 )
+from orchestrator.image.pinned import KernelPin, parse_kernel_pin
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Recipe:
     packages: tuple[str, ...]
     wheels: tuple[str, ...]
     wheels_nodeps: tuple[str, ...]
+    kernel: KernelPin
 
     @property
     def dpkg_cfg(self) -> Path:
@@ -54,6 +56,7 @@ def load_recipe(folder: Path | None = None) -> Recipe:
         packages=_list_file(folder / "packages.txt"),
         wheels=_list_file(folder / "wheels.txt"),
         wheels_nodeps=_list_file(folder / "wheels-nodeps.txt"),
+        kernel=parse_kernel_pin((folder / "kernel.txt").read_text()),
     )
 
 

@@ -19,12 +19,14 @@ from orchestrator.image.commands import _run, remove_tree
 from orchestrator.image.kernel import _kernel_files, tee_guest_support
 from orchestrator.image.model import (
     DISK,
+    FILE_HOOKS,
     FREE_BYTES,
     GUEST_PATH,
     GUEST_PYTHON,
     GUEST_VENV,
     GUEST_WHEELS,
     INITRD,
+    INITRD_FILES,
     INITRD_MODULES,
     KERNEL,
     KERNEL_CONFIG,
@@ -101,9 +103,11 @@ def _download_wheels(build: _Build) -> None:
     )
 
 
-def _bootstrap(build: _Build, sources: Sequence[AptSource]) -> None:
+def _bootstrap(build: _Build, sources: Sequence[AptSource], kernel_deb: Path) -> None:
     """mmdebstrap into a tree that already holds images/rootfs/, so that the packages' own
-    scripts see it (the initramfs settings shape the initrd the kernel package makes)."""
+    scripts see it (the initramfs settings shape the initrd the kernel package makes). The
+    pinned kernel is a local .deb that apt installs with the rest (its dependencies resolved
+    from the suite); mmdebstrap's file-mirror hook makes its path visible in the chroot."""
     build.tree.mkdir(mode=0o755)
     shutil.copytree(build.recipe.tree, build.tree, symlinks=True, dirs_exist_ok=True)
     argv = [
@@ -111,7 +115,8 @@ def _bootstrap(build: _Build, sources: Sequence[AptSource]) -> None:
         "--mode=root",
         "--variant=minbase",
         "--skip=check/empty",
-        f"--include={','.join(build.recipe.packages)}",
+        f"--hook-dir={FILE_HOOKS}",
+        f"--include={','.join((*build.recipe.packages, str(kernel_deb)))}",
         f"--dpkgopt={build.recipe.dpkg_cfg}",
         '--aptopt=Acquire::Languages "none"',
         SUITE,
@@ -190,24 +195,42 @@ def _byte_compile(build: _Build) -> None:
         )
 
 
-def _check_initrd(build: _Build, initrd: Path) -> None:
-    """The initrd must hold the modules to mount the root disk (see initramfs-tools in rootfs)."""
+def _module_name(path: str) -> str:
+    return Path(path).name.split(".ko")[0].replace("-", "_")
+
+
+def _check_initrd(build: _Build, initrd: Path, version: str) -> None:
+    """The initrd must be able to mount the root disk (see initramfs-tools in rootfs): each
+    module it needs is in it, or built into the kernel (the 6.12 cloud kernel has virtio_pci
+    and ext4 built in: they are listed in modules.builtin, not shipped as .ko files)."""
     listing = build.chroot(
         "lsinitramfs", "/" + initrd.relative_to(build.tree).as_posix(), capture=True
     ).stdout
-    present = {Path(line).name.split(".ko")[0] for line in listing.splitlines() if ".ko" in line}
-    missing = [module for module in INITRD_MODULES if module not in present]
+    present = {_module_name(line) for line in listing.splitlines() if ".ko" in line}
+    builtin_list = build.tree / "usr/lib/modules" / version / "modules.builtin"
+    builtin = {_module_name(line) for line in builtin_list.read_text().split() if ".ko" in line}
+    missing = [module for module in INITRD_MODULES if module not in present | builtin]
+    names = {Path(line).name for line in listing.splitlines()}
+    missing += [name for name in INITRD_FILES if name not in names]
     if missing:
         raise GcvmError(
             f"the guest's initrd lacks {', '.join(missing)}: it could not mount its root disk",
             hint="check images/rootfs/etc/initramfs-tools/hooks/gcvm",
         )
-    ui.info(f"initrd: {initrd.stat().st_size / 2**20:.1f} MiB, {len(present)} modules")
+    ui.info(
+        f"initrd: {initrd.stat().st_size / 2**20:.1f} MiB, {len(present)} modules "
+        f"(built in: {', '.join(m for m in INITRD_MODULES if m in builtin) or 'none'})"
+    )
 
 
 def _export_kernel(build: _Build) -> tuple[str, dict[str, bool]]:
     kernel, initrd, config, version = _kernel_files(build.tree)
-    _check_initrd(build, initrd)
+    if version != build.recipe.kernel.release:
+        raise GcvmError(
+            f"the guest has kernel {version}, not the pinned {build.recipe.kernel.release}",
+            hint="images/packages.txt must not name another linux-image package",
+        )
+    _check_initrd(build, initrd, version)
     for source, name in ((kernel, KERNEL), (initrd, INITRD), (config, KERNEL_CONFIG)):
         shutil.copyfile(source, build.work / name)
         os.chmod(build.work / name, 0o644)
@@ -219,7 +242,9 @@ def _export_kernel(build: _Build) -> tuple[str, dict[str, bool]]:
     return version, support
 
 
-def _make_disk(build: _Build) -> None:
+def _make_disk(build: _Build) -> tuple[str, int]:
+    """The root file system (ext4, no journal: it is never written), followed on the same disk
+    by its dm-verity hash tree; returns the root hash and the hash tree's byte offset."""
     raw = build.work / "disk.raw"
     size_mib = (_tree_bytes(build.tree) * 11 // 10 + FREE_BYTES) // 2**20 + 1
     _run(
@@ -229,6 +254,8 @@ def _make_disk(build: _Build) -> None:
             "-F",
             "-L",
             ROOT_LABEL,
+            "-O",
+            "^has_journal",
             "-E",
             "root_owner=0:0",
             "-d",
@@ -239,10 +266,27 @@ def _make_disk(build: _Build) -> None:
         build.log,
     )
     remove_tree(build.tree)
+    offset = size_mib * 2**20
+    root_hash_file = build.work / "root.hash"
+    _run(
+        [
+            "veritysetup",
+            "format",
+            f"--data-blocks={offset // 4096}",
+            f"--hash-offset={offset}",
+            f"--root-hash-file={root_hash_file}",
+            str(raw),
+            str(raw),
+        ],
+        build.log,
+    )
+    root_hash = root_hash_file.read_text().strip()
+    root_hash_file.unlink()
     _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(build.work / DISK)], build.log)
     raw.unlink()
     os.chmod(build.work / DISK, 0o644)
     ui.info(
-        f"disk: {size_mib} MiB file system, qcow2 "
-        f"{(build.work / DISK).stat().st_blocks * 512 / 2**20:.0f} MiB"
+        f"disk: {size_mib} MiB file system + dm-verity hash tree, qcow2 "
+        f"{(build.work / DISK).stat().st_blocks * 512 / 2**20:.0f} MiB; root hash {root_hash}"
     )
+    return root_hash, offset

@@ -11,6 +11,10 @@ from orchestrator.hostcaps import Check, HostCaps
 from orchestrator.spec import Accel, Tee
 
 TCG_CPU_MODEL = "Nehalem"  # a baseline model: `-cpu max` makes torch ~27x slower under TCG
+# CPU features turned off under TCG. QEMU 7.2's TCG emulates CMPXCHG16B wrongly enough that
+# Linux 6.12 double-faults in its slab allocator at boot; without cx16 the kernel falls back to
+# a path that works. KVM and TEE guests keep the host's CPU as it is.
+TCG_CPU_DISABLED = ("cx16",)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class DomainShape:
     on_reboot: str
     launch_security: str | None  # template of the <launchSecurity> block
     launch: Any = None  # the backend's frozen data for that template
+    cpu_disabled: tuple[str, ...] = ()  # features the custom CPU model turns off
 
 
 class TeeBackend(ABC):

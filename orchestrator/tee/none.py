@@ -6,7 +6,14 @@ from pathlib import Path
 
 from orchestrator.hostcaps import HostCaps
 from orchestrator.spec import Accel, Tee
-from orchestrator.tee.base import TCG_CPU_MODEL, CheckFailure, DomainShape, TeeBackend, TeeOptions
+from orchestrator.tee.base import (
+    TCG_CPU_DISABLED,
+    TCG_CPU_MODEL,
+    CheckFailure,
+    DomainShape,
+    TeeBackend,
+    TeeOptions,
+)
 
 
 class NoTee(TeeBackend):
@@ -48,4 +55,5 @@ class NoTee(TeeBackend):
             private_memory=False,
             on_reboot="restart",
             launch_security=None,
+            cpu_disabled=() if kvm else TCG_CPU_DISABLED,
         )

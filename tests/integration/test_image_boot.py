@@ -1,5 +1,10 @@
 """Boot gcvm's guest image once under QEMU/TCG, configured by its seed, and log in over SSH.
 
+The root disk is attached read-only, as gcvm's domains attach it, and is a raw copy of the image
+in which one byte of a file no boot reads (TAMPERED) is flipped: the one boot shows the
+dm-verity root in use and that the changed file is refused, not read. A second, short boot
+with a wrong root hash on the command line shows that the initrd refuses the disk outright.
+
 Everything lives in a private network namespace made here: a bridge with an address, the VM's
 tap, QEMU, and the SSH client (which trusts only the host key pinned from the seed). Outside CI
 the test skips with the reason when the host cannot run it; with CI=true it fails instead, and a
@@ -32,6 +37,11 @@ BRIDGE_ADDR = f"{SUBNET_PREFIX}.1"
 VM_ADDR = f"{SUBNET_PREFIX}.10"
 VM_MAC = "52:54:00:d5:07:0a"
 BOOT_TIMEOUT_S = 420.0
+TAMPERED = "/usr/share/common-licenses/GPL-3"  # flipped in the test's copy of the root disk
+INTACT = "/usr/share/common-licenses/GPL-2"
+# The CPU model gcvm's TCG domains use (orchestrator/tee: Nehalem without cx16, whose CMPXCHG16B
+# emulation in QEMU 7.2 double-faults Linux 6.12)
+TCG_CPU = "Nehalem,-cx16"
 
 
 def unavailable(reason: str) -> None:
@@ -95,6 +105,55 @@ def netns() -> Iterator[Netns]:
             subprocess.run(["kill", "-9", pid], check=False)
         subprocess.run(["ip", "netns", "del", ns.name], check=False)
     assert ns.name not in sh("ip", "netns", "list")
+
+
+def tampered_copy(image: image_mod.Image, raw: Path) -> int:
+    """A raw copy of the image's disk with one byte of TAMPERED's first block flipped; returns
+    the byte's offset."""
+    sh("qemu-img", "convert", "-O", "raw", str(image.disk), str(raw), timeout=300)
+    block_size = int(sh("debugfs", "-R", "stats", str(raw)).split("Block size:")[1].split()[0])
+    block = int(sh("debugfs", "-R", f"bmap {TAMPERED} 0", str(raw)).strip().splitlines()[-1])
+    assert block > 0
+    offset = block * block_size + 100
+    with raw.open("r+b") as disk:
+        disk.seek(offset)
+        byte = disk.read(1)
+        disk.seek(offset)
+        disk.write(bytes([byte[0] ^ 0x01]))
+    return offset
+
+
+def qemu_argv(image: image_mod.Image, console: Path, root: Path, cmdline: str) -> list[str]:
+    """QEMU as gcvm's TCG domain runs it: q35, the TCG CPU model, the root disk read-only."""
+    assert image.kernel is not None and image.initrd is not None
+    return [
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-cpu",
+        TCG_CPU,
+        "-m",
+        "2048",
+        "-smp",
+        "1",
+        # q35 without QEMU's default devices (floppy, VGA, ...), as a libvirt domain has it.
+        "-machine",
+        "q35",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        f"file:{console}",
+        "-kernel",
+        str(image.kernel),
+        "-initrd",
+        str(image.initrd),
+        "-append",
+        cmdline,
+        "-drive",
+        f"file={root},if=virtio,format=raw,readonly=on",
+    ]
 
 
 @dataclass(frozen=True)
@@ -170,51 +229,15 @@ def guest(
         ),
         seed,
     )
-    overlay = tmp_path / "overlay.qcow2"
-    sh(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        guest_image.disk_format,
-        "-b",
-        str(guest_image.disk),
-        str(overlay),
-    )
+    root = tmp_path / "root.raw"
+    tampered_copy(guest_image, root)
     console = tmp_path / "console.log"
     argv = [
         "ip",
         "netns",
         "exec",
         netns.name,
-        "qemu-system-x86_64",
-        "-accel",
-        "tcg",
-        "-cpu",
-        "Nehalem",
-        "-m",
-        "2048",
-        "-smp",
-        "1",
-        # q35 without QEMU's default devices (floppy, VGA, ...), as a libvirt domain has it.
-        "-machine",
-        "q35",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-serial",
-        f"file:{console}",
-        "-kernel",
-        str(guest_image.kernel),
-        "-initrd",
-        str(guest_image.initrd),
-        "-append",
-        guest_image.cmdline,
-        "-drive",
-        f"file={overlay},if=virtio,format=qcow2",
+        *qemu_argv(guest_image, console, root, guest_image.cmdline),
         "-drive",
         f"file={seed},if=virtio,format=raw,readonly=on",
         "-netdev",
@@ -268,6 +291,80 @@ def test_seeded_guest_boots_and_runs_torch(
     )
     print(f"import torch, tokenizers in the guest: {time.monotonic() - start:.1f} s")
     assert out.startswith("2.13.0")
+
+
+def test_the_root_is_verified_read_only_with_writable_state_in_tmpfs(
+    guest_image: image_mod.Image, netns: Netns, guest: Guest
+) -> None:
+    def remote(command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return netns.run(*ssh_argv(guest.key, guest.known_hosts, command), check=check)
+
+    assert "gcvm.verity=" in guest_image.cmdline
+    root_hash = guest_image.cmdline.split("gcvm.verity=")[1].split()[0]
+    status = remote("veritysetup status gcvm-root").stdout
+    print(status)
+    assert "is active" in status and "/dev/vda" in status
+    table = remote("dmsetup table gcvm-root").stdout
+    assert " verity " in table and root_hash in table
+    assert f"root hash {root_hash}" in guest.console.read_text()
+    mounts = remote("findmnt -rn -o TARGET,FSTYPE,OPTIONS").stdout.splitlines()
+    fstype = {line.split()[0]: line.split()[1:] for line in mounts}
+    assert fstype["/"][0] == "overlay"
+    assert fstype["/run/gcvm/ro"][0] == "ext4" and "ro" in fstype["/run/gcvm/ro"][1].split(",")
+    assert fstype["/run/gcvm/rw"][0] == "tmpfs"
+    assert remote("swapon --show --noheadings").stdout.strip() == ""
+    # writable state lands in the tmpfs; the verified root below it is unchanged
+    remote("mkdir -p /var/lib/gcvm/packages && echo x > /var/lib/gcvm/packages/probe")
+    assert remote("cat /run/gcvm/rw/upper/var/lib/gcvm/packages/probe").stdout == "x\n"
+    assert remote("test -e /run/gcvm/ro/var/lib/gcvm/packages/probe", check=False).returncode
+    # the seed's files went to the tmpfs too (host key, authorized_keys)
+    assert (
+        remote("test -s /run/gcvm/rw/upper/etc/ssh/ssh_host_ed25519_key", check=False).returncode
+        == 0
+    )
+
+
+def test_a_changed_byte_of_the_root_is_refused_not_read(netns: Netns, guest: Guest) -> None:
+    def remote(command: str) -> subprocess.CompletedProcess[str]:
+        return netns.run(*ssh_argv(guest.key, guest.known_hosts, command), check=False)
+
+    assert remote(f"cat {INTACT} > /dev/null").returncode == 0
+    read = remote(f"cat {TAMPERED} > /dev/null")
+    assert read.returncode != 0 and "Input/output error" in read.stderr, read
+    assert "is corrupted" in remote("dmesg | grep -i verity").stdout
+
+
+REFUSALS = ("dm-verity refused the root disk", "refusing to boot")
+
+
+def test_a_wrong_root_hash_is_refused_at_boot(guest_image: image_mod.Image, tmp_path: Path) -> None:
+    """The same disk with another root hash on the command line: the initrd refuses it."""
+    root_hash = guest_image.cmdline.split("gcvm.verity=")[1].split()[0]
+    wrong = f"{int(root_hash[0], 16) ^ 1:x}{root_hash[1:]}"
+    cmdline = guest_image.cmdline.replace(root_hash, wrong)
+    root = tmp_path / "root.raw"
+    sh("qemu-img", "convert", "-O", "raw", str(guest_image.disk), str(root), timeout=300)
+    console = tmp_path / "console.log"
+    qemu = subprocess.Popen(
+        qemu_argv(guest_image, console, root, cmdline),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        start = time.monotonic()
+        while time.monotonic() - start < BOOT_TIMEOUT_S and qemu.poll() is None:
+            text = console.read_text(errors="replace") if console.exists() else ""
+            if any(refusal in text for refusal in REFUSALS):
+                break
+            time.sleep(2)
+        text = console.read_text(errors="replace")
+        print(f"refused after {time.monotonic() - start:.1f} s")
+        assert any(refusal in text for refusal in REFUSALS), text[-3000:]
+        assert "gcvm-seed" not in text and "Welcome to" not in text  # no userspace started
+    finally:
+        qemu.kill()
+        qemu.wait()
 
 
 def test_a_wrong_host_key_is_refused(

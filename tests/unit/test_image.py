@@ -49,10 +49,15 @@ def test_recipe_lists_what_the_image_needs() -> None:
         "python3-venv",
         "iproute2",
         "netbase",
-        "linux-image-amd64",
         "initramfs-tools",
     ):
         assert package in recipe.packages
+    # the kernel is the pinned one (kernel.txt), never an unpinned linux-image package
+    assert not any(p.startswith("linux-image") for p in recipe.packages)
+    pin = recipe.kernel
+    assert pin.package == "linux-image-6.12.95+deb12-cloud-amd64"
+    assert (pin.version, pin.suite) == ("6.12.95-1~bpo12+1", "bookworm-backports")
+    assert len(pin.sha256) == 64 and pin.release == "6.12.95+deb12-cloud-amd64"
     assert "cloud-init" not in recipe.packages
     assert "torch==2.13.0" in recipe.wheels  # any other torch request pulls a CUDA build
     assert recipe.wheels_nodeps == ()  # no model in the image: models arrive as packages
@@ -65,6 +70,7 @@ def test_recipe_hash_covers_every_recipe_file() -> None:
     assert names[0] == "constants"
     for expected in (
         "packages.txt -",
+        "kernel.txt -",
         "wheels.txt -",
         "wheels-nodeps.txt -",
         "dpkg.cfg -",
@@ -111,6 +117,28 @@ def test_initramfs_hook_holds_the_checked_modules() -> None:
     hook = (RECIPE / "rootfs/etc/initramfs-tools/hooks/gcvm").read_text()
     for module in image.INITRD_MODULES:
         assert module in hook
+    assert "copy_exec /usr/sbin/veritysetup" in hook
+    assert "cryptsetup-bin" in image.load_recipe().packages
+    scripts = RECIPE / "rootfs/etc/initramfs-tools/scripts"
+    for script in (scripts / "local-top/gcvm-verity", scripts / "local-bottom/gcvm-overlay"):
+        assert script.stat().st_mode & 0o111  # initramfs-tools skips a script it cannot run
+        subprocess.run(["sh", "-n", str(script)], check=True)
+
+
+def test_verity_parameters_on_the_command_line() -> None:
+    from orchestrator.image.model import guest_cmdline, verity_cmdline
+
+    line = verity_cmdline("0f" * 32, 4096 * 300)
+    assert line == f"gcvm.verity={'0f' * 32} gcvm.verity_offset={4096 * 300}"
+    for bad in (("0F" * 32, 4096), ("0f" * 31, 4096), ("0f" * 32, 0), ("0f" * 32, 4097)):
+        with pytest.raises(ValueError):
+            verity_cmdline(*bad)
+    # the image's line keeps its verity parameters once, whatever the orchestrator appends
+    with pytest.raises(ValueError, match=r"gcvm\.verity "):
+        guest_cmdline(f"{image.CMDLINE} {line}", f"gcvm.verity={'00' * 32}")
+    verity = (RECIPE / "rootfs/etc/initramfs-tools/scripts/local-top/gcvm-verity").read_text()
+    assert "gcvm.verity=*)" in verity and "gcvm.verity_offset=*)" in verity
+    assert "root=/dev/mapper/gcvm-root ro " in image.CMDLINE
 
 
 def test_seed_unit_runs_before_networkd_and_sshd() -> None:
@@ -248,7 +276,13 @@ def test_tee_guest_support_from_kernel_config() -> None:
     )
     assert image.tee_guest_support(bookworm_like) == {"tdx": False, "sev-snp": True}
     newer = "CONFIG_INTEL_TDX_GUEST=y\nCONFIG_AMD_MEM_ENCRYPT=y\n# CONFIG_SEV_GUEST is not set\n"
-    assert image.tee_guest_support(newer) == {"tdx": True, "sev-snp": False}
+    # a TD without its guest driver and configfs-tsm gives no quote: not a usable TDX guest
+    assert image.tee_guest_support(newer) == {"tdx": False, "sev-snp": False}
+    backports_612 = (
+        "CONFIG_INTEL_TDX_GUEST=y\nCONFIG_TDX_GUEST_DRIVER=m\nCONFIG_TSM_REPORTS=m\n"
+        "CONFIG_AMD_MEM_ENCRYPT=y\nCONFIG_SEV_GUEST=m\n"
+    )
+    assert image.tee_guest_support(backports_612) == {"tdx": True, "sev-snp": True}
     assert image.tee_guest_support("") == {"tdx": False, "sev-snp": False}
 
 
@@ -297,7 +331,7 @@ def test_find_image_reads_the_current_recipes_build(cache: Path) -> None:
     assert found.disk == found.root / "disk.qcow2"
     assert found.kernel == found.root / "vmlinuz"
     assert found.direct_boot
-    assert found.cmdline.startswith("root=/dev/vda rw console=ttyS0")
+    assert found.cmdline.startswith("root=/dev/mapper/gcvm-root ro console=ttyS0")
     assert found.python == "/opt/gcvm/venv/bin/python"
     assert found.supports_tee_guest(Tee.tdx) is False
     assert found.supports_tee_guest(Tee.sev_snp) is True
@@ -418,3 +452,43 @@ def test_guest_cmdline_is_the_images_then_the_pins() -> None:
         guest_cmdline("root=/dev/vda gcvm.owner_key=AA", "gcvm.owner_key=BB")
     with pytest.raises(ValueError, match="control characters"):
         guest_cmdline("root=/dev/vda", "quiet\x00")
+
+
+def test_kernel_pin_parses_one_line() -> None:
+    from orchestrator.errors import GcvmError
+    from orchestrator.image.pinned import parse_kernel_pin
+
+    digest = "ab" * 32
+    pin = parse_kernel_pin(
+        f"# comment\nlinux-image-6.12.9-cloud-amd64 6.12.9-1~bpo12+1 x-bp {digest}\n"
+    )
+    assert pin.deb_name == "linux-image-6.12.9-cloud-amd64_6.12.9-1~bpo12+1_amd64.deb"
+    for bad in ("", "linux-image-x 1 s", f"linux-image-x 1 s {digest}\nlinux-image-y 1 s {digest}",
+                f"bash 1 s {digest}", f"linux-image-x 1 s {digest[:-1]}"):  # fmt: skip
+        with pytest.raises(GcvmError):
+            parse_kernel_pin(bad)
+
+
+def test_a_cached_kernel_deb_is_used_without_apt(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import hashlib
+
+    from orchestrator.errors import GcvmError
+    from orchestrator.image import pinned
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(pinned, "_run", lambda argv, *a, **k: calls.append(list(argv)))
+    data = b"a kernel package"
+    pin = pinned.KernelPin("linux-image-9.9-cloud-amd64", "9.9-1", "x-bp",
+                           hashlib.sha256(data).hexdigest())  # fmt: skip
+    pinned.debs_dir().mkdir(parents=True)
+    (pinned.debs_dir() / pin.deb_name).write_bytes(data)
+    log = tmp_path / "log"
+    assert pinned.fetch_kernel(pin, [], log) == pinned.debs_dir() / pin.deb_name
+    assert calls == []  # offline: nothing asked of apt
+    # a cached file with another digest is fetched again, and apt's file must match too
+    (pinned.debs_dir() / pin.deb_name).write_bytes(b"tampered")
+    with pytest.raises(GcvmError, match="left no"):
+        pinned.fetch_kernel(pin, [], log)
+    assert [c[-1] for c in calls] == ["update", f"{pin.package}={pin.version}"]

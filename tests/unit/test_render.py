@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from lxml import etree
@@ -25,7 +26,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 CLUSTER_DIR = Path("/var/lib/gcvm/clusters/demo")
 SUBNET = "192.168.122.0/24"  # explicit: the goldens keep one address plan
 IMAGE = Path("/var/cache/gcvm/images/0123456789abcdef")
-CMDLINE = "root=/dev/vda rw console=ttyS0 fsck.mode=skip"
+CMDLINE = "root=/dev/mapper/gcvm-root ro console=ttyS0 fsck.mode=skip"
 
 
 def plain_caps(kvm_usable: bool) -> HostCaps:
@@ -50,6 +51,7 @@ def inputs_for(tee_: Tee, accel: Accel, run_as: str | None = None) -> render.Ren
         cmdline=CMDLINE,
         network="gcvm-demo",
         run_as=run_as,
+        root_readonly=True,  # gcvm's image: a dm-verity root
     )
 
 
@@ -297,7 +299,11 @@ def test_no_tee_shapes() -> None:
     assert tcg.get("type") == "qemu" and kvm.get("type") == "kvm"
     assert tcg.find("cpu").get("mode") == "custom"
     assert tcg.findtext("cpu/model") == "Nehalem"
+    # QEMU 7.2's TCG CMPXCHG16B double-faults Linux 6.12: cx16 is off under TCG only
+    disabled = [(f.get("policy"), f.get("name")) for f in tcg.findall("cpu/feature")]
+    assert disabled == [("disable", "cx16")]
     assert kvm.find("cpu").get("mode") == "host-passthrough"
+    assert kvm.find("cpu/feature") is None
     for root in (tcg, kvm):
         assert root.find("launchSecurity") is None
         assert root.find("os/loader") is None
@@ -313,6 +319,7 @@ def test_devices() -> None:
     ]
     assert disks[0].find("driver").get("type") == "qcow2"
     assert disks[0].find("source").get("file") == str(vm.disk)
+    assert disks[0].find("readonly") is not None  # the dm-verity root: never written
     assert disks[1].find("readonly") is not None
     assert disks[1].find("source").get("file") == str(vm.seed)
     nic = root.find("devices/interface")
@@ -474,3 +481,23 @@ def test_a_users_image_boots_from_its_disk() -> None:
     root = tree(render.render_domain(vm, inputs))
     assert root.find("os/kernel") is None and root.find("os/initrd") is None
     assert root.find("os/boot").get("dev") == "hd"
+
+
+def test_only_a_verity_root_is_read_only() -> None:
+    from orchestrator.cluster.backend import render_inputs
+    from orchestrator.image.model import Image, verity_cmdline
+
+    def image(kernel: Path | None, cmdline: str) -> Image:
+        return Image(IMAGE, IMAGE / "disk.qcow2", kernel, kernel, cmdline, "python3", "", 0,
+                     0.0, "", {})  # fmt: skip
+
+    host = SimpleNamespace(caps=caps_for(Tee.none, Accel.tcg), accel=Accel.tcg, run_as=None)
+    verity = f"root=/dev/mapper/gcvm-root ro {verity_cmdline('ab' * 32, 4096 * 10)}"
+    vm = vms_for(Tee.none)[0]
+    for img, readonly in (
+        (image(IMAGE / "vmlinuz", verity), True),
+        (image(IMAGE / "vmlinuz", "root=/dev/vda rw"), False),  # an image without verity
+        (image(None, ""), False),  # a user's own cloud image writes its disk
+    ):
+        root = tree(render.render_domain(vm, render_inputs(img, host, "net")))
+        assert (root.findall("devices/disk")[0].find("readonly") is not None) is readonly
