@@ -13,7 +13,7 @@ from rich.console import Console
 
 console = Console(stderr=True, highlight=False)
 # results (tables) go to stdout; piped into a file or CI log, they keep their columns
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 log = logging.getLogger("gcvm")
 log.addHandler(logging.NullHandler())  # no stderr fallback: the CLI prints errors itself
 _depth = 0
