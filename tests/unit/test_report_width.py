@@ -9,15 +9,17 @@ from orchestrator import report, ui
 
 def _run(mode: str) -> dict:
     return {
-        "mode": mode, "model": "minilm", "batch": 1, "seq": 8, "throughput": 1.0,
-        "latency_ms": {"median": 10.0, "p10": 9.0, "p90": 11.0}, "rel_err": 1e-6,
-        "overhead": 1.5, "breakdown_ms": {}, "cpu_ms": {"median": 5.0},
+        "mode": mode, "model": "minilm", "batch": 1, "seq": 8, "throughput": 12.34,
+        "latency_ms": {"median": 11234.5, "p10": 11200.0, "p90": 11300.0}, "rel_err": 1.2e-6,
+        "overhead": 2.123, "cpu_ms": {"median": 1123.4},
+        "breakdown_ms": {k: 1123.4 for k in ("master_compute", "deobfuscation", "transfer",
+                                             "worker_compute")},
         "speedup_bound": 2.0, "speedup_bound_sustained": 0.5, "key_release": "k",
     }  # fmt: skip
 
 
 def test_the_piped_table_keeps_its_headers() -> None:
-    runs = {"m0": {"results": [_run("plain-offload"), _run("groupcover")]}}
+    runs = {"gcvm-demo-master0": {"results": [_run("plain-offload"), _run("groupcover")]}}
     width = ui.out.width if not ui.out.is_terminal else 240
     console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
     console.print(report.table(runs, "t"))
