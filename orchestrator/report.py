@@ -165,15 +165,26 @@ def key_releases(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def key_release_table(runs: dict[str, dict[str, Any]]) -> Table:
     t = Table(title="Model key release", title_justify="left")
-    for col in ("master", "how", "source", "attested", "TEE", "seconds"):
+    for col in ("master", "how", "source", "attested", "broker", "packages", "TEE", "seconds"):
         t.add_column(col, justify="right" if col == "seconds" else "left")
     for master, facts in key_releases(runs).items():
         facts = facts or {}
         seconds = facts.get("seconds")
+        pins = (facts.get("broker_identity") or {}).get("source")
+        broker = _verdict(facts, "broker_authenticated", f"pinned ({pins})")
+        packages = _verdict(facts, "package_authenticated", "signed by the owner")
         t.add_row(master, str(facts.get("label", "-")), str(facts.get("source", "-")),
-                  "yes" if facts.get("attested") else "no", str(facts.get("tee") or "-"),
+                  "yes" if facts.get("attested") else "no", broker, packages,
+                  str(facts.get("tee") or "-"),
                   "-" if seconds is None else f"{float(seconds):.3f}")  # fmt: skip
     return t
+
+
+def _verdict(facts: dict[str, Any], key: str, yes: str) -> str:
+    """A release's authentication fact as the table says it ("-": the master did not say)."""
+    if key not in facts:
+        return "-"
+    return yes if facts[key] else "NOT authenticated"
 
 
 _CLAIMS = ("measurement", "reported_tcb", "vmpl", "signing_key", "chip_id", "mr_td", "rtmrs",

@@ -26,3 +26,21 @@ def test_the_piped_table_keeps_its_headers() -> None:
     text = console.export_text()
     for header in ("vs plain-offload", "sust. bound", "p10-p90 ms"):
         assert header in text, text
+
+
+def test_the_key_release_table_says_whether_broker_and_packages_were_authenticated() -> None:
+    runs = {
+        "m0": {"settings": {"key_release": {
+            "label": "model key released without attestation", "source": "broker",
+            "attested": False, "broker_authenticated": True,
+            "broker_identity": {"source": "kernel command line (measured)"},
+            "package_authenticated": True}}},
+        "m1": {"settings": {"key_release": {
+            "label": "x", "source": "broker", "attested": False,
+            "broker_authenticated": False, "package_authenticated": False}}},
+    }  # fmt: skip
+    console = Console(width=240, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(report.key_release_table(runs))
+    text = console.export_text()
+    assert "pinned (kernel command line (measured))" in text and "signed by the owner" in text
+    assert text.count("NOT authenticated") == 2
