@@ -12,7 +12,6 @@ signatures as for any apt download; the .deb's version and SHA-256 are recorded 
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.digests import file_sha256
 from orchestrator.errors import HostUnsupported
 from orchestrator.image.apt import host_apt_sources
 from orchestrator.paths import cache_root
@@ -71,14 +71,6 @@ def mirror_uri() -> str:
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_firmware(tee: str) -> Firmware | None:
     folder = firmware_dir(tee)
     try:
@@ -86,7 +78,7 @@ def cached_firmware(tee: str) -> Firmware | None:
         found = Firmware(path=folder / Path(PACKAGES[tee].member).name, **data)
     except (OSError, ValueError, TypeError):
         return None
-    return found if found.path.is_file() and _sha256(found.path) == found.sha256 else None
+    return found if found.path.is_file() and file_sha256(found.path) == found.sha256 else None
 
 
 def _apt(argv: list[str], options: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -147,8 +139,8 @@ def fetch_firmware(tee: str) -> Firmware:
             path=target,
             package=pkg.package,
             version=deb.name.split("_")[1].replace("%3a", ":"),
-            deb_sha256=_sha256(deb),
-            sha256=_sha256(target),
+            deb_sha256=file_sha256(deb),
+            sha256=file_sha256(target),
         )
         record = {k: v for k, v in found.__dict__.items() if k != "path"}
         (folder / (RECORD + ".new")).write_text(json.dumps(record, indent=2) + "\n")

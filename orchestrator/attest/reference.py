@@ -12,7 +12,6 @@ public vector: it is pinned from a known-good launch (`--mrtd`, or later in the 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from orchestrator.attest.snp import (
     POLICY_SINGLE_SOCKET,
     POLICY_SMT,
 )
+from orchestrator.digests import file_sha256
 from orchestrator.errors import UsageError
 from orchestrator.image.lookup import image_at
 from orchestrator.image.model import INITRD, KERNEL, Image, guest_cmdline
@@ -51,14 +51,6 @@ class Reference:
     inputs: dict[str, str] = field(default_factory=dict)  # written as the file's header
     notes: list[str] = field(default_factory=list)  # printed as warnings
     seconds: float = 0.0
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checked_image(folder: Path) -> Image:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from orchestrator import ui
+from orchestrator.digests import file_sha256
 from orchestrator.errors import HostUnsupported, ImageMissing
 from orchestrator.image.apt import debian_sources, host_apt_sources
 from orchestrator.image.commands import remove_tree
@@ -169,14 +169,7 @@ def _build_locked(folder: Path, wanted: str) -> Image:
 def boot_file_digests(folder: Path) -> dict[str, str]:
     """SHA-256 of the direct-boot files in an image folder (KERNEL, INITRD): the build's record
     of what it produced, which `gcvm attest policy` checks before it measures them."""
-    digests = {}
-    for name in (KERNEL, INITRD):
-        digest = hashlib.sha256()
-        with (folder / name).open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        digests[name] = digest.hexdigest()
-    return digests
+    return {name: file_sha256(folder / name) for name in (KERNEL, INITRD)}
 
 
 def _write_metadata(image: Image, work: Path) -> None:

@@ -4,7 +4,6 @@ pinned suite; /etc/apt is never touched) and checked against the recipe's SHA-25
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -14,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from orchestrator import ui
+from orchestrator.digests import file_sha256
 from orchestrator.errors import GcvmError
 from orchestrator.image.apt import AptSource
 from orchestrator.image.commands import _run
@@ -59,14 +59,6 @@ def debs_dir() -> Path:
     return cache_root() / "debs"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _private_apt(folder: Path, sources: Sequence[AptSource], suite: str) -> list[str]:
     """apt-get options for a configuration of its own in `folder`: the host's Debian mirrors
     (and their keyrings) with the pinned suite."""
@@ -90,7 +82,7 @@ def fetch_kernel(pin: KernelPin, sources: Sequence[AptSource], log: Path) -> Pat
     """The pinned kernel's .deb in gcvm's cache, downloaded when it is not there yet (a rebuild
     needs no network for it); its SHA-256 must be the recipe's, or the build stops."""
     target = debs_dir() / pin.deb_name
-    if target.is_file() and _sha256(target) == pin.sha256:
+    if target.is_file() and file_sha256(target) == pin.sha256:
         ui.info(f"kernel {pin.package} {pin.version}: cached {target}")
         return target
     debs_dir().mkdir(parents=True, exist_ok=True)
@@ -103,7 +95,7 @@ def fetch_kernel(pin: KernelPin, sources: Sequence[AptSource], log: Path) -> Pat
         got = folder / pin.deb_name
         if not got.is_file():
             raise GcvmError(f"apt-get download left no {pin.deb_name}", hint=f"see {log}")
-        actual = _sha256(got)
+        actual = file_sha256(got)
         if actual != pin.sha256:
             raise GcvmError(
                 f"{pin.deb_name} has SHA-256 {actual}, not the recipe's {pin.sha256}",
