@@ -17,23 +17,18 @@ the host because `gcvm up --broker` runs the broker there (a demonstration conve
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.attest.identity import b64url, cmdline_param, load_or_create
 from orchestrator.errors import UsageError
 
-BROKER_CERT_PARAM = "gcvm.broker_cert"
 OWNER_KEY_PARAM = "gcvm.owner_key"
 BROKER_DIR = "broker-identity"
 SIGNING_KEY = "owner.key"
 SIGNING_PUB = "owner.pub"
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 @dataclass(frozen=True)
@@ -57,8 +52,7 @@ class OwnerIdentity:
     @property
     def cmdline(self) -> str:
         """The kernel command line parameters that pin both identities."""
-        return (f"{BROKER_CERT_PARAM}={b64url(self.broker_cert)} "
-                f"{OWNER_KEY_PARAM}={b64url(self.owner_key)}")  # fmt: skip
+        return f"{cmdline_param(self.broker_cert)} {OWNER_KEY_PARAM}={b64url(self.owner_key)}"
 
     def facts(self) -> dict[str, str]:
         """What a cluster's state records (fingerprints and the owner folder, no key)."""
@@ -72,20 +66,9 @@ class OwnerIdentity:
 
 def ensure(folder: Path) -> OwnerIdentity:
     """The owner folder's identities, made on first use."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    from orchestrator.attest import identity
-
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    identity.load_or_create(folder / BROKER_DIR)
-    try:
-        pem = (folder / BROKER_DIR / "broker.pem").read_bytes()
-        cert = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"the broker identity in {folder / BROKER_DIR} cannot be read: {exc}",
-                         hint="move the folder aside to make a new one") from None  # fmt: skip
-    return OwnerIdentity(folder, cert, _signing_key(folder))
+    broker = load_or_create(folder / BROKER_DIR)  # checked: key 0600, the certificate its own
+    return OwnerIdentity(folder, broker.cert_der, _signing_key(folder))
 
 
 def _signing_key(folder: Path) -> bytes:

@@ -20,7 +20,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from orchestrator.ownerid import OwnerIdentity, b64url
+from orchestrator.attest.identity import b64url
+from orchestrator.ownerid import OwnerIdentity
 
 VERSION = "0.1.0"
 ALGORITHM = "sha384"
