@@ -112,7 +112,9 @@ def finish(rendezvous: Rendezvous) -> None:
     # torch logs a dead peer's failed barrier with a traceback of its own; this rank reports it
     # in one line (WorkerUnavailable below), so that record is dropped
     torch_log = logging.getLogger("torch.distributed.rpc.api")
-    quiet = logging.Filter("groupcover.never")  # passes only records of that (unused) name
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return False
 
     def barrier() -> None:
         torch_log.addFilter(quiet)
