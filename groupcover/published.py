@@ -124,7 +124,8 @@ class PublishedFile:
             return value if ok else None
 
         entry = info if isinstance(info, dict) else {}
-        dtype = _DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+        dtype_name = entry.get("dtype")
+        dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         shape, offsets = integers(entry.get("shape")), integers(entry.get("data_offsets"), 2)
         if dtype is None or shape is None or offsets is None:
             raise PublishedError(f"{self.path}: tensor {name!r} has an unreadable entry "

@@ -62,7 +62,7 @@ class KeySource:
     def validate(self) -> None:
         if self.key_file is not None and self.broker is not None:
             raise UsageError("give --key-file or --broker, not both")
-        if cdh.is_cdh(self.broker):
+        if self.broker is not None and cdh.is_cdh(self.broker):
             cdh.endpoint(self.broker)  # the pod's CDH gathers the evidence itself: no --tee
             cdh.resource_path(self.resource)
         elif self.broker is not None and self.tee not in TEES:

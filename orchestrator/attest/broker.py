@@ -262,6 +262,7 @@ def _handshake(context: ssl.SSLContext, sock: socket.socket, deadline: float) ->
     conn = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     try:
         conn.setblocking(False)
+        wanted: tuple[list[ssl.SSLSocket], list[ssl.SSLSocket]]
         while True:
             try:
                 conn.do_handshake()

@@ -134,6 +134,7 @@ def reference_policy(
     if not 0 <= vmpl <= 3:
         raise UsageError(f"--vmpl {vmpl}: a VMPL is 0 to 3")
     image = checked_image(image_dir)
+    assert image.kernel is not None and image.initrd is not None  # checked_image refuses none
     try:
         cmdline = guest_cmdline(image.cmdline, cmdline_extra)
     except ValueError as exc:

@@ -182,8 +182,9 @@ def check_policy(verdict: Verdict, policy: Any) -> None:
     if policy.mrtd and claims["mr_td"] not in policy.mrtd:
         verdict.fail(f"unknown MRTD {claims['mr_td'][:16]}... (not in the policy)")
     if policy.rtmrs:
-        got = [claims[f"rtmr_{i}"] for i in range(4)]
+        measured = [claims[f"rtmr_{i}"] for i in range(4)]
         if not any(
-            all(w in (None, g) for w, g in zip(want, got, strict=True)) for want in policy.rtmrs
+            all(w in (None, m) for w, m in zip(accepted, measured, strict=True))
+            for accepted in policy.rtmrs
         ):
             verdict.fail("RTMRs match none of the policy's accepted sets")

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 from orchestrator import netns, ui
 from orchestrator.errors import GcvmError, HostUnsupported
@@ -128,11 +129,12 @@ class Podman:
             raise PodmanError(f"`podman {' '.join(args[:4])}` failed: {tail}")
         return proc
 
-    def popen(self, *args: str, stdout: object, stderr: object) -> subprocess.Popen[bytes]:
+    def popen(self, *args: str, stdout: int | IO[bytes] | None,
+              stderr: int | IO[bytes] | None) -> subprocess.Popen[bytes]:  # fmt: skip
         argv = self.argv(args)
         log.debug("start: %s", " ".join(argv))
         return subprocess.Popen(argv, env=self.env, stdout=stdout, stderr=stderr,
-                                stdin=subprocess.DEVNULL)  # type: ignore[arg-type]  # fmt: skip
+                                stdin=subprocess.DEVNULL)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
