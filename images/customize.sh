@@ -1,9 +1,11 @@
 # Runs with /bin/sh inside the guest tree (chroot), after images/rootfs/ is copied over it.
 set -eu
 
-# systemd: networkd and sshd on, the seed reader before them; nothing that waits for the network
-# or wakes up later to use the CPU.
-systemctl enable systemd-networkd.service ssh.service gcvm-seed.service
+# systemd: networkd and sshd on, the seed reader before them; on a locked master (gcvm.locked=1)
+# sshd and gettys stay off and the code disk and the job agent start instead; nothing that waits
+# for the network or wakes up later to use the CPU.
+systemctl enable systemd-networkd.service ssh.service gcvm-seed.service gcvm-code.service \
+    gcvm-agent.service
 systemctl mask systemd-networkd-wait-online.service getty@tty1.service \
     apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer
 # Early-boot work a VM does not need; under TCG each costs seconds of the one vCPU while the

@@ -222,6 +222,13 @@ def up_cmd(
         "every guest's kernel command line (made on first use; default "
         "/var/lib/gcvm/owner/<name>/). In production it is the owner's machine's.",
     ),
+    locked: bool = typer.Option(
+        False,
+        "--locked",
+        help="Lock the masters as under a TEE (always so with --tee tdx|sev-snp): no SSH, the "
+        "framework only from a dm-verity code disk measured in the kernel command line, runs "
+        "only through the master's job agent. With --tee none: the same behaviour, unmeasured.",
+    ),
     keep_on_failure: bool = typer.Option(False, help="Keep what was created if `up` fails."),
     timeout: float = typer.Option(300.0, help="Seconds for the VMs to become ready."),
     runtime: str = typer.Option(
@@ -273,6 +280,7 @@ def up_cmd(
         broker=broker,
         broker_policy=policy,
         owner=str(owner.resolve()) if owner else None,
+        locked=locked,
     )
     st = cluster.up(spec, keep_on_failure=keep_on_failure, image_path=image, timeout=timeout)
     _print_vms(st.name)

@@ -210,6 +210,11 @@ class Remote:
 
     @classmethod
     def connect(cls, cluster: ClusterState, vm: VmState, timeout: float) -> Remote:
+        """SSH to `vm`; a locked master has no SSH server, and gcvm does not try."""
+        if vm.locked:
+            from orchestrator.agentclient import refuse
+
+            raise refuse(vm.name, "the host has no way in")
         return cls.open(endpoint_for(cluster, vm), timeout)
 
     @classmethod
@@ -363,6 +368,10 @@ def endpoint_for(cluster: ClusterState, vm: VmState) -> Endpoint:
 
 def ssh_argv(cluster: ClusterState, vm: VmState, command: list[str] | None = None) -> list[str]:
     """OpenSSH's client with the same pinning, inside the namespace (for interactive shells)."""
+    if vm.locked:
+        from orchestrator.agentclient import refuse
+
+        raise refuse(vm.name, "the host has no way in")
     argv = [
         "ssh",
         "-i",

@@ -93,6 +93,9 @@ class RenderInputs:
     # the root disk is attached read-only: gcvm's image, whose root is checked by dm-verity and
     # whose writable state lives in a tmpfs (a write to the disk would only break verification)
     root_readonly: bool = False
+    # a locked master's framework code (orchestrator.codedisk), attached read-only, serial
+    # gcvm-code; None for every other VM
+    code_disk: Path | None = None
 
     def __post_init__(self) -> None:
         if self.accel is Accel.auto:
@@ -178,6 +181,7 @@ def render_domain(vm: VmSpec, inputs: RenderInputs) -> str:
         metadata_ns=METADATA_NS,
         run_as=inputs.run_as,
         root_readonly=inputs.root_readonly,
+        code_disk=inputs.code_disk,
     )
 
 

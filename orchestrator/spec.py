@@ -75,9 +75,17 @@ class ClusterSpec:
     broker: bool = False  # `--broker`: the owner's key broker for the cluster's lifetime
     broker_policy: str | None = None  # its policy file (needed with a TEE)
     owner: str | None = None  # the owner folder (identities, keys); default owner_dir(name)
+    locked: bool = False  # `--locked`: masters as under a TEE (no SSH, measured code only)
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def locked_masters(self) -> bool:
+        """Whether the masters are locked: always under a TEE (a confidential master the host
+        could log into protects nothing), and with `--locked` under --tee none (to run and test
+        the same behaviour without one)."""
+        return self.locked or self.tee in (Tee.tdx, Tee.sev_snp)
 
     def validate(self) -> None:
         check_name(self.name)
@@ -286,6 +294,7 @@ class VmSpec:
     disk: Path  # qcow2 overlay
     seed: Path  # seed ISO
     serial_log: Path
+    locked: bool = False  # a locked master: no SSH, its code from the verified code disk
 
 
 def plan_vms(spec: ClusterSpec, cluster_dir: Path) -> list[VmSpec]:
@@ -315,6 +324,7 @@ def plan_vms(spec: ClusterSpec, cluster_dir: Path) -> list[VmSpec]:
                 disk=cluster_dir / "disks" / f"{name}.qcow2",
                 seed=cluster_dir / "disks" / f"{name}-seed.iso",
                 serial_log=cluster_dir / "logs" / f"{name}.serial.log",
+                locked=role is Role.master and spec.locked_masters,
             )
         )
     return vms

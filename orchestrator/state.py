@@ -54,6 +54,7 @@ class VmState:
     disk: str = ""
     seed: str = ""
     serial_log: str = ""
+    locked: bool = False  # a locked master: reached only through its job agent (no SSH)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VmState:

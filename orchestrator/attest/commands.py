@@ -186,6 +186,21 @@ def firmware_cmd(
     out.print(str(found.path), soft_wrap=True)
 
 
+def _locked_params(source: Path | None) -> str:
+    """The locked master's command line parameters for the code of `source` (its code disk's
+    root hash, computed in a scratch folder)."""
+    import tempfile
+
+    from orchestrator import codedisk, deploy
+    from orchestrator.ui import info
+
+    root = source.resolve() if source is not None else deploy.project_root()
+    with tempfile.TemporaryDirectory(prefix="gcvm-code-") as tmp:
+        disk = codedisk.build(Path(tmp) / "code.img", root)
+    info(f"locked masters run {root}/groupcover: code disk root hash {disk.root_hash}")
+    return disk.cmdline()
+
+
 @attest_app.command("policy")
 def policy_cmd(
     image: Path = typer.Option(..., "--image", help="The image folder (gcvm image info: root)."),
@@ -221,10 +236,19 @@ def policy_cmd(
     mrtd: list[str] = typer.Option(
         [], "--mrtd", help="TDX: an MRTD seen in a known-good launch (repeatable)."
     ),
+    code: Path | None = typer.Option(
+        None,
+        "--code",
+        help="The source checkout whose groupcover/ the locked masters run (its code disk's "
+        "dm-verity root hash is in their command line; default: this checkout).",
+    ),
 ) -> None:
     """Compute a broker policy's reference values from an image and its firmware, on the
     owner's machine: the SEV-SNP launch digest (sev-snp-measure), VMPL, guest policy bits, TCB
-    floor; for TDX the TD attributes. Exit 2 on a missing or changed input."""
+    floor; for TDX the TD attributes. A TEE cluster's masters are locked: the command line
+    measured is the image's, the owner's pins, then `gcvm.locked=1` and the code disk's root
+    hash, which this computes from the source as `gcvm up` does (the build is reproducible).
+    Exit 2 on a missing or changed input."""
     import json as _json
 
     from orchestrator.attest.policy import _hexes
@@ -251,6 +275,7 @@ def policy_cmd(
             raise UsageError(f"--owner {owner}: no such folder")
         cmdline_extra = ownerid.ensure(owner).cmdline
         info(f"pins of {owner}: {cmdline_extra[:60]}...")
+    cmdline_extra = " ".join(filter(None, [cmdline_extra, _locked_params(code)]))
     title = "measure the SEV-SNP launch" if tee == "sev-snp" else "pin the TD's attributes"
     with step(f"{title} ({image}, {vcpus} vCPU)"):
         ref = reference_policy(

@@ -160,10 +160,22 @@ class Backend:
         return render.render_network(spec, list(vms), bridge=bridge_name(spec))
 
     def render_domain(self, vm: VmSpec, image: Any, host: HostFacts, network: str,
-                      pins: str = "") -> str:  # fmt: skip
+                      pins: str = "", code: Any = None) -> str:  # fmt: skip
+        """`code`: the locked masters' code disk (orchestrator.codedisk.CodeDisk), for a
+        locked `vm`: its root hash joins the measured command line, the disk the domain."""
+        from dataclasses import replace
+
         from orchestrator import render
 
-        return render.render_domain(vm, render_inputs(image, host, network, pins))
+        inputs = render_inputs(image, host, network, pins)
+        if vm.locked:
+            if code is None:
+                raise ValueError(f"{vm.name} is locked but there is no code disk")
+            from orchestrator.image.model import guest_cmdline
+
+            inputs = replace(inputs, cmdline=guest_cmdline(inputs.cmdline, code.cmdline()),
+                             code_disk=code.path)  # fmt: skip
+        return render.render_domain(vm, inputs)
 
     def check_guest_access(self, files: list[Path], host: HostFacts, spec: ClusterSpec) -> None:
         """Every file QEMU opens must be reachable by the user it runs as (libvirt's DAC driver

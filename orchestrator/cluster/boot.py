@@ -24,6 +24,7 @@ from orchestrator.errors import (
     GcvmError,
     Interrupted,
 )
+from orchestrator.image.model import verity_root
 from orchestrator.spec import ClusterSpec, Tee, check_timeout, plan_vms
 from orchestrator.state import ClusterState
 
@@ -185,6 +186,13 @@ def _up(run: _Up) -> ClusterState:
     with ui.step("find the guest image"):
         image = given if given is not None else backend.find_image(run.image_path)
         ui.info(f"image {image.disk}")
+        if spec.locked_masters and not verity_root(image):
+            raise GcvmError(
+                "locked masters boot gcvm's own image (its root and code disk under dm-verity, "
+                "sshd off and the job agent on when the measured command line says so); "
+                f"{image.disk} is not one",
+                hint="leave out --image (gcvm image build makes it), or leave out --locked",
+            )
         for tee in spec.tees:
             if tee is not Tee.none and image.tee_guest_support.get(str(tee)) is False:
                 raise GcvmError(

@@ -68,6 +68,7 @@ def _initial_state(spec: ClusterSpec, vms: list[VmSpec], image: Any) -> ClusterS
                 disk=str(vm.disk),
                 seed=str(vm.seed),
                 serial_log=str(vm.serial_log),
+                locked=vm.locked,
             )
             for vm in vms
         ],
@@ -101,7 +102,9 @@ def _create(
             backend.create_overlay(image.disk, image.disk_format, vm.disk)
             backend.build_seed(vm, client_pub.strip(), host_keys[vm.name])
             vm.serial_log.parent.mkdir(parents=True, exist_ok=True)
-        shared = [p for p in (image.disk, image.kernel, image.initrd) if p is not None]
+        code = _code_disk(run, vms)
+        shared = [p for p in (image.disk, image.kernel, image.initrd, code and code.path)
+                  if p is not None]  # fmt: skip
         mine = [p for vm in vms for p in (vm.disk, vm.seed, vm.serial_log)]
         backend.check_guest_access([*shared, *mine], host, spec)
     with ui.step(f"define and start {', '.join(vm.name for vm in vms)}"):
@@ -111,7 +114,19 @@ def _create(
 
         def start(vm: VmSpec) -> str:
             check(cancel)  # another start failed: define nothing more
-            return hv.start_domain(backend.render_domain(vm, image, host, network, pins))
+            return hv.start_domain(backend.render_domain(vm, image, host, network, pins, code))
 
         # a start in flight is waited for: teardown must see every domain it defines
         _parallel(start, vms, "start", cancel=cancel, grace=START_GRACE_S)
+
+
+def _code_disk(run: _Up, vms: list[VmSpec]) -> Any:
+    """The locked masters' framework code (one disk, read-only, shared), or None."""
+    if not any(vm.locked for vm in vms):
+        return None
+    from orchestrator import codedisk, deploy
+
+    disk = codedisk.build(run.dir / "disks" / "code.img", deploy.project_root())
+    ui.info(f"locked masters: framework code on {disk.path.name}, dm-verity root hash "
+            f"{disk.root_hash[:16]}... (in their kernel command line)")  # fmt: skip
+    return disk

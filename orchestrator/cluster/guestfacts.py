@@ -25,6 +25,19 @@ def serial_tail(path: Path | str, lines: int = 25) -> str:
     return "\n".join(f"    {line}" for line in tail) or f"(the serial log {path} is empty)"
 
 
+def agent_facts(health: dict[str, object], mac: str) -> tuple[str, str, str]:
+    """(ifname, tee_verified, evidence) from a locked master's agent (`GET /health`), in the
+    words GUEST_FACTS' output has."""
+    links = health.get("links") or {}
+    devices = health.get("tee_devices")
+    lines = (
+        [f"device: {d}" for d in devices if isinstance(d, str)] if isinstance(devices, list) else []
+    )
+    if isinstance(links, dict):
+        lines += [f"link: 0: {name}: link/ether {addr}" for name, addr in links.items()]
+    return parse_guest_facts("\n".join(lines), mac)
+
+
 def parse_guest_facts(output: str, mac: str) -> tuple[str, str, str]:
     """(ifname, tee_verified, evidence) from GUEST_FACTS' output."""
     ifname = ""

@@ -11,7 +11,7 @@ from typing import Any
 from orchestrator import deploy, state, ui
 from orchestrator.cluster.backend import Guest
 from orchestrator.cluster.create import _Up
-from orchestrator.cluster.guestfacts import GUEST_FACTS, parse_guest_facts, serial_tail
+from orchestrator.cluster.guestfacts import GUEST_FACTS, agent_facts, parse_guest_facts, serial_tail
 from orchestrator.cluster.parallel import _parallel, check
 from orchestrator.errors import (
     GcvmError,
@@ -56,6 +56,37 @@ def _ready(run: _Up, vms: list[VmSpec], image: Any) -> ClusterState:
     return st
 
 
+def _locked_ready(vm: VmState, st: ClusterState, timeout: float, deadline: float,
+                  cancel: threading.Event | None) -> VmState:  # fmt: skip
+    """A locked master is ready when its job agent answers and says the measured command line
+    locks it; no SSH, and no code is installed (the framework is on the verified code disk)."""
+    from orchestrator.agentclient import LockedGuest
+
+    start = time.monotonic()
+    guest = LockedGuest(vm.name, vm.address, st.netns)
+    try:
+        health = guest.wait_health(deadline, lambda: cancel is not None and cancel.is_set())
+    except Timeout:
+        check(cancel)
+        raise Timeout(
+            f"{vm.name} ({vm.address}): its job agent did not answer within {timeout:.0f} s",
+            hint=f"last lines of its serial console ({vm.serial_log}):\n"
+            f"{serial_tail(vm.serial_log)}",
+        ) from None
+    if health.get("locked") is not True or not health.get("code_root_hash"):
+        raise GcvmError(f"{vm.name}: the agent answers but the guest says it is not locked",
+                        hint="the guest is not what was launched; see the serial log")  # fmt: skip
+    ifname, verified, evidence = agent_facts(health, vm.mac)
+    if verified != str(vm.tee):
+        raise GcvmError(
+            f"{vm.name}: asked for TEE {vm.tee}, the guest reports {verified} ({evidence})",
+            hint="the guest is not what was requested; see the serial log",
+        )
+    ui.log.info("%s: agent up after %.1f s (locked, code %s)", vm.name,
+                time.monotonic() - start, health.get("code_root_hash"))  # fmt: skip
+    return replace(vm, ifname=ifname, tee_verified=verified, tee_evidence=evidence)
+
+
 def _vm_ready(
     run: _Up,
     st: ClusterState,
@@ -65,6 +96,8 @@ def _vm_ready(
     cancel: threading.Event | None = None,
 ) -> VmState:
     backend = run.backend
+    if vm.locked:
+        return _locked_ready(vm, st, run.timeout, deadline, cancel)
 
     def left() -> float:
         check(cancel)

@@ -3,12 +3,14 @@ what each rank is told of them and of the key broker that releases their keys.""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from orchestrator import packages, report, runbroker, state
+from orchestrator.agentclient import LockedGuest
 from orchestrator.remote import Remote
 from orchestrator.run.settings import BenchSettings
 from orchestrator.run.world import Node
@@ -75,7 +77,11 @@ def copy_packages(ranks: Sequence[tuple[Node, RankSpec]], remotes: Mapping[str, 
     """Every VM rank gets its files of every package (in parallel, one thread per VM)."""
 
     def one(node: Node) -> list[dict[str, Any]]:
-        return [packages.copy_to(remotes[node.name], pkg,
+        target = remotes[node.name]
+        if isinstance(target, LockedGuest):
+            return [copy_to_locked(target, pkg, packages.copy_plan(pkg, node.role.value, baselines))
+                    for pkg in pkgs]  # fmt: skip
+        return [packages.copy_to(target, pkg,
                                  packages.copy_plan(pkg, node.role.value, baselines))
                 for pkg in pkgs]  # fmt: skip
 
@@ -83,6 +89,18 @@ def copy_packages(ranks: Sequence[tuple[Node, RankSpec]], remotes: Mapping[str, 
     with ThreadPoolExecutor(max_workers=max(1, len(vms))) as pool:
         futures = [pool.submit(one, node) for node in vms]
         return [item for future in futures for item in future.result()]
+
+
+def copy_to_locked(guest: LockedGuest, pkg: packages.HostPackage,
+                   files: Sequence[str]) -> dict[str, Any]:  # fmt: skip
+    """A package's files into a locked master, through its agent (every file each time: the
+    agent's package folder is in the guest's memory and gone with each boot)."""
+    start = time.monotonic()
+    nbytes = 0
+    for name in files:
+        nbytes += int(guest.put_package_file(pkg.package_id, pkg.folder / name)["bytes"])
+    return {"vm": guest.name, "package_id": pkg.package_id, "copied": list(files), "skipped": [],
+            "bytes": nbytes, "seconds": round(time.monotonic() - start, 2)}  # fmt: skip
 
 
 def model_args(node: Node, role: Role, pkgs: Sequence[packages.HostPackage],

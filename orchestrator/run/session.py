@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from orchestrator import ownerid, packages, runbroker, state, top
+from orchestrator.agentclient import LockedGuest
 from orchestrator.cluster import Backend
 from orchestrator.errors import HypervisorError
 from orchestrator.hostworker import HostWorkerState
@@ -37,12 +38,16 @@ from orchestrator.spec import Role
 from orchestrator.ui import console, step
 
 
-def connect_all(st: state.ClusterState, names: Sequence[str] | None = None) -> dict[str, Remote]:
-    """SSH to every VM of the cluster (or those named); the host worker needs none."""
-    remotes: dict[str, Remote] = {}
+def connect_all(st: state.ClusterState, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """SSH to every VM of the cluster (or those named); the host worker needs none. A locked
+    master gets its job agent instead (`LockedGuest`: package files, a `launch` job, results)."""
+    remotes: dict[str, Any] = {}
     try:
         for vm in st.vms:
             if names is not None and vm.name not in names:
+                continue
+            if vm.locked:
+                remotes[vm.name] = LockedGuest(vm.name, vm.address, st.netns)
                 continue
             remotes[vm.name] = Remote.connect(st, vm, timeout=30)
     except BaseException:
@@ -70,7 +75,7 @@ class RunSession:
     def __init__(self, name: str) -> None:
         self.name = name
         self.ranks = Ranks()
-        self.remotes: dict[str, Remote] = {}
+        self.remotes: dict[str, Any] = {}  # Remote, or LockedGuest for a locked master
         self.broker: Broker | None = None
         self.sampler: top.Sampler | None = None
         self._hv: Any = None
@@ -109,7 +114,7 @@ class RunSession:
         if self.st.cluster_broker is None:
             runbroker.check_policy(self.tee, Path(policy) if policy else None)
 
-    def connect(self, names: Sequence[str] | None = None) -> dict[str, Remote]:
+    def connect(self, names: Sequence[str] | None = None) -> dict[str, Any]:
         self.remotes.update(connect_all(self.st, names))
         return self.remotes
 

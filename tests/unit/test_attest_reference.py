@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from orchestrator import codedisk
 from orchestrator.attest import snp, tdx
 from orchestrator.attest.measure import snp_launch_digest
 from orchestrator.attest.policy import load_policy, parse_policy, unpinned
@@ -174,13 +176,27 @@ def test_policy_command_writes_a_policy_the_broker_loads(tmp_path: Path, ovmf: P
                 "4", "--cmdline-extra", "gcvm.owner_key=AAAA", "--min-tcb",
                 "bootloader=3,tee=0,snp=8,microcode=115", "--out", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
+    # a TEE master is locked: its command line ends with its code disk's root hash, the same
+    # reproducible build `gcvm up` attaches
+    locked = codedisk.build(tmp_path / "code.img", Path(__file__).resolve().parents[2]).cmdline()
+    assert locked.startswith("gcvm.locked=1 gcvm.code=")
     expected = snp_launch_digest(ovmf, image / "vmlinuz", image / "initrd.img",
-                                 f"{CMDLINE} gcvm.owner_key=AAAA", vcpus=4)  # fmt: skip
+                                 f"{CMDLINE} gcvm.owner_key=AAAA {locked}", vcpus=4)  # fmt: skip
     assert done.stdout.strip() == expected.hex()
     assert "measure the SEV-SNP launch" in err(done)  # the progress line
     policy = load_policy(out)
     assert policy.snp is not None and policy.snp.measurements == [expected.hex()]
-    assert f"cmdline: {CMDLINE} gcvm.owner_key=AAAA" in out.read_text()
+    assert f"cmdline: {CMDLINE} gcvm.owner_key=AAAA {locked}" in out.read_text()
+    # another checkout's code is another measurement
+    other = tmp_path / "other"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "groupcover", other / "groupcover",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    (other / "groupcover" / "agent" / "jobs.py").write_text(
+        (other / "groupcover" / "agent" / "jobs.py").read_text() + "\n# changed\n"
+    )
+    changed = gcvm("attest", "policy", "--image", str(image), "--firmware", str(ovmf), "--vcpus",
+                   "4", "--code", str(other), "--out", str(tmp_path / "o.yaml"))  # fmt: skip
+    assert changed.returncode == 0 and changed.stdout.strip() != expected.hex()
     missing = gcvm("attest", "policy", "--image", str(tmp_path), "--firmware", str(ovmf),
                    "--vcpus", "1", "--out", str(tmp_path / "p.yaml"))  # fmt: skip
     assert missing.returncode == 2 and "holds no built image" in err(missing)
