@@ -27,6 +27,7 @@ from groupcover.errors import GroupCoverError, RendezvousError, UsageError, prin
 from groupcover.keyrelease import cli as keyrelease
 from groupcover.launch import RankSettings, Role, launch
 from groupcover.models import standin
+from groupcover.modes import MODES, uses_mask_worker
 from groupcover.package.build import (
     DEFAULT_SCHEME,
     PACKAGE_SCHEMES,
@@ -62,6 +63,9 @@ def _add_launch(launch_p: argparse.ArgumentParser) -> None:
     add("--world-size", type=int_in("--world-size", 2),
         help="masters + workers (default: $WORLD_SIZE)")  # fmt: skip
     add("--worker", type=int, help="(master) the worker rank to offload to (default: $WORKER)")
+    add("--mask-worker", type=int, dest="mask_worker",
+        help="(master, the -2w modes) the rank of a second worker, not colluding with the "
+        "first, that computes the masks' products (default: $MASK_WORKER)")  # fmt: skip
     add("--master-addr", help="rendezvous address, rank 0's (default: $MASTER_ADDR)")
     add("--master-port", type=int_in("--master-port", 1, 65535),
         help="rendezvous port (default: $MASTER_PORT)")  # fmt: skip
@@ -307,13 +311,17 @@ def _rendezvous(args: argparse.Namespace, env: Mapping[str, str]) -> Rendezvous:
     )
 
 
-def _worker_rank(args: argparse.Namespace, env: Mapping[str, str]) -> int | None:
-    if args.worker is not None or not env.get("WORKER"):
-        return cast(int | None, args.worker)
+def _worker_rank(
+    args: argparse.Namespace, env: Mapping[str, str], flag: str = "worker", var: str = "WORKER"
+) -> int | None:
+    """A rank from its flag, else from the seed's environment variable (`WORKER`)."""
+    given = getattr(args, flag)
+    if given is not None or not env.get(var):
+        return cast(int | None, given)
     try:
-        return int(env["WORKER"])
+        return int(env[var])
     except ValueError:
-        raise UsageError(f"WORKER={env['WORKER']!r} is not an integer") from None
+        raise UsageError(f"{var}={env[var]!r} is not an integer") from None
 
 
 def _models(args: argparse.Namespace) -> tuple[str, ...]:
@@ -333,6 +341,7 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> RankSettings:
         master_addr=rendezvous.master_addr,
         master_port=rendezvous.master_port,
         worker=_worker_rank(args, env),
+        mask_worker=_worker_rank(args, env, "mask_worker", "MASK_WORKER"),
         ifname=rendezvous.ifname,
         model=_models(args)[0],
         extra_models=_models(args)[1:],
@@ -359,6 +368,7 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> RankSettings:
         packages=tuple(args.packages or ()),
         mask_budget_mb=args.mask_budget,
         pool_compare=args.pool_compare,
+        request_rate=args.request_rate,
     )
 
 
@@ -371,8 +381,10 @@ def _bench(args: argparse.Namespace) -> int:
         return transport_micro.run(args.batch, args.seq, args.repeat, args.json, args.threads,
                                    args.target, args.label, args.timeout)  # fmt: skip
     # Validate here too, so bad input fails before two processes start.
+    two = any(m in MODES and uses_mask_worker(m) for m in args.modes)  # + a mask worker
     probe = RankSettings(
-        role=Role.master, rank=0, world_size=2, worker=1, model=_models(args)[0],
+        role=Role.master, rank=0, world_size=3 if two else 2, worker=1,
+        mask_worker=2 if two else None, model=_models(args)[0],
         extra_models=_models(args)[1:], modes=args.modes,
         batch=args.batch, seq=args.seq, repeat=args.repeat, warmup=args.warmup,
         threads=args.threads, timeout_s=args.timeout, transport=args.transport,
@@ -385,7 +397,7 @@ def _bench(args: argparse.Namespace) -> int:
     worker_argv = tuple(a for m in _models(args) if is_package(m) for a in ("--package", m))
     master_argv = workload_argv(args, leave_out=LocalRun.BOTH_RANKS)
     local = LocalRun(master_argv, not args.allow_shm, args.timeout, transport=args.transport,
-                     worker_args=worker_argv)  # fmt: skip
+                     worker_args=worker_argv, workers=2 if two else 1)  # fmt: skip
     return run_local(local)
 
 

@@ -18,6 +18,9 @@ transport):
   close to 1), and the mixing matrices or their inverses by rows;
 - in masked modes: a payload equal to the mask or its product, a mask too weak to hide the
   input (the payload still correlates with the prepared input), a mask used twice;
+- for the mask worker of the `-2w` modes (an `Audit` of its own, `mask_worker`): any payload
+  that is not the mask r alone (r is what it must receive; x + r, or anything of x, is a leak
+  there), besides every check above;
 - in unmasked modes: the input reaching the worker in the clear or with its features only
   permuted ("input exposed").
 
@@ -147,6 +150,7 @@ def noise_floor(tokens: int, features: int) -> float:
 class Audit:
     mode: str = ""
     masked: bool | None = None  # None: taken from whether calls carry masks
+    mask_worker: bool = False  # watches a mask worker: its payloads must be the masks r alone
     enabled: bool = True
     # the leakage verdict's false-positive rate: a perfect mask's figure is above the null's
     # (1 - alpha) quantile in a fraction alpha of audits (`groupcover.leakage`)
@@ -256,6 +260,13 @@ class Audit:
         self.verdicts_taken += 1
         return True
 
+    def for_mask_worker(self) -> Audit:
+        """An audit of the mask worker beside this one's worker: the same publish verdicts,
+        its own calls and figures (each worker is judged on what it alone receives)."""
+        watcher = Audit(mode=f"{self.mode} (mask worker)", mask_worker=True, alpha=self.alpha)
+        watcher._verdicts = dict(self._verdicts)
+        return watcher
+
     # ---- the observer --------------------------------------------------------------------------
 
     def observe(self, event: str, layer_id: str, tensor: torch.Tensor) -> None:
@@ -358,7 +369,10 @@ class Audit:
         if nearly_equal(payload, call.plain) or nearly_equal(payload, call.prepared):
             self._flag(f"{layer_id}: run payload equals the unmasked input")
             return
-        if r.shape == payload.shape and _max_abs(payload, r) <= 1e-3 * _max_abs(call.prepared):
+        if self.mask_worker:
+            if r.shape != payload.shape or _max_abs(payload, r) != 0.0:
+                self._flag(f"{layer_id}: the mask worker's payload is not the mask r alone")
+        elif r.shape == payload.shape and _max_abs(payload, r) <= 1e-3 * _max_abs(call.prepared):
             self._flag(f"{layer_id}: run payload equals the mask r (the input is not in it)")
         if nearly_equal(payload, u):
             self._flag(f"{layer_id}: run payload equals the mask product u")
@@ -411,6 +425,7 @@ class Audit:
         rows = self.leakage()
         return {
             "mode": self.mode,
+            "mask_worker": self.mask_worker,
             "payloads": self.payloads,
             "bytes": self.bytes,
             "leaks": self.leaks,

@@ -20,10 +20,10 @@ import torch
 from groupcover import rpc, trust
 from groupcover.bench import report
 from groupcover.bench.run import benchmark
-from groupcover.bench.stats import UNBOUNDED
+from groupcover.bench.stats import UNBOUNDED, base_mode
 from groupcover.errors import GroupCoverError, UsageError, WorkerUnavailable, print_error
 from groupcover.models import MODELS
-from groupcover.modes import MODES, mode_settings
+from groupcover.modes import MODES, mode_settings, uses_mask_worker
 from groupcover.package.keys import KeySource
 from groupcover.package.layout import is_package
 from groupcover.package.prepare import ModelRequest, Prepared, prepare
@@ -33,6 +33,7 @@ from groupcover.rendezvous import Rendezvous, rank_name
 from groupcover.rpc import RpcTransport
 from groupcover.settings import DEFAULT_MODEL, TRANSPORTS, check_ranges, default
 from groupcover.transport import TORCH_RPC_WARNING, Transport
+from groupcover.twoworkers import open_pair
 from groupcover.wire import world
 from groupcover.worker import WorkerState
 
@@ -50,6 +51,7 @@ class RankSettings:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     worker: int | None = None  # the rank a master offloads to (the seed's WORKER)
+    mask_worker: int | None = None  # (the -2w modes) the rank computing u (MASK_WORKER)
     ifname: str | None = None
     # the workload's defaults are declared once, with their flags (groupcover.settings)
     model: str = DEFAULT_MODEL
@@ -79,6 +81,7 @@ class RankSettings:
     packages: tuple[Path, ...] = ()  # (worker) package folders or published.safetensors files
     extra_models: tuple[str, ...] = ()  # (master) further package folders, after `model`
     extra_key_files: tuple[Path, ...] = ()  # (master) their key files, after `key_file`
+    request_rate: float | None = default("request_rate")  # requests/s (None: no stream)
     mask_budget_mb: float | None = default("mask_budget_mb")  # None: no bound (a pair per layer)
     pool_compare: bool = default(
         "pool_compare"
@@ -196,6 +199,29 @@ class RankSettings:
             raise UsageError(
                 f"worker rank {self.worker} is outside the world (ranks 0..{self.world_size - 1})"
             )
+        self._validate_mask_worker()
+
+    def needs_mask_worker(self) -> bool:
+        return any(mode in MODES and uses_mask_worker(mode) for mode in self.modes)
+
+    def _validate_mask_worker(self) -> None:
+        """The -2w modes need a second worker rank, other than the worker and the master."""
+        if self.mask_worker is None:
+            if self.needs_mask_worker():
+                raise UsageError(
+                    "the -2w modes need a second worker, for the masks' products",
+                    hint="pass --mask-worker K (or set MASK_WORKER=K), K being the rank of a "
+                    "worker that does not collude with --worker's",
+                )
+            return
+        if self.mask_worker in (self.rank, self.worker):
+            raise UsageError(
+                f"mask worker rank {self.mask_worker} is this master's or its worker's rank",
+                hint="the -2w modes need two distinct workers that do not collude",
+            )
+        if not 0 <= self.mask_worker < self.world_size:
+            raise UsageError(f"mask worker rank {self.mask_worker} is outside the world "
+                             f"(ranks 0..{self.world_size - 1})")  # fmt: skip
 
 
 def _validate_names(model: str, modes: tuple[str, ...]) -> None:
@@ -283,6 +309,9 @@ def _run_master_rpc(settings: RankSettings, prepared: Prepared) -> int:
         assert settings.worker is not None
         device = _check_target(settings.worker, settings.timeout_s)
         progress(settings, f"offloading to {rank_name(settings.worker)} ({device})")
+        if settings.needs_mask_worker():
+            assert settings.mask_worker is not None
+            _check_target(settings.mask_worker, settings.timeout_s)
         document = run_master(settings, prepared, lambda text: progress(settings, text))
         _report(settings, document)
         return 0
@@ -313,9 +342,23 @@ def _run_master_wire(settings: RankSettings, prepared: Prepared) -> int:
         probe = membership.connect(target, f"{settings.rank}/hello", settings.timeout_s)
         probe.close()
         progress(settings, f"offloading to {probe.label} ({probe.device})")
+        masker = settings.mask_worker if settings.needs_mask_worker() else None
+        if masker is not None:
+            if membership.role_of(masker) != "worker":
+                raise UsageError(f"mask worker rank {masker} is a {membership.role_of(masker)}, "
+                                 "not a worker")  # fmt: skip
+            probe = membership.connect(masker, f"{settings.rank}/hello", settings.timeout_s)
+            probe.close()
+            progress(settings, f"masks' products (-2w modes) from {probe.label} ({probe.device})")
 
         def make_transport(mode: str) -> Transport:
-            return membership.connect(target, f"{settings.rank}/{mode}", settings.timeout_s)
+            def session(rank: int) -> Callable[[], Transport]:
+                return lambda: membership.connect(rank, f"{settings.rank}/{mode}",
+                                                  settings.timeout_s)  # fmt: skip
+
+            if masker is not None and uses_mask_worker(mode):
+                return open_pair(session(target), session(masker))
+            return session(target)()
 
         document = run_master(
             settings, prepared, lambda text: progress(settings, text), make_transport
@@ -346,8 +389,13 @@ def run_master(
     if make_transport is None:
 
         def make_transport(mode: str) -> Transport:
-            return RpcTransport(worker, owner=f"{settings.rank}/{mode}",
-                                timeout_s=settings.timeout_s)  # fmt: skip
+            def session(rank: int) -> Callable[[], Transport]:
+                return lambda: RpcTransport(rank, owner=f"{settings.rank}/{mode}",
+                                            timeout_s=settings.timeout_s)  # fmt: skip
+
+            if settings.mask_worker is not None and uses_mask_worker(mode):
+                return open_pair(session(worker), session(settings.mask_worker))
+            return session(worker)()
 
     transport_facts: dict[str, Any] = {"transport": settings.transport}
     if settings.transport == "torch-rpc":
@@ -370,10 +418,13 @@ def run_master(
         on_progress=on_progress,
         audit_forwards=settings.audit_forwards,
         verify=settings.verify,
+        request_rate=settings.request_rate,
     )
     for result in results:
         result.update(rank=settings.rank, worker=worker, world_size=settings.world_size,
                       **transport_facts)  # fmt: skip
+        if uses_mask_worker(base_mode(result["mode"])):
+            result["mask_worker"] = settings.mask_worker
     return {
         "results": results,
         "host": report.host_info(),
@@ -381,6 +432,7 @@ def run_master(
             "rank": settings.rank,
             "world_size": settings.world_size,
             "worker": worker,
+            "mask_worker": settings.mask_worker,
             **transport_facts,
             "force_tcp": settings.force_tcp,
             "threads": settings.threads,
@@ -390,6 +442,7 @@ def run_master(
             "verify": settings.verify,
             "results_checked": settings.verify,  # per result: results_checked, integrity_check
             "audit_forwards": settings.audit_forwards if settings.audit else 0,
+            "request_rate": settings.request_rate,
             "model_load_s": prepared.load_s,
             "model": settings.model,
             "package": report.package_facts(prepared),

@@ -21,6 +21,14 @@ purpose alone; the worker never computes or sees it. Each pair is popped out of 
 `MaskReused`): no pair can serve twice. Filling ahead of time is the offline cost
 (`stats()["offline"]`): drawing r and the full local product u = op(r, W'') per pair.
 
+With a mask worker (the `-2w` modes) there are no pairs: `draw_mask` hands out a fresh `r`
+alone for one call, and a second worker, which sees only `r`, computes `u` during the call
+(`stats()["mask_worker"]`: the master's cost of drawing those masks, inside the forwards).
+
+`refill_one` draws one missing pair at a time, for a background thread that refills the pools
+while the master is idle (`groupcover.refill`); the pools' bookkeeping takes a lock, the
+drawing itself does not (`stats()["idle_refill"]`).
+
 When a pool runs dry the policy decides: `refill` (default) draws a fresh pair synchronously and
 counts its time as online cost (`stats()["online_refill"]`); `error` raises `MaskPoolExhausted`.
 """
@@ -28,6 +36,7 @@ counts its time as online cost (`stats()["online_refill"]`); `error` raises `Mas
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -149,6 +158,10 @@ class MaskPool:
         self._layers: dict[str, _Layer] = {}
         self._offline = _Cost()
         self._online = _Cost()
+        self._for_worker = _Cost()  # masks r whose u a mask worker computes (no product here)
+        self._idle = _Cost()  # pairs drawn by a background refill (`refill_one`)
+        self._lock = threading.Lock()  # the pools and counters (a refill thread adds to them)
+        self._refill_weight: tuple[str, torch.Tensor | None] = ("", None)
         self._used = 0
         self._held = 0  # bytes of the pairs waiting in pools
         self._peak_held = 0
@@ -285,10 +298,35 @@ class MaskPool:
             if weight is None:
                 weight = layer.published()  # one read for all of this layer's pairs
             pair = self._draw(layer_id, shape, like, weight)
-            self._offline.add(time.perf_counter() - start, pair)
+            self._add(pool, pair, size, self._offline, time.perf_counter() - start)
+
+    def _add(self, pool: deque[MaskPair], pair: MaskPair, size: int, cost: _Cost,
+             seconds: float) -> None:  # fmt: skip
+        with self._lock:
+            cost.add(seconds, pair)
             pool.append(pair)
             self._held += size
             self._peak_held = max(self._peak_held, self._held)
+
+    def refill_one(self, pairs: int = 1) -> bool:
+        """Draws one pair for the first (layer, input shape) seen so far that has fewer than
+        `pairs` ahead, within the budget; False when none is missing. Safe beside `take` on
+        another thread: a background refill calls it in the master's idle time."""
+        for layer_id, layer in list(self._layers.items()):
+            for shape, pool in list(layer.pools.items()):
+                size = self.pair_bytes(layer_id, shape)
+                if len(pool) >= pairs or (
+                    self.budget_bytes is not None and self._held + size > self.budget_bytes
+                ):
+                    continue
+                start = time.perf_counter()
+                if self._refill_weight[0] != layer_id:  # one read per layer, not per pair
+                    self._refill_weight = (layer_id, layer.published())
+                pair = self._draw(layer_id, shape, None, self._refill_weight[1])
+                self._add(pool, pair, size, self._idle, time.perf_counter() - start)
+                return True
+        self._refill_weight = ("", None)  # all full: hold no extra copy while idle
+        return False
 
     def top_up(self, pairs: int = 1) -> int:
         """Offline: every (layer, input shape) seen so far back to `pairs` pairs ahead, in the
@@ -322,10 +360,12 @@ class MaskPool:
         pool = layer.pools.setdefault(shape, deque())  # a shape seen online is topped up too
         if x is not None:
             self._note_layout(layer, shape, x)
-        if pool:
-            self._used += 1
-            pair = pool.popleft()
-            self._held -= self.pair_bytes(layer_id, shape)
+        with self._lock:
+            pair = pool.popleft() if pool else None
+            if pair is not None:
+                self._used += 1
+                self._held -= self.pair_bytes(layer_id, shape)
+        if pair is not None:
             return pair
         if self.policy is MaskPolicy.ERROR:
             raise MaskPoolExhausted(
@@ -340,6 +380,32 @@ class MaskPool:
         self._used += 1
         return pair
 
+    def draw_mask(self, layer_id: str, shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+        """A fresh mask r alone, in x's layout, for one call whose u = op(r, W'') a mask
+        worker computes: no product here. `x` (the input it is for) calibrates the layer once.
+        Drawn on the spot, never pooled: each r exists for one call only."""
+        layer = self._layers[layer_id]
+        shape = tuple(shape)
+        self.calibrate(layer_id, x)
+        self._note_layout(layer, shape, x)
+        start = time.perf_counter()
+        r = self._draw_r(layer_id, shape, x)
+        self._for_worker.add(time.perf_counter() - start, MaskPair(r, r[:0]))
+        self._used += 1
+        return r
+
+    def _draw_r(
+        self, layer_id: str, shape: tuple[int, ...], like: torch.Tensor | None
+    ) -> torch.Tensor:
+        layer = self._layers[layer_id]
+        bound = self.mask_range(layer_id)
+        flat = self.rng.uniform(math.prod(shape), -bound, bound, dtype=MASK_DTYPE)
+        stride = layer.strides.get(shape)
+        if like is not None and tuple(like.shape) == shape and dense_layout(like):
+            stride = tuple(like.stride())
+        # iid entries: any dense layout will do
+        return flat.as_strided(shape, stride) if stride is not None else flat.view(shape)
+
     def _draw(
         self,
         layer_id: str,
@@ -348,13 +414,7 @@ class MaskPool:
         weight: torch.Tensor | None = None,
     ) -> MaskPair:
         layer = self._layers[layer_id]
-        bound = self.mask_range(layer_id)
-        flat = self.rng.uniform(math.prod(shape), -bound, bound, dtype=MASK_DTYPE)
-        stride = layer.strides.get(shape)
-        if like is not None and tuple(like.shape) == shape and dense_layout(like):
-            stride = tuple(like.stride())
-        # iid entries: any dense layout will do
-        r = flat.as_strided(shape, stride) if stride is not None else flat.view(shape)
+        r = self._draw_r(layer_id, shape, like)
         with torch.no_grad():
             u = apply_op(layer.op, r, weight if weight is not None else layer.published())
         return MaskPair(r, u)
@@ -365,6 +425,8 @@ class MaskPool:
             "policy": str(self.policy),
             "offline": self._offline.as_dict(),
             "online_refill": self._online.as_dict(),
+            "mask_worker": self._for_worker.as_dict(),
+            "idle_refill": self._idle.as_dict(),
             "used": self._used,
             "left": left,
             "budget_bytes": self.budget_bytes,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -152,6 +153,10 @@ class OffloadedLayer(nn.Module):
     unmasking, de-mixing and bias after the call. In masked modes the payload and the worker's
     result are float64 (`MASK_DTYPE`); the unmasked result goes back to the layer's dtype before
     the de-mixing.
+
+    Behind a transport with a mask worker (`groupcover.twoworkers`, the `-2w` modes) the mask
+    is drawn for the call and its product u comes from the mask worker, in parallel with the
+    worker's call (`_forward_two_workers`); both results are checked.
     """
 
     def __init__(
@@ -165,9 +170,12 @@ class OffloadedLayer(nn.Module):
         audit: Audit | None,
         check: LayerCheck | None = None,
         dtype: torch.dtype = torch.float32,
+        mask_audit: Audit | None = None,
     ) -> None:
         super().__init__()
         self.layer_id = layer_id
+        self.mask_transport: Transport | None = getattr(transport, "mask_transport", None)
+        self.mask_audit = mask_audit  # watches what the mask worker receives
         self.check = check
         self.dtype = dtype
         self.worker = worker_label(transport)
@@ -197,6 +205,8 @@ class OffloadedLayer(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fill_pairs or self.local:
             return self._fill_forward(x)
+        if self.mask_transport is not None:
+            return self._forward_two_workers(x, self.mask_transport)
         timings = self.transport.timings
         u = None
         with timings.deobf():
@@ -220,6 +230,34 @@ class OffloadedLayer(nn.Module):
                 y = unmask(y, u, self.dtype)
             return self.scheme.restore(y, self.secret, features_first=self.features_first_out)
 
+    def _forward_two_workers(self, x: torch.Tensor, mask_transport: Transport) -> torch.Tensor:
+        """A masked call whose u = op(r, W'') the mask worker computes: r leaves first (the
+        mask worker starts on it), then the masked input; the master makes no product."""
+        masks, timings = self.masks, self.transport.timings
+        assert masks is not None
+        with timings.deobf():
+            prepared = self.scheme.prepare_input(x, self.secret)
+            r = masks.draw_mask(self.layer_id, tuple(prepared.shape), prepared)
+            sent_mask = MaskPair(r, r[:0])  # what the audits know of it: u is not known yet
+            if self.mask_audit is not None:
+                self.mask_audit.note_call(self.layer_id, x, prepared, sent_mask)
+            pending = mask_transport.run_async(self.layer_id, r)
+            sent, wraps = masks.blind(self.layer_id, prepared, r)
+        if self.audit is not None:
+            self.audit.note_call(self.layer_id, x, prepared, sent_mask)
+        y = self.transport.run(self.layer_id, sent)
+        waited = time.perf_counter()
+        u = pending.result()  # usually there already: both workers computed at once
+        timings.record_wait(time.perf_counter() - waited)
+        with timings.deobf():
+            if self.check is not None:
+                self.check.check(sent, y, self.worker)
+                self.check.check(r, u, worker_label(mask_transport))
+            if wraps is not None:  # rare: u - 2R op(k) is what to subtract
+                u = u.sub_(masks.correction(self.layer_id, wraps))
+            y = unmask(y, u, self.dtype)
+            return self.scheme.restore(y, self.secret, features_first=self.features_first_out)
+
     def _take_mask(self, prepared: torch.Tensor) -> MaskPair | None:
         if self.masks is None:
             return None
@@ -229,8 +267,9 @@ class OffloadedLayer(nn.Module):
         """Offline: fill this layer's mask pool for x's shape; the result is computed locally."""
         assert self.masks is not None
         prepared = self.scheme.prepare_input(x, self.secret)
-        if self.fill_pairs:
-            self.masks.fill(self.layer_id, tuple(prepared.shape), self.fill_pairs, like=prepared)
+        if self.fill_pairs:  # with a mask worker: no pairs, the bound and layout only
+            pairs = 0 if self.mask_transport is not None else self.fill_pairs
+            self.masks.fill(self.layer_id, tuple(prepared.shape), pairs, like=prepared)
         weight = self.masks.published_weight(self.layer_id)
         y = apply_op(self.op, prepared.to(weight.dtype), weight).to(prepared.dtype)
         return self.scheme.restore(y, self.secret, features_first=self.features_first_out)
@@ -260,6 +299,8 @@ class ProtectedModel(nn.Module):
         self.secrets_notice = "" if rng is None else rng.notice
         self.verify = any(layer.check is not None for layer in layers.values())
         self.layouts_probed = False
+        self.mask_worker = getattr(transport, "mask_transport", None) is not None
+        self.mask_audit: Audit | None = None  # the mask worker's payloads (the -2w modes)
         self.audit_note = ""  # why a requested audit did not run (a package without baselines)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
@@ -319,7 +360,10 @@ class ProtectedModel(nn.Module):
     def top_up_masks(self, pairs: int = 1) -> bool:
         """Offline, between forwards: every layer's pools for the input shapes already seen back
         to `pairs` pairs ahead (within the pool's budget), without a local forward. False when
-        nothing was seen yet (then `fill_masks` with example inputs is the way)."""
+        nothing was seen yet (then `fill_masks` with example inputs is the way). With a mask
+        worker there is nothing to draw ahead: True, having done nothing."""
+        if self.mask_worker:
+            return True
         if self.masks is None or not self.layouts_probed or not self.masks.known_shapes():
             return False
         self.masks.top_up(pairs)
@@ -355,6 +399,17 @@ class ProtectedModel(nn.Module):
 
 
 OffloadableModule = nn.Linear | nn.Conv1d | nn.Conv2d
+
+
+def mask_worker_audit(transport: Transport, auditor: Audit | None) -> Audit | None:
+    """A second audit on the mask worker's session, where there is one and an audit runs: what
+    the mask worker receives is checked like the worker's (`Audit.mask_worker`)."""
+    mask_transport = getattr(transport, "mask_transport", None)
+    if auditor is None or mask_transport is None:
+        return None
+    watcher = auditor.for_mask_worker()
+    mask_transport.add_observer(watcher.observe)
+    return watcher
 
 
 def offloadable_layers(model: nn.Module) -> list[tuple[str, OffloadableModule, LayerOp]]:
@@ -417,6 +472,7 @@ def protect(
     auditor = Audit(mode=mode or chosen.name) if audit else None
     if auditor is not None:
         transport.add_observer(auditor.observe)
+    mask_auditor = mask_worker_audit(transport, auditor)
     layers: dict[str, OffloadedLayer] = {}
     proxies: dict[int, OffloadedLayer] = {}  # a shared module is published once, under one name
     with torch.no_grad():
@@ -429,21 +485,22 @@ def protect(
                 published, secret = chosen.obfuscate(weight, bias, obfuscation_rng.spawn(name))
                 if masks is not None:
                     published = published.to(MASK_DTYPE)  # exactly the same values, in float64
-                if auditor is not None:
-                    auditor.register_layer(name, weight, bias, secret)
+                for watcher in (auditor, mask_auditor):
+                    if watcher is not None:
+                        watcher.register_layer(name, weight, bias, secret)
                 transport.publish(name, published, op)
                 if masks is not None:
                     masks.register(name, published, op)
                 check = None
                 if verify:
                     check = LayerCheck.create(name, published, op, check_rng.spawn(name))
-                proxy = OffloadedLayer(
-                    name, op, secret, chosen, transport, masks, auditor, check, weight.dtype
-                )
+                proxy = OffloadedLayer(name, op, secret, chosen, transport, masks, auditor,
+                                       check, weight.dtype, mask_auditor)  # fmt: skip
                 proxies[id(layer)] = proxy
                 layers[name] = proxy
             _replace(module, name, proxy)
     protected = ProtectedModel(module, layers, transport, chosen, masks, auditor, rng)
+    protected.mask_audit = mask_auditor
     if example_inputs is not None:
         protected.fill_masks(*example_inputs, pairs=mask_pool)
     return protected
@@ -500,6 +557,7 @@ def assemble(
         auditor = Audit(mode=mode or scheme.name)
         auditor.accept_verdicts(audit_verdicts or {})
         transport.add_observer(auditor.observe)
+    mask_auditor = mask_worker_audit(transport, auditor)
     compute = MASK_DTYPE if masked else None
     proxies: dict[str, OffloadedLayer] = {}
     with torch.no_grad():
@@ -512,6 +570,8 @@ def assemble(
             if auditor is not None:
                 weight, bias = audit_weights[layer.name]  # type: ignore[index]
                 auditor.register_layer(layer.name, weight, bias, layer.secret)
+                if mask_auditor is not None:
+                    mask_auditor.register_layer(layer.name, weight, bias, layer.secret)
             publish_ref = getattr(transport, "publish_ref", None)
             if layer.ref is not None and publish_ref is not None:
                 publish_ref(layer.name, layer.ref, layer.op, load, compute or layer.dtype)
@@ -524,11 +584,12 @@ def assemble(
             if verify:
                 check = LayerCheck.create(layer.name, load(), layer.op, check_rng.spawn(layer.name))
             proxy = OffloadedLayer(layer.name, layer.op, layer.secret, scheme, transport, masks,
-                                   auditor, check, layer.dtype)  # fmt: skip
+                                   auditor, check, layer.dtype, mask_auditor)  # fmt: skip
             proxies[layer.name] = proxy
             for name in (layer.name, *layer.aliases):
                 _replace(module, name, proxy)
     protected = ProtectedModel(module.eval(), proxies, transport, scheme, masks, auditor, rng)
+    protected.mask_audit = mask_auditor
     if example_inputs is not None and masks is not None:
         protected.fill_masks(*example_inputs, pairs=mask_pool)
     return protected

@@ -12,6 +12,14 @@ Every unmasked mode that offloads is UNPROTECTED: its results say `protected: fa
 | `groupcover-nomask` | obfuscated weights, permuted inputs   | GroupCover secrets      | EXPOSED  |
 | `hardened`          | two-sided transformed weights, masked | + hardened secrets      | masked   |
 | `hardened-nomask`   | two-sided transformed weights, inputs | hardened secrets        | EXPOSED  |
+| `groupcover-2w`     | as `groupcover`; a 2nd worker gets r  | GroupCover secrets      | masked   |
+| `hardened-2w`       | as `hardened`; a 2nd worker gets r    | hardened secrets        | masked   |
+
+The `-2w` modes take the masks' products from a second worker (the *mask worker*): the worker
+computes op(x + r, W'') on the masked input, the mask worker op(r, W'') on the mask alone, and
+the master makes no product for its masks. Each worker alone sees a tensor independent of the
+input (a uniform payload, or the uniform mask itself); the two together see x. They protect
+the input only where the two workers do not collude: a user who runs them must trust that.
 
 """
 
@@ -39,6 +47,8 @@ class Mode(StrEnum):
     GROUPCOVER_NOMASK = "groupcover-nomask"
     HARDENED = "hardened"  # groupcover/schemes/hardened.py
     HARDENED_NOMASK = "hardened-nomask"
+    GROUPCOVER_2W = "groupcover-2w"  # masks' products from a second, non-colluding worker
+    HARDENED_2W = "hardened-2w"
 
 
 MODES: tuple[str, ...] = tuple(mode.value for mode in Mode)
@@ -52,6 +62,7 @@ class UnknownMode(UsageError, ValueError):
 class ModeSettings:
     scheme: str | None  # None: nothing is offloaded
     masked: bool
+    mask_worker: bool = False  # u = op(r, W'') from a second worker (no product in the master)
 
 
 _SETTINGS: dict[Mode, ModeSettings] = {
@@ -62,6 +73,8 @@ _SETTINGS: dict[Mode, ModeSettings] = {
     Mode.GROUPCOVER_NOMASK: ModeSettings("groupcover", False),
     Mode.HARDENED: ModeSettings("hardened", True),
     Mode.HARDENED_NOMASK: ModeSettings("hardened", False),
+    Mode.GROUPCOVER_2W: ModeSettings("groupcover", True, mask_worker=True),
+    Mode.HARDENED_2W: ModeSettings("hardened", True, mask_worker=True),
 }
 
 
@@ -76,6 +89,7 @@ def parse_mode(mode: str) -> Mode:
 
 UNPROTECTED_LABEL = "unprotected (no masks)"
 PROTECTED_LABEL = "protected (one-time masks)"
+TWO_WORKER_LABEL = "protected (one-time masks) if the two workers do not collude"
 
 
 def protection(mode: str) -> dict[str, object]:
@@ -89,6 +103,8 @@ def protection(mode: str) -> dict[str, object]:
     settings = _SETTINGS[chosen]
     if settings.scheme is None:
         return {"protected": None, "protection": "nothing offloaded"}
+    if settings.mask_worker:
+        return {"protected": True, "protection": TWO_WORKER_LABEL}
     if settings.masked:
         return {"protected": True, "protection": PROTECTED_LABEL}
     return {"protected": False, "protection": UNPROTECTED_LABEL}
@@ -98,6 +114,11 @@ def mode_settings(mode: str) -> tuple[str | None, bool]:
     """(scheme name or None, masked) for a mode name."""
     settings = _SETTINGS[parse_mode(mode)]
     return settings.scheme, settings.masked
+
+
+def uses_mask_worker(mode: str) -> bool:
+    """Whether `mode` takes its masks' products from a second worker (the `-2w` modes)."""
+    return _SETTINGS[parse_mode(mode)].mask_worker
 
 
 class MasterOnlyModel(nn.Module):

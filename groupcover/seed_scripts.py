@@ -5,7 +5,9 @@
 
 `GLOO_SOCKET_IFNAME`/`TP_SOCKET_IFNAME` name the interface; optional `BATCH`, `SEQ`, `REPEAT`,
 `WARMUP`, `MODES`, `TIMEOUT`, `THREADS`, `JSON`, `FORCE_TCP` (1: no shared-memory transport),
-`VERIFY` (0: the worker's results are NOT checked; by default every one is).
+`VERIFY` (0: the worker's results are NOT checked; by default every one is), `MASK_WORKER`
+(the `-2w` modes: the rank of a second worker, not colluding with WORKER's, for the masks'
+products).
 The master runs the seed's transformer with
 GroupCover against worker WORKER (never itself) and prints latency and throughput for the batch
 it really ran. Several masters may name the same worker.
@@ -43,8 +45,9 @@ def _int(env: Mapping[str, str], name: str) -> int:
 
 def settings_from_env(role: Role, env: Mapping[str, str]) -> RankSettings:
     rendezvous = Rendezvous.from_env(env, timeout_s=float(_int(env, "TIMEOUT")))
-    worker = None
+    worker = mask_worker = None
     if role is Role.master:
+        mask_worker = _rank(env, "MASK_WORKER")
         if not env.get("WORKER"):
             raise UsageError(
                 "WORKER is not set", hint="set WORKER to the rank of the worker to offload to"
@@ -64,6 +67,7 @@ def settings_from_env(role: Role, env: Mapping[str, str]) -> RankSettings:
         master_addr=rendezvous.master_addr,
         master_port=rendezvous.master_port,
         worker=worker,
+        mask_worker=mask_worker,
         ifname=rendezvous.ifname,
         model=models[0],
         extra_models=tuple(models[1:]),
@@ -83,6 +87,15 @@ def settings_from_env(role: Role, env: Mapping[str, str]) -> RankSettings:
         threads=_int(env, "THREADS"),
         verify=env.get("VERIFY", "1").strip() not in ("0", "false", "no"),
     )
+
+
+def _rank(env: Mapping[str, str], name: str) -> int | None:
+    if not env.get(name):
+        return None
+    try:
+        return int(env[name])
+    except ValueError:
+        raise UsageError(f"{name}={env[name]!r} is not an integer") from None
 
 
 def _list(env: Mapping[str, str], name: str) -> list[str]:

@@ -141,6 +141,10 @@ WORKLOAD: tuple[Setting, ...] = (
     Setting("--verify", "verify", True, action="bool",
             help="check every worker result with a secret random vector per layer (Freivalds; "
             "on by default, --no-verify: results NOT checked)"),
+    Setting("--request-rate", "request_rate", None, type=positive_float("--request-rate"),
+            help="also serve each mode a stream of requests arriving this many times a second "
+            "(its mask pools refilled in the master's idle time) and report the rate served "
+            "and the latency seen"),
     Setting("--transport", "transport", DEFAULT_TRANSPORT, choices=TRANSPORTS,
             help="tcp: tensors only, every reply checked (default); torch-rpc: the seed's "
             "torch.distributed.rpc, which lets the worker execute code in the master"),

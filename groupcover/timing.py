@@ -69,6 +69,13 @@ class Timings:
             self.bytes_sent += sent
             self.bytes_received += received
 
+    def record_wait(self, seconds: float) -> None:
+        """Time the master waited on a second worker's reply once the first's had come (the
+        mask worker of the `-2w` modes, whose call overlaps the worker's): counted with the
+        round trips, so it shows as transfer, never as the master's own compute."""
+        with self._lock:
+            self.roundtrip_s += max(seconds, 0.0)
+
     @property
     def transfer_s(self) -> float:
         """Round trips minus the worker's time: the link's (and both ends' I/O) share."""

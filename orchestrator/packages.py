@@ -50,6 +50,8 @@ SCHEME_OF = {  # the framework's modes and their schemes (groupcover.modes; a te
     "groupcover-nomask": "groupcover",
     "hardened": "hardened",
     "hardened-nomask": "hardened",
+    "groupcover-2w": "groupcover",
+    "hardened-2w": "hardened",
 }
 DEFAULT_SCHEME = "hardened"  # the framework's default (groupcover.package.build.DEFAULT_SCHEME)
 SINGLE_RESOURCE = "gcvm/model/key"  # the framework's resource when a master has one package

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from groupcover import texttable
+from groupcover.bench.rate import rate_lines
 from groupcover.package.prepare import Prepared
 from groupcover.rng import OS_NOTICE, seed_notice
 
@@ -164,9 +165,11 @@ def leakage_figure(row: dict[str, Any]) -> str:
 
 def audit_lines(results: Sequence[dict[str, Any]]) -> list[str]:
     lines = [f"{r['mode']}: {r['audit_note']}" for r in results if r.get("audit_note")]
-    for r in results:
-        report = r.get("audit")
-        if not report or r["mode"] == "tee-only":
+    watched = [(r["mode"], r.get("audit")) for r in results]
+    watched += [(f"{r['mode']} (mask worker)", r["mask_worker_audit"])
+                for r in results if r.get("mask_worker_audit")]  # fmt: skip
+    for mode, report in watched:
+        if not report or mode == "tee-only":
             continue
         leaks = report.get("leaks", [])
         above = [row for row in report.get("leakage", []) if row.get("above_null")]
@@ -182,7 +185,7 @@ def audit_lines(results: Sequence[dict[str, Any]]) -> list[str]:
         exposed = "input exposed" if report.get("input_exposed") else "input hidden"
         figures = [leakage_figure(row) for row in report.get("leakage", [])]
         lines.append(
-            f"audit {r['mode']}: {state}; {exposed}; checks took {report.get('check_s', 0):.2f} s "
+            f"audit {mode}: {state}; {exposed}; checks took {report.get('check_s', 0):.2f} s "
             "off the timed path" + (f"; leakage {figures[0]}" if figures else "")
         )
     return lines
@@ -312,6 +315,7 @@ def print_table(document: dict[str, Any]) -> None:
         *bound_lines(results),
         *protection_lines(results),
         *mask_budget_lines(results),
+        *rate_lines(results),
         *audit_lines(results),
     ]
     notes += check_lines(results)

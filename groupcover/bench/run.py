@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from groupcover.bench.rate import serve_at_rate
 from groupcover.bench.stats import (
     UNBOUNDED,
     ModeRun,
@@ -26,6 +27,7 @@ from groupcover.errors import GroupCoverError
 from groupcover.models import as_tensor
 from groupcover.modes import build_for_mode
 from groupcover.package.prepare import Prepared
+from groupcover.timing import Timings
 from groupcover.transport import Transport
 from groupcover.worker import peak_rss_bytes
 
@@ -81,6 +83,9 @@ def forward_once(run: ModeRun, inputs: tuple[torch.Tensor, ...], *, timed: bool 
     pool is topped up for the next forward (timed apart: it counts in sustained throughput)."""
     timings = run.transport.timings
     timings.reset()
+    mask_side = mask_worker_timings(run.transport)
+    if mask_side is not None:
+        mask_side.reset()
     checked = _integrity_seconds(run.module)
     cpu = time.process_time()
     start = time.perf_counter()
@@ -95,12 +100,22 @@ def forward_once(run: ModeRun, inputs: tuple[torch.Tensor, ...], *, timed: bool 
         run.breakdowns.append(timings.breakdown_ms(total))
         run.calls.append(timings.calls)
         run.bytes_moved.append(timings.bytes_sent + timings.bytes_received)
+        if mask_side is not None:  # the mask worker's calls and bytes are the forward's too
+            run.calls[-1] += mask_side.calls
+            run.bytes_moved[-1] += mask_side.bytes_sent + mask_side.bytes_received
+            run.mask_worker_s.append(mask_side.worker_s)
         if checked is not None:
             run.integrity_s.append((_integrity_seconds(run.module) or 0.0) - checked)
     start = time.perf_counter()
     topped = top_up_masks(run.module, inputs)
     if timed and topped:
         run.topup_s.append(time.perf_counter() - start)
+
+
+def mask_worker_timings(transport: Transport) -> Timings | None:
+    """The mask worker's bookkeeping where the transport has one (the `-2w` modes)."""
+    mask_transport = getattr(transport, "mask_transport", None)
+    return None if mask_transport is None else mask_transport.timings
 
 
 def _integrity_seconds(module: nn.Module) -> float | None:
@@ -170,6 +185,7 @@ def benchmark(
     on_progress: Callable[[str], None] | None = None,
     audit_forwards: int = 1,
     verify: bool = True,
+    request_rate: float | None = None,
 ) -> list[dict[str, Any]]:
     """Builds every mode, runs them interleaved, returns one result per mode, closes transports."""
     say = on_progress or (lambda _text: None)
@@ -184,6 +200,12 @@ def benchmark(
             say(f"{mode}: {layers} layers offloaded, set up in {runs[-1].setup_s:.1f} s")
         say(f"timing {len(runs)} mode(s): {warmup} warmup + {repeat} interleaved forwards each")
         run_interleaved(runs, prepared.inputs, repeat, warmup, audit_forwards)
+        if request_rate is not None:
+            say(f"serving {repeat} requests per mode at {request_rate:g} requests/s")
+            for run in runs:
+                run.protocol = protocol_facts(run.module)  # the timed forwards' pool figures
+                run.at_rate = serve_at_rate(run, prepared.inputs, request_rate, repeat,
+                                            real_batch_of(prepared))  # fmt: skip
         memory = peak_memory(transports)
     except BaseException:
         for transport in transports:  # the first failure is the one to report

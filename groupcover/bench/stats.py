@@ -33,11 +33,15 @@ class ModeRun:
     cpu_s: list[float] = field(default_factory=list)  # the master process's CPU time, beside
     topup_s: list[float] = field(default_factory=list)  # mask generation for the next forward
     integrity_s: list[float] = field(default_factory=list)  # result checks inside each forward
+    mask_worker_s: list[float] = field(default_factory=list)  # the mask worker's compute (-2w)
     output: torch.Tensor | None = None
+    at_rate: dict[str, Any] | None = None  # served at --request-rate (`bench.rate`)
+    protocol: dict[str, Any] | None = None  # `protocol_facts` as the timed forwards left them
 
     def clear(self) -> None:
         for series in (self.latencies_s, self.breakdowns, self.calls, self.bytes_moved,
-                       self.cpu_s, self.topup_s, self.integrity_s):  # fmt: skip
+                       self.cpu_s, self.topup_s, self.integrity_s,
+                       self.mask_worker_s):  # fmt: skip
             series.clear()
 
 
@@ -133,13 +137,20 @@ def summarise(run: ModeRun, reference: torch.Tensor | None, batch: int, seq: int
         "bytes_per_forward": int(statistics.median(run.bytes_moved)),
         "published_bytes": int(getattr(run.transport, "published_bytes", 0)),
         "setup_s": run.setup_s,
-        **protocol_facts(run.module),
+        **(run.protocol or protocol_facts(run.module)),
     }
     result.update(check_facts(result))
     result.update(mode_protection(run.mode))
+    if run.at_rate is not None:
+        result["at_rate"] = run.at_rate
+    if run.mask_worker_s:  # the -2w modes: u = op(r, W'') computed by the mask worker
+        result["mask_worker_compute_ms"] = statistics.median(run.mask_worker_s) * 1e3
     audit = getattr(run.module, "audit", None)
     if audit is not None:
         result["audit"] = audit.report()
+    mask_audit = getattr(run.module, "mask_audit", None)
+    if mask_audit is not None:
+        result["mask_worker_audit"] = mask_audit.report()
     note = getattr(run.module, "audit_note", None)
     if note:
         result["audit_note"] = note

@@ -30,6 +30,8 @@ MODES = (
     "groupcover-nomask",
     "hardened",
     "hardened-nomask",
+    "groupcover-2w",
+    "hardened-2w",
 )
 MODELS = ("minilm", "minilm-standin", "bert-base", "seed-transformer", "resnet18")
 

@@ -131,7 +131,10 @@ def test_mode_settings() -> None:
         "groupcover-nomask",
         "hardened",
         "hardened-nomask",
+        "groupcover-2w",
+        "hardened-2w",
     }
+    assert mode_settings("hardened-2w") == ("hardened", True)  # + a mask worker
     with pytest.raises(UnknownMode) as info:
         mode_settings("shadownet")
     assert isinstance(info.value, ValueError)

@@ -1,0 +1,211 @@
+"""The -2w modes: masks' products from a second worker that does not collude with the first.
+
+Exact against the plain model, no product in the master, both results checked, both workers'
+payloads audited, and what each worker alone receives independent of the input (the leakage
+meter on each), in process and over the real wire on loopback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from groupcover import leakage
+from groupcover.audit import Audit
+from groupcover.bench.local import LocalRun
+from groupcover.errors import IntegrityError, UsageError
+from groupcover.inprocess import InProcessTransport
+from groupcover.launch import RankSettings, Role
+from groupcover.masks import MaskPair
+from groupcover.models import load_model
+from groupcover.modes import MODES, TWO_WORKER_LABEL, build_for_mode, protection, uses_mask_worker
+from groupcover.schemes.base import LayerSecret
+from groupcover.twoworkers import TwoWorkerTransport
+from groupcover.wire.client import TcpTransport
+from groupcover.wire.server import Limits, WorkerServer
+from groupcover.worker import WorkerState
+from tests.unit.conftest import SMALL_BERT, rel_error
+
+TWO_WORKER_MODES = ("groupcover-2w", "hardened-2w")
+
+
+class Recorder:
+    """An observer keeping every run payload one worker receives, by layer."""
+
+    def __init__(self) -> None:
+        self.payloads: list[tuple[str, torch.Tensor]] = []
+
+    def __call__(self, event: str, layer_id: str, tensor: torch.Tensor) -> None:
+        if event == "run":
+            self.payloads.append((layer_id, tensor.detach().clone()))
+
+
+def small_bert() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    model, example = load_model("bert-base", **SMALL_BERT)
+    return model.eval(), tuple(example(2, 16))
+
+
+def in_process_pair() -> TwoWorkerTransport:
+    return TwoWorkerTransport(InProcessTransport(owner="worker"), InProcessTransport(owner="mask"))
+
+
+def test_the_two_worker_modes_are_masked_modes_that_name_the_assumption() -> None:
+    assert set(TWO_WORKER_MODES) <= set(MODES)
+    for mode in TWO_WORKER_MODES:
+        assert uses_mask_worker(mode)
+        assert protection(mode) == {"protected": True, "protection": TWO_WORKER_LABEL}
+        assert "collude" in TWO_WORKER_LABEL
+    assert not any(uses_mask_worker(m) for m in MODES if m not in TWO_WORKER_MODES)
+
+
+@pytest.mark.parametrize("mode", TWO_WORKER_MODES)
+def test_exact_and_no_product_in_the_master(mode: str) -> None:
+    model, inputs = small_bert()
+    transport = in_process_pair()
+    protected = build_for_mode(model, mode, transport, seed=3, example_inputs=inputs)
+    with torch.no_grad():
+        reference = model(*inputs)
+        for _ in range(2):
+            out = protected(*inputs)
+            assert protected.top_up_masks(1)  # nothing to draw ahead: True, nothing done
+    assert rel_error(out, reference) <= 1e-4
+    stats = protected.masks.stats()
+    assert stats["offline"]["pairs"] == 0 and stats["online_refill"]["pairs"] == 0
+    assert stats["mask_worker"]["pairs"] == stats["used"] == 2 * len(protected.layers)
+    calls = transport.mask_transport.timings.calls
+    assert calls == 2 * len(protected.layers) and transport.timings.calls == calls
+    integrity = protected.integrity_stats()
+    assert integrity is not None and integrity["checked"] == 2 * calls  # both results checked
+
+
+def test_each_worker_alone_learns_nothing() -> None:
+    """The worker's payloads are uniform on the masks' grid and the mask worker's are the masks
+    r alone: neither correlates with the input beyond the leakage meter's null, whatever the
+    input (two inputs of very different scale give payloads of one law), and the audit of each
+    finds no leak."""
+    model, inputs = small_bert()
+    transport = in_process_pair()
+    worker_sees, mask_worker_sees = Recorder(), Recorder()
+    transport.add_observer(worker_sees)
+    transport.mask_transport.add_observer(mask_worker_sees)
+    protected = build_for_mode(model, "groupcover-2w", transport, audit=True,
+                               example_inputs=inputs)  # fmt: skip
+    prepared: list[tuple[str, torch.Tensor]] = []  # each call's prepared input, in order
+    draw = protected.masks.draw_mask
+
+    def keep(layer_id: str, shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+        prepared.append((layer_id, x.detach().double().clone()))
+        return draw(layer_id, shape, x)
+
+    protected.masks.draw_mask = keep  # type: ignore[method-assign]
+    with torch.no_grad():
+        for _ in range(4):
+            protected(*inputs)
+    for seen in (worker_sees, mask_worker_sees):
+        assert [name for name, _ in seen.payloads] == [name for name, _ in prepared]
+        by_width: dict[int, leakage.CorrelationMeter] = {}
+        for (_, payload), (_, x) in zip(seen.payloads, prepared, strict=True):
+            rows = payload.reshape(-1, payload.shape[-1])
+            by_width.setdefault(rows.shape[1], leakage.CorrelationMeter()).add(
+                rows / rows.abs().max(), x.reshape(-1, x.shape[-1])
+            )
+        for width, meter in by_width.items():
+            verdict = leakage.correlation_verdict(meter.max_abs_correlation(), meter.tokens,
+                                                  width, alpha=1e-3)  # fmt: skip
+            assert not verdict["above_null"], (width, verdict)
+    for report in (protected.audit.report(), protected.mask_audit.report()):
+        assert report["leaks"] == [] and not report["input_exposed"]
+        assert report["audited_calls"] > 0
+    assert protected.mask_audit.report()["mask_worker"] is True
+    # the mask worker's payload is r itself, never anything of x
+    radius = max(protected.masks.mask_range(name) for name in protected.layers)
+    assert all(float(p.abs().max()) <= radius for _, p in mask_worker_sees.payloads)
+
+
+def test_the_mask_workers_audit_flags_anything_but_r() -> None:
+    audit = Audit(mode="groupcover-2w").for_mask_worker()
+    weight = torch.randn(6, 8, dtype=torch.float64)
+    audit.register_layer("fc", weight, None, LayerSecret(0, 6))
+    x = torch.randn(4, 8, dtype=torch.float64)
+    r = torch.rand(4, 8, dtype=torch.float64) * 2**30
+    audit.note_call("fc", x, x, MaskPair(r, r[:0]))
+    audit.observe("run", "fc", r.clone())
+    assert audit.leaks == []
+    audit.note_call("fc", x, x, MaskPair(r, r[:0]))
+    audit.observe("run", "fc", x + r)
+    assert any("not the mask r alone" in leak for leak in audit.leaks)
+
+
+class WrongMasks(InProcessTransport):
+    """A mask worker that returns u off in one element."""
+
+    def run_async(self, layer_id: str, x: torch.Tensor) -> Future[torch.Tensor]:
+        y = super().run_async(layer_id, x).result().clone()
+        y[(0,) * y.dim()] += 1e3
+        done: Future[torch.Tensor] = Future()
+        done.set_result(y)
+        return done
+
+
+def test_a_wrong_u_from_the_mask_worker_is_caught() -> None:
+    model, inputs = small_bert()
+    transport = TwoWorkerTransport(InProcessTransport(owner="w"), WrongMasks(owner="m"))
+    protected = build_for_mode(model, "hardened-2w", transport, example_inputs=inputs)
+    with pytest.raises(IntegrityError), torch.no_grad():
+        protected(*inputs)
+
+
+@pytest.fixture
+def two_servers() -> Iterator[tuple[WorkerServer, WorkerServer]]:
+    made = [WorkerServer("127.0.0.1", 0, WorkerState(torch.device("cpu")),
+                         Limits(timeout_s=20.0), name).start()
+            for name in ("worker1", "worker2")]  # fmt: skip
+    yield made[0], made[1]
+    for server in made:
+        server.stop()
+
+
+def test_over_the_wire_on_loopback(two_servers: tuple[WorkerServer, WorkerServer]) -> None:
+    model, inputs = small_bert()
+    first, second = two_servers
+    transport = TwoWorkerTransport(
+        TcpTransport(first.address, "worker1", "m/2w", 20.0),
+        TcpTransport(second.address, "worker2", "m/2w", 20.0),
+    )
+    try:
+        protected = build_for_mode(model, "hardened-2w", transport, example_inputs=inputs)
+        with torch.no_grad():
+            out = protected(*inputs)
+            reference = model(*inputs)
+        assert rel_error(out, reference) <= 1e-4
+        mask_side = transport.mask_transport.timings
+        assert mask_side.calls == len(protected.layers) == transport.timings.calls
+        assert mask_side.bytes_sent > 0 and transport.published_bytes > 0
+    finally:
+        transport.close()
+
+
+def test_a_two_worker_mode_needs_a_distinct_mask_worker() -> None:
+    base = {"role": Role.master, "rank": 0, "world_size": 3, "worker": 1,
+            "modes": ("groupcover-2w",)}  # fmt: skip
+    with pytest.raises(UsageError, match="second worker"):
+        RankSettings(**base).validate()  # type: ignore[arg-type]
+    for bad in (1, 0, 3):
+        with pytest.raises(UsageError):
+            RankSettings(**base, mask_worker=bad).validate()  # type: ignore[arg-type]
+    RankSettings(**base, mask_worker=2).validate()  # type: ignore[arg-type]
+    one = {**base, "modes": ("groupcover",), "world_size": 2}
+    RankSettings(**one).validate()  # type: ignore[arg-type]
+
+
+def test_the_local_bench_starts_a_mask_worker() -> None:
+    local = LocalRun(("--modes", "hardened-2w"), workers=2)
+    master = local.argv("master", 1234)
+    assert master[master.index("--world-size") + 1] == "3"
+    assert master[master.index("--mask-worker") + 1] == "2"
+    worker = local.argv("worker", 1234, 2)
+    assert worker[worker.index("--rank") + 1] == "2"
+    assert "--mask-worker" not in LocalRun(("--modes", "hardened")).argv("master", 1)
