@@ -352,7 +352,7 @@ def status_renderables(report: Any) -> list[Any]:
         vm = row.vm
         table.add_row(
             vm.name,
-            vm.role,
+            f"{vm.role} (locked)" if vm.locked else vm.role,
             str(vm.rank),
             vm.address,
             row.state,

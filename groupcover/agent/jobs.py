@@ -107,6 +107,7 @@ FLAGS: dict[str, Callable[[str], None] | None] = {
     "--rank": _int(0, 4095),
     "--world-size": _int(2, 4096),
     "--worker": _int(0, 4095),
+    "--mask-worker": _int(0, 4095),
     "--master-addr": _host,
     "--master-port": _int(1, 65535),
     "--ifname": _match(IFNAME_RE, "an interface name"),

@@ -23,6 +23,7 @@ from orchestrator.errors import (
     ClusterExists,
     GcvmError,
     Interrupted,
+    UsageError,
 )
 from orchestrator.image.model import verity_root
 from orchestrator.spec import ClusterSpec, Tee, check_timeout, plan_vms
@@ -177,6 +178,8 @@ def _up(run: _Up) -> ClusterState:
     spec, backend = run.spec, run.backend
     # a user's --image is checked first: a wrong file is theirs to fix, whatever the host
     given = backend.find_image(run.image_path) if run.image_path is not None else None
+    if given is not None:
+        _check_lockable(spec, given)
     with ui.step("check the host"):
         if spec.connect is not None:
             run.hv = backend.open_hypervisor(spec.connect)
@@ -186,13 +189,7 @@ def _up(run: _Up) -> ClusterState:
     with ui.step("find the guest image"):
         image = given if given is not None else backend.find_image(run.image_path)
         ui.info(f"image {image.disk}")
-        if spec.locked_masters and not verity_root(image):
-            raise GcvmError(
-                "locked masters boot gcvm's own image (its root and code disk under dm-verity, "
-                "sshd off and the job agent on when the measured command line says so); "
-                f"{image.disk} is not one",
-                hint="leave out --image (gcvm image build makes it), or leave out --locked",
-            )
+        _check_lockable(spec, image)
         for tee in spec.tees:
             if tee is not Tee.none and image.tee_guest_support.get(str(tee)) is False:
                 raise GcvmError(
@@ -232,6 +229,16 @@ def _up(run: _Up) -> ClusterState:
     if spec.broker:
         _start_broker(run)
     return _ready(run, vms, image)
+
+
+def _check_lockable(spec: ClusterSpec, image: Any) -> None:
+    if spec.locked_masters and not verity_root(image):
+        raise UsageError(
+            "locked masters boot gcvm's own image (its root and code disk under dm-verity, sshd "
+            f"off and the job agent on when the measured command line says so); {image.disk} "
+            "is not one",
+            hint="leave out --image (gcvm image build makes it), or leave out --locked",
+        )
 
 
 def _owner_identity(spec: ClusterSpec) -> Any:

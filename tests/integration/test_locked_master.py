@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -164,6 +165,12 @@ def test_locked_master_runs_packages_and_lets_the_host_nowhere(
         # nothing the guest writes reaches a disk: every disk of the master is read-only
         disks = ET.fromstring(xml).findall("./devices/disk")
         assert len(disks) == 3 and all(d.find("readonly") is not None for d in disks)
+        # and the master's own overlay holds not one byte of its own after three boots and a run
+        extents = json.loads(subprocess.run(
+            ["qemu-img", "map", "-U", "--output=json", master.disk],
+            capture_output=True, text=True, check=True).stdout)  # fmt: skip
+        own = [e for e in extents if e.get("data") and e.get("depth", 0) == 0]
+        assert own == [], own[:5]
     finally:
         down = gcvm_env.gcvm("down", "--name", name, timeout=300)
     assert down.returncode == 0, down.stderr

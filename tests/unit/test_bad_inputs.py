@@ -3,7 +3,7 @@ line that answers it. No VM, no daemon: every row is refused before anything is 
 
 Rows run in-process (`orchestrator.cli.main`, `groupcover.__main__.main`) in a private GCVM_HOME
 and an empty image cache. Add a row whenever a new bad input gets a clear answer. `{tmp}`,
-`{junk}`, `{vmdk}`, `{zeros}` and `{plain}` in a row stand for files the fixture makes.
+`{junk}`, `{vmdk}`, `{qcow2}`, `{zeros}` and `{plain}` in a row stand for files the fixture makes.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ GCVM: list[tuple[str, int, str]] = [
     ("up --image {junk}", 2, "is not a disk image"),
     ("up --image {zeros}", 2, "is not a disk image"),
     ("up --image {vmdk}", 2, "is a vmdk image"),
+    ("up --locked --image {qcow2}", 2, "locked masters boot gcvm's own image"),
     # down, status, ssh, logs, push: names and daemons
     ("down --name ..", 2, "invalid cluster name '..'"),
     ("down --name a/b", 2, "invalid cluster name"),
@@ -136,7 +137,10 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     zeros.write_bytes(bytes(1 << 20))
     vmdk = tmp_path / "disk.vmdk"
     subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(vmdk), "16M"], check=True)
+    qcow2 = tmp_path / "cloud.qcow2"  # a disk image of the user's own (no dm-verity root)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "16M"], check=True)
     return {
+        "qcow2": str(qcow2),
         "tmp": str(tmp_path),
         "junk": str(junk),
         "zeros": str(zeros),
