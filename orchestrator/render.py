@@ -9,6 +9,8 @@ can replace any template; the built-in ones stay reachable as `gcvm/NAME`, so an
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -270,17 +272,35 @@ def caps_for_render(spec: ClusterSpec, host_caps: Path | None, connect: str | No
     return hostcaps.detect(connect)
 
 
-def render_cluster(spec: ClusterSpec, inputs: RenderInputs, out_dir: Path) -> Rendered:
-    """Write every domain's XML and the network's into `out_dir`; touches no VM."""
+def locked_inputs(vm: VmSpec, inputs: RenderInputs, code: Any) -> RenderInputs:
+    """A locked master's inputs: its code disk (`orchestrator.codedisk.CodeDisk`) attached, and
+    `gcvm.locked=1` with the disk's root hash appended to the command line its launch measures."""
+    if not vm.locked:
+        return inputs
+    from orchestrator.image.model import guest_cmdline
+
+    return replace(inputs, cmdline=guest_cmdline(inputs.cmdline, code.cmdline()),
+                   code_disk=code.path)  # fmt: skip
+
+
+def render_cluster(spec: ClusterSpec, inputs: RenderInputs, out_dir: Path,
+                   code: Any = None) -> Rendered:  # fmt: skip
+    """Write every domain's XML and the network's into `out_dir`; touches no VM. `code`: the
+    locked masters' code disk (a TEE cluster's masters are locked), moved into `out_dir`."""
     vms = plan_vms(spec, cluster_dir(spec.name))
     inputs_net = replace(inputs, network=spec.network_name)
+    placed = replace(code, path=out_dir / "code.img") if code is not None else None
     # everything is rendered before anything is written: a refusal leaves no --out behind
-    texts = {f"{vm.name}.xml": render_domain(vm, inputs_net) for vm in vms}
+    texts = {f"{vm.name}.xml": render_domain(vm, locked_inputs(vm, inputs_net, placed)
+                                             if placed is not None else inputs_net)
+             for vm in vms}  # fmt: skip
     texts["network.xml"] = render_network(spec, vms)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         for file_name, text in texts.items():
             (out_dir / file_name).write_text(text)
+        if code is not None and placed is not None:
+            shutil.move(str(code.path), placed.path)
     except OSError as exc:
         raise UsageError(
             f"cannot write --out {out_dir}: {exc.strerror or exc}",
@@ -432,7 +452,16 @@ def render_command(
         cmdline=cmdline or boot.cmdline,
         network=spec.network_name,
     )
-    done = render_cluster(spec, inputs, out)
+    with tempfile.TemporaryDirectory(prefix="gcvm-render-") as tmp:
+        code = None
+        if spec.locked_masters:  # as `gcvm up` attaches it: the checkout's framework
+            from orchestrator import codedisk, deploy
+
+            code = codedisk.build(Path(tmp) / "code.img", deploy.project_root())
+        done = render_cluster(spec, inputs, out, code)
+    if code is not None:
+        ui.info(f"locked masters: code disk {out / 'code.img'}, dm-verity root hash "
+                f"{code.root_hash} (in their command line)")  # fmt: skip
     ui.info(f"host facts: {caps.source}")
     ui.info(f"accelerator: {resolved}")
     if not boot.built:

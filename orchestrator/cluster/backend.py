@@ -163,19 +163,13 @@ class Backend:
                       pins: str = "", code: Any = None) -> str:  # fmt: skip
         """`code`: the locked masters' code disk (orchestrator.codedisk.CodeDisk), for a
         locked `vm`: its root hash joins the measured command line, the disk the domain."""
-        from dataclasses import replace
 
         from orchestrator import render
 
+        if vm.locked and code is None:
+            raise ValueError(f"{vm.name} is locked but there is no code disk")
         inputs = render_inputs(image, host, network, pins)
-        if vm.locked:
-            if code is None:
-                raise ValueError(f"{vm.name} is locked but there is no code disk")
-            from orchestrator.image.model import guest_cmdline
-
-            inputs = replace(inputs, cmdline=guest_cmdline(inputs.cmdline, code.cmdline()),
-                             code_disk=code.path)  # fmt: skip
-        return render.render_domain(vm, inputs)
+        return render.render_domain(vm, render.locked_inputs(vm, inputs, code))
 
     def check_guest_access(self, files: list[Path], host: HostFacts, spec: ClusterSpec) -> None:
         """Every file QEMU opens must be reachable by the user it runs as (libvirt's DAC driver

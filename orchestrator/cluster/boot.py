@@ -77,6 +77,12 @@ def up(
         ui.info(
             f"cluster {spec.name} ready in {time.monotonic() - started:.1f} s ({len(st.vms)} VMs)"
         )
+        if spec.locked_masters:
+            ui.info("masters locked: no SSH, the framework from their measured code disk; runs go "
+                    "through each master's job agent")  # fmt: skip
+        else:
+            ui.info("masters unlocked (--tee none, for development): SSH and `gcvm push` reach "
+                    "them; --locked locks them as a TEE cluster's are")  # fmt: skip
         return st
 
 

@@ -125,3 +125,32 @@ def test_the_system_libvirt_9_schema_rejects_tee_domains(scenario: str, tmp_path
         path.write_text(xml)
         done = subprocess.run(["virt-xml-validate", str(path)], capture_output=True, text=True)
         assert done.returncode != 0
+
+
+@pytest.mark.parametrize("tee", ["tdx", "sev-snp"])
+def test_gcvm_render_gives_a_tee_cluster_locked_masters(tee: str, tmp_path: Path) -> None:
+    """`gcvm render --tee X` writes what `up` boots: locked masters (their code disk attached
+    read-only, `gcvm.locked=1` and its root hash in the measured command line), workers as they
+    were; every domain valid against libvirt's current schema."""
+    import subprocess
+    import sys
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "orchestrator", "render", "--tee", tee, "--out", str(out)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "code.img").is_file()
+    for path in sorted(out.glob("*.xml")):
+        if path.name == "network.xml":
+            continue
+        xml = path.read_text()
+        assert schema.validate(xml, schema.stored().domain) == [], path.name
+        root = ET.fromstring(xml)
+        words = (root.findtext("./os/cmdline") or "").split()
+        sources = [d.find("source").get("file") for d in root.findall("./devices/disk")]  # type: ignore[union-attr]
+        if "master" in path.name:
+            assert "gcvm.locked=1" in words and any(w.startswith("gcvm.code=") for w in words)
+            assert str(out / "code.img") in sources
+        else:
+            assert "gcvm.locked=1" not in words and str(out / "code.img") not in sources
