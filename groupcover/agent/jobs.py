@@ -7,7 +7,8 @@ role and a few environment variables. The host chooses both, so both are untrust
   by abbreviation, `--flag=value` of an unknown flag, a value that looks like a flag: refused);
 - what decides trust is never a flag: the broker's certificate and the owner's key come only
   from the measured command line (`--broker-cert`, `--owner-key` refused), keys only from the
-  broker (`--key-file` refused), results are always checked (`--no-verify` refused), and the
+  broker (`--key-file` refused), results are always checked (`--no-verify` refused), secrets and
+  masks come from the OS (`--seed`, which makes them reproducible for benchmarks, refused), and the
   wire is the tensor-only TCP transport (`--transport torch-rpc` lets the worker run code in the
   master: refused);
 - paths point inside the agent's own folders: a package folder under the package root (one name,
@@ -122,7 +123,6 @@ FLAGS: dict[str, Callable[[str], None] | None] = {
     "--seq": _int(1, 512),
     "--repeat": _int(1, 100_000),
     "--warmup": _int(0, 100_000),
-    "--seed": _int(0, 2**31 - 1),
     "--threads": _int(1, 64),
     "--json": _placeholder,
     "--timeout": _match(FLOAT_RE, "seconds"),
@@ -138,6 +138,8 @@ REFUSED: dict[str, str] = {
     "--owner-key": "the owner's key comes only from the measured command line",
     "--key-file": "a locked master takes model keys only from the key broker",
     "--no-verify": "a locked master always checks the worker's results",
+    "--seed": "a locked master's secrets and masks come from the OS: a seed the host chose would "
+    "let the worker predict the masks",
     "--package": "a locked VM is a master; --package is the worker's",
     "--published": "a locked VM is a master; --published is the worker's",
 }

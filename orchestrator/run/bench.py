@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import packages, report, top
+from orchestrator.errors import UsageError
 from orchestrator.run import deploy
 from orchestrator.run.session import RunSession
 from orchestrator.run.settings import BenchSettings
@@ -35,6 +36,12 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None = None) -
     with RunSession(name) as run:
         st, hw, tee = run.st, run.hw, run.tee
         run.check_policy(settings.policy)
+        if settings.seed is not None and any(vm.locked for vm in st.vms):
+            raise UsageError(
+                f"--seed {settings.seed} on locked masters: their secrets and masks come from "
+                "the OS (a seed the host chose would let the worker predict the masks)",
+                hint="leave out --seed",
+            )
         run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         results_dir = (out_dir or results_root(name)) / run_id
         results_dir.mkdir(parents=True, exist_ok=True)

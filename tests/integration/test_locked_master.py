@@ -108,7 +108,8 @@ def test_locked_master_runs_packages_and_lets_the_host_nowhere(
         assert not _port_open(st.netns, master.address, 22)
         for argv in (("ssh", master.name, "--name", name, "--", "id"),
                      ("push", "--name", name),
-                     ("run", "exec", "--name", name, "--role", "master", "--", "id")):  # fmt: skip
+                     ("run", "exec", "--name", name, "--role", "master", "--", "id"),
+                     ("run", "bench", "--name", name, *RUN, "--seed", "3")):  # fmt: skip
             refused = gcvm_env.gcvm(*argv, timeout=120)
             assert refused.returncode != 0, argv
             assert "locked master" in refused.stderr + refused.stdout, (argv, refused.stderr)

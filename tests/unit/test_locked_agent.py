@@ -53,6 +53,7 @@ def test_the_master_rank_of_a_run_is_accepted() -> None:
         (with_args("--owner-key", "/tmp/host.pub"), "measured command line"),
         (with_args("--key-file", "/tmp/model.key"), "only from the key broker"),
         (with_args("--no-verify"), "always checks"),
+        (with_args("--seed", "7"), "predict the masks"),
         (with_args("--no-ver"), "whole names only"),  # argparse would take the abbreviation
         (with_args("--transport", "torch-rpc", drop="--transport"), "not one of tcp"),
         (with_args("--package", "/var/lib/gcvm/packages/pkg-1"), "the worker's"),
