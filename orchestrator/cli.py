@@ -240,7 +240,8 @@ def up_cmd(
         raise UsageError(f"unknown --runtime {runtime!r}", hint="choose vms or pods")
     if runtime == "pods":
         _up_pods(name, _choice(Tee, "--tee", tee), masters, 1 if workers is None else workers,
-                 worker, subnet, vcpus, memory, keep_on_failure, timeout)  # fmt: skip
+                 worker, subnet, vcpus, memory, keep_on_failure, timeout, broker, policy,
+                 owner.resolve() if owner else None)  # fmt: skip
         return
     if worker not in ("vm", "host"):
         raise UsageError(f"unknown --worker {worker!r}", hint="choose vm or host")
@@ -299,7 +300,8 @@ def down_cmd(
 
 
 def _up_pods(name: str, tee: Any, masters: int, workers: int, worker: str, subnet: str | None,
-             vcpus: int, memory: int, keep: bool, timeout: float) -> None:  # fmt: skip
+             vcpus: int, memory: int, keep: bool, timeout: float, broker: bool,
+             policy: str | None, owner: Path | None) -> None:  # fmt: skip
     from orchestrator.errors import UsageError
     from orchestrator.pods import lifecycle
     from orchestrator.pods.manifests import PodsSpec, Target
@@ -309,7 +311,8 @@ def _up_pods(name: str, tee: Any, masters: int, workers: int, worker: str, subne
         raise UsageError("--worker host is for --runtime vms", hint="pods run every rank")
     spec = PodsSpec(name=name, tee=tee, masters=masters, workers=workers, target=Target.podman,
                     hold=True, subnet=subnet, vcpus=vcpus, memory_mib=memory)  # fmt: skip
-    lifecycle.up(spec, keep_on_failure=keep, timeout=timeout)
+    lifecycle.up(spec, keep_on_failure=keep, timeout=timeout, broker=broker, policy=policy,
+                 owner=owner)  # fmt: skip
     for line in lifecycle.status_lines(name):
         out.print(line, soft_wrap=True)
 
