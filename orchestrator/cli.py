@@ -74,8 +74,11 @@ def run_bench_cmd(**options: Any) -> None:
 
     if lifecycle.is_pods(options["name"]):
         from orchestrator.pods.bench import run_bench as run_bench_pods
+        from orchestrator.pods.micro import run_transport_micro as micro_pods
 
-        run_bench_pods(options["name"], settings, options["out"])
+        (micro_pods if options["transport_micro"] else run_bench_pods)(
+            options["name"], settings, options["out"]
+        )
         return
     if options["transport_micro"]:
         from orchestrator.run.micro import run_transport_micro
@@ -309,6 +312,7 @@ def _up_pods(name: str, tee: Any, masters: int, workers: int, worker: str, subne
 
     if worker != "vm":
         raise UsageError("--worker host is for --runtime vms", hint="pods run every rank")
+    lifecycle.refuse_tee(tee)  # before the spec, which asks a confidential pod for a broker
     spec = PodsSpec(name=name, tee=tee, masters=masters, workers=workers, target=Target.podman,
                     hold=True, subnet=subnet, vcpus=vcpus, memory_mib=memory)  # fmt: skip
     lifecycle.up(spec, keep_on_failure=keep, timeout=timeout, broker=broker, policy=policy,

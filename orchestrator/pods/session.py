@@ -72,7 +72,7 @@ class PodsRun:
                  tb: TracebackType | None) -> None:  # fmt: skip
         try:
             if exc_type is not None:
-                self._stop_ranks()
+                self.stop_ranks()
         finally:
             self._cleanup.__exit__(exc_type, exc, tb)
 
@@ -166,7 +166,8 @@ class PodsRun:
                 raise GcvmError(f"the run took over {timeout:.0f} s", hint="raise --timeout")
             time.sleep(0.2)
 
-    def _stop_ranks(self) -> None:
+    def stop_ranks(self) -> None:
+        """Ends the ranks still running (a failed run's, a micro worker's)."""
         for pod in self.started:
             self.podman.run("exec", lifecycle.container_of(pod), lifecycle.CONTAINER_PYTHON,
                             "-c", STOP_RANKS, check=False, timeout=30)  # fmt: skip
