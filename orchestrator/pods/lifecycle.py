@@ -139,20 +139,29 @@ def status_lines(name: str) -> list[str]:
     return lines
 
 
+def refuse_tee(tee: Tee, coco_dev: bool = False) -> None:
+    """Only --tee none runs here: a TEE pod needs Kata, which podman does not have."""
+    if tee is not Tee.none or coco_dev:
+        raise UsageError(
+            f"--runtime pods runs --tee none here (podman has no Kata runtime); --tee {tee}"
+            f"{' --coco-dev' if coco_dev else ''} pods need a Kubernetes cluster with CoCo",
+            hint="gcvm render --runtime pods --tee tdx|sev-snp --broker URL --out DIR",
+        )
+
+
 def up(spec: PodsSpec, *, keep_on_failure: bool = False, timeout: float = 300,
        broker: bool = False, policy: str | None = None, owner: Path | None = None
        ) -> dict[str, Any]:  # fmt: skip
     """Run the podman target; `broker`: the owner's key broker for the cluster's lifetime;
     `owner`: the owner folder whose pins the masters get (default the cluster's)."""
-    if spec.tee is not Tee.none or spec.coco_dev:
-        raise UsageError(
-            f"--runtime pods runs --tee none here (podman has no Kata runtime); --tee {spec.tee}"
-            f"{' --coco-dev' if spec.coco_dev else ''} pods need a Kubernetes cluster with CoCo",
-            hint="gcvm render --runtime pods --tee tdx|sev-snp --broker URL --out DIR",
-        )
+    refuse_tee(spec.tee, spec.coco_dev)
     if policy is not None and not broker:
         raise UsageError(f"--policy {policy} without --broker: the policy is the cluster "
                          "broker's", hint="add --broker (runs start their own broker)")  # fmt: skip
+    if policy is not None:
+        from orchestrator.runbroker import check_policy
+
+        check_policy(str(spec.tee), Path(policy))  # a missing file, before anything is made
     if spec.target is not Target.podman or not spec.hold:
         raise ValueError("pods up plays the podman target with held containers")
     pm.check_tools()
@@ -223,6 +232,7 @@ def _up(spec: PodsSpec, record: dict[str, Any], timeout: float, broker: bool,
     with ui.step(f"play {len(made.pods)} pods"):
         argv = play_argv(made, record["network"], str(_manifests(spec.name) / "play.yaml"))
         podman.run(*argv[1:], timeout=timeout)
+        wait_running(podman, record["pods"], min(timeout, READY_TIMEOUT_S))
     with ui.step("build the project's wheel"):
         wheel = deploy.build_wheel(state.cluster_dir(spec.name) / "wheels")
     with ui.step(f"install {wheel.name} into {len(made.pods)} pods (podman cp, pip)"):
@@ -243,6 +253,42 @@ def _up(spec: PodsSpec, record: dict[str, Any], timeout: float, broker: bool,
             ident.folder, spec.cluster.gateway, record["netns"], policy), keep)  # fmt: skip
     record["phase"] = "ready"
     _save(spec.name, record)
+
+
+READY_TIMEOUT_S = 60.0
+DEAD = ("exited", "stopped", "dead")
+
+
+def _running(status: str) -> bool:
+    return status.startswith("Up") or status.lower() == "running"
+
+
+def wait_running(podman: pm.Podman, pods: list[dict[str, Any]], timeout: float) -> None:
+    """Until every pod's container runs; one that exited or never starts fails `up` with the
+    tail of its log."""
+    names = [container_of(pod) for pod in pods]
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = podman.run("ps", "--all", "--format", "{{.Names}} {{.State}}", check=False)
+        states = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+        # podman 4.3 says "Up 3 seconds ago", "Exited (127) 2 seconds ago", "Created"
+        waiting = [n for n in names if not _running(states.get(n, ""))]
+        if not waiting:
+            return
+        dead = [n for n in waiting if states.get(n, "").lower().startswith(DEAD)]
+        if dead or time.monotonic() > deadline:
+            name = (dead or waiting)[0]
+            logs = podman.run("logs", "--tail", "5", name, check=False)
+            tail = " | ".join((logs.stdout + logs.stderr).strip().splitlines()[-5:]) or "(none)"
+            what = (
+                f"has stopped ({states.get(name)})"
+                if dead
+                else f"is not running after {timeout:.0f} s"
+            )
+            raise GcvmError(f"pod container {name} {what}; its log: {tail}",
+                            hint="gcvm image build (the pods' image is made from the guest "
+                            "image), or --keep-on-failure to look at it")  # fmt: skip
+        time.sleep(0.5)
 
 
 def give_pins(podman: pm.Podman, record: dict[str, Any], ident: ownerid.OwnerIdentity

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
@@ -120,7 +121,6 @@ def test_a_pods_record_as_the_run_codes_cluster_state() -> None:
 
 def test_pod_target_reports_exit_codes(tmp_path: Path) -> None:
     """packages.copy_to reads a pod's digests only when `cat` succeeded (`rc`)."""
-    from subprocess import CompletedProcess
 
     class Fake(pm.Podman):
         def run(self, *args: str, **kw: object) -> CompletedProcess[str]:  # type: ignore[override]
@@ -170,3 +170,57 @@ def test_a_failed_up_removes_what_it_made(tmp_path: Path, monkeypatch: pytest.Mo
         lifecycle.up(PodsSpec(name="failing", target=Target.podman, hold=True))
     assert seen == [True]
     assert not lifecycle.state.cluster_dir("failing").exists()
+
+
+class _Scripted(pm.Podman):
+    """podman answering `ps` and `logs` from a script (no daemon)."""
+
+    def __init__(self, root: Path, states: str, log: str) -> None:
+        super().__init__(root, "ns")
+        self.states, self.log = states, log
+
+    def run(self, *args: str, **kw: object) -> CompletedProcess[str]:  # type: ignore[override]
+        out = self.states if args[0] == "ps" else self.log
+        return CompletedProcess(list(args), 0, out, "")
+
+
+PODS = [{"name": "c-master0", "role": "master"}, {"name": "c-worker0", "role": "worker"}]
+
+
+def test_a_pod_that_exits_fails_up_with_its_log(tmp_path: Path) -> None:
+    states = "c-master0-master Up 3 seconds ago\nc-worker0-worker Exited (127) 1 second ago\n"
+    podman = _Scripted(tmp_path, states, "line 1\nexec: sleep: not found\n")
+    with pytest.raises(lifecycle.GcvmError, match=r"c-worker0-worker has stopped \(Exited "
+                       r"\(127\).*sleep: not found"):  # fmt: skip
+        lifecycle.wait_running(podman, PODS, timeout=5)
+
+
+def test_a_pod_that_never_runs_fails_up_after_the_timeout(tmp_path: Path) -> None:
+    podman = _Scripted(
+        tmp_path, "c-master0-master Up 3 seconds ago\nc-worker0-worker Created\n", ""
+    )
+    with pytest.raises(lifecycle.GcvmError, match="is not running after 0 s; its log: \\(none\\)"):
+        lifecycle.wait_running(podman, PODS, timeout=0.01)
+    lifecycle.wait_running(_Scripted(tmp_path, "c-master0-master Up 1 second ago\nc-worker0-worker "
+                                     "Up 2 seconds ago\n", ""), PODS, timeout=1)  # fmt: skip
+
+
+def test_missing_podman_is_one_line_with_the_apt_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        pm.shutil, "which", lambda tool: None if tool in ("podman", "runc") else "/x"
+    )
+    with pytest.raises(pm.HostUnsupported, match="needs podman, runc") as info:
+        lifecycle.up(PodsSpec(name="x", target=Target.podman, hold=True))
+    assert info.value.hint is not None and "apt-get install podman runc" in info.value.hint
+
+
+def test_a_second_up_with_one_name_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GCVM_HOME", str(tmp_path))
+    monkeypatch.setattr(pm, "check_tools", lambda: None)
+    lifecycle._save("twice", {"name": "twice", "netns": "gcvm-twice", "pods": []})
+    with pytest.raises(lifecycle.ClusterExists, match="already exists") as info:
+        lifecycle.up(PodsSpec(name="twice", target=Target.podman, hold=True))
+    assert info.value.exit_code == 2 and "gcvm down --name twice" in str(info.value.hint)
+    assert lifecycle.is_pods("twice")  # the first cluster's record is untouched
