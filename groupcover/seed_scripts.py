@@ -16,7 +16,8 @@ Model packages (`protect`): `MODEL` names the master's package folders (comma-se
 default is the seed's built-in transformer, protected in memory), opened with the key in
 `KEY_FILE` (comma-separated, one per package) or released by the KBS broker at `BROKER` for the
 evidence of `TEE` (none, snp or tdx); a worker loads the published weights of the folders in
-`PACKAGE` (comma-separated).
+`PACKAGE` (comma-separated). `BROKER_CERT` and `OWNER_KEY` name the broker's certificate and the
+owner's public key where the measured boot pins none (`--broker-cert`, `--owner-key`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def settings_from_env(role: Role, env: Mapping[str, str]) -> RankSettings:
         extra_key_files=tuple(keys[1:]),
         broker=env.get("BROKER") or None,
         tee=env.get("TEE") or None,
+        # the pins, where the measured boot gives none (a runc pod); a measured pin wins
+        broker_cert=Path(env["BROKER_CERT"]) if env.get("BROKER_CERT") else None,
+        owner_key=Path(env["OWNER_KEY"]) if env.get("OWNER_KEY") else None,
         packages=tuple(Path(p) for p in _list(env, "PACKAGE")),
         modes=modes,
         batch=_int(env, "BATCH"),

@@ -74,8 +74,11 @@ def run_bench_cmd(**options: Any) -> None:
 
     if lifecycle.is_pods(options["name"]):
         from orchestrator.pods.bench import run_bench as run_bench_pods
+        from orchestrator.pods.micro import run_transport_micro as micro_pods
 
-        run_bench_pods(options["name"], settings, options["out"])
+        (micro_pods if options["transport_micro"] else run_bench_pods)(
+            options["name"], settings, options["out"]
+        )
         return
     if options["transport_micro"]:
         from orchestrator.run.micro import run_transport_micro
@@ -247,7 +250,8 @@ def up_cmd(
         raise UsageError(f"unknown --runtime {runtime!r}", hint="choose vms or pods")
     if runtime == "pods":
         _up_pods(name, _choice(Tee, "--tee", tee), masters, 1 if workers is None else workers,
-                 worker, subnet, vcpus, memory, keep_on_failure, timeout)  # fmt: skip
+                 worker, subnet, vcpus, memory, keep_on_failure, timeout, broker, policy,
+                 owner.resolve() if owner else None)  # fmt: skip
         return
     if worker not in ("vm", "host"):
         raise UsageError(f"unknown --worker {worker!r}", hint="choose vm or host")
@@ -307,7 +311,8 @@ def down_cmd(
 
 
 def _up_pods(name: str, tee: Any, masters: int, workers: int, worker: str, subnet: str | None,
-             vcpus: int, memory: int, keep: bool, timeout: float) -> None:  # fmt: skip
+             vcpus: int, memory: int, keep: bool, timeout: float, broker: bool,
+             policy: str | None, owner: Path | None) -> None:  # fmt: skip
     from orchestrator.errors import UsageError
     from orchestrator.pods import lifecycle
     from orchestrator.pods.manifests import PodsSpec, Target
@@ -315,9 +320,11 @@ def _up_pods(name: str, tee: Any, masters: int, workers: int, worker: str, subne
 
     if worker != "vm":
         raise UsageError("--worker host is for --runtime vms", hint="pods run every rank")
+    lifecycle.refuse_tee(tee)  # before the spec, which asks a confidential pod for a broker
     spec = PodsSpec(name=name, tee=tee, masters=masters, workers=workers, target=Target.podman,
                     hold=True, subnet=subnet, vcpus=vcpus, memory_mib=memory)  # fmt: skip
-    lifecycle.up(spec, keep_on_failure=keep, timeout=timeout)
+    lifecycle.up(spec, keep_on_failure=keep, timeout=timeout, broker=broker, policy=policy,
+                 owner=owner)  # fmt: skip
     for line in lifecycle.status_lines(name):
         out.print(line, soft_wrap=True)
 

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,36 @@ def start(b: ClusterBrokerState, timeout: float = START_TIMEOUT_S) -> ClusterBro
     stop(started)
     raise BrokerError(f"the cluster's key broker did not listen within {timeout:.0f} s",
                       hint=f"its output: {out}")  # fmt: skip
+
+
+def start_recorded(b: ClusterBrokerState, record: Callable[[ClusterBrokerState], None]
+                   ) -> ClusterBrokerState:  # fmt: skip
+    """`up --broker` (VMs and pods): the broker recorded in the cluster's state before it starts
+    (so a failure from here on, and `down`, stop it) and again with its pid and URL."""
+    from orchestrator import ui
+
+    record(b)
+    with ui.step(f"start the key broker on {b.address}"):
+        try:
+            b = start(b)
+        finally:
+            record(b)
+        ui.info(f"key broker (a demo broker: it runs on this TEE host; in production the "
+                f"owner's machine runs it): {b.url}, pid {b.pid}, "
+                + (f"policy {b.policy}" if b.policy else "without attestation (--tee none)")
+                + f"; keys served from {b.repository}")  # fmt: skip
+    return b
+
+
+def for_owner(owner: Path, address: str, netns_name: str | None, policy: str | None
+              ) -> ClusterBrokerState:  # fmt: skip
+    """The cluster broker of an owner folder: its identity (the one the cluster pins), bound to
+    `address` in the cluster's namespace."""
+    from orchestrator import ownerid
+
+    return ClusterBrokerState(owner=str(owner), address=address, netns=netns_name,
+                              identity=str(owner / ownerid.BROKER_DIR),
+                              policy=str(Path(policy).resolve()) if policy else None)  # fmt: skip
 
 
 def replace_pid(b: ClusterBrokerState, pid: int) -> ClusterBrokerState:

@@ -265,30 +265,20 @@ def _owner_identity(spec: ClusterSpec) -> Any:
 def _start_broker(run: _Up) -> None:
     """The owner's key broker for the cluster's lifetime, on the bridge's host-side address in
     the cluster's namespace; recorded before it starts, so a failure from here on stops it."""
-    from orchestrator import clusterbroker, ownerid
+    from orchestrator import clusterbroker
     from orchestrator.packages import owner_dir
 
     assert run.st is not None
     spec = run.spec
     owner = Path((run.st.trust or {}).get("owner") or owner_dir(spec.name))
-    broker = clusterbroker.ClusterBrokerState(
-        owner=str(owner), address=spec.gateway, netns=run.st.netns,
-        identity=str(owner / ownerid.BROKER_DIR),
-        policy=str(Path(spec.broker_policy).resolve()) if spec.broker_policy else None,
-    )  # fmt: skip
-    run.st = replace(run.st, broker=broker.to_dict())
-    state.save(run.st)
-    with ui.step(f"start the key broker on {broker.address}"):
-        try:
-            broker = clusterbroker.start(broker)
-        finally:
-            run.st = replace(run.st, broker=broker.to_dict())
-            state.save(run.st)
-        ui.info(f"key broker (a demo broker: it runs on this TEE host; in production the "
-                f"owner's machine runs it): {broker.url}, pid {broker.pid}, "
-                + (f"policy {broker.policy}" if broker.policy else
-                   "without attestation (--tee none)")
-                + f"; keys served from {broker.repository}")  # fmt: skip
+
+    def record(b: clusterbroker.ClusterBrokerState) -> None:
+        assert run.st is not None
+        run.st = replace(run.st, broker=b.to_dict())
+        state.save(run.st)
+
+    broker = clusterbroker.for_owner(owner, spec.gateway, run.st.netns, spec.broker_policy)
+    clusterbroker.start_recorded(broker, record)
 
 
 def _start_host_worker(run: _Up) -> None:

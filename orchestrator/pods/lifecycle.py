@@ -7,6 +7,11 @@ cluster's subnet inside it, play the podman target's manifests (static addresses
 DNS at 127.0.0.1), copy the wheel into every pod with `podman cp` and install it (no host folder
 is mounted), and check that the pods' addresses route to the namespace's bridge and that the
 namespace has no default route. Any failure or Ctrl-C removes what was made.
+
+The owner's pins (the broker's certificate, the package-signing key) go into every master pod as
+files the framework is given on its command line (`--broker-cert`, `--owner-key`): nothing
+measures them in a runc container (in a CoCo pod, initdata carries them). With `--broker`, the
+owner's key broker runs for the cluster's lifetime in the namespace, on the pods' bridge.
 """
 
 from __future__ import annotations
@@ -22,15 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import netns, state, ui
+from orchestrator import clusterbroker, netns, ownerid, state, ui
+from orchestrator.attest.identity import CERT_FILE
 from orchestrator.cluster.boot import _shielded, _sigterm_interrupts
+from orchestrator.clusterbroker import ClusterBrokerState
 from orchestrator.errors import ClusterExists, GcvmError, Interrupted, UsageError
 from orchestrator.pods import podman as pm
 from orchestrator.pods.manifests import Manifests, PodsSpec, Target, play_argv, render
-from orchestrator.spec import Tee
+from orchestrator.remote import Result
+from orchestrator.spec import Role, Tee
 
 RECORD = "pods.json"
 CONTAINER_PYTHON = "/opt/gcvm/venv/bin/python"
+PIN_DIR = "/etc/gcvm/pins"  # in every master pod: the owner's pins, as files (not measured)
+PINS = {"broker_cert": CERT_FILE, "owner_key": ownerid.SIGNING_PUB}
 
 
 def record_path(name: str) -> Path:
@@ -61,19 +71,44 @@ def podman_for(name: str, record: dict[str, Any]) -> pm.Podman:
     return pm.Podman(state.cluster_dir(name) / "podman", record["netns"], stores)
 
 
+@dataclass(frozen=True)
+class PodsCluster:
+    """A pods cluster's record seen as the run code's cluster state (`orchestrator.state.
+    ClusterState`): what the packages, the brokers and the ranks read of it."""
+
+    name: str
+    netns: str
+    spec: dict[str, Any]
+    trust: dict[str, Any] | None
+    broker: dict[str, Any] | None
+    worker_host: None = None
+    vms: tuple[()] = ()
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> PodsCluster:
+        return cls(record["name"], record["netns"], {"subnet": record.get("subnet")},
+                   record.get("trust"), record.get("broker"))  # fmt: skip
+
+    @property
+    def cluster_broker(self) -> ClusterBrokerState | None:
+        return None if self.broker is None else ClusterBrokerState.from_dict(self.broker)
+
+
 @dataclass
 class PodTarget:
-    """One pod's container as deploy.install's target: `podman exec` and `podman cp`."""
+    """One pod's container as deploy.install's and packages.copy_to's target: `podman exec`
+    and `podman cp`."""
 
     podman: pm.Podman
     name: str  # the pod's name
     container: str
 
-    def run(self, argv: list[str], *, timeout: float, check: bool = True) -> object:
-        return self.podman.run("exec", self.container, *argv, timeout=timeout, check=check)
+    def run(self, argv: list[str], *, timeout: float, check: bool = True) -> Result:
+        proc = self.podman.run("exec", self.container, *argv, timeout=timeout, check=check)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
 
-    def put(self, local: Path, remote: str) -> None:
-        self.podman.run("cp", str(local), f"{self.container}:{remote}", timeout=120)
+    def put(self, local: Path, remote: str, progress: object = None) -> None:
+        self.podman.run("cp", str(local), f"{self.container}:{remote}", timeout=600)
 
 
 def container_of(pod: dict[str, Any]) -> str:
@@ -94,19 +129,39 @@ def status_lines(name: str) -> list[str]:
             "pod", "ps", "--format", "{{.Name}} {{.Status}}", check=False, timeout=30
         )
         states = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    broker = PodsCluster.of(record).cluster_broker
+    if broker is not None:
+        lines.append(f"key broker: {'running' if clusterbroker.alive(broker) else 'dead'}, pid "
+                     f"{broker.pid}, {broker.url}, log {broker.log}")  # fmt: skip
     for pod in record.get("pods", []):
         lines.append(f"  {pod['name']:<20} {pod['role']:<7} rank {pod['rank']:<3} "
                      f"{pod['address']:<16} {states.get(pod['name'], 'gone')}")  # fmt: skip
     return lines
 
 
-def up(spec: PodsSpec, *, keep_on_failure: bool = False, timeout: float = 300) -> dict[str, Any]:
-    if spec.tee is not Tee.none or spec.coco_dev:
+def refuse_tee(tee: Tee, coco_dev: bool = False) -> None:
+    """Only --tee none runs here: a TEE pod needs Kata, which podman does not have."""
+    if tee is not Tee.none or coco_dev:
         raise UsageError(
-            f"--runtime pods runs --tee none here (podman has no Kata runtime); --tee {spec.tee}"
-            f"{' --coco-dev' if spec.coco_dev else ''} pods need a Kubernetes cluster with CoCo",
+            f"--runtime pods runs --tee none here (podman has no Kata runtime); --tee {tee}"
+            f"{' --coco-dev' if coco_dev else ''} pods need a Kubernetes cluster with CoCo",
             hint="gcvm render --runtime pods --tee tdx|sev-snp --broker URL --out DIR",
         )
+
+
+def up(spec: PodsSpec, *, keep_on_failure: bool = False, timeout: float = 300,
+       broker: bool = False, policy: str | None = None, owner: Path | None = None
+       ) -> dict[str, Any]:  # fmt: skip
+    """Run the podman target; `broker`: the owner's key broker for the cluster's lifetime;
+    `owner`: the owner folder whose pins the masters get (default the cluster's)."""
+    refuse_tee(spec.tee, spec.coco_dev)
+    if policy is not None and not broker:
+        raise UsageError(f"--policy {policy} without --broker: the policy is the cluster "
+                         "broker's", hint="add --broker (runs start their own broker)")  # fmt: skip
+    if policy is not None:
+        from orchestrator.runbroker import check_policy
+
+        check_policy(str(spec.tee), Path(policy))  # a missing file, before anything is made
     if spec.target is not Target.podman or not spec.hold:
         raise ValueError("pods up plays the podman target with held containers")
     pm.check_tools()
@@ -129,7 +184,7 @@ def up(spec: PodsSpec, *, keep_on_failure: bool = False, timeout: float = 300) -
         }
         _save(spec.name, record)
         try:
-            _up(spec, record, timeout)
+            _up(spec, record, timeout, broker, policy, owner)
         except BaseException as exc:
             if keep_on_failure:
                 ui.warn(f"kept the failed cluster; remove it with `gcvm down --name {spec.name}`")
@@ -144,8 +199,15 @@ def up(spec: PodsSpec, *, keep_on_failure: bool = False, timeout: float = 300) -
     return record
 
 
-def _up(spec: PodsSpec, record: dict[str, Any], timeout: float) -> None:
-    from orchestrator import deploy, image
+def _up(spec: PodsSpec, record: dict[str, Any], timeout: float, broker: bool,
+        policy: str | None, owner: Path | None) -> None:  # fmt: skip
+    from orchestrator import deploy, image, packages
+
+    with ui.step("the owner's identities (broker certificate, package-signing key)"):
+        ident = ownerid.ensure(packages.owner_dir(spec.name, owner))
+        record["trust"] = ident.facts()
+        _save(spec.name, record)
+        # no initdata here: podman 4.3.1 refuses annotation values over 63 characters
 
     with ui.step("find the guest image"):
         found = image.find_image()
@@ -170,16 +232,79 @@ def _up(spec: PodsSpec, record: dict[str, Any], timeout: float) -> None:
     with ui.step(f"play {len(made.pods)} pods"):
         argv = play_argv(made, record["network"], str(_manifests(spec.name) / "play.yaml"))
         podman.run(*argv[1:], timeout=timeout)
+        wait_running(podman, record["pods"], min(timeout, READY_TIMEOUT_S))
     with ui.step("build the project's wheel"):
         wheel = deploy.build_wheel(state.cluster_dir(spec.name) / "wheels")
     with ui.step(f"install {wheel.name} into {len(made.pods)} pods (podman cp, pip)"):
         for pod in record["pods"]:
             deploy.install(PodTarget(podman, pod["name"], container_of(pod)), wheel,
                            CONTAINER_PYTHON, timeout=timeout)  # fmt: skip
+    with ui.step("give the masters the owner's pins (files for --broker-cert/--owner-key)"):
+        record["pins"] = give_pins(podman, record, ident)
     with ui.step("check the pods' isolation"):
         record["isolation"] = check_isolation(record)
+    if broker:  # on the pods' bridge, which exists once a pod is attached to it
+
+        def keep(b: ClusterBrokerState) -> None:
+            record["broker"] = b.to_dict()
+            _save(spec.name, record)
+
+        clusterbroker.start_recorded(clusterbroker.for_owner(
+            ident.folder, spec.cluster.gateway, record["netns"], policy), keep)  # fmt: skip
     record["phase"] = "ready"
     _save(spec.name, record)
+
+
+READY_TIMEOUT_S = 60.0
+DEAD = ("exited", "stopped", "dead")
+
+
+def _running(status: str) -> bool:
+    return status.startswith("Up") or status.lower() == "running"
+
+
+def wait_running(podman: pm.Podman, pods: list[dict[str, Any]], timeout: float) -> None:
+    """Until every pod's container runs; one that exited or never starts fails `up` with the
+    tail of its log."""
+    names = [container_of(pod) for pod in pods]
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = podman.run("ps", "--all", "--format", "{{.Names}} {{.State}}", check=False)
+        states = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+        # podman 4.3 says "Up 3 seconds ago", "Exited (127) 2 seconds ago", "Created"
+        waiting = [n for n in names if not _running(states.get(n, ""))]
+        if not waiting:
+            return
+        dead = [n for n in waiting if states.get(n, "").lower().startswith(DEAD)]
+        if dead or time.monotonic() > deadline:
+            name = (dead or waiting)[0]
+            logs = podman.run("logs", "--tail", "5", name, check=False)
+            tail = " | ".join((logs.stdout + logs.stderr).strip().splitlines()[-5:]) or "(none)"
+            what = (
+                f"has stopped ({states.get(name)})"
+                if dead
+                else f"is not running after {timeout:.0f} s"
+            )
+            raise GcvmError(f"pod container {name} {what}; its log: {tail}",
+                            hint="gcvm image build (the pods' image is made from the guest "
+                            "image), or --keep-on-failure to look at it")  # fmt: skip
+        time.sleep(0.5)
+
+
+def give_pins(podman: pm.Podman, record: dict[str, Any], ident: ownerid.OwnerIdentity
+              ) -> dict[str, str]:  # fmt: skip
+    """The owner's pins into every master pod as files (podman cp), for the framework's
+    `--broker-cert`/`--owner-key` (BROKER_CERT/OWNER_KEY for the seed scripts): in a runc
+    container nothing measures them; the host could replace them."""
+    sources = {"broker_cert": ident.broker_dir / CERT_FILE, "owner_key": ident.signing_pub}
+    for pod in record["pods"]:
+        if pod["role"] != Role.master.value:
+            continue
+        container = container_of(pod)
+        podman.run("exec", container, "mkdir", "-p", PIN_DIR, timeout=30)
+        for key, file_name in PINS.items():
+            podman.run("cp", str(sources[key]), f"{container}:{PIN_DIR}/{file_name}")
+    return {key: f"{PIN_DIR}/{file_name}" for key, file_name in PINS.items()}
 
 
 def _manifests(name: str) -> Path:
@@ -238,6 +363,11 @@ def _teardown(name: str, record: dict[str, Any]) -> list[str]:
     cdir = state.cluster_dir(name)
     ns = record["netns"]
     podman = podman_for(name, {**record, "image_stores": record.get("image_stores", [])})
+    broker = PodsCluster.of({**record, "subnet": None}).cluster_broker
+    if broker is not None:
+        if clusterbroker.stop(broker):
+            removed.append("key broker")
+        clusterbroker.remove_repository(broker)
     if (cdir / "podman" / "storage.conf").exists() and netns.exists(ns):
         pods = podman.run("pod", "ps", "-q", check=False).stdout.split()
         if pods:

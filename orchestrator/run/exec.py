@@ -45,6 +45,14 @@ def run_exec(
     if not any(commands.values()):
         raise UsageError("no command given", hint="gcvm run exec -- CMD ARGS...")
     check_timeout("--timeout", timeout)
+    from orchestrator.pods import lifecycle
+
+    if lifecycle.is_pods(name):  # the same, in pods (podman exec instead of SSH)
+        from orchestrator.pods import exec as pods_exec
+
+        pods_exec.run_exec(name, commands, port=port, timeout=timeout, extra_env=extra_env,
+                           packages_for=packages_for)  # fmt: skip
+        return
     with RunSession(name) as run:
         st, hw, tee = run.st, run.hw, run.tee
         if packages_for is not None:

@@ -8,10 +8,13 @@ that cannot is a failure. `built_image` is gcvm's guest image, built once when m
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -161,3 +164,57 @@ def host_leftovers(name: str) -> list[str]:
 def assert_nothing_left(name: str) -> None:
     left = host_leftovers(name)
     assert left == [], f"cluster {name} left: {left}"
+
+
+class Running:
+    """A gcvm command in the background whose stderr is read line by line as it comes."""
+
+    def __init__(self, env: Env, *args: str, session: bool = False) -> None:
+        # session: a process group of its own, which `signal_group` signals as a terminal's
+        # Ctrl-C does (gcvm and every child it runs in the foreground)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", *args],
+            env=env.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=session,
+        )
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._seen:
+                self.lines.append(line)
+                self._seen.notify_all()
+        with self._seen:
+            self._seen.notify_all()
+
+    @property
+    def text(self) -> str:
+        return " ".join("".join(self.lines).split())
+
+    def wait_for(self, pattern: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        with self._seen:
+            while not re.search(pattern, self.text):
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"never saw {pattern!r}; stderr so far:\n{self.text}")
+                self._seen.wait(timeout=min(left, 0.5))
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.proc.pid, signum)
+
+    def signal_group(self, signum: int) -> None:
+        os.killpg(self.proc.pid, signum)
+
+    def finish(self, timeout: float = 240) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return rc

@@ -12,9 +12,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,61 +19,19 @@ from typing import Any
 import pytest
 
 from orchestrator import state
-from tests.integration.conftest import Env, assert_nothing_left, cluster_name, host_leftovers
+from tests.integration.conftest import (
+    Env,
+    Running,
+    assert_nothing_left,
+    cluster_name,
+    host_leftovers,
+)
 
 pytestmark = pytest.mark.vm
 
 PHASE_DAEMONS = "start a private libvirt in network namespace"
 PHASE_BOOT = "define and start"
 PHASE_CLEANUP = "clean up the failed cluster"
-
-
-class Running:
-    """A gcvm command in the background whose stderr is read line by line as it comes."""
-
-    def __init__(self, env: Env, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", *args],
-            env=env.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._seen = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._seen:
-                self.lines.append(line)
-                self._seen.notify_all()
-        with self._seen:
-            self._seen.notify_all()
-
-    @property
-    def text(self) -> str:
-        return " ".join("".join(self.lines).split())
-
-    def wait_for(self, pattern: str, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        with self._seen:
-            while not re.search(pattern, self.text):
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"never saw {pattern!r}; stderr so far:\n{self.text}")
-                self._seen.wait(timeout=min(left, 0.5))
-
-    def signal(self, signum: int) -> None:
-        os.kill(self.proc.pid, signum)
-
-    def finish(self, timeout: float = 240) -> int:
-        rc = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=10)
-        return rc
 
 
 def _up(env: Env, name: str, *extra: str) -> Running:

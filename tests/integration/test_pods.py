@@ -1,21 +1,26 @@
-"""`gcvm up --runtime pods` for real: one podman pod per rank in the cluster's own network
-namespace, `gcvm run bench` across them, `gcvm down`; then nothing may be left behind.
+"""`gcvm up --runtime pods --broker` for real: one podman pod per rank in the cluster's own
+network namespace and the owner's key broker on the pods' bridge; `gcvm run bench` from model
+packages (protected and signed on the host, keys released by the broker over its pinned HTTPS
+identity, the payload audit watching), `gcvm run seed` from packages, `gcvm down`; then nothing
+may be left behind.
 
 The first run on a host makes the container image from the guest image (about a minute and a
-half here, cached under GCVM_CACHE); afterwards `up` takes seconds and the bench about a minute.
+half here, cached under GCVM_CACHE); afterwards `up` takes seconds and each run under a minute.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from orchestrator import netns, state
-from tests.integration.conftest import Env, assert_nothing_left, cluster_name
+from tests.integration.conftest import Env, Running, assert_nothing_left, cluster_name
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -32,7 +37,7 @@ def test_pods_up_bench_down(podman_host: Env, tmp_path: Path) -> None:
     name = cluster_name()
     ns = f"gcvm-{name}"
     up = podman_host.gcvm("up", "--runtime", "pods", "--tee", "none", "--masters", "1",
-                          "--workers", "1", "--name", name, timeout=900)  # fmt: skip
+                          "--workers", "1", "--broker", "--name", name, timeout=900)  # fmt: skip
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         record = json.loads((state.cluster_dir(name) / "pods.json").read_text())
@@ -52,22 +57,88 @@ def test_pods_up_bench_down(podman_host: Env, tmp_path: Path) -> None:
              "{{json .Mounts}}", f"{name}-master0-master"], capture_output=True, text=True,
             env={**podman_host.env, **_podman_env(name)}, check=True)  # fmt: skip
         assert all("/work" not in m.get("Source", "") for m in json.loads(inspect.stdout))
+        status = podman_host.gcvm("status", "--name", name)
+        assert "key broker: running" in status.stdout, status.stdout
         out = tmp_path / "results"
         bench = podman_host.gcvm(
-            "run", "bench", "--name", name, "--model", "seed-transformer", "--batch", "1",
-            "--seq", "16", "--repeat", "2", "--warmup", "0", "--modes",
-            "plain-offload,groupcover", "--no-audit", "--out", str(out), timeout=900)  # fmt: skip
+            "run", "bench", "--name", name, "--model", "minilm-standin", "--batch", "1",
+            "--seq", "16", "--repeat", "2", "--warmup", "0", "--modes", "groupcover,hardened",
+            "--audit", "--out", str(out), timeout=900)  # fmt: skip
         assert bench.returncode == 0, bench.stderr[-3000:] + bench.stdout[-3000:]
         document = json.loads(next(out.rglob("bench.json")).read_text())
-        rows = [r for run in document["runs"].values() for r in run["results"]]
-        assert {r["mode"] for r in rows} == {"plain-offload", "groupcover"}
-        assert all(r["rel_err"] is not None and r["rel_err"] < 1e-3 for r in rows)
+        seed = podman_host.gcvm("run", "seed", "--name", name, "--model", "minilm-standin",
+                                "--set", "MODES=groupcover", "--set", "BATCH=1", "--set",
+                                "SEQ=16", "--set", "REPEAT=2", timeout=900)  # fmt: skip
     finally:
         down = podman_host.gcvm("down", "--name", name)
     assert down.returncode == 0, down.stderr[-2000:]
     assert not netns.exists(ns)
     assert not Path(f"/var/lib/cni/networks/{ns}").exists()
+    assert "key broker" in down.stderr + down.stdout
     assert_nothing_left(name)
+
+    # the model from packages: every mode within 1e-4 of the plaintext model, the audit clean
+    rows = [r for run in document["runs"].values() for r in run["results"]]
+    assert {r["mode"] for r in rows} == {"groupcover", "hardened"}
+    assert all(r["rel_err"] is not None and r["rel_err"] <= 1e-4 for r in rows), rows
+    for r in rows:
+        assert r["audit"]["leaks"] == [] and not r["audit"]["input_exposed"], r["audit"]
+        assert r["audit"]["audited_calls"] > 0
+    # the key from the cluster's broker, over HTTPS, the broker and packages authenticated by
+    # the pins the master was given (not measured in a runc container), and the results say so
+    assert document["broker"]["url"].startswith("https://")
+    assert "--repository" in document["broker"]["argv"]  # the cluster's broker, not a run's
+    release = document["key_release"][f"{name}-master0"]
+    assert release["source"] == "broker" and release["broker_authenticated"] is True
+    assert release["package_authenticated"] is True and not release["attested"]
+    assert release["broker_identity"]["source"] == "command line (not measured)"
+    assert document["attestation"][f"{name}-master0"]  # the broker's own record, per master
+    copies = {(c["vm"], c["package_id"]): c["copied"] for c in document["packages"]["copies"]}
+    assert all("model.key" not in files for files in copies.values())
+    assert {len(files) for (pod, _), files in copies.items() if "worker" in pod} == {2}
+    # the seed's scripts, from a package, the key released by the same broker
+    assert seed.returncode == 0, seed.stderr[-3000:] + seed.stdout[-3000:]
+    said = seed.stdout + seed.stderr  # the ranks' lines go to the console (stderr)
+    assert "minilm-standin groupcover: rank 0 -> worker1" in said, said[-3000:]
+    assert "rel err" in said and "model key released without attestation" in said
+
+
+# `up`'s steps, and how the interrupt comes: to the whole process group as a terminal's Ctrl-C
+# (podman and pip get it too), or to gcvm alone
+INTERRUPTS = [("play \\d+ pods", True, 0.0), ("install .* into \\d+ pods", False, 0.3),
+              ("start the key broker", True, 0.1)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("phase", "group", "delay"), INTERRUPTS)
+def test_ctrl_c_during_pods_up_leaves_nothing(podman_host: Env, phase: str, group: bool,
+                                              delay: float) -> None:  # fmt: skip
+    name = cluster_name()
+    before = _podman_netns()
+    up = Running(podman_host, "up", "--runtime", "pods", "--tee", "none", "--broker", "--name",
+                 name, session=True)  # fmt: skip
+    try:
+        up.wait_for(phase)
+        time.sleep(delay)
+        (up.signal_group if group else up.signal)(signal.SIGINT)
+        rc = up.finish(timeout=120)
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+    assert rc == 130, up.text
+    assert "interrupted; the cluster was removed" in up.text and "Traceback" not in up.text
+    ns = f"gcvm-{name}"
+    assert not netns.exists(ns)
+    assert not Path(f"/var/lib/cni/networks/{ns}").exists()
+    assert _podman_netns() <= before  # podman's per-pod namespaces went with the pods
+    assert_nothing_left(name)  # before any `gcvm down`
+    down = podman_host.gcvm("down", "--name", name)
+    assert down.returncode == 0, down.stderr
+    assert_nothing_left(name)
+
+
+def _podman_netns() -> set[str]:
+    folder = Path("/run/netns")
+    return {p.name for p in folder.glob("netns-*")} if folder.is_dir() else set()
 
 
 def _podman_env(name: str) -> dict[str, str]:

@@ -46,6 +46,15 @@ GCVM: list[tuple[str, int, str]] = [
     ("up --subnet nonsense", 2, "invalid --subnet 'nonsense'"),
     ("up --subnet 10.0.0.0/30", 2, "too few IPv4 addresses"),
     ("up --subnet fd00::/64", 2, "too few IPv4 addresses"),
+    # up --runtime pods: refused before anything is made
+    ("up --runtime kata", 2, "unknown --runtime 'kata'"),
+    ("up --runtime pods --tee tdx", 2, "pods need a Kubernetes cluster with CoCo"),
+    ("up --runtime pods --tee sgx", 2, "unknown --tee 'sgx'"),
+    ("up --runtime pods --worker host", 2, "--worker host is for --runtime vms"),
+    ("up --runtime pods --policy {tmp}/p.yaml", 2, "without --broker: the policy is the cluster"),
+    ("up --runtime pods --broker --policy {tmp}/nosuch.yaml", 2, "no such file"),
+    ("up --runtime pods --name Bad_Name", 2, "invalid cluster name 'Bad_Name'"),
+    ("up --runtime pods --subnet 10.0.0.0/30", 2, "too few IPv4 addresses"),
     # up: time limits, daemons, networks, images
     ("up --timeout -5", 2, "--timeout -5 is out of range"),
     ("up --timeout 0", 2, "--timeout 0 is out of range"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
@@ -62,11 +63,77 @@ def test_bench_plan_world_and_flags() -> None:
     assert [p["name"] for p, _ in only_one] == ["c-master0", "c-worker0"]
 
 
-def test_bench_refuses_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = BenchSettings(model="seed-transformer")
-    monkeypatch.setattr(BenchSettings, "builtin", property(lambda self: False))
-    with pytest.raises(UsageError, match="built-in models only"):
-        bench.run_bench("x", settings, tmp_path)
+def test_bench_ranks_from_packages_with_the_pins() -> None:
+    """Masters open the packages with the broker's key and the pins as files on their command
+    line; workers load the published weights; the flags are the VM runtime's (run.deploy)."""
+    from types import SimpleNamespace
+
+    from orchestrator.pods.session import PodsRun, node
+    from orchestrator.run import deploy
+
+    record = {"pods": [
+        {"name": "c-master0", "role": "master", "rank": 0, "address": "10.0.0.10"},
+        {"name": "c-worker0", "role": "worker", "rank": 1, "address": "10.0.0.11"}],
+        "pins": {"broker_cert": "/etc/gcvm/pins/broker.pem",
+                 "owner_key": "/etc/gcvm/pins/owner.pub"}}  # fmt: skip
+    pkg = SimpleNamespace(package_id="abc", folder=Path("/host/pkg"))
+    broker = SimpleNamespace(url="https://10.0.0.1:4321")
+    run = PodsRun("c", Path("/nowhere"))
+    run.record = record
+
+    def model_args(pod: dict, role: object) -> list[str]:
+        return deploy.model_args(node(pod), role, [pkg], broker, "none") + run.pin_args(pod)  # type: ignore[arg-type, list-item]
+
+    planned = dict((p["name"], a) for p, a in bench.plan(
+        record, BenchSettings(model="minilm"), "/r", model_args))  # fmt: skip
+    master, worker = planned["c-master0"], planned["c-worker0"]
+    assert master[master.index("--model") + 1] == "/var/lib/gcvm/packages/abc"
+    assert master[master.index("--broker") + 1] == "https://10.0.0.1:4321"
+    assert master[master.index("--tee") + 1] == "none"
+    assert master[master.index("--broker-cert") + 1] == "/etc/gcvm/pins/broker.pem"
+    assert master[master.index("--owner-key") + 1] == "/etc/gcvm/pins/owner.pub"
+    assert worker[worker.index("--package") + 1] == "/var/lib/gcvm/packages/abc"
+    assert "--broker" not in worker and "--broker-cert" not in worker
+    assert run.pin_env(record["pods"][0]) == {"BROKER_CERT": "/etc/gcvm/pins/broker.pem",
+                                              "OWNER_KEY": "/etc/gcvm/pins/owner.pub"}  # fmt: skip
+    assert run.pin_env(record["pods"][1]) == {}
+
+
+def test_a_pods_record_as_the_run_codes_cluster_state() -> None:
+    """The run code's brokers see a pods cluster as a VM cluster: a run's broker in the
+    cluster's namespace on the bridge's host address, or the cluster's own (`up --broker`)."""
+    from orchestrator import clusterbroker, packages, runbroker
+
+    record = {"name": "c", "netns": "gcvm-c", "subnet": "192.168.200.0/24", "pods": []}
+    view = lifecycle.PodsCluster.of(record)
+    assert packages.bridge_address(view) == "192.168.200.1"
+    assert view.cluster_broker is None
+    own = runbroker.broker_for(view, {}, "none", None, Path("/o/broker.log"), Path("/o/id"))
+    assert isinstance(own, runbroker.RunBroker)
+    assert (own.netns, own.host, own.identity) == ("gcvm-c", "192.168.200.1", Path("/o/id"))
+    b = clusterbroker.for_owner(Path("/o"), "192.168.200.1", "gcvm-c", None)
+    assert b.identity == "/o/broker-identity" and b.insecure
+    shared = lifecycle.PodsCluster.of({**record, "broker": b.to_dict()})
+    assert shared.cluster_broker == b
+    assert isinstance(runbroker.broker_for(shared, {}, "none", None, Path("/l"), None),
+                      runbroker.ClusterBrokerUse)  # fmt: skip
+
+
+def test_pod_target_reports_exit_codes(tmp_path: Path) -> None:
+    """packages.copy_to reads a pod's digests only when `cat` succeeded (`rc`)."""
+
+    class Fake(pm.Podman):
+        def run(self, *args: str, **kw: object) -> CompletedProcess[str]:  # type: ignore[override]
+            return CompletedProcess(list(args), 1, "", "no such file")
+
+    target = lifecycle.PodTarget(Fake(tmp_path, "ns"), "p", "p-master")
+    result = target.run(["cat", "x"], timeout=5, check=False)
+    assert (result.rc, result.stderr) == (1, "no such file")
+
+
+def test_up_refuses_a_policy_without_the_broker() -> None:
+    with pytest.raises(UsageError, match="without --broker"):
+        lifecycle.up(PodsSpec(name="x", target=Target.podman, hold=True), policy="p.yaml")
 
 
 def test_down_after_a_crash_removes_the_folder(
@@ -103,3 +170,57 @@ def test_a_failed_up_removes_what_it_made(tmp_path: Path, monkeypatch: pytest.Mo
         lifecycle.up(PodsSpec(name="failing", target=Target.podman, hold=True))
     assert seen == [True]
     assert not lifecycle.state.cluster_dir("failing").exists()
+
+
+class _Scripted(pm.Podman):
+    """podman answering `ps` and `logs` from a script (no daemon)."""
+
+    def __init__(self, root: Path, states: str, log: str) -> None:
+        super().__init__(root, "ns")
+        self.states, self.log = states, log
+
+    def run(self, *args: str, **kw: object) -> CompletedProcess[str]:  # type: ignore[override]
+        out = self.states if args[0] == "ps" else self.log
+        return CompletedProcess(list(args), 0, out, "")
+
+
+PODS = [{"name": "c-master0", "role": "master"}, {"name": "c-worker0", "role": "worker"}]
+
+
+def test_a_pod_that_exits_fails_up_with_its_log(tmp_path: Path) -> None:
+    states = "c-master0-master Up 3 seconds ago\nc-worker0-worker Exited (127) 1 second ago\n"
+    podman = _Scripted(tmp_path, states, "line 1\nexec: sleep: not found\n")
+    with pytest.raises(lifecycle.GcvmError, match=r"c-worker0-worker has stopped \(Exited "
+                       r"\(127\).*sleep: not found"):  # fmt: skip
+        lifecycle.wait_running(podman, PODS, timeout=5)
+
+
+def test_a_pod_that_never_runs_fails_up_after_the_timeout(tmp_path: Path) -> None:
+    podman = _Scripted(
+        tmp_path, "c-master0-master Up 3 seconds ago\nc-worker0-worker Created\n", ""
+    )
+    with pytest.raises(lifecycle.GcvmError, match="is not running after 0 s; its log: \\(none\\)"):
+        lifecycle.wait_running(podman, PODS, timeout=0.01)
+    lifecycle.wait_running(_Scripted(tmp_path, "c-master0-master Up 1 second ago\nc-worker0-worker "
+                                     "Up 2 seconds ago\n", ""), PODS, timeout=1)  # fmt: skip
+
+
+def test_missing_podman_is_one_line_with_the_apt_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        pm.shutil, "which", lambda tool: None if tool in ("podman", "runc") else "/x"
+    )
+    with pytest.raises(pm.HostUnsupported, match="needs podman, runc") as info:
+        lifecycle.up(PodsSpec(name="x", target=Target.podman, hold=True))
+    assert info.value.hint is not None and "apt-get install podman runc" in info.value.hint
+
+
+def test_a_second_up_with_one_name_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GCVM_HOME", str(tmp_path))
+    monkeypatch.setattr(pm, "check_tools", lambda: None)
+    lifecycle._save("twice", {"name": "twice", "netns": "gcvm-twice", "pods": []})
+    with pytest.raises(lifecycle.ClusterExists, match="already exists") as info:
+        lifecycle.up(PodsSpec(name="twice", target=Target.podman, hold=True))
+    assert info.value.exit_code == 2 and "gcvm down --name twice" in str(info.value.hint)
+    assert lifecycle.is_pods("twice")  # the first cluster's record is untouched

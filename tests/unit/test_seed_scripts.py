@@ -90,6 +90,11 @@ def test_package_variables_map_onto_rank_settings(tmp_path: Path) -> None:
     assert (master.model, master.extra_models) == ("/p/a", ("/p/b",))
     assert (master.key_file, master.extra_key_files) == (Path("/k/a"), (Path("/k/b"),))
     assert (master.broker, master.tee) == ("http://10.0.0.1:8080", "snp")
+    assert master.broker_cert is None and master.owner_key is None
+    pinned = settings_from_env(Role.master, {**env, "BROKER_CERT": "/pins/broker.pem",
+                                             "OWNER_KEY": "/pins/owner.pub"})  # fmt: skip
+    assert (pinned.broker_cert, pinned.owner_key) == (Path("/pins/broker.pem"),
+                                                      Path("/pins/owner.pub"))  # fmt: skip
     worker = settings_from_env(Role.worker, {**SEED_ENV, "RANK": "1", "PACKAGE": "/p/a, /p/b"})
     assert worker.packages == (Path("/p/a"), Path("/p/b"))
 
