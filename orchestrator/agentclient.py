@@ -26,7 +26,8 @@ from orchestrator.errors import GcvmError, RemoteError, Timeout
 
 PORT = 7441  # groupcover.agent.server.PORT (the guest's; a unit test checks they agree)
 RESULTS_ROOT = PurePosixPath("/var/tmp/gcvm-results")  # groupcover.agent.jobs.RESULTS_ROOT
-POLL_S = 0.5
+POLL_S = 0.5  # between retries of a failed request
+LONG_POLL_S = 10  # the agent holds a poll this long when there is nothing new
 
 
 class LockedMaster(GcvmError):
@@ -174,8 +175,9 @@ class AgentJob:
     def _follow(self) -> None:
         while not self._stop.is_set():
             try:
-                view = self.guest.request("GET", f"/jobs/{self.number}?from={self._next}",
-                                          timeout=30)  # fmt: skip
+                view = self.guest.request(
+                    "GET", f"/jobs/{self.number}?from={self._next}&wait={LONG_POLL_S}",
+                    timeout=LONG_POLL_S + 30)  # fmt: skip
                 self._failures = 0
             except RemoteError as exc:
                 self._failures += 1
@@ -193,8 +195,6 @@ class AgentJob:
             if view["rc"] is not None and not view["lines"]:
                 self._rc = int(view["rc"])
                 return
-            if not view["lines"]:
-                time.sleep(POLL_S)
 
     def poll(self) -> int | None:
         return self._rc

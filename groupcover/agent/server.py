@@ -10,7 +10,8 @@ Requests (every one answered with JSON, an error as `{"error": "..."}` and statu
   before any byte of it is used, so the agent only bounds names and sizes;
 - `POST /jobs`: `{"argv": [...], "env": {...}}`, checked by `groupcover.agent.jobs`; 409 while
   a job runs;
-- `GET /jobs/N?from=K`: the job's output lines from K on and its exit status once it exited;
+- `GET /jobs/N?from=K&wait=S`: the job's output lines from K on and its exit status once it
+  exited; with `wait`, held up to S seconds until there is something new (a long poll);
 - `DELETE /jobs/N`: stop it (its whole process group);
 - `GET /results/RUN/NAME.json`: a results file a job wrote (the framework's results carry no
   secret: timings, errors, the key release's facts).
@@ -44,6 +45,7 @@ MAX_FILE_BYTES = 8 << 30
 MAX_JOB_BYTES = 64 << 10
 MAX_LINES = 20_000
 CHUNK = 1 << 20
+MAX_WAIT_S = 30.0
 CMDLINE = Path("/proc/cmdline")
 
 
@@ -55,6 +57,7 @@ class RunningJob:
         self.lines: deque[str] = deque(maxlen=MAX_LINES)
         self.first = 0  # the number of the oldest line kept
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a new line, or the exit
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "groupcover", *job.argv],
             env=env,
@@ -69,13 +72,24 @@ class RunningJob:
     def _pump(self) -> None:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
-            with self._lock:
+            with self._changed:
                 if len(self.lines) == MAX_LINES:
                     self.first += 1
                 self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._changed.notify_all()
         self.proc.wait()
+        with self._changed:
+            self._changed.notify_all()
 
-    def view(self, start: int) -> dict[str, Any]:
+    def view(self, start: int, wait: float = 0.0) -> dict[str, Any]:
+        """Lines from `start` on and the exit status; with `wait`, held until there is a new
+        line or the exit, at most `wait` seconds (a long poll: on a slow guest CPU, answering
+        a poll twice a second costs the job it watches)."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self.first + len(self.lines) > start or self.proc.poll() is not None,
+                timeout=max(0.0, min(wait, MAX_WAIT_S)),
+            )
         rc = self.proc.poll()
         with self._lock:
             start = max(start, self.first)
@@ -228,8 +242,16 @@ class Handler(BaseHTTPRequestHandler):
                 if job is None:
                     return self._send(404, {"error": f"no job {parts[1]}"})
                 if method == "GET":
-                    start = parse_qs(url.query).get("from", ["0"])[0]
-                    return self._send(200, job.view(int(start) if start.isdigit() else 0))
+                    query = parse_qs(url.query)
+                    start = query.get("from", ["0"])[0]
+                    wait = query.get("wait", ["0"])[0]
+                    return self._send(
+                        200,
+                        job.view(
+                            int(start) if start.isdigit() else 0,
+                            float(wait) if wait.isdigit() else 0.0,
+                        ),
+                    )
                 if method == "DELETE":
                     job.stop()
                     return self._send(200, job.view(0) | {"lines": []})

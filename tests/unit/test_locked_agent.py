@@ -170,15 +170,16 @@ def test_a_job_runs_the_framework_and_its_results_come_back(
     health = guest.health()
     assert health["agent"] == "gcvm locked master" and health["busy"] is False
     lines: list[str] = []
-    # a master with no worker: the real framework starts, waits for its rendezvous, gives up
+    # a mode the agent lets through (a name) and the framework itself refuses: the real
+    # framework ran, and its one-line answer came back
     argv = ["python3", "-m", "groupcover", "launch", "--role", "master", "--rank", "0",
             "--world-size", "2", "--worker", "1", "--master-addr", "127.0.0.1",
-            "--master-port", "1", "--model", "seed-transformer", "--timeout", "1"]  # fmt: skip
+            "--master-port", "1", "--modes", "no-such-mode", "--timeout", "1"]  # fmt: skip
     job = guest.start(argv, {"PYTHONUNBUFFERED": "1", "PATH": "/tmp/ignored"}, lines.append)
     with pytest.raises(RemoteError, match="one at a time"):
         guest.start(argv)
     rc = job.wait(120)
-    assert rc != 0 and lines, lines
+    assert rc == 2 and any("no-such-mode" in line for line in lines), lines
     assert job.tail(5)
     run = results / "20261207T000000Z"
     run.mkdir(parents=True)
