@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make demo`: build the guest image if it is missing, boot one master VM with the no-TEE default
-# and the host worker (the seed's deployment), write a stand-in secret (MiniLM perturbed from
+# `make demo`: build the guest image if it is missing, boot one master VM with the no-TEE default,
+# locked as a TEE cluster's masters are (no SSH; the framework from its dm-verity code disk; runs
+# through its job agent), and the host worker (the seed's deployment), write a stand-in secret (MiniLM perturbed from
 # the OS CSPRNG: no copy of it exists) into the owner folder, protect it on the host into model
 # packages (keys in the owner folder), copy them into the master, release the keys through the run's
 # broker (without attestation: --tee none, and every result says so), run the benchmark from
@@ -25,7 +26,7 @@ finish() {
 "$GCVM" image build || exit $?
 trap finish EXIT
 trap 'exit 130' INT TERM
-"$GCVM" up --tee none --masters 1 --worker host --name "$NAME" || exit $?
+"$GCVM" up --tee none --locked --masters 1 --worker host --name "$NAME" || exit $?
 "$GCVM" run bench --name "$NAME" --model minilm-standin \
   --modes tee-only,plain-offload,groupcover-nomask,mask-only,groupcover,hardened --batch 2 --seq 16 \
   --repeat 3 \
