@@ -78,11 +78,23 @@ def _run(argv: list[str], env: dict[str, str] | None = None) -> None:
                             f"{(proc.stderr or proc.stdout).strip()[-400:]}")  # fmt: skip
 
 
+def _fix_times(raw: Path, tree: Path, script: Path) -> None:
+    """Every inode's access and change times set to EPOCH. mkfs.ext4 -d copies them from the
+    tree, where reading a file (mkfs does) may set its atime, and the change time is the moment
+    the tree was made: left alone, two builds of the same source a second apart differ."""
+    paths = ["/", "/lost+found"] + [f"/{p.relative_to(tree).as_posix()}" for p in
+                                    sorted(tree.rglob("*"))]  # fmt: skip
+    script.write_text("".join(f'sif "{p}" {field} @{EPOCH}\n' for p in paths
+                              for field in ("atime", "ctime")))  # fmt: skip
+    _run(["debugfs", "-w", "-f", str(script), str(raw)],
+         {**os.environ, "E2FSPROGS_FAKE_TIME": str(EPOCH)})
+
+
 def build(out: Path, source: Path) -> CodeDisk:
     """The code disk of `source`/groupcover at `out` (raw: the file system, then its hash tree)."""
     if not (source / PACKAGE / "__init__.py").is_file():
         raise CodeDiskError(f"{source} holds no {PACKAGE}/ package to put on the code disk")
-    for tool in ("mkfs.ext4", "veritysetup"):
+    for tool in ("mkfs.ext4", "debugfs", "veritysetup"):
         if shutil.which(tool) is None:
             raise CodeDiskError(
                 f"{tool} is missing", hint="apt-get install e2fsprogs cryptsetup-bin"
@@ -100,6 +112,7 @@ def build(out: Path, source: Path) -> CodeDisk:
         _run(["mkfs.ext4", "-q", "-F", "-L", LABEL, "-U", fs_uuid, "-b", str(BLOCK),
               "-O", "^has_journal", "-E", f"root_owner=0:0,hash_seed={fs_uuid}",
               "-d", str(tree), str(raw), f"{mib}M"], env)  # fmt: skip
+        _fix_times(raw, tree, Path(tmp) / "times.debugfs")
         offset = mib << 20
         hash_file = Path(tmp) / "root.hash"
         _run(["veritysetup", "format", f"--data-blocks={offset // BLOCK}",
