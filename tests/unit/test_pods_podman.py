@@ -38,6 +38,18 @@ def test_every_command_runs_in_the_namespace(tmp_path: Path) -> None:
     assert pm.Podman(tmp_path, None).argv(["import"]) == ["podman", "import"]
 
 
+def test_a_killed_podman_is_one_line_with_a_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda argv, **_: CompletedProcess(argv, -9, "", ""))
+    with pytest.raises(pm.PodmanError) as caught:
+        pm.Podman(tmp_path, "gcvm-x").run("kube", "play", "--network", "n", "play.yaml")
+    assert caught.value.message == "`podman kube play --network` was killed by SIGKILL"
+    assert "run the command again" in (caught.value.hint or "")
+
+
 @pytest.mark.parametrize("kw", [{"tee": Tee.tdx, "broker": "https://kbs:8080"},
                                 {"coco_dev": True, "broker": "https://kbs:8080"}])  # fmt: skip
 def test_up_refuses_tee_pods_here(kw: dict) -> None:
