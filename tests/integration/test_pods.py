@@ -156,8 +156,11 @@ def test_sigkill_of_podman_during_pods_up_leaves_nothing(podman_host: Env) -> No
     try:
         up.wait_for("play \\d+ pods")
         play = _wait_for_child(up.proc.pid, b"kube\0play")
-        time.sleep(0.3)  # podman has begun: the network, the pod's infra container
-        os.kill(play, signal.SIGKILL)
+        # mid-way: once podman has given the first pod its network namespace (and a CNI lease)
+        deadline = time.monotonic() + 60
+        while not _podman_netns() - before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(play, signal.SIGKILL)  # ProcessLookupError: podman was done already
         rc = up.finish(timeout=120)
     finally:
         if up.proc.poll() is None:
