@@ -500,7 +500,8 @@ def top_cmd(
     once: bool = typer.Option(False, "--once", help="One sample, then exit."),
     interval: float = typer.Option(1.0, help="Seconds between samples."),
 ) -> None:
-    """Each VM's and the host worker's CPU and memory, live (libvirt's statistics, /proc)."""
+    """Each VM's, the host worker's or each pod's CPU and memory, live (libvirt's statistics,
+    /proc, the pods' cgroups)."""
     from orchestrator import top
     from orchestrator.errors import UsageError
 

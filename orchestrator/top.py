@@ -1,7 +1,9 @@
-"""`gcvm top`, and what `gcvm run bench` records of it: each VM's and the host worker's CPU, memory.
+"""`gcvm top`, and what `gcvm run bench` records of it: each VM's, the host worker's or each
+pod's CPU and memory.
 
 VMs come from libvirt's domain statistics (`cpu.time`, the QEMU process's `balloon.rss`); the
-host worker from /proc, summed over its process group (the supervisor and the rank it runs).
+host worker from /proc, summed over its process group (the supervisor and the rank it runs); a
+pod from its cgroup (`orchestrator.pods.resources`).
 CPU is given in cores (1.00 = one core busy all the time), memory as resident MiB. A `Sampler`
 takes a reading every interval in a thread of its own; rates come from consecutive readings.
 """
@@ -21,6 +23,7 @@ from orchestrator.hypervisor import DomainStats, Hypervisor
 from orchestrator.state import ClusterState
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+KINDS = {"vm": "VM", "host": "host process", "pod": "pod"}
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -29,7 +32,7 @@ class Reading:
     """One node at one instant: cumulative CPU seconds, resident memory."""
 
     name: str
-    kind: str  # vm or host
+    kind: str  # vm, host or pod
     role: str
     cpu_s: float
     rss_mib: float
@@ -212,7 +215,7 @@ def usage_table(usage: dict[str, dict[str, Any]], host_cpus: int, title: str) ->
     for name, u in usage.items():
         total += u["cpu_mean_cores"]
         t.add_row(
-            name, "VM" if u["kind"] == "vm" else "host process", u["role"], str(u["cpus"]),
+            name, KINDS.get(u["kind"], u["kind"]), u["role"], str(u["cpus"]),
             f"{u['cpu_mean_cores']:.2f}", f"{u['cpu_peak_cores']:.2f}",
             f"{u['cpu_utilisation']:.0%}", f"{u['mem_peak_mib']:.0f}",
             f"{u['mem_limit_mib']:.0f}" if u["mem_limit_mib"] else "-",
@@ -224,11 +227,11 @@ def usage_table(usage: dict[str, dict[str, Any]], host_cpus: int, title: str) ->
 
 
 def live_table(previous: dict[str, Reading], current: dict[str, Reading], span: float,
-               st: ClusterState, host_cpus: int) -> Any:  # fmt: skip
+               name: str, host_cpus: int) -> Any:  # fmt: skip
     """`gcvm top`'s table from two readings `span` seconds apart."""
     from rich.table import Table
 
-    t = Table(title=f"cluster {st.name}: CPU and memory ({span:.1f} s interval)",
+    t = Table(title=f"cluster {name}: CPU and memory ({span:.1f} s interval)",
               title_justify="left")  # fmt: skip
     for column, justify in (("node", "left"), ("kind", "left"), ("role", "left"),
                             ("state", "left"), ("cpus", "right"), ("CPU (cores)", "right"),
@@ -242,7 +245,7 @@ def live_table(previous: dict[str, Reading], current: dict[str, Reading], span: 
         rate = max(rate, 0.0)
         total += rate
         t.add_row(
-            name, "VM" if r.kind == "vm" else "host process", r.role,
+            name, KINDS.get(r.kind, r.kind), r.role,
             "running" if r.alive else "not running", str(r.cpus), f"{rate:.2f}",
             f"{rate / max(r.cpus, 1):.0%}", f"{r.rss_mib:.0f}" if r.alive else "-",
             f"{r.limit_mib:.0f}" if r.limit_mib else "-",
@@ -253,11 +256,21 @@ def live_table(previous: dict[str, Reading], current: dict[str, Reading], span: 
 
 
 def top(name: str, *, once: bool, interval: float, backend: Any = None) -> None:
-    """`gcvm top`: a live table until Ctrl-C, or one sample (`--once`)."""
+    """`gcvm top`: a live table until Ctrl-C, or one sample (`--once`); a pods cluster's pods
+    from their cgroups (`orchestrator.pods.resources`)."""
+    from orchestrator.pods import lifecycle
+
+    if lifecycle.is_pods(name):
+        from orchestrator.pods import resources
+
+        record = lifecycle.load(name)
+        watch(name, resources.reader(lifecycle.podman_for(name, record), record), once=once,
+              interval=interval)  # fmt: skip
+        return
     from orchestrator import state
     from orchestrator.cluster import Backend
     from orchestrator.errors import HypervisorError
-    from orchestrator.ui import out, warn
+    from orchestrator.ui import warn
 
     st = state.load(name)
     backend = backend or Backend()
@@ -266,23 +279,31 @@ def top(name: str, *, once: bool, interval: float, backend: Any = None) -> None:
         hv = backend.open_hypervisor(st.uri)
     except HypervisorError as exc:
         warn(f"libvirt unreachable ({exc.message}): VMs show as not running")
-    host_cpus = os.cpu_count() or 1
     try:
-        previous, began = read(st, hv), time.monotonic()
-        if once:
-            time.sleep(interval)
-            current = read(st, hv)
-            out.print(live_table(previous, current, time.monotonic() - began, st, host_cpus))
-            return
-        from rich.live import Live
-
-        with Live(auto_refresh=False, console=out) as live:
-            while True:
-                time.sleep(interval)
-                current, now = read(st, hv), time.monotonic()
-                live.update(live_table(previous, current, now - began, st, host_cpus),
-                            refresh=True)  # fmt: skip
-                previous, began = current, now
+        watch(name, lambda: read(st, hv), once=once, interval=interval)
     finally:
         if hv is not None:
             hv.close()
+
+
+def watch(name: str, reader: Callable[[], dict[str, Reading]], *, once: bool,
+          interval: float) -> None:  # fmt: skip
+    """`gcvm top`'s table from `reader`'s readings every `interval` s (one with `once`)."""
+    from orchestrator.ui import out
+
+    host_cpus = os.cpu_count() or 1
+    previous, began = reader(), time.monotonic()
+    if once:
+        time.sleep(interval)
+        current = reader()
+        out.print(live_table(previous, current, time.monotonic() - began, name, host_cpus))
+        return
+    from rich.live import Live
+
+    with Live(auto_refresh=False, console=out) as live:
+        while True:
+            time.sleep(interval)
+            current, now = reader(), time.monotonic()
+            live.update(live_table(previous, current, now - began, name, host_cpus),
+                        refresh=True)  # fmt: skip
+            previous, began = current, now

@@ -5,20 +5,22 @@ copied out with `podman cp`, the same tables (`orchestrator.pods.session` does t
 
 What differs from the VM clusters: the masters' pins are files given on their command line (a
 runc container has no measured boot), the broker releases keys without attestation (no TEE) and
-every result says so, and there is no per-pod resource sampling.
+every result says so, and each pod's CPU and memory come from its cgroup
+(`orchestrator.pods.resources`) instead of libvirt.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator import packages, report
-from orchestrator.pods import lifecycle
+from orchestrator import packages, report, top
+from orchestrator.pods import lifecycle, resources
 from orchestrator.pods.manifests import IFNAME
 from orchestrator.pods.session import TEE, PodsRun, node
 from orchestrator.run import deploy
@@ -27,6 +29,10 @@ from orchestrator.spec import RankSpec, Role
 from orchestrator.ui import out, step
 
 POD_RESULTS = "/var/tmp/gcvm-results"
+RESOURCES_NOTE = ("CPU in cores (1.0 = one core busy) averaged over the run, and its peak over 1 s "
+                  "intervals, from each pod's cgroup (cpuacct.usage); memory: resident MiB "
+                  "charged to the pod's cgroup (memory.stat total_rss + total_mapped_file), peak "
+                  "over the run")  # fmt: skip
 
 
 def world(record: dict[str, Any], masters: int | None) -> list[dict[str, Any]]:
@@ -88,12 +94,16 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None) -> Path:
         planned = plan(record, settings, json_dir, model_args)
         title = (f"{settings.model}, batch {settings.batch} x seq {settings.seq}, pods "
                  f"(podman, no TEE), {len(masters)} master(s)")  # fmt: skip
+        sampler = top.Sampler(resources.reader(run.podman, {"pods": pods}))
+        run.sampler = sampler
         with step(f"run {settings.model} ({', '.join(settings.modes)}) in {len(planned)} pods"):
+            sampler.start()
             for pod, argv in sorted(planned, key=lambda p: p[0]["role"] != "worker"):
                 if pod in masters:
                     run.target(pod).run(["mkdir", "-p", json_dir], timeout=30)
                 run.start(pod, argv)
             run.watch(settings.timeout)
+        usage = sampler.stop()
         runs: dict[str, dict[str, Any]] = {}
         with step("collect results"):
             for pod in masters:
@@ -108,6 +118,7 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None) -> Path:
                 "broker": run.broker_facts(settings.policy), "attestation": verdicts,
                 "runs": runs, "aggregate": report.aggregate(runs),
                 "key_release": report.key_releases(runs), "peak_rss_mb": report.peak_rss(runs),
+                "resources": usage, "resources_note": RESOURCES_NOTE,
                 "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
     (results / "bench.json").write_text(json.dumps(document, indent=2) + "\n")
     out.print(report.table(runs, title))
@@ -115,6 +126,7 @@ def run_bench(name: str, settings: BenchSettings, out_dir: Path | None) -> Path:
         out.print(report.aggregate_table(runs))
     out.print(report.key_release_table(runs))
     out.print(report.broker_table(verdicts))
+    out.print(top.usage_table(usage, os.cpu_count() or 1, "Resources over the run (per pod)"))
     out.print(report.peak_rss_table(runs))
     out.print(f"results: {results / 'bench.json'}")
     return results

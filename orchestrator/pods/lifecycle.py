@@ -6,7 +6,8 @@ anything, make (or reuse) the container image, create the namespace, a podman ne
 cluster's subnet inside it, play the podman target's manifests (static addresses, host aliases,
 DNS at 127.0.0.1), copy the wheel into every pod with `podman cp` and install it (no host folder
 is mounted), and check that the pods' addresses route to the namespace's bridge and that the
-namespace has no default route. Any failure or Ctrl-C removes what was made.
+namespace has no default route. Any failure or Ctrl-C removes what was made, also the pod
+network namespaces a podman killed mid-way made but did not record (`remove_orphan_netns`).
 
 The owner's pins (the broker's certificate, the package-signing key) go into every master pod as
 files the framework is given on its command line (`--broker-cert`, `--owner-key`): nothing
@@ -183,6 +184,7 @@ def up(spec: PodsSpec, *, keep_on_failure: bool = False, timeout: float = 300,
             "pods": [],
         }
         _save(spec.name, record)
+        before = podman_netns()  # to find what a podman killed mid-way leaves
         try:
             _up(spec, record, timeout, broker, policy, owner)
         except BaseException as exc:
@@ -190,7 +192,10 @@ def up(spec: PodsSpec, *, keep_on_failure: bool = False, timeout: float = 300,
                 ui.warn(f"kept the failed cluster; remove it with `gcvm down --name {spec.name}`")
             else:
                 with _shielded(), ui.step(f"clean up the failed cluster {spec.name}"):
+                    new = podman_netns() - before
+                    wired = {n for n in new if _peers(n) == {record["netns"]}}  # before teardown
                     _teardown(spec.name, record)
+                    remove_orphan_netns(new, wired)
             if isinstance(exc, KeyboardInterrupt):
                 raise Interrupted("interrupted; the cluster was removed") from None
             raise
@@ -386,6 +391,45 @@ def _teardown(name: str, record: dict[str, Any]) -> list[str]:
     if cdir.exists():
         shutil.rmtree(cdir)
         removed.append(str(cdir))
+    return removed
+
+
+def podman_netns(folder: Path = Path("/run/netns")) -> set[str]:
+    """The network namespaces podman made for pods (`netns-<uuid>`), each host-wide."""
+    return {p.name for p in folder.glob("netns-*")} if folder.is_dir() else set()
+
+
+def _peers(ns: str) -> set[str]:
+    """The named namespaces `ns`'s interfaces lead to (a pod's veth: its bridge's namespace)."""
+    out = _ip_in(ns, "netns", "list-id")  # "nsid 0 (iproute2 netns name: gcvm-x)"
+    return {line.rsplit(": ", 1)[1].rstrip(")") for line in out.splitlines() if "name: " in line}
+
+
+def remove_orphan_netns(candidates: set[str], wired: set[str] | None = None,
+                        settle: float = 1.0) -> list[str]:  # fmt: skip
+    """Deletes those of `candidates` (podman namespaces that appeared while a failed `up` ran)
+    that are this cluster's orphans: a podman killed between making a pod's namespace and
+    recording it leaves one that `pod rm` cannot see. `wired`: those whose veth led to this
+    cluster's namespace (found before it was deleted). One that was not wired must hold only `lo`
+    and no process, and still do `settle` s later (a live pod's namespace gets its veth within
+    milliseconds of being made), so another podman's namespace is never taken."""
+
+    def idle(ns: str) -> bool:
+        return not netns.pids(ns)
+
+    def bare(ns: str) -> bool:
+        links = _ip_in(ns, "-o", "link", "show").splitlines()
+        return len(links) == 1 and ": lo:" in links[0] and idle(ns)
+
+    wired = wired or set()
+    suspects = [ns for ns in sorted(candidates - wired) if bare(ns)]
+    if suspects:
+        time.sleep(settle)
+    gone = [ns for ns in sorted(wired) if idle(ns)] + [ns for ns in suspects if bare(ns)]
+    removed = [ns for ns in gone if netns.delete(ns)]
+    if removed:
+        ui.info(f"removed {len(removed)} network namespace(s) a killed podman left: "
+                f"{', '.join(removed)}")  # fmt: skip
     return removed
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -124,6 +125,13 @@ class Podman:
                                   env=self.env, stdin=stdin)  # fmt: skip
         except subprocess.TimeoutExpired:
             raise PodmanError(f"`podman {' '.join(args[:3])}` took over {timeout:.0f} s") from None
+        if check and proc.returncode < 0:  # podman itself killed (OOM, an operator's kill)
+            raise PodmanError(
+                f"`podman {' '.join(args[:3])}` was killed by "
+                f"{signal.Signals(-proc.returncode).name}",
+                hint="something on the host killed podman (the OOM killer? see `dmesg`); "
+                "run the command again",
+            )  # fmt: skip
         if check and proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
             raise PodmanError(f"`podman {' '.join(args[:4])}` failed: {tail}")

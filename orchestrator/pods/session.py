@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from orchestrator import ownerid, packages, report, runbroker, state
+from orchestrator import ownerid, packages, report, runbroker, state, top
 from orchestrator.errors import GcvmError
 from orchestrator.pods import lifecycle
 from orchestrator.run import deploy
@@ -51,6 +51,7 @@ class PodsRun:
     def __init__(self, name: str, logs: Path) -> None:
         self.name, self.logs = name, logs
         self.broker: deploy.Broker | None = None
+        self.sampler: top.Sampler | None = None  # stopped on every way out
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.started: list[dict[str, Any]] = []
         self._cleanup = ExitStack()
@@ -59,6 +60,7 @@ class PodsRun:
         with ExitStack() as stack:
             stack.enter_context(state.locked(self.name))
             stack.callback(self._stop_broker)
+            stack.callback(self._stop_sampler)
             self.record = lifecycle.load(self.name)
             if self.record.get("phase") != "ready":
                 raise GcvmError(f"pods cluster {self.name} is not ready",
@@ -173,6 +175,10 @@ class PodsRun:
                             "-c", STOP_RANKS, check=False, timeout=30)  # fmt: skip
         for proc in self.procs.values():
             proc.kill()
+
+    def _stop_sampler(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
 
     def _stop_broker(self) -> None:
         if self.broker is not None:

@@ -11,6 +11,7 @@ half here, cached under GCVM_CACHE); afterwards `up` takes seconds and each run 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -59,6 +60,8 @@ def test_pods_up_bench_down(podman_host: Env, tmp_path: Path) -> None:
         assert all("/work" not in m.get("Source", "") for m in json.loads(inspect.stdout))
         status = podman_host.gcvm("status", "--name", name)
         assert "key broker: running" in status.stdout, status.stdout
+        top = podman_host.gcvm("top", "--name", name, "--once", "--interval", "0.2")
+        assert top.returncode == 0 and f"{name}-worker0" in top.stdout, top.stdout + top.stderr
         out = tmp_path / "results"
         bench = podman_host.gcvm(
             "run", "bench", "--name", name, "--model", "minilm-standin", "--batch", "1",
@@ -77,6 +80,14 @@ def test_pods_up_bench_down(podman_host: Env, tmp_path: Path) -> None:
     assert "key broker" in down.stderr + down.stdout
     assert_nothing_left(name)
 
+    # each pod's CPU and memory over the run, from its cgroup
+    resources = document["resources"]
+    assert set(resources) == {p["name"] for p in record["pods"]}, resources
+    for pod, usage in resources.items():
+        assert usage["kind"] == "pod" and usage["samples"] >= 2, (pod, usage)
+        assert usage["cpu_mean_cores"] > 0 and usage["cpu_peak_cores"] > 0, (pod, usage)
+        assert usage["mem_peak_mib"] > 0, (pod, usage)
+    assert "Resources over the run (per pod)" in bench.stdout
     # the model from packages: every mode within 1e-4 of the plaintext model, the audit clean
     rows = [r for run in document["runs"].values() for r in run["results"]]
     assert {r["mode"] for r in rows} == {"groupcover", "hardened"}
@@ -134,6 +145,64 @@ def test_ctrl_c_during_pods_up_leaves_nothing(podman_host: Env, phase: str, grou
     down = podman_host.gcvm("down", "--name", name)
     assert down.returncode == 0, down.stderr
     assert_nothing_left(name)
+
+
+def test_sigkill_of_podman_during_pods_up_leaves_nothing(podman_host: Env) -> None:
+    """podman itself (`podman kube play`) killed mid-way: `up` fails with one line and a hint,
+    removes what podman had made, and `down` afterwards is safe."""
+    name = cluster_name()
+    before = _podman_netns()
+    up = Running(podman_host, "up", "--runtime", "pods", "--tee", "none", "--name", name)
+    try:
+        up.wait_for("play \\d+ pods")
+        play = _wait_for_child(up.proc.pid, b"kube\0play")
+        # mid-way: once podman has given the first pod its network namespace (and a CNI lease)
+        deadline = time.monotonic() + 60
+        while not _podman_netns() - before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(play, signal.SIGKILL)  # ProcessLookupError: podman was done already
+        rc = up.finish(timeout=120)
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+    assert rc == 1, up.text
+    assert "was killed by SIGKILL" in up.text and "hint:" in up.text, up.text
+    assert "Traceback" not in up.text
+    ns = f"gcvm-{name}"
+    assert not netns.exists(ns)
+    assert not Path(f"/var/lib/cni/networks/{ns}").exists()
+    assert _podman_netns() <= before
+    assert_nothing_left(name)
+    down = podman_host.gcvm("down", "--name", name)
+    assert down.returncode == 0, down.stderr
+    assert_nothing_left(name)
+
+
+def _wait_for_child(ancestor: int, needle: bytes, timeout: float = 60) -> int:
+    """The pid of a descendant of `ancestor` whose command line holds `needle`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if needle in (entry / "cmdline").read_bytes() and _descends(
+                    int(entry.name), ancestor
+                ):
+                    return int(entry.name)
+            except OSError:
+                continue
+        time.sleep(0.05)
+    raise AssertionError(f"no {needle!r} under pid {ancestor} in {timeout:.0f} s")
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return False
 
 
 def _podman_netns() -> set[str]:

@@ -38,6 +38,18 @@ def test_every_command_runs_in_the_namespace(tmp_path: Path) -> None:
     assert pm.Podman(tmp_path, None).argv(["import"]) == ["podman", "import"]
 
 
+def test_a_killed_podman_is_one_line_with_a_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda argv, **_: CompletedProcess(argv, -9, "", ""))
+    with pytest.raises(pm.PodmanError) as caught:
+        pm.Podman(tmp_path, "gcvm-x").run("kube", "play", "--network", "n", "play.yaml")
+    assert caught.value.message == "`podman kube play --network` was killed by SIGKILL"
+    assert "run the command again" in (caught.value.hint or "")
+
+
 @pytest.mark.parametrize("kw", [{"tee": Tee.tdx, "broker": "https://kbs:8080"},
                                 {"coco_dev": True, "broker": "https://kbs:8080"}])  # fmt: skip
 def test_up_refuses_tee_pods_here(kw: dict) -> None:
@@ -224,3 +236,20 @@ def test_a_second_up_with_one_name_is_refused(
         lifecycle.up(PodsSpec(name="twice", target=Target.podman, hold=True))
     assert info.value.exit_code == 2 and "gcvm down --name twice" in str(info.value.hint)
     assert lifecycle.is_pods("twice")  # the first cluster's record is untouched
+
+
+def test_only_orphan_podman_namespaces_are_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a podman killed mid-way: a namespace holding only lo and no process goes; one with
+    a veth (a live pod's) or a process stays."""
+    links = {"netns-orphan": "1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536",
+             "netns-live": "1: lo: <LOOPBACK>\n2: eth0@if7: <BROADCAST>",
+             "netns-busy": "1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536"}  # fmt: skip
+    deleted: list[str] = []
+    monkeypatch.setattr(lifecycle, "_ip_in", lambda ns, *args: links[ns])
+    monkeypatch.setattr(lifecycle.netns, "pids", lambda ns: [42] if ns == "netns-busy" else [])
+    monkeypatch.setattr(lifecycle.netns, "delete", lambda ns: deleted.append(ns) or True)
+    assert lifecycle.remove_orphan_netns(set(links), settle=0) == ["netns-orphan"]
+    assert deleted == ["netns-orphan"]
+    assert lifecycle.remove_orphan_netns(set(), settle=0) == []
+    # one whose veth led to the cluster's namespace (seen before teardown) goes too
+    assert lifecycle.remove_orphan_netns({"netns-live"}, {"netns-live"}, settle=0) == ["netns-live"]

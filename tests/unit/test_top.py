@@ -92,7 +92,7 @@ def test_read_covers_every_vm_and_the_host_worker(backend: HostBackend) -> None:
 
     console = Console(width=200, record=True)
     console.print(top.usage_table(usage, 2, "Resources"))
-    console.print(top.live_table(readings, top.read(st, hv), 1.0, st, 2))
+    console.print(top.live_table(readings, top.read(st, hv), 1.0, st.name, 2))
     text = console.export_text()
     assert "tp-worker-host" in text and "host process" in text and "not running" in text
     assert "of the host's 2 cores" in text
