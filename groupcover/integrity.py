@@ -62,7 +62,7 @@ import torch
 from groupcover.errors import IntegrityError
 from groupcover.layer_op import apply_op
 from groupcover.rng import SecretRandom
-from groupcover.tensorpass import abs_max
+from groupcover.tensorpass import received_abs_max
 from groupcover.transport import LayerOp
 
 SLACK = 8.0
@@ -178,7 +178,7 @@ class LayerCheck:
             )
         rhs = self._one_output(x, self.v).sub_(self._one_output(r, self.v))
         bound = self._one_output(x.abs(), self.v_abs).add_(self._one_output(r.abs(), self.v_abs))
-        scale = abs_max(y)
+        scale = received_abs_max(y)  # before y changes
         difference = y.sub_(u)  # exact wherever y and u agree to a factor of 2 (an honest pair)
         lhs = self._contract(difference)
         try:
@@ -202,7 +202,7 @@ class LayerCheck:
         lhs = self._contract(y)
         rhs = self._one_output(x, self.v)
         bound = self._one_output(x.abs(), self.v_abs)
-        scale = abs_max(y)  # y is often features-first: one pass over its memory
+        scale = received_abs_max(y)  # noted by the wire's finiteness pass, else one pass
         self._judge(lhs, rhs, bound, scale, worker)
 
     def _judge(
