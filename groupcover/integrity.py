@@ -62,7 +62,7 @@ import torch
 from groupcover.errors import IntegrityError
 from groupcover.layer_op import apply_op
 from groupcover.rng import SecretRandom
-from groupcover.tensorpass import abs_max
+from groupcover.tensorpass import received_abs_max
 from groupcover.transport import LayerOp
 
 SLACK = 8.0
@@ -132,18 +132,85 @@ class LayerCheck:
             self.checked += 1
             self.seconds += time.perf_counter() - start
 
-    def _check(self, x: torch.Tensor, y: torch.Tensor, worker: str) -> None:
+    def check_pair(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        r: torch.Tensor,
+        u: torch.Tensor,
+        worker: str = "the worker",
+        mask_worker: str = "the mask worker",
+    ) -> torch.Tensor:
+        """Two workers' results of one call (the `-2w` modes) in one check: y = op(x, W'') from
+        the worker and u = op(r, W'') from the mask worker, checked as y - u against
+        op(x, v) - op(r, v) with the two products' rounding bounds summed. Returns y - u,
+        computed in place in y (the unmasking's subtraction, which the master needs anyway).
+
+        What reaches the output is y - u: errors e in y and e' in u move it by e - e', and the
+        check bounds s.(e - e') by the same sum of tolerances that two separate checks would
+        allow in total; a change that cancels (e = e') changes nothing downstream. It costs one
+        contraction and one max over a result instead of two of each. On a failure both
+        results are checked on their own, to name the worker that is wrong.
+        """
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                return self._check_pair(x, y, r, u, worker, mask_worker)
+        finally:
+            self.checked += 2
+            self.seconds += time.perf_counter() - start
+
+    def _check_pair(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        r: torch.Tensor,
+        u: torch.Tensor,
+        worker: str,
+        mask_worker: str,
+    ) -> torch.Tensor:
+        self._check_dtypes(x, y, worker)
+        self._check_dtypes(r, u, mask_worker)
+        if y.shape != u.shape:
+            raise IntegrityError(
+                f"{worker} and {mask_worker}: layer {self.layer_id!r} got results of shapes "
+                f"{tuple(y.shape)} and {tuple(u.shape)}"
+            )
+        rhs = self._one_output(x, self.v).sub_(self._one_output(r, self.v))
+        bound = self._one_output(x.abs(), self.v_abs).add_(self._one_output(r.abs(), self.v_abs))
+        scale = received_abs_max(y)  # before y changes
+        difference = y.sub_(u)  # exact wherever y and u agree to a factor of 2 (an honest pair)
+        lhs = self._contract(difference)
+        try:
+            self._judge(lhs, rhs, bound, scale, f"{worker} or {mask_worker}")
+        except IntegrityError:
+            y = difference.add(u)  # the worker's result again, to say which one is wrong
+            self._check(x, y, worker)
+            self._check(r, u, mask_worker)
+            raise
+        return difference
+
+    def _check_dtypes(self, x: torch.Tensor, y: torch.Tensor, worker: str) -> None:
         if x.dtype != self.v.dtype or y.dtype != self.s.dtype:
             raise IntegrityError(
                 f"{worker}: layer {self.layer_id!r} got a result of dtype {y.dtype} for a "
                 f"{self.v.dtype} layer"
             )
+
+    def _check(self, x: torch.Tensor, y: torch.Tensor, worker: str) -> None:
+        self._check_dtypes(x, y, worker)
         lhs = self._contract(y)
         rhs = self._one_output(x, self.v)
         bound = self._one_output(x.abs(), self.v_abs)
-        eps = torch.finfo(y.dtype).eps
-        tolerance = bound.mul_(self.slack * eps).add_(torch.finfo(y.dtype).tiny)
-        scale = abs_max(y)  # y is often features-first: one pass over its memory
+        scale = received_abs_max(y)  # noted by the wire's finiteness pass, else one pass
+        self._judge(lhs, rhs, bound, scale, worker)
+
+    def _judge(
+        self, lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor, scale: float, worker: str
+    ) -> None:
+        """|lhs - rhs| against SLACK x eps x bound per output position; raises on a failure."""
+        eps = torch.finfo(self.s.dtype).eps
+        tolerance = bound.mul_(self.slack * eps).add_(torch.finfo(self.s.dtype).tiny)
         loosest = float(tolerance.max()) / scale if scale > 0 and tolerance.numel() else 0.0
         residual = lhs.sub_(rhs).abs_()
         ratio = residual.div_(tolerance)

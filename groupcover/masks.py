@@ -399,7 +399,7 @@ class MaskPool:
     ) -> torch.Tensor:
         layer = self._layers[layer_id]
         bound = self.mask_range(layer_id)
-        flat = self.rng.uniform(math.prod(shape), -bound, bound, dtype=MASK_DTYPE)
+        flat = self.rng.grid_uniform(math.prod(shape), bound)  # on the grid of `quantum`
         stride = layer.strides.get(shape)
         if like is not None and tuple(like.shape) == shape and dense_layout(like):
             stride = tuple(like.stride())

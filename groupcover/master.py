@@ -250,12 +250,15 @@ class OffloadedLayer(nn.Module):
         u = pending.result()  # usually there already: both workers computed at once
         timings.record_wait(time.perf_counter() - waited)
         with timings.deobf():
-            if self.check is not None:
-                self.check.check(sent, y, self.worker)
-                self.check.check(r, u, worker_label(mask_transport))
-            if wraps is not None:  # rare: u - 2R op(k) is what to subtract
-                u = u.sub_(masks.correction(self.layer_id, wraps))
-            y = unmask(y, u, self.dtype)
+            if self.check is not None:  # both results in one check, which returns y - u
+                y = self.check.check_pair(sent, y, r, u, self.worker, worker_label(mask_transport))
+                if wraps is not None:  # rare: u - 2R op(k) is what to subtract
+                    y = y.add_(masks.correction(self.layer_id, wraps))
+                y = y.to(self.dtype)
+            else:
+                if wraps is not None:
+                    u = u.sub_(masks.correction(self.layer_id, wraps))
+                y = unmask(y, u, self.dtype)
             return self.scheme.restore(y, self.secret, features_first=self.features_first_out)
 
     def _take_mask(self, prepared: torch.Tensor) -> MaskPair | None:

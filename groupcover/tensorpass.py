@@ -41,3 +41,19 @@ def abs_max(t: torch.Tensor) -> float:
     flat = memory_flat(t)
     high, low = float(flat.amax()), float(flat.amin())
     return max(high, -low)  # a NaN makes both NaN, and max(nan, nan) is nan
+
+
+_RECEIVED_ABS_MAX = "_gcvm_received_abs_max"
+
+
+def note_received_abs_max(t: torch.Tensor, value: float) -> None:
+    """Records max |t| on a result a transport just received (its finiteness pass, a min and
+    a max over the memory, found it), so that the integrity check needs no pass of its own."""
+    setattr(t, _RECEIVED_ABS_MAX, value)
+
+
+def received_abs_max(t: torch.Tensor) -> float:
+    """max |t| of a worker's result not modified since it was received: the transport's note
+    when it made one, else `abs_max` (one pass)."""
+    known = getattr(t, _RECEIVED_ABS_MAX, None)
+    return float(known) if known is not None else abs_max(t)

@@ -13,6 +13,7 @@ result is ever returned.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import threading
@@ -34,6 +35,7 @@ from groupcover.errors import (
 )
 from groupcover.layer_op import LayerOp, PublishedRef
 from groupcover.rendezvous import DEFAULT_TIMEOUT_S
+from groupcover.tensorpass import note_received_abs_max
 from groupcover.transport import Transport, payload_bytes
 from groupcover.wire import schema
 from groupcover.wire.schema import (
@@ -83,11 +85,15 @@ def allocate(dtype: int, shape: tuple[int, ...], order: tuple[int, ...]) -> torc
 
 def all_finite(y: torch.Tensor, order: tuple[int, ...]) -> bool:
     """No NaN, no infinity: one pass over the memory, no intermediate the size of `y` (min and
-    max propagate NaN; an infinity is one of them)."""
+    max propagate NaN; an infinity is one of them). A finite y gets max |y| noted on it
+    (`tensorpass.note_received_abs_max`): the integrity check's scale, without a second pass."""
     if y.numel() == 0:
         return True
-    low, high = torch.aminmax(y.permute(order).reshape(-1))
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    low, high = (float(v) for v in torch.aminmax(y.permute(order).reshape(-1)))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return False
+    note_received_abs_max(y, max(high, -low))
+    return True
 
 
 class _Reply(Future[torch.Tensor]):

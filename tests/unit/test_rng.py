@@ -100,6 +100,24 @@ def test_floats_have_a_full_mantissa() -> None:
     assert set(s.unique().tolist()) == {-1.0, 1.0} and abs(float(s.mean())) < 0.05
 
 
+def test_grid_uniform_fills_the_whole_grid_of_its_range() -> None:
+    """The masks' law: k x radius 2^-52, k uniform in [-2^52, 2^52) (every bit of k random)."""
+    rng = SecretRandom.from_seed(5)
+    radius = 2.0**30
+    r = rng.grid_uniform(400_000, radius)
+    assert r.dtype == torch.float64 and r.shape == (400_000,)
+    k = (r / (radius * 2.0**-52)).numpy()
+    assert np.array_equal(k, np.round(k)) and k.min() >= -(2.0**52) and k.max() < 2.0**52
+    ints = k.astype(np.int64)
+    for bit in (0, 1, 25, 51, 52):  # low bits, middle bits, the top bit and the sign
+        assert float(((ints >> bit) & 1).mean()) == pytest.approx(0.5, abs=0.01), bit
+    assert abs(float(r.mean())) < 0.01 * radius
+    assert float(r.abs().max()) <= radius and float(r.abs().max()) > 0.99 * radius
+    assert not torch.equal(rng.grid_uniform(8, radius), rng.grid_uniform(8, radius))
+    assert torch.equal(SecretRandom.from_seed(5).grid_uniform(16, 1.0),
+                       SecretRandom.from_seed(5).grid_uniform(16, 1.0))  # fmt: skip
+
+
 def test_mersenne_twister_attacker_clones_torch_generator_but_not_secret_random() -> None:
     """The attacker sees 2496 bytes of a generator's output (as a worker would from recovered
     integer mixing entries or any other exact secret) and must predict the next one-time mask.

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from groupcover.tensorpass import abs_max, dense_layout, memory_flat
+from groupcover.tensorpass import abs_max, dense_layout, memory_flat, received_abs_max
+from groupcover.wire.client import all_finite
 
 
 def _layouts() -> list[torch.Tensor]:
@@ -47,3 +48,16 @@ def test_dense_layout_tells_permuted_strides_from_gaps() -> None:
     t = torch.zeros(3, 4, 5)
     assert dense_layout(t) and dense_layout(t.permute(2, 0, 1))
     assert not dense_layout(t[:, :, ::2]) and not dense_layout(t.expand(2, 3, 4, 5))
+
+
+def test_the_wires_finiteness_pass_gives_the_checks_scale() -> None:
+    """A received result carries max |y| from the finiteness pass: the integrity check's scale
+    without a pass of its own; a tensor without that note gets a pass."""
+    y = torch.tensor([[1.0, -7.5], [2.0, 0.5]], dtype=torch.float64).t()
+    plain = y.clone()
+    assert all_finite(y, (1, 0))
+    assert received_abs_max(y) == 7.5 == received_abs_max(plain) == abs_max(y)
+    y.fill_(0.0)  # only a result as received: the note is not a pass
+    assert received_abs_max(y) == 7.5 and abs_max(y) == 0.0
+    bad = torch.tensor([1.0, float("nan")], dtype=torch.float64)
+    assert not all_finite(bad, (0,)) and math.isnan(received_abs_max(bad))

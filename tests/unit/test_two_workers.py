@@ -150,12 +150,38 @@ class WrongMasks(InProcessTransport):
         return done
 
 
-def test_a_wrong_u_from_the_mask_worker_is_caught() -> None:
+class WrongResults(WrongMasks):
+    """A worker that returns its result off in one element."""
+
+
+@pytest.mark.parametrize("mode", ["hardened-2w", "groupcover-2w"])
+def test_a_wrong_u_from_the_mask_worker_is_caught(mode: str) -> None:
     model, inputs = small_bert()
     transport = TwoWorkerTransport(InProcessTransport(owner="w"), WrongMasks(owner="m"))
-    protected = build_for_mode(model, "hardened-2w", transport, example_inputs=inputs)
-    with pytest.raises(IntegrityError), torch.no_grad():
+    protected = build_for_mode(model, mode, transport, example_inputs=inputs)
+    with pytest.raises(IntegrityError) as caught, torch.no_grad():
         protected(*inputs)
+    assert str(caught.value).split(":")[0] == "the worker behind WrongMasks"  # it alone
+
+
+def test_a_wrong_result_from_the_worker_is_caught_and_named() -> None:
+    model, inputs = small_bert()
+    transport = TwoWorkerTransport(WrongResults(owner="w"), InProcessTransport(owner="m"))
+    protected = build_for_mode(model, "groupcover-2w", transport, example_inputs=inputs)
+    with pytest.raises(IntegrityError) as caught, torch.no_grad():
+        protected(*inputs)
+    assert str(caught.value).split(":")[0].endswith("WrongResults")  # it alone
+
+
+def test_one_check_of_the_pair_counts_both_results() -> None:
+    model, inputs = small_bert()
+    transport = TwoWorkerTransport(InProcessTransport(owner="w"), InProcessTransport(owner="m"))
+    protected = build_for_mode(model, "hardened-2w", transport, example_inputs=inputs)
+    with torch.no_grad():
+        protected(*inputs)
+    stats = protected.integrity_stats()
+    assert stats is not None and stats["checked"] == 2 * len(protected.layers)
+    assert 0 < float(stats["worst_ratio"]) < 1.0
 
 
 @pytest.fixture
