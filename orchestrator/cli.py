@@ -507,7 +507,9 @@ def top_cmd(
 
     if not 0.1 <= interval <= 3600:
         raise UsageError(f"--interval {interval:g} is out of range", hint="give 0.1..3600 s")
-    top.top(name, once=once, interval=interval)
+    from orchestrator.pods import lifecycle, resources
+
+    (resources.top if lifecycle.is_pods(name) else top.top)(name, once=once, interval=interval)
 
 
 # --- gcvm doctor / gcvm render: host facts, and the XML without touching a VM ---------------

@@ -86,8 +86,10 @@ def _fix_times(raw: Path, tree: Path, script: Path) -> None:
                                     sorted(tree.rglob("*"))]  # fmt: skip
     script.write_text("".join(f'sif "{p}" {field} @{EPOCH}\n' for p in paths
                               for field in ("atime", "ctime")))  # fmt: skip
-    _run(["debugfs", "-w", "-f", str(script), str(raw)],
-         {**os.environ, "E2FSPROGS_FAKE_TIME": str(EPOCH)})
+    _run(
+        ["debugfs", "-w", "-f", str(script), str(raw)],
+        {**os.environ, "E2FSPROGS_FAKE_TIME": str(EPOCH)},
+    )
 
 
 def build(out: Path, source: Path) -> CodeDisk:

@@ -256,17 +256,8 @@ def live_table(previous: dict[str, Reading], current: dict[str, Reading], span: 
 
 
 def top(name: str, *, once: bool, interval: float, backend: Any = None) -> None:
-    """`gcvm top`: a live table until Ctrl-C, or one sample (`--once`); a pods cluster's pods
-    from their cgroups (`orchestrator.pods.resources`)."""
-    from orchestrator.pods import lifecycle
-
-    if lifecycle.is_pods(name):
-        from orchestrator.pods import resources
-
-        record = lifecycle.load(name)
-        watch(name, resources.reader(lifecycle.podman_for(name, record), record), once=once,
-              interval=interval)  # fmt: skip
-        return
+    """`gcvm top` of a VM cluster: a live table until Ctrl-C, or one sample (`--once`). (A
+    pods cluster's pods come from their cgroups: `orchestrator.pods.resources.top`.)"""
     from orchestrator import state
     from orchestrator.cluster import Backend
     from orchestrator.errors import HypervisorError

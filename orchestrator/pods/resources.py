@@ -83,3 +83,12 @@ def reader(podman: Any, record: Mapping[str, Any], root: Path = CGROUP_ROOT) -> 
                 for pod in pods}  # fmt: skip
 
     return read
+
+
+def top(name: str, *, once: bool, interval: float) -> None:
+    """`gcvm top` of a pods cluster: its pods from their cgroups."""
+    from orchestrator.pods import lifecycle
+    from orchestrator.top import watch
+
+    record = lifecycle.load(name)
+    watch(name, reader(lifecycle.podman_for(name, record), record), once=once, interval=interval)
