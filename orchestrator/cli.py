@@ -466,12 +466,15 @@ def logs_cmd(
     name: str = typer.Option("gcvm", "--name", help="Cluster name."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
 ) -> None:
-    """Print a VM's serial console log, or the host worker's output (`worker-host`)."""
+    """Print a VM's serial console log, the host worker's output (`worker-host`), or a pod's."""
     import time
 
     from orchestrator import state
     from orchestrator.errors import GcvmError
+    from orchestrator.pods.lifecycle import is_pods, pod_log
 
+    if is_pods(name):
+        return print(pod_log(name, node), end="")
     st = state.load(name)
     hw = st.worker_host
     if hw is not None and st.is_host_worker(node):

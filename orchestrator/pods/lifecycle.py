@@ -117,6 +117,24 @@ def container_of(pod: dict[str, Any]) -> str:
     return f"{pod['name']}-{pod['role']}"
 
 
+def pod_log(name: str, node: str) -> str:
+    """`gcvm logs NODE` of a pods cluster: what the pod's container wrote (podman's log). NODE is
+    a pod's name, its short name (master0) or its rank."""
+    record = load(name)
+    pods = record.get("pods", [])
+    for pod in pods:
+        short = pod["name"].removeprefix(f"{name}-")
+        if node in (pod["name"], short, str(pod.get("rank"))):
+            proc = podman_for(name, record).run("logs", container_of(pod), timeout=60,
+                                                check=False)  # fmt: skip
+            if proc.returncode != 0:
+                raise GcvmError(f"podman has no log of {pod['name']}: "
+                                f"{(proc.stderr or proc.stdout).strip()[-300:]}")  # fmt: skip
+            return proc.stdout + proc.stderr
+    names = ", ".join(p["name"].removeprefix(f"{name}-") for p in pods)
+    raise UsageError(f"no pod {node!r} in pods cluster {name}", hint=f"its pods: {names}")
+
+
 def status_lines(name: str) -> list[str]:
     """`gcvm status` of a pods cluster: its record, and each pod's state as podman reports it."""
     record = load(name)

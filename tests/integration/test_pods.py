@@ -62,6 +62,8 @@ def test_pods_up_bench_down(podman_host: Env, tmp_path: Path) -> None:
         assert "key broker: running" in status.stdout, status.stdout
         top = podman_host.gcvm("top", "--name", name, "--once", "--interval", "0.2")
         assert top.returncode == 0 and f"{name}-worker0" in top.stdout, top.stdout + top.stderr
+        logs = podman_host.gcvm("logs", "worker0", "--name", name)
+        assert logs.returncode == 0, logs.stderr
         out = tmp_path / "results"
         bench = podman_host.gcvm(
             "run", "bench", "--name", name, "--model", "minilm-standin", "--batch", "1",
