@@ -238,7 +238,19 @@ def up_cmd(
         "vms",
         "--runtime",
         help="vms: libvirt VMs; pods: one podman pod per rank in the cluster's namespace "
-        "(--tee none; TEE pods need Kubernetes: `gcvm render --runtime pods`).",
+        "(--tee none; TEE pods need Kubernetes: --kube-context).",
+    ),
+    kube_context: str | None = typer.Option(
+        None,
+        "--kube-context",
+        help="--runtime pods: apply the manifests to this kubeconfig "
+        "context with kubectl (a real Kubernetes cluster) instead of running podman here.",
+    ),
+    kbs: str | None = typer.Option(
+        None,
+        "--kbs",
+        help="--kube-context: the key broker (KBS) URL in the masters' "
+        "initdata (needed with --tee tdx|sev-snp).",
     ),
 ) -> None:
     """Create a cluster: masters and workers on one private network, ready for `gcvm run`."""
@@ -249,10 +261,15 @@ def up_cmd(
     if runtime not in ("vms", "pods"):
         raise UsageError(f"unknown --runtime {runtime!r}", hint="choose vms or pods")
     if runtime == "pods":
-        _up_pods(name, _choice(Tee, "--tee", tee), masters, 1 if workers is None else workers,
-                 worker, subnet, vcpus, memory, keep_on_failure, timeout, broker, policy,
-                 owner.resolve() if owner else None)  # fmt: skip
+        from orchestrator.pods.up_cmd import up_pods
+
+        up_pods(name, _choice(Tee, "--tee", tee), masters, 1 if workers is None else workers,
+                worker, subnet, vcpus, memory, keep_on_failure, timeout, broker, policy,
+                owner.resolve() if owner else None, kube_context, kbs)  # fmt: skip
         return
+    if kube_context is not None or kbs is not None:
+        raise UsageError("--kube-context and --kbs are for --runtime pods",
+                         hint="add --runtime pods")  # fmt: skip
     if worker not in ("vm", "host"):
         raise UsageError(f"unknown --worker {worker!r}", hint="choose vm or host")
     on_host = worker == "host"
@@ -302,31 +319,12 @@ def down_cmd(
     """Remove the cluster: VMs or pods, disks, network, namespace, daemons, state. Safe to
     repeat."""
     from orchestrator import cluster
-    from orchestrator.pods import lifecycle
+    from orchestrator.pods import kube, lifecycle
 
-    if lifecycle.is_pods(name):
-        lifecycle.down(name)
+    if kube.is_kube(name) or lifecycle.is_pods(name):
+        (kube.down if kube.is_kube(name) else lifecycle.down)(name)
         return
     cluster.down(name, connect=connect)
-
-
-def _up_pods(name: str, tee: Any, masters: int, workers: int, worker: str, subnet: str | None,
-             vcpus: int, memory: int, keep: bool, timeout: float, broker: bool,
-             policy: str | None, owner: Path | None) -> None:  # fmt: skip
-    from orchestrator.errors import UsageError
-    from orchestrator.pods import lifecycle
-    from orchestrator.pods.manifests import PodsSpec, Target
-    from orchestrator.ui import out
-
-    if worker != "vm":
-        raise UsageError("--worker host is for --runtime vms", hint="pods run every rank")
-    lifecycle.refuse_tee(tee)  # before the spec, which asks a confidential pod for a broker
-    spec = PodsSpec(name=name, tee=tee, masters=masters, workers=workers, target=Target.podman,
-                    hold=True, subnet=subnet, vcpus=vcpus, memory_mib=memory)  # fmt: skip
-    lifecycle.up(spec, keep_on_failure=keep, timeout=timeout, broker=broker, policy=policy,
-                 owner=owner)  # fmt: skip
-    for line in lifecycle.status_lines(name):
-        out.print(line, soft_wrap=True)
 
 
 def _print_vms(name: str) -> None:
@@ -418,12 +416,13 @@ def format_uptime(seconds: float) -> str:
 def status_cmd(name: str = typer.Option("gcvm", "--name", help="Cluster name.")) -> None:
     """Show the cluster's VMs (or pods): role, rank, address, state, TEE requested and
     verified."""
-    from orchestrator.pods import lifecycle
+    from orchestrator.pods import kube, lifecycle
 
-    if lifecycle.is_pods(name):
+    if lifecycle.is_pods(name) or kube.is_kube(name):
         from orchestrator.ui import out
 
-        for line in lifecycle.status_lines(name):
+        lines = kube.status_lines(name) if kube.is_kube(name) else lifecycle.status_lines(name)
+        for line in lines:
             out.print(line, soft_wrap=True)
         return
     _print_vms(name)

@@ -164,7 +164,8 @@ def refuse_tee(tee: Tee, coco_dev: bool = False) -> None:
         raise UsageError(
             f"--runtime pods runs --tee none here (podman has no Kata runtime); --tee {tee}"
             f"{' --coco-dev' if coco_dev else ''} pods need a Kubernetes cluster with CoCo",
-            hint="gcvm render --runtime pods --tee tdx|sev-snp --broker URL --out DIR",
+            hint="on a Kubernetes cluster with CoCo: gcvm up --runtime pods --tee tdx|sev-snp "
+            "--kube-context CTX --kbs URL (or gcvm render --runtime pods ... --out DIR)",
         )
 
 
