@@ -59,7 +59,9 @@ class RunningJob:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a new line, or the exit
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "groupcover", *job.argv],
+            # -P: no working folder on sys.path; -s: no user site. The code is PYTHONPATH's
+            # (the verified code disk) and the image's venv, nothing else.
+            [sys.executable, "-P", "-s", "-m", "groupcover", *job.argv],
             env=env,
             cwd=cwd,
             stdin=subprocess.DEVNULL,
