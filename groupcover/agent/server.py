@@ -56,8 +56,8 @@ class RunningJob:
         self.number = number
         self.lines: deque[str] = deque(maxlen=MAX_LINES)
         self.first = 0  # the number of the oldest line kept
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # a new line, or the exit
+        self.rc: int | None = None  # set once the output is read to its end and the job exited
+        self._changed = threading.Condition()  # a new line, or the end
         self.proc = subprocess.Popen(
             # -P: no working folder on sys.path; -s: no user site. The code is PYTHONPATH's
             # (the verified code disk) and the image's venv, nothing else.
@@ -79,25 +79,26 @@ class RunningJob:
                     self.first += 1
                 self.lines.append(raw.decode(errors="replace").rstrip("\n"))
                 self._changed.notify_all()
-        self.proc.wait()
+        rc = self.proc.wait()
         with self._changed:
+            self.rc = rc
             self._changed.notify_all()
 
     def view(self, start: int, wait: float = 0.0) -> dict[str, Any]:
         """Lines from `start` on and the exit status; with `wait`, held until there is a new
-        line or the exit, at most `wait` seconds (a long poll: on a slow guest CPU, answering
-        a poll twice a second costs the job it watches)."""
+        line or the end, at most `wait` seconds (a long poll: on a slow guest CPU, answering
+        a poll twice a second costs the job it watches). The status comes only with the end of
+        the output: a process's exit can be seen before its last lines are read, and a follower
+        that stopped there would lose them."""
         with self._changed:
             self._changed.wait_for(
-                lambda: self.first + len(self.lines) > start or self.proc.poll() is not None,
+                lambda: self.first + len(self.lines) > start or self.rc is not None,
                 timeout=max(0.0, min(wait, MAX_WAIT_S)),
             )
-        rc = self.proc.poll()
-        with self._lock:
             start = max(start, self.first)
             lines = list(self.lines)[start - self.first :]
             end = self.first + len(self.lines)
-        return {"id": self.number, "rc": rc, "lines": lines, "next": end}
+            return {"id": self.number, "rc": self.rc, "lines": lines, "next": end}
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -193,3 +193,33 @@ def test_a_job_runs_the_framework_and_its_results_come_back(
     while guest.health()["busy"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not guest.health()["busy"]
+
+
+def test_the_exit_status_comes_after_the_last_line(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    """A follower stops at the first view with a status and nothing new; the status must not
+    be given while output is still unread. A reader slower than the job makes it so: the job
+    has exited, its lines are still in the pipe."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    job = agent_jobs.Job(("launch", "--help"), (), None)
+    expected = subprocess.run([sys.executable, "-P", "-s", "-m", "groupcover", *job.argv],
+                              capture_output=True, text=True, env=agent_server.job_env(job),
+                              check=True).stdout.splitlines()  # fmt: skip
+
+    class SlowReader(agent_server.RunningJob):
+        def _pump(self) -> None:
+            self.proc.wait()  # the job is gone before a line is read
+            super()._pump()
+
+    running = SlowReader(1, job, agent_server.job_env(job), tmp_path)
+    running.proc.wait()
+    seen: list[str] = []
+    while True:
+        view = running.view(len(seen), wait=10)
+        seen += view["lines"]
+        if view["rc"] is not None and not view["lines"]:
+            break
+    assert view["rc"] == 0 and seen == expected and len(expected) > 20
