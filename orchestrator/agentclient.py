@@ -26,6 +26,10 @@ from orchestrator.errors import GcvmError, RemoteError, Timeout
 
 PORT = 7441  # groupcover.agent.server.PORT (the guest's; a unit test checks they agree)
 RESULTS_ROOT = PurePosixPath("/var/tmp/gcvm-results")  # groupcover.agent.jobs.RESULTS_ROOT
+# the variables a job may set (groupcover.agent.jobs.ENV); the rest of a rank's environment is
+# the agent's own, so it is not sent
+JOB_ENV = frozenset({"PYTHONUNBUFFERED", "TORCH_CPP_LOG_LEVEL", "OMP_NUM_THREADS",
+                     "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME"})  # fmt: skip
 POLL_S = 0.5  # between retries of a failed request
 LONG_POLL_S = 10  # the agent holds a poll this long when there is nothing new
 
@@ -119,9 +123,7 @@ class LockedGuest:
         args = list(argv)
         if len(args) >= 3 and args[1:3] == ["-m", "groupcover"]:
             args = args[3:]
-        allowed = {"PYTHONUNBUFFERED", "TORCH_CPP_LOG_LEVEL", "OMP_NUM_THREADS",
-                   "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME"}  # fmt: skip
-        job_env = {k: v for k, v in (env or {}).items() if k in allowed}
+        job_env = {k: v for k, v in (env or {}).items() if k in JOB_ENV}
         number = int(self.request("POST", "/jobs", {"argv": args, "env": job_env})["id"])
         return AgentJob(self, number, on_line)
 

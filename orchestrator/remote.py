@@ -211,10 +211,7 @@ class Remote:
     @classmethod
     def connect(cls, cluster: ClusterState, vm: VmState, timeout: float) -> Remote:
         """SSH to `vm`; a locked master has no SSH server, and gcvm does not try."""
-        if vm.locked:
-            from orchestrator.agentclient import refuse
-
-            raise refuse(vm.name, "the host has no way in")
+        _refuse_locked(vm)
         return cls.open(endpoint_for(cluster, vm), timeout)
 
     @classmethod
@@ -355,6 +352,14 @@ def _connect_once(ep: Endpoint, timeout: float) -> paramiko.SSHClient:
     return client
 
 
+def _refuse_locked(vm: VmState) -> None:
+    """A locked master has no SSH server, and gcvm does not try."""
+    if vm.locked:
+        from orchestrator.agentclient import refuse
+
+        raise refuse(vm.name, "the host has no way in")
+
+
 def endpoint_for(cluster: ClusterState, vm: VmState) -> Endpoint:
     return Endpoint(
         name=vm.name,
@@ -368,10 +373,7 @@ def endpoint_for(cluster: ClusterState, vm: VmState) -> Endpoint:
 
 def ssh_argv(cluster: ClusterState, vm: VmState, command: list[str] | None = None) -> list[str]:
     """OpenSSH's client with the same pinning, inside the namespace (for interactive shells)."""
-    if vm.locked:
-        from orchestrator.agentclient import refuse
-
-        raise refuse(vm.name, "the host has no way in")
+    _refuse_locked(vm)
     argv = [
         "ssh",
         "-i",

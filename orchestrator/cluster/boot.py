@@ -195,7 +195,8 @@ def _up(run: _Up) -> ClusterState:
     with ui.step("find the guest image"):
         image = given if given is not None else backend.find_image(run.image_path)
         ui.info(f"image {image.disk}")
-        _check_lockable(spec, image)
+        if given is None:  # a given image was checked first, above
+            _check_lockable(spec, image)
         for tee in spec.tees:
             if tee is not Tee.none and image.tee_guest_support.get(str(tee)) is False:
                 raise GcvmError(

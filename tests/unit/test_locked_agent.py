@@ -101,9 +101,13 @@ def test_a_job_is_an_object_with_argv_and_env_only() -> None:
             check_job(document)
 
 
-def test_host_and_guest_agree_on_port_and_results_root() -> None:
+def test_host_and_guest_agree_on_port_roots_and_job_env() -> None:
+    from orchestrator import packages
+
     assert agentclient.PORT == agent_server.PORT
     assert agentclient.RESULTS_ROOT == agent_jobs.RESULTS_ROOT
+    assert PurePosixPath(packages.GUEST_ROOT) == agent_jobs.PACKAGES_ROOT
+    assert set(agent_jobs.ENV) == agentclient.JOB_ENV
 
 
 @pytest.fixture
