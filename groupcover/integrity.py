@@ -61,16 +61,19 @@ import torch
 
 from groupcover.errors import IntegrityError
 from groupcover.layer_op import apply_op
+from groupcover.masks import Unblinded
 from groupcover.rng import SecretRandom
 from groupcover.tensorpass import received_abs_max
 from groupcover.transport import LayerOp
 
 SLACK = 8.0
+EPS64 = torch.finfo(torch.float64).eps
 
 
 def _plain(op: LayerOp) -> LayerOp:
-    """The op with its natural result layout (the check contracts whatever layout it gets)."""
-    params = {k: v for k, v in op.params.items() if k != "transposed"}
+    """The op with its natural result layout (the check contracts whatever layout it gets),
+    float results (a masked layer's check works on the unmasked quanta)."""
+    params = {k: v for k, v in op.params.items() if k not in ("transposed", "quantum")}
     return replace(op, params=params)
 
 
@@ -94,6 +97,8 @@ class LayerCheck:
     v: torch.Tensor
     v_abs: torch.Tensor
     slack: float = SLACK
+    quantum: int | None = None  # masked layers: results are checked in quanta of 2^quantum
+    rounding: float = 0.0  # masked layers: per element, the quanta two roundings may move
     checked: int = 0
     seconds: float = 0.0
     worst: float = 0.0  # the largest residual / tolerance seen on passing calls
@@ -109,7 +114,18 @@ class LayerCheck:
         w = weight.detach()
         v = (s.view(shape) * w).sum(dim=0, keepdim=True)
         v_abs = (s.abs().view(shape) * w.abs()).sum(dim=0, keepdim=True)
-        return cls(layer_id, _plain(op), s, v, v_abs)
+        quantum = op.params.get("quantum")
+        if quantum is None:
+            return cls(layer_id, _plain(op), s, v, v_abs)
+        # masked: z = op(X, W'') / q up to the roundings of Y and U (half a quantum each) and
+        # the float64 products behind them (|P|, |rho| < 2^31: n eps 2^31 ||W''_j||_1 / q)
+        fan_in = w[0].numel()
+        products = fan_in * torch.finfo(torch.float64).eps * 2.0**31 * 2.0**-quantum
+        worst_row = float(w.reshape(out, -1).abs().sum(dim=1).max())
+        rounding = 1.0 + 2 * products * worst_row
+        scale = 2.0**-quantum
+        return cls(layer_id, _plain(op), s, v * scale, v_abs * scale, quantum=quantum,
+                   rounding=rounding)  # fmt: skip
 
     def _contract(self, y: torch.Tensor) -> torch.Tensor:
         """sum_j s_j y[.., j, ..]: over the last axis (linear) or axis 1 (convolutions)."""
@@ -131,6 +147,47 @@ class LayerCheck:
         finally:
             self.checked += 1
             self.seconds += time.perf_counter() - start
+
+    def check_quanta(
+        self,
+        fixed: torch.Tensor,
+        result: Unblinded,
+        peak: float,
+        worker: str = "the worker",
+        mask_worker: str | None = None,
+    ) -> None:
+        """A masked call: `result.quanta` (z, float64) must be op(X, W'') in quanta, X the
+        fixed-point input (`peak` = max |X|); a position where wraps were corrected may be
+        half a quantum further per wrap.
+
+        Per output position: |s . z - op(X, v / q)| <= (1 + products) sum_j |s_j| + SLACK eps
+        peak sum_i |v|_i / q: the two roundings to whole quanta (Y by the worker, U here), the
+        float64 products behind them, and this check's own float64 sums (bounded with the
+        input's peak: no pass over |X|). Raises `IntegrityError` (naming both workers of a
+        `-2w` call: z is their joint result)."""
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                lhs = self._contract(result.quanta)
+                rhs = self._one_output(fixed.to(torch.float64), self.v)
+                tolerance = self.rounding * self._s_abs + self.slack * EPS64 * peak * self._v_abs
+                bound = torch.full_like(lhs, tolerance)
+                if result.wraps is not None:
+                    bound.add_(result.wraps.to(bound.dtype).reshape(bound.shape),
+                               alpha=0.5 * self._s_abs)  # fmt: skip
+                who = worker if mask_worker is None else f"{worker} or {mask_worker}"
+                self._judge(lhs, rhs, bound, result.peak, who, scaled=True)
+        finally:
+            self.checked += 1 if mask_worker is None else 2
+            self.seconds += time.perf_counter() - start
+
+    @property
+    def _s_abs(self) -> float:
+        return float(self.s.abs().sum())
+
+    @property
+    def _v_abs(self) -> float:
+        return float(self.v_abs.sum())
 
     def check_pair(
         self,
@@ -206,11 +263,20 @@ class LayerCheck:
         self._judge(lhs, rhs, bound, scale, worker)
 
     def _judge(
-        self, lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor, scale: float, worker: str
+        self,
+        lhs: torch.Tensor,
+        rhs: torch.Tensor,
+        bound: torch.Tensor,
+        scale: float,
+        worker: str,
+        *,
+        scaled: bool = False,
     ) -> None:
-        """|lhs - rhs| against SLACK x eps x bound per output position; raises on a failure."""
+        """|lhs - rhs| against SLACK x eps x bound per output position (`scaled`: the bound is
+        the tolerance already); raises on a failure."""
         eps = torch.finfo(self.s.dtype).eps
-        tolerance = bound.mul_(self.slack * eps).add_(torch.finfo(self.s.dtype).tiny)
+        tolerance = bound if scaled else bound.mul_(self.slack * eps)
+        tolerance = tolerance.add_(torch.finfo(self.s.dtype).tiny)
         loosest = float(tolerance.max()) / scale if scale > 0 and tolerance.numel() else 0.0
         residual = lhs.sub_(rhs).abs_()
         ratio = residual.div_(tolerance)

@@ -1,28 +1,27 @@
-"""One-time input masks that hide: a pool of `(r, u = op(r, W''))` pairs per layer and shape.
+"""One-time input masks that hide: a pool of `(rho, U)` pairs per layer and shape.
 
-The master blinds the (permuted) input with a fresh `r` before the call and subtracts `u` from the
-result. Masks are real-valued and huge: `r` is uniform on [-R, R) in float64 with
-R = 2^MASK_BITS x B, where B is a power-of-two bound on the layer's input, set once per layer from
-calibration (the example inputs the pool is filled with, or the first live input) unless given.
-Against a uniform mask that large, the payload `x + r` of an input with |x| <= B is within
-statistical distance |x - x'| / (2R) <= 2^-MASK_BITS of the payload of any other input x', per
-element: the payload says nothing usable about x. The input is first rounded to the masks' grid
-(`encode`: fixed point with step R / 2^52, as in Slalom but carried in float64), so that
-`x + r` is exact and its low bits say nothing either, and the sum is reduced mod 2R into
-[-R, R) (`blind`): the payload is then exactly uniform on that grid, independent of x, like
-Slalom's masks mod p (the master adds back 2R op(k, W'') for the rare wrapped elements k).
-To keep the result exact, masked layers are
-published and computed in float64: the worker's `y_b = op(x + r, W'')` and the master's `u` are
-float64, and `y_b - u` keeps 53 - MASK_BITS bits of the product, far more than float32's 24.
+The master blinds the (permuted) input with a fresh mask before the call and subtracts the
+mask's product from the result, in fixed point modulo 2^32 (`groupcover.modular`): the input is
+rounded to `X = round(x 2^22 / B)` (B a power-of-two bound on the layer's |input|, set once per
+layer from calibration: the example inputs the pool is filled with, or the first live input),
+the payload is `P = X + rho mod 2^32` as int32 with rho uniform on all of Z/2^32, so P is exactly
+uniform whatever x is (a one-time pad, like Slalom's masks mod p), and it says nothing about x
+however many bits of it are looked at. The worker computes `op(P, W'')` in float64 (the masked
+layers are published in float64) and returns it in units of a public result quantum q, mod
+2^32, as int32; the master subtracts `U = round(op(rho, W'') / q) mod 2^32` in wrapping int32
+arithmetic, which leaves `op(X, W'') / q` to one quantum per element, and adds back
+`2^32 op(k, W'') / q` for the few input elements where `X + rho` wrapped (probability about
+|X| / 2^32 each; only the mask entries near +-2^31 can wrap, listed with each pair).
+Four bytes each way per element, as float32 would take, at float64's exactness.
 
-`u` is computed here, in the master, from the copy of the published weight it keeps for this
+`U` is computed here, in the master, from the copy of the published weight it keeps for this
 purpose alone; the worker never computes or sees it. Each pair is popped out of its pool on
 `take`, and the pair itself hands out its tensors once (`MaskPair.consume`; a second call raises
 `MaskReused`): no pair can serve twice. Filling ahead of time is the offline cost
-(`stats()["offline"]`): drawing r and the full local product u = op(r, W'') per pair.
+(`stats()["offline"]`): drawing rho and the full local product per pair.
 
-With a mask worker (the `-2w` modes) there are no pairs: `draw_mask` hands out a fresh `r`
-alone for one call, and a second worker, which sees only `r`, computes `u` during the call
+With a mask worker (the `-2w` modes) there are no pairs: `draw_mask` hands out a fresh `rho`
+alone for one call, and a second worker, which sees only `rho`, computes `U` during the call
 (`stats()["mask_worker"]`: the master's cost of drawing those masks, inside the forwards).
 
 `refill_one` draws one missing pair at a time, for a background thread that refills the pools
@@ -46,16 +45,24 @@ from enum import StrEnum
 import torch
 
 from groupcover.errors import GroupCoverError
-from groupcover.layer_op import apply_op
+from groupcover.layer_op import RESIDUE_DTYPE, apply_op
+from groupcover.modular import (
+    INPUT_BITS,
+    check_range,
+    correct_wraps,
+    edges,
+    quantize,
+    row_bounds,
+    wraps,
+)
 from groupcover.rng import SecretRandom
 from groupcover.tensorpass import abs_max, dense_layout
 from groupcover.transport import LayerOp
 from groupcover.wire.schema import output_shape
 
-MASK_BITS = 24  # R = 2^24 x the input bound: per-element statistical distance <= 2^-24
 DEFAULT_INPUT_BOUND = 64.0  # B when a layer was never calibrated (a power of two)
-MASK_DTYPE = torch.float64
-DEFAULT_MASK_SCALE = 1.0  # a multiplier of R (tests set 0 to model a broken mask)
+MASK_DTYPE = torch.float64  # what masked layers are published and computed in
+DEFAULT_MASK_SCALE = 1.0  # 0 models a broken mask (tests): rho = 0
 
 
 class MaskPolicy(StrEnum):
@@ -72,14 +79,19 @@ class MaskReused(GroupCoverError):
 
 
 class MaskPair:
-    """One one-time mask: `r` (added to the permuted input) and `u = op(r, W'')` (subtracted from
-    the worker's result). `consume()` hands them out once; `r`/`u` stay readable for audits."""
+    """One one-time mask: `r` = rho (int32, added to the fixed-point input mod 2^32) and `u` =
+    U, its product in result quanta mod 2^32 (int32, subtracted from the worker's result);
+    `edges` lists where rho can wrap. `consume()` hands them out once; `r`/`u` stay readable
+    for audits."""
 
-    __slots__ = ("_used", "r", "u")
+    __slots__ = ("_used", "edges", "r", "u")
 
-    def __init__(self, r: torch.Tensor, u: torch.Tensor) -> None:
+    def __init__(
+        self, r: torch.Tensor, u: torch.Tensor, edges: torch.Tensor | None = None
+    ) -> None:
         self.r = r
         self.u = u
+        self.edges = edges
         self._used = False
 
     @property
@@ -110,9 +122,33 @@ class _Cost:
         self.seconds += seconds
         self.pairs += 1
         self.bytes += sum(t.numel() * t.element_size() for t in (pair.r, pair.u))
+        if pair.edges is not None:
+            self.bytes += pair.edges.numel() * pair.edges.element_size()
 
     def as_dict(self) -> dict[str, float]:
         return {"seconds": self.seconds, "pairs": self.pairs, "bytes": self.bytes}
+
+
+@dataclass
+class Blinded:
+    """One masked call's payload and what the master keeps of it: the fixed-point input X (in
+    the prepared input's dtype, exact integers) and the wrapped elements (memory-order
+    positions in the payload, k), None when nothing wrapped."""
+
+    payload: torch.Tensor
+    fixed: torch.Tensor
+    wraps: tuple[torch.Tensor, torch.Tensor] | None
+    peak: float  # max |X|
+
+
+@dataclass
+class Unblinded:
+    """op(X, W'') in result quanta (float64), its max |.|, and per output position the wraps
+    corrected there (None: none)."""
+
+    quanta: torch.Tensor
+    peak: float
+    wraps: torch.Tensor | None
 
 
 @dataclass
@@ -125,6 +161,8 @@ class _Layer:
     loader: Callable[[], torch.Tensor] | None = None  # ... read W'' when needed (packages)
     weight_shape: tuple[int, ...] = ()
     strides: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)  # r's layout
+    row_bound: float | None = None  # max_j ||W''_j|| (`modular.row_bounds`), when needed
+    kept: torch.Tensor | None = None  # W'' as loaded, for the wraps' corrections (most calls)
 
     def published(self) -> torch.Tensor:
         if self.weight is not None:
@@ -145,7 +183,6 @@ class MaskPool:
         policy: MaskPolicy | str = MaskPolicy.REFILL,
         scale: float = DEFAULT_MASK_SCALE,
         *,
-        bits: int = MASK_BITS,
         budget_bytes: int | None = None,
     ) -> None:
         """`budget_bytes` bounds the pairs held ahead of time (None: no bound); a pair that
@@ -153,7 +190,6 @@ class MaskPool:
         self.rng = rng
         self.policy = MaskPolicy(policy)
         self.scale = scale
-        self.bits = bits
         self.budget_bytes = budget_bytes
         self._layers: dict[str, _Layer] = {}
         self._offline = _Cost()
@@ -197,10 +233,10 @@ class MaskPool:
         return self._layers[layer_id].published()
 
     def pair_bytes(self, layer_id: str, shape: tuple[int, ...]) -> int:
-        """Bytes of one (r, u) pair for inputs of `shape` (float64 both)."""
+        """Bytes of one (rho, U) pair for inputs of `shape` (int32 both; its edge list aside)."""
         layer = self._layers[layer_id]
         out = output_shape(layer.op, tuple(shape), layer.weight_shape)
-        return (math.prod(shape) + math.prod(out)) * MASK_DTYPE.itemsize
+        return (math.prod(shape) + math.prod(out)) * RESIDUE_DTYPE.itemsize
 
     def layer_ids(self) -> list[str]:
         return list(self._layers)
@@ -208,56 +244,67 @@ class MaskPool:
     def bound(self, layer_id: str) -> float | None:
         return self._layers[layer_id].bound
 
-    def mask_range(self, layer_id: str) -> float:
-        """R: masks of this layer are uniform on [-R, R)."""
+    def input_scale(self, layer_id: str) -> float:
+        """2^INPUT_BITS / B: an input x becomes X = round(x x this) (a power of two)."""
         layer = self._layers[layer_id]
         bound = DEFAULT_INPUT_BOUND if layer.bound is None else layer.bound
-        return self.scale * 2.0**self.bits * bound
+        return 2.0**INPUT_BITS / bound
 
-    def quantum(self, layer_id: str) -> float:
-        """delta = R / 2^52: the grid of every mask value (and of every encoded input)."""
-        return self.mask_range(layer_id) * 2.0**-52
+    def exponent(self, layer_id: str) -> int:
+        """c: the layer's result quantum is 2^c (public: its op carries it)."""
+        return int(self._layers[layer_id].op.params["quantum"])
 
-    def encode(self, layer_id: str, x: torch.Tensor) -> torch.Tensor:
-        """x in float64 rounded to the masks' grid (fixed point with step delta), x's layout.
+    def blind(self, layer_id: str, x: torch.Tensor, pair: MaskPair) -> Blinded:
+        """The payload P = X + rho mod 2^32 (int32, x's layout) for the prepared input x.
 
-        `encode(x) + r` is then exact, and every payload value is a multiple of delta: without
-        this, the payload's low bits would carry `x mod delta` wherever |x + r| < R / 2 (a
-        finer float grid there), telling the worker, for one, which inputs are exactly zero.
-        The rounding error, at most delta / 2 = B x 2^-(53 - MASK_BITS), is below the float64
-        product's own rounding.
-        """
-        shift = 1.5 * self.mask_range(layer_id)  # x + shift lies in [R, 2R): float step delta
-        encoded = x.to(MASK_DTYPE, copy=True)
-        if shift == 0:
-            return encoded
-        return encoded.add_(shift).sub_(shift)
-
-    def blind(
-        self, layer_id: str, x: torch.Tensor, r: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The payload x_b = (enc(x) + r) reduced into [-R, R) (mod 2R), and the wraps k.
-
-        enc(x) + r is exact and lies in [-R - B, R + B); the few elements outside [-R, R)
-        (probability about |x| / 2R each) are moved back by -2R k, k an integer (+-1 unless
-        an input exceeds R). The payload is
-        then exactly uniform on the grid of [-R, R), whatever x is: no edge of the mask's range
-        bounds an input. The master adds 2R op(k, W'') back (`correction`). k is None when
-        nothing wrapped, as on almost every call (one pass over the payload to find out).
-        """
-        payload = self.encode(layer_id, x).add_(r)
-        radius = self.mask_range(layer_id)
-        if radius == 0 or abs_max(payload) < radius:
-            return payload, None
-        k = payload.add(radius).mul_(0.5 / radius).floor_()  # exact: powers of two
-        payload.sub_(k * (2 * radius))
-        return payload, k
-
-    def correction(self, layer_id: str, k: torch.Tensor) -> torch.Tensor:
-        """2R op(k, W''): what the wraps took out of op(x_b, W''), to add back (float64)."""
+        X = round(x 2^22 / B), kept (`Blinded.fixed`, x's dtype: exact integers) for the
+        check; the input's size is checked against the layer's masked range
+        (`modular.check_range`), and the elements where X + rho wrapped are found among rho's
+        edge entries (`Blinded.wraps`, None on most calls)."""
         layer = self._layers[layer_id]
-        with torch.no_grad():
-            return apply_op(layer.op, k, layer.published()).mul_(2 * self.mask_range(layer_id))
+        fixed = quantize(x, self.input_scale(layer_id))
+        peak = abs_max(fixed)
+        if peak > 2.0**INPUT_BITS:
+            if layer.row_bound is None:
+                layer.row_bound = row_bounds(layer.published(), layer.op)
+            check_range(layer_id, peak, fixed, layer.op, layer.row_bound,
+                        self.exponent(layer_id))  # fmt: skip
+        rho = pair.r
+        payload = fixed.to(RESIDUE_DTYPE)
+        wrapped = wraps(payload, rho, pair.edges, peak)
+        payload.add_(rho)  # wraps around 2^32: two's complement
+        return Blinded(payload, fixed, wrapped, peak)
+
+    def unblind(self, layer_id: str, y: torch.Tensor, u: torch.Tensor,
+                blinded: Blinded) -> Unblinded:  # fmt: skip
+        """op(X, W'') in result quanta (float64, the result's layout) from the worker's
+        residues y and the pair's u: y - u in wrapping int32 (in place on y), plus the wraps'
+        correction where some input element wrapped."""
+        residues = y.sub_(u)
+        per_position = None
+        if blinded.wraps is not None:
+            layer = self._layers[layer_id]
+            positions, k = blinded.wraps
+            per_position = correct_wraps(residues, blinded.payload, positions, k,
+                                         self._correction_weight(layer), layer.op,
+                                         self.exponent(layer_id))  # fmt: skip
+        return Unblinded(residues.to(torch.float64), abs_max(residues), per_position)
+
+    @staticmethod
+    def _correction_weight(layer: _Layer) -> torch.Tensor:
+        """W'' for the wraps' corrections, read once (a call wraps somewhere most times):
+        transposed to (in, out) rows for a linear layer (one contiguous row per wrap)."""
+        if layer.kept is None:
+            weight = layer.weight
+            if weight is None:
+                assert layer.loader is not None
+                weight = layer.loader()
+            layer.kept = weight.t().contiguous() if layer.op.kind == "linear" else weight
+        return layer.kept
+
+    def output_factor(self, layer_id: str) -> float:
+        """q / (2^22 / B): what turns result quanta into the layer's output (a power of two)."""
+        return 2.0 ** self.exponent(layer_id) / self.input_scale(layer_id)
 
     def calibrate(self, layer_id: str, x: torch.Tensor) -> None:
         """Sets the layer's input bound from an input, once (later calls keep it: R must not
@@ -380,9 +427,9 @@ class MaskPool:
         self._used += 1
         return pair
 
-    def draw_mask(self, layer_id: str, shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
-        """A fresh mask r alone, in x's layout, for one call whose u = op(r, W'') a mask
-        worker computes: no product here. `x` (the input it is for) calibrates the layer once.
+    def draw_mask(self, layer_id: str, shape: tuple[int, ...], x: torch.Tensor) -> MaskPair:
+        """A fresh mask rho alone (its pair's u empty: not known yet), in x's layout, for one
+        call whose U a mask worker computes: no product here. `x` (the input it is for) calibrates the layer once.
         Drawn on the spot, never pooled: each r exists for one call only."""
         layer = self._layers[layer_id]
         shape = tuple(shape)
@@ -390,16 +437,18 @@ class MaskPool:
         self._note_layout(layer, shape, x)
         start = time.perf_counter()
         r = self._draw_r(layer_id, shape, x)
-        self._for_worker.add(time.perf_counter() - start, MaskPair(r, r[:0]))
+        pair = MaskPair(r, r[:0], edges(r))
+        self._for_worker.add(time.perf_counter() - start, pair)
         self._used += 1
-        return r
+        return pair
 
     def _draw_r(
         self, layer_id: str, shape: tuple[int, ...], like: torch.Tensor | None
     ) -> torch.Tensor:
         layer = self._layers[layer_id]
-        bound = self.mask_range(layer_id)
-        flat = self.rng.grid_uniform(math.prod(shape), bound)  # on the grid of `quantum`
+        flat = self.rng.int32_uniform(math.prod(shape))  # uniform on all of Z/2^32
+        if self.scale == 0:
+            flat.zero_()  # a broken mask (tests)
         stride = layer.strides.get(shape)
         if like is not None and tuple(like.shape) == shape and dense_layout(like):
             stride = tuple(like.stride())
@@ -415,9 +464,9 @@ class MaskPool:
     ) -> MaskPair:
         layer = self._layers[layer_id]
         r = self._draw_r(layer_id, shape, like)
-        with torch.no_grad():
+        with torch.no_grad():  # U = round(op(rho, W'') / q) mod 2^32: the op is quantized
             u = apply_op(layer.op, r, weight if weight is not None else layer.published())
-        return MaskPair(r, u)
+        return MaskPair(r, u, edges(r))
 
     def stats(self) -> dict[str, object]:
         left = sum(len(p) for layer in self._layers.values() for p in layer.pools.values())
@@ -433,7 +482,7 @@ class MaskPool:
             "held_bytes": self._held,
             "peak_held_bytes": self._peak_held,
             "not_drawn_ahead": self._skipped,
-            "mask_bits": self.bits,
-            "dtype": str(MASK_DTYPE).removeprefix("torch."),
+            "input_bits": INPUT_BITS,
+            "dtype": "int32 residues mod 2^32 (computed in float64)",
             "input_bounds": {name: layer.bound for name, layer in self._layers.items()},
         }

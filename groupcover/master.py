@@ -20,7 +20,7 @@ import copy
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,8 +31,9 @@ from torch.utils import _pytree as pytree
 from groupcover.audit import Audit
 from groupcover.errors import UsageError
 from groupcover.integrity import LayerCheck, checked_label
-from groupcover.layer_op import apply_op
-from groupcover.masks import MASK_DTYPE, MaskPair, MaskPolicy, MaskPool
+from groupcover.layer_op import apply_op, unquantized, with_quantum
+from groupcover.masks import MASK_DTYPE, MaskPolicy, MaskPool
+from groupcover.modular import quantum_exponent
 from groupcover.rng import SecretRandom
 from groupcover.schemes import LayerSecret, Scheme, make_scheme, op_for
 from groupcover.transport import LayerOp, PublishedRef, Transport
@@ -56,14 +57,6 @@ def worker_label(transport: Transport) -> str:
     if isinstance(worker, str) and worker:
         return worker
     return f"the worker behind {type(transport).__name__}"
-
-
-def unmask(y: torch.Tensor, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`y - u` computed in y's precision (float64 in masked modes), then stored as `dtype` in
-    y's memory layout. In place on y (the transport hands over a fresh tensor), then one
-    conversion: a subtraction whose output has another dtype takes torch's unvectorised casting
-    loop, about 40x slower (62 ms against 1.5 ms for a 1024 x 1536 result)."""
-    return y.sub_(u).to(dtype)
 
 
 # Ops that read a tensor elementwise and keep its memory layout in their result.
@@ -151,8 +144,8 @@ class OffloadedLayer(nn.Module):
     permutation, taking a mask (a dry pool's synchronous refill included) and adding it, the
     integrity check (with `check`; its own time is also in `check.seconds`), and the
     unmasking, de-mixing and bias after the call. In masked modes the payload and the worker's
-    result are float64 (`MASK_DTYPE`); the unmasked result goes back to the layer's dtype before
-    the de-mixing.
+    result are int32 residues mod 2^32 (`groupcover.masks`, `groupcover.modular`); the unmasked
+    result goes back to the layer's dtype before the de-mixing.
 
     Behind a transport with a mask worker (`groupcover.twoworkers`, the `-2w` modes) the mask
     is drawn for the call and its product u comes from the mask worker, in parallel with the
@@ -205,66 +198,59 @@ class OffloadedLayer(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fill_pairs or self.local:
             return self._fill_forward(x)
-        if self.mask_transport is not None:
-            return self._forward_two_workers(x, self.mask_transport)
+        if self.masks is not None:
+            return self._forward_masked(x, self.masks)
         timings = self.transport.timings
-        u = None
         with timings.deobf():
             prepared = self.scheme.prepare_input(x, self.secret)
-            mask = self._take_mask(prepared)
-            if mask is None:
-                sent = prepared
-            else:
-                assert self.masks is not None
-                r, u = mask.consume()
-                sent, wraps = self.masks.blind(self.layer_id, prepared, r)  # x_p + r mod 2R
-                if wraps is not None:  # rare: u - 2R op(k) is what to subtract
-                    u = u - self.masks.correction(self.layer_id, wraps)
         if self.audit is not None:
-            self.audit.note_call(self.layer_id, x, prepared, mask)
-        y = self.transport.run(self.layer_id, sent)
+            self.audit.note_call(self.layer_id, x, prepared, None)
+        y = self.transport.run(self.layer_id, prepared)
         with timings.deobf():
             if self.check is not None:
-                self.check.check(sent, y, self.worker)
-            if u is not None:
-                y = unmask(y, u, self.dtype)
+                self.check.check(prepared, y, self.worker)
             return self.scheme.restore(y, self.secret, features_first=self.features_first_out)
 
-    def _forward_two_workers(self, x: torch.Tensor, mask_transport: Transport) -> torch.Tensor:
-        """A masked call whose u = op(r, W'') the mask worker computes: r leaves first (the
-        mask worker starts on it), then the masked input; the master makes no product."""
-        masks, timings = self.masks, self.transport.timings
-        assert masks is not None
+    def _forward_masked(self, x: torch.Tensor, masks: MaskPool) -> torch.Tensor:
+        """One masked call (`groupcover.masks`): the payload is P = X + rho mod 2^32, the
+        worker's result comes back as residues; Z = Y - U (wrapping) is op(X, W'') in result
+        quanta, checked, then scaled to the layer's output and restored. Behind a transport
+        with a mask worker (the `-2w` modes), rho leaves first and U comes from the mask
+        worker, in parallel with the worker's call: the master makes no product."""
+        timings = self.transport.timings
+        mask_transport = self.mask_transport
+        pending = None
         with timings.deobf():
             prepared = self.scheme.prepare_input(x, self.secret)
-            r = masks.draw_mask(self.layer_id, tuple(prepared.shape), prepared)
-            sent_mask = MaskPair(r, r[:0])  # what the audits know of it: u is not known yet
-            if self.mask_audit is not None:
-                self.mask_audit.note_call(self.layer_id, x, prepared, sent_mask)
-            pending = mask_transport.run_async(self.layer_id, r)
-            sent, wraps = masks.blind(self.layer_id, prepared, r)
-        if self.audit is not None:
-            self.audit.note_call(self.layer_id, x, prepared, sent_mask)
-        y = self.transport.run(self.layer_id, sent)
-        waited = time.perf_counter()
-        u = pending.result()  # usually there already: both workers computed at once
-        timings.record_wait(time.perf_counter() - waited)
-        with timings.deobf():
-            if self.check is not None:  # both results in one check, which returns y - u
-                y = self.check.check_pair(sent, y, r, u, self.worker, worker_label(mask_transport))
-                if wraps is not None:  # rare: u - 2R op(k) is what to subtract
-                    y = y.add_(masks.correction(self.layer_id, wraps))
-                y = y.to(self.dtype)
+            if mask_transport is None:
+                pair = masks.take(self.layer_id, tuple(prepared.shape), prepared)
             else:
-                if wraps is not None:
-                    u = u.sub_(masks.correction(self.layer_id, wraps))
-                y = unmask(y, u, self.dtype)
-            return self.scheme.restore(y, self.secret, features_first=self.features_first_out)
+                pair = masks.draw_mask(self.layer_id, tuple(prepared.shape), prepared)
+                if self.mask_audit is not None:
+                    self.mask_audit.note_call(self.layer_id, x, prepared, pair)
+                pending = mask_transport.run_async(self.layer_id, pair.r)
+            rho, u = pair.consume()
+            blinded = masks.blind(self.layer_id, prepared, pair)
+        if self.audit is not None:
+            self.audit.note_call(self.layer_id, x, prepared, pair)
+        y = self.transport.run(self.layer_id, blinded.payload)
+        if pending is not None:
+            waited = time.perf_counter()
+            u = pending.result()  # usually there already: both workers computed at once
+            timings.record_wait(time.perf_counter() - waited)
+        with timings.deobf():
+            unblinded = masks.unblind(self.layer_id, y, u, blinded)
+            z = unblinded.quanta
+            if self.check is not None:
+                self.check.check_quanta(blinded.fixed, unblinded, blinded.peak, self.worker,
+                                        self._mask_worker_label())  # fmt: skip
+            out = z.to(self.dtype).mul_(masks.output_factor(self.layer_id))
+            return self.scheme.restore(out, self.secret, features_first=self.features_first_out)
 
-    def _take_mask(self, prepared: torch.Tensor) -> MaskPair | None:
-        if self.masks is None:
+    def _mask_worker_label(self) -> str | None:
+        if self.mask_transport is None:
             return None
-        return self.masks.take(self.layer_id, tuple(prepared.shape), prepared)
+        return worker_label(self.mask_transport)
 
     def _fill_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Offline: fill this layer's mask pool for x's shape; the result is computed locally."""
@@ -274,7 +260,7 @@ class OffloadedLayer(nn.Module):
             pairs = 0 if self.mask_transport is not None else self.fill_pairs
             self.masks.fill(self.layer_id, tuple(prepared.shape), pairs, like=prepared)
         weight = self.masks.published_weight(self.layer_id)
-        y = apply_op(self.op, prepared.to(weight.dtype), weight).to(prepared.dtype)
+        y = apply_op(unquantized(self.op), prepared.to(weight.dtype), weight).to(prepared.dtype)
         return self.scheme.restore(y, self.secret, features_first=self.features_first_out)
 
 
@@ -488,6 +474,7 @@ def protect(
                 published, secret = chosen.obfuscate(weight, bias, obfuscation_rng.spawn(name))
                 if masks is not None:
                     published = published.to(MASK_DTYPE)  # exactly the same values, in float64
+                    op = with_quantum(op, quantum_exponent(published, op))
                 for watcher in (auditor, mask_auditor):
                     if watcher is not None:
                         watcher.register_layer(name, weight, bias, secret)
@@ -570,6 +557,8 @@ def assemble(
                 weight = layer.load()
                 return weight if compute is None else weight.to(compute)
 
+            if masked:  # residues in and out, in a quantum fixed by the published weight
+                layer = replace(layer, op=with_quantum(layer.op, quantum_exponent(load(), layer.op)))
             if auditor is not None:
                 weight, bias = audit_weights[layer.name]  # type: ignore[index]
                 auditor.register_layer(layer.name, weight, bias, layer.secret)

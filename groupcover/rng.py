@@ -226,6 +226,11 @@ class SecretRandom:
         # fresh torch buffer, or converting in torch, was 4x slower on one thread)
         return torch.from_numpy(words.astype(np.float64)).mul_(radius * 2.0**-52)
 
+    def int32_uniform(self, count: int) -> torch.Tensor:
+        """count int32 values uniform on all of Z/2^32 (two's complement): keystream words as
+        they are, one fresh buffer and no pass over it."""
+        return torch.frombuffer(self._keystream(count * 4), dtype=torch.int32, count=count)
+
     def normal(self, shape: Shape, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Standard normal (Box-Muller on full-mantissa uniforms)."""
         dims = _shape(shape)

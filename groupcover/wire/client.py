@@ -87,8 +87,8 @@ def all_finite(y: torch.Tensor, order: tuple[int, ...]) -> bool:
     """No NaN, no infinity: one pass over the memory, no intermediate the size of `y` (min and
     max propagate NaN; an infinity is one of them). A finite y gets max |y| noted on it
     (`tensorpass.note_received_abs_max`): the integrity check's scale, without a second pass."""
-    if y.numel() == 0:
-        return True
+    if y.numel() == 0 or not y.is_floating_point():
+        return True  # integers (residues) are always finite
     low, high = (float(v) for v in torch.aminmax(y.permute(order).reshape(-1)))
     if not (math.isfinite(low) and math.isfinite(high)):
         return False
@@ -355,7 +355,8 @@ class TcpTransport(Transport):
             shape = tuple(sent.shape)
             header = Header(Op.RUN, request, layer.number, code, shape, order, payload_bytes(sent))
             out_order = schema.output_order(layer.op, len(out_shape))
-            out_bytes = schema.tensor_nbytes(layer.dtype, out_shape)
+            out_code = schema.result_dtype(layer.op, layer.dtype)
+            out_bytes = schema.tensor_nbytes(out_code, out_shape)
             start = self.timings.start()
             deadline = time.monotonic() + self.timeout_s
             try:
@@ -365,7 +366,7 @@ class TcpTransport(Transport):
             except WorkerError as exc:
                 future.set_exception(exc)
                 return future
-            self._pending.append(_Pending(future, request, layer.number, layer_id, layer.dtype,
+            self._pending.append(_Pending(future, request, layer.number, layer_id, out_code,
                                           out_shape, out_order, out_bytes, header.nbytes,
                                           start))  # fmt: skip
             self._pending_bytes += out_bytes

@@ -11,7 +11,8 @@ size the receiver chose before reading them.
             outermost first; a dense tensor in any layout, e.g. features-first), payload bytes,
             value (the worker's compute seconds in RESULT, a count in OK)
     op      <B B B B 2I 2I 2I I 4x>  (PUBLISH only, 36 bytes)
-            kind (1 linear, 2 conv1d, 3 conv2d), spatial dims, transposed flag, 0,
+            kind (1 linear, 2 conv1d, 3 conv2d), spatial dims, transposed flag, quantum (0: a
+            float op; else 128 + c: int32 residues in, round(y / 2^c) mod 2^32 out as int32),
             stride[2], padding[2], dilation[2], groups
 
     ref     <16s I B B B x 6Q 32s>  (PUBLISH_REF only, after the op block: 104 bytes)
@@ -84,12 +85,14 @@ DTYPES: dict[int, torch.dtype] = {
     2: torch.float64,
     3: torch.float16,
     4: torch.bfloat16,
+    5: torch.int32,  # residues mod 2^32: the payloads and results of masked calls
 }
 DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 KINDS: dict[int, OpKind] = {1: "linear", 2: "conv1d", 3: "conv2d"}
 KIND_CODES = {kind: code for code, kind in KINDS.items()}
 SPATIAL = {"linear": 1, "conv1d": 1, "conv2d": 2}
 MAX_OP_VALUE = 1 << 16  # strides, paddings, dilations, groups
+QUANTUM_BIAS = 128  # the op block's quantum byte: 128 + c for a result quantum 2^c
 
 
 class SchemaError(ValueError):
@@ -157,6 +160,12 @@ def itemsize(dtype_code: int) -> int:
     return 1 if dtype_code == BYTES else DTYPES[dtype_code].itemsize
 
 
+def result_dtype(op: LayerOp, weight_code: int) -> int:
+    """The dtype code of a layer's results: its weight's, or int32 residues for a quantized
+    op (a masked layer)."""
+    return DTYPE_CODES[torch.int32] if "quantum" in op.params else weight_code
+
+
 def tensor_nbytes(dtype_code: int, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * itemsize(dtype_code)
 
@@ -165,7 +174,7 @@ def dtype_code(dtype: torch.dtype) -> int:
     try:
         return DTYPE_CODES[dtype]
     except KeyError:
-        raise SchemaError(f"the wire carries float32/64/16 and bfloat16, not {dtype}") from None
+        raise SchemaError(f"the wire carries float32/64/16, bfloat16 and int32, not {dtype}") from None
 
 
 # ---- tensors as raw bytes --------------------------------------------------------------------
@@ -238,7 +247,7 @@ def pack_op(op: LayerOp) -> bytes:
     if any(len(v) != n for v in values):
         raise SchemaError(f"{op.kind} takes {n} stride/padding/dilation values, got {values}")
     stride, padding, dilation = values
-    unknown = set(op.params) - {"groups", "transposed"}
+    unknown = set(op.params) - {"groups", "transposed", "quantum"}
     if unknown:
         raise SchemaError(f"layer op parameter(s) {sorted(unknown)} have no wire encoding")
     groups = op.params.get("groups", 1)
@@ -248,19 +257,24 @@ def pack_op(op: LayerOp) -> bytes:
     for v in (*stride, *padding, *dilation, groups):
         if not isinstance(v, int) or not 0 <= v <= MAX_OP_VALUE:
             raise SchemaError(f"layer op value {v!r} out of range")
+    quantum = op.params.get("quantum")
+    if quantum is not None and (not isinstance(quantum, int) or not -QUANTUM_BIAS < quantum
+                                < QUANTUM_BIAS):  # fmt: skip
+        raise SchemaError(f"result quantum exponent {quantum!r} out of range")
+    quantum_code = 0 if quantum is None else QUANTUM_BIAS + quantum
     pad = [0] * (2 - n)
     return OP_BLOCK.pack(
-        KIND_CODES[op.kind], n, transposed, 0, *stride, *pad, *padding, *pad, *dilation, *pad,
+        KIND_CODES[op.kind], n, transposed, quantum_code, *stride, *pad, *padding, *pad, *dilation, *pad,
         groups,
     )  # fmt: skip
 
 
 def unpack_op(data: bytes | bytearray | memoryview) -> LayerOp:
-    kind_code, n, transposed, reserved, *rest = OP_BLOCK.unpack(data)
+    kind_code, n, transposed, quantum_code, *rest = OP_BLOCK.unpack(data)
     if kind_code not in KINDS:
         raise SchemaError(f"unknown layer op kind code {kind_code}")
     kind = KINDS[kind_code]
-    if n != SPATIAL[kind] or reserved or transposed not in (0, 1):
+    if n != SPATIAL[kind] or transposed not in (0, 1):
         raise SchemaError("malformed layer op block")
     if transposed and kind != "linear":
         raise SchemaError("only a linear op can be transposed")
@@ -277,6 +291,8 @@ def unpack_op(data: bytes | bytearray | memoryview) -> LayerOp:
         params["groups"] = groups
     if transposed:
         params["transposed"] = 1
+    if quantum_code:
+        params["quantum"] = quantum_code - QUANTUM_BIAS
     return LayerOp(kind, tuple(stride[:n]), tuple(padding[:n]), tuple(dilation[:n]), params)
 
 

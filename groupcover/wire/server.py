@@ -376,7 +376,8 @@ class _Session:
             cost = schema.run_cost(op, header.shape, w_shape, schema.itemsize(w_dtype))
         except SchemaError as exc:
             return ErrorCode.BAD_REQUEST, str(exc)
-        out_bytes = schema.tensor_nbytes(w_dtype, out_shape)  # computed in the weight's dtype
+        # computed in the weight's dtype; a quantized op's result is int32
+        out_bytes = schema.tensor_nbytes(schema.result_dtype(op, w_dtype), out_shape)
         if out_bytes > self.limits.max_tensor_bytes:  # a tiny input can ask for a huge output
             return ErrorCode.TOO_LARGE, f"a {out_bytes}-byte result is over the worker's limit"
         if cost.nbytes > self.limits.run_bytes:  # a convolution's unfolded input, say
