@@ -61,7 +61,7 @@ import torch
 
 from groupcover.errors import IntegrityError
 from groupcover.layer_op import apply_op
-from groupcover.masks import Unblinded
+from groupcover.masks import Blinded, Unblinded
 from groupcover.rng import SecretRandom
 from groupcover.tensorpass import received_abs_max
 from groupcover.transport import LayerOp
@@ -99,6 +99,7 @@ class LayerCheck:
     slack: float = SLACK
     quantum: int | None = None  # masked layers: results are checked in quanta of 2^quantum
     rounding: float = 0.0  # masked layers: per element, the quanta two roundings may move
+    _sums: tuple[float, float] | None = None  # sum |s|, sum |v| (masked layers' tolerance)
     checked: int = 0
     seconds: float = 0.0
     worst: float = 0.0  # the largest residual / tolerance seen on passing calls
@@ -122,7 +123,8 @@ class LayerCheck:
         fan_in = w[0].numel()
         products = fan_in * torch.finfo(torch.float64).eps * 2.0**31 * 2.0**-quantum
         worst_row = float(w.reshape(out, -1).abs().sum(dim=1).max())
-        rounding = 1.0 + 2 * products * worst_row
+        # ... and the check's own sum s . z (|z| < 2^31): out eps 2^31 per unit of sum |s|
+        rounding = 1.0 + 2 * products * worst_row + out * torch.finfo(torch.float64).eps * 2.0**31
         scale = 2.0**-quantum
         return cls(layer_id, _plain(op), s, v * scale, v_abs * scale, quantum=quantum,
                    rounding=rounding)  # fmt: skip
@@ -150,44 +152,54 @@ class LayerCheck:
 
     def check_quanta(
         self,
-        fixed: torch.Tensor,
+        blinded: Blinded,
         result: Unblinded,
-        peak: float,
         worker: str = "the worker",
         mask_worker: str | None = None,
     ) -> None:
-        """A masked call: `result.quanta` (z, float64) must be op(X, W'') in quanta, X the
-        fixed-point input (`peak` = max |X|); a position where wraps were corrected may be
-        half a quantum further per wrap.
+        """A masked call: the unmasked result must be op(X, W'') in quanta, X the fixed-point
+        input; s . Z and X . v / q come from the fused passes where they ran.
 
         Per output position: |s . z - op(X, v / q)| <= (1 + products) sum_j |s_j| + SLACK eps
-        peak sum_i |v|_i / q: the two roundings to whole quanta (Y by the worker, U here), the
-        float64 products behind them, and this check's own float64 sums (bounded with the
-        input's peak: no pass over |X|). Raises `IntegrityError` (naming both workers of a
-        `-2w` call: z is their joint result)."""
+        max|X| sum_i |v|_i / q, plus half a quantum x sum_j |s_j| per wrap corrected there:
+        the two roundings to whole quanta (Y by the worker, U here), the float64 products
+        behind them, and this check's own float64 sums (bounded with the input's peak: no pass
+        over |X|). Raises `IntegrityError` (naming both workers of a `-2w` call: z is their
+        joint result)."""
         start = time.perf_counter()
         try:
             with torch.no_grad():
-                lhs = self._contract(result.quanta)
-                rhs = self._one_output(fixed.to(torch.float64), self.v)
-                tolerance = self.rounding * self._s_abs + self.slack * EPS64 * peak * self._v_abs
+                lhs = result.lhs
+                if lhs is None:
+                    assert result.quanta is not None
+                    lhs = self._contract(result.quanta)
+                rhs = blinded.rhs
+                if rhs is None:
+                    assert blinded.fixed is not None
+                    rhs = self._one_output(blinded.fixed.to(torch.float64), self.v)
+                tolerance = (self.rounding * self._s_abs
+                             + self.slack * EPS64 * blinded.peak * self._v_abs)  # fmt: skip
                 bound = torch.full_like(lhs, tolerance)
                 if result.wraps is not None:
                     bound.add_(result.wraps.to(bound.dtype).reshape(bound.shape),
                                alpha=0.5 * self._s_abs)  # fmt: skip
                 who = worker if mask_worker is None else f"{worker} or {mask_worker}"
-                self._judge(lhs, rhs, bound, result.peak, who, scaled=True)
+                self._judge(lhs.clone(), rhs, bound, result.peak, who, scaled=True)
         finally:
             self.checked += 1 if mask_worker is None else 2
             self.seconds += time.perf_counter() - start
 
     @property
     def _s_abs(self) -> float:
-        return float(self.s.abs().sum())
+        if self._sums is None:
+            self._sums = (float(self.s.abs().sum()), float(self.v_abs.sum()))
+        return self._sums[0]
 
     @property
     def _v_abs(self) -> float:
-        return float(self.v_abs.sum())
+        if self._sums is None:
+            self._sums = (float(self.s.abs().sum()), float(self.v_abs.sum()))
+        return self._sums[1]
 
     def check_pair(
         self,

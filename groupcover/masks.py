@@ -44,9 +44,11 @@ from enum import StrEnum
 
 import torch
 
+from groupcover import kernels
 from groupcover.errors import GroupCoverError
 from groupcover.layer_op import RESIDUE_DTYPE, apply_op
 from groupcover.modular import (
+    EDGE_BITS,
     INPUT_BITS,
     check_range,
     correct_wraps,
@@ -136,19 +138,23 @@ class Blinded:
     positions in the payload, k), None when nothing wrapped."""
 
     payload: torch.Tensor
-    fixed: torch.Tensor
+    fixed: torch.Tensor | None  # None: the fused pass computed `rhs` instead
     wraps: tuple[torch.Tensor, torch.Tensor] | None
     peak: float  # max |X|
+    rhs: torch.Tensor | None = None  # the check's X . v / q per row (fused pass)
 
 
 @dataclass
 class Unblinded:
-    """op(X, W'') in result quanta (float64), its max |.|, and per output position the wraps
-    corrected there (None: none)."""
+    """op(X, W'') in result quanta (float64; None after the fused pass), their max |.|, per
+    output position the wraps corrected there (None: none), the layer's output (the quanta
+    scaled, in its dtype) and the check's s . Z per row (fused pass)."""
 
-    quanta: torch.Tensor
+    quanta: torch.Tensor | None
     peak: float
     wraps: torch.Tensor | None
+    output: torch.Tensor
+    lhs: torch.Tensor | None = None
 
 
 @dataclass
@@ -163,6 +169,7 @@ class _Layer:
     strides: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)  # r's layout
     row_bound: float | None = None  # max_j ||W''_j|| (`modular.row_bounds`), when needed
     kept: torch.Tensor | None = None  # W'' as loaded, for the wraps' corrections (most calls)
+    kept_t: torch.Tensor | None = None  # ... and transposed (the fused correction)
 
     def published(self) -> torch.Tensor:
         if self.weight is not None:
@@ -254,53 +261,94 @@ class MaskPool:
         """c: the layer's result quantum is 2^c (public: its op carries it)."""
         return int(self._layers[layer_id].op.params["quantum"])
 
-    def blind(self, layer_id: str, x: torch.Tensor, pair: MaskPair) -> Blinded:
+    def blind(
+        self, layer_id: str, x: torch.Tensor, pair: MaskPair, check_v: torch.Tensor | None = None
+    ) -> Blinded:
         """The payload P = X + rho mod 2^32 (int32, x's layout) for the prepared input x.
 
-        X = round(x 2^22 / B), kept (`Blinded.fixed`, x's dtype: exact integers) for the
-        check; the input's size is checked against the layer's masked range
-        (`modular.check_range`), and the elements where X + rho wrapped are found among rho's
-        edge entries (`Blinded.wraps`, None on most calls)."""
+        X = round(x 2^22 / B); the input's size is checked against the layer's masked range
+        (`modular.check_range`), and the elements where X + rho wrapped are found
+        (`Blinded.wraps`, None on some calls). For a linear layer with `check_v` (the
+        integrity check's v / q) the fused pass (`groupcover.kernels`) also gives the check's
+        X . v per row and keeps no copy of X; otherwise X is kept (`Blinded.fixed`, x's
+        dtype: exact integers) for the check."""
         layer = self._layers[layer_id]
-        fixed = quantize(x, self.input_scale(layer_id))
-        peak = abs_max(fixed)
-        if peak > 2.0**INPUT_BITS:
-            if layer.row_bound is None:
-                layer.row_bound = row_bounds(layer.published(), layer.op)
-            check_range(layer_id, peak, fixed, layer.op, layer.row_bound,
-                        self.exponent(layer_id))  # fmt: skip
+        scale = self.input_scale(layer_id)
         rho = pair.r
+        if layer.op.kind == "linear" and check_v is not None:
+            fused = kernels.blind(x, scale, rho, pair.edges, check_v, EDGE_BITS)
+            if fused is not None:
+                payload, rhs, peak, wrapped = fused
+                if peak > 2.0**INPUT_BITS:
+                    self._check_range(layer_id, layer, peak, quantize(x, scale))
+                return Blinded(payload, None, wrapped, peak, rhs)
+        fixed = quantize(x, scale)
+        peak = abs_max(fixed)
+        if not peak <= 2.0**INPUT_BITS:
+            self._check_range(layer_id, layer, peak, fixed)
         payload = fixed.to(RESIDUE_DTYPE)
         wrapped = wraps(payload, rho, pair.edges, peak)
         payload.add_(rho)  # wraps around 2^32: two's complement
         return Blinded(payload, fixed, wrapped, peak)
 
-    def unblind(self, layer_id: str, y: torch.Tensor, u: torch.Tensor,
-                blinded: Blinded) -> Unblinded:  # fmt: skip
-        """op(X, W'') in result quanta (float64, the result's layout) from the worker's
-        residues y and the pair's u: y - u in wrapping int32 (in place on y), plus the wraps'
-        correction where some input element wrapped."""
-        residues = y.sub_(u)
+    def _check_range(self, layer_id: str, layer: _Layer, peak: float, fixed: torch.Tensor) -> None:
+        if layer.row_bound is None:
+            layer.row_bound = row_bounds(layer.published(), layer.op)
+        check_range(layer_id, peak, fixed, layer.op, layer.row_bound, self.exponent(layer_id))
+
+    def unblind(
+        self,
+        layer_id: str,
+        y: torch.Tensor,
+        u: torch.Tensor,
+        blinded: Blinded,
+        check_s: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Unblinded:
+        """op(X, W'') from the worker's residues y and the pair's u: y - u in wrapping int32
+        (in place on y), plus the wraps' correction where some input element wrapped. For a
+        linear layer with `check_s` (the integrity check's s) and a float32 output, one fused
+        pass gives the output (`Unblinded.output`) and the check's s . Z per row; otherwise
+        the quanta in float64 (`Unblinded.quanta`)."""
+        layer = self._layers[layer_id]
         per_position = None
         if blinded.wraps is not None:
-            layer = self._layers[layer_id]
             positions, k = blinded.wraps
-            per_position = correct_wraps(residues, blinded.payload, positions, k,
-                                         self._correction_weight(layer), layer.op,
-                                         self.exponent(layer_id))  # fmt: skip
-        return Unblinded(residues.to(torch.float64), abs_max(residues), per_position)
+            weight = self._correction_weight(layer)
+            exponent = self.exponent(layer_id)
+            if layer.op.kind == "linear":
+                per_position = kernels.correct(y, blinded.payload, positions, k,
+                                               self._correction_rows(layer), exponent)  # fmt: skip
+            if per_position is None:
+                per_position = correct_wraps(y, blinded.payload, positions, k, weight, layer.op,
+                                             exponent)  # fmt: skip
+        factor = self.output_factor(layer_id)
+        if layer.op.kind == "linear" and check_s is not None and dtype == torch.float32:
+            fused = kernels.unblind(y, u, check_s, factor)
+            if fused is not None:
+                output, lhs, peak = fused
+                return Unblinded(None, peak, per_position, output, lhs)
+        residues = y.sub_(u)
+        quanta = residues.to(torch.float64)
+        return Unblinded(quanta, abs_max(residues), per_position,
+                         quanta.to(dtype).mul_(factor))  # fmt: skip
 
     @staticmethod
     def _correction_weight(layer: _Layer) -> torch.Tensor:
-        """W'' for the wraps' corrections, read once (a call wraps somewhere most times):
-        transposed to (in, out) rows for a linear layer (one contiguous row per wrap)."""
+        """W'' for the wraps' corrections, read once (a call wraps somewhere most times)."""
+        if layer.weight is not None:
+            return layer.weight
         if layer.kept is None:
-            weight = layer.weight
-            if weight is None:
-                assert layer.loader is not None
-                weight = layer.loader()
-            layer.kept = weight.t().contiguous() if layer.op.kind == "linear" else weight
+            assert layer.loader is not None
+            layer.kept = layer.loader().contiguous()
         return layer.kept
+
+    @classmethod
+    def _correction_rows(cls, layer: _Layer) -> torch.Tensor:
+        """W''^T (in, out) contiguous, kept once: one contiguous row per wrap (fused pass)."""
+        if layer.kept_t is None:
+            layer.kept_t = cls._correction_weight(layer).t().contiguous()
+        return layer.kept_t
 
     def output_factor(self, layer_id: str) -> float:
         """q / (2^22 / B): what turns result quanta into the layer's output (a power of two)."""

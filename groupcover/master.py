@@ -230,7 +230,8 @@ class OffloadedLayer(nn.Module):
                     self.mask_audit.note_call(self.layer_id, x, prepared, pair)
                 pending = mask_transport.run_async(self.layer_id, pair.r)
             rho, u = pair.consume()
-            blinded = masks.blind(self.layer_id, prepared, pair)
+            blinded = masks.blind(self.layer_id, prepared, pair,
+                                  None if self.check is None else self.check.v)  # fmt: skip
         if self.audit is not None:
             self.audit.note_call(self.layer_id, x, prepared, pair)
         y = self.transport.run(self.layer_id, blinded.payload)
@@ -239,13 +240,13 @@ class OffloadedLayer(nn.Module):
             u = pending.result()  # usually there already: both workers computed at once
             timings.record_wait(time.perf_counter() - waited)
         with timings.deobf():
-            unblinded = masks.unblind(self.layer_id, y, u, blinded)
-            z = unblinded.quanta
-            if self.check is not None:
-                self.check.check_quanta(blinded.fixed, unblinded, blinded.peak, self.worker,
-                                        self._mask_worker_label())  # fmt: skip
-            out = z.to(self.dtype).mul_(masks.output_factor(self.layer_id))
-            return self.scheme.restore(out, self.secret, features_first=self.features_first_out)
+            check = self.check
+            unblinded = masks.unblind(self.layer_id, y, u, blinded,
+                                      None if check is None else check.s, self.dtype)  # fmt: skip
+            if check is not None:
+                check.check_quanta(blinded, unblinded, self.worker, self._mask_worker_label())
+            return self.scheme.restore(unblinded.output, self.secret,
+                                       features_first=self.features_first_out)  # fmt: skip
 
     def _mask_worker_label(self) -> str | None:
         if self.mask_transport is None:

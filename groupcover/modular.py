@@ -72,9 +72,16 @@ def check_range(
     """Refuses an input whose result could exceed 2^31 quanta (and alias mod 2^32).
 
     `peak` = max |X|. Within 2^INPUT_BITS nothing is computed (`quantum_exponent` covers it);
-    beyond, the bound is computed for this input: per-row norms (linear) or the peak (conv)."""
+    beyond, the bound is computed for this input: per-row norms (linear) or the peak (conv).
+    A NaN, an infinity or an X beyond int32 is refused whatever the bound."""
     if peak <= 2.0**INPUT_BITS:
         return
+    if not peak < 2.0**31:
+        raise MaskRangeError(
+            f"layer {layer_id!r}: an input is not finite or reaches "
+            f"{peak / 2.0**INPUT_BITS:.3g} x the bound its masks were calibrated for",
+            hint="fill the masks with example inputs as large as the ones you will run",
+        )
     if op.kind == "linear":
         rows = x_fixed.reshape(-1, x_fixed.shape[-1]) if x_fixed.dim() > 1 else x_fixed.view(1, -1)
         reach = float(rows.to(torch.float64).norm(dim=1).max()) * row_bound
@@ -138,9 +145,8 @@ def correct_wraps(
 ) -> torch.Tensor:
     """Adds round(2^32 op(k, W'') / q) mod 2^32 to the int32 residues y - u (the op's result
     layout) in place, wrapping: afterwards they are op(X, W'') / q. Only the wrapped input
-    elements are used (`like` is the input whose memory order `positions` index). `weight` is
-    W'' as (in, out) rows for a linear op (`W''^T`, contiguous: one row per wrap), as is for a
-    convolution. Returns how many wraps each output position took (each adds up to half a
+    elements are used (`like` is the input whose memory order `positions` index), with the
+    published weight W''. Returns how many wraps each output position took (each adds up to half a
     quantum of rounding)."""
     index = logical_index(like, positions)
     coef = k.to(torch.float64) * (float(MODULUS) * 2.0**-exponent)
@@ -149,11 +155,11 @@ def correct_wraps(
         row = torch.zeros_like(index[-1])
         for d, size in enumerate(like.shape[:-1]):
             row = row * size + index[d]
-        columns = weight.index_select(0, index[-1]).to(torch.float64)  # (wraps, out)
-        fix = _residues(columns.mul_(coef.unsqueeze(1)))
+        columns = weight.index_select(1, index[-1]).t().to(torch.float64)  # (wraps, out)
+        fix = _residues(columns.mul_(coef.unsqueeze(1)))  # per wrap, mod 2^32
         table = residues.view(rows, -1)  # a view in either layout
         if table.t().is_contiguous():  # features-first: whole columns of the (out, rows) table
-            table.t().index_add_(1, row, fix.t())
+            table.t().index_add_(1, row, fix.t())  # int32 adds wrap: any order, same bits
         else:
             table.index_add_(0, row, fix)
         return torch.bincount(row, minlength=rows).view(like.shape[:-1])
