@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
+numba: Any
 try:  # an optional accelerator: the framework runs without it
     import numba
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
-
 
 
 def available() -> bool:
@@ -44,7 +44,7 @@ def _jit(function: Any) -> Any:
     return numba.njit(nogil=True, boundscheck=False, fastmath={"reassoc", "contract"})(function)
 
 
-def _blind_rows(x, scale, rho, v, payload, rhs):  # type: ignore[no-untyped-def]
+def _blind_rows(x, scale, rho, v, payload, rhs):
     # x (rows, n) float32, rho/payload (rows, n) int32, v (n,) float64, rhs (rows,) float64.
     # X is clamped to +-(2^31 - 1) before it becomes an int32 (a NaN to -(2^31 - 1)): a peak
     # of 2^31 - 1 means "refuse or decide elsewhere". The peak is an integer max: it vectorises.
@@ -65,7 +65,7 @@ def _blind_rows(x, scale, rho, v, payload, rhs):  # type: ignore[no-untyped-def]
     return peak
 
 
-def _blind_features(x, scale, rho, v, payload, rhs):  # type: ignore[no-untyped-def]
+def _blind_features(x, scale, rho, v, payload, rhs):
     # x (n, rows) float32 features-first table, rho/payload alike, v (n,), rhs (rows,)
     n, rows = x.shape
     peak = np.int32(0)
@@ -85,7 +85,7 @@ def _blind_features(x, scale, rho, v, payload, rhs):  # type: ignore[no-untyped-
     return peak
 
 
-def _wraps(x, scale, rho, edges, wrap_pos, wrap_k):  # type: ignore[no-untyped-def]
+def _wraps(x, scale, rho, edges, wrap_pos, wrap_k):
     # x, rho: flat in the same memory order; edges: where rho can wrap (|X| <= 2^EDGE_BITS)
     count = 0
     for e in range(edges.shape[0]):
@@ -98,7 +98,7 @@ def _wraps(x, scale, rho, edges, wrap_pos, wrap_k):  # type: ignore[no-untyped-d
     return count
 
 
-def _correct(residues, out_first, in_first, rows, n, wrap_pos, wrap_k, weight_t, scale, counts):  # type: ignore[no-untyped-def]
+def _correct(residues, out_first, in_first, rows, n, wrap_pos, wrap_k, weight_t, scale, counts):
     # residues: (rows, out) or, out_first, (out, rows) int32 table; positions in the input's
     # memory order ((rows, n), or, in_first, (n, rows)); weight_t: W''^T (n, out) row-major.
     # Per wrap: round(coef W''[:, i]) mod 2^32 added (wrapping) to its row: the reduction is
@@ -132,30 +132,32 @@ def _correct(residues, out_first, in_first, rows, n, wrap_pos, wrap_k, weight_t,
                 residues[t, j] = np.int32(residues[t, j] + fixes[w, j])
 
 
-def _unblind_rows(y, u, s, factor, out, lhs):  # type: ignore[no-untyped-def]
+def _unblind_rows(y, u, s, factor, out, lhs):
     rows, m = y.shape
-    peak = 0
+    peak = np.int64(0)
     for t in range(rows):
         acc = 0.0
         for j in range(m):
             z = np.int32(np.int64(y[t, j]) - np.int64(u[t, j]))  # wraps: the low 32 bits
-            peak = max(peak, abs(np.int64(z)))
+            a = abs(np.int64(z))
+            peak = a if a > peak else peak
             acc += s[j] * np.float64(z)
             out[t, j] = np.float32(np.float64(z) * factor)
         lhs[t] = acc
     return peak
 
 
-def _unblind_features(y, u, s, factor, out, lhs):  # type: ignore[no-untyped-def]
+def _unblind_features(y, u, s, factor, out, lhs):
     m, rows = y.shape
-    peak = 0
+    peak = np.int64(0)
     for t in range(rows):
         lhs[t] = 0.0
     for j in range(m):
         sj = s[j]
         for t in range(rows):
             z = np.int32(np.int64(y[j, t]) - np.int64(u[j, t]))
-            peak = max(peak, abs(np.int64(z)))
+            a = abs(np.int64(z))
+            peak = a if a > peak else peak
             lhs[t] += sj * np.float64(z)
             out[j, t] = np.float32(np.float64(z) * factor)
     return peak

@@ -88,9 +88,7 @@ class MaskPair:
 
     __slots__ = ("_used", "edges", "r", "u")
 
-    def __init__(
-        self, r: torch.Tensor, u: torch.Tensor, edges: torch.Tensor | None = None
-    ) -> None:
+    def __init__(self, r: torch.Tensor, u: torch.Tensor, edges: torch.Tensor | None = None) -> None:
         self.r = r
         self.u = u
         self.edges = edges
@@ -477,8 +475,8 @@ class MaskPool:
 
     def draw_mask(self, layer_id: str, shape: tuple[int, ...], x: torch.Tensor) -> MaskPair:
         """A fresh mask rho alone (its pair's u empty: not known yet), in x's layout, for one
-        call whose U a mask worker computes: no product here. `x` (the input it is for) calibrates the layer once.
-        Drawn on the spot, never pooled: each r exists for one call only."""
+        call whose U a mask worker computes: no product here. `x` (the input it is for)
+        calibrates the layer once. Drawn on the spot, never pooled: each rho serves one call."""
         layer = self._layers[layer_id]
         shape = tuple(shape)
         self.calibrate(layer_id, x)

@@ -229,7 +229,7 @@ class OffloadedLayer(nn.Module):
                 if self.mask_audit is not None:
                     self.mask_audit.note_call(self.layer_id, x, prepared, pair)
                 pending = mask_transport.run_async(self.layer_id, pair.r)
-            rho, u = pair.consume()
+            _rho, u = pair.consume()
             blinded = masks.blind(self.layer_id, prepared, pair,
                                   None if self.check is None else self.check.v)  # fmt: skip
         if self.audit is not None:
@@ -559,7 +559,9 @@ def assemble(
                 return weight if compute is None else weight.to(compute)
 
             if masked:  # residues in and out, in a quantum fixed by the published weight
-                layer = replace(layer, op=with_quantum(layer.op, quantum_exponent(load(), layer.op)))
+                layer = replace(
+                    layer, op=with_quantum(layer.op, quantum_exponent(load(), layer.op))
+                )
             if auditor is not None:
                 weight, bias = audit_weights[layer.name]  # type: ignore[index]
                 auditor.register_layer(layer.name, weight, bias, layer.secret)

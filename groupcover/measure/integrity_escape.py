@@ -24,7 +24,8 @@ RELATIVE = tuple(10.0**-k for k in range(2, 15))
 
 class OneElementWorker(WorkerState):
     """Honest, except that one element of every result of `layer_id` moves by `relative` x the
-    result's largest magnitude."""
+    result's largest magnitude (for masked modes' residues mod 2^32: of the largest residue,
+    about 2^31 quanta: the worker sees nothing else)."""
 
     def __init__(self, layer_id: str, relative: float) -> None:
         super().__init__(torch.device("cpu"))
@@ -34,7 +35,11 @@ class OneElementWorker(WorkerState):
         y, seconds = super().run(owner, layer_id, x)
         if layer_id == self.layer_id:
             where = tuple(size // 2 for size in y.shape)
-            y[where] += self.relative * float(y.abs().max())
+            change = self.relative * float(y.double().abs().max())
+            if y.is_floating_point():
+                y[where] += change
+            else:  # residues mod 2^32 (masked modes): the change in whole quanta, wrapping
+                y[where] = int((int(y[where]) + round(change) + 2**31) % 2**32 - 2**31)
         return y, seconds
 
 

@@ -12,12 +12,11 @@ both sides of that choice on MiniLM's offloaded layers (fused QKV 384 -> 1152, a
    of each round. On the CPU always, on CUDA when torch sees a device (TF32 off, as the worker
    sets it); on CUDA also the worker's whole call (`WorkerState.run`: payload to the device,
    product, result back), which float64 doubles the bytes of.
-2. exactness: one masked product as the masked modes make it (the input encoded and blinded with
-   a one-time mask of R = 2^bits x B, `u = op(r, W'')` in float64 in the master), the worker's
-   product taken in float64 and in float32, unmasked by the master in float64, and its relative
-   error (max |y - ref| / max |ref|) against the float32 model's own product. In float32 the
-   payload's 24-bit mantissa is spent on the mask: the input sits below its last bit and is
-   lost, so the error is of the order of the result itself or more.
+2. exactness: one masked product as the masked modes make it (the input in fixed point plus a
+   one-time mask mod 2^32, `groupcover.masks`), the worker's product taken in float64 and in
+   float32, unmasked by the master, and its relative error (max |y - ref| / max |ref|) against
+   the float32 model's own product. In float32 the payload's 32 bits do not fit the 24-bit
+   mantissa: the input's bits are lost, so the error is of the order of the result or more.
 """
 
 from __future__ import annotations
@@ -37,8 +36,9 @@ import torch
 from groupcover import texttable
 from groupcover.bench.stats import quantile
 from groupcover.integrity import MINILM_SHAPES
-from groupcover.layer_op import LayerOp, apply_op
-from groupcover.masks import MASK_BITS, MaskPool
+from groupcover.layer_op import LayerOp, apply_op, to_residues, unquantized, with_quantum
+from groupcover.masks import MaskPool
+from groupcover.modular import INPUT_BITS, quantum_exponent
 from groupcover.rng import SecretRandom
 from groupcover.worker import WorkerState, exact_math
 
@@ -47,7 +47,6 @@ NAMES = ("qkv", "attn-out", "ffn1", "ffn2")  # MINILM_SHAPES' order
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # the op groupcover and hardened publish for a linear layer (mask-only: F.linear, same FLOPs)
 WORKER_OP = LayerOp("linear", params={"transposed": 1})
-ERROR_BITS = (MASK_BITS, 16, 8, 4, 0)  # mask sizes for the float32 error sweep
 
 
 @dataclass(frozen=True)
@@ -169,45 +168,45 @@ def per_forward_ms(rows: Sequence[dict[str, object]], kind: str = "product") -> 
     return totals
 
 
-def masked_error(layer: Shape, worker_dtype: torch.dtype, bits: int = MASK_BITS,
-                 seed: int = 0) -> dict[str, object]:  # fmt: skip
-    """One masked product as the masked modes make it, the worker's part in `worker_dtype`;
-    the master's unmasked result against the float32 model's product (relative error)."""
+def masked_error(layer: Shape, worker_dtype: torch.dtype, seed: int = 0) -> dict[str, object]:
+    """One masked product as the masked modes make it (int32 residues mod 2^32,
+    `groupcover.masks`), the worker's product taken in `worker_dtype`; the master's unmasked
+    result against the float32 model's product (relative error)."""
     generator = torch.Generator().manual_seed(seed)  # data, not secrets
     weight = torch.randn(layer.out_features, layer.in_features, generator=generator)
     weight /= layer.in_features**0.5
     x = torch.randn(1, layer.rows, layer.in_features, generator=generator)
-    pool = MaskPool(SecretRandom.from_seed(seed), bits=bits)
-    pool.register("layer", weight, WORKER_OP)
+    op = with_quantum(WORKER_OP, quantum_exponent(weight.double(), WORKER_OP))
+    pool = MaskPool(SecretRandom.from_seed(seed))
+    pool.register("layer", weight, op)
     pair = pool.take("layer", tuple(x.shape), x)  # calibrates B from x: a power of two
-    r, u = pair.consume()
-    payload, wraps = pool.blind("layer", x, r)
+    _rho, u = pair.consume()
+    blinded = pool.blind("layer", x, pair)
     published = pool.published_weight("layer")  # float64
-    y_b = apply_op(WORKER_OP, payload.to(worker_dtype), published.to(worker_dtype))
-    y = y_b.to(torch.float64) - u
-    if wraps is not None:
-        y += pool.correction("layer", wraps)
+    product = apply_op(unquantized(op), blinded.payload.to(worker_dtype),
+                       published.to(worker_dtype))  # fmt: skip
+    y = to_residues(product.to(torch.float64), op.params["quantum"])  # what the worker returns
+    result = pool.unblind("layer", y, u, blinded)
+    out = result.output.to(torch.float64)
     reference = apply_op(WORKER_OP, x, weight).to(torch.float64)  # the float32 model
     exact = apply_op(WORKER_OP, x.double(), weight.double())
     return {
         "layer": layer.label,
         "rows": layer.rows,
         "worker_dtype": str(worker_dtype).removeprefix("torch."),
-        "mask_bits": bits,
+        "input_bits": INPUT_BITS,
         "input_bound": pool.bound("layer"),
-        "rel_err": float((y - reference).abs().max() / reference.abs().max()),
-        "rel_err_vs_exact": float((y - exact).abs().max() / exact.abs().max()),
+        "rel_err": float((out - reference).abs().max() / reference.abs().max()),
+        "rel_err_vs_exact": float((out - exact).abs().max() / exact.abs().max()),
         # the float32 model's own rounding, for scale
         "float32_model_rel_err": float((reference - exact).abs().max() / exact.abs().max()),
     }
 
 
-def errors(layers: Sequence[Shape], sweep_layer: Shape) -> list[dict[str, object]]:
-    """Every layer masked at MASK_BITS with a float64 and a float32 worker; then the float32
-    worker on one layer with smaller masks: how few bits float32 could afford."""
-    found = [masked_error(layer, d) for layer in layers for d in (torch.float64, torch.float32)]
-    found += [masked_error(sweep_layer, torch.float32, bits) for bits in ERROR_BITS[1:]]
-    return found
+def errors(layers: Sequence[Shape]) -> list[dict[str, object]]:
+    """Every layer masked, with a float64 and a float32 worker: the payload's 32 bits (X and
+    the mask rho) do not fit float32's 24-bit mantissa, so a float32 product loses the input."""
+    return [masked_error(layer, d) for layer in layers for d in (torch.float64, torch.float32)]
 
 
 def _cell(part: dict[str, dict[str, float]], key: str) -> str:
@@ -234,12 +233,12 @@ def render_times(rows: Sequence[dict[str, object]], title: str) -> str:
 
 
 def render_errors(found: Sequence[dict[str, object]]) -> str:
-    headers = ("layer", "worker dtype", "mask bits", "rel. error vs float32 model",
+    headers = ("layer", "worker dtype", "input bits", "rel. error vs float32 model",
                "vs exact", "float32 model vs exact")  # fmt: skip
-    table = [(str(e["layer"]), str(e["worker_dtype"]), str(e["mask_bits"]), f"{e['rel_err']:.1e}",
+    table = [(str(e["layer"]), str(e["worker_dtype"]), str(e["input_bits"]), f"{e['rel_err']:.1e}",
               f"{e['rel_err_vs_exact']:.1e}", f"{e['float32_model_rel_err']:.1e}")
              for e in found]  # fmt: skip
-    title = "A masked product, unmasked by the master in float64 (R = 2^bits x B)"
+    title = "A masked product (int32 residues mod 2^32), unmasked by the master"
     return texttable.render(title, headers, table, left=2)
 
 
@@ -290,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       flush=True)  # fmt: skip
     document["timings"] = timings
     if not args.no_error:
-        found = errors(layers, layers[2])
+        found = errors(layers)
         document["errors"] = found
         print(render_errors(found), flush=True)
     if args.json is not None:

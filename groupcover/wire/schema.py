@@ -174,7 +174,9 @@ def dtype_code(dtype: torch.dtype) -> int:
     try:
         return DTYPE_CODES[dtype]
     except KeyError:
-        raise SchemaError(f"the wire carries float32/64/16, bfloat16 and int32, not {dtype}") from None
+        raise SchemaError(
+            f"the wire carries float32/64/16, bfloat16 and int32, not {dtype}"
+        ) from None
 
 
 # ---- tensors as raw bytes --------------------------------------------------------------------
@@ -264,8 +266,8 @@ def pack_op(op: LayerOp) -> bytes:
     quantum_code = 0 if quantum is None else QUANTUM_BIAS + quantum
     pad = [0] * (2 - n)
     return OP_BLOCK.pack(
-        KIND_CODES[op.kind], n, transposed, quantum_code, *stride, *pad, *padding, *pad, *dilation, *pad,
-        groups,
+        KIND_CODES[op.kind], n, transposed, quantum_code, *stride, *pad, *padding, *pad,
+        *dilation, *pad, groups,
     )  # fmt: skip
 
 
