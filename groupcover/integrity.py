@@ -316,9 +316,12 @@ def checked_label(stats: dict[str, object]) -> str:
     loosest = float(stats.get("loosest_tolerance") or 0.0)  # type: ignore[arg-type]
     grid = float(stats.get("grid") or torch.finfo(torch.float32).eps)  # type: ignore[arg-type]
     slack = float(stats.get("slack") or SLACK)  # type: ignore[arg-type]
+    tolerance = f"{slack:g} x eps x |x| |s|^T |W''|"
+    if stats.get("residues"):  # masked calls: their results are whole quanta mod 2^32
+        tolerance = "one quantum x sum |s| (the two roundings of residues mod 2^32)"
     return (
-        f"results checked (Freivalds: every element of every result; tolerance {slack:g} x eps "
-        f"x |x| |s|^T |W''| per output position, at most {loosest:.1e} of a result's largest "
+        f"results checked (Freivalds: every element of every result; tolerance {tolerance} "
+        f"per output position, at most {loosest:.1e} of a result's largest "
         f"value in this run; false-accept: 0 for one element changed by more than 2 x "
         f"tolerance, <= 2 x tolerance / max|error| + 2^{round(math.log2(grid))} per output "
         "position otherwise)"

@@ -383,6 +383,7 @@ class ProtectedModel(nn.Module):
             # the secret vectors' grid (eps of their dtype): see `integrity.checked_label`
             "loosest_tolerance": max(check.loosest for check in checks),
             "grid": max(torch.finfo(check.s.dtype).eps for check in checks),
+            "residues": any(check.quantum is not None for check in checks),
         }
         stats["label"] = checked_label(stats)
         return stats

@@ -16,7 +16,8 @@ both sides of that choice on MiniLM's offloaded layers (fused QKV 384 -> 1152, a
    one-time mask mod 2^32, `groupcover.masks`), the worker's product taken in float64 and in
    float32, unmasked by the master, and its relative error (max |y - ref| / max |ref|) against
    the float32 model's own product. In float32 the payload's 32 bits do not fit the 24-bit
-   mantissa: the input's bits are lost, so the error is of the order of the result or more.
+   mantissa: the input's low bits are lost, and the error is orders of magnitude above the
+   float32 model's own.
 """
 
 from __future__ import annotations

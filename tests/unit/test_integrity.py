@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from groupcover.errors import IntegrityError, WorkerError
 from groupcover.inprocess import InProcessTransport
-from groupcover.integrity import LayerCheck, bench_integrity
-from groupcover.layer_op import apply_op
+from groupcover.integrity import EPS64, LayerCheck, bench_integrity
+from groupcover.layer_op import HALF, MODULUS, RESIDUE_DTYPE, apply_op
 from groupcover.models import load_model
 from groupcover.modes import build_for_mode
+from groupcover.modular import INPUT_BITS
 from groupcover.rng import SecretRandom
 from groupcover.transport import LayerOp
 from groupcover.worker import WorkerState
@@ -22,13 +25,18 @@ MODELS = [
 
 
 class PerturbingWorker(WorkerState):
-    """Computes honestly, then changes ONE element of one layer's result by `relative` x the
-    result's largest magnitude (what a worker can see), from call `after` of that layer on."""
+    """Computes honestly, then changes ONE element of one layer's result, from call `after` of
+    that layer on: a float result by `relative` x its largest magnitude (what a worker can
+    see); a masked call's int32 residues (mod 2^32) by `quanta` if given, else by `relative` x
+    their largest magnitude (about 2^31: residues are uniform), wrapping as residues do."""
 
-    def __init__(self, layer_id: str, relative: float, after: int = 0) -> None:
+    def __init__(
+        self, layer_id: str, relative: float = 0.0, after: int = 0, quanta: int | None = None
+    ) -> None:
         super().__init__(torch.device("cpu"))
-        self.layer_id, self.relative, self.after = layer_id, relative, after
+        self.layer_id, self.relative, self.after, self.quanta = layer_id, relative, after, quanta
         self.calls = 0
+        self.changed: list[torch.dtype] = []  # the dtype of each result it changed
 
     def run(self, owner: str, layer_id: str, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         y, seconds = super().run(owner, layer_id, x)
@@ -36,8 +44,22 @@ class PerturbingWorker(WorkerState):
             self.calls += 1
             if self.calls > self.after:
                 where = tuple(size // 2 for size in y.shape)
-                y[where] += self.relative * float(y.abs().max())
+                if y.dtype == RESIDUE_DTYPE:
+                    d = self.quanta
+                    if d is None:
+                        d = round(self.relative * float(y.abs().max()))
+                    y[where] = (int(y[where]) + d + HALF) % MODULUS - HALF
+                else:
+                    y[where] += self.relative * float(y.abs().max())
+                self.changed.append(y.dtype)
         return y, seconds
+
+
+def _tolerance_quanta(check: LayerCheck, peak: float = 2.0**INPUT_BITS) -> float:
+    """`LayerCheck.check_quanta`'s tolerance per output position, in quanta, for an input whose
+    fixed-point peak is `peak` (2^22: within its calibrated bound), no wraps there."""
+    s_abs, v_abs = float(check.s.abs().sum()), float(check.v_abs.sum())
+    return check.rounding * s_abs + check.slack * EPS64 * peak * v_abs
 
 
 def _target(model: torch.nn.Module) -> str:
@@ -65,6 +87,9 @@ def test_one_perturbed_output_element_is_caught(
     assert rel_error(built(*inputs), reference) <= 1e-4  # the first call of the layer is honest
     with pytest.raises(IntegrityError) as info:
         built(*inputs)
+    # masked modes: one int32 residue moved (by 1e-2 x ~2^31 quanta); else one float element
+    masked = mode in ("mask-only", "groupcover")
+    assert worker.changed == [RESIDUE_DTYPE if masked else torch.float32]
     assert isinstance(info.value, WorkerError)
     message = str(info.value)
     assert repr(layer) in message and "integrity check failed" in message
@@ -73,16 +98,26 @@ def test_one_perturbed_output_element_is_caught(
 
 @pytest.mark.parametrize("mode", ["mask-only", "groupcover"])
 def test_masked_modes_catch_a_change_far_below_the_mask(mode: str) -> None:
-    """In masked modes the result is ~2^24 x larger than the layer's output: a change of 2^-20
-    of it is about 1/16 of the output's own scale, and it is caught."""
+    """In masked modes the worker sees int32 residues, uniform on [-2^31, 2^31): a change of ONE
+    residue by d quanta moves s . z by d |s_j| >= d, so d just over twice the check's tolerance
+    (a few hundred quanta here, below 2^-20 of what the worker sees, and about 2 x `loosest` of
+    the result's own largest value) is caught."""
     model, example = load_model("bert-base", 0, **SMALL_BERT)
     inputs = example(2, 8)
-    worker = PerturbingWorker("layer.1.ffn2", relative=2.0**-20)
+    worker = PerturbingWorker("layer.1.ffn2", after=1)
     built = build_for_mode(
         model, mode, InProcessTransport(worker), example_inputs=inputs, verify=True
     )
+    check = built.layers["layer.1.ffn2"].check
+    assert check is not None and check.quantum is not None
+    built(*inputs)  # honest: the check passes and notes tolerance / max |z|
+    assert check.checked == 1 and check.loosest > 0
+    worker.quanta = math.floor(2 * _tolerance_quanta(check)) + 1
+    assert worker.quanta < 2.0**-20 * HALF  # far below the mask
+    assert 2 * check.loosest < 1e-4  # ... and a small fraction of the unmasked result
     with pytest.raises(IntegrityError, match=r"layer\.1\.ffn2"):
         built(*inputs)
+    assert worker.changed == [RESIDUE_DTYPE]
 
 
 @pytest.mark.parametrize("mode", ["plain-offload", "mask-only", "groupcover", "groupcover-nomask"])
@@ -101,16 +136,25 @@ def test_an_honest_worker_never_trips_the_check(
         assert rel_error(built(*inputs), reference) <= 1e-4
     stats = built.integrity_stats()
     assert stats["checked"] == forwards * len(built.layers)
-    assert stats["worst_ratio"] < 0.5  # honest rounding stays far below the tolerance
+    # honest rounding stays below the tolerance: far below it in float (a small multiple of
+    # eps against SLACK); for masked layers the tolerance is the worst case of two roundings to
+    # whole quanta, which layers with few outputs (8 here) approach to about 0.6
+    assert stats["worst_ratio"] < (0.8 if mode in ("mask-only", "groupcover") else 0.5)
     assert built.stats()["integrity"] == stats
 
 
 def test_the_library_checks_by_default() -> None:
+    """No `verify` argument: every layer has its check, and one residue of one masked result
+    moved by just over twice the check's tolerance (in quanta) stops the forward."""
     model, example = load_model("bert-base", 0, **SMALL_BERT)
-    worker = PerturbingWorker("layer.0.ffn1", relative=1e-9)
+    worker = PerturbingWorker("layer.0.ffn1")
     built = build_for_mode(model, "groupcover", InProcessTransport(worker))
+    check = built.layers["layer.0.ffn1"].check
+    assert check is not None and check.quantum is not None
+    worker.quanta = math.floor(2 * _tolerance_quanta(check)) + 1
     with pytest.raises(IntegrityError):
         built(*example(2, 8))
+    assert worker.changed == [RESIDUE_DTYPE]
 
 
 def test_no_check_without_verify() -> None:
@@ -149,9 +193,10 @@ def test_bench_integrity_reports_ms_with_and_without_the_check() -> None:
 
 
 def test_a_default_run_catches_a_one_element_change_of_a_masked_result() -> None:
-    """A master with default settings, a worker that moves ONE element of one masked result by
-    1e-9 of the result's largest magnitude: the run must stop with `IntegrityError`, not report
-    a silently wrong output."""
+    """A master with default settings, a worker that moves ONE int32 residue of one masked
+    result by 2^10 quanta (2^-21 of the residues' magnitude, 2^31; the check's tolerance on
+    this 64-output layer is below 1.1 x sum |s_j| < 2.2 x 64 quanta): the run must stop with
+    `IntegrityError`, not report a silently wrong output."""
     from groupcover import launch
     from groupcover.launch import RankSettings, Role
     from groupcover.package.prepare import Prepared
@@ -165,7 +210,7 @@ def test_a_default_run_catches_a_one_element_change_of_a_masked_result() -> None
                             repeat=1, warmup=0)  # fmt: skip
 
     def hostile(mode: str) -> InProcessTransport:
-        return InProcessTransport(PerturbingWorker("layer.1.ffn2", relative=1e-9), owner=mode)
+        return InProcessTransport(PerturbingWorker("layer.1.ffn2", quanta=2**10), owner=mode)
 
     with pytest.raises(IntegrityError, match=r"layer\.1\.ffn2.*integrity check failed"):
         launch.run_master(settings, prepared, None, hostile)
