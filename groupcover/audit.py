@@ -118,11 +118,14 @@ class _Leakage:
         return self.meter.tokens
 
     def add(self, payload: torch.Tensor, prepared: torch.Tensor) -> None:
+        if not payload.is_floating_point():  # residues mod 2^32: their signed values
+            payload = payload.to(torch.float64)
         # Each call's payload is put on one scale (its own RMS) before it joins the pooled
-        # correlation: the mask range R differs between layers, and payloads of a large R
-        # joining the rows of inputs far from the pooled mean would widen the statistic's null
-        # well past the exact law the verdict uses (p ~ 1e-4 figures from perfect masks,
-        # measured). A scalar per call changes no payload's dependence on its input.
+        # correlation: payloads' scales differ between layers (masked ones are 2^31 wide), and
+        # payloads of a large scale joining the rows of inputs far from the pooled mean would
+        # widen the statistic's null well past the exact law the verdict uses (p ~ 1e-4
+        # figures from perfect masks, measured). A scalar per call changes no payload's
+        # dependence on its input.
         rms = float(payload.pow(2).mean().sqrt()) if payload.numel() else 0.0
         self.meter.add(payload / rms if rms > 0 else payload, prepared)
         rows = payload.shape[0]

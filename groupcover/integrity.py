@@ -38,15 +38,17 @@ What it catches (tau_b: the tolerance of output position b, rho_b: the honest re
   (the cancellation inside the sums, >= 1). Each run records the largest tau_b / max|y| it saw
   (`loosest_tolerance`, printed with every result). MiniLM at batch 2 x 16: float32 unmasked
   modes 4.5e-3, so a change of one element by up to ~0.5% of the result's largest value can
-  pass (measured: 1e-3 passes, 1e-2 is caught); masked float64 modes 1.3e-11 of the masked
-  result (1e-11 caught; 1e-12 passes and moves the output by at most 2.2e-5 of its largest
-  value, against 1.2e-5 from honest float rounding). `python -m
-  groupcover.measure.integrity_escape` measures this per mode.
+  pass (measured: 1e-3 passes, 1e-2 is caught). Masked modes check the unmasked result in
+  whole quanta (`check_quanta`): its tolerance is the worst case of the two roundings to
+  quanta, about sum_j |s_j| quanta, 6e-4 to 1.1e-3 of a result's largest value on MiniLM;
+  one residue moved by 1e-6 x 2^31 quanta is caught, by 1e-7 x 2^31 passes and moves the
+  output no more than honest rounding does (1e-5 mask-only, 5e-5 groupcover, 4e-6 hardened).
+  `python -m groupcover.measure.integrity_escape` measures this per mode.
 - The float32 gap is the worker's own float32 rounding, which the tolerance must admit: checking
   in float64 would remove only the check's share of the rounding, not the worker's, so it does
   not close it. A smaller SLACK would (honest residuals use ~2% of the tolerance on a CPU), but
   needs GPU summation orders measured first. Where a 0.5% change of one element matters, use a
-  masked mode (float64, exact-grid payloads).
+  masked mode (its results are exact to one quantum).
 """
 
 from __future__ import annotations
@@ -354,7 +356,7 @@ def bench_integrity(
     threads) of the worker's op and of the integrity check of its result, and their ratio.
 
     MiniLM's shapes by default (fused QKV, attention output, FFN1, FFN2 at batch 8 x 128);
-    float32 is what unmasked modes check, float64 what masked modes check.
+    float32 is what unmasked modes check; float64 is the dtype of a masked layer's products.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -353,8 +353,8 @@ class MaskPool:
         return 2.0 ** self.exponent(layer_id) / self.input_scale(layer_id)
 
     def calibrate(self, layer_id: str, x: torch.Tensor) -> None:
-        """Sets the layer's input bound from an input, once (later calls keep it: R must not
-        follow each input, or the payload's scale would tell the worker about it)."""
+        """Sets the layer's input bound B from an input, once (later calls keep it: the fixed
+        point must not follow each input; an input beyond the range is refused instead)."""
         layer = self._layers[layer_id]
         if layer.calibrated:
             return

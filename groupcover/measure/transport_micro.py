@@ -4,7 +4,8 @@ For the payloads of MiniLM's and BERT-base's offloaded layers (the activation ou
 back, at the batch and sequence given) it times calls over gcvm's TCP wire (`groupcover.wire`):
 per-call round trip, the worker's own compute as it reports it, and the wire's share (round trip
 minus compute) as latency and bandwidth. float32 is what `plain-offload` and `groupcover-nomask`
-send; float64 what the masked modes send. A tiny call (one row) gives the per-call floor.
+send; the masked modes' int32 residues take the same bytes (float64 is what they sent before,
+kept for comparison). A tiny call (one row) gives the per-call floor.
 
 On its own it starts a worker on loopback in a process of its own (`--serve 127.0.0.1:0`); with
 `--target ADDR:PORT` it measures a worker already serving there (`gcvm run bench

@@ -336,20 +336,23 @@ def run_cost(op: LayerOp, x_shape: tuple[int, ...], w_shape: tuple[int, ...], it
     """The bytes and multiply-accumulates of op(x, w) computed in a dtype of `item` bytes.
 
     The bytes bound everything `apply_op` may allocate: the input converted to the weight's dtype
-    (or made contiguous), the output and, for a convolution, the unfolded (im2col) input torch's
-    CPU convolution builds, N * C_in * prod(kernel) * prod(output spatial) elements (padding
-    included), which for a large kernel is far larger than the input or the output. The MACs are
-    the op's arithmetic; no torch op can be interrupted, so they are what bounds a RUN's time.
+    (or made contiguous), the output (and, for a quantized op, its residues' copies) and, for a
+    convolution, the unfolded (im2col) input torch's CPU convolution builds, N * C_in *
+    prod(kernel) * prod(output spatial) elements (padding included), which for a large kernel
+    is far larger than the input or the output. The MACs are the op's arithmetic; no torch op
+    can be interrupted, so they are what bounds a RUN's time.
     `SchemaError` when the input does not fit the weight.
     """
     out_shape = output_shape(op, x_shape, w_shape)
     x_numel, out_numel = math.prod(x_shape), math.prod(out_shape)
+    # a quantized op turns its output into residues: a scaled copy, int64 and int32 ones
+    outputs = out_numel * (item + 8 + 8 + 4) if "quantum" in op.params else out_numel * item
     if op.kind == "linear":
-        return RunCost((x_numel + out_numel) * item, out_numel * w_shape[1])
+        return RunCost(x_numel * item + outputs, out_numel * w_shape[1])
     kernel = math.prod(w_shape[2:])
     unfold = x_shape[0] * x_shape[1] * kernel * math.prod(out_shape[2:])
     macs = out_numel * w_shape[1] * kernel  # w_shape[1]: input channels per group
-    return RunCost((x_numel + unfold + out_numel) * item, macs)
+    return RunCost((x_numel + unfold) * item + outputs, macs)
 
 
 def output_order(op: LayerOp, ndim: int) -> tuple[int, ...]:
