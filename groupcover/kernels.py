@@ -177,19 +177,16 @@ def _kernel(name: str) -> Any:
 def table(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """The 2-D memory table of a linear op's input or result, and whether it is features-first:
     (rows, features) for a row-major tensor, (features, rows) for a features-first one; None
-    for any other layout."""
+    for any other layout. Always a view of t's memory (the kernels write through it)."""
     if t.dim() < 1:
         return None
     features = t.shape[-1]
     rows = math.prod(t.shape[:-1])
     if t.is_contiguous():
-        return t.reshape(rows, features), False
-    flat = t.reshape(rows, features) if t.dim() > 2 else t
-    if flat.dim() == 2 and flat.t().is_contiguous():
-        return flat.t(), True
+        return t.view(rows, features), False
     moved = t.movedim(-1, 0)
     if moved.is_contiguous():
-        return moved.reshape(features, rows), True
+        return moved.view(features, rows), True
     return None
 
 

@@ -125,8 +125,9 @@ def wraps(
 
 def logical_index(t: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Memory-order positions of a dense tensor as per-dim index tensors (its logical index)."""
-    dims = sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True)
-    index: list[torch.Tensor] = [torch.empty(0)] * t.dim()
+    index: list[torch.Tensor] = [torch.zeros_like(positions)] * t.dim()
+    # a dimension of size 1 has index 0 whatever its stride (torch may give it any stride)
+    dims = sorted((d for d in range(t.dim()) if t.shape[d] > 1), key=t.stride, reverse=True)
     rest = positions
     for d in dims:
         index[d] = torch.div(rest, t.stride(d), rounding_mode="floor")

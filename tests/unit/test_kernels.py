@@ -121,3 +121,33 @@ def test_one_changed_residue_is_caught_on_the_fused_path() -> None:
         else:
             with pytest.raises(IntegrityError, match="integrity check failed"):
                 check.check_quanta(blinded, result)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_batch_of_one_in_features_first_memory(
+    fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A (1, rows, features) input whose size-1 dimension has an arbitrary stride (torch gives
+    one): wraps are found and corrected at the right row, on either path."""
+    if not fused:
+        monkeypatch.setattr(kernels, "numba", None)
+    pool, weight, op, generator = _layer(transposed=True)
+    table = torch.randn(40, 512, generator=generator)  # features-first memory
+    x = table.t().unsqueeze(0).as_strided((1, 512, 40), (1, 1, 512))
+    pool.calibrate("layer", x)
+    s = torch.rand(48, dtype=torch.float64, generator=generator) + 1
+    v = torch.randn(40, dtype=torch.float64, generator=generator)
+    exact = x.double() * pool.input_scale("layer")
+    exact = exact.round() @ weight.t() * 2.0 ** -pool.exponent("layer")
+    wrapped = 0
+    for _ in range(4):
+        pair = pool.take("layer", tuple(x.shape), x)
+        blinded = pool.blind("layer", x, pair, check_v=v)
+        assert (blinded.rhs is not None) == fused
+        wrapped += blinded.wraps is not None
+        y = apply_op(op, blinded.payload, weight)
+        result = pool.unblind("layer", y, pair.u, blinded, check_s=s)
+        quanta = result.output.double() / pool.output_factor("layer")
+        # one quantum (two roundings), plus the float32 output's own rounding
+        assert (quanta - exact).abs().max() <= 1.0 + exact.abs().max() * 2**-23
+    assert wrapped >= 1
