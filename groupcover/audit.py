@@ -128,6 +128,8 @@ class _Leakage:
         # dependence on its input.
         rms = float(payload.pow(2).mean().sqrt()) if payload.numel() else 0.0
         self.meter.add(payload / rms if rms > 0 else payload, prepared)
+        if rms > 0:  # the distances below compare payloads and inputs on the inputs' scale
+            payload = payload * (float(prepared.double().pow(2).mean().sqrt()) / rms)
         rows = payload.shape[0]
         if rows > 1:
             other = prepared.roll(1, dims=0)
@@ -141,6 +143,19 @@ class _Leakage:
 
     def advantage(self) -> float:
         return 0.0 if self.trials == 0 else abs(2.0 * self.wins / self.trials - 1.0)
+
+
+def _fixed_point_of(payload: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether integer payloads are x itself in fixed point: round(c x) for one c > 0 (the
+    masked modes' X with a zero mask), to within the rounding."""
+    if payload.is_floating_point() or payload.shape != x.shape or x.numel() == 0:
+        return False
+    p, v = payload.to(torch.float64).reshape(-1), x.to(torch.float64).reshape(-1)
+    norm = float(v @ v)
+    if norm == 0.0:
+        return bool((p == 0).all())
+    c = float(p @ v) / norm
+    return c > 0 and float((p - c * v).abs().max()) <= 1.0
 
 
 def noise_floor(tokens: int, features: int) -> float:
@@ -369,7 +384,8 @@ class Audit:
     def _check_masked(self, layer_id: str, payload: torch.Tensor, call: _Call) -> None:
         assert call.mask is not None
         r, u = call.mask.r, call.mask.u
-        if nearly_equal(payload, call.plain) or nearly_equal(payload, call.prepared):
+        if (nearly_equal(payload, call.plain) or nearly_equal(payload, call.prepared)
+                or _fixed_point_of(payload, call.prepared)):  # fmt: skip
             self._flag(f"{layer_id}: run payload equals the unmasked input")
             return
         if self.mask_worker:

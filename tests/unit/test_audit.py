@@ -17,10 +17,12 @@ from torch import nn
 
 from groupcover.audit import Audit, noise_floor
 from groupcover.inprocess import InProcessTransport
+from groupcover.layer_op import apply_op
 from groupcover.masks import MaskPair
 from groupcover.master import ProtectedModel, protect
 from groupcover.models import load_model
 from groupcover.modes import MODES, build_for_mode
+from groupcover.modular import edges
 from groupcover.schemes import GroupCoverScheme, IdentityScheme
 from groupcover.transport import LayerOp
 from tests.unit.conftest import SMALL_BERT
@@ -57,32 +59,48 @@ def run_protected(
 
 def wrap_pool(protected: ProtectedModel, make: Callable[[Any], Any]) -> None:
     wrapped = make(protected.masks)
+    wrapped.ops = {name: layer.op for name, layer in protected.layers.items()}
     protected.masks = wrapped
     for layer in protected.layers.values():
         layer.masks = wrapped
 
 
 class ScaledPool:
-    """A mask pool whose pairs are the real ones times `factor` (u stays op(r, W''))."""
+    """A mask pool whose masks are the real ones times `factor`, rounded to int32 (0: zero
+    masks); u is computed for the new mask as the pool computes its own (round(op(r, W'') / q)
+    mod 2^32, the layer's quantized op), so the calls still unmask exactly."""
+
+    ops: dict[str, LayerOp]
 
     def __init__(self, inner: Any, factor: float) -> None:
         self.inner, self.factor = inner, factor
 
     def take(self, layer_id: str, shape: tuple[int, ...], *args: Any) -> MaskPair:
         pair = self.inner.take(layer_id, shape, *args)
-        return MaskPair(pair.r * self.factor, pair.u * self.factor)
+        return self.pair(layer_id, scaled(pair.r, self.factor))
+
+    def pair(self, layer_id: str, r: torch.Tensor) -> MaskPair:
+        with torch.no_grad():
+            u = apply_op(self.ops[layer_id], r, self.inner.published_weight(layer_id))
+        return MaskPair(r, u, edges(r))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
+def scaled(r: torch.Tensor, factor: float) -> torch.Tensor:
+    """round(r x factor) as int32, in r's memory layout (|factor| <= 1: no overflow)."""
+    return r.to(torch.float64).mul_(factor).round_().to(torch.int32)
+
+
 class WeakPool(ScaledPool):
-    """Broken: masks of the input's own scale (x + 1e-3 r, r in [-1, 1)), as float noise is."""
+    """Broken: masks of the input's own scale (X + r, |r| <= 1e-3 in the input's units, i.e.
+    1e-3 x 2^22 / B in fixed point), as float noise is."""
 
     def take(self, layer_id: str, shape: tuple[int, ...], *args: Any) -> MaskPair:
         pair = self.inner.take(layer_id, shape, *args)
-        factor = 1e-3 / float(pair.r.abs().max())
-        return MaskPair(pair.r * factor, pair.u * factor)
+        factor = 1e-3 * self.inner.input_scale(layer_id) / float(pair.r.double().abs().max())
+        return self.pair(layer_id, scaled(pair.r, factor))
 
 
 class ReusingPool(ScaledPool):
@@ -96,7 +114,8 @@ class ReusingPool(ScaledPool):
     def take(self, layer_id: str, shape: tuple[int, ...], *args: Any) -> MaskPair:
         if layer_id not in self.first:
             self.first[layer_id] = super().take(layer_id, shape, *args)
-        return MaskPair(self.first[layer_id].r, self.first[layer_id].u)
+        first = self.first[layer_id]
+        return MaskPair(first.r, first.u, first.edges)
 
 
 class LeakyTransport(InProcessTransport):

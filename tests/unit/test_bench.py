@@ -144,7 +144,9 @@ def test_verify_reports_the_integrity_checks_cost(capsys: pytest.CaptureFixture[
     label = result["integrity_check"]
     assert label.startswith("results checked (Freivalds: every element of every result")
     assert "false-accept" in label and "2^-52" in label  # masked: float64 secret vectors
-    assert 0 < result["integrity"]["loosest_tolerance"] < 1e-9  # float64, exact-grid payloads
+    assert "one quantum x sum |s|" in label  # masked: results checked in whole quanta mod 2^32
+    # about sum |s| quanta of a result: 5e-6 to 1.6e-5 here (measured), float32 unmasked 4e-4
+    assert 0 < result["integrity"]["loosest_tolerance"] < 1e-4
     report.print_table({"results": [result]})
     printed = capsys.readouterr().out
     assert f"groupcover: {label}" in printed

@@ -20,14 +20,43 @@ GUEST_PACKAGES = {
 }
 
 
-def _imports(package: str) -> dict[str, set[str]]:
+# Optional accelerators: imported only under `try: ... except ImportError`, with a fallback that
+# runs without them (a guest lacks them and runs the fallback).
+OPTIONAL_PACKAGES = {"numba"}  # groupcover.kernels: the fused passes; torch ops without it
+
+
+def _guarded(tree: ast.AST) -> set[int]:
+    """ids of the import nodes directly in the body of a `try` that catches ImportError (or
+    ModuleNotFoundError): optional imports."""
+    guarded: set[int] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Try):
+            continue
+        caught = set()
+        for handler in node.handlers:
+            types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+            caught |= {t.id for t in types if isinstance(t, ast.Name)}
+        if caught & {"ImportError", "ModuleNotFoundError"}:
+            guarded |= {id(n) for n in node.body if isinstance(n, ast.Import | ast.ImportFrom)}
+    return guarded
+
+
+def _imports(package: str, *, optional: bool | None = None) -> dict[str, set[str]]:
+    """Top-level package names each module imports: all of them (`optional` None), only under an
+    ImportError guard (True) or the others (False)."""
     found: dict[str, set[str]] = {}
     for path in sorted((ROOT / package).rglob("*.py")):
         names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        guarded = _guarded(tree)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            if optional is not None and (id(node) in guarded) != optional:
+                continue
             if isinstance(node, ast.Import):
                 names |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            elif node.module and node.level == 0:
                 names.add(node.module.split(".")[0])
         found[str(path.relative_to(ROOT))] = names
     return found
@@ -37,9 +66,22 @@ def test_framework_imports_only_what_the_guest_has() -> None:
     import sys
 
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
-    for path, names in _imports("groupcover").items():
+    for path, names in _imports("groupcover", optional=False).items():
         foreign = names - stdlib - GUEST_PACKAGES
         assert not foreign, f"{path} imports {sorted(foreign)}, which guests do not have"
+    for path, names in _imports("groupcover", optional=True).items():
+        foreign = names - stdlib - GUEST_PACKAGES - OPTIONAL_PACKAGES
+        assert not foreign, f"{path} imports {sorted(foreign)} (optional), unknown to guests"
+
+
+def test_the_guard_tells_optional_imports_from_the_others() -> None:
+    tree = ast.parse(
+        "import a\ntry:\n    import b\nexcept ImportError:\n    b = None\n"
+        "try:\n    import c\nexcept (OSError, ModuleNotFoundError):\n    pass\n"
+        "try:\n    import d\nexcept ValueError:\n    pass\n"
+    )
+    names = {n.names[0].name for n in ast.walk(tree) if id(n) in _guarded(tree)}
+    assert names == {"b", "c"}  # d's guard does not catch a missing module
 
 
 def test_orchestrator_never_imports_the_framework() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from groupcover.layer_op import with_quantum
 from groupcover.leakage import (
     DEFAULT_ALPHA,
     CorrelationMeter,
@@ -23,6 +24,7 @@ from groupcover.leakage import (
 )
 from groupcover.masks import MaskPool
 from groupcover.models import load_model
+from groupcover.modular import quantum_exponent
 from groupcover.rng import SecretRandom
 from groupcover.schemes import GroupCoverScheme
 from groupcover.transport import LayerOp
@@ -48,19 +50,22 @@ def masked_payloads(
     calls: list[torch.Tensor], sign: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(payloads, permuted inputs) as the master makes them for GroupCover's first layer: the
-    permuted input, encoded on the mask grid, plus a fresh mask of the pool per call, mod 2R.
-    (The pool
-    computes u with a 1-output weight: u does not change r, and the test stays fast.)"""
+    permuted input in fixed point, X = round(x 2^22 / B), plus a fresh mask rho of the pool per
+    call, mod 2^32 (int32). (The pool computes u with a 1-output weight: u does not change rho,
+    and the test stays fast.)"""
     rng = SecretRandom.from_seed(11 if sign > 0 else 12)  # deterministic: no flaky test
     scheme = GroupCoverScheme()
     _, secret = scheme.obfuscate(torch.randn(8, FEATURES), None, rng.spawn("obfuscation"))
     pool = MaskPool(rng.spawn("masks"))
-    pool.register("qkv", torch.randn(1, FEATURES, dtype=torch.float64), LayerOp("linear"))
+    weight = torch.randn(1, FEATURES, dtype=torch.float64)
+    op = LayerOp("linear")
+    pool.register("qkv", weight, with_quantum(op, quantum_exponent(weight, op)))
     payloads, inputs = [], []
     for x in calls:
         prepared = sign * scheme.prepare_input(x, secret)
-        r, _ = pool.take("qkv", tuple(prepared.shape), prepared).consume()
-        payload, _ = pool.blind("qkv", prepared, r)  # what the master sends
+        pair = pool.take("qkv", tuple(prepared.shape), prepared)
+        pair.consume()
+        payload = pool.blind("qkv", prepared, pair).payload  # what the master sends
         payloads.append(payload.reshape(-1, FEATURES))
         inputs.append(prepared.reshape(-1, FEATURES))
     return torch.cat(payloads), torch.cat(inputs)
@@ -85,7 +90,7 @@ def test_noise_floor_matches_independent_data() -> None:
 def test_masks_reach_the_noise_floor_on_minilm(minilm_inputs: list[torch.Tensor]) -> None:
     payload, inputs = masked_payloads(minilm_inputs)
     contrast, _ = masked_payloads(minilm_inputs, sign=-1.0)  # payloads of another input, -x
-    assert payload.dtype == torch.float64 and payload.shape == (TOKENS, FEATURES)
+    assert payload.dtype == torch.int32 and payload.shape == (TOKENS, FEATURES)
     report = leakage_report(payload, inputs, contrast)
     floor = report["noise_floor"]
     assert 0.007 < floor < 0.012  # "about 0.009 at 1e5 tokens, 384 features"

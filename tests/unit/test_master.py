@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -260,12 +261,35 @@ def test_seeded_runs_are_reproducible_and_say_so() -> None:
     assert not torch.equal(first[0], other[0])
 
 
-def test_masked_modes_publish_and_send_float64() -> None:
+class ResultRecordingTransport(InProcessTransport):
+    """Keeps every result the worker returns, as the master receives it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.results: list[torch.Tensor] = []
+
+    def run_async(self, layer_id: str, x: torch.Tensor) -> Future[torch.Tensor]:
+        future = super().run_async(layer_id, x)
+        self.results.append(future.result())
+        return future
+
+
+def test_masked_modes_publish_float64_and_send_and_receive_int32_residues() -> None:
     published, sent, _ = _published_and_sent(None)
-    assert all(t.dtype == torch.float64 for t in published + sent)
+    assert published and sent
+    assert all(t.dtype == torch.float64 for t in published)  # computed in float64
+    assert all(t.dtype == torch.int32 for t in sent)  # payloads X + rho mod 2^32
     model, example = load_model("bert-base", 0, **SMALL_BERT)
-    transport = CountingTransport()
+    transport = ResultRecordingTransport()
+    protected = protect(model, transport, scheme="groupcover", masked=True, seed=0)
+    assert all(layer.op.params.get("quantum") is not None for layer in protected.layers.values())
+    protected(*example(2, 8))
+    assert transport.results
+    assert all(t.dtype == torch.int32 for t in transport.results)  # results mod 2^32
+    model, example = load_model("bert-base", 0, **SMALL_BERT)
+    transport = ResultRecordingTransport()
     dtypes: list[torch.dtype] = []
     transport.add_observer(lambda *event: dtypes.append(event[2].dtype))
     protect(model, transport, scheme="groupcover", masked=False)(*example(2, 8))
     assert set(dtypes) == {torch.float32}  # unmasked modes stay float32
+    assert {t.dtype for t in transport.results} == {torch.float32}

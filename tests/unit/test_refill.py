@@ -14,20 +14,23 @@ import torch.nn.functional as F
 from groupcover.bench.rate import rate_lines, serve_at_rate
 from groupcover.bench.stats import ModeRun
 from groupcover.inprocess import InProcessTransport
+from groupcover.layer_op import to_residues, with_quantum
 from groupcover.masks import MaskPool
 from groupcover.models import load_model
 from groupcover.modes import build_for_mode
+from groupcover.modular import quantum_exponent
 from groupcover.refill import IdleRefill, lower_this_thread
 from groupcover.rng import SecretRandom
 from groupcover.settings import WORKLOAD
 from groupcover.transport import LayerOp
-from tests.unit.conftest import SMALL_BERT, rel_error
+from tests.unit.conftest import SMALL_BERT
 
 
 def pool(budget: int | None = None) -> tuple[MaskPool, torch.Tensor]:
     weight = torch.randn(12, 8, generator=torch.Generator().manual_seed(0)).double()
     masks = MaskPool(SecretRandom.from_seed(1), budget_bytes=budget)
-    masks.register("fc", weight, LayerOp("linear"))
+    op = LayerOp("linear")  # masked: int32 residues in and out, in the weight's quantum
+    masks.register("fc", weight, with_quantum(op, quantum_exponent(weight, op)))
     masks.fill("fc", (3, 8), 0, like=torch.randn(3, 8))  # a shape seen, nothing ahead yet
     return masks, weight
 
@@ -41,7 +44,10 @@ def test_refill_one_draws_one_missing_pair_at_a_time() -> None:
     assert stats["idle_refill"]["pairs"] == 2 and stats["offline"]["pairs"] == 0
     pair = masks.take("fc", (3, 8))
     r, u = pair.consume()
-    assert rel_error(u, F.linear(r, weight)) < 1e-12
+    assert r.dtype == u.dtype == torch.int32
+    # u = round(op(rho, W'') / q) mod 2^32, q = 2^c the layer's public quantum
+    expected = to_residues(F.linear(r.to(torch.float64), weight), masks.exponent("fc"))
+    assert torch.equal(u, expected)
 
 
 def test_refill_one_keeps_to_the_budget() -> None:

@@ -20,6 +20,7 @@ from groupcover.errors import IntegrityError, UsageError
 from groupcover.inprocess import InProcessTransport
 from groupcover.launch import RankSettings, Role
 from groupcover.masks import MaskPair
+from groupcover.master import worker_label
 from groupcover.models import load_model
 from groupcover.modes import MODES, TWO_WORKER_LABEL, build_for_mode, protection, uses_mask_worker
 from groupcover.schemes.base import LayerSecret
@@ -82,10 +83,10 @@ def test_exact_and_no_product_in_the_master(mode: str) -> None:
 
 
 def test_each_worker_alone_learns_nothing() -> None:
-    """The worker's payloads are uniform on the masks' grid and the mask worker's are the masks
-    r alone: neither correlates with the input beyond the leakage meter's null, whatever the
-    input (two inputs of very different scale give payloads of one law), and the audit of each
-    finds no leak."""
+    """The worker's payloads are int32 residues X + rho, uniform mod 2^32, and the mask
+    worker's are the masks rho alone: neither correlates with the input beyond the leakage
+    meter's null, whatever the input (two inputs of very different scale give payloads of one
+    law), and the audit of each finds no leak."""
     model, inputs = small_bert()
     transport = in_process_pair()
     worker_sees, mask_worker_sees = Recorder(), Recorder()
@@ -94,11 +95,14 @@ def test_each_worker_alone_learns_nothing() -> None:
     protected = build_for_mode(model, "groupcover-2w", transport, audit=True,
                                example_inputs=inputs)  # fmt: skip
     prepared: list[tuple[str, torch.Tensor]] = []  # each call's prepared input, in order
+    masks: list[torch.Tensor] = []  # each call's mask r, in order
     draw = protected.masks.draw_mask
 
-    def keep(layer_id: str, shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    def keep(layer_id: str, shape: tuple[int, ...], x: torch.Tensor) -> MaskPair:
         prepared.append((layer_id, x.detach().double().clone()))
-        return draw(layer_id, shape, x)
+        pair = draw(layer_id, shape, x)
+        masks.append(pair.r.clone())
+        return pair
 
     protected.masks.draw_mask = keep  # type: ignore[method-assign]
     with torch.no_grad():
@@ -108,7 +112,8 @@ def test_each_worker_alone_learns_nothing() -> None:
         assert [name for name, _ in seen.payloads] == [name for name, _ in prepared]
         by_width: dict[int, leakage.CorrelationMeter] = {}
         for (_, payload), (_, x) in zip(seen.payloads, prepared, strict=True):
-            rows = payload.reshape(-1, payload.shape[-1])
+            assert payload.dtype == torch.int32  # residues mod 2^32 to both workers
+            rows = payload.reshape(-1, payload.shape[-1]).double()
             by_width.setdefault(rows.shape[1], leakage.CorrelationMeter()).add(
                 rows / rows.abs().max(), x.reshape(-1, x.shape[-1])
             )
@@ -121,8 +126,9 @@ def test_each_worker_alone_learns_nothing() -> None:
         assert report["audited_calls"] > 0
     assert protected.mask_audit.report()["mask_worker"] is True
     # the mask worker's payload is r itself, never anything of x
-    radius = max(protected.masks.mask_range(name) for name in protected.layers)
-    assert all(float(p.abs().max()) <= radius for _, p in mask_worker_sees.payloads)
+    assert len(masks) == len(mask_worker_sees.payloads)
+    pairs = zip(mask_worker_sees.payloads, masks, strict=True)
+    assert all(torch.equal(p, r) for (_, p), r in pairs)
 
 
 def test_the_mask_workers_audit_flags_anything_but_r() -> None:
@@ -130,21 +136,23 @@ def test_the_mask_workers_audit_flags_anything_but_r() -> None:
     weight = torch.randn(6, 8, dtype=torch.float64)
     audit.register_layer("fc", weight, None, LayerSecret(0, 6))
     x = torch.randn(4, 8, dtype=torch.float64)
-    r = torch.rand(4, 8, dtype=torch.float64) * 2**30
+    r = torch.randint(-(2**31), 2**31, (4, 8), dtype=torch.int64).to(torch.int32)  # rho
     audit.note_call("fc", x, x, MaskPair(r, r[:0]))
     audit.observe("run", "fc", r.clone())
     assert audit.leaks == []
     audit.note_call("fc", x, x, MaskPair(r, r[:0]))
-    audit.observe("run", "fc", x + r)
+    fixed = x.mul(2.0**20).round().to(torch.int32)  # X for a bound of 4
+    audit.observe("run", "fc", fixed + r)  # the worker's payload X + rho (mod 2^32)
     assert any("not the mask r alone" in leak for leak in audit.leaks)
 
 
 class WrongMasks(InProcessTransport):
-    """A mask worker that returns u off in one element."""
+    """A mask worker that returns u off in one element (by 2^16 result quanta, wrapping)."""
 
     def run_async(self, layer_id: str, x: torch.Tensor) -> Future[torch.Tensor]:
         y = super().run_async(layer_id, x).result().clone()
-        y[(0,) * y.dim()] += 1e3
+        assert y.dtype == torch.int32  # residues mod 2^32
+        y[(0,) * y.dim()] += 1 << 16
         done: Future[torch.Tensor] = Future()
         done.set_result(y)
         return done
@@ -161,7 +169,10 @@ def test_a_wrong_u_from_the_mask_worker_is_caught(mode: str) -> None:
     protected = build_for_mode(model, mode, transport, example_inputs=inputs)
     with pytest.raises(IntegrityError) as caught, torch.no_grad():
         protected(*inputs)
-    assert str(caught.value).split(":")[0] == "the worker behind WrongMasks"  # it alone
+    # residues mod 2^32 are checked as the pair's joint result y - u: both workers are named
+    named = str(caught.value).split(":")[0]
+    assert named == "InProcessTransport or the worker behind WrongMasks"
+    assert named == f"{worker_label(transport)} or {worker_label(transport.mask_transport)}"
 
 
 def test_a_wrong_result_from_the_worker_is_caught_and_named() -> None:
@@ -170,7 +181,10 @@ def test_a_wrong_result_from_the_worker_is_caught_and_named() -> None:
     protected = build_for_mode(model, "groupcover-2w", transport, example_inputs=inputs)
     with pytest.raises(IntegrityError) as caught, torch.no_grad():
         protected(*inputs)
-    assert str(caught.value).split(":")[0].endswith("WrongResults")  # it alone
+    # named with the mask worker: y - u is checked as one, wrong in either result
+    named = str(caught.value).split(":")[0]
+    assert named == "WrongResults or the worker behind InProcessTransport"
+    assert named == f"{worker_label(transport)} or {worker_label(transport.mask_transport)}"
 
 
 def test_one_check_of_the_pair_counts_both_results() -> None:
