@@ -50,8 +50,10 @@ def _blind_rows(x, scale, rho, v, payload, rhs):
     # of 2^31 - 1 means "refuse or decide elsewhere". The peak is an integer max: it vectorises.
     rows, n = x.shape
     peak = np.int32(0)
+    widest = 0.0  # the largest squared norm of a row of X
     for t in range(rows):
         acc = 0.0
+        squares = 0.0
         for i in range(n):
             q = np.rint(np.float64(x[t, i]) * scale)
             c = q if q > -2147483647.0 else -2147483647.0
@@ -61,14 +63,17 @@ def _blind_rows(x, scale, rho, v, payload, rhs):
             peak = a if a > peak else peak
             payload[t, i] = np.int32(qi + rho[t, i])  # wraps: the low 32 bits
             acc += q * v[i]
+            squares += q * q
         rhs[t] = acc
-    return peak
+        widest = max(widest, squares)
+    return peak, widest
 
 
 def _blind_features(x, scale, rho, v, payload, rhs):
     # x (n, rows) float32 features-first table, rho/payload alike, v (n,), rhs (rows,)
     n, rows = x.shape
     peak = np.int32(0)
+    squares = np.zeros(rows, dtype=np.float64)
     for t in range(rows):
         rhs[t] = 0.0
     for i in range(n):
@@ -82,7 +87,11 @@ def _blind_features(x, scale, rho, v, payload, rhs):
             peak = a if a > peak else peak
             payload[i, t] = np.int32(qi + rho[i, t])
             rhs[t] += q * vi
-    return peak
+            squares[t] += q * q
+    widest = 0.0
+    for t in range(rows):
+        widest = max(widest, squares[t])
+    return peak, widest
 
 
 def _wraps(x, scale, rho, edges, wrap_pos, wrap_k):
@@ -197,8 +206,11 @@ def blind(
     edges: torch.Tensor | None,
     v: torch.Tensor,
     edge_bits: int,
-) -> tuple[torch.Tensor, torch.Tensor, float, tuple[torch.Tensor, torch.Tensor] | None] | None:
-    """(payload, rhs = X . v per row, max |X|, wraps as (memory positions, k) or None) for a
+) -> (
+    tuple[torch.Tensor, torch.Tensor, float, float, tuple[torch.Tensor, torch.Tensor] | None] | None
+):
+    """(payload, rhs = X . v per row, max |X|, max_t ||X_t||, wraps as (memory positions, k)
+    or None) for a
     linear op's float32 input x and its mask rho (same layout), the wraps found among rho's
     `edges`; None where the fused pass does not apply (no numba, another layout or dtype, an
     input beyond 2^edge_bits, a NaN or an infinity: the torch path decides those)."""
@@ -219,8 +231,8 @@ def blind(
     rows = x_table[0].shape[1] if features_first else x_table[0].shape[0]
     rhs = torch.empty(rows, dtype=torch.float64)
     kernel = _kernel("blind_features" if features_first else "blind_rows")
-    peak = kernel(x_table[0].numpy(), scale, rho_table[0].numpy(), v.reshape(-1).numpy(),
-                  p_table[0].numpy(), rhs.numpy())  # fmt: skip
+    peak, widest = kernel(x_table[0].numpy(), scale, rho_table[0].numpy(),
+                          v.reshape(-1).numpy(), p_table[0].numpy(), rhs.numpy())  # fmt: skip
     if peak > 2**edge_bits:  # NaN, infinite, beyond int32, or beyond the edges: torch path
         return None
     wrap_pos = np.empty(edges.numel(), dtype=np.int64)
@@ -232,7 +244,7 @@ def blind(
     if count:
         wraps = (torch.from_numpy(wrap_pos[:count]), torch.from_numpy(wrap_k[:count]))
     shape_rows = rhs.view(x.shape[:-1]) if x.dim() > 1 else rhs.view(())
-    return payload, shape_rows, float(peak), wraps
+    return payload, shape_rows, float(peak), math.sqrt(widest), wraps
 
 
 def correct(

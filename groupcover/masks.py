@@ -53,6 +53,7 @@ from groupcover.modular import (
     check_range,
     correct_wraps,
     edges,
+    guaranteed_peak,
     quantize,
     row_bounds,
     wraps,
@@ -276,23 +277,31 @@ class MaskPool:
         if layer.op.kind == "linear" and check_v is not None:
             fused = kernels.blind(x, scale, rho, pair.edges, check_v, EDGE_BITS)
             if fused is not None:
-                payload, rhs, peak, wrapped = fused
-                if peak > 2.0**INPUT_BITS:
-                    self._check_range(layer_id, layer, peak, quantize(x, scale))
+                payload, rhs, peak, widest, wrapped = fused
+                if peak > guaranteed_peak(layer.op):
+                    self._check_range(layer_id, layer, peak, None, widest)
                 return Blinded(payload, None, wrapped, peak, rhs)
         fixed = quantize(x, scale)
         peak = abs_max(fixed)
-        if not peak <= 2.0**INPUT_BITS:
+        if not peak <= guaranteed_peak(layer.op):
             self._check_range(layer_id, layer, peak, fixed)
         payload = fixed.to(RESIDUE_DTYPE)
         wrapped = wraps(payload, rho, pair.edges, peak)
         payload.add_(rho)  # wraps around 2^32: two's complement
         return Blinded(payload, fixed, wrapped, peak)
 
-    def _check_range(self, layer_id: str, layer: _Layer, peak: float, fixed: torch.Tensor) -> None:
+    def _check_range(
+        self,
+        layer_id: str,
+        layer: _Layer,
+        peak: float,
+        fixed: torch.Tensor | None,
+        widest: float | None = None,
+    ) -> None:
         if layer.row_bound is None:
             layer.row_bound = row_bounds(layer.published(), layer.op)
-        check_range(layer_id, peak, fixed, layer.op, layer.row_bound, self.exponent(layer_id))
+        check_range(layer_id, peak, fixed, layer.op, layer.row_bound, self.exponent(layer_id),
+                    widest)  # fmt: skip
 
     def unblind(
         self,

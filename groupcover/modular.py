@@ -30,7 +30,8 @@ from groupcover.layer_op import HALF, MODULUS, LayerOp, apply_op, unquantized
 from groupcover.tensorpass import memory_flat
 
 INPUT_BITS = 22  # |X| <= 2^22 for |x| <= B
-RESULT_BITS = 30  # |op(X, W'')| / q <= 2^30 for every input with |x| <= B
+RESULT_BITS = 30  # convolutions: |op(X, W'')| / q <= 2^30 for every input with |x| <= B
+LINEAR_RESULT_BITS = 31  # linear: <= 2^30 for |x| <= B / 2; beyond, each call's row norms say
 EDGE_BITS = INPUT_BITS + 2  # mask entries within 2^EDGE_BITS of +-2^31 are where wraps can be
 
 
@@ -41,7 +42,10 @@ class MaskRangeError(GroupCoverError):
 def quantum_exponent(weight: torch.Tensor, op: LayerOp) -> int:
     """c with q = 2^c: |op(X, W'')| / q <= 2^RESULT_BITS for every X with |X| <= 2^INPUT_BITS.
 
-    Linear: |X_t . W''_j| <= ||X_t||_2 ||W''_j||_2 <= 2^INPUT_BITS sqrt(in) max_j ||W''_j||_2.
+    Linear: |X_t . W''_j| <= ||X_t||_2 ||W''_j||_2 <= 2^INPUT_BITS sqrt(in) max_j ||W''_j||_2,
+    and the quantum takes LINEAR_RESULT_BITS: 2^30 covers every |x| <= B / 2 outright, and a
+    call with larger inputs is measured by its rows' norms (`check_range`), which stay far below
+    the worst case unless every element of a row sits at +-B: one bit of every result won.
     Convolutions: <= 2^INPUT_BITS max_j ||W''_j||_1 (any window). Public: the weight is."""
     rows = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
     if op.kind == "linear":
@@ -49,7 +53,13 @@ def quantum_exponent(weight: torch.Tensor, op: LayerOp) -> int:
     else:
         bound = float(rows.abs().sum(dim=1).max())
     bound = max(bound, 2.0**-60) * 2.0**INPUT_BITS
-    return math.ceil(math.log2(bound)) - RESULT_BITS
+    bits = LINEAR_RESULT_BITS if op.kind == "linear" else RESULT_BITS
+    return math.ceil(math.log2(bound)) - bits
+
+
+def guaranteed_peak(op: LayerOp) -> float:
+    """The largest max |X| whose results fit without looking at the input (`check_range`)."""
+    return 2.0 ** (INPUT_BITS - 1) if op.kind == "linear" else 2.0**INPUT_BITS
 
 
 def row_bounds(weight: torch.Tensor, op: LayerOp) -> float:
@@ -66,15 +76,21 @@ def quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def check_range(
-    layer_id: str, peak: float, x_fixed: torch.Tensor, op: LayerOp, row_bound: float,
+    layer_id: str,
+    peak: float,
+    x_fixed: torch.Tensor | None,
+    op: LayerOp,
+    row_bound: float,
     exponent: int,
-) -> None:  # fmt: skip
+    widest: float | None = None,
+) -> None:
     """Refuses an input whose result could exceed 2^31 quanta (and alias mod 2^32).
 
-    `peak` = max |X|. Within 2^INPUT_BITS nothing is computed (`quantum_exponent` covers it);
-    beyond, the bound is computed for this input: per-row norms (linear) or the peak (conv).
-    A NaN, an infinity or an X beyond int32 is refused whatever the bound."""
-    if peak <= 2.0**INPUT_BITS:
+    `peak` = max |X|. Up to `guaranteed_peak` nothing is computed (`quantum_exponent` covers
+    it); beyond, the bound is this input's: its widest row's norm (linear: `widest`, else from
+    `x_fixed`) or its peak (convolutions), times the weight's `row_bound`. A NaN, an infinity
+    or an X beyond int32 is refused whatever the bound."""
+    if peak <= guaranteed_peak(op):
         return
     if not peak < 2.0**31:
         raise MaskRangeError(
@@ -83,8 +99,13 @@ def check_range(
             hint="fill the masks with example inputs as large as the ones you will run",
         )
     if op.kind == "linear":
-        rows = x_fixed.reshape(-1, x_fixed.shape[-1]) if x_fixed.dim() > 1 else x_fixed.view(1, -1)
-        reach = float(rows.to(torch.float64).norm(dim=1).max()) * row_bound
+        if widest is None:
+            assert x_fixed is not None
+            rows = (
+                x_fixed.reshape(-1, x_fixed.shape[-1]) if x_fixed.dim() > 1 else x_fixed.view(1, -1)
+            )
+            widest = float(rows.to(torch.float64).norm(dim=1).max())
+        reach = widest * row_bound
     else:
         reach = peak * row_bound
     if reach >= (HALF - 2**20) * 2.0**exponent:

@@ -151,3 +151,29 @@ def test_a_batch_of_one_in_features_first_memory(
         # one quantum (two roundings), plus the float32 output's own rounding
         assert (quanta - exact).abs().max() <= 1.0 + exact.abs().max() * 2**-23
     assert wrapped >= 1
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_result_range_follows_each_calls_row_norms(
+    fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linear results take 31 bits of the worst case: a call whose rows could exceed it (every
+    element of a row at +-2B) is refused; inputs up to B with the spread of real activations
+    pass (their rows' norms are measured), and their results are exact to one quantum."""
+    if not fused:
+        monkeypatch.setattr(kernels, "numba", None)
+    pool, weight, op, generator = _layer()
+    v = torch.ones(40, dtype=torch.float64)
+    pool.calibrate("layer", torch.full((1, 40), 4.0))  # B = 4
+    typical = torch.randn(512, 40, generator=generator).clamp(-4, 4)
+    pair = pool.take("layer", tuple(typical.shape), typical)
+    blinded = pool.blind("layer", typical, pair, check_v=v)  # peak near B: norms measured
+    y = apply_op(op, blinded.payload, weight)
+    result = pool.unblind("layer", y, pair.u, blinded, check_s=torch.ones(48, dtype=torch.float64))
+    exact = (typical.double() * pool.input_scale("layer")).round() @ weight.t()
+    quanta = result.output.double() / pool.output_factor("layer")
+    assert (quanta - exact * 2.0 ** -pool.exponent("layer")).abs().max() <= 1.0 + 2.0**10
+    worst = torch.sign(weight[:1].float()).expand(512, 40) * 8.0  # rows at +-2B
+    pair = pool.take("layer", tuple(worst.shape), worst)
+    with pytest.raises(MaskRangeError, match="would not fit 32 bits"):
+        pool.blind("layer", worst, pair, check_v=v)
