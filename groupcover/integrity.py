@@ -203,64 +203,6 @@ class LayerCheck:
             self._sums = (float(self.s.abs().sum()), float(self.v_abs.sum()))
         return self._sums[1]
 
-    def check_pair(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        r: torch.Tensor,
-        u: torch.Tensor,
-        worker: str = "the worker",
-        mask_worker: str = "the mask worker",
-    ) -> torch.Tensor:
-        """Two workers' results of one call (the `-2w` modes) in one check: y = op(x, W'') from
-        the worker and u = op(r, W'') from the mask worker, checked as y - u against
-        op(x, v) - op(r, v) with the two products' rounding bounds summed. Returns y - u,
-        computed in place in y (the unmasking's subtraction, which the master needs anyway).
-
-        What reaches the output is y - u: errors e in y and e' in u move it by e - e', and the
-        check bounds s.(e - e') by the same sum of tolerances that two separate checks would
-        allow in total; a change that cancels (e = e') changes nothing downstream. It costs one
-        contraction and one max over a result instead of two of each. On a failure both
-        results are checked on their own, to name the worker that is wrong.
-        """
-        start = time.perf_counter()
-        try:
-            with torch.no_grad():
-                return self._check_pair(x, y, r, u, worker, mask_worker)
-        finally:
-            self.checked += 2
-            self.seconds += time.perf_counter() - start
-
-    def _check_pair(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        r: torch.Tensor,
-        u: torch.Tensor,
-        worker: str,
-        mask_worker: str,
-    ) -> torch.Tensor:
-        self._check_dtypes(x, y, worker)
-        self._check_dtypes(r, u, mask_worker)
-        if y.shape != u.shape:
-            raise IntegrityError(
-                f"{worker} and {mask_worker}: layer {self.layer_id!r} got results of shapes "
-                f"{tuple(y.shape)} and {tuple(u.shape)}"
-            )
-        rhs = self._one_output(x, self.v).sub_(self._one_output(r, self.v))
-        bound = self._one_output(x.abs(), self.v_abs).add_(self._one_output(r.abs(), self.v_abs))
-        scale = received_abs_max(y)  # before y changes
-        difference = y.sub_(u)  # exact wherever y and u agree to a factor of 2 (an honest pair)
-        lhs = self._contract(difference)
-        try:
-            self._judge(lhs, rhs, bound, scale, f"{worker} or {mask_worker}")
-        except IntegrityError:
-            y = difference.add(u)  # the worker's result again, to say which one is wrong
-            self._check(x, y, worker)
-            self._check(r, u, mask_worker)
-            raise
-        return difference
-
     def _check_dtypes(self, x: torch.Tensor, y: torch.Tensor, worker: str) -> None:
         if x.dtype != self.v.dtype or y.dtype != self.s.dtype:
             raise IntegrityError(
