@@ -101,7 +101,8 @@ class LayerCheck:
     slack: float = SLACK
     quantum: int | None = None  # masked layers: results are checked in quanta of 2^quantum
     rounding: float = 0.0  # masked layers: per element, the quanta two roundings may move
-    _sums: tuple[float, float] | None = None  # sum |s|, sum |v| (masked layers' tolerance)
+    s_abs_sum: float = 0.0  # masked layers' tolerance: sum_j |s_j| ...
+    v_abs_sum: float = 0.0  # ... and sum_i |v|_i / q
     checked: int = 0
     seconds: float = 0.0
     worst: float = 0.0  # the largest residual / tolerance seen on passing calls
@@ -129,7 +130,8 @@ class LayerCheck:
         rounding = 1.0 + 2 * products * worst_row + out * torch.finfo(torch.float64).eps * 2.0**31
         scale = 2.0**-quantum
         return cls(layer_id, _plain(op), s, v * scale, v_abs * scale, quantum=quantum,
-                   rounding=rounding)  # fmt: skip
+                   rounding=rounding, s_abs_sum=float(s.abs().sum()),
+                   v_abs_sum=float(v_abs.sum()) * scale)  # fmt: skip
 
     def _contract(self, y: torch.Tensor) -> torch.Tensor:
         """sum_j s_j y[.., j, ..]: over the last axis (linear) or axis 1 (convolutions)."""
@@ -179,29 +181,18 @@ class LayerCheck:
                 if rhs is None:
                     assert blinded.fixed is not None
                     rhs = self._one_output(blinded.fixed.to(torch.float64), self.v)
-                tolerance = (self.rounding * self._s_abs
-                             + self.slack * EPS64 * blinded.peak * self._v_abs)  # fmt: skip
+                tolerance = (self.rounding * self.s_abs_sum
+                             + self.slack * EPS64 * blinded.peak * self.v_abs_sum)  # fmt: skip
                 bound = torch.full_like(lhs, tolerance)
                 if result.wraps is not None:
                     bound.add_(result.wraps.to(bound.dtype).reshape(bound.shape),
-                               alpha=0.5 * self._s_abs)  # fmt: skip
+                               alpha=0.5 * self.s_abs_sum)  # fmt: skip
                 who = worker if mask_worker is None else f"{worker} or {mask_worker}"
+                # a copy: `_judge` works in place, and the result's own sums stay readable
                 self._judge(lhs.clone(), rhs, bound, result.peak, who, scaled=True)
         finally:
             self.checked += 1 if mask_worker is None else 2
             self.seconds += time.perf_counter() - start
-
-    @property
-    def _s_abs(self) -> float:
-        if self._sums is None:
-            self._sums = (float(self.s.abs().sum()), float(self.v_abs.sum()))
-        return self._sums[0]
-
-    @property
-    def _v_abs(self) -> float:
-        if self._sums is None:
-            self._sums = (float(self.s.abs().sum()), float(self.v_abs.sum()))
-        return self._sums[1]
 
     def _check_dtypes(self, x: torch.Tensor, y: torch.Tensor, worker: str) -> None:
         if x.dtype != self.v.dtype or y.dtype != self.s.dtype:
