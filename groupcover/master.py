@@ -559,9 +559,13 @@ def assemble(
                 weight = layer.load()
                 return weight if compute is None else weight.to(compute)
 
+            # one read (and digest check) of the published weight for the quantum, a publish by
+            # tensor and the check
+            published = load() if masked or verify else None
             if masked:  # residues in and out, in a quantum fixed by the published weight
+                assert published is not None
                 layer = replace(
-                    layer, op=with_quantum(layer.op, quantum_exponent(load(), layer.op))
+                    layer, op=with_quantum(layer.op, quantum_exponent(published, layer.op))
                 )
             if auditor is not None:
                 weight, bias = audit_weights[layer.name]  # type: ignore[index]
@@ -572,13 +576,15 @@ def assemble(
             if layer.ref is not None and publish_ref is not None:
                 publish_ref(layer.name, layer.ref, layer.op, load, compute or layer.dtype)
             else:
-                transport.publish(layer.name, load(), layer.op)
+                transport.publish(layer.name, load() if published is None else published, layer.op)
             if masks is not None:
                 masks.register(layer.name, None, layer.op, loader=layer.load,
                                weight_shape=layer.weight_shape)  # fmt: skip
             check = None
-            if verify:
-                check = LayerCheck.create(layer.name, load(), layer.op, check_rng.spawn(layer.name))
+            if published is not None and verify:
+                check = LayerCheck.create(layer.name, published, layer.op,
+                                          check_rng.spawn(layer.name))  # fmt: skip
+            del published  # hold no copy of every layer
             proxy = OffloadedLayer(layer.name, layer.op, layer.secret, scheme, transport, masks,
                                    auditor, check, layer.dtype, mask_auditor)  # fmt: skip
             proxies[layer.name] = proxy
