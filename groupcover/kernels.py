@@ -44,10 +44,22 @@ def _jit(function: Any) -> Any:
     return numba.njit(nogil=True, boundscheck=False, fastmath={"reassoc", "contract"})(function)
 
 
+def _fixed_py(value, scale):
+    # X = rint(x scale) as a float and as an int32 clamped to +-(2^31 - 1) (a NaN becomes
+    # -(2^31 - 1)): a peak of 2^31 - 1 means "refuse or decide elsewhere"
+    q = np.rint(np.float64(value) * scale)
+    c = q if q > -2147483647.0 else -2147483647.0
+    c = c if c < 2147483647.0 else 2147483647.0
+    return q, np.int32(c)
+
+
+# inlined into the kernels (numba's own inlining), so their loops still vectorise
+_fixed = _fixed_py if numba is None else numba.njit(inline="always")(_fixed_py)
+
+
 def _blind_rows(x, scale, rho, v, payload, rhs):
     # x (rows, n) float32, rho/payload (rows, n) int32, v (n,) float64, rhs (rows,) float64.
-    # X is clamped to +-(2^31 - 1) before it becomes an int32 (a NaN to -(2^31 - 1)): a peak
-    # of 2^31 - 1 means "refuse or decide elsewhere". The peak is an integer max: it vectorises.
+    # X as `_fixed` makes it; the peak is an integer max: it vectorises.
     rows, n = x.shape
     peak = np.int32(0)
     widest = 0.0  # the largest squared norm of a row of X
@@ -55,10 +67,7 @@ def _blind_rows(x, scale, rho, v, payload, rhs):
         acc = 0.0
         squares = 0.0
         for i in range(n):
-            q = np.rint(np.float64(x[t, i]) * scale)
-            c = q if q > -2147483647.0 else -2147483647.0
-            c = c if c < 2147483647.0 else 2147483647.0
-            qi = np.int32(c)
+            q, qi = _fixed(x[t, i], scale)
             a = np.int32(abs(qi))
             peak = a if a > peak else peak
             payload[t, i] = np.int32(qi + rho[t, i])  # wraps: the low 32 bits
@@ -79,10 +88,7 @@ def _blind_features(x, scale, rho, v, payload, rhs):
     for i in range(n):
         vi = v[i]
         for t in range(rows):
-            q = np.rint(np.float64(x[i, t]) * scale)
-            c = q if q > -2147483647.0 else -2147483647.0
-            c = c if c < 2147483647.0 else 2147483647.0
-            qi = np.int32(c)
+            q, qi = _fixed(x[i, t], scale)
             a = np.int32(abs(qi))
             peak = a if a > peak else peak
             payload[i, t] = np.int32(qi + rho[i, t])
