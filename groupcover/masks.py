@@ -167,8 +167,7 @@ class _Layer:
     weight_shape: tuple[int, ...] = ()
     strides: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)  # r's layout
     row_bound: float | None = None  # max_j ||W''_j|| (`modular.row_bounds`), when needed
-    kept: torch.Tensor | None = None  # W'' as loaded, for the wraps' corrections (most calls)
-    kept_t: torch.Tensor | None = None  # ... and transposed (the fused correction)
+    kept: torch.Tensor | None = None  # W'' for the wraps' corrections (`_correction_weight`)
 
     def published(self) -> torch.Tensor:
         if self.weight is not None:
@@ -321,12 +320,13 @@ class MaskPool:
         per_position = None
         if blinded.wraps is not None:
             positions, k = blinded.wraps
-            weight = self._correction_weight(layer)
+            kept = self._correction_weight(layer)
             exponent = self.exponent(layer_id)
-            if layer.op.kind == "linear":
-                per_position = kernels.correct(y, blinded.payload, positions, k,
-                                               self._correction_rows(layer), exponent)  # fmt: skip
+            linear = layer.op.kind == "linear"
+            if linear:
+                per_position = kernels.correct(y, blinded.payload, positions, k, kept, exponent)
             if per_position is None:
+                weight = kept.t() if linear else kept  # W'' (a view of the rows kept)
                 per_position = correct_wraps(y, blinded.payload, positions, k, weight, layer.op,
                                              exponent)  # fmt: skip
         factor = self.output_factor(layer_id)
@@ -342,20 +342,17 @@ class MaskPool:
 
     @staticmethod
     def _correction_weight(layer: _Layer) -> torch.Tensor:
-        """W'' for the wraps' corrections, read once (a call wraps somewhere most times)."""
-        if layer.weight is not None:
-            return layer.weight
+        """W'' for the wraps' corrections, made once (a call wraps somewhere most times): for
+        a linear layer as W''^T rows, contiguous (one row per wrap: what the fused pass reads;
+        the torch path reads its transposed view), for a convolution as it is."""
         if layer.kept is None:
-            assert layer.loader is not None
-            layer.kept = layer.loader().contiguous()
+            weight = layer.weight
+            if weight is None:
+                assert layer.loader is not None
+                weight = layer.loader()
+            transposed = weight.t() if layer.op.kind == "linear" else weight
+            layer.kept = transposed.contiguous()
         return layer.kept
-
-    @classmethod
-    def _correction_rows(cls, layer: _Layer) -> torch.Tensor:
-        """W''^T (in, out) contiguous, kept once: one contiguous row per wrap (fused pass)."""
-        if layer.kept_t is None:
-            layer.kept_t = cls._correction_weight(layer).t().contiguous()
-        return layer.kept_t
 
     def output_factor(self, layer_id: str) -> float:
         """q / (2^22 / B): what turns result quanta into the layer's output (a power of two)."""
