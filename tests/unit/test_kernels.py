@@ -177,3 +177,161 @@ def test_the_result_range_follows_each_calls_row_norms(
     pair = pool.take("layer", tuple(worst.shape), worst)
     with pytest.raises(MaskRangeError, match="would not fit 32 bits"):
         pool.blind("layer", worst, pair, check_v=v)
+
+
+def _scheme_layer(scheme, out: int, features: int = 40, seed: int = 3):
+    """A layer obfuscated by `scheme`, its published weight registered with a mask pool under
+    the scheme's worker op."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, features, generator=generator) * 0.1
+    bias = torch.randn(out, generator=generator)
+    published, secret = scheme.obfuscate(weight, bias, SecretRandom.from_seed(seed))
+    op = scheme.worker_op(LayerOp("linear"))
+    op = with_quantum(op, modular.quantum_exponent(published.double(), op))
+    pool = MaskPool(SecretRandom.from_seed(seed))
+    pool.register("layer", published.double(), op)
+    return pool, published.double(), op, secret, weight, bias, generator
+
+
+@pytest.mark.parametrize("features_first", [False, True])
+def test_a_permutation_applied_while_blinding_is_the_permuted_inputs_payload(
+    features_first: bool,
+) -> None:
+    from groupcover.tensorpass import permute_last
+
+    pool, _weight, _op, generator = _layer()
+    x = _input(generator, features_first)
+    pool.calibrate("layer", x)
+    perm = torch.randperm(40, generator=generator)
+    v = torch.randn(40, dtype=torch.float64, generator=generator)
+    for _ in range(4):
+        pair = pool.take("layer", tuple(x.shape), x)
+        fused = pool.blind("layer", x, pair, check_v=v, perm=perm)
+        assert fused.fixed is None  # the fused pass ran, permuting as it read x
+        prepared = permute_last(x, perm)
+        assert prepared.stride() == x.stride()
+        plain = pool.blind("layer", prepared, pair)
+        assert plain.fixed is not None
+        assert torch.equal(fused.payload, plain.payload)
+        assert fused.peak == plain.peak
+        assert fused.rhs is not None
+        assert torch.allclose(fused.rhs, plain.fixed.double() @ v, rtol=1e-12, atol=1e-6)
+        assert (fused.wraps is None) == (plain.wraps is None)
+        if fused.wraps is not None and plain.wraps is not None:
+            order = torch.argsort(fused.wraps[0])
+            assert torch.equal(fused.wraps[0][order], plain.wraps[0])
+            assert torch.equal(fused.wraps[1][order], plain.wraps[1])
+
+
+@pytest.mark.parametrize("out_features", [48, 51])  # 51: groups padded at the tail
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("features_first_out", [False, True])
+def test_the_fused_de_mixing_is_the_schemes_restore(
+    out_features: int, k: int, features_first_out: bool
+) -> None:
+    """GroupCover's restore (de-mixing and bias) done in the unmasking pass gives the
+    scheme's own restore of the unmasked output, in the layout asked for, and the check's
+    sums of the worker's (mixed) result."""
+    from groupcover.schemes.core import GroupCoverScheme
+
+    scheme = GroupCoverScheme(k=k)
+    pool, published, op, secret, weight, bias, generator = _scheme_layer(scheme, out_features)
+    x = _input(generator, False)
+    pool.calibrate("layer", x)
+    s = torch.rand(out_features, dtype=torch.float64, generator=generator) + 1
+    v = torch.randn(40, dtype=torch.float64, generator=generator)
+    restore = scheme.fused_restore(secret, features_first_out)
+    assert restore is not None
+    for _ in range(3):
+        pair = pool.take("layer", tuple(x.shape), x)
+        blinded = pool.blind("layer", x, pair, check_v=v, perm=scheme.input_order(secret))
+        y = apply_op(op, blinded.payload, published)
+        fused = pool.unblind("layer", y.clone(memory_format=torch.preserve_format), pair.u,
+                             blinded, check_s=s, restore=restore)  # fmt: skip
+        assert fused.restored and fused.lhs is not None
+        plain = pool.unblind("layer", y.clone(memory_format=torch.preserve_format), pair.u,
+                             blinded, check_s=s)  # fmt: skip
+        assert not plain.restored and plain.lhs is not None
+        expected = scheme.restore(plain.output, secret, features_first=features_first_out)
+        assert fused.output.shape == expected.shape
+        assert fused.output.is_contiguous() == (not features_first_out)
+        assert torch.allclose(fused.output, expected, rtol=1e-5, atol=1e-5)
+        assert plain.lhs is not None and fused.peak == plain.peak
+        assert torch.allclose(fused.lhs, plain.lhs, rtol=1e-12, atol=1e-3)  # sums in group order
+        # and it is the layer's own output
+        true = torch.nn.functional.linear(x, weight, bias)
+        assert (fused.output - true).abs().max() <= 1e-4 * true.abs().max()
+
+
+@pytest.mark.parametrize("features_first", [False, True])
+def test_plain_offloads_bias_is_added_in_the_unmasking_pass(features_first: bool) -> None:
+    from groupcover.schemes.core import IdentityScheme
+
+    scheme = IdentityScheme()
+    pool, published, op, secret, _weight, _bias, generator = _scheme_layer(scheme, 48)
+    x = _input(generator, features_first)
+    pool.calibrate("layer", x)
+    s = torch.rand(48, dtype=torch.float64, generator=generator) + 1
+    v = torch.randn(40, dtype=torch.float64, generator=generator)
+    assert scheme.input_order(secret) is None
+    restore = scheme.fused_restore(secret, False)
+    pair = pool.take("layer", tuple(x.shape), x)
+    blinded = pool.blind("layer", x, pair, check_v=v)
+    y = apply_op(op, blinded.payload, published)
+    fused = pool.unblind("layer", y.clone(memory_format=torch.preserve_format), pair.u, blinded,
+                         check_s=s, restore=restore)  # fmt: skip
+    plain = pool.unblind("layer", y.clone(memory_format=torch.preserve_format), pair.u, blinded,
+                         check_s=s)  # fmt: skip
+    assert fused.restored and not plain.restored
+    expected = scheme.restore(plain.output, secret)
+    assert fused.output.stride() == expected.stride()
+    assert torch.allclose(fused.output, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_row_major_result_is_not_de_mixed_in_the_pass() -> None:
+    """The de-mixing pass reads a features-first result (what GroupCover's worker returns);
+    a row-major one is left to the scheme's restore."""
+    from groupcover.schemes.core import GroupCoverScheme
+
+    scheme = GroupCoverScheme(k=4)
+    pool, published, op, secret, _weight, _bias, generator = _scheme_layer(scheme, 48)
+    x = _input(generator, False)
+    pool.calibrate("layer", x)
+    s = torch.rand(48, dtype=torch.float64, generator=generator) + 1
+    v = torch.randn(40, dtype=torch.float64, generator=generator)
+    pair = pool.take("layer", tuple(x.shape), x)
+    blinded = pool.blind("layer", x, pair, check_v=v, perm=scheme.input_order(secret))
+    y = apply_op(op, blinded.payload, published)
+    assert not y.is_contiguous()  # features-first, as the worker returns it
+    result = pool.unblind("layer", y.contiguous(), pair.u.contiguous(), blinded, check_s=s,
+                          restore=scheme.fused_restore(secret, False))  # fmt: skip
+    assert not result.restored and result.lhs is not None
+
+
+def test_without_numba_the_permutation_and_restore_run_in_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A guest without numba: the permutation is applied by torch before blinding, and the
+    unmasking hands back an output the scheme still has to restore."""
+    from groupcover.schemes.core import GroupCoverScheme
+    from groupcover.tensorpass import permute_last
+
+    scheme = GroupCoverScheme(k=4)
+    pool, published, op, secret, weight, bias, generator = _scheme_layer(scheme, 48)
+    x = _input(generator, True)
+    pool.calibrate("layer", x)
+    pair = pool.take("layer", tuple(x.shape), x)
+    s = torch.rand(48, dtype=torch.float64, generator=generator) + 1
+    v = torch.randn(40, dtype=torch.float64, generator=generator)
+    monkeypatch.setattr(kernels, "numba", None)
+    blinded = pool.blind("layer", x, pair, check_v=v, perm=scheme.input_order(secret))
+    assert blinded.fixed is not None  # the torch path
+    expected = pool.blind("layer", permute_last(x, scheme.input_order(secret)), pair)
+    assert torch.equal(blinded.payload, expected.payload)
+    y = apply_op(op, blinded.payload, published)
+    result = pool.unblind("layer", y, pair.u, blinded, check_s=s,
+                          restore=scheme.fused_restore(secret, True))  # fmt: skip
+    assert not result.restored
+    output = scheme.restore(result.output, secret, features_first=True)
+    true = torch.nn.functional.linear(x, weight, bias)
+    assert (output - true).abs().max() <= 1e-4 * true.abs().max()
