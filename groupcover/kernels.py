@@ -22,7 +22,6 @@ run time; kernels compile on first use (about a second each, cached per process)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,24 +57,17 @@ def _fixed_py(value, scale):
 _fixed = _fixed_py if numba is None else numba.njit(inline="always")(_fixed_py)
 
 
-def _blind_rows(x, perm, scale, rho, v, payload, rhs):
-    # x (rows, n) float32, rho/payload (rows, n) int32, v (n,) float64, rhs (rows,) float64;
-    # perm: the input's feature order (X[t, i] from x[t, perm[i]]), empty for x's own order.
+def _blind_rows(x, scale, rho, v, payload, rhs):
+    # x (rows, n) float32, rho/payload (rows, n) int32, v (n,) float64, rhs (rows,) float64.
     # X as `_fixed` makes it; the peak is an integer max: it vectorises.
     rows, n = x.shape
     peak = np.int32(0)
     widest = 0.0  # the largest squared norm of a row of X
-    gathered = np.empty(n, dtype=np.float32)
     for t in range(rows):
-        source = x[t]
-        if perm.shape[0]:  # one gather of the row, then the same vectorised loop
-            for i in range(n):
-                gathered[i] = source[perm[i]]
-            source = gathered
         acc = 0.0
         squares = 0.0
         for i in range(n):
-            q, qi = _fixed(source[i], scale)
+            q, qi = _fixed(x[t, i], scale)
             a = np.int32(abs(qi))
             peak = a if a > peak else peak
             payload[t, i] = np.int32(qi + rho[t, i])  # wraps: the low 32 bits
@@ -86,9 +78,8 @@ def _blind_rows(x, perm, scale, rho, v, payload, rhs):
     return peak, widest
 
 
-def _blind_features(x, perm, scale, rho, v, payload, rhs):
-    # x (n, rows) float32 features-first table, rho/payload alike, v (n,), rhs (rows,); perm as
-    # in `_blind_rows`: a whole row of the table per feature
+def _blind_features(x, scale, rho, v, payload, rhs):
+    # x (n, rows) float32 features-first table, rho/payload alike, v (n,), rhs (rows,)
     n, rows = x.shape
     peak = np.int32(0)
     squares = np.zeros(rows, dtype=np.float64)
@@ -96,9 +87,8 @@ def _blind_features(x, perm, scale, rho, v, payload, rhs):
         rhs[t] = 0.0
     for i in range(n):
         vi = v[i]
-        source = x[perm[i]] if perm.shape[0] else x[i]
         for t in range(rows):
-            q, qi = _fixed(source[t], scale)
+            q, qi = _fixed(x[i, t], scale)
             a = np.int32(abs(qi))
             peak = a if a > peak else peak
             payload[i, t] = np.int32(qi + rho[i, t])
@@ -110,14 +100,12 @@ def _blind_features(x, perm, scale, rho, v, payload, rhs):
     return peak, widest
 
 
-def _wraps(payload, rho, edges, wrap_pos, wrap_k):
-    # payload, rho: flat in the same memory order; edges: where rho can wrap. X = P - rho in
-    # wrapping int32 is exact (|X| <= 2^EDGE_BITS); X + rho beyond int32 is a wrap.
+def _wraps(x, scale, rho, edges, wrap_pos, wrap_k):
+    # x, rho: flat in the same memory order; edges: where rho can wrap (|X| <= 2^EDGE_BITS)
     count = 0
     for e in range(edges.shape[0]):
         pos = edges[e]
-        fixed = np.int32(np.int64(payload[pos]) - np.int64(rho[pos]))
-        total = np.int64(fixed) + np.int64(rho[pos])
+        total = np.int64(np.rint(np.float64(x[pos]) * scale)) + np.int64(rho[pos])
         if total >= 2147483648 or total < -2147483648:
             wrap_pos[count] = pos
             wrap_k[count] = (total + 2147483648) // 4294967296
@@ -159,8 +147,7 @@ def _correct(residues, out_first, in_first, rows, n, wrap_pos, wrap_k, weight_t,
                 residues[t, j] = np.int32(residues[t, j] + fixes[w, j])
 
 
-def _unblind_rows(y, u, s, factor, bias, out, lhs):
-    # y, u (rows, m) int32; out (rows, m) float32 = Z factor + bias (m,) float64
+def _unblind_rows(y, u, s, factor, out, lhs):
     rows, m = y.shape
     peak = np.int64(0)
     for t in range(rows):
@@ -170,96 +157,36 @@ def _unblind_rows(y, u, s, factor, bias, out, lhs):
             a = abs(np.int64(z))
             peak = a if a > peak else peak
             acc += s[j] * np.float64(z)
-            out[t, j] = np.float32(np.float64(z) * factor + bias[j])
+            out[t, j] = np.float32(np.float64(z) * factor)
         lhs[t] = acc
     return peak
 
 
-def _unblind_features(y, u, s, factor, bias, out, lhs):
+def _unblind_features(y, u, s, factor, out, lhs):
     m, rows = y.shape
     peak = np.int64(0)
     for t in range(rows):
         lhs[t] = 0.0
     for j in range(m):
         sj = s[j]
-        bj = bias[j]
         for t in range(rows):
             z = np.int32(np.int64(y[j, t]) - np.int64(u[j, t]))
             a = abs(np.int64(z))
             peak = a if a > peak else peak
             lhs[t] += sj * np.float64(z)
-            out[j, t] = np.float32(np.float64(z) * factor + bj)
+            out[j, t] = np.float32(np.float64(z) * factor)
     return peak
-
-
-def _unblind_mix_for(k):
-    # The de-mixing unmasking pass for groups of k (a compile-time constant: the inner loops
-    # over a group unroll and the loops over tokens vectorise). y, u (m, rows) features-first
-    # int32; groups (G, k) rows of Z, -1 on padding slots; coef (G, k, k) float64: output
-    # feature groups[g, r] = factor sum_j coef[g, r, j] Z[groups[g, j]] + bias, into out
-    # (m, rows) float32. Blocks of `width` tokens: a group's k rows of Z stay in a small buffer.
-    def unblind_mix(y, u, s, factor, groups, coef, bias, out, lhs, width):
-        rows = y.shape[1]
-        peak = np.int64(0)
-        z_block = np.empty((k, width), dtype=np.float64)
-        row_coef = np.empty(k, dtype=np.float64)
-        for t in range(rows):
-            lhs[t] = 0.0
-        for start in range(0, rows, width):
-            stop = min(rows, start + width)
-            span = stop - start
-            lhs_block = lhs[start:stop]
-            for g in range(groups.shape[0]):
-                for j in range(k):
-                    i = groups[g, j]
-                    z_row = z_block[j]
-                    if i < 0:
-                        z_row[:] = 0.0
-                        continue
-                    y_row = y[i, start:stop]
-                    u_row = u[i, start:stop]
-                    sj = s[i]
-                    for c in range(span):
-                        q = np.int32(np.int64(y_row[c]) - np.int64(u_row[c]))  # wrapping
-                        a = abs(np.int64(q))
-                        peak = a if a > peak else peak
-                        z = np.float64(q)
-                        lhs_block[c] += sj * z
-                        z_row[c] = z
-                for r in range(k):
-                    i = groups[g, r]
-                    if i < 0:
-                        continue
-                    for j in range(k):
-                        row_coef[j] = coef[g, r, j] * factor
-                    b = bias[i]
-                    o_row = out[i, start:stop]
-                    for c in range(span):
-                        acc = b
-                        for j in range(k):
-                            acc += row_coef[j] * z_block[j, c]
-                        o_row[c] = np.float32(acc)
-        return peak
-
-    return unblind_mix
 
 
 _KERNELS: dict[str, Any] = {}
 
 
-def _kernel(name: str, *constants: Any) -> Any:
-    """The compiled kernel `_name`, or `_name_for(*constants)`: one specialised to constants
-    (a group size, a layout) that its loops are compiled for."""
-    key = f"{name}{constants}"
-    kernel = _KERNELS.get(key)
+def _kernel(name: str) -> Any:
+    kernel = _KERNELS.get(name)
     if kernel is None:
-        source = globals()[f"_{name}_for"](*constants) if constants else globals()[f"_{name}"]
-        kernel = _jit(source)
-        _KERNELS[key] = kernel
+        kernel = _jit(globals()[f"_{name}"])
+        _KERNELS[name] = kernel
     return kernel
-
-
-_MIX_WIDTH = 512  # tokens per block of the de-mixing pass: a group's rows of Z in L1
 
 
 def table(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
@@ -278,9 +205,6 @@ def table(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     return None
 
 
-_NO_PERM = np.empty(0, dtype=np.int64)
-
-
 def blind(
     x: torch.Tensor,
     scale: float,
@@ -288,16 +212,14 @@ def blind(
     edges: torch.Tensor | None,
     v: torch.Tensor,
     edge_bits: int,
-    perm: torch.Tensor | None = None,
 ) -> (
     tuple[torch.Tensor, torch.Tensor, float, float, tuple[torch.Tensor, torch.Tensor] | None] | None
 ):
     """(payload, rhs = X . v per row, max |X|, max_t ||X_t||, wraps as (memory positions, k)
-    or None) for a linear op's float32 input x (its features taken in `perm`'s order when
-    given: the scheme's input permutation, applied as x is read) and its mask rho (same
-    layout), the wraps found among rho's `edges`; None where the fused pass does not apply (no
-    numba, another layout or dtype, an input beyond 2^edge_bits, a NaN or an infinity: the
-    torch path decides those)."""
+    or None) for a
+    linear op's float32 input x and its mask rho (same layout), the wraps found among rho's
+    `edges`; None where the fused pass does not apply (no numba, another layout or dtype, an
+    input beyond 2^edge_bits, a NaN or an infinity: the torch path decides those)."""
     if numba is None or edges is None or x.dtype != torch.float32 or v.dtype != torch.float64:
         return None
     if rho.dtype != torch.int32:
@@ -312,22 +234,18 @@ def blind(
     p_table = table(payload)
     if p_table is None or p_table[1] != features_first:
         return None
-    order = _NO_PERM
-    if perm is not None:
-        if perm.dtype != torch.int64 or perm.shape != (x.shape[-1],):
-            return None
-        order = perm.contiguous().numpy()
     rows = x_table[0].shape[1] if features_first else x_table[0].shape[0]
     rhs = torch.empty(rows, dtype=torch.float64)
     kernel = _kernel("blind_features" if features_first else "blind_rows")
-    peak, widest = kernel(x_table[0].numpy(), order, scale, rho_table[0].numpy(),
+    peak, widest = kernel(x_table[0].numpy(), scale, rho_table[0].numpy(),
                           v.reshape(-1).numpy(), p_table[0].numpy(), rhs.numpy())  # fmt: skip
     if peak > 2**edge_bits:  # NaN, infinite, beyond int32, or beyond the edges: torch path
         return None
     wrap_pos = np.empty(edges.numel(), dtype=np.int64)
     wrap_k = np.empty(edges.numel(), dtype=np.int64)
-    count = _kernel("wraps")(p_table[0].reshape(-1).numpy(), rho_table[0].reshape(-1).numpy(),
-                             edges.numpy(), wrap_pos, wrap_k)  # fmt: skip
+    count = _kernel("wraps")(x_table[0].reshape(-1).numpy(), scale,
+                             rho_table[0].reshape(-1).numpy(), edges.numpy(), wrap_pos,
+                             wrap_k)  # fmt: skip
     wraps = None
     if count:
         wraps = (torch.from_numpy(wrap_pos[:count]), torch.from_numpy(wrap_k[:count]))
@@ -359,30 +277,11 @@ def correct(
     return torch.from_numpy(counts).view(like.shape[:-1])
 
 
-@dataclass(frozen=True, eq=False)
-class Restore:
-    """A linear layer's de-obfuscation, done in the unmasking pass: output feature
-    `groups[g, r]` is `factor sum_j coef[g, r, j] Z[groups[g, j]] + bias` (`groups` (G, k),
-    -1 on padding slots; `coef` (G, k, k) float64), in features-first memory when
-    `features_first`; without `groups` only the bias is added (the result's own layout).
-    Only a features-first result is de-mixed here (what a mixing scheme's worker returns)."""
-
-    bias: np.ndarray  # (m,) float64, zeros for a layer without one
-    groups: np.ndarray | None = None
-    coef: np.ndarray | None = None
-    features_first: bool = False
-
-
 def unblind(
-    y: torch.Tensor,
-    u: torch.Tensor,
-    s: torch.Tensor,
-    factor: float,
-    restore: Restore | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float, bool] | None:
-    """(the output float32(Y - U) x factor, s . Z per row, max |Z|, whether the output was
-    restored) for a linear op's residues: restored by `restore` where it applies (a de-mixing
-    needs a features-first result), else in y's layout; None where no fused pass applies."""
+    y: torch.Tensor, u: torch.Tensor, s: torch.Tensor, factor: float
+) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(the output float32(Y - U) x factor in y's layout, s . Z per row, max |Z|) for a
+    linear op's residues; None where the fused pass does not apply."""
     if numba is None or s.dtype != torch.float64:
         return None
     y_table, u_table = table(y), table(u)
@@ -391,33 +290,13 @@ def unblind(
     if y_table[0].shape != u_table[0].shape:
         return None
     features_first = y_table[1]
-    features = y.shape[-1]
+    out = torch.empty_like(y, dtype=torch.float32)
+    o_table = table(out)
+    if o_table is None or o_table[1] != features_first:
+        return None
     rows = y_table[0].shape[1] if features_first else y_table[0].shape[0]
     lhs = torch.empty(rows, dtype=torch.float64)
-    lhs_rows = lhs.view(y.shape[:-1]) if y.dim() > 1 else lhs.view(())
-    if restore is not None and restore.bias.shape != (features,):
-        restore = None
-    if restore is not None and restore.groups is not None:
-        groups, coef = restore.groups, restore.coef
-        if not features_first or coef is None:
-            restore = None  # the scheme restores the output itself
-        else:
-            o_table = torch.empty(features, rows)
-            kernel = _kernel("unblind_mix", groups.shape[1])
-            peak = kernel(y_table[0].numpy(), u_table[0].numpy(), s.numpy(), factor, groups,
-                          coef, restore.bias, o_table.numpy(), lhs.numpy(),
-                          _MIX_WIDTH)  # fmt: skip
-            if restore.features_first:
-                out = o_table.t().view(y.shape)
-            else:  # one blocked 2-D transposed copy: faster than scattered stores or a tile
-                out = torch.empty(rows, features).copy_(o_table.t()).view(y.shape)
-            return out, lhs_rows, float(peak), True
-    out = torch.empty_like(y, dtype=torch.float32)
-    o_table_layout = table(out)
-    if o_table_layout is None or o_table_layout[1] != features_first:
-        return None
-    bias = np.zeros(features) if restore is None else restore.bias
     kernel = _kernel("unblind_features" if features_first else "unblind_rows")
-    peak = kernel(y_table[0].numpy(), u_table[0].numpy(), s.numpy(), factor, bias,
-                  o_table_layout[0].numpy(), lhs.numpy())  # fmt: skip
-    return out, lhs_rows, float(peak), restore is not None
+    peak = kernel(y_table[0].numpy(), u_table[0].numpy(), s.numpy(), factor, o_table[0].numpy(),
+                  lhs.numpy())  # fmt: skip
+    return out, lhs.view(y.shape[:-1]) if y.dim() > 1 else lhs.view(()), float(peak)

@@ -59,7 +59,7 @@ from groupcover.modular import (
     wraps,
 )
 from groupcover.rng import SecretRandom
-from groupcover.tensorpass import abs_max, dense_layout, permute_last
+from groupcover.tensorpass import abs_max, dense_layout
 from groupcover.transport import LayerOp
 from groupcover.wire.schema import output_shape
 
@@ -147,15 +147,13 @@ class Blinded:
 class Unblinded:
     """op(X, W'') in result quanta (float64; None after the fused pass), their max |.|, per
     output position the wraps corrected there (None: none), the layer's output (the quanta
-    scaled, in its dtype; restored by the fused pass where it was given the scheme's restore)
-    and the check's s . Z per row (fused pass)."""
+    scaled, in its dtype) and the check's s . Z per row (fused pass)."""
 
     quanta: torch.Tensor | None
     peak: float
     wraps: torch.Tensor | None
     output: torch.Tensor
     lhs: torch.Tensor | None = None
-    restored: bool = False  # the output is the layer's (de-obfuscated, its bias added)
 
 
 @dataclass
@@ -262,34 +260,26 @@ class MaskPool:
         return int(self._layers[layer_id].op.params["quantum"])
 
     def blind(
-        self,
-        layer_id: str,
-        x: torch.Tensor,
-        pair: MaskPair,
-        check_v: torch.Tensor | None = None,
-        perm: torch.Tensor | None = None,
+        self, layer_id: str, x: torch.Tensor, pair: MaskPair, check_v: torch.Tensor | None = None
     ) -> Blinded:
-        """The payload P = X + rho mod 2^32 (int32, x's layout) for the prepared input x
-        (`x[..., perm]` with a linear layer's input permutation `perm`).
+        """The payload P = X + rho mod 2^32 (int32, x's layout) for the prepared input x.
 
         X = round(x 2^22 / B); the input's size is checked against the layer's masked range
         (`modular.check_range`), and the elements where X + rho wrapped are found
         (`Blinded.wraps`, None on some calls). For a linear layer with `check_v` (the
-        integrity check's v / q) the fused pass (`groupcover.kernels`) also permutes, gives
-        the check's X . v per row and keeps no copy of X; otherwise X is kept
-        (`Blinded.fixed`, x's dtype: exact integers) for the check."""
+        integrity check's v / q) the fused pass (`groupcover.kernels`) also gives the check's
+        X . v per row and keeps no copy of X; otherwise X is kept (`Blinded.fixed`, x's
+        dtype: exact integers) for the check."""
         layer = self._layers[layer_id]
         scale = self.input_scale(layer_id)
         rho = pair.r
         if layer.op.kind == "linear" and check_v is not None:
-            fused = kernels.blind(x, scale, rho, pair.edges, check_v, EDGE_BITS, perm)
+            fused = kernels.blind(x, scale, rho, pair.edges, check_v, EDGE_BITS)
             if fused is not None:
                 payload, rhs, peak, widest, wrapped = fused
                 if peak > guaranteed_peak(layer.op):
                     self._check_range(layer_id, layer, peak, None, widest)
                 return Blinded(payload, None, wrapped, peak, rhs)
-        if perm is not None:
-            x = permute_last(x, perm)
         fixed = quantize(x, scale)
         peak = abs_max(fixed)
         if not peak <= guaranteed_peak(layer.op):
@@ -320,14 +310,12 @@ class MaskPool:
         blinded: Blinded,
         check_s: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float32,
-        restore: kernels.Restore | None = None,
     ) -> Unblinded:
         """op(X, W'') from the worker's residues y and the pair's u: y - u in wrapping int32
         (in place on y), plus the wraps' correction where some input element wrapped. For a
         linear layer with `check_s` (the integrity check's s) and a float32 output, one fused
-        pass gives the output (`Unblinded.output`, restored by the scheme's `restore` when
-        given: `Unblinded.restored`) and the check's s . Z per row; otherwise the quanta in
-        float64 (`Unblinded.quanta`) and the output still to restore."""
+        pass gives the output (`Unblinded.output`) and the check's s . Z per row; otherwise
+        the quanta in float64 (`Unblinded.quanta`)."""
         layer = self._layers[layer_id]
         per_position = None
         if blinded.wraps is not None:
@@ -343,10 +331,10 @@ class MaskPool:
                                              exponent)  # fmt: skip
         factor = self.output_factor(layer_id)
         if layer.op.kind == "linear" and check_s is not None and dtype == torch.float32:
-            fused = kernels.unblind(y, u, check_s, factor, restore)
+            fused = kernels.unblind(y, u, check_s, factor)
             if fused is not None:
-                output, lhs, peak, restored = fused
-                return Unblinded(None, peak, per_position, output, lhs, restored)
+                output, lhs, peak = fused
+                return Unblinded(None, peak, per_position, output, lhs)
         residues = y.sub_(u)
         quanta = residues.to(torch.float64)
         return Unblinded(quanta, abs_max(residues), per_position,

@@ -221,11 +221,7 @@ class OffloadedLayer(nn.Module):
         mask_transport = self.mask_transport
         pending = None
         with timings.deobf():
-            # a permutation is applied while blinding, unless an audit needs the prepared input
-            order = None
-            if self.audit is None and self.mask_audit is None:
-                order = self.scheme.input_order(self.secret)
-            prepared = x if order is not None else self.scheme.prepare_input(x, self.secret)
+            prepared = self.scheme.prepare_input(x, self.secret)
             if mask_transport is None:
                 pair = masks.take(self.layer_id, tuple(prepared.shape), prepared)
             else:
@@ -235,7 +231,7 @@ class OffloadedLayer(nn.Module):
                 pending = mask_transport.run_async(self.layer_id, pair.r)
             _rho, u = pair.consume()
             blinded = masks.blind(self.layer_id, prepared, pair,
-                                  None if self.check is None else self.check.v, order)  # fmt: skip
+                                  None if self.check is None else self.check.v)  # fmt: skip
         if self.audit is not None:
             self.audit.note_call(self.layer_id, x, prepared, pair)
         y = self.transport.run(self.layer_id, blinded.payload)
@@ -245,14 +241,10 @@ class OffloadedLayer(nn.Module):
             timings.record_wait(time.perf_counter() - waited)
         with timings.deobf():
             check = self.check
-            restore = self.scheme.fused_restore(self.secret, self.features_first_out)
             unblinded = masks.unblind(self.layer_id, y, u, blinded,
-                                      None if check is None else check.s, self.dtype,
-                                      restore)  # fmt: skip
+                                      None if check is None else check.s, self.dtype)  # fmt: skip
             if check is not None:
                 check.check_quanta(blinded, unblinded, self.worker, self._mask_worker_label())
-            if unblinded.restored:
-                return unblinded.output
             return self.scheme.restore(unblinded.output, self.secret,
                                        features_first=self.features_first_out)  # fmt: skip
 

@@ -57,23 +57,3 @@ def received_abs_max(t: torch.Tensor) -> float:
     when it made one, else `abs_max` (one pass)."""
     known = getattr(t, _RECEIVED_ABS_MAX, None)
     return float(known) if known is not None else abs_max(t)
-
-
-def features_first(y: torch.Tensor) -> torch.Tensor | None:
-    """The contiguous (features, rows) table behind a features-first `(..., features)` tensor."""
-    table = y.movedim(-1, 0)
-    if y.dim() < 2 or not table.is_contiguous():
-        return None
-    return table.view(y.shape[-1], -1)
-
-
-def permute_last(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """`x[..., perm]` in x's own memory layout: a features-first x (a restored linear output,
-    or an elementwise function of one) is permuted by whole contiguous rows, a row-major one by
-    a 2-D column gather, several times faster than an N-D one."""
-    table = features_first(x)
-    if table is not None and not x.is_contiguous():
-        permuted = table.index_select(0, perm)
-        return permuted.t().view(x.shape)
-    flat = x.reshape(-1, x.shape[-1]).index_select(1, perm)
-    return flat.view(x.shape)

@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from groupcover import kernels
 from groupcover.layer_op import LayerOp, OpKind
 from groupcover.rng import SecretRandom
 
@@ -101,17 +100,6 @@ class Scheme(ABC):
         Same values and FLOPs; a scheme may only ask for another memory layout of the result.
         """
         return op
-
-    def input_order(self, secret: LayerSecret) -> torch.Tensor | None:
-        """A linear layer's `prepare_input` where it is only a feature permutation: the order
-        (`x[..., order]`) a masked call applies as it reads x (`MaskPool.blind`), saving a
-        pass; None where `prepare_input` must run."""
-        return None
-
-    def fused_restore(self, secret: LayerSecret, features_first: bool) -> kernels.Restore | None:
-        """A linear layer's `restore` as tables the masked call's unmasking pass applies
-        (`kernels.Restore`; `features_first` as in `restore`); None where `restore` must run."""
-        return None
 
     @abstractmethod
     def obfuscate(

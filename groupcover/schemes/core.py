@@ -5,10 +5,9 @@ from __future__ import annotations
 import weakref
 from dataclasses import replace
 
-import numpy as np
 import torch
 
-from groupcover import kernels, obfuscate
+from groupcover import obfuscate
 from groupcover.errors import UsageError
 from groupcover.layer_op import LayerOp
 from groupcover.obfuscate import GroupedDemix
@@ -30,15 +29,6 @@ class IdentityScheme(Scheme):
 
     def prepare_input(self, x: torch.Tensor, secret: LayerSecret) -> torch.Tensor:
         return x
-
-    def fused_restore(self, secret: LayerSecret, features_first: bool) -> kernels.Restore | None:
-        """The bias alone, added in the unmasking pass (the result keeps its layout)."""
-        if secret.channel_dim != -1:
-            return None
-        bias = secret.bias
-        if bias is None:
-            return kernels.Restore(np.zeros(secret.out_features))
-        return kernels.Restore(bias.detach().to(torch.float64).numpy())
 
     def restore(
         self,
@@ -68,10 +58,6 @@ class GroupCoverScheme(Scheme):
         self._grouped: weakref.WeakKeyDictionary[LayerSecret, GroupedDemix] | None = (
             None if obfuscate.gather_kernel_is_vectorised() else weakref.WeakKeyDictionary()
         )
-        # each secret's tables for the fused unmasking pass, by output layout
-        self._restores: weakref.WeakKeyDictionary[LayerSecret, dict[bool, kernels.Restore]] = (
-            weakref.WeakKeyDictionary()
-        )
 
     def obfuscate(
         self, weight: torch.Tensor, bias: torch.Tensor | None, rng: SecretRandom
@@ -96,29 +82,6 @@ class GroupCoverScheme(Scheme):
         if op.kind != "linear":
             return op
         return replace(op, params={**op.params, "transposed": 1})
-
-    def input_order(self, secret: LayerSecret) -> torch.Tensor | None:
-        return secret.in_perm if secret.channel_dim == -1 else None
-
-    def fused_restore(self, secret: LayerSecret, features_first: bool) -> kernels.Restore | None:
-        """The de-mixing (each group's k x k inverse, float64) and the bias, for linear layers
-        (their worker results are features-first: `worker_op`)."""
-        if secret.channel_dim != -1 or secret.groups is None or secret.inverse is None:
-            return None
-        tables = self._restores.get(secret)
-        if tables is None:
-            valid = secret.groups >= 0
-            coef = (secret.inverse.to(torch.float64) * valid.unsqueeze(1)).contiguous()
-            bias = np.zeros(secret.out_features)
-            if secret.bias is not None:
-                bias = secret.bias.detach().to(torch.float64).numpy()
-            groups = secret.groups.contiguous().numpy()
-            tables = {
-                layout: kernels.Restore(bias, groups, coef.numpy(), layout)
-                for layout in (False, True)
-            }
-            self._restores[secret] = tables
-        return tables[features_first]
 
     def prepare_input(self, x: torch.Tensor, secret: LayerSecret) -> torch.Tensor:
         """x with its features permuted, in x's own memory layout."""
